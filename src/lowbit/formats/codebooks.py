@@ -1,0 +1,85 @@
+"""Codebook formats: NormalFloat nf2..nf8 and bitsandbytes' fp4, scaled by block absmax.
+
+Encoding follows bitsandbytes ``quantize_4bit`` (SPEC.md §2): absmax per block as fp32,
+nearest code of x / absmax against float32 midpoints, ties to the lower code.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import torch
+from scipy.stats import norm
+
+from .registry import Codec, register
+from .rounding import midpoints, nearest_ties_lower
+from .spec import FormatSpec
+
+# QLoRA / bitsandbytes create_normal_map offset: the quantile that maps to the largest
+# code, (1 - 1/(2*15) + 1 - 1/(2*16)) / 2 = 0.9677083 (arXiv 2305.14314, SPEC.md §2).
+NF_DELTA = 0.9677083
+
+
+def normal_float_values(bits: int) -> tuple[float, ...]:
+    """NFk values, sorted, as float32: reproduces bitsandbytes' NF4 table bit for bit."""
+    half = 2 ** (bits - 1)
+    pos = norm.ppf(torch.linspace(NF_DELTA, 0.5, half + 1, dtype=torch.float32)[:-1].numpy())
+    neg = -norm.ppf(torch.linspace(NF_DELTA, 0.5, half, dtype=torch.float32)[:-1].numpy())
+    v = torch.tensor([*pos.tolist(), 0.0, *neg.tolist()], dtype=torch.float32).sort().values
+    return tuple((v / v.max()).tolist())
+
+
+# bitsandbytes get_4bit_type("fp4"): codes 0..7 are magnitudes {0, 0.0625, 8, 12, 4, 6, 2, 3} / 12,
+# bit 3 is the sign (SPEC.md §3). Not OCP E2M1: no subnormal 0.5, max 1 after the /12.
+_BNB_FP4_MAGNITUDES = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0)
+BNB_FP4_VALUES = tuple(
+    torch.tensor([m / 12 for m in _BNB_FP4_MAGNITUDES] + [-m / 12 for m in _BNB_FP4_MAGNITUDES])
+    .float()
+    .tolist()
+)
+
+
+@cache
+def _table(spec: FormatSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(values in code order, midpoints of the sorted values, code of each sorted slot
+    or None when codes are already sorted, as NFk's are)."""
+    values = torch.tensor(spec.values, dtype=torch.float32)
+    order = torch.argsort(values, stable=True)  # bnb_fp4 holds +0 and -0: +0 sorts first
+    is_sorted = bool((order == torch.arange(order.numel())).all())
+    return values, midpoints(values[order]), None if is_sorted else order.to(torch.uint8)
+
+
+class AbsmaxCodebook(Codec, family="codebook"):
+    @classmethod
+    def encode(cls, spec, blocks, *, partial, tensor_parts):
+        _, mids, order = _table(spec)
+        absmax = blocks.abs().amax(dim=1)  # (n_blocks,)
+        safe = absmax.clamp(min=1e-38)[:, None]
+        # bitsandbytes' reference multiplies full blocks by the reciprocal and divides the
+        # trailing partial one (backends/default/ops.py quantize_4bit); match it to the bit.
+        scaled = (blocks / safe if partial else blocks * (1.0 / safe)).clamp_(-1, 1)
+        idx = nearest_ties_lower(scaled, mids)
+        codes = idx.to(torch.uint8) if order is None else order[idx]
+        return {"codes": codes, "scales": absmax}
+
+    @classmethod
+    def decode(cls, spec, parts, n_blocks, block):
+        values, _, _ = _table(spec)
+        v = values[parts["codes"].view(n_blocks, block).to(torch.int64)]
+        return v * parts["scales"][:, None]
+
+
+for _b in range(2, 9):
+    register(
+        FormatSpec(
+            name=f"nf{_b}", id=20 + _b - 1, family="codebook", bits=_b, default_block_size=64,
+            values=normal_float_values(_b), double_quant=True,
+            description=f"NormalFloat{_b} (QLoRA), fp32 absmax per block",
+        )
+    )
+register(
+    FormatSpec(
+        name="bnb_fp4", id=35, family="codebook", bits=4, default_block_size=64, values=BNB_FP4_VALUES,
+        double_quant=True, description="bitsandbytes fp4 (not OCP E2M1), fp32 absmax per block",
+    )
+)

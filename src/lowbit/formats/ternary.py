@@ -1,0 +1,36 @@
+"""Ternary weights, BitNet b1.58 (Ma et al., arXiv 2402.17764, eq. 1-3).
+
+gamma = mean |W| over the block; q = clamp(round(W / gamma), -1, 1); W^ = q * gamma.
+BitNet takes gamma per tensor; here per block (block_size >= numel gives BitNet's choice).
+Codes are stored two bits each (q + 1), so 2 bits per weight plus the scale.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .registry import Codec, register
+from .spec import FormatSpec
+
+_TINY = torch.finfo(torch.float32).tiny  # all-zero block: gamma 0, codes 0, no NaN
+
+
+class Ternary(Codec, family="ternary"):
+    @classmethod
+    def encode(cls, spec, blocks, *, partial, tensor_parts):
+        gamma = blocks.abs().mean(dim=1)  # (n_blocks,)
+        q = torch.round(blocks / gamma.clamp(min=_TINY)[:, None]).clamp_(-1, 1)
+        return {"codes": (q + 1).to(torch.uint8), "scales": gamma}
+
+    @classmethod
+    def decode(cls, spec, parts, n_blocks, block):
+        q = parts["codes"].view(n_blocks, block).to(torch.float32) - 1
+        return q * parts["scales"][:, None]
+
+
+register(
+    FormatSpec(
+        name="ternary", id=61, family="ternary", bits=2, default_block_size=64, values=(-1.0, 0.0, 1.0),
+        double_quant=True, description="BitNet b1.58 ternary {-1, 0, 1}, fp32 absmean per block",
+    )
+)

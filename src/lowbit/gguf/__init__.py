@@ -1,0 +1,1 @@
+"""GGUF block formats (SPEC.md §5), bit-exact with the gguf package."""

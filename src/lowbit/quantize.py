@@ -1,0 +1,55 @@
+"""lowbit.quantize: one tensor in, one QuantizedTensor out."""
+
+from __future__ import annotations
+
+import torch
+
+from .checks import check_block_size, check_float_tensor
+from .formats.registry import get_format
+from .formats.spec import FormatSpec
+from .scaling import double_quant as dq
+from .scaling.packing import pack_codes
+from .tensor import QuantizedTensor, assemble
+
+
+def quantize(
+    x: torch.Tensor,
+    fmt: str | FormatSpec,
+    *,
+    block_size: int | None = None,
+    double_quant: bool = False,
+    allow_nonfinite: bool = False,
+) -> QuantizedTensor:
+    """Quantize ``x`` (float32/float16/bfloat16, any shape) to ``fmt``.
+
+    Blocks run over the flattened tensor; a trailing partial block gets its own scale.
+    GGUF formats need every row (last dim) to hold whole blocks. ``double_quant``
+    compresses the per-block fp32 scales bitsandbytes-style (SPEC.md §6).
+    NaN or Inf raise ValueError unless ``allow_nonfinite`` (results are then undefined).
+    """
+    spec = get_format(fmt)
+    check_float_tensor(x, allow_nonfinite=allow_nonfinite)
+    block = spec.default_block_size if block_size is None else block_size
+    check_block_size(block)
+    if spec.fixed_block_size and block != spec.default_block_size:
+        raise ValueError(f"{spec.name} has a fixed block size of {spec.default_block_size}, got {block}")
+    if spec.row_blocks and x.numel() and (x.dim() == 0 or x.shape[-1] % block):
+        row = x.shape[-1] if x.dim() else 1
+        raise ValueError(
+            f"{spec.name} needs each row to hold whole blocks of {block}; the last dimension is {row}"
+        )
+    if double_quant and not spec.double_quant:
+        raise ValueError(f"double_quant needs a format with per-block fp32 scales; {spec.name} has none")
+
+    flat = x.detach().reshape(-1).to(torch.float32)
+    if x.numel() == 0:
+        parts: dict[str, torch.Tensor] = {}
+    else:
+        parts = assemble(spec, flat, block)
+    if "codes" in parts:
+        parts["codes"] = pack_codes(parts["codes"], spec.bits)
+    if double_quant and parts:
+        parts.update(dq.compress(parts.pop("scales")))
+    return QuantizedTensor(
+        format=spec, shape=x.shape, dtype=x.dtype, block_size=block, parts=parts, double_quant=double_quant
+    )

@@ -1,0 +1,1 @@
+"""Block reshaping, bit packing, scale encodings and scale search: format-independent."""

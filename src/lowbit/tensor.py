@@ -1,0 +1,110 @@
+"""QuantizedTensor: the packed bytes of one quantized tensor and how to read them."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .formats.registry import codec_for
+from .formats.spec import FormatSpec
+from .scaling import double_quant
+from .scaling.blocks import split_blocks
+from .scaling.packing import unpack_codes
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedTensor:
+    """What is stored: ``parts`` (named tensors), and what is needed to read them.
+
+    ``parts["codes"]`` holds element codes packed ``format.bits`` to a byte run (high bits
+    first); GGUF formats store one ``parts["data"]`` with the GGUF block bytes instead.
+    """
+
+    format: FormatSpec
+    shape: torch.Size
+    dtype: torch.dtype
+    block_size: int
+    parts: dict[str, torch.Tensor] = field(repr=False)
+    double_quant: bool = False
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes actually stored: codes, scales and per-tensor constants."""
+        return sum(t.numel() * t.element_size() for t in self.parts.values())
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.nbytes / self.numel if self.numel else 0.0
+
+    def tobytes(self) -> bytes:
+        """The stored parts back to back, in order (for GGUF formats: exactly the GGUF tensor data)."""
+        return b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in self.parts.values())
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A tensor of the input's shape and dtype (or ``dtype``)."""
+        out = self._decode_flat()
+        return out.to(dtype or self.dtype).reshape(self.shape)
+
+    def _decode_flat(self) -> torch.Tensor:
+        n, block = self.numel, self.block_size
+        if n == 0:
+            return torch.empty(0, dtype=torch.float32)
+        parts = dict(self.parts)
+        if self.double_quant:
+            parts["scales"] = double_quant.decompress(parts)
+        if "codes" in parts:
+            parts["codes"] = unpack_codes(parts["codes"], self.format.bits, n)
+        codec = codec_for(self.format)
+        n_full, rem = divmod(n, block)
+        if not rem:
+            return codec.decode(self.format, parts, n_full, block).reshape(-1)
+        head, tail = _split_parts(parts, n_full, block)
+        out = torch.empty(n, dtype=torch.float32)
+        out[: n_full * block] = codec.decode(self.format, head, n_full, block).reshape(-1)
+        out[n_full * block :] = codec.decode(self.format, tail, 1, rem).reshape(-1)
+        return out
+
+    def __repr__(self) -> str:
+        dq = ", double_quant" if self.double_quant else ""
+        return (
+            f"QuantizedTensor({self.format.name}, shape={tuple(self.shape)}, block={self.block_size}{dq}, "
+            f"{self.nbytes} bytes, {self.bits_per_weight:.3f} bits/weight)"
+        )
+
+
+def _split_parts(parts, n_full, block):
+    """Per-block parts (dim 0 = blocks) and codes (flat elements) cut into head and tail.
+
+    Per-tensor parts (names starting ``tensor_``) go to both.
+    """
+    head, tail = {}, {}
+    for name, t in parts.items():
+        if name.startswith("tensor_"):
+            head[name] = tail[name] = t
+        elif name == "codes":
+            head[name], tail[name] = t[: n_full * block], t[n_full * block :]
+        else:
+            head[name], tail[name] = t[:n_full], t[n_full:]
+    return head, tail
+
+
+def assemble(spec: FormatSpec, flat: torch.Tensor, block: int) -> dict[str, torch.Tensor]:
+    """Encode full blocks and the trailing partial block; join their parts."""
+    codec = codec_for(spec)
+    tensor_parts = codec.tensor_parts(spec, flat)
+    head, tail = split_blocks(flat, block)
+    pieces = [codec.encode(spec, head, partial=False, tensor_parts=tensor_parts)]
+    if tail is not None:
+        pieces.append(codec.encode(spec, tail, partial=True, tensor_parts=tensor_parts))
+    parts = dict(tensor_parts)
+    for name in pieces[0]:
+        # codes are per element, so flat; every other part is per block, on dim 0
+        ts = [p[name].reshape(-1) if name == "codes" else p[name] for p in pieces]
+        parts[name] = ts[0] if len(ts) == 1 else torch.cat(ts)
+    return parts
