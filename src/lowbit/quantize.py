@@ -47,9 +47,15 @@ def quantize(
     else:
         parts = assemble(spec, flat, block)
     if "codes" in parts:
-        parts["codes"] = pack_codes(parts["codes"], spec.bits)
+        parts["codes"] = pack_codes(parts["codes"], spec.bits, pad_code=_zero_code(spec))
     if double_quant and parts:
         parts.update(dq.compress(parts.pop("scales")))
     return QuantizedTensor(
         format=spec, shape=x.shape, dtype=x.dtype, block_size=block, parts=parts, double_quant=double_quant
     )
+
+
+def _zero_code(spec: FormatSpec) -> int:
+    """Code of +0.0 where the format has one: what bitsandbytes writes into a padding nibble."""
+    values = spec.values or ()
+    return next((i for i, v in enumerate(values) if v == 0.0), 0)

@@ -31,9 +31,10 @@ def normal_float_values(bits: int) -> tuple[float, ...]:
 
 # bitsandbytes get_4bit_type("fp4"): codes 0..7 are magnitudes {0, 0.0625, 8, 12, 4, 6, 2, 3} / 12,
 # bit 3 is the sign (SPEC.md §3). Not OCP E2M1: no subnormal 0.5, max 1 after the /12.
+# Code 8 is +0.0 in bnb's table (its CPU C kernel decodes it as -0.0, its torch path as +0.0).
 _BNB_FP4_MAGNITUDES = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0)
 BNB_FP4_VALUES = tuple(
-    torch.tensor([m / 12 for m in _BNB_FP4_MAGNITUDES] + [-m / 12 for m in _BNB_FP4_MAGNITUDES])
+    torch.tensor([m / 12 for m in _BNB_FP4_MAGNITUDES] + [0.0 - m / 12 for m in _BNB_FP4_MAGNITUDES])
     .float()
     .tolist()
 )

