@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from . import kernels
 from .checks import check_block_size, check_float_tensor
-from .formats.registry import get_format
+from .formats.registry import codec_for, get_format
 from .formats.spec import FormatSpec
 from .scaling import double_quant as dq
 from .scaling.packing import pack_codes
@@ -42,12 +43,13 @@ def quantize(
         raise ValueError(f"double_quant needs a format with per-block fp32 scales; {spec.name} has none")
 
     flat = x.detach().reshape(-1).to(torch.float32)
-    if x.numel() == 0:
-        parts: dict[str, torch.Tensor] = {}
-    else:
+    parts: dict[str, torch.Tensor] | None = {} if x.numel() == 0 else None
+    if parts is None and kernels.enabled():
+        parts = codec_for(spec).fast_encode(spec, flat, block)
+    if parts is None:
         parts = assemble(spec, flat, block)
-    if "codes" in parts:
-        parts["codes"] = pack_codes(parts["codes"], spec.bits, pad_code=_zero_code(spec))
+        if "codes" in parts:
+            parts["codes"] = pack_codes(parts["codes"], spec.bits, pad_code=zero_code(spec))
     if double_quant and parts:
         parts.update(dq.compress(parts.pop("scales")))
     return QuantizedTensor(
@@ -55,7 +57,7 @@ def quantize(
     )
 
 
-def _zero_code(spec: FormatSpec) -> int:
+def zero_code(spec: FormatSpec) -> int:
     """Code of +0.0 where the format has one: what bitsandbytes writes into a padding nibble."""
     values = spec.values or ()
     return next((i for i, v in enumerate(values) if v == 0.0), 0)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import kernels
 from .formats.registry import codec_for
 from .formats.spec import FormatSpec
 from .scaling import double_quant
@@ -58,9 +59,13 @@ class QuantizedTensor:
         parts = dict(self.parts)
         if self.double_quant:
             parts["scales"] = double_quant.decompress(parts)
+        codec = codec_for(self.format)
+        if kernels.enabled():
+            out = codec.fast_decode(self.format, parts, n, block)
+            if out is not None:
+                return out
         if "codes" in parts:
             parts["codes"] = unpack_codes(parts["codes"], self.format.bits, n)
-        codec = codec_for(self.format)
         n_full, rem = divmod(n, block)
         if not rem:
             return codec.decode(self.format, parts, n_full, block).reshape(-1)

@@ -11,6 +11,7 @@ from functools import cache
 import torch
 from scipy.stats import norm
 
+from .. import kernels
 from .registry import Codec, register
 from .rounding import midpoints, nearest_ties_lower
 from .spec import FormatSpec
@@ -62,6 +63,33 @@ class AbsmaxCodebook(Codec, family="codebook"):
         idx = nearest_ties_lower(scaled, mids)
         codes = idx.to(torch.uint8) if order is None else order[idx]
         return {"codes": codes, "scales": absmax}
+
+    @classmethod
+    def fast_encode(cls, spec, flat, block):
+        if spec.bits != 4 or block % 2:  # the C kernel packs whole bytes per block
+            return None
+        _, mids, order = _table(spec)
+        n = flat.numel()
+        flat = flat.contiguous()
+        packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
+        absmax = torch.empty((n + block - 1) // block, dtype=torch.float32)
+        pad = spec.values.index(0.0)
+        kernels.native.lowbit_codebook4_quantize(
+            flat.data_ptr(), n, block, mids.data_ptr(), None if order is None else order.data_ptr(), pad, packed.data_ptr(), absmax.data_ptr()
+        )
+        return {"codes": packed, "scales": absmax}
+
+    @classmethod
+    def fast_decode(cls, spec, parts, n, block):
+        if spec.bits != 4 or block % 2:
+            return None
+        values, _, _ = _table(spec)
+        out = torch.empty(n, dtype=torch.float32)
+        codes, scales = parts["codes"].contiguous(), parts["scales"].contiguous()
+        kernels.native.lowbit_codebook4_dequantize(
+            codes.data_ptr(), scales.data_ptr(), values.data_ptr(), n, block, out.data_ptr()
+        )
+        return out
 
     @classmethod
     def decode(cls, spec, parts, n_blocks, block):

@@ -1,1 +1,59 @@
-"""Minifloat formats ExMy (SPEC.md §3): fp4_e2m1, fp4_e3m0, fp4_e1m2, fp4_e0m3, fp8_e4m3fn, fp8_e5m2."""
+"""Minifloat formats ExMy (SPEC.md §3): fp4_e2m1, fp4_e3m0, fp4_e1m2, fp4_e0m3, fp8_e4m3fn, fp8_e5m2.
+
+Per block (default 64): ``scale = absmax / max_finite`` (fp32, part ``scales``), codes are
+``x / scale`` rounded to the nearest representable value, ties to even (ml_dtypes' rule),
+saturating at +-max_finite: the quantizer never produces Inf or NaN, while ml_dtypes'
+casts do not saturate (E4M3FN: 465 -> NaN). Zero gets the +0 code 0. Decode is
+``values[code] * scale``; an all-zero block has scale 0 and decodes to exact zeros.
+Codes are in the format's own bit order (``sign << (E+M) | exp << M | mant``).
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import torch
+
+from .exmy import E0M3, E1M2, E2M1, E3M0, E4M3FN, E5M2, ExMy
+from .registry import Codec, register
+from .spec import FormatSpec
+
+
+@cache
+def exmy_of(spec: FormatSpec) -> ExMy:
+    p = dict(spec.params)
+    return ExMy(p["exp_bits"], p["man_bits"], p["specials"], p.get("subnormals", True))
+
+
+class AbsmaxMinifloat(Codec, family="minifloat"):
+    @classmethod
+    def encode(cls, spec, blocks, *, partial, tensor_parts):
+        fmt = exmy_of(spec)
+        scales = blocks.abs().amax(dim=1) / fmt.max_finite  # (n_blocks,) fp32
+        safe = torch.where(scales > 0, scales, torch.ones_like(scales))  # all-zero block: 0 / 1 = 0
+        return {"codes": fmt.encode(blocks / safe[:, None]), "scales": scales}
+
+    @classmethod
+    def decode(cls, spec, parts, n_blocks, block):
+        v = exmy_of(spec).decode(parts["codes"].view(n_blocks, block))
+        return v * parts["scales"][:, None]
+
+
+def _register(name: str, fid: int, fmt: ExMy, aliases: tuple[str, ...], note: str) -> None:
+    register(
+        FormatSpec(
+            name=name, id=fid, family="minifloat", bits=fmt.bits, default_block_size=64, values=fmt.values,
+            params=(("exp_bits", fmt.exp_bits), ("man_bits", fmt.man_bits), ("specials", fmt.specials),
+                    ("subnormals", fmt.subnormals)),
+            double_quant=True, aliases=aliases,
+            description=f"{note}, max {fmt.max_finite:g}, fp32 absmax scale per block, saturating",
+        )
+    )
+
+
+_register("fp4_e2m1", 31, E2M1, ("float4_e2m1fn",), "FP4 E2M1 (OCP MXFP4 element), no Inf/NaN")
+_register("fp4_e3m0", 32, E3M0, (), "FP4 E3M0, powers of two, no Inf/NaN")
+_register("fp4_e1m2", 33, E1M2, (), "FP4 E1M2, uniform, no Inf/NaN")
+_register("fp4_e0m3", 34, E0M3, (), "FP4 E0M3, uniform (sign-magnitude int), no Inf/NaN")
+_register("fp8_e4m3fn", 36, E4M3FN, ("float8_e4m3fn",), "FP8 E4M3FN (OCP OFP8), NaN only")
+_register("fp8_e5m2", 37, E5M2, ("float8_e5m2",), "FP8 E5M2 (OCP OFP8), IEEE-like Inf/NaN")

@@ -50,6 +50,16 @@ class Codec:
         """Inverse of encode: (n_blocks, block) float32."""
         raise NotImplementedError
 
+    # Optional fast kernels (lowbit.kernels): the whole flat tensor at once, stored parts
+    # already packed. Return None to use the reference path. Must give identical results.
+    @classmethod
+    def fast_encode(cls, spec: FormatSpec, flat: torch.Tensor, block: int) -> dict[str, torch.Tensor] | None:
+        return None
+
+    @classmethod
+    def fast_decode(cls, spec: FormatSpec, parts: dict[str, torch.Tensor], n: int, block: int) -> torch.Tensor | None:
+        return None
+
 
 def register(spec: FormatSpec) -> FormatSpec:
     for key in (spec.name, *spec.aliases):

@@ -1,0 +1,46 @@
+"""Optional fast CPU kernels, one interface, same numbers as the reference path.
+
+``lowbit.kernels.native`` is the ctypes handle to the C library built at install time,
+or None when it is absent (build failed) or disabled with ``LOWBIT_KERNELS=reference``.
+Every kernel is tested bit-for-bit against the plain-PyTorch reference (tests/kernels).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+
+
+def _load():
+    if os.environ.get("LOWBIT_KERNELS", "").lower() == "reference":
+        return None
+    spec = importlib.util.find_spec("lowbit.kernels._ckernels")
+    if spec is None or spec.origin is None:
+        return None
+    lib = ctypes.CDLL(spec.origin)
+    i64, ptr, u8 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_uint8
+    lib.lowbit_codebook4_quantize.argtypes = [ptr, i64, i64, ptr, ptr, u8, ptr, ptr]
+    lib.lowbit_codebook4_dequantize.argtypes = [ptr, ptr, ptr, i64, i64, ptr]
+    return lib
+
+
+native = _load()
+_enabled = native is not None
+
+
+def enabled() -> bool:
+    return _enabled
+
+
+class reference:
+    """Context manager: run the plain-PyTorch reference path (for tests and comparisons)."""
+
+    def __enter__(self):
+        global _enabled
+        self._saved, _enabled = _enabled, False
+        return self
+
+    def __exit__(self, *exc):
+        global _enabled
+        _enabled = self._saved
