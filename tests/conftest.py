@@ -19,17 +19,19 @@ def smollm2_path() -> Path:
 
 
 @cache
-def _smollm2_tensor(name: str) -> torch.Tensor:
+def _smollm2_tensors(names: tuple[str, ...]) -> dict[str, torch.Tensor]:
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    reader = GGUFReader(smollm2_path())
-    t = next(t for t in reader.tensors if t.name == name)
-    return torch.from_numpy(np.ascontiguousarray(dequantize(t.data, t.tensor_type))).float()
+    reader = GGUFReader(smollm2_path())  # parsing the tokenizer metadata takes seconds: once
+    found = {t.name: t for t in reader.tensors if t.name in names}
+    return {
+        n: torch.from_numpy(np.ascontiguousarray(dequantize(found[n].data, found[n].tensor_type))).float()
+        for n in names
+    }
 
 
 @pytest.fixture(scope="session")
 def smollm2_weights() -> dict[str, torch.Tensor]:
     """A few real weight matrices (the dequantized Q4_1 values the GGUF file ships)."""
-    names = ["blk.0.attn_q.weight", "blk.3.ffn_down.weight", "blk.7.attn_v.weight"]
-    return {n: _smollm2_tensor(n) for n in names}
+    return _smollm2_tensors(("blk.0.attn_q.weight", "blk.3.ffn_down.weight", "blk.7.attn_v.weight"))

