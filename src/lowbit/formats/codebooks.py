@@ -74,8 +74,9 @@ class AbsmaxCodebook(Codec, family="codebook"):
         packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
         absmax = torch.empty((n + block - 1) // block, dtype=torch.float32)
         pad = spec.values.index(0.0)
+        order_ptr = None if order is None else order.data_ptr()
         kernels.native.lowbit_codebook4_quantize(
-            flat.data_ptr(), n, block, mids.data_ptr(), None if order is None else order.data_ptr(), pad, packed.data_ptr(), absmax.data_ptr()
+            flat.data_ptr(), n, block, mids.data_ptr(), order_ptr, pad, packed.data_ptr(), absmax.data_ptr()
         )
         return {"codes": packed, "scales": absmax}
 
