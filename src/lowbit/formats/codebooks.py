@@ -71,7 +71,7 @@ class AbsmaxCodebook(Codec, family="codebook"):
         _, mids, order = _table(spec)
         n = flat.numel()
         flat = flat.contiguous()
-        packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
+        packed = kernels.empty((n + 1) // 2, torch.uint8)
         absmax = torch.empty((n + block - 1) // block, dtype=torch.float32)
         pad = spec.values.index(0.0)
         order_ptr = None if order is None else order.data_ptr()
@@ -85,7 +85,7 @@ class AbsmaxCodebook(Codec, family="codebook"):
         if spec.bits != 4 or block % 2:
             return None
         values, _, _ = _table(spec)
-        out = torch.empty(n, dtype=torch.float32)
+        out = kernels.empty(n, torch.float32)
         codes, scales = parts["codes"].contiguous(), parts["scales"].contiguous()
         kernels.native.lowbit_codebook4_dequantize(
             codes.data_ptr(), scales.data_ptr(), values.data_ptr(), n, block, out.data_ptr()

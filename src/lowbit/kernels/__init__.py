@@ -11,6 +11,8 @@ import ctypes
 import importlib.util
 import os
 
+import torch
+
 
 def _load():
     if os.environ.get("LOWBIT_KERNELS", "").lower() == "reference":
@@ -22,11 +24,24 @@ def _load():
     i64, ptr, u8 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_uint8
     lib.lowbit_codebook4_quantize.argtypes = [ptr, i64, i64, ptr, ptr, u8, ptr, ptr]
     lib.lowbit_codebook4_dequantize.argtypes = [ptr, ptr, ptr, i64, i64, ptr]
+    lib.lowbit_advise_huge.argtypes = [ptr, i64]
+    for name in ("q8_0", "q4_0"):
+        getattr(lib, f"lowbit_{name}_quantize").argtypes = [ptr, i64, ptr, ptr]
+        getattr(lib, f"lowbit_{name}_dequantize").argtypes = [ptr, ptr, i64, ptr]
     return lib
 
 
 native = _load()
 _enabled = native is not None
+
+
+def empty(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """A fresh 1-D output buffer, advised to use huge pages when large (see lowbit_advise_huge)."""
+    t = torch.empty(n, dtype=dtype)
+    nbytes = n * t.element_size()
+    if native is not None and nbytes >= 4 << 20:
+        native.lowbit_advise_huge(t.data_ptr(), nbytes)
+    return t
 
 
 def enabled() -> bool:

@@ -8,7 +8,21 @@
  */
 #include <Python.h>
 #include <stdint.h>
+#include <math.h>
+#include <sys/mman.h>
 #include <string.h>
+
+/* Ask for transparent huge pages on a fresh output buffer before first touch: a 64 MB
+ * tensor then faults in 32 pages instead of 16384, which on this class of VM costs more
+ * than the quantization itself. Advice only; a no-op where THP is off. */
+void lowbit_advise_huge(void *p, int64_t nbytes) {
+#ifdef MADV_HUGEPAGE
+    const uintptr_t huge = (uintptr_t)2 << 20;
+    uintptr_t start = ((uintptr_t)p + huge - 1) & ~(huge - 1);
+    uintptr_t end = ((uintptr_t)p + (uintptr_t)nbytes) & ~(huge - 1);
+    if (end > start) madvise((void *)start, end - start, MADV_HUGEPAGE);
+#endif
+}
 
 /* 4-bit codebook quantize (nf4, bnb_fp4), bitsandbytes' arithmetic (SPEC.md §2):
  * absmax per block; full blocks scale by x * (1 / absmax), the trailing partial block
@@ -80,6 +94,84 @@ void lowbit_codebook4_dequantize(const uint8_t *packed, const float *absmax, con
             ob[i + 1] = v[byte & 0x0F] * am;
         }
         if (len & 1) ob[len - 1] = v[pb[len >> 1] >> 4] * am;
+    }
+}
+
+/* GGUF Q8_0 / Q4_0 (llama.cpp ggml-quants.c quantize_row_q8_0_ref / q4_0_ref, as gguf-py
+ * computes them). Blocks of 32; the caller writes the fp16 d (RNE from the float32 d
+ * returned here) into the first two bytes of each block; codes go to the bytes after. */
+#define QK 32
+
+void lowbit_q8_0_quantize(const float *x, int64_t nblocks, float *d_out, uint8_t *blocks) {
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < nblocks; b++) {
+        const float *xb = x + b * QK;
+        float amax = 0.0f;
+#pragma omp simd reduction(max : amax)
+        for (int i = 0; i < QK; i++) {
+            float a = xb[i] < 0 ? -xb[i] : xb[i];
+            amax = a > amax ? a : amax;
+        }
+        float d = amax / 127.0f;
+        float id = d != 0.0f ? 1.0f / d : 0.0f;
+        d_out[b] = d;
+        int8_t *q = (int8_t *)(blocks + b * (2 + QK) + 2);
+        for (int i = 0; i < QK; i++) {
+            /* roundf (half away from zero) in a form the compiler vectorizes without SSE4.1:
+             * a - trunc(a) is exact for |a| < 2^23, so the 0.5 comparison is exact too */
+            float v = xb[i] * id;
+            float a = v < 0 ? -v : v;
+            int t = (int)a;
+            t += (a - (float)t) >= 0.5f;
+            q[i] = (int8_t)(v < 0 ? -t : t);
+        }
+    }
+}
+
+void lowbit_q8_0_dequantize(const uint8_t *blocks, const float *d, int64_t nblocks, float *out) {
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < nblocks; b++) {
+        const int8_t *q = (const int8_t *)(blocks + b * (2 + QK) + 2);
+        float db = d[b];
+        for (int i = 0; i < QK; i++) out[b * QK + i] = (float)q[i] * db;
+    }
+}
+
+void lowbit_q4_0_quantize(const float *x, int64_t nblocks, float *d_out, uint8_t *blocks) {
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < nblocks; b++) {
+        const float *xb = x + b * QK;
+        float amax = 0.0f;
+#pragma omp simd reduction(max : amax)
+        for (int i = 0; i < QK; i++) {
+            float a = xb[i] < 0 ? -xb[i] : xb[i];
+            amax = a > amax ? a : amax;
+        }
+        int first = 0; /* the signed value of largest magnitude: first one wins, as np.argmax */
+        while ((xb[first] < 0 ? -xb[first] : xb[first]) != amax) first++;
+        float d = xb[first] / -8.0f;
+        float id = d != 0.0f ? 1.0f / d : 0.0f;
+        d_out[b] = d;
+        uint8_t q[QK];
+        for (int i = 0; i < QK; i++) {
+            int v = (int)(xb[i] * id + 8.5f); /* operand >= 0.5, so (int) truncates like truncf */
+            q[i] = (uint8_t)(v > 15 ? 15 : v);
+        }
+        uint8_t *qs = blocks + b * (2 + QK / 2) + 2;
+        for (int i = 0; i < QK / 2; i++) qs[i] = q[i] | (uint8_t)(q[i + QK / 2] << 4);
+    }
+}
+
+void lowbit_q4_0_dequantize(const uint8_t *blocks, const float *d, int64_t nblocks, float *out) {
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < nblocks; b++) {
+        const uint8_t *qs = blocks + b * (2 + QK / 2) + 2;
+        float db = d[b];
+        float *ob = out + b * QK;
+        for (int i = 0; i < QK / 2; i++) {
+            ob[i] = (float)((int)(qs[i] & 0x0F) - 8) * db;
+            ob[i + QK / 2] = (float)((int)(qs[i] >> 4) - 8) * db;
+        }
     }
 }
 
