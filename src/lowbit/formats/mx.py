@@ -1,1 +1,156 @@
-"""Microscaling formats (SPEC.md §4): mxfp4, mxfp6_e2m3, mxfp6_e3m2, mxfp8_e4m3, mxint8, nvfp4."""
+"""Microscaling formats (SPEC.md §4): mxfp4, mxfp6_e2m3, mxfp6_e3m2, mxfp8_e4m3, mxint8, nvfp4.
+
+MX (OCP Microscaling Formats v1.0, §5-§6.3): blocks of 32 share one E8M0 scale
+``X = 2^(floor(log2 amax) - emax_elem)``, stored as one uint8 per block (part
+``scales_e8m0``). Elements ``x / X`` round to nearest, ties to even, and saturate at the
+element's largest finite value. floor(log2) is exact (frexp), not a float32 log2. An
+all-zero block takes the smallest exponent, 2^-127 (code 0), and decodes to zeros.
+
+Codes are stored in the core's packing (``lowbit.scaling.packing``: first element in the
+high bits), not GGUF's split-half nibbles; the mxfp4 element code order is the same as
+GGUF's (``kvalues_mxfp4`` index = E2M1 code), and the scale byte is GGUF's ``e``.
+
+Versus ``gguf.quants.MXFP4`` (= llama.cpp ``quantize_row_mxfp4_ref``), equal on ordinary
+data, but it differs in three edge cases (pinned in tests/formats/test_mx.py):
+ties go to the smaller magnitude there (first index of the least error), not to even
+(0.75 -> 0.5, 1.75 -> 1.5, 3.5 -> 3 at scale 1; OCP and we: 1, 2, 4); its float32
+``floor(log2f(amax))`` is 1 too high for the last few float32 values below a power of two
+2^k (log2 rounds up to k: none for k in -1..2, 1-2 values for small |k|, 44 near |k| = 127),
+giving a scale twice as large; and for amax < 2^-125 its uint8 exponent wraps around
+(``(uint8)(floor(log2 amax) - 2 + 127)`` goes negative) instead of clamping to 2^-127.
+
+NVFP4 (NVIDIA; the recipe of pytorch/ao ``torchao/prototype/mx_formats/nvfp4_tensor.py``,
+``nvfp4_quantize`` with a per-tensor scale and ``per_tensor_amax_to_scale``): blocks of 16,
+E2M1 elements; per tensor ``g = amax / (448 * 6)`` in fp32 (part ``tensor_scale``); per block
+``s = E4M3(clamp(amax_block / 6 / g, 2^-6, 448))`` (part ``scales_e4m3``, E4M3 bits; the lower
+clamp is torchao's ``E4M3_EPS = finfo(float8_e4m3fn).tiny``); elements
+``clamp(x / (g * s), -6, 6)`` rounded to E2M1, ties to even, so a block whose scale rounded
+down saturates at 6. Decode ``e2m1[code] * (g * s)`` (torchao's order of the products).
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import torch
+
+from ..scaling.scale_encodings import (
+    e4m3_decode,
+    e4m3_encode,
+    e8m0_decode,
+    e8m0_encode,
+    e8m0_reciprocal,
+    floor_log2,
+)
+from .exmy import E2M1, E2M3, E3M2, E4M3FN, ExMy
+from .registry import Codec, register
+from .spec import FormatSpec
+
+MX_BLOCK = 32  # OCP MX v1.0 §5: k = 32 for every concrete MX format
+NVFP4_BLOCK = 16  # NVIDIA NVFP4: 16 elements per E4M3 scale
+E2M1_MAX = 6.0  # largest E2M1 value (OCP MX v1.0 Table 5)
+E4M3_MAX = 448.0  # largest E4M3FN value (OCP OFP8 v1.0)
+E4M3_TINY = 2.0**-6  # smallest normal E4M3FN: torchao nvfp4 E4M3_EPS = finfo(float8_e4m3fn).tiny
+
+
+class Int8Element:
+    """MXINT8 element (OCP MX v1.0 §5.3.2): 8-bit two's complement, implicit scale 2^-6.
+
+    Values k/64, k = -128..127, emax 0. Like microsoft/microxcaling (``mx/formats.py``:
+    int8 ``max_norm = 127/64``) the quantizer saturates symmetrically at +-127/64, so -2.0
+    (code 0x80) decodes but is never produced. torch.round rounds half to even.
+    """
+
+    bits = 8
+    frac_bits = 6
+    values = tuple((k if k < 128 else k - 256) / 64 for k in range(256))  # code order
+    value_tensor = torch.tensor(values, dtype=torch.float32)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        k = torch.round(x * 2.0**self.frac_bits).clamp_(-127, 127).to(torch.int32)
+        return (k & 0xFF).to(torch.uint8)  # two's complement byte
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.value_tensor[codes.to(torch.int64)]
+
+
+INT8 = Int8Element()
+# element name -> (element codec, emax_elem): OCP MX v1.0 Table 1 / §5.3, SPEC.md §4
+ELEMENTS: dict[str, tuple[ExMy | Int8Element, int]] = {
+    "e2m1": (E2M1, 2),
+    "e2m3": (E2M3, 2),
+    "e3m2": (E3M2, 4),
+    "e4m3": (E4M3FN, 8),
+    "int8": (INT8, 0),
+}
+
+
+@cache
+def _element(spec: FormatSpec) -> tuple[ExMy | Int8Element, int]:
+    return ELEMENTS[spec.param("element")]
+
+
+class Microscaling(Codec, family="mx"):
+    @classmethod
+    def encode(cls, spec, blocks, *, partial, tensor_parts):
+        elem, emax = _element(spec)
+        amax = blocks.abs().amax(dim=1)  # (n_blocks,)
+        exp = torch.where(amax > 0, floor_log2(amax) - emax, torch.full_like(amax, -127, dtype=torch.int32))
+        scale_codes = e8m0_encode(exp)  # (n_blocks,) uint8, clamped to 2^-127 .. 2^127
+        scaled = blocks * e8m0_reciprocal(scale_codes)[:, None]  # exact: a power of two
+        return {"codes": elem.encode(scaled), "scales_e8m0": scale_codes}
+
+    @classmethod
+    def decode(cls, spec, parts, n_blocks, block):
+        elem, _ = _element(spec)
+        v = elem.decode(parts["codes"].view(n_blocks, block))
+        return v * e8m0_decode(parts["scales_e8m0"])[:, None]
+
+
+class NVFP4(Codec, family="nvfp4"):
+    @classmethod
+    def tensor_parts(cls, spec, flat):
+        # torchao per_tensor_amax_to_scale: amax / (F8E4M3_MAX * F4_E2M1_MAX), fp32
+        return {"tensor_scale": (flat.abs().amax() / (E4M3_MAX * E2M1_MAX)).reshape(1)}
+
+    @classmethod
+    def encode(cls, spec, blocks, *, partial, tensor_parts):
+        g = tensor_parts["tensor_scale"]  # (1,)
+        g_safe = torch.where(g > 0, g, torch.ones_like(g))  # all-zero tensor: no 0 / 0
+        block_scale = blocks.abs().amax(dim=1) / E2M1_MAX  # (n_blocks,)
+        scale_codes = e4m3_encode((block_scale / g_safe).clamp(E4M3_TINY, E4M3_MAX))
+        total = g * e4m3_decode(scale_codes)  # (n_blocks,)
+        total = torch.where(total > 0, total, torch.ones_like(total))
+        scaled = (blocks / total[:, None]).clamp(-E2M1_MAX, E2M1_MAX)
+        return {"codes": E2M1.encode(scaled), "scales_e4m3": scale_codes}
+
+    @classmethod
+    def decode(cls, spec, parts, n_blocks, block):
+        v = E2M1.decode(parts["codes"].view(n_blocks, block))
+        total = parts["tensor_scale"] * e4m3_decode(parts["scales_e4m3"])  # (n_blocks,)
+        return v * total[:, None]
+
+
+def _register_mx(name: str, fid: int, element: str, note: str) -> None:
+    elem, emax = ELEMENTS[element]
+    register(
+        FormatSpec(
+            name=name, id=fid, family="mx", bits=elem.bits, default_block_size=MX_BLOCK, values=elem.values,
+            params=(("element", element), ("emax", emax)), fixed_block_size=True, double_quant=False,
+            description=f"OCP MX {note} elements, block 32, E8M0 scale ({elem.bits + 8 / MX_BLOCK:g} bits/weight)",
+        )
+    )
+
+
+_register_mx("mxfp4", 41, "e2m1", "FP4 E2M1")
+_register_mx("mxfp6_e2m3", 42, "e2m3", "FP6 E2M3")
+_register_mx("mxfp6_e3m2", 43, "e3m2", "FP6 E3M2")
+_register_mx("mxfp8_e4m3", 44, "e4m3", "FP8 E4M3")
+_register_mx("mxint8", 45, "int8", "INT8 (two's complement, 2^-6)")
+register(
+    FormatSpec(
+        name="nvfp4", id=46, family="nvfp4", bits=4, default_block_size=NVFP4_BLOCK, values=E2M1.values,
+        fixed_block_size=True, double_quant=False,
+        description="NVIDIA NVFP4: E2M1 elements, block 16, E4M3 scale + fp32 per-tensor scale (4.5 bits/weight)",
+    )
+)
