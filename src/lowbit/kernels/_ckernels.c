@@ -24,6 +24,17 @@ void lowbit_advise_huge(void *p, int64_t nbytes) {
 #endif
 }
 
+/* max |x|; max is exact in any order, so the SIMD reduction gives the sequential result */
+static inline float absmax_of(const float *x, int64_t len) {
+    float am = 0.0f;
+#pragma omp simd reduction(max : am)
+    for (int64_t i = 0; i < len; i++) {
+        float a = x[i] < 0 ? -x[i] : x[i];
+        am = a > am ? a : am;
+    }
+    return am;
+}
+
 /* 4-bit codebook quantize (nf4, bnb_fp4), bitsandbytes' arithmetic (SPEC.md §2):
  * absmax per block; full blocks scale by x * (1 / absmax), the trailing partial block
  * by x / absmax; clamp to [-1, 1]; code = number of midpoints strictly below the value
@@ -40,13 +51,7 @@ void lowbit_codebook4_quantize(const float *x, int64_t n, int64_t block, const f
         int64_t start = b * block;
         int64_t len = n - start < block ? n - start : block;
         const float *xb = x + start;
-        float am = 0.0f;
-        /* max is exact in any order, so a SIMD reduction gives the same absmax */
-#pragma omp simd reduction(max : am)
-        for (int64_t i = 0; i < len; i++) {
-            float a = xb[i] < 0 ? -xb[i] : xb[i];
-            am = a > am ? a : am;
-        }
+        float am = absmax_of(xb, len);
         absmax[b] = am;
         float safe = am > 1e-38f ? am : 1e-38f;
         float inv = 1.0f / safe;
@@ -106,12 +111,7 @@ void lowbit_q8_0_quantize(const float *x, int64_t nblocks, float *d_out, uint8_t
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < nblocks; b++) {
         const float *xb = x + b * QK;
-        float amax = 0.0f;
-#pragma omp simd reduction(max : amax)
-        for (int i = 0; i < QK; i++) {
-            float a = xb[i] < 0 ? -xb[i] : xb[i];
-            amax = a > amax ? a : amax;
-        }
+        float amax = absmax_of(xb, QK);
         float d = amax / 127.0f;
         float id = d != 0.0f ? 1.0f / d : 0.0f;
         d_out[b] = d;
@@ -141,12 +141,7 @@ void lowbit_q4_0_quantize(const float *x, int64_t nblocks, float *d_out, uint8_t
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < nblocks; b++) {
         const float *xb = x + b * QK;
-        float amax = 0.0f;
-#pragma omp simd reduction(max : amax)
-        for (int i = 0; i < QK; i++) {
-            float a = xb[i] < 0 ? -xb[i] : xb[i];
-            amax = a > amax ? a : amax;
-        }
+        float amax = absmax_of(xb, QK);
         int first = 0; /* the signed value of largest magnitude: first one wins, as np.argmax */
         while ((xb[first] < 0 ? -xb[first] : xb[first]) != amax) first++;
         float d = xb[first] / -8.0f;
