@@ -1,0 +1,147 @@
+"""GGUF legacy block formats Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (SPEC.md §5).
+
+Block layouts from llama.cpp ggml-common.h (block_q8_0 ...); arithmetic as
+ggml-quants.c quantize_row_*_ref and gguf-py gguf/quants.py compute it, float32 step
+for float32 step, so ``tobytes()`` equals ``gguf.quants.quantize(...).tobytes()``.
+Nibbles: element j in the low nibble, j + 16 in the high nibble; Q5 keeps bit 4 of
+each code in a little-endian 32-bit mask ``qh``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import kernels
+from ..formats.registry import Codec, register
+from ..formats.spec import FormatSpec
+
+QK = 32  # weights per block: ggml-common.h QK4_0 = QK4_1 = QK5_0 = QK5_1 = QK8_0 = 32
+
+
+def _fp16_bytes(v: torch.Tensor) -> torch.Tensor:
+    """(n,) float32 -> (n, 2) uint8: IEEE half, round to nearest even (numpy astype(float16))."""
+    return v.to(torch.float16).view(torch.uint8).view(-1, 2)
+
+
+def _fp16_read(b: torch.Tensor) -> torch.Tensor:
+    """(n, 2) uint8 -> (n, 1) float32."""
+    return b.contiguous().view(torch.float16).to(torch.float32).view(-1, 1)
+
+
+def _inverse(d: torch.Tensor) -> torch.Tensor:
+    """id = 1/d, and 0 where d == 0 (ggml: `id = d ? 1.0f/d : 0.0f`)."""
+    return torch.where(d == 0, torch.zeros_like(d), 1 / d)
+
+
+def _roundf(v: torch.Tensor) -> torch.Tensor:
+    """C roundf: half away from zero. a - trunc(a) is exact, so the 0.5 test is too."""
+    a = v.abs()
+    t = a.trunc()
+    return torch.copysign(t + (a - t >= 0.5), v)
+
+
+def _split_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """(n, 32) codes -> (n, 16) bytes: low nibble j, high nibble j + 16."""
+    return (q[:, : QK // 2] & 0x0F) | ((q[:, QK // 2 :] & 0x0F) << 4)
+
+
+def _join_nibbles(qs: torch.Tensor) -> torch.Tensor:
+    return torch.cat([qs & 0x0F, qs >> 4], dim=1)
+
+
+_BIT_WEIGHTS = 2 ** torch.arange(8, dtype=torch.uint8)  # little-endian bit order in a byte
+
+
+def _high_bits(q: torch.Tensor) -> torch.Tensor:
+    """(n, 32) 5-bit codes -> (n, 4) bytes of bit 4, element j at bit j (little-endian uint32)."""
+    bits = (q >> 4).view(-1, 4, 8)
+    return (bits * _BIT_WEIGHTS).sum(dim=2, dtype=torch.uint8)
+
+
+def _read_high_bits(qh: torch.Tensor) -> torch.Tensor:
+    return ((qh[:, :, None] & _BIT_WEIGHTS) != 0).view(-1, QK).to(torch.uint8) << 4
+
+
+class GGUFLegacy(Codec, family="gguf_legacy"):
+    """params: kind "sym" (d = signed max / -2^(b-1), codes offset by 2^(b-1)), "asym"
+    (d = (max - min) / (2^b - 1), m = min), or "q8" (d = amax / 127, roundf)."""
+
+    @classmethod
+    def encode(cls, spec, blocks, *, partial, tensor_parts):
+        kind, bits = spec.param("kind"), spec.bits
+        if kind == "q8":
+            d = blocks.abs().amax(dim=1, keepdim=True) / 127
+            q = _roundf(blocks * _inverse(d)).to(torch.int8).view(torch.uint8)
+            return {"data": torch.cat([_fp16_bytes(d), q], dim=1)}
+        if kind == "sym":
+            half = 2 ** (bits - 1)
+            signed_max = blocks.gather(1, blocks.abs().argmax(dim=1, keepdim=True))  # first wins
+            d = signed_max / -half
+            q = (blocks * _inverse(d) + (half + 0.5)).trunc().clamp_(0, 2**bits - 1).to(torch.uint8)
+            head = [_fp16_bytes(d)]
+        else:
+            lo, hi = blocks.amin(dim=1, keepdim=True), blocks.amax(dim=1, keepdim=True)
+            d = (hi - lo) / (2**bits - 1)
+            q = ((blocks - lo) * _inverse(d) + 0.5).trunc().clamp_(0, 2**bits - 1).to(torch.uint8)
+            head = [_fp16_bytes(d), _fp16_bytes(lo)]
+        if bits == 5:
+            head.append(_high_bits(q))
+        return {"data": torch.cat([*head, _split_nibbles(q)], dim=1)}
+
+    @classmethod
+    def decode(cls, spec, parts, n_blocks, block):
+        kind, bits = spec.param("kind"), spec.bits
+        data = parts["data"]
+        d = _fp16_read(data[:, :2])
+        if kind == "q8":
+            return data[:, 2:].contiguous().view(torch.int8).to(torch.float32) * d
+        at = 2 if kind == "sym" else 4
+        qh = None
+        if bits == 5:
+            qh, at = data[:, at : at + 4], at + 4
+        q = _join_nibbles(data[:, at:])
+        if qh is not None:
+            q = q | _read_high_bits(qh)
+        if kind == "sym":
+            return d * (q.to(torch.float32) - 2 ** (bits - 1))
+        return d * q.to(torch.float32) + _fp16_read(data[:, 2:4])
+
+    @classmethod
+    def fast_encode(cls, spec, flat, block):
+        if spec.name not in ("q8_0", "q4_0"):
+            return None
+        nb = flat.numel() // QK
+        flat = flat.contiguous()
+        data = kernels.empty(nb * spec.param("bytes"), torch.uint8).view(nb, -1)
+        d = torch.empty(nb, dtype=torch.float32)
+        getattr(kernels.native, f"lowbit_{spec.name}_quantize")(flat.data_ptr(), nb, d.data_ptr(), data.data_ptr())
+        data[:, :2] = _fp16_bytes(d)
+        return {"data": data}
+
+    @classmethod
+    def fast_decode(cls, spec, parts, n, block):
+        if spec.name not in ("q8_0", "q4_0"):
+            return None
+        data = parts["data"].contiguous()
+        nb = data.shape[0]
+        d = _fp16_read(data[:, :2]).view(-1).contiguous()
+        out = kernels.empty(n, torch.float32)
+        getattr(kernels.native, f"lowbit_{spec.name}_dequantize")(data.data_ptr(), d.data_ptr(), nb, out.data_ptr())
+        return out
+
+
+# (name, id, bits, kind, bytes per block: ggml-common.h sizeof(block_*))
+for _name, _id, _bits, _kind, _bytes in [
+    ("q8_0", 51, 8, "q8", 34),
+    ("q4_0", 52, 4, "sym", 18),
+    ("q4_1", 53, 4, "asym", 20),
+    ("q5_0", 54, 5, "sym", 22),
+    ("q5_1", 55, 5, "asym", 24),
+]:
+    register(
+        FormatSpec(
+            name=_name, id=_id, family="gguf_legacy", bits=_bits, default_block_size=QK,
+            params=(("kind", _kind), ("bytes", _bytes)), fixed_block_size=True, row_blocks=True,
+            description=f"GGUF {_name.upper()}: {_bytes} bytes per {QK} weights",
+        )
+    )
