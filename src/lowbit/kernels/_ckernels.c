@@ -115,16 +115,19 @@ void lowbit_q8_0_quantize(const float *x, int64_t nblocks, float *d_out, uint8_t
         float d = amax / 127.0f;
         float id = d != 0.0f ? 1.0f / d : 0.0f;
         d_out[b] = d;
-        int8_t *q = (int8_t *)(blocks + b * (2 + QK) + 2);
+        float r[QK];
         for (int i = 0; i < QK; i++) {
             /* roundf (half away from zero) in a form the compiler vectorizes without SSE4.1:
              * a - trunc(a) is exact for |a| < 2^23, so the 0.5 comparison is exact too */
             float v = xb[i] * id;
-            float a = v < 0 ? -v : v;
-            int t = (int)a;
-            t += (a - (float)t) >= 0.5f;
-            q[i] = (int8_t)(v < 0 ? -t : t);
+            float a = fabsf(v);
+            float t = (float)(int)a;
+            t += (a - t >= 0.5f) ? 1.0f : 0.0f;
+            r[i] = copysignf(t, v);
         }
+        int8_t q[QK]; /* a local buffer: stores through a char pointer could alias x */
+        for (int i = 0; i < QK; i++) q[i] = (int8_t)(int)r[i];
+        memcpy(blocks + b * (2 + QK) + 2, q, QK);
     }
 }
 
