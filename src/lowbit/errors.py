@@ -1,0 +1,15 @@
+"""Exceptions lowbit raises on purpose (callers catch these; anything else is a bug)."""
+
+from __future__ import annotations
+
+
+class LowbitError(Exception):
+    """Base of every error lowbit raises deliberately."""
+
+
+class ModelLoadError(LowbitError, ValueError):
+    """A model could not be found, read or parsed (message: one line naming the problem)."""
+
+
+class LayerQuantizeError(LowbitError, ValueError):
+    """A layer's weight cannot be stored in the requested format (the message names the layer)."""

