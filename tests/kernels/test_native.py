@@ -29,3 +29,22 @@ def test_codebook4_kernel_matches_reference(fmt, block, n):
         assert torch.equal(fast.parts[name], ref.parts[name]), name
     out = fast.dequantize()
     assert torch.equal(out.view(torch.int32), ref_out.view(torch.int32))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "int2", "int5"])
+@pytest.mark.parametrize("block", [1, 7, 64, 4096])
+@pytest.mark.parametrize("n", [1, 63, 64, 4097, 100_001])
+def test_int_sym_kernel_matches_reference(fmt, block, n):
+    torch.manual_seed(n)
+    x = torch.randn(n) * torch.rand(n) ** 4
+    x[::97] = 0
+    x[5::101] = 0.5  # exact halves appear once the scale is a power of two
+    fast, ref, ref_out = both(x, fmt, block_size=block)
+    for name in ref.parts:
+        assert torch.equal(fast.parts[name], ref.parts[name]), name
+    assert torch.equal(fast.dequantize().view(torch.int32), ref_out.view(torch.int32))
+
+
+def test_int8_ties_round_half_to_even_in_kernel():
+    x = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -2.5, 126.5, -126.5])
+    assert lowbit.quantize(x, "int8", block_size=8).dequantize().tolist() == [127, 0, 2, 2, 0, -2, 126, -126]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import kernels
+from ..scaling.packing import pack_codes, unpack_codes
 from .registry import Codec, register
 from .spec import FormatSpec
 
@@ -28,6 +30,25 @@ class SymmetricInt(Codec, family="int"):
         qp = 2 ** (spec.bits - 1) - 1
         q = parts["codes"].view(n_blocks, block).to(torch.float32) - qp
         return q * parts["scales"][:, None]
+
+    @classmethod
+    def fast_encode(cls, spec, flat, block):
+        n, qp = flat.numel(), 2 ** (spec.bits - 1) - 1
+        flat = flat.contiguous()
+        codes = kernels.empty(n, torch.uint8)
+        scales = torch.empty((n + block - 1) // block, dtype=torch.float32)
+        kernels.native.lowbit_int_sym_quantize(flat.data_ptr(), n, block, qp, codes.data_ptr(), scales.data_ptr())
+        return {"codes": pack_codes(codes, spec.bits, pad_code=qp), "scales": scales}  # qp: the code of 0
+
+    @classmethod
+    def fast_decode(cls, spec, parts, n, block):
+        codes = unpack_codes(parts["codes"], spec.bits, n).contiguous()
+        scales = parts["scales"].contiguous()
+        out = kernels.empty(n, torch.float32)
+        kernels.native.lowbit_int_sym_dequantize(
+            codes.data_ptr(), scales.data_ptr(), n, block, 2 ** (spec.bits - 1) - 1, out.data_ptr()
+        )
+        return out
 
 
 class AsymmetricInt(Codec, family="int_asym"):

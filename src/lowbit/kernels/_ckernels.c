@@ -8,6 +8,7 @@
  */
 #include <Python.h>
 #include <stdint.h>
+#include <float.h>
 #include <math.h>
 #include <sys/mman.h>
 #include <string.h>
@@ -99,6 +100,51 @@ void lowbit_codebook4_dequantize(const uint8_t *packed, const float *absmax, con
             ob[i + 1] = v[byte & 0x0F] * am;
         }
         if (len & 1) ob[len - 1] = v[pb[len >> 1] >> 4] * am;
+    }
+}
+
+/* Symmetric absmax int (SPEC.md §1), as lowbit.formats.int.SymmetricInt computes it:
+ * s = amax / qp; q = clamp(round_half_even(x / max(s, FLT_MIN)), -qp, qp); code = q + qp
+ * (one unpacked byte per element). Adding and subtracting 1.5 * 2^23 rounds a float32 of
+ * magnitude < 2^22 to the nearest integer, ties to even, exactly (no fast-math, no FMA). */
+#define RNE_MAGIC 12582912.0f
+
+void lowbit_int_sym_quantize(const float *x, int64_t n, int64_t block, int qp, uint8_t *codes,
+                             float *scales) {
+    int64_t nblocks = (n + block - 1) / block;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < nblocks; b++) {
+        int64_t start = b * block;
+        int64_t len = n - start < block ? n - start : block;
+        const float *xb = x + start;
+        float s = absmax_of(xb, len) / (float)qp;
+        scales[b] = s;
+        float safe = s > FLT_MIN ? s : FLT_MIN;
+        float lim = (float)qp;
+        uint8_t *cb = codes + start;
+        for (int64_t c0 = 0; c0 < len; c0 += 256) {
+            int64_t cl = len - c0 < 256 ? len - c0 : 256;
+            uint8_t tmp[256]; /* local: stores through a char pointer could alias x */
+            for (int64_t i = 0; i < cl; i++) {
+                float v = xb[c0 + i] / safe;
+                v = v < -lim ? -lim : (v > lim ? lim : v); /* clamp first: |v| < 2^22 for RNE */
+                float r = (v + RNE_MAGIC) - RNE_MAGIC;
+                tmp[i] = (uint8_t)((int)r + qp);
+            }
+            memcpy(cb + c0, tmp, (size_t)cl);
+        }
+    }
+}
+
+void lowbit_int_sym_dequantize(const uint8_t *codes, const float *scales, int64_t n, int64_t block,
+                               int qp, float *out) {
+    int64_t nblocks = (n + block - 1) / block;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < nblocks; b++) {
+        int64_t start = b * block;
+        int64_t len = n - start < block ? n - start : block;
+        float s = scales[b];
+        for (int64_t i = 0; i < len; i++) out[start + i] = (float)((int)codes[start + i] - qp) * s;
     }
 }
 
