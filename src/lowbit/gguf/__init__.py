@@ -1,3 +1,3 @@
-"""GGUF block formats (SPEC.md §5), bit-exact with the gguf package."""
+"""GGUF block formats (SPEC.md §5): legacy 32-weight blocks and 256-weight K-quants."""
 
-from . import legacy  # noqa: F401  (registration)
+from . import kquants, legacy  # noqa: F401  (registration)
