@@ -43,3 +43,17 @@ def test_ternary_absmean():
     x = torch.tensor([2.0, -2.0, 0.1, -0.1, 1.0, 0.0, 0.0, 0.0])  # mean |x| = 0.65
     out = lowbit.quantize(x, "ternary", block_size=8).dequantize()
     assert torch.allclose(out, torch.tensor([0.65, -0.65, 0, 0, 0.65, 0, 0, 0]))
+
+
+def test_ternary_roundtrip_of_its_own_values():
+    # a block of +-s only: absmean = s, so each value is on the grid {-s, 0, s} and exact
+    x = torch.tensor([0.75, -0.75, 0.75, 0.75, -0.75, -0.75, 0.75, -0.75])
+    assert torch.equal(lowbit.quantize(x, "ternary", block_size=8).dequantize(), x)
+
+
+def test_ternary_rounds_to_nearest_in_range_and_clips_outside():
+    # BitNet b1.58 clips |x| > 1.5 gamma to +-gamma by design: no half-step bound out there
+    x = torch.tensor([0.2, 0.4, -0.9, 3.0, 0.0, 0.0, 0.0, 0.0])  # gamma = 0.5625
+    out = lowbit.quantize(x, "ternary", block_size=8).dequantize()
+    g = 0.5625
+    assert torch.allclose(out, torch.tensor([0, g, -g, g, 0, 0, 0, 0]))

@@ -21,11 +21,14 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    console = Console()
+    # rich falls back to 80 columns when stdout is not a terminal; the table needs more
+    console = Console() if Console().is_terminal else Console(width=140)
     if args.name is None:
         console.print(format_table())
     else:
-        console.print(code_table(args.name))
+        spec = get_format(args.name)
+        console.print(f"{spec.name} (id {spec.id}): {spec.description}")
+        console.print(code_table(spec.name))
     return 0
 
 
@@ -41,13 +44,13 @@ def format_table() -> Table:
     for name in formats():
         spec = get_format(name)
         table.add_row(name, str(spec.id), str(spec.bits), str(spec.default_block_size),
-                      f"{measured_bits_per_weight(name):.4g}", spec.description)
+                      f"{measured_bits_per_weight(name):.5g}", spec.description)
     return table
 
 
 def code_table(name: str) -> Table:
     spec = get_format(name)
-    table = Table(title=f"{spec.name}: {spec.description}")
+    table = Table()
     table.add_column("code", justify="right")
     table.add_column("binary", justify="right")
     table.add_column("value", justify="right")
