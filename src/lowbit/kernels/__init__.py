@@ -25,6 +25,7 @@ def _load():
     lib.lowbit_codebook4_quantize.argtypes = [ptr, i64, i64, ptr, ptr, u8, ptr, ptr]
     lib.lowbit_codebook4_dequantize.argtypes = [ptr, ptr, ptr, i64, i64, ptr]
     lib.lowbit_advise_huge.argtypes = [ptr, i64]
+    lib.lowbit_table_round.argtypes = [ptr, i64, ptr, ctypes.c_int, ptr, ptr, ctypes.c_int, ptr]
     lib.lowbit_int_sym_quantize.argtypes = [ptr, i64, i64, ctypes.c_int, ptr, ptr]
     lib.lowbit_int_sym_dequantize.argtypes = [ptr, ptr, i64, i64, ctypes.c_int, ptr]
     for name in ("q8_0", "q4_0"):

@@ -148,6 +148,54 @@ void lowbit_int_sym_dequantize(const uint8_t *codes, const float *scales, int64_
     }
 }
 
+/* Round |x| to the nearest entry of a sorted magnitude table (minifloat elements), as
+ * lowbit.formats.exmy.ExMy.encode does: idx = number of midpoints strictly below |x|
+ * (saturates at the top entry); on an exact midpoint move up when tie_up[idx] (the lower
+ * entry's code is odd: ties to even); code = codes[idx], plus the sign bit for x < 0
+ * unless the code is 0 (zero is always +0). */
+void lowbit_table_round(const float *x, int64_t n, const float *mids, int nmids, const uint8_t *codes,
+                        const uint8_t *tie_up, int sign_shift, uint8_t *out) {
+    float m[256];
+    uint8_t c[256], t[256];
+    memcpy(m, mids, (size_t)nmids * sizeof(float));
+    memcpy(c, codes, (size_t)nmids + 1);
+    memcpy(t, tie_up, (size_t)nmids + 1);
+    uint8_t sign = (uint8_t)(1u << sign_shift);
+#pragma omp parallel for schedule(static)
+    for (int64_t c0 = 0; c0 < n; c0 += 4096) {
+        int64_t cl = n - c0 < 4096 ? n - c0 : 4096;
+        int32_t idx[4096];
+        const float *xc = x + c0;
+        if (nmids <= 32) {
+            for (int64_t i = 0; i < cl; i++) {
+                float a = fabsf(xc[i]);
+                int32_t k = 0;
+                for (int j = 0; j < nmids; j++) k += a > m[j];
+                idx[i] = k;
+            }
+        } else {
+            for (int64_t i = 0; i < cl; i++) { /* lower bound: first midpoint >= |x| */
+                float a = fabsf(xc[i]);
+                int32_t lo = 0, len = nmids;
+                while (len > 0) {
+                    int32_t half = len / 2;
+                    if (m[lo + half] < a) { lo += half + 1; len -= half + 1; } else len = half;
+                }
+                idx[i] = lo;
+            }
+        }
+        uint8_t tmp[4096];
+        for (int64_t i = 0; i < cl; i++) {
+            int32_t k = idx[i];
+            float a = fabsf(xc[i]);
+            if (k < nmids && a == m[k] && t[k]) k++;
+            uint8_t code = c[k];
+            tmp[i] = (xc[i] < 0 && code) ? (uint8_t)(code | sign) : code;
+        }
+        memcpy(out + c0, tmp, (size_t)cl);
+    }
+}
+
 /* GGUF Q8_0 / Q4_0 (llama.cpp ggml-quants.c quantize_row_q8_0_ref / q4_0_ref, as gguf-py
  * computes them). Blocks of 32; the caller writes the fp16 d (RNE from the float32 d
  * returned here) into the first two bytes of each block; codes go to the bytes after. */
