@@ -14,6 +14,7 @@ from functools import cache
 
 import torch
 
+from .. import kernels
 from .exmy import E0M3, E1M2, E2M1, E3M0, E4M3FN, E5M2, ExMy
 from .registry import Codec, register
 from .spec import FormatSpec
@@ -35,8 +36,11 @@ class AbsmaxMinifloat(Codec, family="minifloat"):
 
     @classmethod
     def decode(cls, spec, parts, n_blocks, block):
-        v = exmy_of(spec).decode(parts["codes"].view(n_blocks, block))
-        return v * parts["scales"][:, None]
+        codes = parts["codes"].view(n_blocks, block)
+        fast = kernels.lut_scale(codes, exmy_of(spec).value_tensor, parts["scales"])
+        if fast is not None:
+            return fast
+        return exmy_of(spec).decode(codes) * parts["scales"][:, None]
 
 
 def _register(name: str, fid: int, fmt: ExMy, aliases: tuple[str, ...], note: str) -> None:

@@ -34,6 +34,7 @@ from functools import cache
 
 import torch
 
+from .. import kernels
 from ..scaling.scale_encodings import (
     e4m3_decode,
     e4m3_encode,
@@ -103,8 +104,9 @@ class Microscaling(Codec, family="mx"):
     @classmethod
     def decode(cls, spec, parts, n_blocks, block):
         elem, _ = _element(spec)
-        v = elem.decode(parts["codes"].view(n_blocks, block))
-        return v * e8m0_decode(parts["scales_e8m0"])[:, None]
+        codes, scales = parts["codes"].view(n_blocks, block), e8m0_decode(parts["scales_e8m0"])
+        fast = kernels.lut_scale(codes, elem.value_tensor, scales)
+        return fast if fast is not None else elem.decode(codes) * scales[:, None]
 
 
 class NVFP4(Codec, family="nvfp4"):
@@ -126,9 +128,10 @@ class NVFP4(Codec, family="nvfp4"):
 
     @classmethod
     def decode(cls, spec, parts, n_blocks, block):
-        v = E2M1.decode(parts["codes"].view(n_blocks, block))
+        codes = parts["codes"].view(n_blocks, block)
         total = parts["tensor_scale"] * e4m3_decode(parts["scales_e4m3"])  # (n_blocks,)
-        return v * total[:, None]
+        fast = kernels.lut_scale(codes, E2M1.value_tensor, total)
+        return fast if fast is not None else E2M1.decode(codes) * total[:, None]
 
 
 def _register_mx(name: str, fid: int, element: str, note: str) -> None:

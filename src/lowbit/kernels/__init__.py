@@ -25,6 +25,7 @@ def _load():
     lib.lowbit_codebook4_quantize.argtypes = [ptr, i64, i64, ptr, ptr, u8, ptr, ptr]
     lib.lowbit_codebook4_dequantize.argtypes = [ptr, ptr, ptr, i64, i64, ptr]
     lib.lowbit_advise_huge.argtypes = [ptr, i64]
+    lib.lowbit_lut_scale.argtypes = [ptr, i64, i64, ptr, ptr, ptr]
     lib.lowbit_table_round.argtypes = [ptr, i64, ptr, ctypes.c_int, ptr, ptr, ctypes.c_int, ptr]
     lib.lowbit_int_sym_quantize.argtypes = [ptr, i64, i64, ctypes.c_int, ptr, ptr]
     lib.lowbit_int_sym_dequantize.argtypes = [ptr, ptr, i64, i64, ctypes.c_int, ptr]
@@ -62,3 +63,17 @@ class reference:
     def __exit__(self, *exc):
         global _enabled
         _enabled = self._saved
+
+
+def lut_scale(codes: torch.Tensor, table: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
+    """table[codes] * scales[:, None] for (n_blocks, block) uint8 codes; None without kernels."""
+    if not _enabled:
+        return None
+    n_blocks, block = codes.shape
+    codes = codes.contiguous()
+    full = torch.zeros(256, dtype=torch.float32)
+    full[: table.numel()] = table
+    scales = scales.to(torch.float32).contiguous()
+    out = empty(codes.numel(), torch.float32)
+    native.lowbit_lut_scale(codes.data_ptr(), codes.numel(), block, full.data_ptr(), scales.data_ptr(), out.data_ptr())
+    return out.view(n_blocks, block)

@@ -196,6 +196,21 @@ void lowbit_table_round(const float *x, int64_t n, const float *mids, int nmids,
     }
 }
 
+/* out[i] = table[codes[i]] * scales[i / block]: the decode of every "value of a code times
+ * the block's scale" format (minifloats, MX, NVFP4), one float32 multiply as the reference. */
+void lowbit_lut_scale(const uint8_t *codes, int64_t n, int64_t block, const float *table,
+                      const float *scales, float *out) {
+    float t[256];
+    memcpy(t, table, sizeof t);
+    int64_t nblocks = (n + block - 1) / block;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < nblocks; b++) {
+        int64_t start = b * block, end = n - start < block ? n : start + block;
+        float s = scales[b];
+        for (int64_t i = start; i < end; i++) out[i] = t[codes[i]] * s;
+    }
+}
+
 /* GGUF Q8_0 / Q4_0 (llama.cpp ggml-quants.c quantize_row_q8_0_ref / q4_0_ref, as gguf-py
  * computes them). Blocks of 32; the caller writes the fp16 d (RNE from the float32 d
  * returned here) into the first two bytes of each block; codes go to the bytes after. */
