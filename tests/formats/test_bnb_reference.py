@@ -78,10 +78,30 @@ def test_matches_bitsandbytes_random(fmt, block, double_quant):
 def test_matches_bitsandbytes_smollm2(smollm2_weights, fmt, double_quant):
     for name, w in smollm2_weights.items():
         for block in (64, 256):
-            packed, ref = bnb_roundtrip(w, BNB_TYPE[fmt], block, double_quant)
+            # bnb blocks the flattened tensor; its CPU dequantize kernel instead restarts the
+            # blocks on every row of a 2-D shape (see test_bnb_cpu_kernel_blocks_per_row), so
+            # the reference round trip runs on the flat view.
+            packed, ref = bnb_roundtrip(w.reshape(-1), BNB_TYPE[fmt], block, double_quant)
             q = lowbit.quantize(w, fmt, block_size=block, double_quant=double_quant)
             assert torch.equal(q.parts["codes"], packed)
-            assert_same(q.dequantize(), ref, f"{fmt} {name} block {block}")
+            assert_same(q.dequantize(), ref.reshape(w.shape), f"{fmt} {name} block {block}")
+
+
+def test_bnb_cpu_kernel_blocks_per_row():
+    """bitsandbytes 0.50's CPU dequantize_4bit kernel reads a 2-D tensor whose rows do not
+    hold whole blocks with other absmax values than quantize_4bit wrote; its pure-torch
+    reference backend and a flat call agree with each other and with lowbit."""
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from bitsandbytes.backends.utils import _get_4bit_code
+
+    x = torch.randn(576, 576, generator=torch.Generator().manual_seed(0))  # 576 % 256 != 0
+    packed, state = F.quantize_4bit(x, blocksize=256, quant_type="nf4")
+    ours = lowbit.quantize(x, "nf4", block_size=256).dequantize()
+    reference = _dequantize_4bit_compute(packed.reshape(-1), state.absmax, _get_4bit_code("nf4", "cpu"), 256,
+                                         x.shape, torch.float32)
+    assert torch.equal(ours, reference)
+    flat = F.dequantize_4bit(*F.quantize_4bit(x.reshape(-1), blocksize=256, quant_type="nf4"))
+    assert torch.equal(ours.reshape(-1), flat)
 
 
 def test_double_quant_bits_per_weight():
