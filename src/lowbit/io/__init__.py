@@ -1,1 +1,1 @@
-"""lowbit.io"""
+"""lowbit.io: atomic writes; save and load quantized models (safetensors + JSON, never pickle)."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
@@ -15,6 +14,7 @@ from ..checks import check_block_size
 from ..errors import LayerQuantizeError
 from ..formats.registry import get_format
 from ..formats.spec import FormatSpec
+from ..progress import progress_bar
 from ..quantize import quantize
 from .linear import QuantLinear
 
@@ -53,6 +53,24 @@ class QuantConfig:
             value = getattr(self, key)
             # a bare string would otherwise be read as one pattern per character
             object.__setattr__(self, key, (value,) if isinstance(value, str) else tuple(value))
+
+    @property
+    def label(self) -> str:
+        """``FORMAT[/BLOCK][+dq]``, the name reports and ``--formats`` use (block only if not the default)."""
+        spec = get_format(self.format)
+        block = "" if self.block_size in (None, spec.default_block_size) else f"/{self.block_size}"
+        return f"{spec.name}{block}{'+dq' if self.double_quant else ''}"
+
+    @classmethod
+    def parse(cls, label: str, **kwargs) -> QuantConfig:
+        """``"nf4"``, ``"int4/128"``, ``"nf4+dq"``, ``"nf4/64+dq"`` -> QuantConfig (``kwargs`` for the rest)."""
+        text = label.strip()
+        double_quant = text.lower().endswith("+dq")
+        text = text[:-3] if double_quant else text
+        name, _, block = text.partition("/")
+        if block and not block.isdigit():
+            raise ValueError(f"bad block size in {label!r}: expected FORMAT[/BLOCK][+dq], e.g. int4/128 or nf4+dq")
+        return cls(format=name, block_size=int(block) if block else None, double_quant=double_quant, **kwargs)
 
     def selects(self, name: str) -> bool:
         included = not self.include or any(_matches(name, p) for p in self.include)
@@ -103,7 +121,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | str, *, progress: boo
         raise ValueError(f"no nn.Linear layer matched include={config.include} exclude={config.exclude}")
 
     replacements: list[tuple[list[str], QuantLinear]] = []
-    with _progress_bar(len(targets), spec.name, enabled=progress) as advance:
+    with progress_bar(len(targets), f"quantizing to {spec.name}", enabled=progress) as advance:
         for names, linear in targets:
             replacements.append((names, QuantLinear.from_linear(linear, _quantize_layer(names[0], linear, config))))
             advance()
@@ -176,20 +194,3 @@ def _quantize_layer(name: str, linear: nn.Linear, config: QuantConfig):
 def _matches(name: str, pattern: str) -> bool:
     parts = name.split(".")
     return any(fnmatchcase(".".join(parts[i:]), pattern) for i in range(len(parts)))
-
-
-@contextmanager
-def _progress_bar(total: int, label: str, *, enabled: bool):
-    """A transient rich progress bar on stderr; yields a zero-argument ``advance``."""
-    from rich.console import Console
-
-    console = Console(stderr=True) if enabled else None
-    if console is None or not console.is_terminal:  # in logs a transient bar leaves only a stray newline
-        yield lambda: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    columns = (TextColumn("quantizing to {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task(label, total=total)
-        yield lambda: bar.advance(task)

@@ -1,6 +1,5 @@
-"""Reports of a comparison: a rich table for the terminal, JSON for machines."""
+"""Reports of a comparison: a rich table for the terminal; JSON is written by lowbit.io.atomic."""
 
-from .json_report import write_json
 from .table import compare_table
 
-__all__ = ["compare_table", "write_json"]
+__all__ = ["compare_table"]

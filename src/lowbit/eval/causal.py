@@ -1,0 +1,42 @@
+"""Score a causal LM against the cached reference (llama.cpp ``perplexity --kl-divergence``, SPEC.md §9)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..progress import progress_bar
+from .reference import Reference, next_token_logprobs
+
+
+def score_causal(model, reference: Reference, *, label: str = "evaluating", progress: bool = True) -> dict:
+    """Per scored token: KL(p_ref || p_model) over the full vocabulary, NLL, top-token agreement.
+
+    Returns ``ppl``, ``kl_mean``, ``kl_median``, ``kl_p99``, ``kl_max``, ``top1`` (fraction of
+    tokens whose most likely next token is the reference's) and ``tokens`` (how many were scored).
+    """
+    kl, nll, same = [], [], []
+    with progress_bar(len(reference.ids), label, enabled=progress) as advance:
+        for i, window in enumerate(reference.ids):
+            lq = next_token_logprobs(model, window)  # (W-1, vocab)
+            kl.append(reference.kl(i, lq))
+            nll.append(-lq.gather(1, window[1:, None]).squeeze(1))
+            same.append(lq.argmax(dim=1) == reference.top1[i])
+            advance()
+    kl_all = torch.cat(kl).double().numpy()
+    return {
+        "ppl": float(torch.cat(nll).double().mean().exp()),
+        **kl_summary(kl_all),
+        "top1": float(torch.cat(same).double().mean()),
+        "tokens": int(kl_all.size),
+    }
+
+
+def kl_summary(kl: np.ndarray) -> dict:
+    """Mean, median, 99th percentile (linear interpolation) and max of per-token KL."""
+    return {
+        "kl_mean": float(kl.mean()),
+        "kl_median": float(np.median(kl)),
+        "kl_p99": float(np.quantile(kl, 0.99)),
+        "kl_max": float(kl.max()),
+    }

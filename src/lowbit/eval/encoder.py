@@ -1,0 +1,64 @@
+"""Score an encoder (sentence-embedding model) by how far its embeddings move.
+
+Protocol (README): the text's paragraphs (blocks between blank lines, longer than 40
+characters, the first 512), each truncated to 128 tokens, mean-pooled over the attention
+mask; per paragraph 1 - cosine(original, quantized); report mean and max.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..io.atomic import atomic_file
+from ..progress import progress_bar
+from .cache import cache_path
+from .protocol import paragraphs
+
+MAX_TOKENS = 128
+BATCH = 32
+
+
+@torch.inference_mode()
+def embed(model, tokenizer, texts: list[str], *, label: str = "embedding", progress: bool = True) -> torch.Tensor:
+    """(len(texts), hidden) float32 mean-pooled last hidden states."""
+    out = []
+    batches = range(0, len(texts), BATCH)
+    with progress_bar(len(batches), label, enabled=progress) as advance:
+        for start in batches:
+            enc = tokenizer(texts[start : start + BATCH], truncation=True, max_length=MAX_TOKENS, padding=True,
+                            return_tensors="pt")
+            hidden = model(**enc).last_hidden_state.float()  # (B, T, H)
+            mask = enc["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
+            out.append((hidden * mask).sum(1) / mask.sum(1).clamp_min(1))
+            advance()
+    return torch.cat(out)
+
+
+def encoder_reference(model, tokenizer, text: str, model_hash: str, *, progress=True) -> tuple[list[str], torch.Tensor]:
+    """The text's paragraphs and the original model's embeddings of them (cached on disk)."""
+    texts = paragraphs(text)
+    if not texts:
+        raise ValueError("the text has no paragraph longer than 40 characters to embed")
+    key = hashlib.sha256("\0".join(texts).encode()).hexdigest()
+    path = cache_path("ref-encoder", model=model_hash, paragraphs=key, max_tokens=MAX_TOKENS)
+    if path.is_file():
+        try:
+            return texts, load_file(path)["embeddings"]
+        except Exception:
+            path.unlink(missing_ok=True)
+    emb = embed(model, tokenizer, texts, label="reference model", progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        save_file({"embeddings": emb.contiguous()}, tmp)
+    return texts, emb
+
+
+def score_encoder(model, tokenizer, texts: list[str], reference: torch.Tensor, *, label="evaluating",
+                  progress=True) -> dict:
+    """``cos_dist_mean`` and ``cos_dist_max`` of 1 - cosine(reference, model) over the paragraphs."""
+    emb = embed(model, tokenizer, texts, label=label, progress=progress)
+    dist = 1 - torch.nn.functional.cosine_similarity(reference.double(), emb.double(), dim=-1)
+    return {"cos_dist_mean": float(dist.mean()), "cos_dist_max": float(dist.max()), "sentences": len(texts)}

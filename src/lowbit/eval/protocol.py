@@ -1,0 +1,79 @@
+"""The evaluation protocol: which text, how it is cut into token windows (README "Evaluation").
+
+Text: the values of ``pydoc_data.topics.topics`` (shipped with CPython, so present
+everywhere) in sorted key order, joined with a blank line, or a user's file. It is
+tokenized once, without special tokens; windows are consecutive, non-overlapping and
+start at token 0; within a window of W tokens the W-1 next-token predictions are scored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+DEFAULT_TEXT = "pydoc_data.topics"
+DEFAULT_WINDOW = 512
+DEFAULT_WINDOWS = 16
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """What was scored. ``windows`` is the number actually used (the text may hold fewer)."""
+
+    text: str
+    text_sha256: str
+    window: int
+    windows: int
+    tokens_sha256: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_text() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def read_text(path: str | Path | None) -> tuple[str, str]:
+    """``(name, text)``: the default text for None, else the UTF-8 file at ``path``."""
+    if path is None:
+        return DEFAULT_TEXT, default_text()
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"text file does not exist: {p}")
+    try:
+        return str(p), p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"text file is not UTF-8: {p} ({e.reason} at byte {e.start})") from e
+
+
+def token_windows(
+    tokenizer, text: str, name: str, *, window: int = DEFAULT_WINDOW, windows: int = DEFAULT_WINDOWS
+) -> tuple[torch.Tensor, Protocol]:
+    """``(ids, protocol)``: ids is ``(n, window)`` int64, the first ``n <= windows`` windows."""
+    if window < 2 or windows < 1:
+        raise ValueError(f"need window >= 2 and windows >= 1, got window={window}, windows={windows}")
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
+    n = min(windows, ids.numel() // window)
+    if n == 0:
+        raise ValueError(f"text {name} holds {ids.numel()} tokens, fewer than one window of {window}")
+    ids = ids[: n * window].view(n, window)
+    protocol = Protocol(
+        text=name,
+        text_sha256=hashlib.sha256(text.encode()).hexdigest(),
+        window=window,
+        windows=n,
+        tokens_sha256=hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
+    )
+    return ids, protocol
+
+
+def paragraphs(text: str, *, min_chars: int = 40, limit: int = 512) -> list[str]:
+    """The encoder protocol's sentences: blocks between blank lines longer than ``min_chars``."""
+    blocks = (b.strip() for b in text.replace("\r\n", "\n").split("\n\n"))
+    return [b for b in blocks if len(b) > min_chars][:limit]
