@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .commands import formats_cmd
+from .commands import compare_cmd, eval_cmd, formats_cmd, quantize_cmd
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -13,7 +13,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lowbit", description="Quantize language-model weights to low-bit formats and measure the cost."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    formats_cmd.add_parser(sub)
+    for command in (compare_cmd, quantize_cmd, eval_cmd, formats_cmd):
+        command.add_parser(sub)
     return parser
 
 
@@ -22,10 +23,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args) or 0
-    except (ValueError, TypeError, FileNotFoundError, PermissionError) as e:
-        # User errors: one line, exit status 2, no traceback.
-        print(f"lowbit {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:
+        # User errors (LowbitError subclasses ValueError): one line, exit status 2, no traceback.
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"lowbit {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"lowbit {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

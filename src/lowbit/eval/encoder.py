@@ -8,9 +8,11 @@ mask; per paragraph 1 - cosine(original, quantized); report mean and max.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from ..io.atomic import atomic_file
 from ..progress import progress_bar
@@ -37,8 +39,9 @@ def embed(model, tokenizer, texts: list[str], *, label: str = "embedding", progr
     return torch.cat(out)
 
 
-def encoder_reference(model, tokenizer, text: str, model_hash: str, *, progress=True) -> tuple[list[str], torch.Tensor]:
-    """The text's paragraphs and the original model's embeddings of them (cached on disk)."""
+def encoder_reference(load_model: Callable[[], nn.Module], tokenizer, text: str, model_hash: str, *,
+                      progress=True) -> tuple[list[str], torch.Tensor]:
+    """The text's paragraphs and the original model's embeddings of them (cached; ``load_model()`` on a miss)."""
     texts = paragraphs(text)
     if not texts:
         raise ValueError("the text has no paragraph longer than 40 characters to embed")
@@ -49,7 +52,7 @@ def encoder_reference(model, tokenizer, text: str, model_hash: str, *, progress=
             return texts, load_file(path)["embeddings"]
         except Exception:
             path.unlink(missing_ok=True)
-    emb = embed(model, tokenizer, texts, label="reference model", progress=progress)
+    emb = embed(load_model(), tokenizer, texts, label="reference model", progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as tmp:
         save_file({"embeddings": emb.contiguous()}, tmp)

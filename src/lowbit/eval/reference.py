@@ -12,12 +12,14 @@ stored exactly (fp32 / int64) alongside.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from ..io.atomic import atomic_file
 from ..progress import progress_bar
@@ -58,14 +60,16 @@ class Reference:
         return float(self.nll.double().mean().exp())
 
 
-def causal_reference(model, ids: torch.Tensor, protocol: Protocol, model_hash: str, *, progress=True) -> Reference:
-    """The cached reference for (model file, tokens, protocol); computed and written if missing."""
+def causal_reference(load_model: Callable[[], nn.Module], ids: torch.Tensor, protocol: Protocol, model_hash: str, *,
+                     progress=True) -> Reference:
+    """The cached reference for (model file, tokens, protocol); if missing, ``load_model()`` computes it."""
     path = cache_path("ref-causal", model=model_hash, protocol=protocol.to_dict())
     if path.is_file():
         try:
             return _read(path)
         except Exception:  # a damaged cache file is recomputed, never trusted
             path.unlink(missing_ok=True)
+    model = load_model()
     columns = {k: [] for k in ("nll", "top1", "logprobs", "lse")}
     with progress_bar(len(ids), "reference model", enabled=progress) as advance:
         for window in ids:

@@ -17,6 +17,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the result should look like any new file
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -32,14 +33,9 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
     An interrupted or failed write leaves no ``path`` (and no temp directory). An existing
     ``path`` is an error unless ``overwrite``; it is then replaced only after the new one is complete.
     """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"output directory exists: {path} (pass --overwrite to replace it)")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"parent directory does not exist: {path.parent}")
-    if not os.access(path.parent, os.W_OK):
-        raise PermissionError(f"cannot write to directory: {path.parent}")
+    path = check_output_dir(path, overwrite=overwrite)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
     try:
         yield tmp
         if path.exists():
@@ -53,6 +49,24 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_output_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """``path`` as a Path, if a directory can be created there; else a one-line OSError."""
+    path = Path(path)
+    if path.exists() and not (overwrite and path.is_dir()):
+        raise FileExistsError(f"output exists: {path}" + (" (pass --overwrite to replace it)" if path.is_dir() else ""))
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"parent directory does not exist: {path.parent}")
+    if not os.access(path.parent, os.W_OK):
+        raise PermissionError(f"cannot write to directory: {path.parent}")
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: str | os.PathLike, data: object) -> Path:

@@ -90,7 +90,7 @@ def _load_gguf(path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"gguf_file": path.name, "local_files_only": True}
-    with _as_load_error(path):
+    with as_load_error(path):
         tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(path.parent, **kwargs, **_float32())
         file_hash = files_sha256([path])
@@ -101,7 +101,7 @@ def _load_directory(path: Path):
     config = path / "config.json"
     if not config.is_file():
         raise ModelLoadError(f"not a model directory (no config.json): {path}")
-    with _as_load_error(path):
+    with as_load_error(path):
         kind = _kind(json.loads(config.read_text()))
         model, tokenizer = _from_pretrained(str(path), kind, local_files_only=True)
         file_hash = files_sha256(model_files(path), root=path)
@@ -112,7 +112,7 @@ def _load_hub(repo_id: str):
     from transformers import AutoConfig
     from transformers.utils import cached_file
 
-    with _as_load_error(repo_id):
+    with as_load_error(repo_id):
         kind = _kind(AutoConfig.from_pretrained(repo_id).to_dict())
         model, tokenizer = _from_pretrained(repo_id, kind)
         snapshot = Path(cached_file(repo_id, "config.json")).parent  # where the hub files landed
@@ -151,7 +151,7 @@ def _finish(model):
 
 
 @contextmanager
-def _as_load_error(source):
+def as_load_error(source):
     """Turns whatever a loader raises (OSError, ValueError, safetensors and GGUF parse
     errors, ...) into one ``ModelLoadError`` whose message is a single line."""
     try:

@@ -89,11 +89,17 @@ class QuantizeReport:
 
     format: str
     layers: tuple[str, ...]
+    layer_numel: int
     layer_bytes_before: int
     layer_bytes_after: int
     model_bytes_before: int
     model_bytes_after: int
     seconds: float
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Stored bits per weight of the replaced layers, scales and metadata included."""
+        return 8 * self.layer_bytes_after / self.layer_numel if self.layer_numel else 0.0
 
     @property
     def layer_ratio(self) -> float:
@@ -126,18 +132,20 @@ def quantize_model(model: nn.Module, config: QuantConfig | str, *, progress: boo
             replacements.append((names, QuantLinear.from_linear(linear, _quantize_layer(names[0], linear, config))))
             advance()
 
-    layer_before = layer_after = 0
+    layer_numel = layer_before = layer_after = 0
     for names, qlinear in replacements:
         for name in names:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, qlinear)
         if config.dequantized_weights:
             qlinear.materialize()
+        layer_numel += qlinear.qweight.numel
         layer_before += qlinear.qweight.numel * qlinear.qweight.dtype.itemsize
         layer_after += qlinear.qweight.nbytes
     return QuantizeReport(
         format=spec.name,
         layers=tuple(name for names, _ in replacements for name in names),
+        layer_numel=layer_numel,
         layer_bytes_before=layer_before,
         layer_bytes_after=layer_after,
         model_bytes_before=before,

@@ -1,4 +1,4 @@
-"""The table `lowbit compare` prints: one row per format, reference first."""
+"""The table `lowbit compare` and `lowbit eval` print: one row per format, reference first."""
 
 from __future__ import annotations
 
@@ -7,18 +7,24 @@ from rich.table import Table
 _MB = 1e6
 
 
-def compare_table(reference: dict, rows: list[dict], title: str) -> Table:
-    """reference: {"ppl", "weight_bytes"}; rows: the per-format dicts of the JSON report."""
-    table = Table(title=title)
-    columns = [("format", "left"), ("bits/weight", "right"), ("weights MB", "right"), ("quantize s", "right"),
-               ("PPL", "right"), ("KL mean", "right"), ("KL p99", "right"), ("same top-1", "right")]
-    for name, justify in columns:
-        table.add_column(name, justify=justify)
-    table.add_row("reference (fp32)", "32", f"{reference['weight_bytes'] / _MB:.1f}", "-", f"{reference['ppl']:.3f}",
-                  "0", "0", "100.00%", style="dim")
-    for r in rows:
-        table.add_row(
-            r["label"], f"{r['bits_per_weight']:.3f}", f"{r['weight_bytes'] / _MB:.1f}", f"{r['quantize_seconds']:.2f}",
-            f"{r['ppl']:.3f}", f"{r['kl_mean']:.5f}", f"{r['kl_p99']:.4f}", f"{100 * r['top1']:.2f}%",
-        )
+def compare_table(report: dict) -> Table:
+    """``report``: the dict ``lowbit.evaluate.compare`` returns (also the JSON file)."""
+    protocol, ref = report["protocol"], report["reference"]
+    causal = protocol["kind"] == "causal-lm"
+    if causal:
+        scope = f"{protocol['windows']} windows x {protocol['window']} tokens of {protocol['text']}"
+        metrics = [("PPL", "ppl", ".3f"), ("KL mean", "kl_mean", ".5f"), ("KL p99", "kl_p99", ".4f"),
+                   ("same top-1", "top1", ".2%")]
+    else:
+        scope = f"{protocol['sentences']} paragraphs of {protocol['text']}"
+        metrics = [("1-cos mean", "cos_dist_mean", ".2e"), ("1-cos max", "cos_dist_max", ".2e")]
+    table = Table(title=f"{report['model']['name']}: {scope}")
+    for name in ("format", "bits/weight", "weights MB", "quantize s", *(m[0] for m in metrics)):
+        table.add_column(name, justify="left" if name == "format" else "right")
+    perfect = {"kl_mean": 0.0, "kl_p99": 0.0, "top1": 1.0, "cos_dist_mean": 0.0, "cos_dist_max": 0.0}
+    table.add_row("reference", "32", f"{ref['weight_bytes'] / _MB:.1f}", "-",
+                  *(format(ref.get(key, perfect.get(key)), spec) for _, key, spec in metrics), style="dim")
+    for r in report["results"]:
+        table.add_row(r["format"], f"{r['bits_per_weight']:.3f}", f"{r['weight_bytes'] / _MB:.1f}",
+                      f"{r['quantize_seconds']:.2f}", *(format(r[key], spec) for _, key, spec in metrics))
     return table

@@ -1,0 +1,100 @@
+"""Quantize a model to several formats and measure what each loses (``lowbit compare`` / ``eval``).
+
+The reference (the original model's predictions) is computed once per model file, text
+and protocol and cached on disk; each format then runs only its quantized model. For
+speed, scoring uses each QuantLinear's dequantized weight kept in memory
+(``QuantLinear.materialize``): the same numbers as the packed path, which tests prove.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+
+from torch import nn
+
+from . import __version__
+from .eval.causal import score_causal
+from .eval.encoder import encoder_reference, score_encoder
+from .eval.protocol import DEFAULT_WINDOW, DEFAULT_WINDOWS, read_text, token_windows
+from .eval.reference import causal_reference
+from .models.loader import CAUSAL_LM, ModelInfo
+from .nn.linear import QuantLinear
+from .nn.surgery import QuantConfig, model_weight_bytes, quantize_model
+
+DEFAULT_FORMATS = ("int8", "q8_0", "nf4", "nf4+dq", "bnb_fp4", "fp4_e2m1", "int4/64", "q4_0", "mxfp4", "nvfp4")
+
+
+class Evaluation:
+    """The protocol bound to one original model: its cached reference, and ``score(model)``.
+
+    ``reference_model`` is called only if the reference is not cached yet.
+    """
+
+    def __init__(self, info: ModelInfo, tokenizer, reference_model: Callable[[], nn.Module], *, text=None,
+                 window: int = DEFAULT_WINDOW, windows: int = DEFAULT_WINDOWS, progress: bool = True):
+        self.info, self.tokenizer, self.progress = info, tokenizer, progress
+        name, body = read_text(text)
+        if info.kind == CAUSAL_LM:
+            ids, self.protocol = token_windows(tokenizer, body, name, window=window, windows=windows)
+            self.reference = causal_reference(reference_model, ids, self.protocol, info.file_hash, progress=progress)
+            self.protocol_dict = {"kind": "causal-lm", **self.protocol.to_dict()}
+        else:
+            self.texts, self.embeddings = encoder_reference(reference_model, tokenizer, body, info.file_hash,
+                                                            progress=progress)
+            self.protocol_dict = {"kind": "encoder", "text": name, "sentences": len(self.texts)}
+
+    def reference_scores(self) -> dict:
+        return {"ppl": self.reference.ppl} if self.info.kind == CAUSAL_LM else {}
+
+    def score(self, model: nn.Module, label: str = "evaluating") -> dict:
+        if self.info.kind == CAUSAL_LM:
+            return score_causal(model, self.reference, label=label, progress=self.progress)
+        return score_encoder(model, self.tokenizer, self.texts, self.embeddings, label=label, progress=self.progress)
+
+
+def compare(model: nn.Module, tokenizer, info: ModelInfo, configs: list[QuantConfig], *, text=None,
+            window: int = DEFAULT_WINDOW, windows: int = DEFAULT_WINDOWS, progress: bool = True) -> dict:
+    """Quantize a copy of ``model`` to each config and score it; returns the JSON report."""
+    evaluation = Evaluation(info, tokenizer, lambda: model, text=text, window=window, windows=windows,
+                            progress=progress)
+    results = []
+    for config in configs:
+        quantized = copy.deepcopy(model)
+        report = quantize_model(quantized, config, progress=progress)
+        result = {
+            "format": config.label,
+            "block_size": report_block(quantized),
+            "double_quant": config.double_quant,
+            "bits_per_weight": report.bits_per_weight,
+            "weight_bytes": report.model_bytes_after,
+            "quantized_layers": len(report.layers),
+            "quantize_seconds": report.seconds,
+        }
+        materialize(quantized)
+        start = time.perf_counter()
+        result |= evaluation.score(quantized, label=f"scoring {config.label}")
+        result["eval_seconds"] = time.perf_counter() - start
+        del quantized
+        results.append(result)
+    return {
+        "lowbit_version": __version__,
+        "model": asdict(info),
+        "protocol": evaluation.protocol_dict,
+        "reference": {"weight_bytes": model_weight_bytes(model), **evaluation.reference_scores()},
+        "results": results,
+    }
+
+
+def materialize(model: nn.Module) -> nn.Module:
+    """Keep every QuantLinear's dequantized weight (fast scoring; the model then holds fp32 bytes again)."""
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.materialize()
+    return model
+
+
+def report_block(model: nn.Module) -> int | None:
+    return next((m.qweight.block_size for m in model.modules() if isinstance(m, QuantLinear)), None)
