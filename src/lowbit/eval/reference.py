@@ -100,4 +100,5 @@ def next_token_logprobs(model, window: torch.Tensor) -> torch.Tensor:
 
 def _read(path: Path) -> Reference:
     with safe_open(path, framework="pt") as f:
-        return Reference(path, *(f.get_tensor(k) for k in ("ids", "nll", "top1", "lse")))
+        # clone: the tensors may map the file, and a file truncated under a mapping faults (SIGBUS)
+        return Reference(path, *(f.get_tensor(k).clone() for k in ("ids", "nll", "top1", "lse")))
