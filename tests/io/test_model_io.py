@@ -1,0 +1,70 @@
+"""save_quantized / load_quantized: safetensors + JSON, atomic, bit-exact round trip."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from lowbit import QuantConfig, QuantLinear, load_model, quantize_model
+from lowbit.errors import ModelLoadError
+from lowbit.io import atomic_dir, load_quantized, save_quantized
+
+
+def quantized(path, label):
+    model, tokenizer, info = load_model(path)
+    config = QuantConfig.parse(label)
+    return model, tokenizer, info, config, quantize_model(model, config, progress=False)
+
+
+@pytest.mark.parametrize("label", ["nf4+dq", "q4_0", "nvfp4", "int3_asym/128"])
+def test_round_trip_logits_bitwise_equal(tiny_lm_dir, tmp_path, label):
+    model, tokenizer, info, config, report = quantized(tiny_lm_dir, label)
+    out = save_quantized(model, tokenizer, info, report, config, tmp_path / "q")
+    loaded, _, meta = load_quantized(out)
+    ids = torch.arange(100, 164)[None]
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    assert meta["config"]["label"] == label and meta["model"]["file_hash"] == info.file_hash
+    assert sum(isinstance(m, QuantLinear) for m in loaded.modules()) == len(report.layers) == 14
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # tying survives
+    assert sorted(os.listdir(tmp_path)) == ["q"]  # no temp directory left behind
+
+
+def test_saved_files_hold_no_pickle(tiny_lm_dir, tmp_path):
+    model, tokenizer, info, config, report = quantized(tiny_lm_dir, "int8")
+    out = save_quantized(model, tokenizer, info, report, config, tmp_path / "q")
+    names = sorted(os.listdir(out))
+    assert "model.safetensors" in names and "lowbit.json" in names
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pkl", ".pth"))]
+    layer = json.loads((out / "lowbit.json").read_text())["layers"]["model.layers.0.self_attn.q_proj"]
+    assert layer == {"format": "int8", "format_id": 7, "shape": [64, 64], "dtype": "float32", "block_size": 64,
+                     "double_quant": False, "parts": ["codes", "scales"]}
+
+
+def test_existing_directory_is_kept_unless_overwrite(tiny_lm_dir, tmp_path):
+    model, tokenizer, info, config, report = quantized(tiny_lm_dir, "int8")
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "keep").write_text("mine")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        save_quantized(model, tokenizer, info, report, config, tmp_path / "q")
+    assert os.listdir(tmp_path / "q") == ["keep"]
+    save_quantized(model, tokenizer, info, report, config, tmp_path / "q", overwrite=True)
+    assert "keep" not in os.listdir(tmp_path / "q") and sorted(os.listdir(tmp_path)) == ["q"]
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "half").write_text("written")
+        raise RuntimeError("interrupted")
+    assert os.listdir(tmp_path) == []
+
+
+def test_corrupt_directory_is_a_load_error(tiny_lm_dir, tmp_path):
+    model, tokenizer, info, config, report = quantized(tiny_lm_dir, "int8")
+    out = save_quantized(model, tokenizer, info, report, config, tmp_path / "q")
+    (out / "model.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(ModelLoadError, match="cannot load"):
+        load_quantized(out)
+    with pytest.raises(ModelLoadError, match="no lowbit.json"):
+        load_quantized(tiny_lm_dir)
