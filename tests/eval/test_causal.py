@@ -52,6 +52,18 @@ def test_damaged_cache_is_recomputed(setup, tmp_path, monkeypatch):
     assert torch.equal(again.nll, first.nll)
 
 
+def test_unwritable_cache_fails_before_the_model_runs(setup, tmp_path, monkeypatch):
+    _, ids, protocol, _, _ = setup
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "file" / "cache"))
+
+    def must_not_load():
+        raise AssertionError("the model ran although its result could not be stored")
+
+    with pytest.raises(OSError, match="cannot create the reference cache .*LOWBIT_CACHE"):
+        causal_reference(must_not_load, ids[:1], protocol, "unwritable", progress=False)
+
+
 def test_model_against_its_own_reference(setup):
     model, ids, _, _, ref = setup
     s = score_causal(model, ref, progress=False)

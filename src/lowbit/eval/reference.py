@@ -12,6 +12,7 @@ stored exactly (fp32 / int64) alongside.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,20 +70,22 @@ def causal_reference(load_model: Callable[[], nn.Module], ids: torch.Tensor, pro
             return _read(path)
         except Exception:  # a damaged cache file is recomputed, never trusted
             path.unlink(missing_ok=True)
+    _check_writable(path.parent)  # before minutes of work, not after
     model = load_model()
-    columns = {k: [] for k in ("nll", "top1", "logprobs", "lse")}
+    columns = {k: [] for k in ("nll", "top1", "lse")}
+    logprobs = None  # (n, W-1, vocab) fp16, filled in place: one copy in memory, not a list and its stack
     with progress_bar(len(ids), "reference model", enabled=progress) as advance:
-        for window in ids:
+        for i, window in enumerate(ids):
             lp = next_token_logprobs(model, window)  # (W-1, vocab)
-            stored = lp.to(torch.float16)
-            lse = torch.logsumexp(stored.float(), dim=-1)  # (W-1,)
+            if logprobs is None:
+                logprobs = torch.empty((len(ids), *lp.shape), dtype=torch.float16)
+            stored = logprobs[i]
+            stored.copy_(lp)
+            columns["lse"].append(torch.logsumexp(stored.float(), dim=-1))  # (W-1,)
             columns["nll"].append(-lp.gather(1, window[1:, None]).squeeze(1))
             columns["top1"].append(lp.argmax(dim=1))
-            columns["logprobs"].append(stored)
-            columns["lse"].append(lse)
             advance()
-    tensors = {"ids": ids.contiguous(), **{k: torch.stack(v) for k, v in columns.items()}}
-    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {"ids": ids.contiguous(), "logprobs": logprobs, **{k: torch.stack(v) for k, v in columns.items()}}
     with atomic_file(path) as tmp:
         save_file(tensors, tmp, metadata={"model_sha256": model_hash, **{k: str(v) for k, v in
                                                                            protocol.to_dict().items()}})
@@ -96,6 +99,15 @@ def next_token_logprobs(model, window: torch.Tensor) -> torch.Tensor:
     # not torch.log_softmax: its fused CPU kernel's normalisation is off by ~1e-5 (sum p - 1),
     # which would bias every KL by as much; logsumexp is accurate to ~1e-7.
     return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
+
+
+def _check_writable(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"cannot create the reference cache {directory} ({e.strerror}); set LOWBIT_CACHE") from e
+    if not os.access(directory, os.W_OK):
+        raise PermissionError(f"cannot write to the reference cache {directory}; set LOWBIT_CACHE")
 
 
 def _read(path: Path) -> Reference:
