@@ -16,13 +16,15 @@ from dataclasses import asdict
 from torch import nn
 
 from . import __version__
+from .errors import ModelLoadError
 from .eval.causal import score_causal
 from .eval.encoder import encoder_reference, score_encoder
 from .eval.protocol import DEFAULT_WINDOW, DEFAULT_WINDOWS, read_text, token_windows
 from .eval.reference import causal_reference
-from .models.loader import CAUSAL_LM, ModelInfo
+from .io.model_io import load_quantized
+from .models.loader import CAUSAL_LM, ModelInfo, load_model
 from .nn.linear import QuantLinear
-from .nn.surgery import QuantConfig, model_weight_bytes, quantize_model
+from .nn.surgery import QuantConfig, check_config, model_weight_bytes, quantize_model
 
 DEFAULT_FORMATS = ("int8", "q8_0", "nf4", "nf4+dq", "bnb_fp4", "fp4_e2m1", "int4/64", "q4_0", "mxfp4", "nvfp4")
 
@@ -58,32 +60,68 @@ class Evaluation:
 def compare(model: nn.Module, tokenizer, info: ModelInfo, configs: list[QuantConfig], *, text=None,
             window: int = DEFAULT_WINDOW, windows: int = DEFAULT_WINDOWS, progress: bool = True) -> dict:
     """Quantize a copy of ``model`` to each config and score it; returns the JSON report."""
+    for config in configs:
+        check_config(model, config)  # a format the model cannot hold fails now, not after the others
     evaluation = Evaluation(info, tokenizer, lambda: model, text=text, window=window, windows=windows,
                             progress=progress)
     results = []
     for config in configs:
         quantized = copy.deepcopy(model)
         report = quantize_model(quantized, config, progress=progress)
-        result = {
-            "format": config.label,
-            "block_size": report_block(quantized),
-            "double_quant": config.double_quant,
-            "bits_per_weight": report.bits_per_weight,
-            "weight_bytes": report.model_bytes_after,
-            "quantized_layers": len(report.layers),
-            "quantize_seconds": report.seconds,
-        }
-        materialize(quantized)
-        start = time.perf_counter()
-        result |= evaluation.score(quantized, label=f"scoring {config.label}")
-        result["eval_seconds"] = time.perf_counter() - start
+        results.append(_score(evaluation, quantized, config.label, config.double_quant, report.bits_per_weight,
+                              report.seconds))
         del quantized
-        results.append(result)
+    return _report(info, evaluation, model_weight_bytes(model), results)
+
+
+def evaluate_saved(directory, *, text=None, window: int = DEFAULT_WINDOW, windows: int = DEFAULT_WINDOWS,
+                   progress: bool = True, load: Callable = load_model) -> dict:
+    """Score a model written by ``lowbit quantize`` (loaded as saved, not re-quantized).
+
+    The original model is loaded with ``load(source)`` only if its reference is not cached,
+    and must be the file the saved model was made from (same sha256).
+    """
+    model, tokenizer, meta = load_quantized(directory)
+    info = ModelInfo(**meta["model"])
+
+    def original():
+        reference, _, found = load(info.source)
+        if found.file_hash != info.file_hash:
+            raise ModelLoadError(f"the original model at {info.source} changed since {directory} was written "
+                                 "(sha256 differs); its reference cannot be recomputed")
+        return reference
+
+    evaluation = Evaluation(info, tokenizer, original, text=text, window=window, windows=windows, progress=progress)
+    config, stored = meta["config"], meta["quantize"]
+    result = _score(evaluation, model, config["label"], config["double_quant"], stored["bits_per_weight"],
+                    stored["seconds"])
+    return _report(info, evaluation, stored["model_bytes_before"], [result])
+
+
+def _score(evaluation: Evaluation, quantized: nn.Module, label: str, double_quant: bool, bits_per_weight: float,
+           quantize_seconds: float) -> dict:
+    result = {
+        "format": label,
+        "block_size": report_block(quantized),
+        "double_quant": double_quant,
+        "bits_per_weight": bits_per_weight,
+        "weight_bytes": model_weight_bytes(quantized),  # packed, before materialize() adds fp32 copies
+        "quantized_layers": sum(isinstance(m, QuantLinear) for m in quantized.modules()),
+        "quantize_seconds": quantize_seconds,
+    }
+    materialize(quantized)
+    start = time.perf_counter()
+    result |= evaluation.score(quantized, label=f"scoring {label}")
+    result["eval_seconds"] = time.perf_counter() - start
+    return result
+
+
+def _report(info: ModelInfo, evaluation: Evaluation, reference_bytes: int, results: list[dict]) -> dict:
     return {
         "lowbit_version": __version__,
         "model": asdict(info),
         "protocol": evaluation.protocol_dict,
-        "reference": {"weight_bytes": model_weight_bytes(model), **evaluation.reference_scores()},
+        "reference": {"weight_bytes": reference_bytes, **evaluation.reference_scores()},
         "results": results,
     }
 

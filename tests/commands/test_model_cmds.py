@@ -106,3 +106,20 @@ def test_unwritable_output(tmp_path, where):
     r = lowbit("compare", "--formats", "nf4", "--json", tmp_path / "no" / "out.json")
     assert_one_line_error(r, "does not exist")
     assert os.listdir(tmp_path) == ["file"]
+
+
+def test_eval_of_a_missing_or_corrupt_directory(tmp_path, tiny_lm_dir):
+    assert_one_line_error(lowbit("eval", tmp_path / "nope"), "no lowbit.json")
+    q = tmp_path / "q"
+    assert main(["quantize", "--model", str(tiny_lm_dir), "--format", "int8", "-o", str(q)]) == 0
+    (q / "model.safetensors").write_bytes(b"\0" * 64)
+    assert_one_line_error(lowbit("eval", q, "--window", 64, "--windows", 1), "cannot load model")
+
+
+def test_compare_refuses_a_format_the_model_cannot_hold_before_scoring(tiny_lm_dir, tmp_path, monkeypatch):
+    """hidden size 64 cannot hold q4_k's 256-weight super-blocks: fail before any scoring."""
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    r = lowbit("compare", "--model", tiny_lm_dir, "--formats", "nf4,q4_k", "--window", 64, "--windows", 1,
+               "--json", tmp_path / "o.json")
+    assert_one_line_error(r, "q4_k needs each row to hold whole blocks of 256")
+    assert os.listdir(tmp_path) == []  # not even the reference was computed

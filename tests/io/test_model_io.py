@@ -68,3 +68,39 @@ def test_corrupt_directory_is_a_load_error(tiny_lm_dir, tmp_path):
         load_quantized(out)
     with pytest.raises(ModelLoadError, match="no lowbit.json"):
         load_quantized(tiny_lm_dir)
+
+
+@pytest.fixture
+def saved_int4(tiny_lm_dir, tmp_path):
+    model, tokenizer, info, config, report = quantized(tiny_lm_dir, "nf4")
+    return save_quantized(model, tokenizer, info, report, config, tmp_path / "q")
+
+
+def _edit_meta(directory, edit):
+    path = directory / "lowbit.json"
+    meta = json.loads(path.read_text())
+    meta = edit(meta) or meta
+    path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: [m], "layout version None"),
+    (lambda m: m.pop("quantize") and None, "missing or malformed quantize.bits_per_weight"),
+    (lambda m: m.update(model={"kind": "causal-lm"}), "model:"),
+])
+def test_malformed_meta_is_a_load_error(saved_int4, edit, message):
+    _edit_meta(saved_int4, edit)
+    with pytest.raises(ModelLoadError, match=message):
+        load_quantized(saved_int4)
+
+
+def test_parts_that_do_not_match_the_stated_shape_are_refused(saved_int4):
+    """The decoders trust part sizes: a larger stated shape would read past the stored codes."""
+    name = "model.layers.0.mlp.down_proj"
+
+    def grow(meta):
+        meta["layers"][name]["shape"][0] *= 2
+
+    _edit_meta(saved_int4, grow)
+    with pytest.raises(ModelLoadError, match=f"{name}: stored parts .* do not match a nf4 tensor of shape"):
+        load_quantized(saved_int4)

@@ -112,6 +112,18 @@ def test_corrupt_safetensors_raises_model_load_error(tmp_path, minilm):
     assert "\n" not in str(err.value)
 
 
+def test_checkpoint_missing_weights_is_refused(tmp_path, tiny_lm_dir):
+    """transformers would fill the gap with random weights and only warn."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(tiny_lm_dir, tmp_path / "m")
+    tensors = load_file(tmp_path / "m" / "model.safetensors")
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, tmp_path / "m" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match="1 weights missing from the checkpoint, e.g. model.layers.1.mlp.down"):
+        load_model(tmp_path / "m")
+
+
 def test_directory_without_config_and_non_model_file(tmp_path):
     with pytest.raises(ModelLoadError, match="no config.json"):
         load_model(tmp_path)

@@ -10,15 +10,11 @@ import torch
 import lowbit
 from lowbit import QuantConfig, QuantLinear, quantize_model
 from lowbit.errors import LayerQuantizeError
+from lowbit.nn.surgery import check_config
 
 # SmolLM2-135M: 30 decoder layers x (q, k, v, o, gate, up, down); lm_head is excluded
 N_LINEAR = 30 * 7
 PROMPT = "The capital of France is"
-
-
-def _needs(fmt):
-    if fmt not in lowbit.formats():
-        pytest.skip(f"format {fmt} is not registered yet")
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +62,6 @@ def test_materialized_logits_are_bitwise_equal_to_packed(nf4_model, smollm2):
 
 @pytest.mark.parametrize("fmt", ["nf4", "int4", "q4_0"])
 def test_four_bit_layers_hold_at_most_30_percent_of_fp32(fmt, smollm2, nf4_model):
-    _needs(fmt)
     if fmt == "nf4":
         report = nf4_model[1]
     else:
@@ -86,10 +81,13 @@ def _error_for(smollm2, config):
 
 
 def test_q4_k_names_the_first_576_wide_layer(smollm2):
-    _needs("q4_k")
     # q4_k super-blocks hold 256 weights (ggml QK_K); 576 = 2.25 x 256 is not whole
     msg = _error_for(smollm2, QuantConfig("q4_k"))
     assert "model.layers.0.self_attn.q_proj" in msg and "576" in msg
+    with pytest.raises(LayerQuantizeError) as err:  # the same verdict without quantizing anything
+        check_config(smollm2[0], QuantConfig("q4_k"))
+    assert str(err.value) == msg
+    check_config(smollm2[0], QuantConfig("q4_0"))
 
 
 def test_row_block_rule_names_the_layer(smollm2):

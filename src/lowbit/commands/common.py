@@ -58,7 +58,11 @@ def load(spec: str | None, con: Console):
 
     from ..models import load_model
 
-    hf_logging.set_verbosity_error()
-    with con.status(f"loading {spec or 'the embedded SmolLM2-135M-Instruct'}", spinner="dots"), \
-            contextlib.redirect_stderr(io.StringIO()):
-        return load_model(spec)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its warnings would break the one-line-error contract
+    try:
+        with con.status(f"loading {spec or 'the embedded SmolLM2-135M-Instruct'}", spinner="dots"), \
+                contextlib.redirect_stderr(io.StringIO()):
+            return load_model(spec)
+    finally:
+        hf_logging.set_verbosity(verbosity)

@@ -23,6 +23,7 @@ from ..formats.registry import format_by_id, get_format
 from ..models.loader import CAUSAL_LM, ModelInfo, as_load_error
 from ..nn.linear import QuantLinear
 from ..nn.surgery import QuantConfig, QuantizeReport
+from ..quantize import quantize
 from ..tensor import QuantizedTensor
 from .atomic import atomic_dir
 
@@ -70,6 +71,11 @@ def save_quantized(model, tokenizer, info: ModelInfo, report: QuantizeReport, co
     return Path(directory)
 
 
+# what commands read from lowbit.json besides the layers: (section, key), key None = the section itself
+_REQUIRED = (("model", None), ("layers", None), ("tied", None), ("config", "label"), ("config", "double_quant"),
+             ("quantize", "bits_per_weight"), ("quantize", "model_bytes_before"), ("quantize", "seconds"))
+
+
 def read_meta(directory) -> dict:
     path = Path(directory) / META_FILE
     if not path.is_file():
@@ -78,9 +84,17 @@ def read_meta(directory) -> dict:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"corrupt {path}: {e}") from e
-    if meta.get("lowbit_layout") != LAYOUT_VERSION:
-        found = meta.get("lowbit_layout")
+    if not isinstance(meta, dict) or meta.get("lowbit_layout") != LAYOUT_VERSION:
+        found = meta.get("lowbit_layout") if isinstance(meta, dict) else None
         raise ModelLoadError(f"{path}: layout version {found!r}; this lowbit reads {LAYOUT_VERSION}")
+    missing = [f"{section}.{key}" if key else section for section, key in _REQUIRED
+               if not isinstance(meta.get(section), dict) or (key and key not in meta[section])]
+    if missing:
+        raise ModelLoadError(f"corrupt {path}: missing or malformed {', '.join(missing)}")
+    try:
+        ModelInfo(**meta["model"])
+    except TypeError as e:
+        raise ModelLoadError(f"corrupt {path}: model: {e}") from e
     return meta
 
 
@@ -96,14 +110,36 @@ def load_quantized(directory):
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
         cls = AutoModelForCausalLM if meta["model"]["kind"] == CAUSAL_LM else AutoModel
         model = cls.from_config(config).float().eval()
+        layouts = {}
         for name, layer in meta["layers"].items():
-            parts = {p: tensors.pop(f"{name}{_QW}{p}") for p in layer["parts"]}
-            q = QuantizedTensor(format=format_by_id(layer["format_id"]), shape=torch.Size(layer["shape"]),
-                                dtype=getattr(torch, layer["dtype"]), block_size=layer["block_size"], parts=parts,
-                                double_quant=layer["double_quant"])
+            q = _stored_qweight(name, layer, tensors, layouts)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, QuantLinear(q, model.get_submodule(name).bias))
         for alias, target in meta["tied"].items():
             tensors[alias] = tensors[target]
         model.load_state_dict(tensors, strict=True)
     return model, tokenizer, meta
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _stored_qweight(name: str, layer: dict, tensors: dict, layouts: dict) -> QuantizedTensor:
+    """Layer ``name``'s QuantizedTensor, its parts checked against what quantizing would store.
+
+    The decoders (C kernels included) trust part sizes, so a file whose parts do not match
+    its stated shape, format and block is refused here rather than read out of bounds.
+    """
+    fmt, shape = format_by_id(int(layer["format_id"])), torch.Size(int(d) for d in layer["shape"])
+    block, dq = int(layer["block_size"]), bool(layer["double_quant"])
+    parts = {p: tensors.pop(f"{name}{_QW}{p}") for p in layer["parts"]}
+    key = (fmt.name, tuple(shape), block, dq)
+    if key not in layouts:  # layers share a few shapes: quantize zeros once per shape
+        zeros = quantize(torch.zeros(shape), fmt.name, block_size=block, double_quant=dq)
+        layouts[key] = {p: (tuple(t.shape), t.dtype) for p, t in zeros.parts.items()}
+    found = {p: (tuple(t.shape), t.dtype) for p, t in parts.items()}
+    if found != layouts[key]:
+        raise ModelLoadError(f"{name}: stored parts {found} do not match a {fmt.name} tensor of shape "
+                             f"{tuple(shape)}, block {block}: expected {layouts[key]}")
+    return QuantizedTensor(format=fmt, shape=shape, dtype=_DTYPES[layer["dtype"]], block_size=block, parts=parts,
+                           double_quant=dq)

@@ -92,7 +92,7 @@ def _load_gguf(path: Path):
     kwargs = {"gguf_file": path.name, "local_files_only": True}
     with as_load_error(path):
         tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, **kwargs, **_float32())
+        model = _complete(AutoModelForCausalLM, path.parent, **kwargs)
         file_hash = files_sha256([path])
     return _finish(model), tokenizer, ModelInfo(CAUSAL_LM, str(path), file_hash, path.stem)
 
@@ -125,7 +125,18 @@ def _from_pretrained(source: str, kind: str, **kwargs):
 
     cls = AutoModelForCausalLM if kind == CAUSAL_LM else AutoModel
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    return _finish(cls.from_pretrained(source, **kwargs, **_float32())), tokenizer
+    return _finish(_complete(cls, source, **kwargs)), tokenizer
+
+
+def _complete(cls, source, **kwargs):
+    """``cls.from_pretrained``, refusing a checkpoint that lacks weights: transformers would
+    fill them with random values and only log a warning, and we would score noise."""
+    model, loading = cls.from_pretrained(source, output_loading_info=True, **kwargs, **_float32())
+    missing = loading.get("missing_keys") or []
+    if missing:
+        raise ModelLoadError(f"cannot load model from {source}: {len(missing)} weights missing from the checkpoint, "
+                             f"e.g. {sorted(missing)[0]}")
+    return model
 
 
 def _kind(config: dict) -> str:

@@ -122,14 +122,13 @@ def quantize_model(model: nn.Module, config: QuantConfig | str, *, progress: boo
     spec = get_format(config.format)
     start = time.perf_counter()
     before = model_weight_bytes(model)
-    targets = select_linears(model, config)
-    if not targets:
-        raise ValueError(f"no nn.Linear layer matched include={config.include} exclude={config.exclude}")
+    targets = _selected(model, config)
 
     replacements: list[tuple[list[str], QuantLinear]] = []
     with progress_bar(len(targets), f"quantizing to {spec.name}", enabled=progress) as advance:
         for names, linear in targets:
-            replacements.append((names, QuantLinear.from_linear(linear, _quantize_layer(names[0], linear, config))))
+            qweight = _quantize_layer(names[0], linear.weight.detach(), config)
+            replacements.append((names, QuantLinear.from_linear(linear, qweight)))
             advance()
 
     layer_numel = layer_before = layer_after = 0
@@ -152,6 +151,26 @@ def quantize_model(model: nn.Module, config: QuantConfig | str, *, progress: boo
         model_bytes_after=model_weight_bytes(model),
         seconds=time.perf_counter() - start,
     )
+
+
+def check_config(model: nn.Module, config: QuantConfig) -> None:
+    """Raise what ``quantize_model(model, config)`` would for its layout, without quantizing:
+    no layer selected, or a layer whose shape the format cannot hold (``LayerQuantizeError``).
+    Lets ``compare`` refuse a bad format list before minutes of scoring, not halfway through."""
+    targets = _selected(model, config)
+    seen = set()
+    for names, linear in targets:
+        # the layout rules (GGUF whole blocks per row, block sizes) depend on the row length only
+        if linear.in_features not in seen:
+            seen.add(linear.in_features)
+            _quantize_layer(names[0], torch.zeros(1, linear.in_features), config, shape=linear.weight.shape)
+
+
+def _selected(model: nn.Module, config: QuantConfig) -> list[tuple[list[str], nn.Linear]]:
+    targets = select_linears(model, config)
+    if not targets:
+        raise ValueError(f"no nn.Linear layer matched include={config.include} exclude={config.exclude}")
+    return targets
 
 
 def select_linears(model: nn.Module, config: QuantConfig) -> list[tuple[list[str], nn.Linear]]:
@@ -189,13 +208,11 @@ def model_weight_bytes(model: nn.Module) -> int:
     return total
 
 
-def _quantize_layer(name: str, linear: nn.Linear, config: QuantConfig):
+def _quantize_layer(name: str, weight: torch.Tensor, config: QuantConfig, shape: torch.Size | None = None):
     try:
-        return quantize(
-            linear.weight.detach(), config.format, block_size=config.block_size, double_quant=config.double_quant
-        )
+        return quantize(weight, config.format, block_size=config.block_size, double_quant=config.double_quant)
     except ValueError as e:
-        out_f, in_f = linear.weight.shape
+        out_f, in_f = shape or weight.shape
         raise LayerQuantizeError(f"layer {name!r} (weight {out_f}x{in_f}): {e}") from e
 
 

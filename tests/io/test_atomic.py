@@ -1,0 +1,38 @@
+"""Atomic file and directory writes: the old content or the whole new one, never a mix."""
+
+import json
+import os
+
+import pytest
+
+from lowbit.io import atomic_dir
+from lowbit.io.atomic import atomic_file, write_json
+
+
+def test_write_json_is_strict_json(tmp_path):
+    out = write_json(tmp_path / "r.json", {"kl": float("nan"), "ppl": [1.5, float("inf")], "n": 3})
+    assert json.loads(out.read_text(), parse_constant=pytest.fail) == {"kl": None, "ppl": [1.5, None], "n": 3}
+
+
+def test_failed_file_write_keeps_the_old_file(tmp_path):
+    target = tmp_path / "f.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_file(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["f.txt"]
+
+
+def test_overwrite_replaces_a_directory_whole(tmp_path):
+    target = tmp_path / "d"
+    target.mkdir()
+    (target / "stale").write_text("x")
+    with pytest.raises(RuntimeError), atomic_dir(target, overwrite=True) as tmp:
+        (tmp / "new").write_text("y")
+        raise RuntimeError
+    assert os.listdir(target) == ["stale"]  # a failed overwrite leaves the old directory
+    with atomic_dir(target, overwrite=True) as tmp:
+        (tmp / "new").write_text("y")
+    assert os.listdir(target) == ["new"] and os.listdir(tmp_path) == ["d"]
+    with pytest.raises(FileExistsError, match="--overwrite"), atomic_dir(target):
+        pass
