@@ -95,19 +95,38 @@ def test_materialized_weights_give_the_packed_logits(setup, int8_model):
         assert torch.equal(int8_model(ids[:1]).logits, fast(ids[:1]).logits)
 
 
-def test_nf4_kl_equals_bitsandbytes_quantized_model(setup):
-    """The same model with every selected layer quantized by bitsandbytes.functional.quantize_4bit."""
+def _with_weights_from(model, roundtrip):
+    """A copy of ``model`` whose selected layers (every Linear but lm_head) hold ``roundtrip(weight)``."""
+    peer = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, module in peer.named_modules():
+            if isinstance(module, torch.nn.Linear) and name != "lm_head":
+                module.weight.copy_(roundtrip(module.weight))
+    return peer
+
+
+def _bnb_nf4(w):
+    packed, state = F.quantize_4bit(w.reshape(-1), blocksize=64, quant_type="nf4")
+    return F.dequantize_4bit(packed, state).reshape(w.shape)
+
+
+def _gguf_q4_0(w):
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    data = quantize(w.numpy(), GGMLQuantizationType.Q4_0)
+    return torch.from_numpy(dequantize(data, GGMLQuantizationType.Q4_0)).reshape(w.shape)
+
+
+@pytest.mark.parametrize("label, roundtrip", [("nf4/64", _bnb_nf4), ("q4_0", _gguf_q4_0)], ids=["bnb-nf4", "gguf-q4_0"])
+def test_kl_equals_the_reference_library_quantized_model(setup, label, roundtrip):
+    """lowbit's model against the same model whose layers went through bitsandbytes'
+    quantize_4bit / gguf-py's Q4_0 quantizer: KL within 1% (the weights are bitwise equal)."""
     model, _, _, _, ref = setup
     ours = copy.deepcopy(model)
-    quantize_model(ours, QuantConfig("nf4", block_size=64), progress=False)
-    bnb = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, module in bnb.named_modules():
-            if isinstance(module, torch.nn.Linear) and name != "lm_head":
-                packed, state = F.quantize_4bit(module.weight.reshape(-1), blocksize=64, quant_type="nf4")
-                module.weight.copy_(F.dequantize_4bit(packed, state).reshape(module.weight.shape))
+    quantize_model(ours, QuantConfig.parse(label), progress=False)
     a = score_causal(materialize(ours), ref, progress=False)
-    b = score_causal(bnb, ref, progress=False)
+    b = score_causal(_with_weights_from(model, roundtrip), ref, progress=False)
     assert a["kl_mean"] == pytest.approx(b["kl_mean"], rel=0.01)
     assert a["top1"] == pytest.approx(b["top1"], abs=0.01)
-    print(f"nf4 KL mean: lowbit {a['kl_mean']:.6f}, bitsandbytes {b['kl_mean']:.6f}")
+    print(f"{label} KL mean: lowbit {a['kl_mean']:.6f}, reference library {b['kl_mean']:.6f}")
