@@ -22,6 +22,14 @@ def cases():
     edge[2, :32] = edge[2, :32].abs() + 5  # all-positive block: min > 0
     edge[3, :32] = torch.tensor([3.0, -3.0] * 16)  # |max| tie: the first one wins
     edge[4, :32] = torch.arange(32) / 31 * 15  # codes on exact .5 boundaries
+    # scales so small that 1/d overflows to inf (found by hypothesis in CI): every code is 0
+    tiny = 1.1754944e-38  # FLT_MIN
+    edge[5, :32] = 0
+    edge[5, 0] = tiny
+    edge[5, 32:] = torch.tensor([tiny, -tiny / 2, 0.0, 3e-39] * 8)
+    edge[6, :32] = torch.tensor([-tiny, tiny / 2, 0.0, 1e-45] * 8)
+    edge[6, 32:] = 0
+    edge[6, 33] = -2e-38
     return {"normal": normal, "heavy": heavy, "edge": edge, "fp16": normal.half(), "bf16": heavy.bfloat16()}
 
 

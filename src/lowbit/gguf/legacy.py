@@ -33,6 +33,14 @@ def _inverse(d: torch.Tensor) -> torch.Tensor:
     return torch.where(d == 0, torch.zeros_like(d), 1 / d)
 
 
+def _codes(v: torch.Tensor, top: int) -> torch.Tensor:
+    """trunc(v) clamped to [0, top], as uint8. A non-finite v arises only when 1/d overflowed
+    (d subnormal: every value of the block then decodes alike); it gives code 0, which is
+    what ggml's ``(int8_t)`` cast and numpy's ``astype(np.uint8)`` produce on x86 (cvttss2si
+    returns 0x80000000, low byte 0) and so what gguf-py's bytes hold."""
+    return torch.where(v.isfinite(), v, 0).trunc_().clamp_(0, top).to(torch.uint8)
+
+
 def _roundf(v: torch.Tensor) -> torch.Tensor:
     """C roundf: half away from zero. a - trunc(a) is exact, so the 0.5 test is too."""
     a = v.abs()
@@ -71,18 +79,19 @@ class GGUFLegacy(Codec, family="gguf_legacy"):
         kind, bits = spec.param("kind"), spec.bits
         if kind == "q8":
             d = blocks.abs().amax(dim=1, keepdim=True) / 127
-            q = _roundf(blocks * _inverse(d)).to(torch.int8).view(torch.uint8)
+            v = blocks * _inverse(d)
+            q = _roundf(torch.where(v.isfinite(), v, 0)).to(torch.int8).view(torch.uint8)  # non-finite: see _codes
             return {"data": torch.cat([_fp16_bytes(d), q], dim=1)}
         if kind == "sym":
             half = 2 ** (bits - 1)
             signed_max = blocks.gather(1, blocks.abs().argmax(dim=1, keepdim=True))  # first wins
             d = signed_max / -half
-            q = (blocks * _inverse(d) + (half + 0.5)).trunc().clamp_(0, 2**bits - 1).to(torch.uint8)
+            q = _codes(blocks * _inverse(d) + (half + 0.5), 2**bits - 1)
             head = [_fp16_bytes(d)]
         else:
             lo, hi = blocks.amin(dim=1, keepdim=True), blocks.amax(dim=1, keepdim=True)
             d = (hi - lo) / (2**bits - 1)
-            q = ((blocks - lo) * _inverse(d) + 0.5).trunc().clamp_(0, 2**bits - 1).to(torch.uint8)
+            q = _codes((blocks - lo) * _inverse(d) + 0.5, 2**bits - 1)
             head = [_fp16_bytes(d), _fp16_bytes(lo)]
         if bits == 5:
             head.append(_high_bits(q))

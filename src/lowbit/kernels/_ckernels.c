@@ -216,6 +216,12 @@ void lowbit_lut_scale(const uint8_t *codes, int64_t n, int64_t block, const floa
  * returned here) into the first two bytes of each block; codes go to the bytes after. */
 #define QK 32
 
+/* zero_codes_if_id_overflows: when d is subnormal, id = 1/d overflows to inf and x * id is
+ * +-inf or NaN. ggml's (int8_t) cast and gguf-py's astype(np.uint8) of those are undefined in
+ * C; on x86 they give 0 (cvttss2si returns 0x80000000), so every code of such a block is 0 in
+ * the reference bytes. d rounds to fp16 zero, so the block decodes alike whatever its codes;
+ * writing 0 keeps the bytes equal and avoids the undefined conversion. lowbit.gguf.legacy._codes
+ * does the same on the PyTorch path. */
 void lowbit_q8_0_quantize(const float *x, int64_t nblocks, float *d_out, uint8_t *blocks) {
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < nblocks; b++) {
@@ -224,6 +230,10 @@ void lowbit_q8_0_quantize(const float *x, int64_t nblocks, float *d_out, uint8_t
         float d = amax / 127.0f;
         float id = d != 0.0f ? 1.0f / d : 0.0f;
         d_out[b] = d;
+        if (isinf(id)) { /* d subnormal: see zero_codes_if_id_overflows */
+            memset(blocks + b * (2 + QK) + 2, 0, QK);
+            continue;
+        }
         float r[QK];
         for (int i = 0; i < QK; i++) {
             /* roundf (half away from zero) in a form the compiler vectorizes without SSE4.1:
@@ -259,12 +269,16 @@ void lowbit_q4_0_quantize(const float *x, int64_t nblocks, float *d_out, uint8_t
         float d = xb[first] / -8.0f;
         float id = d != 0.0f ? 1.0f / d : 0.0f;
         d_out[b] = d;
+        uint8_t *qs = blocks + b * (2 + QK / 2) + 2;
+        if (isinf(id)) { /* d subnormal: see zero_codes_if_id_overflows */
+            memset(qs, 0, QK / 2);
+            continue;
+        }
         uint8_t q[QK];
         for (int i = 0; i < QK; i++) {
             int v = (int)(xb[i] * id + 8.5f); /* operand >= 0.5, so (int) truncates like truncf */
             q[i] = (uint8_t)(v > 15 ? 15 : v);
         }
-        uint8_t *qs = blocks + b * (2 + QK / 2) + 2;
         for (int i = 0; i < QK / 2; i++) qs[i] = q[i] | (uint8_t)(q[i + QK / 2] << 4);
     }
 }
