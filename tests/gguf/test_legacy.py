@@ -41,6 +41,7 @@ def first_bad_blocks(ours: bytes, ref: bytes, block_bytes: int) -> list[int]:
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("reference_path", [False, True])
+@pytest.mark.filterwarnings("ignore::RuntimeWarning:gguf")  # the tiny-scale edge blocks overflow 1/d there too
 def test_bytes_and_values_equal_gguf(name, reference_path):
     qtype = GGMLQuantizationType[name.upper()]
     block_bytes = lowbit.get_format(name).param("bytes")
