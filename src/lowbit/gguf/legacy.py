@@ -33,12 +33,17 @@ def _inverse(d: torch.Tensor) -> torch.Tensor:
     return torch.where(d == 0, torch.zeros_like(d), 1 / d)
 
 
+def _finite_or_zero(v: torch.Tensor) -> torch.Tensor:
+    """v with non-finite entries set to 0. They arise only when 1/d overflowed (d subnormal:
+    every value of the block then decodes alike) and become code 0, which is what ggml's
+    ``(int8_t)`` cast and numpy's ``astype`` to an integer produce on x86 (cvttss2si returns
+    0x80000000, low byte 0) and so what gguf-py's bytes hold."""
+    return torch.where(v.isfinite(), v, 0)
+
+
 def _codes(v: torch.Tensor, top: int) -> torch.Tensor:
-    """trunc(v) clamped to [0, top], as uint8. A non-finite v arises only when 1/d overflowed
-    (d subnormal: every value of the block then decodes alike); it gives code 0, which is
-    what ggml's ``(int8_t)`` cast and numpy's ``astype(np.uint8)`` produce on x86 (cvttss2si
-    returns 0x80000000, low byte 0) and so what gguf-py's bytes hold."""
-    return torch.where(v.isfinite(), v, 0).trunc_().clamp_(0, top).to(torch.uint8)
+    """trunc(v) clamped to [0, top], as uint8; non-finite v gives 0 (``_finite_or_zero``)."""
+    return _finite_or_zero(v).trunc_().clamp_(0, top).to(torch.uint8)
 
 
 def _roundf(v: torch.Tensor) -> torch.Tensor:
@@ -79,8 +84,7 @@ class GGUFLegacy(Codec, family="gguf_legacy"):
         kind, bits = spec.param("kind"), spec.bits
         if kind == "q8":
             d = blocks.abs().amax(dim=1, keepdim=True) / 127
-            v = blocks * _inverse(d)
-            q = _roundf(torch.where(v.isfinite(), v, 0)).to(torch.int8).view(torch.uint8)  # non-finite: see _codes
+            q = _roundf(_finite_or_zero(blocks * _inverse(d))).to(torch.int8).view(torch.uint8)
             return {"data": torch.cat([_fp16_bytes(d), q], dim=1)}
         if kind == "sym":
             half = 2 ** (bits - 1)

@@ -220,7 +220,7 @@ void lowbit_lut_scale(const uint8_t *codes, int64_t n, int64_t block, const floa
  * +-inf or NaN. ggml's (int8_t) cast and gguf-py's astype(np.uint8) of those are undefined in
  * C; on x86 they give 0 (cvttss2si returns 0x80000000), so every code of such a block is 0 in
  * the reference bytes. d rounds to fp16 zero, so the block decodes alike whatever its codes;
- * writing 0 keeps the bytes equal and avoids the undefined conversion. lowbit.gguf.legacy._codes
+ * writing 0 keeps the bytes equal and avoids the undefined conversion. lowbit.gguf.legacy._finite_or_zero
  * does the same on the PyTorch path. */
 void lowbit_q8_0_quantize(const float *x, int64_t nblocks, float *d_out, uint8_t *blocks) {
 #pragma omp parallel for schedule(static)
