@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
+
+from ..cachedir import cache_dir
 
 # Bump when what a cache file holds, or how it is computed, changes: old files are then ignored.
 CACHE_VERSION = 1
-
-
-def cache_dir() -> Path:
-    if os.environ.get("LOWBIT_CACHE"):
-        return Path(os.environ["LOWBIT_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "lowbit"
 
 
 def cache_path(kind: str, **key) -> Path:
