@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 
+from . import __version__
 from .commands import compare_cmd, eval_cmd, formats_cmd, quantize_cmd
+
+
+class Terminated(BaseException):
+    """SIGTERM (job schedulers, ``timeout``, ``kill``), raised where Python next runs. A
+    BaseException like KeyboardInterrupt, so every ``except BaseException`` cleanup (temp
+    files, temp directories) runs on the way out and no ``except Exception`` swallows it."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lowbit", description="Quantize language-model weights to low-bit formats and measure the cost."
     )
+    parser.add_argument("--version", action="version", version=f"lowbit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for command in (compare_cmd, quantize_cmd, eval_cmd, formats_cmd):
         command.add_parser(sub)
@@ -22,15 +33,37 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.run(args) or 0
+        with _sigterm_raises():
+            return args.run(args) or 0
     except (ValueError, OSError) as e:
         # User errors (LowbitError subclasses ValueError): one line, exit status 2, no traceback.
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"lowbit {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"lowbit {args.command}: interrupted; nothing was written", file=sys.stderr)
+        print(f"lowbit {args.command}: interrupted; nothing half-written was left", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"lowbit {args.command}: terminated (SIGTERM); nothing half-written was left", file=sys.stderr)
+        return 128 + signal.SIGTERM  # 143, what a shell reports for a process SIGTERM ended
+
+
+@contextmanager
+def _sigterm_raises():
+    """While the command runs, SIGTERM raises ``Terminated`` (the default action would kill the
+    process at once, leaving temp files behind); the previous handler is put back after."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach only the main thread
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

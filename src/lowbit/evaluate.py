@@ -13,18 +13,21 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 
+import torch
 from torch import nn
 
 from . import __version__
 from .errors import ModelLoadError
 from .eval.causal import score_causal
 from .eval.encoder import encoder_reference, score_encoder
-from .eval.protocol import DEFAULT_WINDOW, DEFAULT_WINDOWS, read_text, token_windows
+from .eval.protocol import DEFAULT_WINDOW, read_text, token_windows
 from .eval.reference import causal_reference
 from .io.model_io import load_quantized
 from .models.loader import CAUSAL_LM, ModelInfo, load_model
+from .nn.keep_dtype import dtype_name, round_state
 from .nn.linear import QuantLinear
 from .nn.surgery import QuantConfig, check_config, model_weight_bytes, quantize_model
+from .progress import note
 
 DEFAULT_FORMATS = ("int8", "q8_0", "nf4", "nf4+dq", "bnb_fp4", "fp4_e2m1", "int4/64", "q4_0", "mxfp4", "nvfp4")
 
@@ -32,14 +35,19 @@ DEFAULT_FORMATS = ("int8", "q8_0", "nf4", "nf4+dq", "bnb_fp4", "fp4_e2m1", "int4
 class Evaluation:
     """The protocol bound to one original model: its cached reference, and ``score(model)``.
 
-    ``reference_model`` is called only if the reference is not cached yet.
+    ``reference_model`` is called only if the reference is not cached yet. ``context`` is
+    the model's context length (``max_position_embeddings``): a longer window is an error.
     """
 
     def __init__(self, info: ModelInfo, tokenizer, reference_model: Callable[[], nn.Module], *, text=None,
-                 window: int = DEFAULT_WINDOW, windows: int = DEFAULT_WINDOWS, progress: bool = True):
+                 window: int = DEFAULT_WINDOW, windows: int | None = None, context: int | None = None,
+                 progress: bool = True):
         self.info, self.tokenizer, self.progress = info, tokenizer, progress
         name, body = read_text(text)
         if info.kind == CAUSAL_LM:
+            if context is not None and window > context:
+                raise ValueError(f"--window {window} is longer than the model's context of {context} tokens "
+                                 "(max_position_embeddings)")
             ids, self.protocol = token_windows(tokenizer, body, name, window=window, windows=windows)
             self.reference = causal_reference(reference_model, ids, self.protocol, info.file_hash, progress=progress)
             self.protocol_dict = {"kind": "causal-lm", **self.protocol.to_dict()}
@@ -58,23 +66,68 @@ class Evaluation:
 
 
 def compare(model: nn.Module, tokenizer, info: ModelInfo, configs: list[QuantConfig], *, text=None,
-            window: int = DEFAULT_WINDOW, windows: int = DEFAULT_WINDOWS, progress: bool = True) -> dict:
-    """Quantize a copy of ``model`` to each config and score it; returns the JSON report."""
+            window: int = DEFAULT_WINDOW, windows: int | None = None, keep_dtype: torch.dtype | None = None,
+            progress: bool = True, on_result: Callable[[dict], None] | None = None) -> dict:
+    """Quantize a copy of ``model`` to each config and score it; returns the JSON report.
+
+    A config the model cannot hold (a layer shape, a value out of range) becomes a row with
+    an ``error`` and the others are still scored; only if none can be applied is it raised.
+    ``on_result(report)`` is called after each row, so a caller can save what is finished.
+    ``keep_dtype``: the unquantized tensors are rounded through it first, as ``save_quantized``
+    stores them; a first row ``keep <dtype>`` then shows what that alone costs.
+    """
+    failed = {}
     for config in configs:
-        check_config(model, config)  # a format the model cannot hold fails now, not after the others
+        try:
+            check_config(model, config)  # a layout the model cannot hold fails now, before any scoring
+        except ValueError as e:
+            failed[config.label] = str(e)
+    if len(failed) == len(configs):
+        raise ValueError(next(iter(failed.values())) if len(failed) == 1 else
+                         f"no format can be applied to this model: {'; '.join(failed.values())}")
     evaluation = Evaluation(info, tokenizer, lambda: model, text=text, window=window, windows=windows,
-                            progress=progress)
-    results = []
+                            context=_context(model), progress=progress)
+    report = _report(info, evaluation, model_weight_bytes(model), [])
+    keep = keep_dtype if keep_dtype not in (None, torch.float32) else None
+    if keep is not None:
+        report["keep_dtype"] = dtype_name(keep)
+        kept = copy.deepcopy(model)
+        saved = round_state(kept, keep)
+        _add(report, _score(evaluation, kept, f"keep {dtype_name(keep)}", False, 32.0, 0.0, saved), on_result)
+        del kept
     for config in configs:
+        if config.label in failed:
+            _add(report, {"format": config.label, "error": failed[config.label]}, on_result)
+            continue
         quantized = copy.deepcopy(model)
-        report = quantize_model(quantized, config, progress=progress)
-        results.append(_score(evaluation, quantized, config.label, config.double_quant, report.bits_per_weight,
-                              report.seconds))
+        try:
+            qreport = quantize_model(quantized, config, progress=progress)
+        except ValueError as e:  # e.g. a value the format cannot hold (LayerQuantizeError names the layer)
+            _add(report, {"format": config.label, "error": str(e)}, on_result)
+            continue
+        saved = round_state(quantized, keep) if keep is not None else 0
+        _add(report, _score(evaluation, quantized, config.label, config.double_quant, qreport.bits_per_weight,
+                            qreport.seconds, saved), on_result)
         del quantized
-    return _report(info, evaluation, model_weight_bytes(model), results)
+    return report
 
 
-def evaluate_saved(directory, *, text=None, window: int = DEFAULT_WINDOW, windows: int = DEFAULT_WINDOWS,
+def _add(report: dict, result: dict, on_result: Callable[[dict], None] | None) -> None:
+    report["results"].append(result)
+    if "error" in result:
+        note(f"{result['format']}: not scored: {result['error']}")
+    elif "kl_mean" in result:
+        note(f"{result['format']}: {result['bits_per_weight']:.3f} bits/weight, KL mean {result['kl_mean']:.5f}, "
+             f"same top-1 {result['top1']:.2%}")
+    if on_result is not None:
+        on_result(report)
+
+
+def _context(model: nn.Module) -> int | None:
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+def evaluate_saved(directory, *, text=None, window: int = DEFAULT_WINDOW, windows: int | None = None,
                    progress: bool = True, load: Callable = load_model) -> dict:
     """Score a model written by ``lowbit quantize`` (loaded as saved, not re-quantized).
 
@@ -91,7 +144,8 @@ def evaluate_saved(directory, *, text=None, window: int = DEFAULT_WINDOW, window
                                  "(sha256 differs); its reference cannot be recomputed")
         return reference
 
-    evaluation = Evaluation(info, tokenizer, original, text=text, window=window, windows=windows, progress=progress)
+    evaluation = Evaluation(info, tokenizer, original, text=text, window=window, windows=windows,
+                            context=_context(model), progress=progress)
     config, stored = meta["config"], meta["quantize"]
     result = _score(evaluation, model, config["label"], config["double_quant"], stored["bits_per_weight"],
                     stored["seconds"])
@@ -99,13 +153,14 @@ def evaluate_saved(directory, *, text=None, window: int = DEFAULT_WINDOW, window
 
 
 def _score(evaluation: Evaluation, quantized: nn.Module, label: str, double_quant: bool, bits_per_weight: float,
-           quantize_seconds: float) -> dict:
+           quantize_seconds: float, bytes_saved: int = 0) -> dict:
     result = {
         "format": label,
         "block_size": report_block(quantized),
         "double_quant": double_quant,
         "bits_per_weight": bits_per_weight,
-        "weight_bytes": model_weight_bytes(quantized),  # packed, before materialize() adds fp32 copies
+        # packed, before materialize() adds fp32 copies; less what --keep-dtype saves on the rest
+        "weight_bytes": model_weight_bytes(quantized) - bytes_saved,
         "quantized_layers": sum(isinstance(m, QuantLinear) for m in quantized.modules()),
         "quantize_seconds": quantize_seconds,
     }

@@ -116,10 +116,25 @@ def test_eval_of_a_missing_or_corrupt_directory(tmp_path, tiny_lm_dir):
     assert_one_line_error(lowbit("eval", q, "--window", 64, "--windows", 1), "cannot load model")
 
 
-def test_compare_refuses_a_format_the_model_cannot_hold_before_scoring(tiny_lm_dir, tmp_path, monkeypatch):
-    """hidden size 64 cannot hold q4_k's 256-weight super-blocks: fail before any scoring."""
+def test_compare_keeps_going_past_a_format_the_model_cannot_hold(tiny_lm_dir, tmp_path, monkeypatch):
+    """hidden size 64 cannot hold q4_k's 256-weight super-blocks: its row says why, nf4 is still
+    scored, a repeated label runs once, and without a terminal progress is plain stderr lines."""
     monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
-    r = lowbit("compare", "--model", tiny_lm_dir, "--formats", "nf4,q4_k", "--window", 64, "--windows", 1,
+    r = lowbit("compare", "--model", tiny_lm_dir, "--formats", "nf4,q4_k,nf4/64", "--window", 64, "--windows", 1,
+               "--json", tmp_path / "o.json")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    results = json.loads((tmp_path / "o.json").read_text())["results"]
+    assert [x["format"] for x in results] == ["nf4", "q4_k"]
+    assert results[0]["kl_mean"] > 0 and "q4_k needs each row to hold whole blocks of 256" in results[1]["error"]
+    assert "not scored" in r.stdout and "q4_k" in r.stdout
+    lines = r.stderr.splitlines()
+    assert lines and all(line.startswith("lowbit: ") for line in lines), lines
+    assert any("scoring nf4" in line for line in lines) and any("reference" in line for line in lines)
+
+
+def test_compare_refuses_when_no_format_can_be_applied(tiny_lm_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    r = lowbit("compare", "--model", tiny_lm_dir, "--formats", "q4_k", "--window", 64, "--windows", 1,
                "--json", tmp_path / "o.json")
     assert_one_line_error(r, "q4_k needs each row to hold whole blocks of 256")
     assert os.listdir(tmp_path) == []  # not even the reference was computed

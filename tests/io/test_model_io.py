@@ -48,9 +48,30 @@ def test_existing_directory_is_kept_unless_overwrite(tiny_lm_dir, tmp_path):
     (tmp_path / "q" / "keep").write_text("mine")
     with pytest.raises(FileExistsError, match="--overwrite"):
         save_quantized(model, tokenizer, info, report, config, tmp_path / "q")
+    # --overwrite replaces only an empty directory or an earlier lowbit output, never a user's files
+    with pytest.raises(FileExistsError, match="earlier lowbit output"):
+        save_quantized(model, tokenizer, info, report, config, tmp_path / "q", overwrite=True)
     assert os.listdir(tmp_path / "q") == ["keep"]
+    (tmp_path / "q" / "keep").unlink()
+    save_quantized(model, tokenizer, info, report, config, tmp_path / "q", overwrite=True)  # empty: replaced
+    (tmp_path / "q" / "extra").write_text("a file beside an earlier output goes with it")
     save_quantized(model, tokenizer, info, report, config, tmp_path / "q", overwrite=True)
-    assert "keep" not in os.listdir(tmp_path / "q") and sorted(os.listdir(tmp_path)) == ["q"]
+    assert "extra" not in os.listdir(tmp_path / "q") and sorted(os.listdir(tmp_path)) == ["q"]
+
+
+@pytest.mark.parametrize("where", ["is", "inside", "holds"])
+def test_overwrite_never_touches_the_input_model(tiny_lm_dir, tmp_path, where):
+    """The input model is a directory here; a GGUF file's directory counts as 'holds' it."""
+    import shutil
+
+    victim = tmp_path / "victim"
+    shutil.copytree(tiny_lm_dir, victim)
+    model, tokenizer, info, config, report = quantized(victim, "int8")
+    out = {"is": victim, "inside": victim / "q", "holds": tmp_path}[where]
+    before = sorted(os.listdir(victim))
+    with pytest.raises(FileExistsError, match="input model"):
+        save_quantized(model, tokenizer, info, report, config, out, overwrite=True)
+    assert sorted(os.listdir(victim)) == before
 
 
 def test_failed_write_leaves_nothing(tmp_path):

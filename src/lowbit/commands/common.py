@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
 
-from ..eval.protocol import DEFAULT_WINDOW, DEFAULT_WINDOWS
+from ..eval.protocol import DEFAULT_WINDOW, DEFAULT_WINDOWS, read_text
+from ..io.atomic import check_can_create_in
+from ..nn.surgery import QuantConfig
 
 
 def console() -> Console:
@@ -25,17 +27,50 @@ def add_model_arg(p) -> None:
 def add_protocol_args(p) -> None:
     p.add_argument("--text", metavar="FILE", help="UTF-8 text to score on (default: Python's pydoc topics)")
     p.add_argument("--window", type=int, default=DEFAULT_WINDOW, help=f"tokens per window (default {DEFAULT_WINDOW})")
-    p.add_argument("--windows", type=int, default=DEFAULT_WINDOWS,
-                   help=f"windows scored, from the start of the text (default {DEFAULT_WINDOWS})")
+    p.add_argument("--windows", type=int,
+                   help=f"windows scored, from the start of the text (default {DEFAULT_WINDOWS}, or as many as the "
+                        "text holds if fewer; more than it holds is an error)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
 
 
+def add_selection_args(p) -> None:
+    p.add_argument("--include", action="append", metavar="PATTERN",
+                   help="quantize only the nn.Linear layers whose name (or a dotted tail of it) matches this "
+                        "fnmatch pattern, e.g. 'mlp.*' (repeatable; default: every layer)")
+    p.add_argument("--exclude", action="append", metavar="PATTERN",
+                   help="leave layers matching PATTERN unquantized (repeatable; default: lm_head; giving "
+                        "--exclude replaces that default)")
+
+
+def add_keep_dtype_arg(p) -> None:
+    p.add_argument("--keep-dtype", choices=("fp16", "bf16", "fp32"),
+                   help="dtype of the tensors left unquantized (embeddings, norms, biases); default: the "
+                        "source checkpoint's (fp32 for GGUF)")
+
+
+def parse_configs(labels: list[str], args, *, block_size: int | None = None, double_quant: bool = False):
+    """``FORMAT[/BLOCK][+dq]`` labels -> QuantConfigs, each setting once (a repeated label runs once);
+    ``--include``/``--exclude`` apply to all. ``block_size``/``double_quant`` are the long-form flags."""
+    selection = {"include": tuple(args.include or ())}
+    if args.exclude is not None:
+        selection["exclude"] = tuple(args.exclude)
+    configs = {}
+    for label in labels:
+        config = QuantConfig.parse(label, **selection)
+        if block_size is not None and config.block_size not in (None, block_size):
+            raise ValueError(f"{label!r} names block {config.block_size} but --block-size is {block_size}")
+        if block_size is not None or double_quant:
+            config = replace(config, block_size=block_size if block_size is not None else config.block_size,
+                             double_quant=config.double_quant or double_quant)
+        configs.setdefault(config.label, config)
+    return list(configs.values())
+
+
 def check_protocol_args(args) -> None:
-    """Fail before any model is loaded: bad numbers, a missing text, an unwritable JSON path."""
-    if args.window < 2 or args.windows < 1:
+    """Fail before any model is loaded: bad numbers, a bad text, an unwritable JSON path."""
+    if args.window < 2 or (args.windows is not None and args.windows < 1):
         raise ValueError(f"need --window >= 2 and --windows >= 1, got {args.window} and {args.windows}")
-    if args.text is not None and not Path(args.text).is_file():
-        raise FileNotFoundError(f"text file does not exist: {args.text}")
+    read_text(args.text)  # missing, a directory, not UTF-8, empty: all fail here, in well under a second
     if args.json:
         check_writable_file(args.json)
 
@@ -44,11 +79,7 @@ def check_writable_file(path: str) -> None:
     p = Path(path)
     if p.is_dir():
         raise IsADirectoryError(f"is a directory, not a file: {p}")
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        raise FileNotFoundError(f"directory does not exist: {parent}")
-    if not os.access(parent, os.W_OK):
-        raise PermissionError(f"cannot write to directory: {parent}")
+    check_can_create_in(p.parent if str(p.parent) else Path("."))
 
 
 def load(spec: str | None, con: Console):

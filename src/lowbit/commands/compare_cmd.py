@@ -4,9 +4,18 @@ from __future__ import annotations
 
 from ..evaluate import DEFAULT_FORMATS, compare
 from ..io.atomic import write_json
-from ..nn.surgery import QuantConfig
+from ..nn.keep_dtype import parse_keep_dtype, source_dtype
 from ..report.table import compare_table
-from .common import add_model_arg, add_protocol_args, check_protocol_args, console, load
+from .common import (
+    add_keep_dtype_arg,
+    add_model_arg,
+    add_protocol_args,
+    add_selection_args,
+    check_protocol_args,
+    console,
+    load,
+    parse_configs,
+)
 
 
 def add_parser(sub) -> None:
@@ -14,20 +23,29 @@ def add_parser(sub) -> None:
     add_model_arg(p)
     p.add_argument("--formats", default=",".join(DEFAULT_FORMATS),
                    help="comma-separated FORMAT[/BLOCK][+dq], e.g. nf4,int4/128,nf4+dq (default: %(default)s)")
+    add_selection_args(p)
+    add_keep_dtype_arg(p)
     add_protocol_args(p)
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
-    configs = [QuantConfig.parse(label) for label in args.formats.split(",") if label.strip()]
-    if not configs:
+    """Exit 0 when every format was scored, 1 when some could not be applied (their rows say why)."""
+    labels = [label for label in args.formats.split(",") if label.strip()]
+    if not labels:
         raise ValueError("--formats names no format")
+    configs = parse_configs(labels, args)
+    keep = parse_keep_dtype(args.keep_dtype) if args.keep_dtype else None
     check_protocol_args(args)
     con = console()
     model, tokenizer, info = load(args.model, con)
-    report = compare(model, tokenizer, info, configs, text=args.text, window=args.window, windows=args.windows)
-    con.print(compare_table(report))
+    if keep is None:
+        keep = source_dtype(info.source)
+    # each finished row is saved at once: an interrupted run keeps what it measured
+    save = (lambda report: write_json(args.json, report)) if args.json else None
+    report = compare(model, tokenizer, info, configs, text=args.text, window=args.window, windows=args.windows,
+                     keep_dtype=keep, on_result=save)
+    con.print(compare_table(report, width=con.width))
     if args.json:
-        write_json(args.json, report)
         con.print(f"wrote {args.json}")
-    return 0
+    return 1 if any("error" in r for r in report["results"]) else 0

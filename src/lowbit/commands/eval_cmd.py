@@ -22,7 +22,7 @@ def run(args) -> int:
     con = console()
     report = evaluate_saved(args.directory, text=args.text, window=args.window, windows=args.windows,
                             load=lambda source: load(source, con))
-    con.print(compare_table(report))
+    con.print(compare_table(report, width=con.width))
     if args.json:
         write_json(args.json, report)
         con.print(f"wrote {args.json}")

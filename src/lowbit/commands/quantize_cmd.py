@@ -2,30 +2,41 @@
 
 from __future__ import annotations
 
-from ..io.atomic import check_output_dir
-from ..io.model_io import save_quantized
-from ..nn.surgery import QuantConfig, quantize_model
-from .common import add_model_arg, console, load
+from dataclasses import replace
+
+from ..io.model_io import check_output, local_source, save_quantized
+from ..nn.keep_dtype import parse_keep_dtype, round_state, source_dtype
+from ..nn.surgery import quantize_model
+from .common import add_keep_dtype_arg, add_model_arg, add_selection_args, console, load, parse_configs
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a model's linear layers and save it")
     add_model_arg(p)
-    p.add_argument("--format", required=True, help="a format name (see `lowbit formats`)")
-    p.add_argument("--block-size", type=int, help="weights per block (default: the format's)")
-    p.add_argument("--double-quant", action="store_true", help="compress the per-block scales (bitsandbytes)")
+    p.add_argument("--format", required=True, metavar="FORMAT[/BLOCK][+dq]",
+                   help="a format label, e.g. nf4, int4/128, nf4+dq (see `lowbit formats`)")
+    p.add_argument("--block-size", type=int, help="weights per block (default: the format's); same as FORMAT/BLOCK")
+    p.add_argument("--double-quant", action="store_true", help="compress the per-block scales (bitsandbytes); "
+                   "same as FORMAT+dq")
+    add_selection_args(p)
+    add_keep_dtype_arg(p)
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="directory to create")
-    p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace DIR if it is empty or an earlier lowbit output (never anything else)")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
-    config = QuantConfig(format=args.format, block_size=args.block_size, double_quant=args.double_quant)
-    check_output_dir(args.output, overwrite=args.overwrite)  # before minutes of work, not after
+    (config,) = parse_configs([args.format], args, block_size=args.block_size, double_quant=args.double_quant)
+    keep = parse_keep_dtype(args.keep_dtype) if args.keep_dtype else None
+    # before minutes of work, not after
+    check_output(args.output, overwrite=args.overwrite, source=local_source(args.model))
     con = console()
     model, tokenizer, info = load(args.model, con)
+    keep = keep or source_dtype(info.source)
     report = quantize_model(model, config)
-    save_quantized(model, tokenizer, info, report, config, args.output, overwrite=args.overwrite)
+    report = replace(report, model_bytes_after=report.model_bytes_after - round_state(model, keep))
+    save_quantized(model, tokenizer, info, report, config, args.output, overwrite=args.overwrite, keep_dtype=keep)
     con.print(
         f"{config.label}: {len(report.layers)} layers, {report.bits_per_weight:.3f} bits/weight; model "
         f"{report.model_bytes_before / 1e6:.1f} MB -> {report.model_bytes_after / 1e6:.1f} MB "

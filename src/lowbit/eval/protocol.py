@@ -44,24 +44,37 @@ def read_text(path: str | Path | None) -> tuple[str, str]:
     if path is None:
         return DEFAULT_TEXT, default_text()
     p = Path(path)
+    if p.is_dir():
+        raise IsADirectoryError(f"--text names a directory, not a text file: {p}")
     if not p.is_file():
         raise FileNotFoundError(f"text file does not exist: {p}")
     try:
-        return str(p), p.read_text(encoding="utf-8")
+        body = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"text file is not UTF-8: {p} ({e.reason} at byte {e.start})") from e
+    if not body.strip():
+        raise ValueError(f"text file is empty: {p}")
+    return str(p), body
 
 
 def token_windows(
-    tokenizer, text: str, name: str, *, window: int = DEFAULT_WINDOW, windows: int = DEFAULT_WINDOWS
+    tokenizer, text: str, name: str, *, window: int = DEFAULT_WINDOW, windows: int | None = DEFAULT_WINDOWS
 ) -> tuple[torch.Tensor, Protocol]:
-    """``(ids, protocol)``: ids is ``(n, window)`` int64, the first ``n <= windows`` windows."""
-    if window < 2 or windows < 1:
+    """``(ids, protocol)``: ids is ``(n, window)`` int64, the text's first ``n`` windows.
+
+    ``windows=None`` means ``DEFAULT_WINDOWS`` or as many as the text holds, if fewer; an
+    explicit count the text cannot fill is an error, never a silent cap.
+    """
+    if window < 2 or (windows is not None and windows < 1):
         raise ValueError(f"need window >= 2 and windows >= 1, got window={window}, windows={windows}")
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
-    n = min(windows, ids.numel() // window)
-    if n == 0:
+    held = ids.numel() // window
+    if held == 0:
         raise ValueError(f"text {name} holds {ids.numel()} tokens, fewer than one window of {window}")
+    if windows is not None and windows > held:
+        raise ValueError(f"text {name} holds {held} windows of {window} tokens ({ids.numel()} tokens); "
+                         f"asked for {windows}: use --windows {held} or fewer")
+    n = min(DEFAULT_WINDOWS if windows is None else windows, held)
     ids = ids[: n * window].view(n, window)
     protocol = Protocol(
         text=name,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -44,9 +46,9 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
             if f.is_file():
                 _fsync(f)
         if path.exists():
-            # two renames, not one: os.replace cannot put a directory over a non-empty one
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+            # two renames, not one: os.replace cannot put a directory over a non-empty one.
+            # The old one moves to a fresh empty name (never a fixed one that a user's file may hold).
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old)
             try:
                 os.replace(tmp, path)
@@ -61,16 +63,46 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
         raise
 
 
+@contextmanager
+def write_errors(target: str | os.PathLike) -> Iterator[None]:
+    """Reports a failed write (disk full, quota, I/O error) as one OSError naming ``target``.
+
+    safetensors raises its own ``SafetensorError`` for I/O failures, with the OS error only in
+    its text ("... (os error 28)"); it becomes the OSError it stands for.
+    """
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT) and e.filename is None:
+            raise OSError(e.errno, os.strerror(e.errno), str(target)) from e
+        raise
+    except Exception as e:
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(target)) from e
+
+
 def check_output_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """``path`` as a Path, if a directory can be created there; else a one-line OSError."""
     path = Path(path)
     if path.exists() and not (overwrite and path.is_dir()):
         raise FileExistsError(f"output exists: {path}" + (" (pass --overwrite to replace it)" if path.is_dir() else ""))
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"parent directory does not exist: {path.parent}")
-    if not os.access(path.parent, os.W_OK):
-        raise PermissionError(f"cannot write to directory: {path.parent}")
+    check_can_create_in(path.parent if str(path.parent) else Path("."))
     return path
+
+
+def check_can_create_in(directory: Path) -> None:
+    """A one-line OSError unless a file can be created in ``directory``. Tried, not inferred
+    from permission bits: root passes ``os.access`` on read-only mounts and on ``/proc``."""
+    if not directory.is_dir():
+        raise FileNotFoundError(f"directory does not exist: {directory}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".lowbit-probe.", dir=directory)
+    except OSError as e:
+        raise PermissionError(f"cannot write to directory: {directory} ({e.strerror or e})") from e
+    os.close(fd)
+    os.unlink(probe)
 
 
 def _fsync(path: str | os.PathLike) -> None:

@@ -20,12 +20,12 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import ModelLoadError
 from ..formats.registry import format_by_id, get_format
-from ..models.loader import CAUSAL_LM, ModelInfo, as_load_error
+from ..models.loader import CAUSAL_LM, ModelInfo, as_load_error, resolve
 from ..nn.linear import QuantLinear
 from ..nn.surgery import QuantConfig, QuantizeReport
 from ..quantize import quantize
 from ..tensor import QuantizedTensor
-from .atomic import atomic_dir
+from .atomic import atomic_dir, check_output_dir, write_errors
 
 LAYOUT_VERSION = 1
 META_FILE, TENSOR_FILE = "lowbit.json", "model.safetensors"
@@ -33,8 +33,11 @@ _QW = ".qweight."  # infix of packed-part keys: "<layer>.qweight.<part>"
 
 
 def save_quantized(model, tokenizer, info: ModelInfo, report: QuantizeReport, config: QuantConfig, directory, *,
-                   overwrite=False) -> Path:
-    """Write ``model`` (already through ``quantize_model``, which gave ``report``) to ``directory``, atomically."""
+                   overwrite=False, keep_dtype: torch.dtype = torch.float32) -> Path:
+    """Write ``model`` (already through ``quantize_model``, which gave ``report``) to ``directory``, atomically.
+
+    The tensors quantization left alone (embeddings, norms, biases) are stored in ``keep_dtype``.
+    """
     layers, tensors = {}, {}
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
@@ -51,24 +54,59 @@ def save_quantized(model, tokenizer, info: ModelInfo, report: QuantizeReport, co
             tied[key] = first_of[where]
         else:
             first_of[where] = key
-            tensors[key] = t.detach().contiguous()
+            t = t.detach()
+            tensors[key] = (t.to(keep_dtype) if t.is_floating_point() else t).contiguous()
     meta = {
         "lowbit_layout": LAYOUT_VERSION,
         "config": {"label": config.label, "format": get_format(config.format).name, "block_size": config.block_size,
                    "double_quant": config.double_quant, "include": list(config.include),
-                   "exclude": list(config.exclude)},
+                   "exclude": list(config.exclude), "keep_dtype": str(keep_dtype).removeprefix("torch.")},
         "model": asdict(info),
         "quantize": {"bits_per_weight": report.bits_per_weight, "model_bytes_before": report.model_bytes_before,
                      "model_bytes_after": report.model_bytes_after, "seconds": report.seconds},
         "layers": layers,
         "tied": tied,
     }
-    with atomic_dir(directory, overwrite=overwrite) as tmp:
+    check_output(directory, overwrite=overwrite, source=local_source(info.source))
+    with write_errors(directory), atomic_dir(directory, overwrite=overwrite) as tmp:
         save_file(tensors, tmp / TENSOR_FILE, metadata={"format": "pt"})
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return Path(directory)
+
+
+def check_output(directory, *, overwrite: bool = False, source: str | Path | None = None) -> Path:
+    """Refuse an output ``save_quantized`` must not write, before any work: one that is, holds
+    or lies inside the model being quantized (``source``, a file or directory), or, with
+    ``overwrite``, an existing directory that is neither empty nor an earlier lowbit output."""
+    path = check_output_dir(directory, overwrite=overwrite)
+    out = path.resolve()
+    if source is not None:
+        src = Path(source).resolve()
+        if out == src or out in src.parents or src in out.parents:
+            raise FileExistsError(f"output {path} would overwrite the input model {source}; choose another directory")
+    if path.is_dir() and any(path.iterdir()) and not _is_lowbit_output(path):
+        raise FileExistsError(f"--overwrite replaces only an empty directory or an earlier lowbit output; {path} "
+                              f"holds other files (no {META_FILE} with lowbit_layout)")
+    return path
+
+
+def local_source(spec: str | None) -> str | None:
+    """The file or directory ``load_model(spec)`` reads, or None for a hub id (or a vanished path)."""
+    try:
+        how, target = resolve(spec)
+    except ModelLoadError:
+        return None
+    return None if how == "hub" else target
+
+
+def _is_lowbit_output(path: Path) -> bool:
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "lowbit_layout" in meta
 
 
 # what commands read from lowbit.json besides the layers: (section, key), key None = the section itself
@@ -113,12 +151,25 @@ def load_quantized(directory):
         layouts = {}
         for name, layer in meta["layers"].items():
             q = _stored_qweight(name, layer, tensors, layouts)
+            _check_architecture(model, name, q)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, QuantLinear(q, model.get_submodule(name).bias))
         for alias, target in meta["tied"].items():
             tensors[alias] = tensors[target]
         model.load_state_dict(tensors, strict=True)
     return model, tokenizer, meta
+
+
+def _check_architecture(model, name: str, q: QuantizedTensor) -> None:
+    """The layer ``lowbit.json`` names must be an ``nn.Linear`` of the stated shape in the
+    architecture config.json describes: a reshaped layer would load, and compute nonsense."""
+    try:
+        linear = model.get_submodule(name)
+    except AttributeError:
+        raise ModelLoadError(f"{META_FILE} names layer {name!r}, which the model architecture does not have") from None
+    if not isinstance(linear, torch.nn.Linear) or tuple(linear.weight.shape) != tuple(q.shape):
+        found = tuple(linear.weight.shape) if isinstance(linear, torch.nn.Linear) else type(linear).__name__
+        raise ModelLoadError(f"{META_FILE}: layer {name} has shape {tuple(q.shape)}, but the architecture's is {found}")
 
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -2,29 +2,70 @@
 
 from __future__ import annotations
 
+from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 _MB = 1e6
 
+# (header, result key, format spec), in the order printed. Each column is data, so the
+# printer holds no per-metric code; what a result lacks prints as "-".
+_COMMON = [("format", "format", ""), ("bits/weight", "bits_per_weight", ".3f"), ("weights MB", "weight_mb", ".1f"),
+           ("quantize s", "quantize_seconds", ".2f")]
+_CAUSAL = [("PPL", "ppl", ".3f"), ("KL mean", "kl_mean", ".5f"), ("KL median", "kl_median", ".5f"),
+           ("KL p99", "kl_p99", ".4f"), ("KL max", "kl_max", ".3f"), ("same top-1", "top1", ".2%")]
+_ENCODER = [("1-cos mean", "cos_dist_mean", ".2e"), ("1-cos max", "cos_dist_max", ".2e")]
+# dropped first when the terminal is too narrow (the format name, PPL and KL mean always stay)
+_DROP_ORDER = ("KL max", "KL median", "quantize s", "weights MB", "KL p99", "same top-1", "bits/weight")
+_PERFECT = {"kl_mean": 0.0, "kl_median": 0.0, "kl_p99": 0.0, "kl_max": 0.0, "top1": 1.0, "cos_dist_mean": 0.0,
+            "cos_dist_max": 0.0}
 
-def compare_table(report: dict) -> Table:
-    """``report``: the dict ``lowbit.evaluate.compare`` returns (also the JSON file)."""
-    protocol, ref = report["protocol"], report["reference"]
+
+def compare_table(report: dict, width: int | None = None) -> Table:
+    """``report``: the dict ``lowbit.evaluate.compare`` returns (also the JSON file). With
+    ``width``, low-priority columns are left out until the table fits: numbers are never cut."""
+    protocol = report["protocol"]
     causal = protocol["kind"] == "causal-lm"
+    columns = _COMMON + (_CAUSAL if causal else _ENCODER)
     if causal:
         scope = f"{protocol['windows']} windows x {protocol['window']} tokens of {protocol['text']}"
-        metrics = [("PPL", "ppl", ".3f"), ("KL mean", "kl_mean", ".5f"), ("KL p99", "kl_p99", ".4f"),
-                   ("same top-1", "top1", ".2%")]
     else:
         scope = f"{protocol['sentences']} paragraphs of {protocol['text']}"
-        metrics = [("1-cos mean", "cos_dist_mean", ".2e"), ("1-cos max", "cos_dist_max", ".2e")]
-    table = Table(title=f"{report['model']['name']}: {scope}")
-    for name in ("format", "bits/weight", "weights MB", "quantize s", *(m[0] for m in metrics)):
-        table.add_column(name, justify="left" if name == "format" else "right")
-    perfect = {"kl_mean": 0.0, "kl_p99": 0.0, "top1": 1.0, "cos_dist_mean": 0.0, "cos_dist_max": 0.0}
-    table.add_row("reference", "32", f"{ref['weight_bytes'] / _MB:.1f}", "-",
-                  *(format(ref.get(key, perfect.get(key)), spec) for _, key, spec in metrics), style="dim")
-    for r in report["results"]:
-        table.add_row(r["format"], f"{r['bits_per_weight']:.3f}", f"{r['weight_bytes'] / _MB:.1f}",
-                      f"{r['quantize_seconds']:.2f}", *(format(r[key], spec) for _, key, spec in metrics))
+    title = f"{report['model']['name']}: {scope}"
+    ref = {"format": "reference", "bits_per_weight": 32, **_PERFECT, **report["reference"]}
+    rows = [ref, *report["results"]]
+    dropped: list[str] = []
+    table = _build(title, columns, rows)
+    for header in _DROP_ORDER:
+        if width is None or _width(table) <= width:
+            break
+        columns = [c for c in columns if c[0] != header]
+        dropped.append(header)
+        table = _build(title, columns, rows)
+    notes = [f"{r['format']}: not scored: {r['error']}" for r in report["results"] if "error" in r]
+    if dropped:
+        notes.append(f"left out at this width: {', '.join(dropped)} (all columns are in --json)")
+    table.caption = "\n".join(notes) or None
+    table.caption_justify = "left"
     return table
+
+
+def _build(title: str, columns: list[tuple[str, str, str]], rows: list[dict]) -> Table:
+    table = Table(title=title)
+    for header, _, _ in columns:
+        table.add_column(header, justify="left" if header == "format" else "right", no_wrap=True)
+    for i, row in enumerate(rows):
+        row = {**row, "weight_mb": row["weight_bytes"] / _MB} if "weight_bytes" in row else row
+        table.add_row(*(_cell(row.get(key), spec) for _, key, spec in columns), style="dim" if i == 0 else None)
+    return table
+
+
+def _cell(value, spec: str) -> str:
+    if value is None:
+        return "-"
+    return value if isinstance(value, str) else format(value, spec)
+
+
+def _width(table: Table) -> int:
+    console = Console(width=10_000)
+    return Measurement.get(console, console.options, table).maximum

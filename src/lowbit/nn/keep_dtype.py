@@ -1,0 +1,56 @@
+"""The dtype of the tensors quantization leaves alone (embeddings, norms, biases): ``--keep-dtype``.
+
+A saved model stores them in this dtype; ``lowbit compare`` rounds them the same way before
+scoring (computing in float32, as the reloaded model does), so the KL it reports includes
+what the narrower dtype costs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+KEEP_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_CONFIG_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_keep_dtype(name: str) -> torch.dtype:
+    if name not in KEEP_DTYPES:
+        raise ValueError(f"--keep-dtype must be one of {', '.join(KEEP_DTYPES)}, got {name!r}")
+    return KEEP_DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(k for k, v in KEEP_DTYPES.items() if v == dtype)
+
+
+def source_dtype(source: str | None) -> torch.dtype:
+    """The dtype a local HF checkpoint declares in its config.json; float32 for anything else
+    (GGUF files are dequantized to float32 on load, and hub ids are not looked up)."""
+    config = Path(source) / "config.json" if source else None
+    if config is None or not config.is_file():
+        return torch.float32
+    try:
+        declared = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return torch.float32
+    name = declared.get("dtype") or declared.get("torch_dtype")
+    return _CONFIG_NAMES.get(name, torch.float32)
+
+
+def round_state(model: nn.Module, dtype: torch.dtype) -> int:
+    """Round every floating tensor of ``model.state_dict()`` through ``dtype``, in place (packed
+    QuantLinear parts are not in it). Returns the bytes this saves when stored in ``dtype``;
+    a tensor reachable under two names (tied) counts once."""
+    saved, seen = 0, set()
+    for t in model.state_dict(keep_vars=True).values():
+        if not t.is_floating_point() or t.dtype == dtype or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        with torch.no_grad():
+            t.copy_(t.to(dtype))
+        saved += t.numel() * (t.element_size() - dtype.itemsize)
+    return saved
