@@ -12,6 +12,7 @@ from rich.console import Console
 from ..eval.protocol import DEFAULT_WINDOW, DEFAULT_WINDOWS, read_text
 from ..io.atomic import check_can_create_in
 from ..nn.surgery import QuantConfig
+from ..progress import note
 
 
 def console() -> Console:
@@ -89,10 +90,12 @@ def load(spec: str | None, con: Console):
 
     from ..models import load_model
 
+    what = f"loading {spec or 'the embedded SmolLM2-135M-Instruct'}"
+    note(what)  # the spinner below shows only on a terminal
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its warnings would break the one-line-error contract
     try:
-        with con.status(f"loading {spec or 'the embedded SmolLM2-135M-Instruct'}", spinner="dots"), \
+        with con.status(what, spinner="dots"), \
                 contextlib.redirect_stderr(io.StringIO()):
             return load_model(spec)
     finally:
