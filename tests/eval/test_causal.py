@@ -60,7 +60,7 @@ def test_unwritable_cache_fails_before_the_model_runs(setup, tmp_path, monkeypat
     def must_not_load():
         raise AssertionError("the model ran although its result could not be stored")
 
-    with pytest.raises(OSError, match="cannot create the reference cache .*LOWBIT_CACHE"):
+    with pytest.raises(OSError, match="cannot create the cache directory .*LOWBIT_CACHE"):
         causal_reference(must_not_load, ids[:1], protocol, "unwritable", progress=False)
 
 

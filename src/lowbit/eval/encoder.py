@@ -11,14 +11,24 @@ import hashlib
 from collections.abc import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..io.atomic import atomic_file
 from ..progress import progress_bar
-from .cache import cache_path
+from .cache import (
+    CACHE_VERSION,
+    CacheFile,
+    CacheIntegrityError,
+    cache_path,
+    created_now,
+    model_label,
+    open_cached,
+    sweep_temps,
+    writable_root,
+    write_entry,
+)
 from .protocol import paragraphs
 
+KIND = "ref-encoder"
 MAX_TOKENS = 128
 BATCH = 32
 
@@ -40,23 +50,37 @@ def embed(model, tokenizer, texts: list[str], *, label: str = "embedding", progr
 
 
 def encoder_reference(load_model: Callable[[], nn.Module], tokenizer, text: str, model_hash: str, *,
+                      text_name: str = "", model_name: str = "", model_source: str = "",
                       progress=True) -> tuple[list[str], torch.Tensor]:
-    """The text's paragraphs and the original model's embeddings of them (cached; ``load_model()`` on a miss)."""
+    """The text's paragraphs and the original model's embeddings of them (cached; ``load_model()`` on a miss).
+
+    A cached file is verified against its checksums first, as the causal reference is; ``text_name``,
+    ``model_name`` and ``model_source`` only label the entry in ``lowbit cache``.
+    """
     texts = paragraphs(text)
     if not texts:
         raise ValueError("the text has no paragraph longer than 40 characters to embed")
     key = hashlib.sha256("\0".join(texts).encode()).hexdigest()
-    path = cache_path("ref-encoder", model=model_hash, paragraphs=key, max_tokens=MAX_TOKENS)
-    if path.is_file():
-        try:
-            return texts, load_file(path)["embeddings"]
-        except Exception:
-            path.unlink(missing_ok=True)
-    emb = embed(load_model(), tokenizer, texts, label="reference model", progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as tmp:
-        save_file({"embeddings": emb.contiguous()}, tmp)
+    path = cache_path(KIND, model=model_hash, paragraphs=key, max_tokens=MAX_TOKENS)
+    cached = open_cached(path, lambda f: _embeddings(f, len(texts)))
+    if cached is not None:
+        return texts, cached
+    root = writable_root()  # before the model runs, not after
+    sweep_temps(root)
+    model = load_model()
+    emb = embed(model, tokenizer, texts, label="reference model", progress=progress)
+    description = {"kind": KIND, "version": CACHE_VERSION, "model": model_name or model_label(model),
+                   "source": model_source, "model_sha256": model_hash, "text": text_name, "paragraphs_sha256": key,
+                   "paragraphs": len(texts), "max_tokens": MAX_TOKENS, "created": created_now()}
+    write_entry(path, {"embeddings": emb}, description)
     return texts, emb
+
+
+def _embeddings(f: CacheFile, n: int) -> torch.Tensor:
+    emb = f.tensor("embeddings")
+    if emb.dim() != 2 or emb.shape[0] != n:
+        raise CacheIntegrityError(f"it holds {tuple(emb.shape)} embeddings for {n} paragraphs")
+    return emb
 
 
 def score_encoder(model, tokenizer, texts: list[str], reference: torch.Tensor, *, label="evaluating",

@@ -12,20 +12,30 @@ stored exactly (fp32 / int64) alongside.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from ..io.atomic import atomic_file
 from ..progress import progress_bar
-from .cache import cache_path
+from .cache import (
+    CACHE_VERSION,
+    CacheFile,
+    CacheIntegrityError,
+    cache_path,
+    check_space,
+    created_now,
+    model_label,
+    open_cached,
+    sweep_temps,
+    writable_root,
+    write_entry,
+)
 from .protocol import Protocol
+
+KIND = "ref-causal"
 
 
 @dataclass
@@ -37,7 +47,26 @@ class Reference:
     nll: torch.Tensor
     top1: torch.Tensor
     lse: torch.Tensor
+    _file: CacheFile | None = field(default=None, repr=False)
     _scratch: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    @classmethod
+    def open(cls, path: Path, ids: torch.Tensor | None = None, *, verify: bool = True) -> Reference:
+        """The reference in the cache file at ``path``, its checksums verified first (unless not
+        ``verify``: a file this process just wrote); ``CacheIntegrityError`` if it does not hold
+        a reference over ``ids``."""
+        return cls._from(CacheFile(path, verify=verify), ids)
+
+    @classmethod
+    def _from(cls, f: CacheFile, ids: torch.Tensor | None = None) -> Reference:
+        ref = cls(f.path, *(f.tensor(k) for k in ("ids", "nll", "top1", "lse")), _file=f)
+        n, width = ref.ids.shape if ref.ids.dim() == 2 else (0, 0)
+        if ref.ids.dim() != 2 or f.shape("logprobs")[:2] != (n, width - 1) or any(
+                tuple(t.shape) != (n, width - 1) for t in (ref.nll, ref.top1, ref.lse)):
+            raise CacheIntegrityError("its tensors' shapes disagree")
+        if ids is not None and not torch.equal(ref.ids, ids):
+            raise CacheIntegrityError("its tokens are not the protocol's")
+        return ref
 
     def kl(self, i: int, logprobs: torch.Tensor) -> torch.Tensor:
         """Window ``i``: (W-1,) KL(p_ref || q) per token, given q's (W-1, vocab) log-probs.
@@ -45,13 +74,13 @@ class Reference:
         Computed as ``sum p_ref (log p_ref - log q)`` term by term, not as a difference of two
         large sums (which cancels badly when q is close). Two scratch buffers are reused
         across windows: fresh 100 MB tensors cost more in page faults than the arithmetic.
+        The stored row is read from the mapping of the file checked when the reference was opened.
         """
-        with safe_open(self.path, framework="pt") as f:
-            stored = f.get_slice("logprobs")[i]  # (W-1, vocab) fp16
-        if self._scratch is None or self._scratch[0].shape != stored.shape:
-            self._scratch = (torch.empty(stored.shape), torch.empty(stored.shape))
+        if self._scratch is None:
+            shape = self._file.shape("logprobs")[1:]
+            self._scratch = (torch.empty(shape), torch.empty(shape))
         log_p, p = self._scratch
-        log_p.copy_(stored).sub_(self.lse[i, :, None])  # renormalised reference log-probs
+        self._file.read_row("logprobs", i, log_p).sub_(self.lse[i, :, None])  # renormalised reference log-probs
         torch.exp(log_p, out=p)
         log_p.sub_(logprobs)
         return torch.bmm(p.unsqueeze(1), log_p.unsqueeze(2)).view(-1)  # row-wise dot products
@@ -62,15 +91,24 @@ class Reference:
 
 
 def causal_reference(load_model: Callable[[], nn.Module], ids: torch.Tensor, protocol: Protocol, model_hash: str, *,
+                     model_name: str = "", model_source: str = "", vocab_size: int | None = None,
                      progress=True) -> Reference:
-    """The cached reference for (model file, tokens, protocol); if missing, ``load_model()`` computes it."""
-    path = cache_path("ref-causal", model=model_hash, protocol=protocol.to_dict())
-    if path.is_file():
-        try:
-            return _read(path)
-        except Exception:  # a damaged cache file is recomputed, never trusted
-            path.unlink(missing_ok=True)
-    _check_writable(path.parent)  # before minutes of work, not after
+    """The cached reference for (model file, tokens, protocol); if missing, ``load_model()`` computes it.
+
+    A cached file is verified against its checksums first; a damaged one is recomputed with a
+    one-line notice. Before computing, the disk and memory the reference needs are checked
+    (with ``vocab_size``, before the model is even loaded; else after its first window).
+    ``model_name`` and ``model_source`` only label the entry in ``lowbit cache``.
+    """
+    path = cache_path(KIND, model=model_hash, protocol=protocol.to_dict())
+    cached = open_cached(path, lambda f: Reference._from(f, ids))
+    if cached is not None:
+        return cached
+    root = writable_root()  # before minutes of work, not after
+    sweep_temps(root)  # what killed runs left counts against the free space
+    n, width = ids.shape
+    if vocab_size:
+        _check_space(n, width, vocab_size, root)
     model = load_model()
     columns = {k: [] for k in ("nll", "top1", "lse")}
     logprobs = None  # (n, W-1, vocab) fp16, filled in place: one copy in memory, not a list and its stack
@@ -78,6 +116,7 @@ def causal_reference(load_model: Callable[[], nn.Module], ids: torch.Tensor, pro
         for i, window in enumerate(ids):
             lp = next_token_logprobs(model, window)  # (W-1, vocab)
             if logprobs is None:
+                _check_space(n, width, lp.shape[-1], root)
                 logprobs = torch.empty((len(ids), *lp.shape), dtype=torch.float16)
             stored = logprobs[i]
             stored.copy_(lp)
@@ -86,10 +125,21 @@ def causal_reference(load_model: Callable[[], nn.Module], ids: torch.Tensor, pro
             columns["top1"].append(lp.argmax(dim=1))
             advance()
     tensors = {"ids": ids.contiguous(), "logprobs": logprobs, **{k: torch.stack(v) for k, v in columns.items()}}
-    with atomic_file(path) as tmp:
-        save_file(tensors, tmp, metadata={"model_sha256": model_hash, **{k: str(v) for k, v in
-                                                                           protocol.to_dict().items()}})
-    return _read(path)
+    description = {"kind": KIND, "version": CACHE_VERSION, "model": model_name or model_label(model),
+                   "source": model_source, "model_sha256": model_hash, "protocol": protocol.to_dict(),
+                   "vocab": logprobs.shape[-1], "created": created_now()}
+    write_entry(path, tensors, description)
+    del tensors, logprobs, columns
+    return Reference.open(path, ids, verify=False)  # its checksums were computed from these very tensors
+
+
+def _check_space(n: int, width: int, vocab: int, root: Path) -> None:
+    stored = n * (width - 1) * vocab * 2  # the fp16 log-probs
+    disk = stored + n * width * 8 + n * (width - 1) * (4 + 8 + 4)  # + ids, nll, top1, lse
+    # in memory beside the stored log-probs: one window's fp32 logits, log-probs and fp32 copy of the stored row
+    memory = stored + 3 * width * vocab * 4
+    check_space(f"the reference ({n} windows × {width - 1} positions × {vocab} log-probs, fp16)", disk=disk,
+                memory=memory, directory=root, hint="use fewer or shorter windows")
 
 
 @torch.inference_mode()
@@ -99,18 +149,3 @@ def next_token_logprobs(model, window: torch.Tensor) -> torch.Tensor:
     # not torch.log_softmax: its fused CPU kernel's normalisation is off by ~1e-5 (sum p - 1),
     # which would bias every KL by as much; logsumexp is accurate to ~1e-7.
     return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
-
-
-def _check_writable(directory: Path) -> None:
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OSError(f"cannot create the reference cache {directory} ({e.strerror}); set LOWBIT_CACHE") from e
-    if not os.access(directory, os.W_OK):
-        raise PermissionError(f"cannot write to the reference cache {directory}; set LOWBIT_CACHE")
-
-
-def _read(path: Path) -> Reference:
-    with safe_open(path, framework="pt") as f:
-        # clone: the tensors may map the file, and a file truncated under a mapping faults (SIGBUS)
-        return Reference(path, *(f.get_tensor(k).clone() for k in ("ids", "nll", "top1", "lse")))

@@ -1,0 +1,316 @@
+"""The reference cache: checksums, damaged files, free space, full disks, temp files of killed runs."""
+
+import errno
+import gc
+import logging
+import math
+import os
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import save_file
+from torch import nn
+
+from lowbit.eval import cache
+from lowbit.eval.cache import CacheFile, CacheIntegrityError, CacheSpaceError, read_header
+from lowbit.eval.causal import score_causal
+from lowbit.eval.encoder import encoder_reference
+from lowbit.eval.protocol import Protocol
+from lowbit.eval.reference import Reference, causal_reference
+
+VOCAB, WINDOW, WINDOWS = 300, 16, 3
+
+
+class TinyLM(nn.Module):
+    """A causal LM in miniature: embedding -> tanh -> vocabulary head, logits as transformers returns them."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(VOCAB, 16), nn.Linear(16, VOCAB)
+
+    def forward(self, ids):
+        return SimpleNamespace(logits=self.head(torch.tanh(self.embed(ids))))
+
+
+class Loads:
+    """A ``load_model`` that counts how often the reference had to be computed."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, 0
+
+    def __call__(self):
+        self.calls += 1
+        return self.model
+
+
+def never():
+    raise AssertionError("the model was loaded although it must not be")
+
+
+@pytest.fixture(scope="module")
+def lm():
+    torch.manual_seed(0)
+    ids = torch.randint(0, VOCAB, (WINDOWS, WINDOW))
+    return TinyLM(), ids, Protocol("tiny text", "t" * 64, WINDOW, WINDOWS, "k" * 64)
+
+
+@pytest.fixture
+def root(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def reference(lm, load=None, **kwargs) -> Reference:
+    model, ids, protocol = lm
+    return causal_reference(load or (lambda: model), ids, protocol, "tiny-sha", progress=False, **kwargs)
+
+
+def overwrite(path, tensor, data=b"\xff\xff", at=None):
+    """Bytes inside one tensor's data replaced in place: the file keeps its size and its header."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        tensors, _, start = read_header(fd)
+        begin, end = tensors[tensor]["data_offsets"]
+        at = (end - begin) // 2 if at is None else at  # the middle: the second of three rows
+        os.pwrite(fd, data, start + begin + at)
+    finally:
+        os.close(fd)
+
+
+def test_reference_round_trip_with_description(lm, root):
+    first = reference(lm, model_name="tiny", model_source="/models/tiny")
+    again = reference(lm, never)
+    assert torch.equal(again.lse, first.lse) and torch.equal(again.ids, lm[1])
+    assert score_causal(lm[0], again, progress=False)["kl_mean"] < 1e-5
+    d = CacheFile(first.path).description
+    assert (d["kind"], d["model"], d["source"], d["model_sha256"], d["vocab"]) == (
+        "ref-causal", "tiny", "/models/tiny", "tiny-sha", VOCAB)
+    assert d["protocol"] == lm[2].to_dict() and d["created"].endswith("Z")
+
+
+@pytest.mark.parametrize("per_row", [False, True], ids=["one-sha256-per-tensor", "one-sha256-per-row"])
+@pytest.mark.parametrize("tensor", ["logprobs", "lse", "nll", "top1", "ids"])
+def test_same_size_corruption_is_detected_and_recomputed(lm, root, caplog, monkeypatch, tensor, per_row):
+    if per_row:
+        monkeypatch.setattr(cache, "ROW_HASH_BYTES", 0)
+    fresh = score_causal(lm[0], reference(lm), progress=False)
+    path = reference(lm, never).path
+    size = path.stat().st_size
+    overwrite(path, tensor)
+    assert path.stat().st_size == size
+    loads = Loads(lm[0])
+    with caplog.at_level(logging.WARNING, logger="lowbit.eval.cache"):
+        again = reference(lm, loads)
+    assert loads.calls == 1
+    [record] = caplog.records
+    assert "damaged" in record.getMessage() and "sha256" in record.getMessage() and "\n" not in record.getMessage()
+    assert score_causal(lm[0], again, progress=False) == fresh
+
+
+def test_the_corruption_would_give_nan_kl_if_trusted(lm, root):
+    path = reference(lm).path
+    overwrite(path, "logprobs")  # 0xffff: an fp16 NaN
+    trusted = Reference.open(path, verify=False)
+    assert math.isnan(score_causal(lm[0], trusted, progress=False)["kl_mean"])
+    with pytest.raises(CacheIntegrityError, match="logprobs fails its sha256 check"):
+        Reference.open(path)
+
+
+def _truncate(path):
+    os.truncate(path, path.stat().st_size - 100)
+
+
+def _garbage(path):
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+
+
+def _no_checksums(path):
+    f = CacheFile(path)
+    save_file({k: f.tensor(k) for k in ("ids", "logprobs", "nll", "top1", "lse")}, path, metadata={"window": "16"})
+
+
+def _other_tokens(path):
+    f = CacheFile(path)
+    tensors = {k: f.tensor(k) for k in ("ids", "logprobs", "nll", "top1", "lse")}
+    tensors["ids"] = tensors["ids"].flip(0).contiguous()
+    del f
+    cache.write_entry(path, tensors, {"kind": "ref-causal"})  # checksums fine, contents for other tokens
+
+
+@pytest.mark.parametrize("damage", [_truncate, _garbage, _no_checksums, _other_tokens, lambda p: p.write_bytes(b"")],
+                         ids=["truncated", "garbage", "no-checksums", "other-tokens", "empty"])
+def test_damaged_file_is_recomputed_with_one_notice(lm, root, caplog, damage):
+    expected = reference(lm)
+    damage(expected.path)
+    loads = Loads(lm[0])
+    with caplog.at_level(logging.WARNING, logger="lowbit.eval.cache"):
+        again = reference(lm, loads)
+    assert loads.calls == 1 and len(caplog.records) == 1 and "recomputing" in caplog.records[0].getMessage()
+    assert torch.equal(again.lse, expected.lse) and torch.equal(again.ids, lm[1])
+
+
+def _tiny_disk(monkeypatch, free=1000):
+    monkeypatch.setattr(cache, "free_disk", lambda directory: free)
+
+
+def test_too_little_disk_is_refused_before_the_model_loads(lm, root, monkeypatch):
+    _tiny_disk(monkeypatch)
+    with pytest.raises(CacheSpaceError) as info:
+        reference(lm, never, vocab_size=VOCAB)
+    message = str(info.value)
+    assert info.value.errno == errno.ENOSPC and "\n" not in message
+    needed = WINDOWS * (WINDOW - 1) * VOCAB * 2 + WINDOWS * WINDOW * 8 + WINDOWS * (WINDOW - 1) * 16
+    assert message == (f"the reference (3 windows × 15 positions × 300 log-probs, fp16) needs "
+                       f"{needed / 1e6:.1f} MB of disk; 0.0 MB free in {root}; use fewer or shorter windows")
+    assert os.listdir(root) == []
+
+
+def test_without_vocab_size_the_check_runs_after_the_first_window(lm, root, monkeypatch):
+    _tiny_disk(monkeypatch)
+    loads = Loads(lm[0])
+    with pytest.raises(CacheSpaceError, match="needs .* of disk; .* free"):
+        reference(lm, loads)
+    assert loads.calls == 1 and os.listdir(root) == []
+
+
+def test_too_little_memory_is_refused(lm, root, monkeypatch):
+    monkeypatch.setattr(cache, "free_memory", lambda: 10_000)
+    with pytest.raises(CacheSpaceError, match=r"needs .* of memory; 0\.0 MB available; use fewer") as info:
+        reference(lm, never, vocab_size=VOCAB)
+    assert info.value.errno == errno.ENOMEM
+
+
+def test_a_huge_protocol_is_refused_by_the_real_probes(lm, root):
+    # 3 windows x 15 positions x 10^13 log-probs x 2 bytes = 900 TB: no disk holds it; nothing is allocated
+    with pytest.raises(CacheSpaceError, match=r"needs 900000\.0 GB of disk"):
+        reference(lm, never, vocab_size=10**13)
+
+
+def test_free_memory_probe():
+    available = cache.free_memory()
+    assert available is None or available > 0
+
+
+def test_lowbit_cache_naming_a_file_fails_before_any_work(lm, tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "file"))
+    with pytest.raises(NotADirectoryError, match=f"^LOWBIT_CACHE is not a directory: {tmp_path / 'file'}$"):
+        reference(lm, never)
+
+
+def test_unwritable_cache_directory(lm, root, monkeypatch):
+    def refuse(**kwargs):
+        raise PermissionError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(cache.tempfile, "TemporaryFile", refuse)
+    with pytest.raises(PermissionError, match=r"cannot write to the cache directory .* \(Read-only file system\); "
+                                              "set LOWBIT_CACHE"):
+        reference(lm, never)
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"),
+                                     SafetensorError("Error while serializing: I/O error: No space left on device "
+                                                     "(os error 28)")], ids=["OSError", "SafetensorError"])
+def test_disk_full_while_writing_is_one_line_and_leaves_no_temp_file(lm, root, monkeypatch, failure):
+    def half_written(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"\0" * 4096)
+        raise failure
+
+    monkeypatch.setattr(cache, "save_file", half_written)
+    with pytest.raises(CacheSpaceError) as info:
+        reference(lm)
+    path = cache.cache_path("ref-causal", model="tiny-sha", protocol=lm[2].to_dict())
+    assert str(info.value).startswith(f"No space left on device writing the reference cache {path}; ")
+    assert info.value.errno == errno.ENOSPC and "\n" not in str(info.value)
+    assert os.listdir(root) == []
+
+
+def test_other_write_errors_name_the_file(lm, root, monkeypatch):
+    def broken(tensors, path, metadata=None):
+        raise SafetensorError("Error while serializing: I/O error: Input/output error (os error 5)")
+
+    monkeypatch.setattr(cache, "save_file", broken)
+    with pytest.raises(OSError, match=r"^cannot write the reference cache .*\.safetensors \(Input/output error\)$"):
+        reference(lm)
+    assert os.listdir(root) == []
+
+
+def _age(path, seconds):
+    then = time.time() - seconds
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        os.utime(p, (then, then))
+
+
+def test_sweep_removes_what_killed_runs_left(lm, root):
+    kept_entry = reference(lm).path
+    ref_temp = root / f".{kept_entry.name}.a1b2c3.tmp"  # atomic_file's, from a run killed while writing
+    st_temp = root / ".tmpAb12Cd"  # safetensors' own temp
+    model_temp, old_model_temp = root / ".model-1234.x9.tmp", root / ".model-5678.y8.tmp"
+    for d in (model_temp, old_model_temp):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"x" * 10)
+    for f in (ref_temp, st_temp):
+        f.write_bytes(b"x" * 100)
+    (root / "notes.tmp").write_text("not ours")
+    _age(old_model_temp, 2 * cache.STALE_SECONDS)
+    removed = {p.name: size for p, size in cache.sweep_temps(root)}
+    # no reference write holds the lock: its temps go now; a model's temp dir only once an hour old
+    assert removed == {ref_temp.name: 100, st_temp.name: 100, old_model_temp.name: 10}
+    assert sorted(os.listdir(root)) == sorted([kept_entry.name, model_temp.name, "notes.tmp"])
+
+
+def test_sweep_keeps_the_temp_file_of_a_live_writer(root):
+    root.mkdir()
+    live, dead = root / ".ref-causal-1.safetensors.aaa.tmp", root / ".ref-causal-2.safetensors.bbb.tmp"
+    live.write_bytes(b"x")
+    dead.write_bytes(b"x")
+    _age(dead, 2 * cache.STALE_SECONDS)
+    with cache.writing(root):  # another run is writing a reference right now
+        removed = [p for p, _ in cache.sweep_temps(root)]
+    assert removed == [dead] and live.exists()
+
+
+def test_a_reference_in_use_is_not_removed(lm, root):
+    ref = reference(lm)
+    path = ref.path
+    assert not cache.remove_file(path) and path.exists()
+    del ref
+    gc.collect()
+    assert cache.remove_file(path) and not path.exists()
+
+
+class CharTokenizer:
+    def __call__(self, texts, truncation, max_length, padding, return_tensors):
+        rows = [[ord(c) % 50 for c in text[:max_length]] for text in texts]
+        width = max(map(len, rows))
+        return {"input_ids": torch.tensor([r + [0] * (width - len(r)) for r in rows]),
+                "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])}
+
+
+class TinyEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 8)
+
+    def forward(self, input_ids, attention_mask):
+        return SimpleNamespace(last_hidden_state=self.embed(input_ids))
+
+
+def test_encoder_reference_is_checked_too(root, caplog):
+    torch.manual_seed(0)
+    encoder, text = TinyEncoder(), "\n\n".join(f"paragraph {i}: " + "some words to embed " * 3 for i in range(5))
+    texts, emb = encoder_reference(lambda: encoder, CharTokenizer(), text, "enc-sha", text_name="t.txt",
+                                   progress=False)
+    assert torch.equal(encoder_reference(never, CharTokenizer(), text, "enc-sha", progress=False)[1], emb)
+    [path] = root.glob("ref-encoder-*.safetensors")
+    assert CacheFile(path).description["paragraphs"] == len(texts) == 5
+    overwrite(path, "embeddings", b"\x00\x00\xc0\x7f")  # a float32 NaN
+    loads = Loads(encoder)
+    with caplog.at_level(logging.WARNING, logger="lowbit.eval.cache"):
+        again = encoder_reference(loads, CharTokenizer(), text, "enc-sha", progress=False)[1]
+    assert loads.calls == 1 and "embeddings fails its sha256 check" in caplog.records[0].getMessage()
+    assert torch.equal(again, emb)
