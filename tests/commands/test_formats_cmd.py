@@ -1,8 +1,14 @@
 import subprocess
 import sys
 
+import pytest
+import torch
+
 import lowbit
+from lowbit import QuantConfig, get_format, quantize
 from lowbit.cli import main
+from lowbit.commands.formats_cmd import bits_by_role, layout, layout_table, level_table, levels, probe
+from lowbit.formats.spec import CODES, SCALE, SECOND_LEVEL, TENSOR_SCALE, anatomy
 
 
 def test_formats_lists_every_format(capsys):
@@ -10,12 +16,14 @@ def test_formats_lists_every_format(capsys):
     out = capsys.readouterr().out
     for name in lowbit.formats():
         assert name in out
+    assert "FORMAT[/BLOCK][+dq]" in out and "256 fixed" in out
 
 
 def test_formats_code_table(capsys):
     assert main(["formats", "nf4"]) == 0
     out = capsys.readouterr().out
     assert "0111" in out and "-0.696192801" in out and "1111" in out
+    assert "w = level[q] * absmax" in out  # brackets in the data are text, not rich markup
 
 
 def test_unknown_format_is_one_line_exit_2():
@@ -23,3 +31,96 @@ def test_unknown_format_is_one_line_exit_2():
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "did you mean nf4" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("name", lowbit.formats())
+def test_every_format_prints_its_layout_and_levels(name, capsys):
+    spec = get_format(name)
+    assert main(["formats", name]) == 0
+    out = capsys.readouterr().out
+    assert "where the bits go" in out and "element levels" in out and anatomy(spec).rule in out
+    assert 2 < level_table(spec).row_count == len(levels(spec)) <= 2**spec.bits  # int narrow range, ternary: fewer
+    q = probe(QuantConfig(name))
+    rows = layout(q)
+    assert rows and layout_table(q).row_count == len(rows)
+    assert any(r.role == CODES for r in rows) and any(r.role in (SCALE, TENSOR_SCALE) for r in rows)
+    assert all(r.holds and r.size for r in rows)
+    # every stored byte is accounted for, by the measured part sizes or the GGUF field table
+    assert sum(r.bits_per_weight for r in rows) == pytest.approx(q.bits_per_weight, rel=1e-12)
+
+
+@pytest.mark.parametrize("name", [n for n in lowbit.formats() if anatomy(get_format(n)).gguf_block])
+def test_gguf_fields_fill_the_stored_block(name):
+    spec, a = get_format(name), anatomy(get_format(name))
+    q = quantize(torch.randn(4, 512), name)
+    assert q.parts["data"].shape[1] == a.block_bytes  # ggml-common.h sizeof(block_*)
+    if "bytes" in dict(spec.params):
+        assert a.block_bytes == spec.param("bytes")
+
+
+# w = (q - offset) * d (+ m): ggml-quants.c dequantize_row_* (SPEC.md §5), with d = 1 and m = 0
+GGUF_LEVELS = {
+    "q8_0": [q - 256 if q > 127 else q for q in range(256)],  # int8 codes
+    "q4_0": [q - 8 for q in range(16)],
+    "q4_1": list(range(16)),
+    "q5_0": [q - 16 for q in range(32)],
+    "q5_1": list(range(32)),
+    "q4_k": list(range(16)),
+    "q6_k": [q - 32 for q in range(64)],
+}
+
+
+def test_gguf_levels_come_from_the_decoder():
+    gguf = [n for n in lowbit.formats() if get_format(n).values is None]
+    assert sorted(gguf) == sorted(GGUF_LEVELS)
+    for name, expected in GGUF_LEVELS.items():
+        assert levels(get_format(name)) == expected, name
+
+
+def test_q4_0_explained(capsys):
+    assert main(["formats", "q4_0"]) == 0
+    out = capsys.readouterr().out
+    assert "32 weights, fixed (GGUF)" in out and "w = (q - 8) * d" in out
+    assert "bytes 0-1 (2 B)" in out and "bytes 2-17 (16 B)" in out
+    assert "element j in the low nibble of byte j, element j+16 in the high nibble" in out
+    assert "4.5 = codes 4 + scale 0.5" in out
+    assert "1000 │" in out and "-8 │" in out  # code 8 means 0, code 0 means -8 d
+
+
+def test_full_label_is_explained(capsys):
+    assert main(["formats", "nf4/128+dq"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("nf4/128+dq") and "128 weights (default 64" in out
+    assert "double quant  yes" in out and "scales_absmax" in out and "per 256 blocks" in out
+    q = probe(QuantConfig.parse("nf4/128+dq"))
+    roles = bits_by_role(layout(q))
+    # SPEC.md §6: 8 bits per 128-weight block + an fp32 per 256 blocks, + one fp32 offset per tensor
+    assert roles == pytest.approx({CODES: 4.0, SECOND_LEVEL: 8 / 128 + 32 / (128 * 256) + 32 / q.numel})
+    assert f"{q.bits_per_weight:.6g}" in out
+
+
+@pytest.mark.parametrize(
+    ("label", "bits"),
+    # SPEC.md §10, measured from stored bytes (nvfp4: + one fp32 per tensor)
+    [("nf4", 4.5), ("nf4+dq", 4.127), ("q4_0", 4.5), ("q4_1", 5.0), ("q8_0", 8.5), ("q4_k", 4.5),
+     ("mxfp4", 4.25), ("nvfp4", 4.5)],
+)
+def test_measured_bits_match_the_spec(label, bits):
+    assert probe(QuantConfig.parse(label)).bits_per_weight == pytest.approx(bits, abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("label", "message"),
+    [
+        ("q4_0/64", r"q4_0 has a fixed block of 32 weights (GGUF)"),
+        ("int4_asym+dq", "it stores an fp32 scale s and a uint8 zero point z per block"),
+        ("nf4/abc", "block size 'abc' is not a whole number"),
+        ("nf4+DQ", "did you mean nf4+dq?"),
+        ("+dq", "'+dq' names no format"),
+    ],
+)
+def test_bad_label_is_one_line_exit_2(label, message, capsys):
+    assert main(["formats", label]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lowbit formats: error: ") and err.strip().count("\n") == 0
+    assert message in err

@@ -1,34 +1,54 @@
-"""`lowbit formats [NAME]`: the format table, or one format's code table."""
+"""`lowbit formats [LABEL]`: the format table, or what one label stores and how it decodes.
+
+Everything printed for a label is read from the format's facts (``FormatSpec``, its
+``Anatomy``) and from a tensor actually quantized to it: bits per weight are the bytes
+stored, the layout rows are the stored parts, and a GGUF format's levels are what its own
+decoder makes of a block whose codes are all q.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
+from rich.text import Text
 
 from ..formats import formats, get_format
+from ..formats.spec import (
+    CODES,
+    DOUBLE_QUANT,
+    DOUBLE_QUANT_FIELDS,
+    SCALE,
+    SECOND_LEVEL,
+    TENSOR_SCALE,
+    FormatSpec,
+    anatomy,
+)
+from ..nn.surgery import DQ_SUFFIX, QuantConfig, no_double_quant_message
 from ..quantize import quantize
+from ..tensor import QuantizedTensor
 
 # Bits per weight are measured from the bytes stored for a tensor of this shape:
 # 64 rows of 4096 hold whole blocks of every format, so no partial-block overhead.
 _PROBE_SHAPE = (64, 4096)
+# A label with a large block is measured on at least this many of its blocks (when that
+# stays under _PROBE_MAX weights), so one partial block does not distort its bits.
+_PROBE_BLOCKS, _PROBE_MAX = 16, 2**24
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("formats", help="list formats, or print one format's code table")
-    p.add_argument("name", nargs="?", help="a format name, e.g. nf4")
+    p = sub.add_parser("formats", help="list formats, or explain one label: its block layout and element levels")
+    p.add_argument("label", nargs="?", metavar="FORMAT[/BLOCK][+dq]",
+                   help="a format label, e.g. nf4, q4_0 or nf4/128+dq")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
     # rich falls back to 80 columns when stdout is not a terminal; the table needs more
     console = Console() if Console().is_terminal else Console(width=140)
-    if args.name is None:
-        console.print(format_table())
-    else:
-        spec = get_format(args.name)
-        console.print(f"{spec.name} (id {spec.id}): {spec.description}")
-        console.print(code_table(spec.name))
+    console.print(format_table() if args.label is None else explain(QuantConfig.parse(args.label)))
     return 0
 
 
@@ -37,26 +57,149 @@ def measured_bits_per_weight(name: str) -> float:
 
 
 def format_table() -> Table:
-    table = Table(title="lowbit formats (bits per weight measured from stored bytes, default block)")
+    table = Table(title="lowbit formats (bits per weight measured from stored bytes, default block)",
+                  caption=Text(f"a label is FORMAT[/BLOCK][{DQ_SUFFIX}], e.g. nf4/128{DQ_SUFFIX}; "
+                               "`lowbit formats LABEL` shows its block layout and element levels"))
     for col, justify in [("format", "left"), ("id", "right"), ("bits/elem", "right"), ("block", "right"),
-                         ("bits/weight", "right"), ("description", "left")]:
+                         (DQ_SUFFIX, "left"), ("bits/weight", "right"), ("description", "left")]:
         table.add_column(col, justify=justify)
     for name in formats():
         spec = get_format(name)
-        table.add_row(name, str(spec.id), str(spec.bits), str(spec.default_block_size),
-                      f"{measured_bits_per_weight(name):.5g}", spec.description)
+        block = f"{spec.default_block_size}{' fixed' if spec.fixed_block_size else ''}"
+        table.add_row(name, str(spec.id), str(spec.bits), block, "yes" if spec.double_quant else "",
+                      f"{measured_bits_per_weight(name):.5g}", Text(spec.description))
     return table
 
 
-def code_table(name: str) -> Table:
-    spec = get_format(name)
+@dataclass(frozen=True)
+class Row:
+    """One stored field of a label: where its bits go."""
+
+    field: str
+    role: str
+    size: str
+    bits_per_weight: float
+    holds: str
+
+
+def probe(config: QuantConfig) -> QuantizedTensor:
+    """Zeros quantized with ``config``'s settings: what is stored, byte for byte, for a large tensor."""
+    spec = get_format(config.format)
+    block = config.block_size or spec.default_block_size
+    rows = _PROBE_SHAPE[0]
+    if block * _PROBE_BLOCKS > rows * _PROBE_SHAPE[1]:
+        rows = max(rows, min(_PROBE_MAX, block * _PROBE_BLOCKS) // _PROBE_SHAPE[1])
+    return quantize(torch.zeros(rows, _PROBE_SHAPE[1]), spec, block_size=block, double_quant=config.double_quant)
+
+
+def layout(q: QuantizedTensor) -> list[Row]:
+    """The stored fields of ``q``, in stored order; their bits per weight sum to ``q.bits_per_weight``."""
+    a, block = anatomy(q.format), q.block_size
+    if a.gguf_block:
+        (data,) = q.parts.values()
+        if data.shape[1] != a.block_bytes:  # the field table must describe the bytes actually stored
+            raise RuntimeError(f"{q.format.name}: fields hold {a.block_bytes} bytes, blocks store {data.shape[1]}")
+        rows, at = [], 0
+        for f in a.fields:
+            size = f"bytes {at}-{at + f.nbytes - 1} ({f.nbytes} B)"
+            rows.append(Row(f.name, f.role, size, 8 * f.nbytes / block, f.holds))
+            at += f.nbytes
+        return rows
+    described = {f.name: f for f in (*a.fields, *DOUBLE_QUANT_FIELDS)}
+    rows = []
+    for name, t in q.parts.items():
+        f = described[name]
+        if f.role == CODES:
+            bits = q.format.bits * block
+            size = f"{q.format.bits} bits x {block} = " + (f"{bits // 8} B" if bits % 8 == 0 else f"{bits} bits")
+            size += " per block"
+        else:
+            size = f"{str(t.dtype).removeprefix('torch.')} ({t.element_size()} B) per {f.per}"
+        rows.append(Row(name, f.role, size, 8 * t.numel() * t.element_size() / q.numel, f.holds))
+    return rows
+
+
+def bits_by_role(rows: list[Row]) -> dict[str, float]:
+    """Bits per weight of codes, scales, second-level scales and per-tensor scales (those stored)."""
+    totals = {role: 0.0 for role in (CODES, SCALE, SECOND_LEVEL, TENSOR_SCALE)}
+    for r in rows:
+        totals[r.role] += r.bits_per_weight
+    return {role: bits for role, bits in totals.items() if any(r.role == role for r in rows)}
+
+
+def levels(spec: FormatSpec) -> list[float]:
+    """What each element code means before scaling, in code order.
+
+    Formats with a value table give it; a GGUF block format's levels are decoded by its own
+    codec from one block whose every code is q, with scales 1 and minimums 0."""
+    if spec.values is not None:
+        return list(spec.values)
+    a = anatomy(spec)
+    out = []
+    for code in range(2**spec.bits):
+        raw = bytearray(b"".join(f.probe_bytes(code) for f in a.fields))
+        data = torch.frombuffer(raw, dtype=torch.uint8).view(1, -1)
+        shape = torch.Size([spec.default_block_size])
+        w = QuantizedTensor(spec, shape, torch.float32, spec.default_block_size, {"data": data}).dequantize()
+        if not bool((w == w[0]).all()):
+            raise RuntimeError(f"{spec.name}: the level probe for code {code} decodes unevenly")
+        out.append(float(w[0]))
+    return out
+
+
+def level_table(spec: FormatSpec) -> Table:
+    scaled = "level (scales 1, minimums 0)" if spec.values is None else "level"
     table = Table()
-    table.add_column("code", justify="right")
-    table.add_column("binary", justify="right")
-    table.add_column("value", justify="right")
-    if spec.values is None:
-        table.caption = "block format: element codes are integers scaled by the block's stored scales"
-        return table
-    for code, value in enumerate(spec.values):
-        table.add_row(str(code), format(code, f"0{spec.bits}b"), f"{value:.9g}")
+    for col in ("code", "binary", scaled):
+        table.add_column(col, justify="right")
+    values = levels(spec)
+    for code, level in enumerate(values):
+        table.add_row(str(code), format(code, f"0{spec.bits}b"), f"{level:.9g}")
+    if len(values) < 2**spec.bits:  # narrow-range ints, ternary
+        first, last = len(values), 2**spec.bits - 1
+        table.caption = f"code {last} is never stored" if first == last else f"codes {first}-{last} are never stored"
     return table
+
+
+def layout_table(q: QuantizedTensor) -> Table:
+    a = anatomy(q.format)
+    what = f"one block of {a.block_bytes} bytes per {q.block_size} weights" if a.gguf_block else "stored parts"
+    table = Table(title=f"where the bits go: {what}")
+    for col, justify in [("field", "left"), ("role", "left"), ("size", "left"), ("bits/weight", "right"),
+                         ("holds", "left")]:
+        table.add_column(col, justify=justify)
+    for r in layout(q):
+        table.add_row(r.field, r.role, r.size, f"{r.bits_per_weight:.4g}", Text(r.holds))
+    return table
+
+
+def explain(config: QuantConfig) -> Group:
+    """What ``config``'s label stores and how it decodes: header, layout table, level table."""
+    spec = get_format(config.format)
+    a = anatomy(spec)
+    q = probe(config)
+    if spec.fixed_block_size:
+        block = f"{q.block_size} weights, fixed ({a.fixed_by})"
+    else:
+        block = f"{q.block_size} weights (default {spec.default_block_size}; FORMAT/BLOCK sets it)"
+    if config.double_quant:
+        dq = f"yes: {DOUBLE_QUANT}"
+    elif spec.double_quant:
+        dq = f"no ({DQ_SUFFIX} turns it on: {DOUBLE_QUANT})"
+    else:
+        dq = f"not available: {no_double_quant_message(spec)}"
+    rows = layout(q)
+    split = " + ".join(f"{role} {bits:.4g}" for role, bits in bits_by_role(rows).items())
+    shape = " x ".join(str(d) for d in q.shape)
+    head = Table.grid(padding=(0, 2))
+    head.add_column(style="bold")
+    head.add_column()
+    # Text: the data's brackets (level[q]) are not rich markup
+    head.add_row(config.label, Text(f"{spec.description} (format id {spec.id})"))
+    head.add_row("block", Text(block))
+    head.add_row("scales", Text(a.scales))
+    head.add_row("double quant", Text(dq))
+    head.add_row("bits/weight", Text(f"{q.bits_per_weight:.6g} = {split}, measured on a {shape} tensor"))
+    head.add_row("decode", Text(a.rule))
+    # the rule as a line of its own: a table title would wrap to the narrow level table's width
+    return Group(head, layout_table(q), Text(f"element levels: {a.rule}"), level_table(spec))

@@ -13,10 +13,10 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from ..checks import check_block_size
 from ..errors import LayerQuantizeError
 from ..formats.registry import get_format
-from ..formats.spec import FormatSpec
+from ..formats.spec import FormatSpec, anatomy
 from ..progress import progress_bar
 from ..quantize import quantize
-from .linear import QuantLinear
+from .linear import QuantLinear, refuse_save_pretrained
 
 
 @dataclass(frozen=True)
@@ -41,14 +41,15 @@ class QuantConfig:
     def __post_init__(self):
         # Settings wrong for every layer fail here, before any layer is touched, rather
         # than as a LayerQuantizeError that would blame the first layer.
+        if isinstance(self.format, str) and ("/" in self.format or "+" in self.format):
+            raise ValueError(f"{self.format!r} is a format label, not a format name: use QuantConfig.parse")
         spec = get_format(self.format)
         if self.block_size is not None:
             check_block_size(self.block_size)
             if spec.fixed_block_size and self.block_size != spec.default_block_size:
-                fixed = spec.default_block_size
-                raise ValueError(f"{spec.name} has a fixed block size of {fixed}, got {self.block_size}")
+                raise ValueError(fixed_block_message(spec, self.block_size))
         if self.double_quant and not spec.double_quant:
-            raise ValueError(f"double_quant needs a format with per-block fp32 scales; {spec.name} has none")
+            raise ValueError(no_double_quant_message(spec))
         for key in ("include", "exclude"):
             value = getattr(self, key)
             # a bare string would otherwise be read as one pattern per character
@@ -59,22 +60,69 @@ class QuantConfig:
         """``FORMAT[/BLOCK][+dq]``, the name reports and ``--formats`` use (block only if not the default)."""
         spec = get_format(self.format)
         block = "" if self.block_size in (None, spec.default_block_size) else f"/{self.block_size}"
-        return f"{spec.name}{block}{'+dq' if self.double_quant else ''}"
+        return f"{spec.name}{block}{DQ_SUFFIX if self.double_quant else ''}"
 
     @classmethod
     def parse(cls, label: str, **kwargs) -> QuantConfig:
-        """``"nf4"``, ``"int4/128"``, ``"nf4+dq"``, ``"nf4/64+dq"`` -> QuantConfig (``kwargs`` for the rest)."""
+        """``"nf4"``, ``"int4/128"``, ``"nf4+dq"``, ``"nf4/64+dq"`` -> QuantConfig (``kwargs`` for the rest).
+
+        The one reader of a format label: every command that takes one calls this, so a
+        label means the same, and is refused with the same words, everywhere."""
         text = label.strip()
-        double_quant = text.lower().endswith("+dq")
-        text = text[:-3] if double_quant else text
-        name, _, block = text.partition("/")
-        if block and not block.isdigit():
-            raise ValueError(f"bad block size in {label!r}: expected FORMAT[/BLOCK][+dq], e.g. int4/128 or nf4+dq")
-        return cls(format=name, block_size=int(block) if block else None, double_quant=double_quant, **kwargs)
+        if not text:
+            raise ValueError(f"empty format label: expected {LABEL_SYNTAX}")
+        head, *suffixes = text.split("+")
+        for suffix in suffixes:
+            if "/" in suffix:
+                raise ValueError(f"{label!r}: the block size goes before {DQ_SUFFIX}, e.g. nf4/128{DQ_SUFFIX}")
+            if not suffix:
+                raise ValueError(f"{label!r}: nothing after '+'; the only suffix is {DQ_SUFFIX}, e.g. nf4{DQ_SUFFIX}")
+            if f"+{suffix}" != DQ_SUFFIX:
+                hint = f"; did you mean {head}{DQ_SUFFIX}?" if suffix.lower() == DQ_SUFFIX[1:] else ""
+                raise ValueError(f"{label!r}: unknown suffix {'+' + suffix!r}; the only suffix is {DQ_SUFFIX} "
+                                 f"(double quantization, lower case){hint}")
+        if len(suffixes) > 1:
+            raise ValueError(f"{label!r}: {DQ_SUFFIX} given more than once")
+        name, slash, block = head.partition("/")
+        if not name.strip():
+            if slash:
+                raise ValueError(f"{label!r} names no format before the '/': expected {LABEL_SYNTAX}")
+            raise ValueError(f"{label!r} names no format: write FORMAT{DQ_SUFFIX}, e.g. nf4{DQ_SUFFIX}")
+        return cls(format=name, block_size=_parse_block(label, block) if slash else None,
+                   double_quant=bool(suffixes), **kwargs)
 
     def selects(self, name: str) -> bool:
         included = not self.include or any(_matches(name, p) for p in self.include)
         return included and not any(_matches(name, p) for p in self.exclude)
+
+
+DQ_SUFFIX = "+dq"
+LABEL_SYNTAX = "FORMAT[/BLOCK][+dq], e.g. nf4, int4/128, nf4/64+dq (`lowbit formats` lists the formats)"
+
+
+def _parse_block(label: str, block: str) -> int:
+    text = block.strip()
+    if not text:
+        raise ValueError(f"{label!r}: no block size after '/'; write e.g. nf4/128, or leave out the '/'")
+    if "/" in text:
+        raise ValueError(f"{label!r}: one /BLOCK only; expected {LABEL_SYNTAX}")
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(f"{label!r}: block size {text!r} is not a whole number of weights; expected {LABEL_SYNTAX}")
+    if int(text) == 0:
+        raise ValueError(f"{label!r}: block size 0; a block holds at least 1 weight")
+    return int(text)
+
+
+def fixed_block_message(spec: FormatSpec, block: int) -> str:
+    """Why ``spec`` refuses block ``block``, in the words `lowbit formats` uses."""
+    fixed_by = anatomy(spec).fixed_by
+    return f"{spec.name} has a fixed block of {spec.default_block_size} weights ({fixed_by}); got block size {block}"
+
+
+def no_double_quant_message(spec: FormatSpec) -> str:
+    """Why ``+dq`` does not apply to ``spec``: what its scales are, in the words `lowbit formats` uses."""
+    a = anatomy(spec)
+    return f"{DQ_SUFFIX} (double quantization) does not apply to {spec.name}: it stores {a.scales}; {a.no_double_quant}"
 
 
 @dataclass(frozen=True)
@@ -115,10 +163,10 @@ def quantize_model(model: nn.Module, config: QuantConfig | str, *, progress: boo
 
     Every layer is quantized before any is swapped, so a layer that cannot be stored in
     the format (``LayerQuantizeError``, naming it) leaves the model untouched. A string
-    ``config`` means ``QuantConfig(format=config)``.
+    ``config`` is a label, ``QuantConfig.parse(config)``: ``"nf4"``, ``"int4/128"``, ``"nf4+dq"``.
     """
     if isinstance(config, str):
-        config = QuantConfig(format=config)
+        config = QuantConfig.parse(config)
     spec = get_format(config.format)
     start = time.perf_counter()
     before = model_weight_bytes(model)
@@ -141,6 +189,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | str, *, progress: boo
         layer_numel += qlinear.qweight.numel
         layer_before += qlinear.qweight.numel * qlinear.qweight.dtype.itemsize
         layer_after += qlinear.qweight.nbytes
+    refuse_save_pretrained(model)  # transformers' save_pretrained would silently drop every QuantLinear
     return QuantizeReport(
         format=spec.name,
         layers=tuple(name for names, _ in replacements for name in names),
