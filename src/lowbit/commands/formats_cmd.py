@@ -20,13 +20,15 @@ from ..formats.spec import (
     CODES,
     DOUBLE_QUANT,
     DOUBLE_QUANT_FIELDS,
+    DQ_SUFFIX,
     SCALE,
     SECOND_LEVEL,
     TENSOR_SCALE,
     FormatSpec,
     anatomy,
+    no_double_quant_message,
 )
-from ..nn.surgery import DQ_SUFFIX, QuantConfig, no_double_quant_message
+from ..nn.surgery import QuantConfig
 from ..quantize import quantize
 from ..tensor import QuantizedTensor
 

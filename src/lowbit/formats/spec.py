@@ -215,3 +215,18 @@ def anatomy(spec: FormatSpec) -> Anatomy:
 
     fields = tuple(Field(f.name, f.role, fill(f.holds), f.per, f.nbytes, f.fill) for f in raw.fields)
     return Anatomy(fill(raw.scales), fill(raw.rule), fields, raw.fixed_by, fill(raw.no_double_quant))
+
+
+DQ_SUFFIX = "+dq"  # FORMAT[/BLOCK][+dq]: the label suffix that turns double quantization on
+
+
+def fixed_block_message(spec: FormatSpec, block: int) -> str:
+    """Why ``spec`` refuses block ``block``, in the words `lowbit formats` uses."""
+    fixed_by = anatomy(spec).fixed_by
+    return f"{spec.name} has a fixed block of {spec.default_block_size} weights ({fixed_by}); got block size {block}"
+
+
+def no_double_quant_message(spec: FormatSpec) -> str:
+    """Why ``+dq`` does not apply to ``spec``: what its scales are, in the words `lowbit formats` uses."""
+    a = anatomy(spec)
+    return f"{DQ_SUFFIX} (double quantization) does not apply to {spec.name}: it stores {a.scales}; {a.no_double_quant}"

@@ -13,7 +13,7 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from ..checks import check_block_size
 from ..errors import LayerQuantizeError
 from ..formats.registry import get_format
-from ..formats.spec import FormatSpec, anatomy
+from ..formats.spec import DQ_SUFFIX, FormatSpec, fixed_block_message, no_double_quant_message
 from ..progress import progress_bar
 from ..quantize import quantize
 from .linear import QuantLinear, refuse_save_pretrained
@@ -96,7 +96,6 @@ class QuantConfig:
         return included and not any(_matches(name, p) for p in self.exclude)
 
 
-DQ_SUFFIX = "+dq"
 LABEL_SYNTAX = "FORMAT[/BLOCK][+dq], e.g. nf4, int4/128, nf4/64+dq (`lowbit formats` lists the formats)"
 
 
@@ -111,18 +110,6 @@ def _parse_block(label: str, block: str) -> int:
     if int(text) == 0:
         raise ValueError(f"{label!r}: block size 0; a block holds at least 1 weight")
     return int(text)
-
-
-def fixed_block_message(spec: FormatSpec, block: int) -> str:
-    """Why ``spec`` refuses block ``block``, in the words `lowbit formats` uses."""
-    fixed_by = anatomy(spec).fixed_by
-    return f"{spec.name} has a fixed block of {spec.default_block_size} weights ({fixed_by}); got block size {block}"
-
-
-def no_double_quant_message(spec: FormatSpec) -> str:
-    """Why ``+dq`` does not apply to ``spec``: what its scales are, in the words `lowbit formats` uses."""
-    a = anatomy(spec)
-    return f"{DQ_SUFFIX} (double quantization) does not apply to {spec.name}: it stores {a.scales}; {a.no_double_quant}"
 
 
 @dataclass(frozen=True)
