@@ -36,12 +36,13 @@ class Evaluation:
     """The protocol bound to one original model: its cached reference, and ``score(model)``.
 
     ``reference_model`` is called only if the reference is not cached yet. ``context`` is
-    the model's context length (``max_position_embeddings``): a longer window is an error.
+    the model's context length (``max_position_embeddings``): a longer window is an error;
+    ``vocab_size`` lets the reference's size be checked before that model is even loaded.
     """
 
     def __init__(self, info: ModelInfo, tokenizer, reference_model: Callable[[], nn.Module], *, text=None,
                  window: int = DEFAULT_WINDOW, windows: int | None = None, context: int | None = None,
-                 progress: bool = True):
+                 vocab_size: int | None = None, progress: bool = True):
         self.info, self.tokenizer, self.progress = info, tokenizer, progress
         name, body = read_text(text)
         if info.kind == CAUSAL_LM:
@@ -49,11 +50,14 @@ class Evaluation:
                 raise ValueError(f"--window {window} is longer than the model's context of {context} tokens "
                                  "(max_position_embeddings)")
             ids, self.protocol = token_windows(tokenizer, body, name, window=window, windows=windows)
-            self.reference = causal_reference(reference_model, ids, self.protocol, info.file_hash, progress=progress)
+            self.reference = causal_reference(reference_model, ids, self.protocol, info.file_hash,
+                                              model_name=info.name, model_source=info.source,
+                                              vocab_size=vocab_size, progress=progress)
             self.protocol_dict = {"kind": "causal-lm", **self.protocol.to_dict()}
         else:
             self.texts, self.embeddings = encoder_reference(reference_model, tokenizer, body, info.file_hash,
-                                                            progress=progress)
+                                                            text_name=name, model_name=info.name,
+                                                            model_source=info.source, progress=progress)
             self.protocol_dict = {"kind": "encoder", "text": name, "sentences": len(self.texts)}
 
     def reference_scores(self) -> dict:
@@ -86,7 +90,7 @@ def compare(model: nn.Module, tokenizer, info: ModelInfo, configs: list[QuantCon
         raise ValueError(next(iter(failed.values())) if len(failed) == 1 else
                          f"no format can be applied to this model: {'; '.join(failed.values())}")
     evaluation = Evaluation(info, tokenizer, lambda: model, text=text, window=window, windows=windows,
-                            context=_context(model), progress=progress)
+                            **_limits(model), progress=progress)
     report = _report(info, evaluation, model_weight_bytes(model), [])
     keep = keep_dtype if keep_dtype not in (None, torch.float32) else None
     if keep is not None:
@@ -123,8 +127,11 @@ def _add(report: dict, result: dict, on_result: Callable[[dict], None] | None) -
         on_result(report)
 
 
-def _context(model: nn.Module) -> int | None:
-    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+def _limits(model: nn.Module) -> dict:
+    """``context`` and ``vocab_size`` for ``Evaluation``, from the model's config where it has one."""
+    config = getattr(model, "config", None)
+    return {key: getattr(config, attr, None) for key, attr in
+            (("context", "max_position_embeddings"), ("vocab_size", "vocab_size"))}
 
 
 def evaluate_saved(directory, *, text=None, window: int = DEFAULT_WINDOW, windows: int | None = None,
@@ -145,7 +152,7 @@ def evaluate_saved(directory, *, text=None, window: int = DEFAULT_WINDOW, window
         return reference
 
     evaluation = Evaluation(info, tokenizer, original, text=text, window=window, windows=windows,
-                            context=_context(model), progress=progress)
+                            **_limits(model), progress=progress)
     config, stored = meta["config"], meta["quantize"]
     result = _score(evaluation, model, config["label"], config["double_quant"], stored["bits_per_weight"],
                     stored["seconds"])

@@ -1,6 +1,5 @@
 """`lowbit cache` / `lowbit cache clear`: listing from headers only, clearing by age, one-line errors."""
 
-import argparse
 import json
 import os
 import time
@@ -10,26 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-import lowbit.cli
 from lowbit.cli import main
 from lowbit.commands import cache_cmd
 from lowbit.eval.protocol import Protocol
 from lowbit.eval.reference import Reference, causal_reference
-
-
-@pytest.fixture(autouse=True)
-def _cache_command_registered(monkeypatch):
-    """`cache` as cli.py will register it (for as long as it does not yet)."""
-    build = lowbit.cli.build_parser
-
-    def with_cache():
-        parser = build()
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        if "cache" not in sub.choices:
-            cache_cmd.add_parser(sub)
-        return parser
-
-    monkeypatch.setattr(lowbit.cli, "build_parser", with_cache)
 
 
 class TinyLM(nn.Module):

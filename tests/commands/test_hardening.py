@@ -74,20 +74,25 @@ def test_windows_beyond_the_text_and_window_beyond_the_context(tiny_lm_dir, tmp_
     assert not (tmp_path / "cache").exists()
 
 
-@pytest.mark.parametrize("case", ["text-dir", "text-empty", "proc-output", "proc-json"])
-def test_bad_paths_fail_before_the_model_loads(tmp_path, case):
+@pytest.mark.parametrize("case", ["text-dir", "text-empty", "proc-output", "proc-json", "cache-file"])
+def test_bad_paths_fail_before_the_model_loads(tmp_path, monkeypatch, case):
     """The default model takes seconds to load: each of these fails first, in one line."""
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
+    monkeypatch.setenv("LOWBIT_CACHE", str(empty) if case == "cache-file" else str(tmp_path / "cache"))
     args = {
+        "cache-file": ("compare", "--formats", "int8"),
         "text-dir": ("compare", "--text", tmp_path),
         "text-empty": ("compare", "--text", empty),
         "proc-output": ("quantize", "--format", "nf4", "-o", "/proc/lowbit-out"),
         "proc-json": ("compare", "--json", "/proc/lowbit.json"),
     }[case]
-    needle = {"text-dir": "directory, not a text file", "text-empty": "empty", "proc-output": "cannot write",
+    needle = {"cache-file": "LOWBIT_CACHE is not a directory",
+              "text-dir": "directory, not a text file", "text-empty": "empty", "proc-output": "cannot write",
               "proc-json": "cannot write"}[case]
-    assert_one_line_error(lowbit(*args), needle)
+    r = lowbit(*args)
+    assert_one_line_error(r, needle)
+    assert "loading" not in r.stderr
 
 
 def test_disk_full_while_saving_is_one_line(tiny_lm_dir, tmp_path, monkeypatch):

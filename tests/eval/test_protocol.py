@@ -28,13 +28,19 @@ def test_windows_are_consecutive_from_the_start():
     assert (proto.window, proto.windows) == (3, 2)
 
 
-def test_windows_clip_to_the_text_and_hash_the_tokens():
-    ids, proto = token_windows(CharTokenizer(), "abcdefghij", "t", window=4, windows=16)
+def test_default_windows_clip_to_the_text_and_hash_the_tokens():
+    ids, proto = token_windows(CharTokenizer(), "abcdefghij", "t", window=4, windows=None)
     assert ids.shape == (2, 4) and proto.windows == 2
-    _, other = token_windows(CharTokenizer(), "abcdefghiX", "t", window=4, windows=16)
+    _, other = token_windows(CharTokenizer(), "abcdefghiX", "t", window=4, windows=None)
     assert other.tokens_sha256 == proto.tokens_sha256  # the dropped tail is not scored
-    _, other = token_windows(CharTokenizer(), "Xbcdefghij", "t", window=4, windows=16)
+    _, other = token_windows(CharTokenizer(), "Xbcdefghij", "t", window=4, windows=None)
     assert other.tokens_sha256 != proto.tokens_sha256
+
+
+def test_more_windows_than_the_text_holds_is_an_error_not_a_cap():
+    with pytest.raises(ValueError, match="holds 2 windows of 4 tokens.*--windows 2 or fewer"):
+        token_windows(CharTokenizer(), "abcdefghij", "t", window=4, windows=3)
+    assert token_windows(CharTokenizer(), "abcdefghij", "t", window=4, windows=1)[1].windows == 1
 
 
 def test_text_shorter_than_one_window_is_an_error():
@@ -45,6 +51,11 @@ def test_text_shorter_than_one_window_is_an_error():
 def test_read_text_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         read_text(tmp_path / "missing.txt")
+    with pytest.raises(IsADirectoryError, match="directory, not a text file"):
+        read_text(tmp_path)
+    (tmp_path / "blank.txt").write_text(" \n\n")
+    with pytest.raises(ValueError, match="empty"):
+        read_text(tmp_path / "blank.txt")
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"\xff\xfe\x00bad")
     with pytest.raises(ValueError, match="not UTF-8"):

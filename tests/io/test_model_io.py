@@ -125,3 +125,13 @@ def test_parts_that_do_not_match_the_stated_shape_are_refused(saved_int4):
     _edit_meta(saved_int4, grow)
     with pytest.raises(ModelLoadError, match=f"{name}: stored parts .* do not match a nf4 tensor of shape"):
         load_quantized(saved_int4)
+
+
+def test_a_loaded_model_refuses_save_pretrained_too(tiny_lm_dir, tmp_path):
+    from lowbit.nn import SavePretrainedError
+
+    model, tokenizer, info, config, report = quantized(tiny_lm_dir, "nf4")
+    loaded, _, _ = load_quantized(save_quantized(model, tokenizer, info, report, config, tmp_path / "q"))
+    with pytest.raises(SavePretrainedError, match="lowbit.io.save_quantized"):
+        loaded.save_pretrained(tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from ..eval.cache import cache_root
 from ..eval.protocol import DEFAULT_WINDOW, DEFAULT_WINDOWS, read_text
 from ..io.atomic import check_can_create_in
 from ..nn.surgery import QuantConfig
@@ -72,6 +73,7 @@ def check_protocol_args(args) -> None:
     if args.window < 2 or (args.windows is not None and args.windows < 1):
         raise ValueError(f"need --window >= 2 and --windows >= 1, got {args.window} and {args.windows}")
     read_text(args.text)  # missing, a directory, not UTF-8, empty: all fail here, in well under a second
+    cache_root()  # a LOWBIT_CACHE that is a file
     if args.json:
         check_writable_file(args.json)
 

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from ..errors import ModelLoadError
 from ..formats.registry import format_by_id, get_format
 from ..models.loader import CAUSAL_LM, ModelInfo, as_load_error, resolve
+from ..nn.hf_quantizer import refuse_save_pretrained
 from ..nn.linear import QuantLinear
 from ..nn.surgery import QuantConfig, QuantizeReport
 from ..quantize import quantize
@@ -157,6 +158,7 @@ def load_quantized(directory):
         for alias, target in meta["tied"].items():
             tensors[alias] = tensors[target]
         model.load_state_dict(tensors, strict=True)
+    refuse_save_pretrained(model)
     return model, tokenizer, meta
 
 

@@ -1,6 +1,7 @@
 """lowbit.nn: QuantLinear and model surgery (``quantize_model``)."""
 
-from .linear import QuantLinear, SavePretrainedError, refuse_save_pretrained
+from .hf_quantizer import SavePretrainedError, refuse_save_pretrained
+from .linear import QuantLinear
 from .surgery import QuantConfig, QuantizeReport, model_weight_bytes, quantize_model, select_linears
 
 __all__ = ["QuantConfig", "QuantLinear", "QuantizeReport", "SavePretrainedError", "model_weight_bytes",

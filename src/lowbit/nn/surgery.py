@@ -16,7 +16,8 @@ from ..formats.registry import get_format
 from ..formats.spec import DQ_SUFFIX, FormatSpec, fixed_block_message, no_double_quant_message
 from ..progress import progress_bar
 from ..quantize import quantize
-from .linear import QuantLinear, refuse_save_pretrained
+from .hf_quantizer import refuse_save_pretrained
+from .linear import QuantLinear
 
 
 @dataclass(frozen=True)
