@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+from functools import cache
+
 import torch
+
+from .errors import LowbitWarning
+from .formats.registry import codec_for
+from .formats.spec import FormatSpec
+from .scaling.double_quant import DQ_BLOCK
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -32,3 +40,39 @@ def check_float_tensor(x: torch.Tensor, *, allow_nonfinite: bool = False) -> Non
 def check_block_size(block: int) -> None:
     if not isinstance(block, int) or isinstance(block, bool) or block <= 0:
         raise ValueError(f"block_size must be a positive integer, got {block!r}")
+
+
+def check_block_overhead(spec: FormatSpec, block: int, dtype: torch.dtype, *, double_quant: bool = False) -> None:
+    """Warn (LowbitWarning) when a block this small stores more bits per weight than the input has."""
+    bits = block_bits_per_weight(spec, block, double_quant)
+    input_bits = torch.finfo(dtype).bits
+    if bits > input_bits:
+        warnings.warn(
+            f"{spec.name} with block_size={block} stores {bits:g} bits per weight, more than the {input_bits} "
+            f"bits of its {str(dtype).removeprefix('torch.')} input; a larger block stores fewer",
+            LowbitWarning,
+            stacklevel=3,  # the caller of lowbit.quantize
+        )
+
+
+@cache
+def block_bits_per_weight(spec: FormatSpec, block: int, double_quant: bool = False) -> float:
+    """Bits stored per weight by full blocks of ``block``: codes plus per-block scales (per-tensor
+    constants, which vanish on a large tensor, are not counted). Reads the part sizes off one
+    encoded block of zeros, so it holds for every codec."""
+    # per-block parts do not grow with the block (codes, counted apart, do); GGUF's
+    # "data" part holds the codes too, so a fixed-size block is encoded at its real size
+    b = block if spec.fixed_block_size else 1
+    codec = codec_for(spec)
+    zeros = torch.zeros(b, dtype=torch.float32)
+    parts = codec.encode(spec, zeros.view(1, b), partial=False, tensor_parts=codec.tensor_parts(spec, zeros))
+    bits = 0.0
+    for name, t in parts.items():
+        if name == "codes":
+            bits += spec.bits * block
+        elif name == "scales" and double_quant:
+            # QLoRA double quant (arXiv 2305.14314 §3): one 8-bit code per scale, one fp32 per DQ_BLOCK scales
+            bits += 8 + 32 / DQ_BLOCK
+        else:
+            bits += 8 * t.numel() * t.element_size()
+    return bits / block

@@ -13,3 +13,12 @@ class ModelLoadError(LowbitError, ValueError):
 
 class LayerQuantizeError(LowbitError, ValueError):
     """A layer's weight cannot be stored in the requested format (the message names the layer)."""
+
+
+class UnrepresentableError(LowbitError, ValueError):
+    """Finite input a format cannot hold: a stored scale or a dequantized value would overflow
+    (the message names the first such block and the format's largest magnitude)."""
+
+
+class LowbitWarning(UserWarning):
+    """A legal but probably unintended choice (e.g. a block size that stores more bits than the input)."""

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 from . import kernels
-from .checks import check_block_size, check_float_tensor
+from .checks import check_block_overhead, check_block_size, check_float_tensor
 from .formats.registry import codec_for, get_format
 from .formats.spec import FormatSpec
+from .representable import check_representable
 from .scaling import double_quant as dq
 from .scaling.packing import pack_codes
 from .tensor import QuantizedTensor, assemble
@@ -27,6 +28,12 @@ def quantize(
     GGUF formats need every row (last dim) to hold whole blocks. ``double_quant``
     compresses the per-block fp32 scales bitsandbytes-style (SPEC.md §6).
     NaN or Inf raise ValueError unless ``allow_nonfinite`` (results are then undefined).
+
+    Finite input the format cannot hold raises ``UnrepresentableError`` (a ValueError)
+    naming the first block whose stored scale or dequantized value (in ``x.dtype``) would
+    overflow, and the format's largest magnitude for that dtype; ``allow_nonfinite`` skips
+    this check too. A block size that stores more bits per weight than ``x.dtype`` has
+    warns with ``LowbitWarning``.
     """
     spec = get_format(fmt)
     check_float_tensor(x, allow_nonfinite=allow_nonfinite)
@@ -42,19 +49,34 @@ def quantize(
     if double_quant and not spec.double_quant:
         raise ValueError(f"double_quant needs a format with per-block fp32 scales; {spec.name} has none")
 
+    check_block_overhead(spec, block, x.dtype, double_quant=double_quant)
+
     flat = x.detach().reshape(-1).to(torch.float32)
-    parts: dict[str, torch.Tensor] | None = {} if x.numel() == 0 else None
-    if parts is None and kernels.enabled():
-        parts = codec_for(spec).fast_encode(spec, flat, block)
+    parts = encode_parts(spec, flat, block) if x.numel() else {}
+    check = not allow_nonfinite and bool(parts)  # non-finite input: results are undefined anyway
+    if check:
+        check_representable(spec, parts, flat, shape=x.shape, dtype=x.dtype, block=block)
+    if double_quant and parts:
+        compressed = dq.compress(parts["scales"])
+        if check:
+            # compressed scales can overflow where the format's own do not (their float32 mean)
+            view = {**parts, "scales": dq.decompress(compressed)}
+            check_representable(spec, view, flat, shape=x.shape, dtype=x.dtype, block=block, double_quant=True)
+        del parts["scales"]
+        parts.update(compressed)
+    return QuantizedTensor(
+        format=spec, shape=x.shape, dtype=x.dtype, block_size=block, parts=parts, double_quant=double_quant
+    )
+
+
+def encode_parts(spec: FormatSpec, flat: torch.Tensor, block: int) -> dict[str, torch.Tensor]:
+    """(n,) float32, n > 0 -> the stored parts, codes packed: the C kernel where one applies."""
+    parts = codec_for(spec).fast_encode(spec, flat, block) if kernels.enabled() else None
     if parts is None:
         parts = assemble(spec, flat, block)
         if "codes" in parts:
             parts["codes"] = pack_codes(parts["codes"], spec.bits, pad_code=zero_code(spec))
-    if double_quant and parts:
-        parts.update(dq.compress(parts.pop("scales")))
-    return QuantizedTensor(
-        format=spec, shape=x.shape, dtype=x.dtype, block_size=block, parts=parts, double_quant=double_quant
-    )
+    return parts
 
 
 def zero_code(spec: FormatSpec) -> int:

@@ -7,6 +7,9 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 import lowbit
+from lowbit.errors import UnrepresentableError
+from lowbit.gguf.kquants import QK_K
+from lowbit.representable import largest_magnitude, probe_units
 
 # llama.cpp tests/test-quantize-fns.cpp: MAX_QUANTIZATION_TOTAL_ERROR for >= 4-bit types,
 # measured as sqrt(sum of squared errors) / n on 0.1 + 2 cos(i), n = 32 * 128.
@@ -58,3 +61,23 @@ def test_bits_and_error_on_gaussian(name, bpw, rmse):
 def test_rows_must_hold_whole_super_blocks():
     with pytest.raises(ValueError, match="whole blocks of 256"):
         lowbit.quantize(torch.randn(4, 576), "q4_k")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.filterwarnings("ignore::RuntimeWarning:gguf")  # gguf-py decoding the overflowed bytes: inf * 0
+@pytest.mark.parametrize("name", ["q4_k", "q6_k"])
+def test_near_the_fp16_scale_limit(name, dtype):
+    """At largest_magnitude gguf reads our bytes as we do, all finite; one value up, the
+    unchecked bytes decode to inf in gguf too, and quantize raises instead."""
+    m = largest_magnitude(lowbit.get_format(name), dtype)
+    units = probe_units(QK_K)  # (k, 256) with max |x| = 1 per row
+    x = (units * m).to(dtype)
+    q = lowbit.quantize(x, name)
+    out = q.dequantize()
+    assert torch.isfinite(out).all() and torch.equal(out, gguf_read(q, name, x.shape[0]).to(dtype))
+    up = torch.tensor(m, dtype=dtype).view(torch.int32 if dtype == torch.float32 else torch.int16) + 1
+    above = (units * float(up.view(dtype))).to(dtype)
+    raw = lowbit.quantize(above, name, allow_nonfinite=True)
+    assert not torch.isfinite(gguf_read(raw, name, above.shape[0]).to(dtype)).all()
+    with pytest.raises(UnrepresentableError, match=rf"^{name} cannot hold block \d+ .* in {str(dtype)[6:]}$"):
+        lowbit.quantize(above, name)

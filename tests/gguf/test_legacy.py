@@ -1,13 +1,21 @@
 """Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 byte for byte against gguf.quants (SPEC.md §5)."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
+from hypothesis import assume, event, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 import lowbit
 from lowbit import kernels
+from lowbit.errors import UnrepresentableError
+from lowbit.gguf.legacy import QK
+from lowbit.representable import largest_magnitude, probe_units
 
 NAMES = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
 
@@ -70,3 +78,56 @@ def test_rows_must_hold_whole_blocks():
         lowbit.quantize(torch.randn(4, 48), "q4_0")
     with pytest.raises(ValueError, match="fixed block size"):
         lowbit.quantize(torch.randn(4, 64), "q4_0", block_size=64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.filterwarnings("ignore::RuntimeWarning:gguf")  # gguf-py's fp16 d overflows just past the limit
+def test_just_inside_the_range_equals_gguf_and_past_it_raises(name, dtype):
+    spec = lowbit.get_format(name)
+    qtype = GGMLQuantizationType[name.upper()]
+    m = largest_magnitude(spec, dtype)
+    x = (probe_units(QK) * m).to(dtype)  # (k, 32): lone +-m, a +-m pair, all m, random blocks with max |x| = m
+    for reference_path in (False, True):
+        with kernels.reference() if reference_path else contextlib.nullcontext():
+            q = lowbit.quantize(x, name)
+            out = q.dequantize()
+        ref = quantize(x.float().numpy(), qtype)
+        assert not first_bad_blocks(q.tobytes(), ref.tobytes(), spec.param("bytes"))
+        ref_out = torch.from_numpy(dequantize(ref, qtype).astype(np.float32)).to(dtype)
+        assert torch.isfinite(out).all() and torch.equal(out, ref_out)
+    if m == torch.finfo(dtype).max:  # q4_0 / q5_0 hold every float16: 8 or 16 * (65504 / 8 or 16) is exact
+        assert dtype == torch.float16 and name in ("q4_0", "q5_0")
+        return
+    up = torch.tensor(m, dtype=dtype).view({torch.float32: torch.int32}.get(dtype, torch.int16)) + 1
+    above = (probe_units(QK) * float(up.view(dtype))).to(dtype)
+    ref_out = dequantize(quantize(above.float().numpy(), qtype), qtype)
+    assert not torch.isfinite(torch.from_numpy(ref_out.astype(np.float32)).to(dtype)).all()  # gguf-py: inf
+    with pytest.raises(UnrepresentableError, match=rf"^{name} cannot hold block \d+ "):
+        lowbit.quantize(above, name)
+
+
+# wide enough that a block's fp16 d (or m) overflows in about half the examples
+wide = st.floats(min_value=-1e7, max_value=1e7, allow_nan=False, allow_infinity=False, width=32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays(np.float32, st.tuples(st.integers(1, 3), st.sampled_from([32, 64])), elements=wide),
+       st.sampled_from(NAMES), st.sampled_from(["float32", "float16"]))
+@pytest.mark.filterwarnings("ignore::RuntimeWarning:gguf")
+@pytest.mark.filterwarnings("ignore::RuntimeWarning:numpy")  # float16 casts of out-of-range examples
+def test_raises_exactly_where_gguf_decodes_inf(x, name, dtype):
+    """lowbit raises iff gguf-py's bytes decode to a non-finite value in the input's dtype,
+    naming the first such block; otherwise the bytes are gguf-py's."""
+    t = torch.from_numpy(x).to(getattr(torch, dtype))
+    assume(torch.isfinite(t).all())  # float16 input: only values it can hold
+    qtype = GGMLQuantizationType[name.upper()]
+    ref = quantize(t.float().numpy(), qtype)
+    ref_out = torch.from_numpy(dequantize(ref, qtype).astype(np.float32)).to(t.dtype).reshape(-1, QK)
+    bad = (~torch.isfinite(ref_out)).any(dim=1).nonzero().flatten().tolist()
+    event("holds" if not bad else "raises")
+    if not bad:
+        assert lowbit.quantize(t, name).tobytes() == ref.tobytes()
+        return
+    with pytest.raises(UnrepresentableError, match=rf"^{name} cannot hold block {bad[0]} "):
+        lowbit.quantize(t, name)

@@ -98,6 +98,11 @@ class AbsmaxCodebook(Codec, family="codebook"):
         v = values[parts["codes"].view(n_blocks, block).to(torch.int64)]
         return v * parts["scales"][:, None]
 
+    @classmethod
+    def peak(cls, spec, parts):
+        """Largest decoded |value| per block: the absmax element always takes a +-1 code."""
+        return parts["scales"].abs().mul_(max(abs(v) for v in spec.values))
+
 
 for _b in range(2, 9):
     register(

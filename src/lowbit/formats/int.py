@@ -32,6 +32,11 @@ class SymmetricInt(Codec, family="int"):
         return q * parts["scales"][:, None]
 
     @classmethod
+    def peak(cls, spec, parts):
+        """Largest decoded |value| per block: the absmax element always takes code +-Qp."""
+        return parts["scales"].abs().mul_(2 ** (spec.bits - 1) - 1)
+
+    @classmethod
     def fast_encode(cls, spec, flat, block):
         n, qp = flat.numel(), 2 ** (spec.bits - 1) - 1
         flat = flat.contiguous()
@@ -75,6 +80,16 @@ class AsymmetricInt(Codec, family="int_asym"):
         q = parts["codes"].view(n_blocks, block).to(torch.float32)
         z = parts["zeros"].to(torch.float32)[:, None]
         return (q - z) * parts["scales"][:, None]
+
+    @classmethod
+    def peak(cls, spec, parts):
+        """Largest decoded |value| per block, at code 0 or 2^b - 1 (decode's (q - z) * s).
+
+        The block's min and max take those codes except in an exact double tie, where the
+        max may take 2^b - 2: then this bounds the block's peak from above.
+        """
+        z, s = parts["zeros"].to(torch.float32), parts["scales"]
+        return torch.maximum((((2**spec.bits - 1) - z) * s).abs(), ((0 - z) * s).abs())
 
 
 for _b in range(2, 9):

@@ -42,6 +42,11 @@ class AbsmaxMinifloat(Codec, family="minifloat"):
             return fast
         return exmy_of(spec).decode(codes) * parts["scales"][:, None]
 
+    @classmethod
+    def peak(cls, spec, parts):
+        """Largest decoded |value| per block: the absmax element always saturates to max_finite."""
+        return parts["scales"].abs().mul_(exmy_of(spec).max_finite)
+
 
 def _register(name: str, fid: int, fmt: ExMy, aliases: tuple[str, ...], note: str) -> None:
     register(

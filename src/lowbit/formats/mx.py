@@ -64,6 +64,7 @@ class Int8Element:
 
     bits = 8
     frac_bits = 6
+    max_finite = 127 / 64  # the largest magnitude the quantizer produces (-2.0 never is)
     values = tuple((k if k < 128 else k - 256) / 64 for k in range(256))  # code order
     value_tensor = torch.tensor(values, dtype=torch.float32)
 
@@ -108,6 +109,14 @@ class Microscaling(Codec, family="mx"):
         fast = kernels.lut_scale(codes, elem.value_tensor, scales)
         return fast if fast is not None else elem.decode(codes) * scales[:, None]
 
+    @classmethod
+    def peak(cls, spec, parts):
+        """Bound on the decoded |value| per block: the largest element times 2^e. Never inf
+        (for any float32 amax, max_elem * 2^(floor(log2 amax) - emax) < 2^128) nor above a
+        float16 or bfloat16 input's max (checked for every element type in tests)."""
+        elem, _ = _element(spec)
+        return elem.max_finite * e8m0_decode(parts["scales_e8m0"])
+
 
 class NVFP4(Codec, family="nvfp4"):
     @classmethod
@@ -132,6 +141,12 @@ class NVFP4(Codec, family="nvfp4"):
         total = parts["tensor_scale"] * e4m3_decode(parts["scales_e4m3"])  # (n_blocks,)
         fast = kernels.lut_scale(codes, E2M1.value_tensor, total)
         return fast if fast is not None else E2M1.decode(codes) * total[:, None]
+
+    @classmethod
+    def peak(cls, spec, parts):
+        """Bound on the decoded |value| per block, 6 * g * s; attained by every block whose s is
+        448, the tensor's largest (their absmax element scales to >= 432 * 6 / 448 > 5: code 6)."""
+        return E2M1_MAX * (parts["tensor_scale"] * e4m3_decode(parts["scales_e4m3"]))
 
 
 def _register_mx(name: str, fid: int, element: str, note: str) -> None:

@@ -27,6 +27,11 @@ class Ternary(Codec, family="ternary"):
         q = parts["codes"].view(n_blocks, block).to(torch.float32) - 1
         return q * parts["scales"][:, None]
 
+    @classmethod
+    def peak(cls, spec, parts):
+        """Largest decoded |value| per block (code +-1; gamma is a float32 mean, which can overflow)."""
+        return parts["scales"].abs()
+
 
 register(
     FormatSpec(

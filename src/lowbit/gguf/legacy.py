@@ -120,6 +120,36 @@ class GGUFLegacy(Codec, family="gguf_legacy"):
         return d * q.to(torch.float32) + _fp16_read(data[:, 2:4])
 
     @classmethod
+    def peak(cls, spec, parts):
+        """Largest decoded |value| per block, from its fp16 d (and m), with decode's arithmetic.
+
+        Exact: q8's absmax element takes code +-127; the signed max takes code 0, -2^(b-1) d;
+        an asym block's min and max take codes 0 and 2^b - 1 (d >= 0: the extremes).
+        """
+        kind, bits = spec.param("kind"), spec.bits
+        data = parts["data"]
+        d = _fp16_read(data[:, :2]).view(-1)  # (n_blocks,)
+        if kind == "q8":
+            return d.abs_().mul_(127)
+        if kind == "sym":
+            return d.abs_().mul_(2 ** (bits - 1))
+        m = _fp16_read(data[:, 2:4]).view(-1)
+        return torch.maximum((d * (2**bits - 1) + m).abs(), m.abs())
+
+    @classmethod
+    def peak_max(cls, spec, parts):
+        """max(peak(...)) in one strided pass over the fp16 d (the check's common case), or None.
+
+        q8 and sym peaks grow with |d|, and fp16 -> fp32 is exact, so the largest |d| decides.
+        """
+        kind = spec.param("kind")
+        if kind == "asym":
+            return None
+        lo, hi = torch.aminmax(parts["data"].view(torch.float16)[:, 0])  # (n_blocks,) strided view, no copy
+        top = torch.maximum(lo.abs(), hi.abs()).to(torch.float32)  # NaN propagates
+        return top * (127 if kind == "q8" else 2 ** (spec.bits - 1))
+
+    @classmethod
     def fast_encode(cls, spec, flat, block):
         if spec.name not in ("q8_0", "q4_0"):
             return None
@@ -128,7 +158,9 @@ class GGUFLegacy(Codec, family="gguf_legacy"):
         data = kernels.empty(nb * spec.param("bytes"), torch.uint8).view(nb, -1)
         d = torch.empty(nb, dtype=torch.float32)
         getattr(kernels.native, f"lowbit_{spec.name}_quantize")(flat.data_ptr(), nb, d.data_ptr(), data.data_ptr())
-        data[:, :2] = _fp16_bytes(d)
+        # fp32 -> fp16 (round to nearest even, as _fp16_bytes) straight into each block's first
+        # two bytes: one strided pass instead of a conversion and a 2-byte strided copy
+        data.view(torch.float16)[:, 0] = d
         return {"data": data}
 
     @classmethod
