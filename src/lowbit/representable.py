@@ -5,7 +5,7 @@ decoded magnitude follows from its stored scales: a codec's ``peak(spec, parts)`
 it per block, (n_blocks,) float32, computed with decode's own float32 arithmetic (NaN or
 inf where a stored scale is not finite). It is exact where the encoder always uses the
 block's extreme code (absmax scales, GGUF's signed max and range) and an upper bound
-otherwise; a codec without ``peak`` is decoded in full. Checking those few numbers per
+otherwise; a codec whose ``peak`` returns None is decoded in full. Checking those few numbers per
 block after encoding costs far less than scanning the input again.
 
 A value overflows the input's dtype when it reaches ``overflow_threshold``: the dtype's
@@ -41,9 +41,9 @@ def overflow_threshold(dtype: torch.dtype) -> float:
 
 def block_peaks(spec: FormatSpec, parts: dict[str, torch.Tensor], n: int, block: int) -> torch.Tensor:
     """parts of n elements (no double quant) -> (n_blocks,) float32 largest decoded |value|."""
-    peak = getattr(codec_for(spec), "peak", None)
-    if peak is not None:
-        return peak(spec, parts)
+    peaks = codec_for(spec).peak(spec, parts)
+    if peaks is not None:
+        return peaks
     out = QuantizedTensor(spec, torch.Size([n]), torch.float32, block, parts).dequantize()  # (n,)
     n_blocks = -(-n // block)
     padded = torch.zeros(n_blocks * block, dtype=torch.float32)
@@ -62,8 +62,7 @@ def first_overflow(peaks: torch.Tensor, dtype: torch.dtype) -> int | None:
 def holds(spec: FormatSpec, parts: dict[str, torch.Tensor], n: int, block: int, dtype: torch.dtype) -> bool:
     """Whether every block decodes finite in ``dtype``: a codec's ``peak_max`` (the largest
     peak, from one pass over its scales) where it has one, else the per-block peaks."""
-    peak_max = getattr(codec_for(spec), "peak_max", None)
-    top = peak_max(spec, parts) if peak_max is not None else None
+    top = codec_for(spec).peak_max(spec, parts)
     if top is not None:
         return bool(top < overflow_threshold(dtype))  # NaN compares False
     return first_overflow(block_peaks(spec, parts, n, block), dtype) is None

@@ -50,6 +50,18 @@ class Codec:
         """Inverse of encode: (n_blocks, block) float32."""
         raise NotImplementedError
 
+    # Overflow checks (lowbit.representable) read the stored scales, not the decoded tensor.
+    @classmethod
+    def peak(cls, spec: FormatSpec, parts: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """(n_blocks,) float32 largest decoded |value| per block (or a bound never below it that
+        is finite exactly when the decode is); None: the caller decodes in full instead."""
+        return None
+
+    @classmethod
+    def peak_max(cls, spec: FormatSpec, parts: dict[str, torch.Tensor]) -> torch.Tensor | float | None:
+        """The largest of ``peak`` in one pass over the scales, where cheaper; None: use ``peak``."""
+        return None
+
     # Optional fast kernels (lowbit.kernels): the whole flat tensor at once, stored parts
     # already packed. Return None to use the reference path. Must give identical results.
     @classmethod
