@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import sys
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from rich.console import Console
 from ..eval.cache import cache_root
 from ..eval.protocol import DEFAULT_WINDOW, DEFAULT_WINDOWS, read_text
 from ..io.atomic import check_can_create_in
+from ..models.converted import CacheWarning
 from ..nn.surgery import QuantConfig
 from ..progress import note
 
@@ -96,9 +99,15 @@ def load(spec: str | None, con: Console):
     note(what)  # the spinner below shows only on a terminal
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its warnings would break the one-line-error contract
+    caught: list = []
     try:
-        with con.status(what, spinner="dots"), \
-                contextlib.redirect_stderr(io.StringIO()):
+        with con.status(what, spinner="dots"), contextlib.redirect_stderr(io.StringIO()), \
+                warnings.catch_warnings(record=True) as held:
+            warnings.simplefilter("always", CacheWarning)
+            caught = held
             return load_model(spec)
     finally:
         hf_logging.set_verbosity(verbosity)
+        for w in caught:  # ours (a cache rebuilt or not written) are worth a line; the held stderr's are not
+            if issubclass(w.category, CacheWarning):
+                sys.stderr.write(f"lowbit: warning: {' '.join(str(w.message).split())}\n")

@@ -28,10 +28,17 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def source_dtype(source: str | None) -> torch.dtype:
-    """The dtype a local HF checkpoint declares in its config.json; float32 for anything else
-    (GGUF files are dequantized to float32 on load, and hub ids are not looked up)."""
-    config = Path(source) / "config.json" if source else None
-    if config is None or not config.is_file():
+    """The dtype a local HF checkpoint (``ModelInfo.source``) declares in its config.json;
+    float32 for anything else (GGUF files are dequantized to float32 on load, and hub ids are
+    not looked up)."""
+    from ..models.loader import resolve  # an embedded name ("minilm") is a directory too
+
+    try:
+        how, target = resolve(source)
+    except ValueError:
+        return torch.float32
+    config = Path(target) / "config.json"
+    if how != "directory" or not config.is_file():
         return torch.float32
     try:
         declared = json.loads(config.read_text())
