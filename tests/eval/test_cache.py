@@ -14,6 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
+from lowbit import cachedir
 from lowbit.eval import cache
 from lowbit.eval.cache import CacheFile, CacheIntegrityError, CacheSpaceError, read_header
 from lowbit.eval.causal import score_causal
@@ -153,7 +154,7 @@ def test_damaged_file_is_recomputed_with_one_notice(lm, root, caplog, damage):
 
 
 def _tiny_disk(monkeypatch, free=1000):
-    monkeypatch.setattr(cache, "free_disk", lambda directory: free)
+    monkeypatch.setattr(cachedir, "free_disk", lambda directory: free)
 
 
 def test_too_little_disk_is_refused_before_the_model_loads(lm, root, monkeypatch):
@@ -177,7 +178,7 @@ def test_without_vocab_size_the_check_runs_after_the_first_window(lm, root, monk
 
 
 def test_too_little_memory_is_refused(lm, root, monkeypatch):
-    monkeypatch.setattr(cache, "free_memory", lambda: 10_000)
+    monkeypatch.setattr(cachedir, "free_memory", lambda: 10_000)
     with pytest.raises(CacheSpaceError, match=r"needs .* of memory; 0\.0 MB available; use fewer") as info:
         reference(lm, never, vocab_size=VOCAB)
     assert info.value.errno == errno.ENOMEM
@@ -190,7 +191,7 @@ def test_a_huge_protocol_is_refused_by_the_real_probes(lm, root):
 
 
 def test_free_memory_probe():
-    available = cache.free_memory()
+    available = cachedir.free_memory()
     assert available is None or available > 0
 
 
@@ -205,7 +206,7 @@ def test_unwritable_cache_directory(lm, root, monkeypatch):
     def refuse(**kwargs):
         raise PermissionError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr(cache.tempfile, "TemporaryFile", refuse)
+    monkeypatch.setattr(cachedir.tempfile, "TemporaryFile", refuse)
     with pytest.raises(PermissionError, match=r"cannot write to the cache directory .* \(Read-only file system\); "
                                               "set LOWBIT_CACHE"):
         reference(lm, never)
@@ -256,8 +257,8 @@ def test_sweep_removes_what_killed_runs_left(lm, root):
     for f in (ref_temp, st_temp):
         f.write_bytes(b"x" * 100)
     (root / "notes.tmp").write_text("not ours")
-    _age(old_model_temp, 2 * cache.STALE_SECONDS)
-    removed = {p.name: size for p, size in cache.sweep_temps(root)}
+    _age(old_model_temp, 2 * cachedir.STALE_SECONDS)
+    removed = {p.name: size for p, size in cachedir.sweep_temps(root)}
     # no reference write holds the lock: its temps go now; a model's temp dir only once an hour old
     assert removed == {ref_temp.name: 100, st_temp.name: 100, old_model_temp.name: 10}
     assert sorted(os.listdir(root)) == sorted([kept_entry.name, model_temp.name, "notes.tmp"])
@@ -268,19 +269,19 @@ def test_sweep_keeps_the_temp_file_of_a_live_writer(root):
     live, dead = root / ".ref-causal-1.safetensors.aaa.tmp", root / ".ref-causal-2.safetensors.bbb.tmp"
     live.write_bytes(b"x")
     dead.write_bytes(b"x")
-    _age(dead, 2 * cache.STALE_SECONDS)
-    with cache.writing(root):  # another run is writing a reference right now
-        removed = [p for p, _ in cache.sweep_temps(root)]
+    _age(dead, 2 * cachedir.STALE_SECONDS)
+    with cachedir.writing(root):  # another run is writing a reference right now
+        removed = [p for p, _ in cachedir.sweep_temps(root)]
     assert removed == [dead] and live.exists()
 
 
 def test_a_reference_in_use_is_not_removed(lm, root):
     ref = reference(lm)
     path = ref.path
-    assert not cache.remove_file(path) and path.exists()
+    assert not cachedir.remove_file(path) and path.exists()
     del ref
     gc.collect()
-    assert cache.remove_file(path) and not path.exists()
+    assert cachedir.remove_file(path) and not path.exists()
 
 
 class CharTokenizer:

@@ -16,18 +16,8 @@ from pathlib import Path
 
 from rich.table import Table
 
-from ..eval.cache import (
-    DESCRIPTION_KEY,
-    MODEL_DESCRIPTION,
-    cache_root,
-    is_temp,
-    last_change,
-    read_header,
-    remove_file,
-    remove_tree,
-    sweep_temps,
-    tree_size,
-)
+from ..cachedir import cache_root, is_temp, last_change, remove_file, remove_tree, sweep_temps, tree_size
+from ..eval.cache import DESCRIPTION_KEY, MODEL_DESCRIPTION, read_header
 from .common import console
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}

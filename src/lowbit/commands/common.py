@@ -11,7 +11,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from ..eval.cache import cache_root
+from ..cachedir import cache_root
 from ..eval.protocol import DEFAULT_WINDOW, DEFAULT_WINDOWS, read_text
 from ..io.atomic import check_can_create_in
 from ..models.converted import CacheWarning

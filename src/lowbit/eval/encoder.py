@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..cachedir import sweep_temps, writable_root
 from ..progress import progress_bar
 from .cache import (
     CACHE_VERSION,
@@ -22,8 +23,6 @@ from .cache import (
     created_now,
     model_label,
     open_cached,
-    sweep_temps,
-    writable_root,
     write_entry,
 )
 from .protocol import paragraphs

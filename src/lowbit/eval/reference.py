@@ -19,18 +19,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..cachedir import check_space, sweep_temps, writable_root
 from ..progress import progress_bar
 from .cache import (
     CACHE_VERSION,
     CacheFile,
     CacheIntegrityError,
     cache_path,
-    check_space,
     created_now,
     model_label,
     open_cached,
-    sweep_temps,
-    writable_root,
     write_entry,
 )
 from .protocol import Protocol
