@@ -26,7 +26,7 @@ except ImportError:  # no flock (Windows): temp files are then swept by age only
 
 STALE_SECONDS = 3600  # a temp file nobody has touched for an hour belongs to a dead run
 # temp names of writers that hold ``writing(root)``: swept as soon as no writer holds it
-LOCKED_TEMPS = (".ref-", ".tmp")
+LOCKED_TEMPS = (".ref-", ".tmp", ".model-")
 
 
 def cache_dir() -> Path:
@@ -150,10 +150,10 @@ def is_temp(name: str) -> bool:
 def sweep_temps(root: Path | None = None) -> list[tuple[Path, int]]:
     """Remove the temp files and directories killed runs left; returns ``(path, bytes)`` of each.
 
-    Reference writers (``.ref-…``, and safetensors' ``.tmpXXXXXX`` in the root) hold a shared
-    lock on the directory while they write: when the exclusive lock is granted none is under
-    way and theirs go at once. Anything else (a converted model being written by a process that
-    takes no lock) goes only when nothing in it has changed for an hour.
+    Writers of references (``.ref-…``, and safetensors' ``.tmpXXXXXX`` in the root) and of
+    converted models (``.model-…``) hold a shared lock on the directory while they write: when
+    the exclusive lock is granted none is under way and theirs go at once. Anything else (say,
+    an older lowbit's temp file) goes only when nothing in it has changed for an hour.
     """
     root = cache_root() if root is None else root
     if not root.is_dir():

@@ -250,18 +250,19 @@ def test_sweep_removes_what_killed_runs_left(lm, root):
     kept_entry = reference(lm).path
     ref_temp = root / f".{kept_entry.name}.a1b2c3.tmp"  # atomic_file's, from a run killed while writing
     st_temp = root / ".tmpAb12Cd"  # safetensors' own temp
-    model_temp, old_model_temp = root / ".model-1234.x9.tmp", root / ".model-5678.y8.tmp"
-    for d in (model_temp, old_model_temp):
+    model_temp = root / ".model-1234.x9.tmp"  # a converted model's atomic_dir
+    other_temp, old_other_temp = root / ".other.x9.tmp", root / ".other.y8.tmp"  # no writer of ours locks these
+    for d in (model_temp, other_temp, old_other_temp):
         d.mkdir()
         (d / "model.safetensors").write_bytes(b"x" * 10)
     for f in (ref_temp, st_temp):
         f.write_bytes(b"x" * 100)
     (root / "notes.tmp").write_text("not ours")
-    _age(old_model_temp, 2 * cachedir.STALE_SECONDS)
+    _age(old_other_temp, 2 * cachedir.STALE_SECONDS)
     removed = {p.name: size for p, size in cachedir.sweep_temps(root)}
-    # no reference write holds the lock: its temps go now; a model's temp dir only once an hour old
-    assert removed == {ref_temp.name: 100, st_temp.name: 100, old_model_temp.name: 10}
-    assert sorted(os.listdir(root)) == sorted([kept_entry.name, model_temp.name, "notes.tmp"])
+    # no write holds the lock: our writers' temps go now; anything else only once an hour old
+    assert removed == {ref_temp.name: 100, st_temp.name: 100, model_temp.name: 10, old_other_temp.name: 10}
+    assert sorted(os.listdir(root)) == sorted([kept_entry.name, other_temp.name, "notes.tmp"])
 
 
 def test_sweep_keeps_the_temp_file_of_a_live_writer(root):

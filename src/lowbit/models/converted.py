@@ -26,7 +26,7 @@ from contextlib import suppress
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..cachedir import cache_dir
+from ..cachedir import cache_dir, writing
 from .hashing import file_sha256
 
 META = "lowbit-cache.json"
@@ -105,7 +105,7 @@ def store(model, tokenizer, *, source: Path, sha256: str, name: str) -> None:
         free = shutil.disk_usage(path.parent).free
         if free < need:
             raise OSError(f"{free >> 20} MiB free, {need >> 20} MiB needed")
-        with atomic_dir(path, overwrite=True) as tmp:
+        with writing(path.parent), atomic_dir(path, overwrite=True) as tmp:  # the lock: no sweep meanwhile
             _write(tmp, model, tokenizer, tensors)
             files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
             meta = {"kind": "model", "model": name, "source": str(source), "source_sha256": sha256,
