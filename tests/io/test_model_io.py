@@ -135,3 +135,16 @@ def test_a_loaded_model_refuses_save_pretrained_too(tiny_lm_dir, tmp_path):
     with pytest.raises(SavePretrainedError, match="lowbit.io.save_quantized"):
         loaded.save_pretrained(tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+def test_keep_dtype_rounds_the_model_in_memory_as_saved(tiny_lm_dir, tmp_path):
+    model, tokenizer, info, config, report = quantized(tiny_lm_dir, "q4_0")
+    out = save_quantized(model, tokenizer, info, report, config, tmp_path / "q", keep_dtype=torch.bfloat16)
+    loaded, _, meta = load_quantized(out)
+    ids = torch.arange(100, 164)[None]
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)  # the model in memory is what was saved
+    embed = model.model.embed_tokens.weight
+    assert torch.equal(embed, embed.bfloat16().float()) and meta["config"]["keep_dtype"] == "bfloat16"
+    assert meta["quantize"]["model_bytes_after"] == report.model_bytes_after - embed.numel() * 2 - sum(
+        p.numel() * 2 for n, p in model.named_parameters() if "norm" in n)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
-from ..io.model_io import check_output, local_source, save_quantized
-from ..nn.keep_dtype import parse_keep_dtype, round_state, source_dtype
+from ..io.model_io import check_output, local_source, read_meta, save_quantized
+from ..nn.keep_dtype import parse_keep_dtype, source_dtype
 from ..nn.surgery import quantize_model
 from .common import add_keep_dtype_arg, add_model_arg, add_selection_args, console, load, parse_configs
 
@@ -35,11 +33,11 @@ def run(args) -> int:
     model, tokenizer, info = load(args.model, con)
     keep = keep or source_dtype(info.source)
     report = quantize_model(model, config)
-    report = replace(report, model_bytes_after=report.model_bytes_after - round_state(model, keep))
     save_quantized(model, tokenizer, info, report, config, args.output, overwrite=args.overwrite, keep_dtype=keep)
+    after = read_meta(args.output)["quantize"]["model_bytes_after"]  # the unquantized tensors at --keep-dtype
     con.print(
         f"{config.label}: {len(report.layers)} layers, {report.bits_per_weight:.3f} bits/weight; model "
-        f"{report.model_bytes_before / 1e6:.1f} MB -> {report.model_bytes_after / 1e6:.1f} MB "
+        f"{report.model_bytes_before / 1e6:.1f} MB -> {after / 1e6:.1f} MB "
         f"in {report.seconds:.1f} s; wrote {args.output}"
     )
     return 0

@@ -22,6 +22,7 @@ from ..errors import ModelLoadError
 from ..formats.registry import format_by_id, get_format
 from ..models.loader import CAUSAL_LM, ModelInfo, as_load_error, resolve
 from ..nn.hf_quantizer import refuse_save_pretrained
+from ..nn.keep_dtype import round_state
 from ..nn.linear import QuantLinear
 from ..nn.surgery import QuantConfig, QuantizeReport
 from ..quantize import quantize
@@ -37,8 +38,11 @@ def save_quantized(model, tokenizer, info: ModelInfo, report: QuantizeReport, co
                    overwrite=False, keep_dtype: torch.dtype = torch.float32) -> Path:
     """Write ``model`` (already through ``quantize_model``, which gave ``report``) to ``directory``, atomically.
 
-    The tensors quantization left alone (embeddings, norms, biases) are stored in ``keep_dtype``.
+    The tensors quantization left alone (embeddings, norms, biases) are stored in ``keep_dtype``
+    and rounded through it in ``model`` too, so the model in memory computes what the saved one
+    will; ``model_bytes_after`` in ``lowbit.json`` counts them at that dtype.
     """
+    saved = round_state(model, keep_dtype)
     layers, tensors = {}, {}
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
@@ -64,7 +68,7 @@ def save_quantized(model, tokenizer, info: ModelInfo, report: QuantizeReport, co
                    "exclude": list(config.exclude), "keep_dtype": str(keep_dtype).removeprefix("torch.")},
         "model": asdict(info),
         "quantize": {"bits_per_weight": report.bits_per_weight, "model_bytes_before": report.model_bytes_before,
-                     "model_bytes_after": report.model_bytes_after, "seconds": report.seconds},
+                     "model_bytes_after": report.model_bytes_after - saved, "seconds": report.seconds},
         "layers": layers,
         "tied": tied,
     }
