@@ -25,8 +25,13 @@ except ImportError:  # no flock (Windows): temp files are then swept by age only
     fcntl = None
 
 STALE_SECONDS = 3600  # a temp file nobody has touched for an hour belongs to a dead run
-# temp names of writers that hold ``writing(root)``: swept as soon as no writer holds it
-LOCKED_TEMPS = (".ref-", ".tmp", ".model-")
+# What lowbit writes, and nothing else, is listed, cleared and swept: LOWBIT_CACHE may name a
+# directory that holds other files (even /tmp). Entries: references and converted models.
+ENTRY = re.compile(r"(ref-(causal|encoder)-[0-9a-f]{32}\.safetensors|model-[0-9a-f]{32})")
+# atomic_file / atomic_dir temps of an entry (".ENTRY.XXXX.tmp", ".old" while replacing one)
+_OWN_TEMP = re.compile(r"\.(ref-(causal|encoder)-[0-9a-f]{32}\.safetensors|model-[0-9a-f]{32})\.\w+\.(tmp|old)")
+# safetensors (>= 0.6) writes ".tmpXXXXXX" beside its target, our temp file, then renames it
+_SAFETENSORS_TEMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")
 
 
 def cache_dir() -> Path:
@@ -141,19 +146,22 @@ def writing(directory: Path) -> Iterator[None]:
         yield
 
 
+def is_entry(name: str) -> bool:
+    return ENTRY.fullmatch(name) is not None
+
+
 def is_temp(name: str) -> bool:
-    """atomic_file/atomic_dir's ``.NAME.XXXX.tmp`` (and ``.old``, a directory being replaced), or
-    safetensors' own ``.tmpXXXXXX`` (it writes beside the target and renames)."""
-    return name.startswith(".") and (name.endswith((".tmp", ".old")) or re.fullmatch(r"\.tmp\w{6}", name) is not None)
+    """An entry's temp (atomic_file/atomic_dir), or safetensors' own ``.tmpXXXXXX``."""
+    return _OWN_TEMP.fullmatch(name) is not None or _SAFETENSORS_TEMP.fullmatch(name) is not None
 
 
 def sweep_temps(root: Path | None = None) -> list[tuple[Path, int]]:
     """Remove the temp files and directories killed runs left; returns ``(path, bytes)`` of each.
 
-    Writers of references (``.ref-…``, and safetensors' ``.tmpXXXXXX`` in the root) and of
-    converted models (``.model-…``) hold a shared lock on the directory while they write: when
-    the exclusive lock is granted none is under way and theirs go at once. Anything else (say,
-    an older lowbit's temp file) goes only when nothing in it has changed for an hour.
+    Writers of references and converted models hold a shared lock on the directory while they
+    write: when the exclusive lock is granted none is under way, and an entry's temp goes at
+    once (otherwise once nothing in it changed for an hour). safetensors' ``.tmpXXXXXX`` names
+    are not ours alone, so one goes only when no writer holds the lock and it is an hour old.
     """
     root = cache_root() if root is None else root
     if not root.is_dir():
@@ -161,9 +169,11 @@ def sweep_temps(root: Path | None = None) -> list[tuple[Path, int]]:
     removed = []
     with _dir_lock(root, fcntl.LOCK_EX | fcntl.LOCK_NB if fcntl else 0) as idle:
         for p in root.iterdir():
-            if not is_temp(p.name):
+            own = _OWN_TEMP.fullmatch(p.name) is not None
+            if not own and _SAFETENSORS_TEMP.fullmatch(p.name) is None:
                 continue
-            if (idle and p.name.startswith(LOCKED_TEMPS)) or time.time() - last_change(p) > STALE_SECONDS:
+            stale = time.time() - last_change(p) > STALE_SECONDS
+            if (own and (idle or stale)) or (idle and stale):
                 size = tree_size(p)
                 remove_tree(p)
                 removed.append((p, size))

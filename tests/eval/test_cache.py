@@ -249,25 +249,39 @@ def _age(path, seconds):
 def test_sweep_removes_what_killed_runs_left(lm, root):
     kept_entry = reference(lm).path
     ref_temp = root / f".{kept_entry.name}.a1b2c3.tmp"  # atomic_file's, from a run killed while writing
-    st_temp = root / ".tmpAb12Cd"  # safetensors' own temp
-    model_temp = root / ".model-1234.x9.tmp"  # a converted model's atomic_dir
-    other_temp, old_other_temp = root / ".other.x9.tmp", root / ".other.y8.tmp"  # no writer of ours locks these
-    for d in (model_temp, other_temp, old_other_temp):
-        d.mkdir()
-        (d / "model.safetensors").write_bytes(b"x" * 10)
-    for f in (ref_temp, st_temp):
+    st_temp, old_st_temp = root / ".tmpAb12Cd", root / ".tmpXy34Zw"  # safetensors' own temps
+    model_temp = root / f".model-{'cd' * 16}.x9.tmp"  # a converted model's atomic_dir
+    model_temp.mkdir()
+    (model_temp / "model.safetensors").write_bytes(b"x" * 10)
+    for f in (ref_temp, st_temp, old_st_temp):
         f.write_bytes(b"x" * 100)
-    (root / "notes.tmp").write_text("not ours")
-    _age(old_other_temp, 2 * cachedir.STALE_SECONDS)
+    _age(old_st_temp, 2 * cachedir.STALE_SECONDS)
     removed = {p.name: size for p, size in cachedir.sweep_temps(root)}
-    # no write holds the lock: our writers' temps go now; anything else only once an hour old
-    assert removed == {ref_temp.name: 100, st_temp.name: 100, model_temp.name: 10, old_other_temp.name: 10}
-    assert sorted(os.listdir(root)) == sorted([kept_entry.name, other_temp.name, "notes.tmp"])
+    # no write holds the lock: an entry's temps go now; safetensors' (a name not ours alone) once an hour old
+    assert removed == {ref_temp.name: 100, model_temp.name: 10, old_st_temp.name: 100}
+    assert sorted(os.listdir(root)) == sorted([kept_entry.name, st_temp.name])
+
+
+def test_sweep_and_clear_touch_only_what_lowbit_wrote(lm, root):
+    """LOWBIT_CACHE may name a directory with other files in it (even /tmp)."""
+    from lowbit.commands.cache_cmd import clear
+
+    reference(lm)
+    foreign = [root / ".bashrc.old", root / "my-model.safetensors", root / ".notes.tmp", root / "model-mine"]
+    for f in foreign[:3]:
+        f.write_text("mine")
+    foreign[3].mkdir()
+    (foreign[3] / "notes.txt").write_text("mine")
+    for f in foreign:
+        _age(f, 2 * cachedir.STALE_SECONDS)
+    assert cachedir.sweep_temps(root) == []
+    assert clear(root).startswith("removed 1 entry")
+    assert sorted(os.listdir(root)) == sorted(f.name for f in foreign)
 
 
 def test_sweep_keeps_the_temp_file_of_a_live_writer(root):
     root.mkdir()
-    live, dead = root / ".ref-causal-1.safetensors.aaa.tmp", root / ".ref-causal-2.safetensors.bbb.tmp"
+    live, dead = (root / f".ref-causal-{c * 32}.safetensors.{c * 3}.tmp" for c in "ab")
     live.write_bytes(b"x")
     dead.write_bytes(b"x")
     _age(dead, 2 * cachedir.STALE_SECONDS)

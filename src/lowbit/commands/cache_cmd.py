@@ -16,7 +16,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from ..cachedir import cache_root, is_temp, last_change, remove_file, remove_tree, sweep_temps, tree_size
+from ..cachedir import cache_root, is_entry, is_temp, last_change, remove_file, remove_tree, sweep_temps, tree_size
 from ..eval.cache import DESCRIPTION_KEY, MODEL_DESCRIPTION, read_header
 from .common import console
 
@@ -63,16 +63,16 @@ class Entry:
 
 
 def entries(root: Path) -> list[Entry]:
-    """References (``*.safetensors``), converted models (``model-*/``) and temp files, in name order."""
+    """References, converted models and temp files lowbit wrote (nothing else), in name order."""
     if not root.is_dir():
         return []
     found = []
     for p in sorted(root.iterdir()):
         if is_temp(p.name):
             found.append(Entry(p, "temp", size=tree_size(p), created=last_change(p), used=last_change(p)))
-        elif p.suffix == ".safetensors" and p.is_file():
+        elif is_entry(p.name) and p.is_file():
             found.append(_reference_entry(p))
-        elif p.is_dir() and (p.name.startswith("model-") or (p / MODEL_DESCRIPTION).is_file()):
+        elif is_entry(p.name) and p.is_dir():
             found.append(_model_entry(p))
     return found
 

@@ -262,11 +262,13 @@ def open_cached(path: Path, read: Callable[[CacheFile], T]) -> T | None:
         result = read(CacheFile(path))
     except FileNotFoundError:
         return None
-    except (CacheIntegrityError, OSError) as e:
+    except CacheIntegrityError as e:
         log.warning("lowbit: the cached %s is damaged (%s); recomputing it", path, " ".join(str(e).split()))
         with suppress(OSError):
             path.unlink()
         return None
+    except OSError as e:  # unreadable here (permissions, limits) says nothing about its contents: keep it
+        raise OSError(f"cannot read the cached {path} ({e.strerror or e}); fix that, or set LOWBIT_CACHE") from e
     with suppress(OSError):
         os.utime(path)  # its mtime says when it was last used: `lowbit cache clear --older-than`
     return result
