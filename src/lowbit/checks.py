@@ -9,8 +9,7 @@ import torch
 
 from .errors import LowbitWarning
 from .formats.registry import codec_for
-from .formats.spec import FormatSpec
-from .scaling.double_quant import DQ_BLOCK
+from .formats.spec import DQ_BLOCK, FormatSpec
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

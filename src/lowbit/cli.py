@@ -57,6 +57,7 @@ def _sigterm_raises():
         return
 
     def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
         raise Terminated
 
     previous = signal.signal(signal.SIGTERM, handler)

@@ -97,32 +97,32 @@ def compare(model: nn.Module, tokenizer, info: ModelInfo, configs: list[QuantCon
         report["keep_dtype"] = dtype_name(keep)
         kept = copy.deepcopy(model)
         saved = round_state(kept, keep)
-        _add(report, _score(evaluation, kept, f"keep {dtype_name(keep)}", False, 32.0, 0.0, saved), on_result)
+        _add(report, _score(evaluation, kept, f"keep {dtype_name(keep)}", False, 32.0, 0.0, saved), on_result, progress)
         del kept
     for config in configs:
         if config.label in failed:
-            _add(report, {"format": config.label, "error": failed[config.label]}, on_result)
+            _add(report, {"format": config.label, "error": failed[config.label]}, on_result, progress)
             continue
         quantized = copy.deepcopy(model)
         try:
             qreport = quantize_model(quantized, config, progress=progress)
         except ValueError as e:  # e.g. a value the format cannot hold (LayerQuantizeError names the layer)
-            _add(report, {"format": config.label, "error": str(e)}, on_result)
+            _add(report, {"format": config.label, "error": str(e)}, on_result, progress)
             continue
         saved = round_state(quantized, keep) if keep is not None else 0
         _add(report, _score(evaluation, quantized, config.label, config.double_quant, qreport.bits_per_weight,
-                            qreport.seconds, saved), on_result)
+                            qreport.seconds, saved), on_result, progress)
         del quantized
     return report
 
 
-def _add(report: dict, result: dict, on_result: Callable[[dict], None] | None) -> None:
+def _add(report: dict, result: dict, on_result: Callable[[dict], None] | None, progress: bool) -> None:
     report["results"].append(result)
     if "error" in result:
-        note(f"{result['format']}: not scored: {result['error']}")
+        note(f"{result['format']}: not scored: {result['error']}", enabled=progress)
     elif "kl_mean" in result:
         note(f"{result['format']}: {result['bits_per_weight']:.3f} bits/weight, KL mean {result['kl_mean']:.5f}, "
-             f"same top-1 {result['top1']:.2%}")
+             f"same top-1 {result['top1']:.2%}", enabled=progress)
     if on_result is not None:
         on_result(report)
 

@@ -7,7 +7,7 @@ import torch
 from . import kernels
 from .checks import check_block_overhead, check_block_size, check_float_tensor
 from .formats.registry import codec_for, get_format
-from .formats.spec import FormatSpec
+from .formats.spec import FormatSpec, fixed_block_message, no_double_quant_message
 from .representable import check_representable
 from .scaling import double_quant as dq
 from .scaling.packing import pack_codes
@@ -40,14 +40,14 @@ def quantize(
     block = spec.default_block_size if block_size is None else block_size
     check_block_size(block)
     if spec.fixed_block_size and block != spec.default_block_size:
-        raise ValueError(f"{spec.name} has a fixed block size of {spec.default_block_size}, got {block}")
+        raise ValueError(fixed_block_message(spec, block))
     if spec.row_blocks and x.numel() and (x.dim() == 0 or x.shape[-1] % block):
         row = x.shape[-1] if x.dim() else 1
         raise ValueError(
             f"{spec.name} needs each row to hold whole blocks of {block}; the last dimension is {row}"
         )
     if double_quant and not spec.double_quant:
-        raise ValueError(f"double_quant needs a format with per-block fp32 scales; {spec.name} has none")
+        raise ValueError(no_double_quant_message(spec))
 
     check_block_overhead(spec, block, x.dtype, double_quant=double_quant)
 

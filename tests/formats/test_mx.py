@@ -90,7 +90,7 @@ def test_mx_specs_and_bits_per_weight():
         assert q.bits_per_weight == bits + 8 / 32
         assert q.parts["scales_e8m0"].dtype == torch.uint8 and q.parts["scales_e8m0"].shape == (16,)
     assert lowbit.quantize(torch.randn(4, 32), "mxfp4").bits_per_weight == 4.25  # SPEC.md §10
-    with pytest.raises(ValueError, match="fixed block size"):
+    with pytest.raises(ValueError, match="has a fixed block of 32 weights"):
         lowbit.quantize(torch.randn(64), "mxfp4", block_size=64)
 
 

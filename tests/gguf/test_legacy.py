@@ -76,7 +76,7 @@ def test_bits_per_weight(name, bpw):
 def test_rows_must_hold_whole_blocks():
     with pytest.raises(ValueError, match="whole blocks of 32"):
         lowbit.quantize(torch.randn(4, 48), "q4_0")
-    with pytest.raises(ValueError, match="fixed block size"):
+    with pytest.raises(ValueError, match="has a fixed block of 32 weights"):
         lowbit.quantize(torch.randn(4, 64), "q4_0", block_size=64)
 
 

@@ -36,3 +36,32 @@ def test_overwrite_replaces_a_directory_whole(tmp_path):
     assert os.listdir(target) == ["new"] and os.listdir(tmp_path) == ["d"]
     with pytest.raises(FileExistsError, match="--overwrite"), atomic_dir(target):
         pass
+
+
+def test_a_directory_that_appears_during_the_write_is_never_replaced(tmp_path):
+    target = tmp_path / "out"
+    with pytest.raises(FileExistsError, match="appeared while"), atomic_dir(target) as tmp:
+        (tmp / "new").write_text("y")
+        target.mkdir()  # another run, or the user, created it meanwhile
+        (target / "precious").write_text("mine")
+    assert os.listdir(target) == ["precious"] and os.listdir(tmp_path) == ["out"]
+
+
+def test_overwrite_asks_again_at_the_swap(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    with pytest.raises(FileExistsError, match="changed while"), \
+            atomic_dir(target, overwrite=True, replaceable=lambda old: not any(old.iterdir())) as tmp:
+        (tmp / "new").write_text("y")
+        (target / "precious").write_text("written meanwhile")
+    assert os.listdir(target) == ["precious"] and os.listdir(tmp_path) == ["out"]
+
+
+def test_current_directory_and_symlinks_are_refused_before_any_work(tmp_path, monkeypatch):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    monkeypatch.chdir(tmp_path / "real")
+    for target, match in ((".", "current directory"), (tmp_path / "link", "symbolic link")):
+        with pytest.raises(FileExistsError, match=match), atomic_dir(target, overwrite=True):
+            pytest.fail("must not start")
+    assert sorted(os.listdir(tmp_path)) == ["link", "real"] and os.listdir(tmp_path / "real") == []

@@ -119,11 +119,19 @@ def test_parts_that_do_not_match_the_stated_shape_are_refused(saved_int4):
     """The decoders trust part sizes: a larger stated shape would read past the stored codes."""
     name = "model.layers.0.mlp.down_proj"
 
+    def smaller_blocks(meta):
+        meta["layers"][name]["block_size"] //= 2  # twice the scales the file holds
+
+    _edit_meta(saved_int4, smaller_blocks)
+    with pytest.raises(ModelLoadError, match=f"{name}: stored parts .* do not match a nf4 tensor of shape"):
+        load_quantized(saved_int4)
+
     def grow(meta):
+        meta["layers"][name]["block_size"] *= 2
         meta["layers"][name]["shape"][0] *= 2
 
-    _edit_meta(saved_int4, grow)
-    with pytest.raises(ModelLoadError, match=f"{name}: stored parts .* do not match a nf4 tensor of shape"):
+    _edit_meta(saved_int4, grow)  # checked against the architecture first, before anything is allocated
+    with pytest.raises(ModelLoadError, match=f"layer {name} has shape .* but the architecture's is"):
         load_quantized(saved_int4)
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 from rich.table import Table
 
 from ..cachedir import cache_root, is_entry, is_temp, last_change, remove_file, remove_tree, sweep_temps, tree_size
-from ..eval.cache import DESCRIPTION_KEY, MODEL_DESCRIPTION, read_header
+from ..eval.cache import DESCRIPTION_KEY, read_header
+from ..models.converted import META as MODEL_DESCRIPTION
 from .common import console
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}

@@ -4,24 +4,29 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
+import os
 import sys
 import warnings
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 from rich.console import Console
 
 from ..cachedir import cache_root
 from ..eval.protocol import DEFAULT_WINDOW, DEFAULT_WINDOWS, read_text
 from ..io.atomic import check_can_create_in
 from ..models.converted import CacheWarning
+from ..models.loader import resolve
 from ..nn.surgery import QuantConfig
 from ..progress import note
 
 
 def console() -> Console:
-    # rich falls back to 80 columns when stdout is not a terminal; the tables need more
-    return Console() if Console().is_terminal else Console(width=140)
+    # rich falls back to 80 columns when stdout is not a terminal; the tables need more,
+    # unless COLUMNS says how wide the reader is
+    return Console() if Console().is_terminal or os.environ.get("COLUMNS") else Console(width=140)
 
 
 def add_model_arg(p) -> None:
@@ -111,3 +116,22 @@ def load(spec: str | None, con: Console):
         for w in caught:  # ours (a cache rebuilt or not written) are worth a line; the held stderr's are not
             if issubclass(w.category, CacheWarning):
                 sys.stderr.write(f"lowbit: warning: {' '.join(str(w.message).split())}\n")
+
+
+def source_dtype(source: str | None) -> torch.dtype:
+    """The dtype a local HF checkpoint (``ModelInfo.source``) declares in its config.json;
+    float32 for anything else (GGUF files are dequantized to float32 on load, and hub ids are
+    not looked up). An embedded name ("minilm") resolves to its directory first."""
+    try:
+        how, target = resolve(source)
+    except ValueError:
+        return torch.float32
+    config = Path(target) / "config.json"
+    if how != "directory" or not config.is_file():
+        return torch.float32
+    try:
+        declared = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return torch.float32
+    name = declared.get("dtype") or declared.get("torch_dtype")
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(name, torch.float32)

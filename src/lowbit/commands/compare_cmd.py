@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..evaluate import DEFAULT_FORMATS, compare
 from ..io.atomic import write_json
-from ..nn.keep_dtype import parse_keep_dtype, source_dtype
+from ..nn.keep_dtype import parse_keep_dtype
 from ..report.table import compare_table
 from .common import (
     add_keep_dtype_arg,
@@ -15,6 +15,7 @@ from .common import (
     console,
     load,
     parse_configs,
+    source_dtype,
 )
 
 

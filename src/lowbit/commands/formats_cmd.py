@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from rich.console import Console, Group
+from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
@@ -31,6 +31,7 @@ from ..formats.spec import (
 from ..nn.surgery import QuantConfig
 from ..quantize import quantize
 from ..tensor import QuantizedTensor
+from .common import console
 
 # Bits per weight are measured from the bytes stored for a tensor of this shape:
 # 64 rows of 4096 hold whole blocks of every format, so no partial-block overhead.
@@ -48,9 +49,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    # rich falls back to 80 columns when stdout is not a terminal; the table needs more
-    console = Console() if Console().is_terminal else Console(width=140)
-    console.print(format_table() if args.label is None else explain(QuantConfig.parse(args.label)))
+    console().print(format_table() if args.label is None else explain(QuantConfig.parse(args.label)))
     return 0
 
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from ..io.model_io import check_output, local_source, read_meta, save_quantized
-from ..nn.keep_dtype import parse_keep_dtype, source_dtype
+from ..nn.keep_dtype import parse_keep_dtype
 from ..nn.surgery import quantize_model
-from .common import add_keep_dtype_arg, add_model_arg, add_selection_args, console, load, parse_configs
+from .common import add_keep_dtype_arg, add_model_arg, add_selection_args, console, load, parse_configs, source_dtype
 
 
 def add_parser(sub) -> None:

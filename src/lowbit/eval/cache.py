@@ -44,7 +44,6 @@ T = TypeVar("T")
 # Bump when what a cache file holds, or how it is computed, changes: old files are then ignored.
 CACHE_VERSION = 1
 DESCRIPTION_KEY, CHECKSUM_KEY = "lowbit-cache", "lowbit-sha256"
-MODEL_DESCRIPTION = "lowbit-cache.json"  # a converted model's description, in its directory
 ROW_HASH_BYTES = 1 << 24  # tensors larger than this get one sha256 per row
 _MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
 # safetensors dtype names (its format spec, README "Format")

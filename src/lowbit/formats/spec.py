@@ -6,7 +6,8 @@ import math
 import struct
 from dataclasses import dataclass, field
 
-from ..scaling.double_quant import DQ_BLOCK
+DQ_BLOCK = 256  # bitsandbytes quantize_4bit(compress_statistics=True) second-level block
+
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,11 +31,14 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False,
+               replaceable: Callable[[Path], bool] | None = None) -> Iterator[Path]:
     """Yields a temp directory beside ``path``, renamed to ``path`` when the block succeeds.
 
     An interrupted or failed write leaves no ``path`` (and no temp directory). An existing
-    ``path`` is an error unless ``overwrite``; it is then replaced only after the new one is complete.
+    ``path`` is an error unless ``overwrite``; it is then replaced only after the new one is
+    complete, and only if ``replaceable(old)`` agrees, asked again at that moment: the directory
+    may have changed, or appeared, while the new one was being written.
     """
     path = check_output_dir(path, overwrite=overwrite)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
@@ -46,11 +49,16 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
             if f.is_file():
                 _fsync(f)
         if path.exists():
+            if not overwrite:
+                raise FileExistsError(f"output exists: {path} (it appeared while this run was writing)")
             # two renames, not one: os.replace cannot put a directory over a non-empty one.
             # The old one moves to a fresh empty name (never a fixed one that a user's file may hold).
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old)
             try:
+                if replaceable is not None and not replaceable(old):
+                    raise FileExistsError(f"{path} changed while this run was writing and may no longer be "
+                                          "replaced; it is left as it was")
                 os.replace(tmp, path)
             except BaseException:
                 os.replace(old, path)  # put the user's directory back
@@ -85,7 +93,11 @@ def write_errors(target: str | os.PathLike) -> Iterator[None]:
 
 def check_output_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """``path`` as a Path, if a directory can be created there; else a one-line OSError."""
-    path = Path(path)
+    given, path = path, Path(os.path.abspath(path))  # "." has no name to build temp names from
+    if path.is_symlink():
+        raise FileExistsError(f"output is a symbolic link: {given}; name the directory it points to")
+    if path == Path.cwd() or path in Path.cwd().parents:
+        raise FileExistsError(f"output {given} is the current directory or holds it; name another one")
     if path.exists() and not (overwrite and path.is_dir()):
         raise FileExistsError(f"output exists: {path}" + (" (pass --overwrite to replace it)" if path.is_dir() else ""))
     check_can_create_in(path.parent if str(path.parent) else Path("."))

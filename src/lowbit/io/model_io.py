@@ -42,7 +42,8 @@ def save_quantized(model, tokenizer, info: ModelInfo, report: QuantizeReport, co
     and rounded through it in ``model`` too, so the model in memory computes what the saved one
     will; ``model_bytes_after`` in ``lowbit.json`` counts them at that dtype.
     """
-    saved = round_state(model, keep_dtype)
+    check_output(directory, overwrite=overwrite, source=local_source(info.source))
+    saved = round_state(model, keep_dtype)  # after the checks: a refused save leaves the model as it was
     layers, tensors = {}, {}
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
@@ -72,8 +73,7 @@ def save_quantized(model, tokenizer, info: ModelInfo, report: QuantizeReport, co
         "layers": layers,
         "tied": tied,
     }
-    check_output(directory, overwrite=overwrite, source=local_source(info.source))
-    with write_errors(directory), atomic_dir(directory, overwrite=overwrite) as tmp:
+    with write_errors(directory), atomic_dir(directory, overwrite=overwrite, replaceable=_replaceable) as tmp:
         save_file(tensors, tmp / TENSOR_FILE, metadata={"format": "pt"})
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -91,7 +91,7 @@ def check_output(directory, *, overwrite: bool = False, source: str | Path | Non
         src = Path(source).resolve()
         if out == src or out in src.parents or src in out.parents:
             raise FileExistsError(f"output {path} would overwrite the input model {source}; choose another directory")
-    if path.is_dir() and any(path.iterdir()) and not _is_lowbit_output(path):
+    if path.is_dir() and not _replaceable(path):
         raise FileExistsError(f"--overwrite replaces only an empty directory or an earlier lowbit output; {path} "
                               f"holds other files (no {META_FILE} with lowbit_layout)")
     return path
@@ -104,6 +104,10 @@ def local_source(spec: str | None) -> str | None:
     except ModelLoadError:
         return None
     return None if how == "hub" else target
+
+
+def _replaceable(path: Path) -> bool:
+    return not any(path.iterdir()) or _is_lowbit_output(path)
 
 
 def _is_lowbit_output(path: Path) -> bool:
@@ -155,8 +159,8 @@ def load_quantized(directory):
         model = cls.from_config(config).float().eval()
         layouts = {}
         for name, layer in meta["layers"].items():
+            _check_architecture(model, name, layer["shape"])  # before quantizing zeros of a shape it names
             q = _stored_qweight(name, layer, tensors, layouts)
-            _check_architecture(model, name, q)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, QuantLinear(q, model.get_submodule(name).bias))
         for alias, target in meta["tied"].items():
@@ -166,16 +170,17 @@ def load_quantized(directory):
     return model, tokenizer, meta
 
 
-def _check_architecture(model, name: str, q: QuantizedTensor) -> None:
+def _check_architecture(model, name: str, stated) -> None:
     """The layer ``lowbit.json`` names must be an ``nn.Linear`` of the stated shape in the
     architecture config.json describes: a reshaped layer would load, and compute nonsense."""
     try:
         linear = model.get_submodule(name)
     except AttributeError:
         raise ModelLoadError(f"{META_FILE} names layer {name!r}, which the model architecture does not have") from None
-    if not isinstance(linear, torch.nn.Linear) or tuple(linear.weight.shape) != tuple(q.shape):
+    shape = tuple(int(d) for d in stated)
+    if not isinstance(linear, torch.nn.Linear) or tuple(linear.weight.shape) != shape:
         found = tuple(linear.weight.shape) if isinstance(linear, torch.nn.Linear) else type(linear).__name__
-        raise ModelLoadError(f"{META_FILE}: layer {name} has shape {tuple(q.shape)}, but the architecture's is {found}")
+        raise ModelLoadError(f"{META_FILE}: layer {name} has shape {shape}, but the architecture's is {found}")
 
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -7,14 +7,10 @@ what the narrower dtype costs.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 from torch import nn
 
 KEEP_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_CONFIG_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def parse_keep_dtype(name: str) -> torch.dtype:
@@ -25,27 +21,6 @@ def parse_keep_dtype(name: str) -> torch.dtype:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return next(k for k, v in KEEP_DTYPES.items() if v == dtype)
-
-
-def source_dtype(source: str | None) -> torch.dtype:
-    """The dtype a local HF checkpoint (``ModelInfo.source``) declares in its config.json;
-    float32 for anything else (GGUF files are dequantized to float32 on load, and hub ids are
-    not looked up)."""
-    from ..models.loader import resolve  # an embedded name ("minilm") is a directory too
-
-    try:
-        how, target = resolve(source)
-    except ValueError:
-        return torch.float32
-    config = Path(target) / "config.json"
-    if how != "directory" or not config.is_file():
-        return torch.float32
-    try:
-        declared = json.loads(config.read_text())
-    except (OSError, ValueError):
-        return torch.float32
-    name = declared.get("dtype") or declared.get("torch_dtype")
-    return _CONFIG_NAMES.get(name, torch.float32)
 
 
 def round_state(model: nn.Module, dtype: torch.dtype) -> int:
