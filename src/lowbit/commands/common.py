@@ -54,8 +54,8 @@ def add_selection_args(p) -> None:
 
 def add_keep_dtype_arg(p) -> None:
     p.add_argument("--keep-dtype", choices=("fp16", "bf16", "fp32"),
-                   help="dtype of the tensors left unquantized (embeddings, norms, biases); default: the "
-                        "source checkpoint's (fp32 for GGUF)")
+                   help="dtype of the tensors left unquantized (embeddings, norms, biases); default: what a "
+                        "local checkpoint's config.json declares; fp32 for GGUF files and hub ids")
 
 
 def parse_configs(labels: list[str], args, *, block_size: int | None = None, double_quant: bool = False):
