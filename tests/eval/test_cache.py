@@ -330,3 +330,16 @@ def test_encoder_reference_is_checked_too(root, caplog):
         again = encoder_reference(loads, CharTokenizer(), text, "enc-sha", progress=False)[1]
     assert loads.calls == 1 and "embeddings fails its sha256 check" in caplog.records[0].getMessage()
     assert torch.equal(again, emb)
+
+
+def test_an_unreadable_reference_is_an_error_and_kept(lm, root, monkeypatch):
+    """Unreadable here (permissions, fd or memory limits) says nothing about the file: it stays."""
+    path = reference(lm).path
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(cache, "CacheFile", refuse)
+    with pytest.raises(OSError, match=r"cannot read the cached .* \(Permission denied\)"):
+        reference(lm, never)
+    assert path.exists()

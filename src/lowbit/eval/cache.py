@@ -259,7 +259,7 @@ def open_cached(path: Path, read: Callable[[CacheFile], T]) -> T | None:
     too), or None if there is none or it is damaged: a damaged one is removed with a one-line notice."""
     try:
         result = read(CacheFile(path))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # nothing cached there (yet)
         return None
     except CacheIntegrityError as e:
         log.warning("lowbit: the cached %s is damaged (%s); recomputing it", path, " ".join(str(e).split()))
