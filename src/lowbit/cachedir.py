@@ -51,8 +51,9 @@ def cache_root() -> Path:
 
 
 def writable_root() -> Path:
-    """The cache root, created, once a file could really be made there (``os.access`` says yes to root
-    on a read-only mount); a one-line error otherwise, before any work is done."""
+    """The cache root about to be written: created, once a file could really be made there
+    (``os.access`` says yes to root on a read-only mount), and cleared of what killed runs
+    left (it would count against the free space); a one-line error otherwise, before any work."""
     root = cache_root()
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -63,6 +64,7 @@ def writable_root() -> Path:
             pass
     except OSError as e:
         raise PermissionError(f"cannot write to the cache directory {root} ({e.strerror}); set LOWBIT_CACHE") from e
+    sweep_temps(root)
     return root
 
 

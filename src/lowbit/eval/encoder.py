@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..cachedir import sweep_temps, writable_root
+from ..cachedir import writable_root
 from ..progress import progress_bar
 from .cache import (
     CACHE_VERSION,
@@ -64,8 +64,7 @@ def encoder_reference(load_model: Callable[[], nn.Module], tokenizer, text: str,
     cached = open_cached(path, lambda f: _embeddings(f, len(texts)))
     if cached is not None:
         return texts, cached
-    root = writable_root()  # before the model runs, not after
-    sweep_temps(root)
+    writable_root()  # before the model runs, not after
     model = load_model()
     emb = embed(model, tokenizer, texts, label="reference model", progress=progress)
     description = {"kind": KIND, "version": CACHE_VERSION, "model": model_name or model_label(model),

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..cachedir import check_space, sweep_temps, writable_root
+from ..cachedir import check_space, writable_root
 from ..progress import progress_bar
 from .cache import (
     CACHE_VERSION,
@@ -103,7 +103,6 @@ def causal_reference(load_model: Callable[[], nn.Module], ids: torch.Tensor, pro
     if cached is not None:
         return cached
     root = writable_root()  # before minutes of work, not after
-    sweep_temps(root)  # what killed runs left counts against the free space
     n, width = ids.shape
     if vocab_size:
         _check_space(n, width, vocab_size, root)

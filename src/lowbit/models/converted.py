@@ -26,7 +26,7 @@ from contextlib import suppress
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..cachedir import cache_dir, sweep_temps, writing
+from ..cachedir import cache_dir, writable_root, writing
 from .hashing import file_sha256
 
 META = "lowbit-cache.json"
@@ -100,8 +100,7 @@ def store(model, tokenizer, *, source: Path, sha256: str, name: str) -> None:
     path = cache_path(sha256)
     try:
         tensors = _state_dict(model)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        sweep_temps(path.parent)  # a killed conversion's 540 MB temp directory counts against the free space
+        writable_root()  # also sweeps a killed conversion's 540 MB temp directory before the free-space check
         need = sum(t.numel() * t.element_size() for t in tensors.values()) + _SPARE_BYTES
         free = shutil.disk_usage(path.parent).free
         if free < need:
