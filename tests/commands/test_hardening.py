@@ -7,7 +7,7 @@ import signal
 import pytest
 import torch
 from rich.console import Console
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from test_model_cmds import assert_one_line_error, lowbit
 
 from lowbit.cli import main
@@ -102,7 +102,7 @@ def test_disk_full_while_saving_is_one_line(tiny_lm_dir, tmp_path, monkeypatch):
         with open(path, "wb") as f:
             f.write(b"partial")
         # what safetensors raises when write() fails with ENOSPC
-        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr(model_io, "save_file", full)
     with pytest.raises(OSError, match="No space left on device") as e:

@@ -22,7 +22,6 @@ import logging
 import math
 import mmap
 import os
-import re
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -31,12 +30,11 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from ..cachedir import CacheSpaceError, cache_root, lock_shared, writing
 from ..errors import LowbitError
-from ..io.atomic import atomic_file
+from ..io.atomic import atomic_file, write_errors
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -84,15 +82,10 @@ def write_entry(path: Path, tensors: dict[str, torch.Tensor], description: dict)
     metadata = {DESCRIPTION_KEY: json.dumps(description, sort_keys=True),
                 CHECKSUM_KEY: json.dumps(_checksums(tensors), sort_keys=True)}
     try:
-        with writing(path.parent), atomic_file(path) as tmp:
+        with write_errors(path), writing(path.parent), atomic_file(path) as tmp:  # safetensors' too, as OSError
             save_file(tensors, tmp, metadata=metadata)
     except OSError as e:
         raise _write_error(path, e.errno, e.strerror or str(e)) from e
-    except SafetensorError as e:  # its I/O errors arrive as text: "... (os error 28)"
-        code = re.search(r"os error (\d+)", str(e))
-        if code is None:
-            raise
-        raise _write_error(path, int(code[1]), os.strerror(int(code[1]))) from e
 
 
 def _write_error(path: Path, code: int | None, reason: str) -> OSError:

@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 
 @contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
@@ -84,7 +86,7 @@ def write_errors(target: str | os.PathLike) -> Iterator[None]:
         if e.errno in (errno.ENOSPC, errno.EDQUOT) and e.filename is None:
             raise OSError(e.errno, os.strerror(e.errno), str(target)) from e
         raise
-    except Exception as e:
+    except SafetensorError as e:
         code = re.search(r"\(os error (\d+)\)", str(e))
         if code is None:
             raise
