@@ -90,7 +90,7 @@ def check_writable_file(path: str) -> None:
     p = Path(path)
     if p.is_dir():
         raise IsADirectoryError(f"is a directory, not a file: {p}")
-    check_can_create_in(p.parent if str(p.parent) else Path("."))
+    check_can_create_in(p.parent)  # Path("x").parent is Path(".")
 
 
 def load(spec: str | None, con: Console):

@@ -102,7 +102,7 @@ def check_output_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Pat
         raise FileExistsError(f"output {given} is the current directory or holds it; name another one")
     if path.exists() and not (overwrite and path.is_dir()):
         raise FileExistsError(f"output exists: {path}" + (" (pass --overwrite to replace it)" if path.is_dir() else ""))
-    check_can_create_in(path.parent if str(path.parent) else Path("."))
+    check_can_create_in(path.parent)
     return path
 
 
