@@ -52,10 +52,12 @@ def age(path, seconds):
     os.utime(path, (then, then))
 
 
-def test_list_shows_references_and_models(root, capsys):
+def test_list_shows_references_and_models(root, capsys, monkeypatch):
     small, big = add_reference(2, "tiny-lm"), add_reference(3, "other-lm")
     model = add_model(root, "SmolLM2-135M", 5000)
     age(small, 3 * 86400)
+    now = time.time()
+    monkeypatch.setattr(cache_cmd.time, "time", lambda: now)  # both listings see the same ages
     assert main(["cache"]) == 0
     out = capsys.readouterr().out
     assert main(["cache", "list"]) == 0 and capsys.readouterr().out == out
