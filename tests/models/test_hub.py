@@ -37,16 +37,27 @@ def refused_endpoint(monkeypatch, tmp_path):
     sock.close()
 
 
-def test_unreachable_hub_fails_in_one_line_within_seconds(refused_endpoint):
+def test_unreachable_hub_fails_in_one_line_without_downloading(refused_endpoint, monkeypatch):
+    """The ~26 s were huggingface_hub's download retries: the download path is never entered.
+    (Speed is not asserted here; the time is printed.)"""
+    import lowbit.models.loader as loader
+
+    calls = []
+    real = loader._load_hub_files
+
+    def recorded(repo_id, *, local_files_only):
+        calls.append(local_files_only)
+        return real(repo_id, local_files_only=local_files_only)
+
+    monkeypatch.setattr(loader, "_load_hub_files", recorded)
     start = time.perf_counter()
     with pytest.raises(ModelLoadError) as err:
         load_model("no-such-org/no-such-model")
-    seconds = time.perf_counter() - start
-    print(f"unreachable hub id refused in {seconds:.2f} s")
+    print(f"unreachable hub id refused in {time.perf_counter() - start:.2f} s")
     message = str(err.value)
     assert message.startswith("cannot load model from no-such-org/no-such-model: it is not in the local Hugging Face")
     assert f"{refused_endpoint} cannot be reached" in message and "\n" not in message
-    assert seconds < 10  # was ~26 s of huggingface_hub retries; ~1 s here, the rest is slack for a busy machine
+    assert calls == [True]  # the local cache only: no download, so no retries
 
 
 def test_offline_mode_fails_at_once(monkeypatch, tmp_path):
