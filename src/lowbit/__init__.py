@@ -1,5 +1,6 @@
 """lowbit: quantize language-model weights to low-bit formats and measure what each costs."""
 
+from . import gguf  # noqa: F401  (registers the GGUF block formats)
 from .formats import FormatSpec, formats, get_format
 from .quantize import quantize
 from .tensor import QuantizedTensor

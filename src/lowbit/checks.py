@@ -64,7 +64,8 @@ def block_bits_per_weight(spec: FormatSpec, block: int, double_quant: bool = Fal
     b = block if spec.fixed_block_size else 1
     codec = codec_for(spec)
     zeros = torch.zeros(b, dtype=torch.float32)
-    parts = codec.encode(spec, zeros.view(1, b), partial=False, tensor_parts=codec.tensor_parts(spec, zeros))
+    tensor_parts = codec.tensor_parts(spec, zeros, b)
+    parts = codec.quantize_blocks(spec, zeros.view(1, b), partial=False, tensor_parts=tensor_parts)
     bits = 0.0
     for name, t in parts.items():
         if name == "codes":

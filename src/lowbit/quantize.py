@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from . import kernels
+from . import dispatch
 from .checks import check_block_overhead, check_block_size, check_float_tensor
 from .formats.registry import codec_for, get_format
 from .formats.spec import FormatSpec, fixed_block_message, no_double_quant_message
+from .pipeline import check_search, quantize_flat
 from .representable import check_representable
 from .scaling import double_quant as dq
 from .scaling.packing import pack_codes
-from .tensor import QuantizedTensor, assemble
+from .tensor import QuantizedTensor
 
 
 def quantize(
@@ -21,6 +22,9 @@ def quantize(
     block_size: int | None = None,
     double_quant: bool = False,
     allow_nonfinite: bool = False,
+    search: str | None = None,
+    importance: torch.Tensor | None = None,
+    kernels: str | None = None,
 ) -> QuantizedTensor:
     """Quantize ``x`` (float32/float16/bfloat16, any shape) to ``fmt``.
 
@@ -34,6 +38,12 @@ def quantize(
     overflow, and the format's largest magnitude for that dtype; ``allow_nonfinite`` skips
     this check too. A block size that stores more bits per weight than ``x.dtype`` has
     warns with ``LowbitWarning``.
+
+    ``search`` chooses the block scales instead of the format's rule (docs/formats.md#scale-search):
+    ``"mse"`` / ``"hqq"``, or ``"amse"`` / ``"ahqq"``, which weight each element's squared error
+    by ``importance``: nonnegative, broadcastable to ``x`` (per input channel: shape
+    ``(x.shape[-1],)``, the mean squared activation each weight multiplies). The stored layout
+    is the format's own. ``kernels``: "native" or "reference" for this call (``lowbit.dispatch``).
     """
     spec = get_format(fmt)
     check_float_tensor(x, allow_nonfinite=allow_nonfinite)
@@ -50,9 +60,13 @@ def quantize(
         raise ValueError(no_double_quant_message(spec))
 
     check_block_overhead(spec, block, x.dtype, double_quant=double_quant)
+    weights = _search_weights(spec, x, search, importance) if search is not None else None
+    if search is not None:
+        search = check_search(spec, search)
 
     flat = x.detach().reshape(-1).to(torch.float32)
-    parts = encode_parts(spec, flat, block) if x.numel() else {}
+    with dispatch.use(kernels):
+        parts = encode_parts(spec, flat, block, search=search, weights=weights) if x.numel() else {}
     check = not allow_nonfinite and bool(parts)  # non-finite input: results are undefined anyway
     if check:
         check_representable(spec, parts, flat, shape=x.shape, dtype=x.dtype, block=block)
@@ -69,14 +83,37 @@ def quantize(
     )
 
 
-def encode_parts(spec: FormatSpec, flat: torch.Tensor, block: int) -> dict[str, torch.Tensor]:
-    """(n,) float32, n > 0 -> the stored parts, codes packed: the C kernel where one applies."""
-    parts = codec_for(spec).fast_encode(spec, flat, block) if kernels.enabled() else None
+def encode_parts(spec: FormatSpec, flat: torch.Tensor, block: int, *, search: str | None = None,
+                 weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """(n,) float32, n > 0 -> the stored parts, codes packed: a registered kernel where one applies."""
+    fast = dispatch.lookup("quantize", codec_for(spec).family) if search is None else None
+    parts = fast(spec, flat, block) if fast is not None else None
     if parts is None:
-        parts = assemble(spec, flat, block)
+        parts = quantize_flat(spec, flat, block, search=search, weights=weights)
         if "codes" in parts:
             parts["codes"] = pack_codes(parts["codes"], spec.bits, pad_code=zero_code(spec))
     return parts
+
+
+def _search_weights(spec: FormatSpec, x: torch.Tensor, search: str, importance) -> torch.Tensor | None:
+    """The flat per-element weights a weighted search needs (None for the others)."""
+    from .pipeline import needs_calibration
+
+    if not needs_calibration(search):
+        if importance is not None:
+            raise ValueError(f"@{search} does not use importance weights; use @a{search} for the weighted search")
+        return None
+    if importance is None:
+        raise ValueError(f"@{search} weighs the error by calibration activations and got none: pass importance= "
+                         f"(the commands collect it with --calibrate), or use @{search[1:]}")
+    imp = torch.as_tensor(importance, dtype=torch.float32)
+    if not bool(torch.isfinite(imp).all()) or bool((imp < 0).any()):
+        raise ValueError(f"@{search}: importance weights must be finite and nonnegative")
+    try:
+        return imp.expand(x.shape).reshape(-1)
+    except RuntimeError:
+        raise ValueError(f"@{search}: importance of shape {tuple(imp.shape)} does not broadcast to the tensor's "
+                         f"shape {tuple(x.shape)} (per input channel: ({x.shape[-1] if x.dim() else 1},))") from None
 
 
 def zero_code(spec: FormatSpec) -> int:

@@ -7,11 +7,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import kernels
+from . import dispatch
 from .formats.registry import codec_for
 from .formats.spec import FormatSpec
 from .scaling import double_quant
-from .scaling.blocks import split_blocks
 from .scaling.packing import unpack_codes
 
 
@@ -47,9 +46,11 @@ class QuantizedTensor:
         """The stored parts back to back, in order (for GGUF formats: exactly the GGUF tensor data)."""
         return b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in self.parts.values())
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """A tensor of the input's shape and dtype (or ``dtype``)."""
-        out = self._decode_flat()
+    def dequantize(self, dtype: torch.dtype | None = None, *, kernels: str | None = None) -> torch.Tensor:
+        """A tensor of the input's shape and dtype (or ``dtype``). ``kernels``: "native" or
+        "reference" for this call (``lowbit.dispatch``); the numbers are the same either way."""
+        with dispatch.use(kernels):
+            out = self._decode_flat()
         return out.to(dtype or self.dtype).reshape(self.shape)
 
     def _decode_flat(self) -> torch.Tensor:
@@ -60,19 +61,19 @@ class QuantizedTensor:
         if self.double_quant:
             parts["scales"] = double_quant.decompress(parts)
         codec = codec_for(self.format)
-        if kernels.enabled():
-            out = codec.fast_decode(self.format, parts, n, block)
-            if out is not None:
-                return out
+        fast = dispatch.lookup("dequantize", codec.family)
+        out = fast(self.format, parts, n, block) if fast is not None else None
+        if out is not None:
+            return out
         if "codes" in parts:
             parts["codes"] = unpack_codes(parts["codes"], self.format.bits, n)
         n_full, rem = divmod(n, block)
         if not rem:
-            return codec.decode(self.format, parts, n_full, block).reshape(-1)
+            return codec.dequantize_blocks(self.format, parts, n_full, block).reshape(-1)
         head, tail = _split_parts(parts, n_full, block)
         out = torch.empty(n, dtype=torch.float32)
-        out[: n_full * block] = codec.decode(self.format, head, n_full, block).reshape(-1)
-        out[n_full * block :] = codec.decode(self.format, tail, 1, rem).reshape(-1)
+        out[: n_full * block] = codec.dequantize_blocks(self.format, head, n_full, block).reshape(-1)
+        out[n_full * block :] = codec.dequantize_blocks(self.format, tail, 1, rem).reshape(-1)
         return out
 
     def __repr__(self) -> str:
@@ -97,19 +98,3 @@ def _split_parts(parts, n_full, block):
         else:
             head[name], tail[name] = t[:n_full], t[n_full:]
     return head, tail
-
-
-def assemble(spec: FormatSpec, flat: torch.Tensor, block: int) -> dict[str, torch.Tensor]:
-    """Encode full blocks and the trailing partial block; join their parts."""
-    codec = codec_for(spec)
-    tensor_parts = codec.tensor_parts(spec, flat)
-    head, tail = split_blocks(flat, block)
-    pieces = [codec.encode(spec, head, partial=False, tensor_parts=tensor_parts)]
-    if tail is not None:
-        pieces.append(codec.encode(spec, tail, partial=True, tensor_parts=tensor_parts))
-    parts = dict(tensor_parts)
-    for name in pieces[0]:
-        # codes are per element, so flat; every other part is per block, on dim 0
-        ts = [p[name].reshape(-1) if name == "codes" else p[name] for p in pieces]
-        parts[name] = ts[0] if len(ts) == 1 else torch.cat(ts)
-    return parts

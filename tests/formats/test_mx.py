@@ -12,7 +12,7 @@ from gguf.quants import quantize as gguf_quantize
 
 import lowbit
 from lowbit.scaling.packing import unpack_codes
-from lowbit.scaling.scale_encodings import (
+from lowbit.formats.scale_encodings import (
     e4m3_decode,
     e4m3_encode,
     e8m0_decode,

@@ -11,8 +11,7 @@ from functools import cache
 import torch
 from scipy.special import ndtri  # = scipy.stats.norm.ppf, without importing scipy.stats (0.8 s)
 
-from .. import kernels
-from .registry import Codec, register
+from .registry import GridCodec, define
 from .rounding import midpoints, nearest_ties_lower
 from .spec import FormatSpec
 
@@ -42,7 +41,7 @@ BNB_FP4_VALUES = tuple(
 
 
 @cache
-def _table(spec: FormatSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def codebook_table(spec: FormatSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(values in code order, midpoints of the sorted values, code of each sorted slot
     or None when codes are already sorted, as NFk's are)."""
     values = torch.tensor(spec.values, dtype=torch.float32)
@@ -51,70 +50,42 @@ def _table(spec: FormatSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor |
     return values, midpoints(values[order]), None if is_sorted else order.to(torch.uint8)
 
 
-class AbsmaxCodebook(Codec, family="codebook"):
+class AbsmaxCodebook(GridCodec, family="codebook"):
     @classmethod
-    def encode(cls, spec, blocks, *, partial, tensor_parts):
-        _, mids, order = _table(spec)
+    def choose_scales(cls, spec, blocks, tensor_parts, ratio=None):
         absmax = blocks.abs().amax(dim=1)  # (n_blocks,)
-        safe = absmax.clamp(min=1e-38)[:, None]
-        # bitsandbytes' reference multiplies full blocks by the reciprocal and divides the
-        # trailing partial one (backends/default/ops.py quantize_4bit); match it to the bit.
-        scaled = (blocks / safe if partial else blocks * (1.0 / safe)).clamp_(-1, 1)
-        idx = nearest_ties_lower(scaled, mids)
-        codes = idx.to(torch.uint8) if order is None else order[idx]
-        return {"codes": codes, "scales": absmax}
+        return {"scales": absmax if ratio is None else absmax * ratio.to(absmax.dtype)}
 
     @classmethod
-    def fast_encode(cls, spec, flat, block):
-        if spec.bits != 4 or block % 2:  # the C kernel packs whole bytes per block
-            return None
-        _, mids, order = _table(spec)
-        n = flat.numel()
-        flat = flat.contiguous()
-        packed = kernels.empty((n + 1) // 2, torch.uint8)
-        absmax = torch.empty((n + block - 1) // block, dtype=torch.float32)
-        pad = spec.values.index(0.0)
-        order_ptr = None if order is None else order.data_ptr()
-        kernels.native.lowbit_codebook4_quantize(
-            flat.data_ptr(), n, block, mids.data_ptr(), order_ptr, pad, packed.data_ptr(), absmax.data_ptr()
-        )
-        return {"codes": packed, "scales": absmax}
+    def encode(cls, spec, blocks, scales, *, partial=False):
+        return encode_levels(blocks, scales["scales"], *codebook_table(spec)[1:], partial=partial)
 
     @classmethod
-    def fast_decode(cls, spec, parts, n, block):
-        if spec.bits != 4 or block % 2:
-            return None
-        values, _, _ = _table(spec)
-        out = kernels.empty(n, torch.float32)
-        codes, scales = parts["codes"].contiguous(), parts["scales"].contiguous()
-        kernels.native.lowbit_codebook4_dequantize(
-            codes.data_ptr(), scales.data_ptr(), values.data_ptr(), n, block, out.data_ptr()
-        )
-        return out
-
-    @classmethod
-    def decode(cls, spec, parts, n_blocks, block):
-        values, _, _ = _table(spec)
-        v = values[parts["codes"].view(n_blocks, block).to(torch.int64)]
-        return v * parts["scales"][:, None]
+    def decode(cls, spec, codes, scales):
+        values, _, _ = codebook_table(spec)
+        return values[codes.to(torch.int64)] * scales["scales"][:, None]
 
     @classmethod
     def peak(cls, spec, parts):
-        """Largest decoded |value| per block: the absmax element always takes a +-1 code."""
+        """Largest decoded |value| per block: the absmax element always takes a +-1 code
+        (a searched scale: a bound)."""
         return parts["scales"].abs().mul_(max(abs(v) for v in spec.values))
 
 
+def encode_levels(blocks, scales, mids, order, *, partial):
+    """Nearest level of ``blocks / scales`` (clamped to [-1, 1]), ties to the lower level.
+
+    bitsandbytes' reference multiplies full blocks by the reciprocal and divides the
+    trailing partial one (backends/default/ops.py quantize_4bit); match it to the bit.
+    """
+    safe = scales.clamp(min=1e-38)[:, None]
+    scaled = (blocks / safe if partial else blocks * (1.0 / safe)).clamp_(-1, 1)
+    idx = nearest_ties_lower(scaled, mids)
+    return idx.to(torch.uint8) if order is None else order[idx]
+
+
 for _b in range(2, 9):
-    register(
-        FormatSpec(
-            name=f"nf{_b}", id=20 + _b - 1, family="codebook", bits=_b, default_block_size=64,
-            values=normal_float_values(_b), double_quant=True,
-            description=f"NormalFloat{_b} (QLoRA), fp32 absmax per block",
-        )
-    )
-register(
-    FormatSpec(
-        name="bnb_fp4", id=35, family="codebook", bits=4, default_block_size=64, values=BNB_FP4_VALUES,
-        double_quant=True, description="bitsandbytes fp4 (not OCP E2M1), fp32 absmax per block",
-    )
-)
+    define(f"nf{_b}", values=normal_float_values(_b), double_quant=True,
+           description=f"NormalFloat{_b} (QLoRA), fp32 absmax per block")
+define("bnb_fp4", values=BNB_FP4_VALUES, double_quant=True,
+       description="bitsandbytes fp4 (not OCP E2M1), fp32 absmax per block")

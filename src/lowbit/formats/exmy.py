@@ -26,7 +26,7 @@ from functools import cached_property
 
 import torch
 
-from .. import kernels
+from .. import dispatch
 from .rounding import midpoints, nearest_ties_even, nearest_ties_lower
 
 SPECIALS = ("none", "fn", "ieee")
@@ -97,8 +97,9 @@ class ExMy:
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """float32 values -> uint8 codes: nearest, ties to even, saturating, +0 for zero."""
-        if kernels.enabled():
-            return self._encode_native(x)
+        fast = dispatch.lookup("round", "exmy")
+        if fast is not None:
+            return fast(self, x)
         mags, mids, codes = self._table
         a = x.abs()
         if codes.numel() == self.n_finite:  # table index == code: index parity is code parity
@@ -113,21 +114,12 @@ class ExMy:
         return (code | (negative.to(torch.int32) << (self.exp_bits + self.man_bits))).to(torch.uint8)
 
     @cached_property
-    def _native_table(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The same rule as the reference path, as flat tables for lowbit_table_round."""
+    def round_table(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The same rule as ``encode``, as flat tables for a table-rounding kernel:
+        (midpoints, code of each sorted slot, 1 where a tie leaves the slot's odd code)."""
         _, mids, codes = self._table
         tie_up = (codes % 2 == 1).to(torch.uint8)  # on a midpoint, leave an odd code: ties to even
         return mids.contiguous(), codes.to(torch.uint8), tie_up
-
-    def _encode_native(self, x: torch.Tensor) -> torch.Tensor:
-        mids, codes, tie_up = self._native_table
-        flat = x.contiguous().view(-1)
-        out = kernels.empty(flat.numel(), torch.uint8)
-        kernels.native.lowbit_table_round(
-            flat.data_ptr(), flat.numel(), mids.data_ptr(), mids.numel(), codes.data_ptr(), tie_up.data_ptr(),
-            self.exp_bits + self.man_bits, out.data_ptr(),
-        )
-        return out.view(x.shape)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """uint8 codes -> float32 values (table look-up)."""

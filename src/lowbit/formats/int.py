@@ -1,62 +1,58 @@
-"""Integer formats: symmetric absmax (int2..int8) and zero-point (int2_asym..int8_asym). SPEC.md §1."""
+"""Integer formats: symmetric absmax (int2..int8) and zero-point (int2_asym..int8_asym).
+
+Rules: docs/formats.md#symmetric-integers and #zero-point-integers.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from .. import kernels
-from ..scaling.packing import pack_codes, unpack_codes
-from .registry import Codec, register
-from .spec import FormatSpec
+from .registry import GridCodec, define
 
 _TINY = torch.finfo(torch.float32).tiny  # divisor for all-zero blocks: 0 / tiny = 0, no NaN
 
 
-class SymmetricInt(Codec, family="int"):
+def _ratio(ratio, like: torch.Tensor) -> torch.Tensor | float:
+    return 1.0 if ratio is None else ratio.to(like.dtype)
+
+
+class SymmetricInt(GridCodec, family="int"):
     """s = max|x| / Qp, q = clamp(round(x / s), -Qp, Qp), Qp = 2^(b-1) - 1 (narrow range).
 
     torch.round rounds half to even. Codes store q + Qp, so code 0 is -Qp.
     """
 
     @classmethod
-    def encode(cls, spec, blocks, *, partial, tensor_parts):
-        qp = 2 ** (spec.bits - 1) - 1
-        scales = blocks.abs().amax(dim=1) / qp  # (n_blocks,)
-        q = torch.round(blocks / scales.clamp(min=_TINY)[:, None]).clamp_(-qp, qp)
-        return {"codes": (q + qp).to(torch.uint8), "scales": scales}
+    def choose_scales(cls, spec, blocks, tensor_parts, ratio=None):
+        absmax = blocks.abs().amax(dim=1)
+        if ratio is not None:
+            absmax = absmax * _ratio(ratio, absmax)
+        return {"scales": absmax / (2 ** (spec.bits - 1) - 1)}  # (n_blocks,)
 
     @classmethod
-    def decode(cls, spec, parts, n_blocks, block):
+    def encode(cls, spec, blocks, scales, *, partial=False):
         qp = 2 ** (spec.bits - 1) - 1
-        q = parts["codes"].view(n_blocks, block).to(torch.float32) - qp
-        return q * parts["scales"][:, None]
+        q = torch.round(blocks / scales["scales"].clamp(min=_TINY)[:, None]).clamp_(-qp, qp)
+        return (q + qp).to(torch.uint8)
+
+    @classmethod
+    def decode(cls, spec, codes, scales):
+        q = codes.to(torch.float32) - (2 ** (spec.bits - 1) - 1)
+        return q * scales["scales"][:, None]
+
+    @classmethod
+    def levels(cls, spec, scales):
+        qp = 2 ** (spec.bits - 1) - 1
+        return torch.arange(-qp, qp + 1, dtype=torch.float32), -qp, qp
 
     @classmethod
     def peak(cls, spec, parts):
-        """Largest decoded |value| per block: the absmax element always takes code +-Qp."""
+        """Largest decoded |value| per block: the absmax element always takes code +-Qp
+        (a searched scale: a bound, the element the scale was fitted to may take less)."""
         return parts["scales"].abs().mul_(2 ** (spec.bits - 1) - 1)
 
-    @classmethod
-    def fast_encode(cls, spec, flat, block):
-        n, qp = flat.numel(), 2 ** (spec.bits - 1) - 1
-        flat = flat.contiguous()
-        codes = kernels.empty(n, torch.uint8)
-        scales = torch.empty((n + block - 1) // block, dtype=torch.float32)
-        kernels.native.lowbit_int_sym_quantize(flat.data_ptr(), n, block, qp, codes.data_ptr(), scales.data_ptr())
-        return {"codes": pack_codes(codes, spec.bits, pad_code=qp), "scales": scales}  # qp: the code of 0
 
-    @classmethod
-    def fast_decode(cls, spec, parts, n, block):
-        codes = unpack_codes(parts["codes"], spec.bits, n).contiguous()
-        scales = parts["scales"].contiguous()
-        out = kernels.empty(n, torch.float32)
-        kernels.native.lowbit_int_sym_dequantize(
-            codes.data_ptr(), scales.data_ptr(), n, block, 2 ** (spec.bits - 1) - 1, out.data_ptr()
-        )
-        return out
-
-
-class AsymmetricInt(Codec, family="int_asym"):
+class AsymmetricInt(GridCodec, family="int_asym"):
     """s = (max - min) / (2^b - 1), z = round(-min / s), q = clamp(round(x / s) + z, 0, 2^b - 1).
 
     The range is widened to include 0 (min <= 0 <= max), as PyTorch's affine observers do:
@@ -64,22 +60,42 @@ class AsymmetricInt(Codec, family="int_asym"):
     where a naive zero point would fall outside it.
     """
 
+    SCALE_PARTS = ("scales", "zeros")
+    LINEAR_SCALE = False  # decode is (q - z) * s: the zero point moves with the scale
+
     @classmethod
-    def encode(cls, spec, blocks, *, partial, tensor_parts):
+    def choose_scales(cls, spec, blocks, tensor_parts, ratio=None):
         qmax = 2**spec.bits - 1
         lo = blocks.amin(dim=1).clamp(max=0)
         hi = blocks.amax(dim=1).clamp(min=0)
+        if ratio is not None:
+            lo, hi = lo * _ratio(ratio, lo), hi * _ratio(ratio, hi)
         scales = (hi - lo) / qmax
-        safe = scales.clamp(min=_TINY)
-        zeros = torch.round(-lo / safe).clamp_(0, qmax)
-        q = (torch.round(blocks / safe[:, None]) + zeros[:, None]).clamp_(0, qmax)
-        return {"codes": q.to(torch.uint8), "scales": scales, "zeros": zeros.to(torch.uint8)}
+        zeros = torch.round(-lo / scales.clamp(min=_TINY)).clamp_(0, qmax)
+        return {"scales": scales, "zeros": zeros.to(torch.uint8)}
 
     @classmethod
-    def decode(cls, spec, parts, n_blocks, block):
-        q = parts["codes"].view(n_blocks, block).to(torch.float32)
-        z = parts["zeros"].to(torch.float32)[:, None]
-        return (q - z) * parts["scales"][:, None]
+    def encode(cls, spec, blocks, scales, *, partial=False):
+        qmax = 2**spec.bits - 1
+        safe = scales["scales"].clamp(min=_TINY)
+        q = (torch.round(blocks / safe[:, None]) + scales["zeros"].to(torch.float32)[:, None]).clamp_(0, qmax)
+        return q.to(torch.uint8)
+
+    @classmethod
+    def decode(cls, spec, codes, scales):
+        z = scales["zeros"].to(torch.float32)[:, None]
+        return (codes.to(torch.float32) - z) * scales["scales"][:, None]
+
+    @classmethod
+    def surrogate(cls, spec, blocks, codes, scales):
+        """LSQ+ (Bhalgat et al. 2020, arXiv 2004.09576): y = x / s + z on the code range
+        [0, 2^b - 1]; a float ``zeros`` part gets the gradient -s outside it, 0 inside."""
+        s = scales["scales"][:, None]
+        z = scales["zeros"][:, None]
+        z = z if z.is_floating_point() else z.to(torch.float32)
+        y = blocks / s + z
+        yc = y.clamp(0, 2**spec.bits - 1)
+        return (codes.to(torch.float32) + (yc - yc.detach()) - z) * s
 
     @classmethod
     def peak(cls, spec, parts):
@@ -94,17 +110,7 @@ class AsymmetricInt(Codec, family="int_asym"):
 
 for _b in range(2, 9):
     _qp = 2 ** (_b - 1) - 1
-    register(
-        FormatSpec(
-            name=f"int{_b}", id=_b - 1, family="int", bits=_b, default_block_size=64,
-            values=tuple(float(v) for v in range(-_qp, _qp + 1)), double_quant=True,
-            description=f"symmetric absmax int{_b}, narrow range [-{_qp}, {_qp}], fp32 scale per block",
-        )
-    )
-    register(
-        FormatSpec(
-            name=f"int{_b}_asym", id=10 + _b - 1, family="int_asym", bits=_b, default_block_size=64,
-            values=tuple(float(v) for v in range(2**_b)),
-            description=f"zero-point uint{_b}, fp32 scale + uint8 zero point per block",
-        )
-    )
+    define(f"int{_b}", values=tuple(float(v) for v in range(-_qp, _qp + 1)), double_quant=True,
+           description=f"symmetric absmax int{_b}, narrow range [-{_qp}, {_qp}], fp32 scale per block")
+    define(f"int{_b}_asym", values=tuple(float(v) for v in range(2**_b)),
+           description=f"zero-point uint{_b}, fp32 scale + uint8 zero point per block")

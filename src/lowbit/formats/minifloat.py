@@ -14,9 +14,9 @@ from functools import cache
 
 import torch
 
-from .. import kernels
+from .. import dispatch
 from .exmy import E0M3, E1M2, E2M1, E3M0, E4M3FN, E5M2, ExMy
-from .registry import Codec, register
+from .registry import GridCodec, define
 from .spec import FormatSpec
 
 
@@ -26,21 +26,23 @@ def exmy_of(spec: FormatSpec) -> ExMy:
     return ExMy(p["exp_bits"], p["man_bits"], p["specials"], p.get("subnormals", True))
 
 
-class AbsmaxMinifloat(Codec, family="minifloat"):
+class AbsmaxMinifloat(GridCodec, family="minifloat"):
     @classmethod
-    def encode(cls, spec, blocks, *, partial, tensor_parts):
-        fmt = exmy_of(spec)
-        scales = blocks.abs().amax(dim=1) / fmt.max_finite  # (n_blocks,) fp32
-        safe = torch.where(scales > 0, scales, torch.ones_like(scales))  # all-zero block: 0 / 1 = 0
-        return {"codes": fmt.encode(blocks / safe[:, None]), "scales": scales}
+    def choose_scales(cls, spec, blocks, tensor_parts, ratio=None):
+        absmax = blocks.abs().amax(dim=1)
+        if ratio is not None:
+            absmax = absmax * ratio.to(absmax.dtype)
+        return {"scales": absmax / exmy_of(spec).max_finite}  # (n_blocks,) fp32
 
     @classmethod
-    def decode(cls, spec, parts, n_blocks, block):
-        codes = parts["codes"].view(n_blocks, block)
-        fast = kernels.lut_scale(codes, exmy_of(spec).value_tensor, parts["scales"])
-        if fast is not None:
-            return fast
-        return exmy_of(spec).decode(codes) * parts["scales"][:, None]
+    def encode(cls, spec, blocks, scales, *, partial=False):
+        s = scales["scales"]
+        safe = torch.where(s > 0, s, torch.ones_like(s))  # all-zero block: 0 / 1 = 0
+        return exmy_of(spec).encode(blocks / safe[:, None])
+
+    @classmethod
+    def decode(cls, spec, codes, scales):
+        return decode_table(spec.family, codes, exmy_of(spec).value_tensor, scales["scales"])
 
     @classmethod
     def peak(cls, spec, parts):
@@ -48,21 +50,24 @@ class AbsmaxMinifloat(Codec, family="minifloat"):
         return parts["scales"].abs().mul_(exmy_of(spec).max_finite)
 
 
-def _register(name: str, fid: int, fmt: ExMy, aliases: tuple[str, ...], note: str) -> None:
-    register(
-        FormatSpec(
-            name=name, id=fid, family="minifloat", bits=fmt.bits, default_block_size=64, values=fmt.values,
-            params=(("exp_bits", fmt.exp_bits), ("man_bits", fmt.man_bits), ("specials", fmt.specials),
-                    ("subnormals", fmt.subnormals)),
-            double_quant=True, aliases=aliases,
-            description=f"{note}, max {fmt.max_finite:g}, fp32 absmax scale per block, saturating",
-        )
-    )
+def decode_table(family: str, codes: torch.Tensor, table: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``table[codes] * factor[:, None]`` for (n_blocks, block) codes, by a kernel where one is registered."""
+    fast = dispatch.lookup("lut_scale", family)
+    if fast is not None:
+        return fast(codes, table, factor)
+    return table[codes.to(torch.int64)] * factor[:, None]
 
 
-_register("fp4_e2m1", 31, E2M1, ("float4_e2m1fn",), "FP4 E2M1 (OCP MXFP4 element), no Inf/NaN")
-_register("fp4_e3m0", 32, E3M0, (), "FP4 E3M0, powers of two, no Inf/NaN")
-_register("fp4_e1m2", 33, E1M2, (), "FP4 E1M2, uniform, no Inf/NaN")
-_register("fp4_e0m3", 34, E0M3, (), "FP4 E0M3, uniform (sign-magnitude int), no Inf/NaN")
-_register("fp8_e4m3fn", 36, E4M3FN, ("float8_e4m3fn",), "FP8 E4M3FN (OCP OFP8), NaN only")
-_register("fp8_e5m2", 37, E5M2, ("float8_e5m2",), "FP8 E5M2 (OCP OFP8), IEEE-like Inf/NaN")
+def _register(name: str, fmt: ExMy, aliases: tuple[str, ...], note: str) -> None:
+    define(name, values=fmt.values, double_quant=True, aliases=aliases,
+           params=(("exp_bits", fmt.exp_bits), ("man_bits", fmt.man_bits), ("specials", fmt.specials),
+                   ("subnormals", fmt.subnormals)),
+           description=f"{note}, max {fmt.max_finite:g}, fp32 absmax scale per block, saturating")
+
+
+_register("fp4_e2m1", E2M1, ("float4_e2m1fn",), "FP4 E2M1 (OCP MXFP4 element), no Inf/NaN")
+_register("fp4_e3m0", E3M0, (), "FP4 E3M0, powers of two, no Inf/NaN")
+_register("fp4_e1m2", E1M2, (), "FP4 E1M2, uniform, no Inf/NaN")
+_register("fp4_e0m3", E0M3, (), "FP4 E0M3, uniform (sign-magnitude int), no Inf/NaN")
+_register("fp8_e4m3fn", E4M3FN, ("float8_e4m3fn",), "FP8 E4M3FN (OCP OFP8), NaN only")
+_register("fp8_e5m2", E5M2, ("float8_e5m2",), "FP8 E5M2 (OCP OFP8), IEEE-like Inf/NaN")

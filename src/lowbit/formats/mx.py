@@ -34,8 +34,10 @@ from functools import cache
 
 import torch
 
-from .. import kernels
-from ..scaling.scale_encodings import (
+from .exmy import E2M1, E2M3, E3M2, E4M3FN, ExMy
+from .minifloat import decode_table
+from .registry import GridCodec, define
+from .scale_encodings import (
     e4m3_decode,
     e4m3_encode,
     e8m0_decode,
@@ -43,8 +45,6 @@ from ..scaling.scale_encodings import (
     e8m0_reciprocal,
     floor_log2,
 )
-from .exmy import E2M1, E2M3, E3M2, E4M3FN, ExMy
-from .registry import Codec, register
 from .spec import FormatSpec
 
 MX_BLOCK = 32  # OCP MX v1.0 §5: k = 32 for every concrete MX format
@@ -92,22 +92,37 @@ def _element(spec: FormatSpec) -> tuple[ExMy | Int8Element, int]:
     return ELEMENTS[spec.param("element")]
 
 
-class Microscaling(Codec, family="mx"):
-    @classmethod
-    def encode(cls, spec, blocks, *, partial, tensor_parts):
-        elem, emax = _element(spec)
-        amax = blocks.abs().amax(dim=1)  # (n_blocks,)
-        exp = torch.where(amax > 0, floor_log2(amax) - emax, torch.full_like(amax, -127, dtype=torch.int32))
-        scale_codes = e8m0_encode(exp)  # (n_blocks,) uint8, clamped to 2^-127 .. 2^127
-        scaled = blocks * e8m0_reciprocal(scale_codes)[:, None]  # exact: a power of two
-        return {"codes": elem.encode(scaled), "scales_e8m0": scale_codes}
+class Microscaling(GridCodec, family="mx"):
+    SCALE_PARTS = ("scales_e8m0",)
+    LINEAR_SCALE = False  # the scale is a power of two: nothing to refit
 
     @classmethod
-    def decode(cls, spec, parts, n_blocks, block):
+    def choose_scales(cls, spec, blocks, tensor_parts, ratio=None):
+        _, emax = _element(spec)
+        amax = blocks.abs().amax(dim=1)  # (n_blocks,)
+        if ratio is not None:
+            amax = amax * ratio.to(amax.dtype)
+        exp = torch.where(amax > 0, floor_log2(amax) - emax, torch.full_like(amax, -127, dtype=torch.int32))
+        return {"scales_e8m0": e8m0_encode(exp)}  # (n_blocks,) uint8, clamped to 2^-127 .. 2^127
+
+    @classmethod
+    def encode(cls, spec, blocks, scales, *, partial=False):
         elem, _ = _element(spec)
-        codes, scales = parts["codes"].view(n_blocks, block), e8m0_decode(parts["scales_e8m0"])
-        fast = kernels.lut_scale(codes, elem.value_tensor, scales)
-        return fast if fast is not None else elem.decode(codes) * scales[:, None]
+        return elem.encode(blocks * e8m0_reciprocal(scales["scales_e8m0"])[:, None])  # exact: a power of two
+
+    @classmethod
+    def decode(cls, spec, codes, scales):
+        elem, _ = _element(spec)
+        return decode_table(spec.family, codes, elem.value_tensor, e8m0_decode(scales["scales_e8m0"]))
+
+    @classmethod
+    def levels(cls, spec, scales):
+        elem, _ = _element(spec)
+        return elem.value_tensor, -elem.max_finite, elem.max_finite
+
+    @classmethod
+    def multiplier(cls, spec, scales):
+        return e8m0_decode(scales["scales_e8m0"])
 
     @classmethod
     def peak(cls, spec, parts):
@@ -118,29 +133,38 @@ class Microscaling(Codec, family="mx"):
         return elem.max_finite * e8m0_decode(parts["scales_e8m0"])
 
 
-class NVFP4(Codec, family="nvfp4"):
+class NVFP4(GridCodec, family="nvfp4"):
+    SCALE_PARTS = ("scales_e4m3",)
+    LINEAR_SCALE = False  # an E4M3 byte: nothing to refit in fp32
+
     @classmethod
-    def tensor_parts(cls, spec, flat):
+    def tensor_parts(cls, spec, flat, block):
         # torchao per_tensor_amax_to_scale: amax / (F8E4M3_MAX * F4_E2M1_MAX), fp32
         return {"tensor_scale": (flat.abs().amax() / (E4M3_MAX * E2M1_MAX)).reshape(1)}
 
     @classmethod
-    def encode(cls, spec, blocks, *, partial, tensor_parts):
+    def choose_scales(cls, spec, blocks, tensor_parts, ratio=None):
         g = tensor_parts["tensor_scale"]  # (1,)
         g_safe = torch.where(g > 0, g, torch.ones_like(g))  # all-zero tensor: no 0 / 0
-        block_scale = blocks.abs().amax(dim=1) / E2M1_MAX  # (n_blocks,)
-        scale_codes = e4m3_encode((block_scale / g_safe).clamp(E4M3_TINY, E4M3_MAX))
-        total = g * e4m3_decode(scale_codes)  # (n_blocks,)
-        total = torch.where(total > 0, total, torch.ones_like(total))
-        scaled = (blocks / total[:, None]).clamp(-E2M1_MAX, E2M1_MAX)
-        return {"codes": E2M1.encode(scaled), "scales_e4m3": scale_codes}
+        amax = blocks.abs().amax(dim=1)
+        if ratio is not None:
+            amax = amax * ratio.to(amax.dtype)
+        block_scale = amax / E2M1_MAX  # (n_blocks,)
+        return {"scales_e4m3": e4m3_encode((block_scale / g_safe).clamp(E4M3_TINY, E4M3_MAX))}
 
     @classmethod
-    def decode(cls, spec, parts, n_blocks, block):
-        codes = parts["codes"].view(n_blocks, block)
-        total = parts["tensor_scale"] * e4m3_decode(parts["scales_e4m3"])  # (n_blocks,)
-        fast = kernels.lut_scale(codes, E2M1.value_tensor, total)
-        return fast if fast is not None else E2M1.decode(codes) * total[:, None]
+    def encode(cls, spec, blocks, scales, *, partial=False):
+        total = scales["tensor_scale"] * e4m3_decode(scales["scales_e4m3"])  # (n_blocks,)
+        total = torch.where(total > 0, total, torch.ones_like(total))
+        return E2M1.encode((blocks / total[:, None]).clamp(-E2M1_MAX, E2M1_MAX))
+
+    @classmethod
+    def decode(cls, spec, codes, scales):
+        return decode_table(spec.family, codes, E2M1.value_tensor, cls.multiplier(spec, scales))
+
+    @classmethod
+    def multiplier(cls, spec, scales):
+        return scales["tensor_scale"] * e4m3_decode(scales["scales_e4m3"])  # torchao's order of the products
 
     @classmethod
     def peak(cls, spec, parts):
@@ -149,26 +173,16 @@ class NVFP4(Codec, family="nvfp4"):
         return E2M1_MAX * (parts["tensor_scale"] * e4m3_decode(parts["scales_e4m3"]))
 
 
-def _register_mx(name: str, fid: int, element: str, note: str) -> None:
+def _register_mx(name: str, element: str, note: str) -> None:
     elem, emax = ELEMENTS[element]
-    register(
-        FormatSpec(
-            name=name, id=fid, family="mx", bits=elem.bits, default_block_size=MX_BLOCK, values=elem.values,
-            params=(("element", element), ("emax", emax)), fixed_block_size=True, double_quant=False,
-            description=f"OCP MX {note} elements, block 32, E8M0 scale ({elem.bits + 8 / MX_BLOCK:g} bits/weight)",
-        )
-    )
+    define(name, values=elem.values, params=(("element", element), ("emax", emax)), fixed_block_size=True,
+           description=f"OCP MX {note} elements, block 32, E8M0 scale ({elem.bits + 8 / MX_BLOCK:g} bits/weight)")
 
 
-_register_mx("mxfp4", 41, "e2m1", "FP4 E2M1")
-_register_mx("mxfp6_e2m3", 42, "e2m3", "FP6 E2M3")
-_register_mx("mxfp6_e3m2", 43, "e3m2", "FP6 E3M2")
-_register_mx("mxfp8_e4m3", 44, "e4m3", "FP8 E4M3")
-_register_mx("mxint8", 45, "int8", "INT8 (two's complement, 2^-6)")
-register(
-    FormatSpec(
-        name="nvfp4", id=46, family="nvfp4", bits=4, default_block_size=NVFP4_BLOCK, values=E2M1.values,
-        fixed_block_size=True, double_quant=False,
-        description="NVIDIA NVFP4: E2M1 elements, block 16, E4M3 scale + fp32 per-tensor scale (4.5 bits/weight)",
-    )
-)
+_register_mx("mxfp4", "e2m1", "FP4 E2M1")
+_register_mx("mxfp6_e2m3", "e2m3", "FP6 E2M3")
+_register_mx("mxfp6_e3m2", "e3m2", "FP6 E3M2")
+_register_mx("mxfp8_e4m3", "e4m3", "FP8 E4M3")
+_register_mx("mxint8", "int8", "INT8 (two's complement, 2^-6)")
+define("nvfp4", values=E2M1.values, fixed_block_size=True,
+       description="NVIDIA NVFP4: E2M1 elements, block 16, E4M3 scale + fp32 per-tensor scale (4.5 bits/weight)")

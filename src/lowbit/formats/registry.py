@@ -1,4 +1,4 @@
-"""The one table of formats: name -> FormatSpec, and family -> Codec."""
+"""The registered formats: name -> FormatSpec (facts from ``formats.table``), and family -> Codec."""
 
 from __future__ import annotations
 
@@ -8,36 +8,42 @@ from typing import ClassVar
 import torch
 
 from .spec import FormatSpec
+from .table import fact
 
 _FORMATS: dict[str, FormatSpec] = {}
 _IDS: dict[int, str] = {}
 
 
 class Codec:
-    """Encodes and decodes the blocks of every format of one family.
+    """Quantizes and dequantizes the blocks of every format of one family.
 
     Subclasses register by family name. Shared code (``lowbit.quantize``) flattens,
     checks and splits the input into blocks; a codec sees only a 2-D float32 tensor
-    ``(n_blocks, block_size)`` and returns the named tensors it stores.
+    ``(n_blocks, block_size)`` and returns the named tensors it stores. Formats whose
+    elements are levels on a grid subclass ``GridCodec``, which splits this work in three
+    (choose_scales, encode, decode); GGUF blocks, whose scales come from their own search,
+    implement ``quantize_blocks`` / ``dequantize_blocks`` directly.
     """
 
     family: ClassVar[str]
     registry: ClassVar[dict[str, type[Codec]]] = {}
 
-    def __init_subclass__(cls, family: str, **kwargs):
+    def __init_subclass__(cls, family: str | None = None, **kwargs):
         super().__init_subclass__(**kwargs)
+        if family is None:  # an abstract base (GridCodec)
+            return
         if family in Codec.registry:
             raise RuntimeError(f"codec family {family!r} registered twice")
         cls.family = family
         Codec.registry[family] = cls
 
     @classmethod
-    def tensor_parts(cls, spec: FormatSpec, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+    def tensor_parts(cls, spec: FormatSpec, flat: torch.Tensor, block: int) -> dict[str, torch.Tensor]:
         """Per-tensor constants computed before blocking (names start with ``tensor_``)."""
         return {}
 
     @classmethod
-    def encode(
+    def quantize_blocks(
         cls, spec: FormatSpec, blocks: torch.Tensor, *, partial: bool, tensor_parts: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         """blocks: (n_blocks, block) float32 -> named parts: ``codes`` (n_blocks, block) uint8
@@ -46,8 +52,8 @@ class Codec:
         raise NotImplementedError
 
     @classmethod
-    def decode(cls, spec: FormatSpec, parts: dict[str, torch.Tensor], n_blocks: int, block: int) -> torch.Tensor:
-        """Inverse of encode: (n_blocks, block) float32."""
+    def dequantize_blocks(cls, spec: FormatSpec, parts: dict[str, torch.Tensor], n_blocks: int, block: int):
+        """Inverse of quantize_blocks: (n_blocks, block) float32."""
         raise NotImplementedError
 
     # Overflow checks (lowbit.representable) read the stored scales, not the decoded tensor.
@@ -62,15 +68,82 @@ class Codec:
         """The largest of ``peak`` in one pass over the scales, where cheaper; None: use ``peak``."""
         return None
 
-    # Optional fast kernels (lowbit.kernels): the whole flat tensor at once, stored parts
-    # already packed. Return None to use the reference path. Must give identical results.
-    @classmethod
-    def fast_encode(cls, spec: FormatSpec, flat: torch.Tensor, block: int) -> dict[str, torch.Tensor] | None:
-        return None
+
+class GridCodec(Codec):
+    """A family whose elements are levels on a grid, scaled per block: three pure functions.
+
+    - ``choose_scales(spec, blocks, tensor_parts, ratio)``: the per-block scale parts. The
+      default rule is the format's own (absmax, min/max, absmean...); ``ratio``, a
+      ``(n_blocks,)`` clipping ratio, shrinks or stretches the range the rule sees (1 = the
+      rule itself). This is the step a scale search (``lowbit.search``) replaces.
+    - ``encode(spec, blocks, scales)``: codes, nearest level under the format's tie rule.
+    - ``decode(spec, codes, scales)``: values.
+
+    ``scales`` passed to encode/decode holds the per-block parts and the per-tensor ones.
+    ``LINEAR_SCALE``: decode is ``level[code] * scales["scales"]``, so a least-squares
+    refit of that one fp32 scale is meaningful (``lowbit.search.mse_search(refit=True)``).
+    """
+
+    SCALE_PARTS: ClassVar[tuple[str, ...]] = ("scales",)
+    LINEAR_SCALE: ClassVar[bool] = True
 
     @classmethod
-    def fast_decode(cls, spec: FormatSpec, parts: dict[str, torch.Tensor], n: int, block: int) -> torch.Tensor | None:
-        return None
+    def choose_scales(cls, spec, blocks, tensor_parts, ratio=None) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @classmethod
+    def encode(cls, spec, blocks, scales, *, partial: bool = False) -> torch.Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def decode(cls, spec, codes, scales) -> torch.Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def quantize_blocks(cls, spec, blocks, *, partial, tensor_parts):
+        scales = cls.choose_scales(spec, blocks, tensor_parts)
+        return {"codes": cls.encode(spec, blocks, {**tensor_parts, **scales}, partial=partial), **scales}
+
+    @classmethod
+    def dequantize_blocks(cls, spec, parts, n_blocks, block):
+        return cls.decode(spec, parts["codes"].view(n_blocks, block), parts)
+
+    @classmethod
+    def surrogate(cls, spec, blocks, codes, scales) -> torch.Tensor:
+        """A differentiable stand-in for ``decode(encode(blocks))`` (``lowbit.fake_quant``):
+        its value is the decoded blocks up to rounding, its gradient the straight-through
+        estimator (LSQ, Esser et al. 2020, arXiv 1902.08153, eq. 3): d/dx = 1 inside the
+        grid's range, 0 outside; d/dscale = level - x/scale inside, level outside.
+
+        This default serves every grid whose decode is ``level[code] * multiplier`` with a
+        multiplier differentiable in the scale parts (``multiplier``); int_asym overrides it.
+        """
+        levels, lo, hi = cls.levels(spec, scales)
+        m = cls.multiplier(spec, scales)[:, None]
+        y = blocks / m
+        yc = y.clamp(lo, hi)
+        return (levels[codes.to(torch.int64)] + (yc - yc.detach())) * m
+
+    @classmethod
+    def levels(cls, spec, scales) -> tuple[torch.Tensor, float, float]:
+        """(level of each code, lowest level, highest finite level) before the multiplier."""
+        values = torch.tensor(spec.values, dtype=torch.float32)
+        finite = values[values.isfinite()]
+        return values, float(finite.min()), float(finite.max())
+
+    @classmethod
+    def multiplier(cls, spec, scales) -> torch.Tensor:
+        """(n_blocks,) the factor decode multiplies each level by."""
+        return scales["scales"]
+
+
+def define(name: str, **extras) -> FormatSpec:
+    """Register the format ``name`` of ``lowbit.formats.table`` with its codec's ``extras``
+    (values, params, description, ...); id, family, bits and block come from the table."""
+    f = fact(name)
+    spec = FormatSpec(name=name, id=f.id, family=f.family, bits=f.bits, default_block_size=f.block,
+                      block_bytes=f.block_bytes, gguf_type=f.gguf_type, bnb_quant_type=f.bnb_quant_type, **extras)
+    return register(spec)
 
 
 def register(spec: FormatSpec) -> FormatSpec:

@@ -6,8 +6,7 @@ import math
 import struct
 from dataclasses import dataclass, field
 
-DQ_BLOCK = 256  # bitsandbytes quantize_4bit(compress_statistics=True) second-level block
-
+from ..scaling.double_quant import DQ_BLOCK
 
 
 @dataclass(frozen=True)
@@ -16,6 +15,8 @@ class FormatSpec:
 
     ``id`` is written into saved files and never changes meaning. ``family`` names the
     codec that encodes and decodes it; ``params`` holds family-specific frozen settings.
+    Ids, bits, blocks and peer type names come from ``lowbit.formats.table``, through
+    ``registry.define``.
     """
 
     name: str
@@ -30,6 +31,9 @@ class FormatSpec:
     double_quant: bool = False  # per-block fp32 scale that bnb-style double quant can compress
     description: str = ""
     aliases: tuple[str, ...] = field(default=())
+    block_bytes: int | None = None  # bytes per block where the format fixes them (formats.table)
+    gguf_type: str | None = None  # GGMLQuantizationType name, where GGUF has this format
+    bnb_quant_type: str | None = None  # bitsandbytes quant_type, where bitsandbytes has it
 
     def param(self, key: str):
         return dict(self.params)[key]

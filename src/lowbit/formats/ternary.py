@@ -9,23 +9,25 @@ from __future__ import annotations
 
 import torch
 
-from .registry import Codec, register
-from .spec import FormatSpec
+from .registry import GridCodec, define
 
 _TINY = torch.finfo(torch.float32).tiny  # all-zero block: gamma 0, codes 0, no NaN
 
 
-class Ternary(Codec, family="ternary"):
+class Ternary(GridCodec, family="ternary"):
     @classmethod
-    def encode(cls, spec, blocks, *, partial, tensor_parts):
+    def choose_scales(cls, spec, blocks, tensor_parts, ratio=None):
         gamma = blocks.abs().mean(dim=1)  # (n_blocks,)
-        q = torch.round(blocks / gamma.clamp(min=_TINY)[:, None]).clamp_(-1, 1)
-        return {"codes": (q + 1).to(torch.uint8), "scales": gamma}
+        return {"scales": gamma if ratio is None else gamma * ratio.to(gamma.dtype)}
 
     @classmethod
-    def decode(cls, spec, parts, n_blocks, block):
-        q = parts["codes"].view(n_blocks, block).to(torch.float32) - 1
-        return q * parts["scales"][:, None]
+    def encode(cls, spec, blocks, scales, *, partial=False):
+        q = torch.round(blocks / scales["scales"].clamp(min=_TINY)[:, None]).clamp_(-1, 1)
+        return (q + 1).to(torch.uint8)
+
+    @classmethod
+    def decode(cls, spec, codes, scales):
+        return (codes.to(torch.float32) - 1) * scales["scales"][:, None]
 
     @classmethod
     def peak(cls, spec, parts):
@@ -33,9 +35,5 @@ class Ternary(Codec, family="ternary"):
         return parts["scales"].abs()
 
 
-register(
-    FormatSpec(
-        name="ternary", id=61, family="ternary", bits=2, default_block_size=64, values=(-1.0, 0.0, 1.0),
-        double_quant=True, description="BitNet b1.58 ternary {-1, 0, 1}, fp32 absmean per block",
-    )
-)
+define("ternary", values=(-1.0, 0.0, 1.0), double_quant=True,
+       description="BitNet b1.58 ternary {-1, 0, 1}, fp32 absmean per block")

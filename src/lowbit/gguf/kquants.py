@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..formats.registry import Codec, register
-from ..formats.spec import FormatSpec
+from ..formats.registry import Codec, define
 from .legacy import _fp16_bytes, _fp16_read
 
 QK_K = 256  # ggml-common.h: weights per super-block
@@ -93,7 +92,7 @@ class Q4K(Codec, family="gguf_q4_k"):
     of 32, 128 bytes of nibbles (64 weights per 32 bytes: low nibbles first 32, high next)."""
 
     @classmethod
-    def encode(cls, spec, blocks, *, partial, tensor_parts):
+    def quantize_blocks(cls, spec, blocks, *, partial, tensor_parts):
         nb = blocks.shape[0]
         x = blocks.view(nb * 8, 32)
         av_x = (x * x).sum(dim=1, keepdim=True).div(32).sqrt()
@@ -118,7 +117,7 @@ class Q4K(Codec, family="gguf_q4_k"):
         return {"data": torch.cat([d16, dmin16, _pack_scales_k4(ls, lm), qs], dim=1)}
 
     @classmethod
-    def decode(cls, spec, parts, n_blocks, block):
+    def dequantize_blocks(cls, spec, parts, n_blocks, block):
         data = parts["data"]
         d, dmin = _fp16_read(data[:, 0:2]), _fp16_read(data[:, 2:4])
         sc, m = _unpack_scales_k4(data[:, 4:16])
@@ -147,7 +146,7 @@ class Q6K(Codec, family="gguf_q6_k"):
     scales (16 weights each), fp16 d. Codes l + 32, l in [-32, 31]."""
 
     @classmethod
-    def encode(cls, spec, blocks, *, partial, tensor_parts):
+    def quantize_blocks(cls, spec, blocks, *, partial, tensor_parts):
         nb = blocks.shape[0]
         x = blocks.view(nb * 16, 16)
         scales = _search_symmetric(x, 32).view(nb, 16)
@@ -172,7 +171,7 @@ class Q6K(Codec, family="gguf_q6_k"):
         return {"data": torch.cat([ql, qh, sc.to(torch.int8).view(torch.uint8), d16], dim=1)}
 
     @classmethod
-    def decode(cls, spec, parts, n_blocks, block):
+    def dequantize_blocks(cls, spec, parts, n_blocks, block):
         data = parts["data"]
         ql = data[:, :128].view(n_blocks, 2, 2, 32)
         qh = data[:, 128:192].view(n_blocks, 2, 1, 32)
@@ -184,7 +183,7 @@ class Q6K(Codec, family="gguf_q6_k"):
         return ((d * sc)[:, :, None] * q).view(n_blocks, QK_K)
 
 
-register(FormatSpec(name="q4_k", id=56, family="gguf_q4_k", bits=4, default_block_size=QK_K, fixed_block_size=True,
-                    row_blocks=True, description="GGUF Q4_K: 144 bytes per 256 weights (8 sub-blocks, 6-bit scales)"))
-register(FormatSpec(name="q6_k", id=57, family="gguf_q6_k", bits=6, default_block_size=QK_K, fixed_block_size=True,
-                    row_blocks=True, description="GGUF Q6_K: 210 bytes per 256 weights (16 sub-blocks, int8 scales)"))
+define("q4_k", fixed_block_size=True, row_blocks=True,
+       description="GGUF Q4_K: 144 bytes per 256 weights (8 sub-blocks, 6-bit scales)")
+define("q6_k", fixed_block_size=True, row_blocks=True,
+       description="GGUF Q6_K: 210 bytes per 256 weights (16 sub-blocks, int8 scales)")

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import kernels
-from ..formats.registry import Codec, register
-from ..formats.spec import FormatSpec
+from ..formats.registry import Codec, define
+from ..formats.table import fact
 
 QK = 32  # weights per block: ggml-common.h QK4_0 = QK4_1 = QK5_0 = QK5_1 = QK8_0 = 32
 
@@ -80,7 +79,7 @@ class GGUFLegacy(Codec, family="gguf_legacy"):
     (d = (max - min) / (2^b - 1), m = min), or "q8" (d = amax / 127, roundf)."""
 
     @classmethod
-    def encode(cls, spec, blocks, *, partial, tensor_parts):
+    def quantize_blocks(cls, spec, blocks, *, partial, tensor_parts):
         kind, bits = spec.param("kind"), spec.bits
         if kind == "q8":
             d = blocks.abs().amax(dim=1, keepdim=True) / 127
@@ -102,7 +101,7 @@ class GGUFLegacy(Codec, family="gguf_legacy"):
         return {"data": torch.cat([*head, _split_nibbles(q)], dim=1)}
 
     @classmethod
-    def decode(cls, spec, parts, n_blocks, block):
+    def dequantize_blocks(cls, spec, parts, n_blocks, block):
         kind, bits = spec.param("kind"), spec.bits
         data = parts["data"]
         d = _fp16_read(data[:, :2])
@@ -149,44 +148,9 @@ class GGUFLegacy(Codec, family="gguf_legacy"):
         top = torch.maximum(lo.abs(), hi.abs()).to(torch.float32)  # NaN propagates
         return top * (127 if kind == "q8" else 2 ** (spec.bits - 1))
 
-    @classmethod
-    def fast_encode(cls, spec, flat, block):
-        if spec.name not in ("q8_0", "q4_0"):
-            return None
-        nb = flat.numel() // QK
-        flat = flat.contiguous()
-        data = kernels.empty(nb * spec.param("bytes"), torch.uint8).view(nb, -1)
-        d = torch.empty(nb, dtype=torch.float32)
-        getattr(kernels.native, f"lowbit_{spec.name}_quantize")(flat.data_ptr(), nb, d.data_ptr(), data.data_ptr())
-        # fp32 -> fp16 (round to nearest even, as _fp16_bytes) straight into each block's first
-        # two bytes: one strided pass instead of a conversion and a 2-byte strided copy
-        data.view(torch.float16)[:, 0] = d
-        return {"data": data}
 
-    @classmethod
-    def fast_decode(cls, spec, parts, n, block):
-        if spec.name not in ("q8_0", "q4_0"):
-            return None
-        data = parts["data"].contiguous()
-        nb = data.shape[0]
-        d = _fp16_read(data[:, :2]).view(-1).contiguous()
-        out = kernels.empty(n, torch.float32)
-        getattr(kernels.native, f"lowbit_{spec.name}_dequantize")(data.data_ptr(), d.data_ptr(), nb, out.data_ptr())
-        return out
-
-
-# (name, id, bits, kind, bytes per block: ggml-common.h sizeof(block_*))
-for _name, _id, _bits, _kind, _bytes in [
-    ("q8_0", 51, 8, "q8", 34),
-    ("q4_0", 52, 4, "sym", 18),
-    ("q4_1", 53, 4, "asym", 20),
-    ("q5_0", 54, 5, "sym", 22),
-    ("q5_1", 55, 5, "asym", 24),
-]:
-    register(
-        FormatSpec(
-            name=_name, id=_id, family="gguf_legacy", bits=_bits, default_block_size=QK,
-            params=(("kind", _kind), ("bytes", _bytes)), fixed_block_size=True, row_blocks=True,
-            description=f"GGUF {_name.upper()}: {_bytes} bytes per {QK} weights",
-        )
-    )
+# kind of each (ggml-quants.c quantize_row_*_ref); ids, bits and bytes: lowbit.formats.table
+for _name, _kind in [("q8_0", "q8"), ("q4_0", "sym"), ("q4_1", "asym"), ("q5_0", "sym"), ("q5_1", "asym")]:
+    _bytes = fact(_name).block_bytes
+    define(_name, params=(("kind", _kind), ("bytes", _bytes)), fixed_block_size=True, row_blocks=True,
+           description=f"GGUF {_name.upper()}: {_bytes} bytes per {QK} weights")

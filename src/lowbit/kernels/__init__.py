@@ -1,22 +1,23 @@
-"""Optional fast CPU kernels, one interface, same numbers as the reference path.
+"""Optional fast CPU kernels, same numbers as the reference path.
 
 ``lowbit.kernels.native`` is the ctypes handle to the C library built at install time,
-or None when it is absent (build failed) or disabled with ``LOWBIT_KERNELS=reference``.
-Every kernel is tested bit-for-bit against the plain-PyTorch reference (tests/kernels).
+or None when it is absent (the build failed). When it loads, ``lowbit.kernels.paths``
+registers its fast paths with ``lowbit.dispatch``, which alone decides whether they run
+(``LOWBIT_KERNELS=reference|native``). Every kernel is tested bit-for-bit against the
+plain-PyTorch reference (tests/kernels).
 """
 
 from __future__ import annotations
 
 import ctypes
 import importlib.util
-import os
 
 import torch
 
+from .. import dispatch
+
 
 def _load():
-    if os.environ.get("LOWBIT_KERNELS", "").lower() == "reference":
-        return None
     spec = importlib.util.find_spec("lowbit.kernels._ckernels")
     if spec is None or spec.origin is None:
         return None
@@ -36,7 +37,6 @@ def _load():
 
 
 native = _load()
-_enabled = native is not None
 
 
 def empty(n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -49,31 +49,14 @@ def empty(n: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def enabled() -> bool:
-    return _enabled
+    """Whether the fast paths run now: the library loaded and the native path preferred."""
+    return native is not None and dispatch.preference() == "native"
 
 
-class reference:
+def reference():
     """Context manager: run the plain-PyTorch reference path (for tests and comparisons)."""
-
-    def __enter__(self):
-        global _enabled
-        self._saved, _enabled = _enabled, False
-        return self
-
-    def __exit__(self, *exc):
-        global _enabled
-        _enabled = self._saved
+    return dispatch.use("reference")
 
 
-def lut_scale(codes: torch.Tensor, table: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
-    """table[codes] * scales[:, None] for (n_blocks, block) uint8 codes; None without kernels."""
-    if not _enabled:
-        return None
-    n_blocks, block = codes.shape
-    codes = codes.contiguous()
-    full = torch.zeros(256, dtype=torch.float32)
-    full[: table.numel()] = table
-    scales = scales.to(torch.float32).contiguous()
-    out = empty(codes.numel(), torch.float32)
-    native.lowbit_lut_scale(codes.data_ptr(), codes.numel(), block, full.data_ptr(), scales.data_ptr(), out.data_ptr())
-    return out.view(n_blocks, block)
+if native is not None:
+    from . import paths  # noqa: E402, F401  (registers the fast paths)

@@ -12,8 +12,9 @@ from functools import cache
 
 import torch
 
-from ..formats.spec import DQ_BLOCK
 from .blocks import split_blocks
+
+DQ_BLOCK = 256  # bitsandbytes quantize_4bit(compress_statistics=True) second-level block
 
 
 @cache

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..formats.exmy import E4M3FN
+from .exmy import E4M3FN
 
 E8M0_BIAS = 127
 E8M0_NAN = 0xFF

@@ -1,0 +1,81 @@
+"""The one place that chooses between the plain-PyTorch reference path and a fast kernel.
+
+Fast paths register here per (operation, family) (``lowbit.kernels.paths`` does so for
+the C kernels); the code that runs an operation asks ``lookup(op, family)`` and runs the
+reference path when it gets None. Formats never import a kernel module: they are the
+reference. The preference is ``native`` (use a registered kernel where one applies) unless
+the environment says ``LOWBIT_KERNELS=reference``, ``use("reference")`` is in effect, or
+an operation is given ``kernels="reference"`` (``lowbit.quantize``, ``dequantize``).
+Every registered kernel is tested against the reference path to the bit (tests/kernels).
+
+Operations: ``quantize`` (flat float32 tensor -> packed parts, absmax scales only),
+``dequantize`` (packed parts -> flat float32), ``round`` (an ExMy table rounding),
+``lut_scale`` (level table look-up times a per-block factor).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from contextlib import contextmanager
+
+PREFERENCES = ("native", "reference")
+_PATHS: dict[tuple[str, str], Callable] = {}
+_preference: str | None = None  # set by use(); None: the environment decides
+
+
+def register(op: str, *families: str):
+    """Decorator: ``fn`` is the fast path of ``op`` for each of ``families``."""
+
+    def add(fn: Callable) -> Callable:
+        for family in families:
+            if (op, family) in _PATHS:
+                raise RuntimeError(f"a fast path for ({op!r}, {family!r}) is registered twice")
+            _PATHS[op, family] = fn
+        return fn
+
+    return add
+
+
+def check_preference(name: str) -> str:
+    key = name.strip().lower()
+    if key not in PREFERENCES:
+        raise ValueError(f"unknown kernel preference {name!r}: use one of {', '.join(PREFERENCES)}")
+    return key
+
+
+def preference() -> str:
+    if _preference is not None:
+        return _preference
+    return "reference" if os.environ.get("LOWBIT_KERNELS", "").strip().lower() == "reference" else "native"
+
+
+@contextmanager
+def use(name: str | None):
+    """Within the block, prefer ``name`` ("native" or "reference"); None leaves it as it is."""
+    global _preference
+    saved = _preference
+    if name is not None:
+        _preference = check_preference(name)
+    try:
+        yield
+    finally:
+        _preference = saved
+
+
+def lookup(op: str, family: str) -> Callable | None:
+    """The registered fast path, or None: none registered, or the reference path preferred."""
+    if preference() == "reference":
+        return None
+    _load_kernels()
+    return _PATHS.get((op, family))
+
+
+def registered() -> list[tuple[str, str]]:
+    _load_kernels()
+    return sorted(_PATHS)
+
+
+def _load_kernels() -> None:
+    """Import lowbit.kernels once: it registers its paths when the C library loads."""
+    from . import kernels  # noqa: F401

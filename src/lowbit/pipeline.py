@@ -1,0 +1,85 @@
+"""The grid pipeline over a flat tensor: choose scales, encode, decode (docs/formats.md#scale-search).
+
+``lowbit.quantize`` flattens and checks the input; here it is cut into full blocks and
+one trailing partial block (which gets its own scale), and each piece goes through its
+codec: ``choose_scales`` (the format's rule, or a search from ``lowbit.search``), then
+``encode``. GGUF codecs run their own search inside ``quantize_blocks``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .formats.registry import Codec, GridCodec, codec_for
+from .formats.spec import FormatSpec
+from .scaling.blocks import split_blocks
+
+# name -> (needs calibration weights, the algorithm): docs/formats.md#scale-search
+SEARCHES = {"mse": False, "amse": True, "hqq": False, "ahqq": True}
+
+
+def check_search(spec: FormatSpec, search: str) -> str:
+    """``search`` normalized; a one-line ValueError for an unknown name or a format it cannot serve."""
+    key = search.strip().lower()
+    if key not in SEARCHES:
+        raise ValueError(f"unknown scale search {search!r}: use one of {', '.join(SEARCHES)} "
+                         "(mse/amse: clipping grid search, plain or activation-weighted; hqq/ahqq: half-quadratic)")
+    codec = codec_for(spec)
+    if not issubclass(codec, GridCodec):
+        raise ValueError(f"@{key} needs a format whose elements are levels on a grid; {spec.name} is a GGUF block "
+                         "format with its own scale search: try nf4, int4, int4_asym, fp4_e2m1, mxfp4 or qq4")
+    if key.endswith("hqq") and "zeros" not in codec.SCALE_PARTS:
+        raise ValueError(f"@{key} optimizes a zero point, and {spec.name} has none: use a zero-point format "
+                         f"such as int{spec.bits}_asym, or @mse for {spec.name}")
+    return key
+
+
+def needs_calibration(search: str | None) -> bool:
+    return bool(search) and SEARCHES.get(search.strip().lower(), False)
+
+
+def quantize_flat(spec: FormatSpec, flat: torch.Tensor, block: int, *, search: str | None = None,
+                  weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """(n,) float32 -> the stored parts with ``codes`` unpacked (flat uint8), per-block parts on dim 0.
+
+    ``weights``: None or (n,) nonnegative importance of each element, for the weighted searches.
+    """
+    codec = codec_for(spec)
+    tensor_parts = codec.tensor_parts(spec, flat, block)
+    pieces = []
+    w_head, w_tail = split_blocks(weights, block) if weights is not None else (None, None)
+    for blocks, w, partial in zip(split_blocks(flat, block), (w_head, w_tail), (False, True), strict=True):
+        if blocks is None:
+            continue
+        if search is None or not blocks.shape[0]:
+            pieces.append(codec.quantize_blocks(spec, blocks, partial=partial, tensor_parts=tensor_parts))
+        else:
+            scales = searched_scales(codec, spec, blocks, tensor_parts, search, w, partial)
+            pieces.append({"codes": codec.encode(spec, blocks, {**tensor_parts, **scales}, partial=partial), **scales})
+    parts = dict(tensor_parts)
+    for name in pieces[0]:
+        # codes are per element, so flat; every other part is per block, on dim 0
+        ts = [p[name].reshape(-1) if name == "codes" else p[name] for p in pieces]
+        parts[name] = ts[0] if len(ts) == 1 else torch.cat(ts)
+    return parts
+
+
+def searched_scales(codec: type[Codec], spec: FormatSpec, blocks: torch.Tensor, tensor_parts: dict, search: str,
+                    weights: torch.Tensor | None, partial: bool) -> dict[str, torch.Tensor]:
+    """The per-block scale parts that ``search`` picks for ``blocks`` (n_blocks, block)."""
+    from .search import hqq_search, mse_search  # its numerics load only when a search is asked for
+
+    weighted = SEARCHES[search]
+    w = weights if weighted else None
+    if search in ("hqq", "ahqq"):
+        scale, zero = hqq_search(blocks, bits=spec.bits, weights=w)
+        return {"scales": scale.to(torch.float32), "zeros": zero.round().clamp(0, 2**spec.bits - 1).to(torch.uint8)}
+
+    def propose(ratio):
+        return codec.choose_scales(spec, blocks, tensor_parts, ratio)
+
+    def roundtrip(scales):
+        full = {**tensor_parts, **scales}
+        return codec.decode(spec, codec.encode(spec, blocks, full, partial=partial), full)
+
+    return mse_search(blocks, propose=propose, roundtrip=roundtrip, weights=w, refit=codec.LINEAR_SCALE)
