@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 
 import torch
@@ -14,6 +14,7 @@ from ..checks import check_block_size
 from ..errors import LayerQuantizeError
 from ..formats.registry import get_format
 from ..formats.spec import DQ_SUFFIX, FormatSpec, fixed_block_message, no_double_quant_message
+from ..pipeline import SEARCHES, check_search, needs_calibration
 from ..progress import progress_bar
 from ..quantize import quantize
 from .hf_quantizer import refuse_save_pretrained
@@ -38,11 +39,12 @@ class QuantConfig:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ("lm_head",)
     dequantized_weights: bool = False
+    search: str | None = None  # scale search (lowbit.pipeline.SEARCHES); None: the format's own rule
 
     def __post_init__(self):
         # Settings wrong for every layer fail here, before any layer is touched, rather
         # than as a LayerQuantizeError that would blame the first layer.
-        if isinstance(self.format, str) and ("/" in self.format or "+" in self.format):
+        if isinstance(self.format, str) and any(c in self.format for c in "/+@"):
             raise ValueError(f"{self.format!r} is a format label, not a format name: use QuantConfig.parse")
         spec = get_format(self.format)
         if self.block_size is not None:
@@ -51,6 +53,8 @@ class QuantConfig:
                 raise ValueError(fixed_block_message(spec, self.block_size))
         if self.double_quant and not spec.double_quant:
             raise ValueError(no_double_quant_message(spec))
+        if self.search is not None:
+            object.__setattr__(self, "search", check_search(spec, self.search))
         for key in ("include", "exclude"):
             value = getattr(self, key)
             # a bare string would otherwise be read as one pattern per character
@@ -58,20 +62,32 @@ class QuantConfig:
 
     @property
     def label(self) -> str:
-        """``FORMAT[/BLOCK][+dq]``, the name reports and ``--formats`` use (block only if not the default)."""
+        """``FORMAT[/BLOCK][+dq][@SEARCH]``, the name reports and ``--formats`` use (block only if
+        not the default)."""
         spec = get_format(self.format)
         block = "" if self.block_size in (None, spec.default_block_size) else f"/{self.block_size}"
-        return f"{spec.name}{block}{DQ_SUFFIX if self.double_quant else ''}"
+        search = f"@{self.search}" if self.search else ""
+        return f"{spec.name}{block}{DQ_SUFFIX if self.double_quant else ''}{search}"
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether quantizing needs calibration activations (an activation-weighted search)."""
+        return needs_calibration(self.search)
 
     @classmethod
     def parse(cls, label: str, **kwargs) -> QuantConfig:
-        """``"nf4"``, ``"int4/128"``, ``"nf4+dq"``, ``"nf4/64+dq"`` -> QuantConfig (``kwargs`` for the rest).
+        """``"nf4"``, ``"int4/128"``, ``"nf4+dq"``, ``"nf4/64+dq"``, ``"int4_asym/64@hqq"`` -> QuantConfig
+        (``kwargs`` for the rest).
 
         The one reader of a format label: every command that takes one calls this, so a
         label means the same, and is refused with the same words, everywhere."""
         text = label.strip()
         if not text:
             raise ValueError(f"empty format label: expected {LABEL_SYNTAX}")
+        text, at, search = text.partition("@")
+        if at and (not search.strip() or "@" in search or "/" in search or "+" in search):
+            raise ValueError(f"{label!r}: the scale search goes last and once, e.g. nf4/64+dq@mse; "
+                             f"searches: {', '.join(SEARCHES)}")
         head, *suffixes = text.split("+")
         for suffix in suffixes:
             if "/" in suffix:
@@ -90,14 +106,15 @@ class QuantConfig:
                 raise ValueError(f"{label!r} names no format before the '/': expected {LABEL_SYNTAX}")
             raise ValueError(f"{label!r} names no format: write FORMAT{DQ_SUFFIX}, e.g. nf4{DQ_SUFFIX}")
         return cls(format=name, block_size=_parse_block(label, block) if slash else None,
-                   double_quant=bool(suffixes), **kwargs)
+                   double_quant=bool(suffixes), search=search.strip() if at else None, **kwargs)
 
     def selects(self, name: str) -> bool:
         included = not self.include or any(_matches(name, p) for p in self.include)
         return included and not any(_matches(name, p) for p in self.exclude)
 
 
-LABEL_SYNTAX = "FORMAT[/BLOCK][+dq], e.g. nf4, int4/128, nf4/64+dq (`lowbit formats` lists the formats)"
+LABEL_SYNTAX = ("FORMAT[/BLOCK][+dq][@SEARCH], e.g. nf4, int4/128, nf4/64+dq, int4_asym/64@hqq "
+                "(`lowbit formats` lists the formats)")
 
 
 def _parse_block(label: str, block: str) -> int:
@@ -146,12 +163,15 @@ class QuantizeReport:
         return self.model_bytes_after / self.model_bytes_before if self.model_bytes_before else 1.0
 
 
-def quantize_model(model: nn.Module, config: QuantConfig | str, *, progress: bool = True) -> QuantizeReport:
+def quantize_model(model: nn.Module, config: QuantConfig | str, *, progress: bool = True,
+                   importance: dict[str, torch.Tensor] | None = None) -> QuantizeReport:
     """Replace the selected ``nn.Linear`` layers of ``model`` by ``QuantLinear``, in place.
 
     Every layer is quantized before any is swapped, so a layer that cannot be stored in
     the format (``LayerQuantizeError``, naming it) leaves the model untouched. A string
     ``config`` is a label, ``QuantConfig.parse(config)``: ``"nf4"``, ``"int4/128"``, ``"nf4+dq"``.
+    ``importance``: layer name -> ``(in_features,)`` mean squared input activation
+    (``lowbit.eval.calibration``), which an activation-weighted search (``@amse``) needs.
     """
     if isinstance(config, str):
         config = QuantConfig.parse(config)
@@ -159,11 +179,18 @@ def quantize_model(model: nn.Module, config: QuantConfig | str, *, progress: boo
     start = time.perf_counter()
     before = model_weight_bytes(model)
     targets = _selected(model, config)
+    if config.needs_calibration:
+        missing = [names[0] for names, _ in targets if not any(n in (importance or {}) for n in names)]
+        if missing:
+            raise ValueError(f"@{config.search} needs calibration activations for every layer; none for "
+                             f"{missing[0]}{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}")
 
     replacements: list[tuple[list[str], QuantLinear]] = []
     with progress_bar(len(targets), f"quantizing to {spec.name}", enabled=progress) as advance:
         for names, linear in targets:
-            qweight = _quantize_layer(names[0], linear.weight.detach(), config)
+            weights = next((importance[n] for n in names if n in (importance or {})), None)
+            qweight = _quantize_layer(names[0], linear.weight.detach(), config,
+                                      importance=weights if config.needs_calibration else None)
             replacements.append((names, QuantLinear.from_linear(linear, qweight)))
             advance()
 
@@ -200,7 +227,8 @@ def check_config(model: nn.Module, config: QuantConfig) -> None:
         # the layout rules (GGUF whole blocks per row, block sizes) depend on the row length only
         if linear.in_features not in seen:
             seen.add(linear.in_features)
-            _quantize_layer(names[0], torch.zeros(1, linear.in_features), config, shape=linear.weight.shape)
+            _quantize_layer(names[0], torch.zeros(1, linear.in_features), replace(config, search=None),
+                            shape=linear.weight.shape)
 
 
 def _selected(model: nn.Module, config: QuantConfig) -> list[tuple[list[str], nn.Linear]]:
@@ -245,9 +273,16 @@ def model_weight_bytes(model: nn.Module) -> int:
     return total
 
 
-def _quantize_layer(name: str, weight: torch.Tensor, config: QuantConfig, shape: torch.Size | None = None):
+def quantize_weight(weight: torch.Tensor, config: QuantConfig, importance: torch.Tensor | None = None):
+    """One weight tensor quantized as ``config`` says (format, block, double quant, search)."""
+    return quantize(weight, config.format, block_size=config.block_size, double_quant=config.double_quant,
+                    search=config.search, importance=importance)
+
+
+def _quantize_layer(name: str, weight: torch.Tensor, config: QuantConfig, shape: torch.Size | None = None,
+                    importance: torch.Tensor | None = None):
     try:
-        return quantize(weight, config.format, block_size=config.block_size, double_quant=config.double_quant)
+        return quantize_weight(weight, config, importance)
     except ValueError as e:
         out_f, in_f = shape or weight.shape
         raise LayerQuantizeError(f"layer {name!r} (weight {out_f}x{in_f}): {e}") from e

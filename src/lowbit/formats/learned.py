@@ -1,0 +1,71 @@
+"""Learned per-tensor codebooks: qq2..qq8 (quantile) and lloyd2..lloyd8 (Lloyd-Max).
+
+docs/formats.md#learned-codebooks. Each block is scaled by its absmax, as NF4 is, so its
+values lie in [-1, 1]; the tensor gets one codebook of 2^k float32 levels learned from all
+of its block-normalised values (part ``tensor_codebook``, stored with the tensor and counted
+in its bits per weight): qq levels sit at the midpoints of consecutive empirical quantiles,
+each holding an equal share of the weights (Dettmers et al. 2022, arXiv 2110.02861 §2);
+lloyd levels are those refined by Lloyd-Max iterations to minimise the squared error
+(Lloyd 1982). An element takes the nearest level, ties to the lower (bitsandbytes' rule).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..scaling.blocks import split_blocks
+from ..scaling.codebook_fit import lloyd_levels, quantile_levels
+from .codebooks import encode_levels
+from .registry import GridCodec, define
+from .rounding import midpoints
+
+
+def normalized(flat: torch.Tensor, block: int) -> torch.Tensor:
+    """Every element divided by its block's absmax (the trailing partial block by its own);
+    all-zero blocks give zeros."""
+    pieces = []
+    for blocks in split_blocks(flat, block):
+        if blocks is not None and blocks.numel():
+            absmax = blocks.abs().amax(dim=1, keepdim=True)
+            pieces.append((blocks / torch.where(absmax > 0, absmax, torch.ones_like(absmax))).reshape(-1))
+    return torch.cat(pieces) if pieces else flat.new_zeros(0)
+
+
+class LearnedCodebook(GridCodec, family="learned"):
+    @classmethod
+    def tensor_parts(cls, spec, flat, block):
+        values = normalized(flat, block)
+        levels = quantile_levels(values, spec.bits)
+        if spec.param("fit") == "lloyd":
+            levels = lloyd_levels(values, spec.bits, init=levels)
+        return {"tensor_codebook": levels.to(torch.float32).contiguous()}
+
+    @classmethod
+    def choose_scales(cls, spec, blocks, tensor_parts, ratio=None):
+        absmax = blocks.abs().amax(dim=1)
+        return {"scales": absmax if ratio is None else absmax * ratio.to(absmax.dtype)}
+
+    @classmethod
+    def encode(cls, spec, blocks, scales, *, partial=False):
+        return encode_levels(blocks, scales["scales"], midpoints(scales["tensor_codebook"]), None, partial=partial)
+
+    @classmethod
+    def decode(cls, spec, codes, scales):
+        return scales["tensor_codebook"][codes.to(torch.int64)] * scales["scales"][:, None]
+
+    @classmethod
+    def levels(cls, spec, scales):
+        book = scales["tensor_codebook"]
+        return book, float(book.min()), float(book.max())
+
+    @classmethod
+    def peak(cls, spec, parts):
+        """Largest decoded |value| per block: a bound, the scale times the largest |level|."""
+        return parts["scales"].abs() * parts["tensor_codebook"].abs().amax()
+
+
+for _b in range(2, 9):
+    define(f"qq{_b}", params=(("fit", "quantile"),), double_quant=True,
+           description=f"quantile codebook of {2**_b} levels per tensor (fp32), fp32 absmax per block")
+    define(f"lloyd{_b}", params=(("fit", "lloyd"),), double_quant=True,
+           description=f"Lloyd-Max codebook of {2**_b} levels per tensor (fp32), fp32 absmax per block")
