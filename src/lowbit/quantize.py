@@ -30,7 +30,7 @@ def quantize(
 
     Blocks run over the flattened tensor; a trailing partial block gets its own scale.
     GGUF formats need every row (last dim) to hold whole blocks. ``double_quant``
-    compresses the per-block fp32 scales bitsandbytes-style (SPEC.md §6).
+    compresses the per-block fp32 scales bitsandbytes-style (docs/formats.md#double-quantization).
     NaN or Inf raise ValueError unless ``allow_nonfinite`` (results are then undefined).
 
     Finite input the format cannot hold raises ``UnrepresentableError`` (a ValueError)

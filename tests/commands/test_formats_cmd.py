@@ -58,7 +58,7 @@ def test_gguf_fields_fill_the_stored_block(name):
         assert a.block_bytes == spec.param("bytes")
 
 
-# w = (q - offset) * d (+ m): ggml-quants.c dequantize_row_* (SPEC.md §5), with d = 1 and m = 0
+# w = (q - offset) * d (+ m): ggml-quants.c dequantize_row_* (docs/formats.md#gguf-legacy-blocks), with d = 1 and m = 0
 GGUF_LEVELS = {
     "q8_0": [q - 256 if q > 127 else q for q in range(256)],  # int8 codes
     "q4_0": [q - 8 for q in range(16)],
@@ -94,14 +94,15 @@ def test_full_label_is_explained(capsys):
     assert "double quant  yes" in out and "scales_absmax" in out and "per 256 blocks" in out
     q = probe(QuantConfig.parse("nf4/128+dq"))
     roles = bits_by_role(layout(q))
-    # SPEC.md §6: 8 bits per 128-weight block + an fp32 per 256 blocks, + one fp32 offset per tensor
+    # docs/formats.md#double-quantization: 8 bits per 128-weight block + an fp32 per 256 blocks,
+    # + one fp32 offset per tensor
     assert roles == pytest.approx({CODES: 4.0, SECOND_LEVEL: 8 / 128 + 32 / (128 * 256) + 32 / q.numel})
     assert f"{q.bits_per_weight:.6g}" in out
 
 
 @pytest.mark.parametrize(
     ("label", "bits"),
-    # SPEC.md §10, measured from stored bytes (nvfp4: + one fp32 per tensor)
+    # docs/formats.md#bits-per-weight, measured from stored bytes (nvfp4: + one fp32 per tensor)
     [("nf4", 4.5), ("nf4+dq", 4.127), ("q4_0", 4.5), ("q4_1", 5.0), ("q8_0", 8.5), ("q4_k", 4.5),
      ("mxfp4", 4.25), ("nvfp4", 4.5)],
 )

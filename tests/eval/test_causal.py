@@ -1,4 +1,4 @@
-"""KL / perplexity / top-1 on the embedded SmolLM2 against the cached reference (SPEC.md §9)."""
+"""KL / perplexity / top-1 on the embedded SmolLM2 against the cached reference (README.md#evaluation-protocol)."""
 
 import copy
 

@@ -1,4 +1,7 @@
-"""nf4 and bnb_fp4 against bitsandbytes, bit for bit (SPEC.md §2, §6)."""
+"""nf4 and bnb_fp4 against bitsandbytes, bit for bit.
+
+Rules: docs/formats.md#normalfloat-and-bitsandbytes-fp4, docs/formats.md#double-quantization.
+"""
 
 from __future__ import annotations
 
@@ -95,6 +98,7 @@ def test_double_quant_bits_per_weight():
     x = torch.randn(4096, 4096)
     assert lowbit.quantize(x, "nf4").bits_per_weight == pytest.approx(4.5, abs=1e-6)
     bpw = lowbit.quantize(x, "nf4", double_quant=True).bits_per_weight
-    # 4 + 8/64 + 32/(64*256) = 4.126953125, plus one fp32 offset per tensor (SPEC.md §6, §10)
+    # 4 + 8/64 + 32/(64*256) = 4.126953125, plus one fp32 offset per tensor
+    # (docs/formats.md#double-quantization, docs/formats.md#bits-per-weight)
     assert bpw == pytest.approx(4.127, abs=0.01)
     assert bpw == pytest.approx(4 + 8 / 64 + 32 / (64 * 256) + 32 / x.numel(), abs=1e-9)

@@ -1,4 +1,4 @@
-"""NormalFloat construction (SPEC.md §2) and ternary."""
+"""NormalFloat construction (docs/formats.md#normalfloat-and-bitsandbytes-fp4) and ternary."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Integer formats: hand-checked vectors and ties (SPEC.md §1)."""
+"""Integer formats: hand-checked vectors and ties (docs/formats.md#symmetric-integers)."""
 
 import pytest
 import torch
@@ -11,7 +11,7 @@ def roundtrip(x, fmt, **kw):
 
 
 def test_int8_symmetric_hand_vector():
-    # absmax 127 -> scale 1: values round half to even (torch.round), as SPEC.md §1 pins
+    # absmax 127 -> scale 1: values round half to even (torch.round), as docs/formats.md#symmetric-integers pins
     x = [127.0, -127.0, 0.5, 1.5, 2.5, -0.5, -2.5, 3.49]
     assert roundtrip(x, "int8", block_size=8).tolist() == [127, -127, 0, 2, 2, -0.0, -2, 3]
 

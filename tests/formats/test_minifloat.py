@@ -1,4 +1,7 @@
-"""Minifloats ExMy (SPEC.md §3): every code against ml_dtypes, rounding, saturation, error bounds."""
+"""Minifloats ExMy: every code against ml_dtypes, rounding, saturation, error bounds.
+
+Rules: docs/formats.md#minifloats-exmy.
+"""
 
 import math
 
@@ -49,7 +52,7 @@ def test_fp6_elements_match_ml_dtypes(fmt, dtype):
 
 
 def test_fp8_facts():
-    # SPEC.md §3: E4M3FN max 448, min normal 2^-6, min subnormal 2^-9, NaN = S.1111.111, no Inf
+    # docs/formats.md#minifloats-exmy: E4M3FN max 448, min normal 2^-6, min subnormal 2^-9, NaN = S.1111.111, no Inf
     v = E4M3FN.values
     assert E4M3FN.max_finite == 448 and v[0x08] == 2**-6 and v[0x01] == 2**-9
     assert [i for i, x in enumerate(v) if math.isnan(x)] == [0x7F, 0xFF]
@@ -139,7 +142,7 @@ def test_ties_to_even_hand_cases():
 
 
 def test_quantizer_saturates_where_ml_dtypes_does_not():
-    # SPEC.md §3: ml_dtypes' cast of 465 to E4M3FN is NaN, 464 is 448; the encoder saturates.
+    # docs/formats.md#minifloats-exmy: ml_dtypes' cast of 465 to E4M3FN is NaN, 464 is 448; the encoder saturates.
     x = np.array([464.0, 465.0, 1e6], dtype=np.float32)
     assert ml_cast(x[:1], ml_dtypes.float8_e4m3fn)[0] == 448
     assert np.isnan(ml_cast(x[1:2], ml_dtypes.float8_e4m3fn)[0])

@@ -1,4 +1,7 @@
-"""Microscaling (SPEC.md §4): OCP MX hand vectors, gguf MXFP4 bit-exactness, NVFP4 (torchao recipe)."""
+"""Microscaling: OCP MX hand vectors, gguf MXFP4 bit-exactness, NVFP4 (torchao recipe).
+
+Rules: docs/formats.md#microscaling-mx, docs/formats.md#nvfp4.
+"""
 
 import math
 
@@ -11,7 +14,6 @@ from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
 import lowbit
-from lowbit.scaling.packing import unpack_codes
 from lowbit.formats.scale_encodings import (
     e4m3_decode,
     e4m3_encode,
@@ -20,6 +22,7 @@ from lowbit.formats.scale_encodings import (
     e8m0_reciprocal,
     floor_log2,
 )
+from lowbit.scaling.packing import unpack_codes
 
 MX = ["mxfp4", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp8_e4m3", "mxint8"]
 EMAX = {"mxfp4": 2, "mxfp6_e2m3": 2, "mxfp6_e3m2": 4, "mxfp8_e4m3": 8, "mxint8": 0}
@@ -89,7 +92,7 @@ def test_mx_specs_and_bits_per_weight():
         q = lowbit.quantize(torch.randn(8, 64), fmt)
         assert q.bits_per_weight == bits + 8 / 32
         assert q.parts["scales_e8m0"].dtype == torch.uint8 and q.parts["scales_e8m0"].shape == (16,)
-    assert lowbit.quantize(torch.randn(4, 32), "mxfp4").bits_per_weight == 4.25  # SPEC.md §10
+    assert lowbit.quantize(torch.randn(4, 32), "mxfp4").bits_per_weight == 4.25  # docs/formats.md#bits-per-weight
     with pytest.raises(ValueError, match="has a fixed block of 32 weights"):
         lowbit.quantize(torch.randn(64), "mxfp4", block_size=64)
 

@@ -1,4 +1,4 @@
-"""Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 byte for byte against gguf.quants (SPEC.md §5)."""
+"""Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 byte for byte against gguf.quants (docs/formats.md#gguf-legacy-blocks)."""
 
 import contextlib
 

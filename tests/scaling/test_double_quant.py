@@ -1,4 +1,4 @@
-"""Double quantization against bitsandbytes' native CPU kernel, code for code (SPEC.md §6).
+"""Double quantization against bitsandbytes' native CPU kernel, code for code (docs/formats.md#double-quantization).
 
 bitsandbytes 0.50 quantizes the nested 8-bit absmax with cquantize_blockwise_cpu_fp32, whose
 code is that of the nearest point on a 65536-point grid, not of the value itself; lowbit's

@@ -14,7 +14,7 @@ def test_roundtrip(bits, n):
 
 
 def test_first_element_in_high_bits():
-    # bitsandbytes order: first element in the HIGH nibble (SPEC.md §2)
+    # bitsandbytes order: first element in the HIGH nibble (docs/formats.md#packing-of-codes)
     assert pack_codes(torch.tensor([0x1, 0xA]), 4).tolist() == [0x1A]
     assert pack_codes(torch.tensor([0x1]), 4, pad_code=7).tolist() == [0x17]
     assert pack_codes(torch.tensor([3, 0, 1, 2]), 2).tolist() == [0b11000110]

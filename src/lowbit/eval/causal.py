@@ -1,4 +1,7 @@
-"""Score a causal LM against the cached reference (llama.cpp ``perplexity --kl-divergence``, SPEC.md §9)."""
+"""Score a causal LM against the cached reference (llama.cpp ``perplexity --kl-divergence``).
+
+The metrics: README.md#evaluation-protocol.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Codebook formats: NormalFloat nf2..nf8 and bitsandbytes' fp4, scaled by block absmax.
 
-Encoding follows bitsandbytes ``quantize_4bit`` (SPEC.md §2): absmax per block as fp32,
+Encoding follows bitsandbytes ``quantize_4bit`` (docs/formats.md#normalfloat-and-bitsandbytes-fp4):
+absmax per block as fp32,
 nearest code of x / absmax against float32 midpoints, ties to the lower code.
 """
 
@@ -16,7 +17,8 @@ from .rounding import midpoints, nearest_ties_lower
 from .spec import FormatSpec
 
 # QLoRA / bitsandbytes create_normal_map offset: the quantile that maps to the largest
-# code, (1 - 1/(2*15) + 1 - 1/(2*16)) / 2 = 0.9677083 (arXiv 2305.14314, SPEC.md §2).
+# code, (1 - 1/(2*15) + 1 - 1/(2*16)) / 2 = 0.9677083 (arXiv 2305.14314;
+# docs/formats.md#normalfloat-and-bitsandbytes-fp4).
 NF_DELTA = 0.9677083
 
 
@@ -30,7 +32,8 @@ def normal_float_values(bits: int) -> tuple[float, ...]:
 
 
 # bitsandbytes get_4bit_type("fp4"): codes 0..7 are magnitudes {0, 0.0625, 8, 12, 4, 6, 2, 3} / 12,
-# bit 3 is the sign (SPEC.md §3). Not OCP E2M1: no subnormal 0.5, max 1 after the /12.
+# bit 3 is the sign (docs/formats.md#normalfloat-and-bitsandbytes-fp4).
+# Not OCP E2M1: no subnormal 0.5, max 1 after the /12.
 # Code 8 is +0.0 in bnb's table (its CPU C kernel decodes it as -0.0, its torch path as +0.0).
 _BNB_FP4_MAGNITUDES = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0)
 BNB_FP4_VALUES = tuple(

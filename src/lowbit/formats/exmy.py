@@ -1,6 +1,6 @@
 """Generic minifloat ExMy: value tables in code order and saturating round-half-to-even.
 
-A code is ``sign << (E+M) | exp << M | mant`` (SPEC.md §3). ``bias = 2^(E-1) - 1``
+A code is ``sign << (E+M) | exp << M | mant`` (docs/formats.md#minifloats-exmy). ``bias = 2^(E-1) - 1``
 (for E = 0, which has no exponent field, the bias is 0, so E0M3 is ``0.mmm * 2``);
 exponent field 0 is subnormal ``0.m * 2^(1-bias)``, otherwise ``1.m * 2^(e-bias)``.
 
@@ -13,7 +13,7 @@ Special values (``specials``), as in ml_dtypes' naming:
 ``subnormals=False`` makes exponent field 0 encode zero only (whatever the mantissa).
 
 The quantizer here always saturates to the largest finite value and never produces
-Inf or NaN; ml_dtypes' casts do not saturate (E4M3FN: 464 -> 448, 465 -> NaN, SPEC.md §3).
+Inf or NaN; ml_dtypes' casts do not saturate (E4M3FN: 464 -> 448, 465 -> NaN, docs/formats.md#minifloats-exmy).
 Ties round to the even code (low bit 0): IEEE round-half-to-even, ml_dtypes' rule.
 Zero, and anything that rounds to zero, gets the +0 code 0, whatever its sign.
 """
@@ -130,7 +130,7 @@ class ExMy:
         return torch.tensor(self.values, dtype=torch.float32)
 
 
-# The formats lowbit uses, by name (OCP OFP8 v1.0, OCP MX v1.0 §5.3, SPEC.md §3).
+# The formats lowbit uses, by name (OCP OFP8 v1.0, OCP MX v1.0 §5.3, docs/formats.md#minifloats-exmy).
 E2M1 = ExMy(2, 1)  # OCP MXFP4 element, ml_dtypes float4_e2m1fn: max 6
 E3M0 = ExMy(3, 0)  # max 16
 E1M2 = ExMy(1, 2)  # uniform 0 .. 3.5

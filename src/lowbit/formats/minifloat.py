@@ -1,4 +1,6 @@
-"""Minifloat formats ExMy (SPEC.md §3): fp4_e2m1, fp4_e3m0, fp4_e1m2, fp4_e0m3, fp8_e4m3fn, fp8_e5m2.
+"""Minifloat formats ExMy: fp4_e2m1, fp4_e3m0, fp4_e1m2, fp4_e0m3, fp8_e4m3fn, fp8_e5m2.
+
+Rules: docs/formats.md#minifloats-exmy.
 
 Per block (default 64): ``scale = absmax / max_finite`` (fp32, part ``scales``), codes are
 ``x / scale`` rounded to the nearest representable value, ties to even (ml_dtypes' rule),

@@ -1,4 +1,4 @@
-"""Microscaling formats (SPEC.md §4): mxfp4, mxfp6_e2m3, mxfp6_e3m2, mxfp8_e4m3, mxint8, nvfp4.
+"""Microscaling formats (docs/formats.md#microscaling-mx): mxfp4, mxfp6_e2m3, mxfp6_e3m2, mxfp8_e4m3, mxint8, nvfp4.
 
 MX (OCP Microscaling Formats v1.0, §5-§6.3): blocks of 32 share one E8M0 scale
 ``X = 2^(floor(log2 amax) - emax_elem)``, stored as one uint8 per block (part
@@ -77,7 +77,7 @@ class Int8Element:
 
 
 INT8 = Int8Element()
-# element name -> (element codec, emax_elem): OCP MX v1.0 Table 1 / §5.3, SPEC.md §4
+# element name -> (element codec, emax_elem): OCP MX v1.0 Table 1 / §5.3, docs/formats.md#microscaling-mx
 ELEMENTS: dict[str, tuple[ExMy | Int8Element, int]] = {
     "e2m1": (E2M1, 2),
     "e2m3": (E2M3, 2),

@@ -11,7 +11,8 @@ def midpoints(sorted_values: torch.Tensor) -> torch.Tensor:
 
 
 def nearest_ties_lower(scaled: torch.Tensor, mids: torch.Tensor) -> torch.Tensor:
-    """Index into the sorted table; a value on a midpoint takes the LOWER entry (SPEC.md §2).
+    """Index into the sorted table; a value on a midpoint takes the LOWER entry
+    (docs/formats.md#normalfloat-and-bitsandbytes-fp4).
 
     torch.bucketize(right=False) returns i with mids[i-1] < x <= mids[i]: ties go low.
     """

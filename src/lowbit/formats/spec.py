@@ -99,7 +99,7 @@ class Anatomy:
 
 
 _PACKED = "{bits} bits each, packed across the tensor, first element in the high bits"
-# lowbit.scaling.double_quant (bitsandbytes' compress_statistics layout, SPEC.md §6)
+# lowbit.scaling.double_quant (bitsandbytes' compress_statistics layout, docs/formats.md#double-quantization)
 DOUBLE_QUANT_FIELDS = (
     Field("scales_q", SECOND_LEVEL, "8-bit code (bitsandbytes' dynamic map) of (scale - offset) / group absmax"),
     Field("scales_absmax", SECOND_LEVEL, f"fp32 absmax of (scale - offset) over a group of {DQ_BLOCK} block scales",

@@ -1,4 +1,4 @@
-"""GGUF K-quants Q4_K and Q6_K (SPEC.md §5): super-blocks of 256 weights.
+"""GGUF K-quants Q4_K and Q6_K (docs/formats.md#gguf-k-quants): super-blocks of 256 weights.
 
 The quantizers follow llama.cpp's reference ones (ggml-quants.c quantize_row_q4_K_ref,
 quantize_row_q6_K_ref with make_qkx2_quants / make_qx_quants), vectorized over all

@@ -1,4 +1,4 @@
-"""GGUF legacy block formats Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (SPEC.md §5).
+"""GGUF legacy block formats Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (docs/formats.md#gguf-legacy-blocks).
 
 Block layouts from llama.cpp ggml-common.h (block_q8_0 ...); arithmetic as
 ggml-quants.c quantize_row_*_ref and gguf-py gguf/quants.py compute it, float32 step

@@ -65,7 +65,7 @@ def save_quantized(model, tokenizer, info: ModelInfo, report: QuantizeReport, co
     meta = {
         "lowbit_layout": LAYOUT_VERSION,
         "config": {"label": config.label, "format": get_format(config.format).name, "block_size": config.block_size,
-                   "double_quant": config.double_quant, "include": list(config.include),
+                   "double_quant": config.double_quant, "search": config.search, "include": list(config.include),
                    "exclude": list(config.exclude), "keep_dtype": str(keep_dtype).removeprefix("torch.")},
         "model": asdict(info),
         "quantize": {"bits_per_weight": report.bits_per_weight, "model_bytes_before": report.model_bytes_before,

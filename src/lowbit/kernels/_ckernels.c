@@ -36,7 +36,7 @@ static inline float absmax_of(const float *x, int64_t len) {
     return am;
 }
 
-/* 4-bit codebook quantize (nf4, bnb_fp4), bitsandbytes' arithmetic (SPEC.md §2):
+/* 4-bit codebook quantize (nf4, bnb_fp4), bitsandbytes' arithmetic (docs/formats.md#normalfloat-and-bitsandbytes-fp4):
  * absmax per block; full blocks scale by x * (1 / absmax), the trailing partial block
  * by x / absmax; clamp to [-1, 1]; code = number of midpoints strictly below the value
  * (ties to the lower code), mapped through order[] to the format's code; two codes per
@@ -103,7 +103,7 @@ void lowbit_codebook4_dequantize(const uint8_t *packed, const float *absmax, con
     }
 }
 
-/* Symmetric absmax int (SPEC.md §1), as lowbit.formats.int.SymmetricInt computes it:
+/* Symmetric absmax int (docs/formats.md#symmetric-integers), as lowbit.formats.int.SymmetricInt computes it:
  * s = amax / qp; q = clamp(round_half_even(x / max(s, FLT_MIN)), -qp, qp); code = q + qp
  * (one unpacked byte per element). Adding and subtracting 1.5 * 2^23 rounds a float32 of
  * magnitude < 2^22 to the nearest integer, ties to even, exactly (no fast-math, no FMA). */

@@ -1,7 +1,7 @@
 """Split a flat tensor into blocks: full blocks plus one trailing partial block.
 
 bitsandbytes gives a trailing partial block its own scale over only its real
-elements (SPEC.md §2), so the tail is kept as its own (1, rem) block rather than
+elements (docs/formats.md#block-handling), so the tail is kept as its own (1, rem) block rather than
 padded: padding would change a block's min, max or mean.
 """
 

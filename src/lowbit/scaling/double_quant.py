@@ -1,4 +1,4 @@
-"""Double quantization of per-block fp32 scales, bitsandbytes layout (SPEC.md §6).
+"""Double quantization of per-block fp32 scales, bitsandbytes layout (docs/formats.md#double-quantization).
 
 ``offset = scales.mean()``; ``scales - offset`` is quantized to 8 bits with the
 dynamic map in blocks of 256, one fp32 absmax per 256. QLoRA, arXiv 2305.14314 §3.

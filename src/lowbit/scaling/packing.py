@@ -1,6 +1,6 @@
 """Pack k-bit codes into bytes, first element in the most significant bits.
 
-For k = 4 this is bitsandbytes' order (first element in the HIGH nibble, SPEC.md §2).
+For k = 4 this is bitsandbytes' order (first element in the HIGH nibble, docs/formats.md#packing-of-codes).
 GGUF formats pack their own bytes (split-half nibbles) in ``lowbit.gguf``.
 """
 
