@@ -1,0 +1,178 @@
+"""`lowbit errors`: how much of each weight matrix each format loses (SQNR, dB), without running the model.
+
+Every selected ``nn.Linear`` weight W is quantized to each format and dequantized to Ŵ;
+``lowbit.eval.tensor.tensor_errors(W, Ŵ)`` gives its errors. The table has one row per layer
+kind (the layer names with their block numbers written ``*``, e.g. ``model.layers.*.mlp.down_proj``:
+also a ``--layers`` pattern), each the mean SQNR of its layers, then the mean over every layer,
+the worst layer, and the stored bits per weight with the Gaussian rate-distortion SQNR at that
+rate for comparison (``lowbit.eval.tensor.gaussian_sqnr_bound``). ``--all``: one row per layer.
+Means are of the dB figures, every layer counting once. ``--json`` holds every layer's errors.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict
+from types import SimpleNamespace
+
+import torch
+from rich.table import Table
+from torch import nn
+
+from .. import __version__
+from ..eval.tensor import gaussian_sqnr_bound, tensor_errors
+from ..evaluate import DEFAULT_FORMATS
+from ..io.atomic import write_json
+from ..nn.surgery import QuantConfig, check_config, quantize_weight, select_linears
+from ..progress import progress_bar
+from ..tensor import QuantizedTensor
+from .common import add_model_arg, check_writable_file, console, load, parse_configs
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("errors", help="per-layer weight SQNR (dB) of several formats, without running the model",
+                       description="Quantize every selected nn.Linear weight to each format and print its SQNR "
+                                   "(signal to quantization noise, dB; higher is better): one row per layer kind "
+                                   "(mean over its layers; --all: one per layer), the mean over all layers, the "
+                                   "worst layer, and each format's stored bits per weight.")
+    add_model_arg(p)
+    p.add_argument("--formats", default=",".join(DEFAULT_FORMATS),
+                   help="comma-separated FORMAT[/BLOCK][+dq][@SEARCH], e.g. nf4,int4/128,nf4+dq,int4_asym/64@hqq "
+                        "(default: %(default)s)")
+    p.add_argument("--layers", action="append", metavar="PATTERN",
+                   help="measure only the nn.Linear layers whose name (or a dotted tail of it) matches this fnmatch "
+                        "pattern, e.g. 'mlp.*', 'model.layers.0.*', 'lm_head' (repeatable; default: every layer "
+                        "but lm_head)")
+    p.add_argument("--all", action="store_true", help="one row per layer instead of one per layer kind")
+    p.add_argument("--json", metavar="FILE", help="also write every layer's errors as JSON")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    """Exit 0 when every format was measured, 1 when some could not be applied (the table says why)."""
+    labels = [label for label in args.formats.split(",") if label.strip()]
+    if not labels:
+        raise ValueError("--formats names no format")
+    # --layers selects exactly what it matches, lm_head too; without it, QuantConfig's default (all but lm_head)
+    selection = SimpleNamespace(include=args.layers, exclude=[] if args.layers else None)
+    configs = parse_configs(labels, selection)
+    _check_searches(configs)
+    if args.json:
+        check_writable_file(args.json)
+    con = console()
+    model, _, info = load(args.model, con)
+    report = {"lowbit_version": __version__, "model": asdict(info), **measure(model, configs, patterns=args.layers)}
+    con.print(errors_table(report, per_layer=args.all))
+    if args.json:
+        write_json(args.json, report)
+        con.print(f"wrote {args.json}")
+    return 1 if any("error" in f for f in report["formats"]) else 0
+
+
+def measure(model: nn.Module, configs: list[QuantConfig], *, patterns=None, progress: bool = True) -> dict:
+    """``{"layers": [{name, shape}], "formats": [...]}``: per format its label, stored bits per weight, mean
+    and worst SQNR and every layer's ``TensorErrors.to_dict()`` (same order as ``layers``), or an ``error``
+    when the format cannot hold some layer. All configs share one selection (``parse_configs`` gives them
+    the same ``include``/``exclude``); ``patterns`` only words the error when it selects nothing."""
+    targets = select_linears(model, configs[0])
+    if not targets:
+        names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        what = f"--layers {' '.join(map(repr, patterns))}" if patterns else "the default selection"
+        example = f"; names look like {names[0]!r} (a pattern may match a dotted tail: 'q_proj', 'mlp.*')" \
+            if names else ""
+        raise ValueError(f"{what} matched no nn.Linear layer of this model{example}")
+    failed = {}
+    for config in configs:
+        try:
+            check_config(model, config)  # a layout the model cannot hold fails before any layer is measured
+        except ValueError as e:
+            failed[config.label] = str(e)
+    if len(failed) == len(configs):
+        raise ValueError(next(iter(failed.values())) if len(failed) == 1 else
+                         f"no format can be applied to this model: {'; '.join(failed.values())}")
+    per_format = {c.label: [] for c in configs if c.label not in failed}
+    stored = dict.fromkeys(per_format, 0)
+    with progress_bar(len(targets), "measuring layers", enabled=progress) as advance:
+        for names, linear in targets:
+            weight = linear.weight.detach()
+            for config in configs:
+                if config.label in failed:
+                    continue
+                try:
+                    q = _quantize_weight(weight, config)
+                except ValueError as e:  # a value the format cannot hold; the layer is named, as quantize_model does
+                    failed[config.label] = f"layer {names[0]!r} (weight {'x'.join(map(str, weight.shape))}): {e}"
+                    continue
+                stored[config.label] += q.nbytes
+                per_format[config.label].append(tensor_errors(weight, q.dequantize()).to_dict())
+            advance()
+    layers = [{"name": names[0], "shape": list(linear.weight.shape)} for names, linear in targets]
+    numel = sum(linear.weight.numel() for _, linear in targets)
+    formats = []
+    for config in configs:
+        if config.label in failed:
+            formats.append({"format": config.label, "error": failed[config.label]})
+            continue
+        errors = per_format[config.label]
+        sqnr = [e["sqnr_db"] for e in errors]
+        worst = min(range(len(sqnr)), key=sqnr.__getitem__)
+        bits = 8 * stored[config.label] / numel
+        formats.append({"format": config.label, "bits_per_weight": bits, "mean_sqnr_db": sum(sqnr) / len(sqnr),
+                        "min_sqnr_db": sqnr[worst], "min_layer": layers[worst]["name"],
+                        "gaussian_bound_db": gaussian_sqnr_bound(bits), "layers": errors})
+    return {"layers": layers, "formats": formats}
+
+
+def _quantize_weight(weight: torch.Tensor, config: QuantConfig) -> QuantizedTensor:
+    """The one place a config becomes a quantized weight: as ``quantize_model`` does it (format, block,
+    double quant, scale search). Activation-weighted searches are refused before this runs."""
+    return quantize_weight(weight, config)
+
+
+def _check_searches(configs: list[QuantConfig]) -> None:
+    """Activation-weighted scale searches (@amse, @ahqq) need calibration activations: refused, before
+    the model loads, until lowbit.eval.calibration can give them."""
+    aware = [c.label for c in configs if c.needs_calibration]
+    if aware:
+        raise ValueError(f"{', '.join(aware)}: activation-weighted scale search is not yet supported by lowbit "
+                         "errors (it needs calibration activations); use @mse or @hqq, which read the weights only")
+
+
+def errors_table(report: dict, *, per_layer: bool = False) -> Table:
+    """``report``: what ``run`` writes as JSON. Rows: layer kinds (or layers), mean, worst, bits, bound."""
+    ok = [f for f in report["formats"] if "error" not in f]
+    names = [layer["name"] for layer in report["layers"]]
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        groups.setdefault(name if per_layer else layer_kind(name), []).append(i)
+    title = f"{report['model'].get('name') or report['model']['source']}: weight SQNR (dB)"
+    table = Table(title=title if per_layer else f"{title}, each kind's mean")
+    table.add_column("layer" if per_layer else "layer kind", no_wrap=True)
+    table.add_column("layers", justify="right")
+    for f in ok:
+        table.add_column(f["format"], justify="right", no_wrap=True)
+
+    def row(label, count, cells, style=None):
+        table.add_row(label, count, *cells, style=style)
+
+    for key, members in groups.items():
+        row(key, str(len(members)), (_db(sum(f["layers"][i]["sqnr_db"] for i in members) / len(members)) for f in ok))
+    table.add_section()
+    row("mean", str(len(names)), (_db(f["mean_sqnr_db"]) for f in ok), style="bold")
+    row("worst layer", "", (_db(f["min_sqnr_db"]) for f in ok))
+    row("bits/weight", "", (f"{f['bits_per_weight']:.3f}" for f in ok))
+    row("Gaussian bound", "", (_db(f["gaussian_bound_db"]) for f in ok), style="dim")
+    notes = [f"{f['format']}: not measured: {f['error']}" for f in report["formats"] if "error" in f]
+    notes.append("Gaussian bound: 6.02 dB per bit/weight (Cover & Thomas §10.3)")
+    table.caption = "\n".join(notes)
+    table.caption_justify = "left"
+    return table
+
+
+def layer_kind(name: str) -> str:
+    """``model.layers.12.mlp.up_proj`` -> ``model.layers.*.mlp.up_proj``: block numbers become ``*``."""
+    return ".".join("*" if re.fullmatch(r"\d+", part) else part for part in name.split("."))
+
+
+def _db(value: float) -> str:
+    return f"{value:.2f}"

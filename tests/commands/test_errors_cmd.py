@@ -1,0 +1,168 @@
+"""lowbit errors: per-layer weight SQNR of several formats, checked against an independent computation.
+
+The command is driven through a parser built from ``errors_cmd.add_parser`` (as lowbit.cli builds its own),
+so ``run`` raises what ``lowbit.cli.main`` turns into its one-line errors (ValueError/OSError -> exit 2).
+"""
+
+import argparse
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.commands import errors_cmd
+from lowbit.nn import QuantConfig
+
+KINDS = ["model.layers.*.self_attn.q_proj", "model.layers.*.self_attn.k_proj", "model.layers.*.self_attn.v_proj",
+         "model.layers.*.self_attn.o_proj", "model.layers.*.mlp.gate_proj", "model.layers.*.mlp.up_proj",
+         "model.layers.*.mlp.down_proj"]
+
+
+def errors(*argv):
+    parser = argparse.ArgumentParser(prog="lowbit")
+    errors_cmd.add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["errors", *map(str, argv)])
+    return args.run(args)
+
+
+def sqnr_db(w: torch.Tensor, fmt: str) -> float:
+    """10·log10(Σw² / Σ(w−ŵ)²) in numpy float64, independently of lowbit.eval.tensor."""
+    x = w.detach().numpy().astype(np.float64)
+    y = lowbit.quantize(w.detach(), fmt).dequantize().numpy().astype(np.float64)
+    return float(10 * np.log10((x**2).sum() / ((x - y) ** 2).sum()))
+
+
+def test_tiny_model_table_and_json(tiny_lm_dir, tmp_path, capsys):
+    out = tmp_path / "e.json"
+    assert errors("--model", tiny_lm_dir, "--formats", "nf4,int8,q4_0", "--json", out) == 0
+    report = json.loads(out.read_text())
+    names = [layer["name"] for layer in report["layers"]]
+    assert len(names) == 14 and "lm_head" not in names  # 2 blocks x 7 Linears; lm_head excluded by default
+    assert [f["format"] for f in report["formats"]] == ["nf4", "int8", "q4_0"]
+    model = lowbit.load_model(str(tiny_lm_dir))[0]
+    modules = dict(model.named_modules())
+    for f in report["formats"]:
+        for name, layer, errs in zip(names, report["layers"], f["layers"], strict=True):
+            w = modules[name].weight
+            assert layer["shape"] == list(w.shape)
+            assert errs["sqnr_db"] == pytest.approx(sqnr_db(w, f["format"]), abs=1e-9)
+        sqnr = [e["sqnr_db"] for e in f["layers"]]
+        assert f["mean_sqnr_db"] == pytest.approx(sum(sqnr) / 14) and f["min_sqnr_db"] == min(sqnr)
+        assert f["gaussian_bound_db"] == pytest.approx(6.0206 * f["bits_per_weight"], abs=1e-3)
+        stored = sum(lowbit.quantize(modules[n].weight.detach(), f["format"]).nbytes for n in names)
+        assert f["bits_per_weight"] == 8 * stored / sum(modules[n].weight.numel() for n in names)
+    by = {f["format"]: f for f in report["formats"]}
+    assert by["int8"]["mean_sqnr_db"] > by["q4_0"]["mean_sqnr_db"] > 15
+    assert by["nf4"]["bits_per_weight"] == 4.5
+    table = capsys.readouterr().out
+    assert all(kind in table for kind in KINDS) and "Gaussian bound" in table and f"wrote {out}" in table
+    assert "model.layers.0." not in table  # grouped by kind unless --all
+
+
+def test_all_prints_one_row_per_layer(tiny_lm_dir, capsys):
+    assert errors("--model", tiny_lm_dir, "--formats", "nf4", "--all") == 0
+    table = capsys.readouterr().out
+    for block in (0, 1):
+        assert f"model.layers.{block}.mlp.down_proj" in table and f"model.layers.{block}.self_attn.q_proj" in table
+    assert "model.layers.*" not in table
+
+
+def test_layers_pattern_selects_exactly_what_it_matches(tiny_lm_dir, tmp_path):
+    out = tmp_path / "e.json"
+    assert errors("--model", tiny_lm_dir, "--formats", "nf4", "--layers", "mlp.*", "--layers", "lm_head",
+                  "--json", out) == 0
+    names = [layer["name"] for layer in json.loads(out.read_text())["layers"]]
+    assert names == [f"model.layers.{b}.mlp.{p}" for b in (0, 1) for p in ("gate_proj", "up_proj", "down_proj")] + \
+        ["lm_head"]
+
+
+def test_format_a_layer_shape_cannot_hold_is_a_row_error(tiny_lm_dir, tmp_path, capsys):
+    out = tmp_path / "e.json"
+    # q4_k needs rows of whole 256-weight blocks; the tiny model's rows hold 64 or 128
+    assert errors("--model", tiny_lm_dir, "--formats", "nf4,q4_k", "--json", out) == 1
+    q4_k = json.loads(out.read_text())["formats"][1]
+    assert q4_k.keys() == {"format", "error"} and "256" in q4_k["error"]
+    assert "q4_k: not measured" in capsys.readouterr().out
+
+
+def test_value_a_format_cannot_hold_names_the_layer():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(64, 4), nn.Linear(64, 4)
+
+    model = Two()
+    with torch.no_grad():
+        model.b.weight[2, 37] = 6e5  # q4_0's fp16 scale would be -75000: past fp16 (tests/test_overflow.py)
+    report = errors_cmd.measure(model, [QuantConfig.parse("nf4"), QuantConfig.parse("q4_0")], progress=False)
+    nf4, q4_0 = report["formats"]
+    assert len(nf4["layers"]) == 2 and math.isfinite(nf4["mean_sqnr_db"])
+    assert q4_0["error"].startswith("layer 'b' (weight 4x64): q4_0 cannot hold block")
+
+
+@pytest.mark.parametrize("argv, error, needle", [
+    (("--formats", "nf9"), ValueError, "nf9"),
+    (("--formats", ","), ValueError, "names no format"),
+    (("--formats", "nf4", "--json", "/proc/lowbit-errors.json"), OSError, "/proc"),
+])
+def test_bad_input_fails_before_the_model_loads(argv, error, needle, tmp_path, capsys):
+    missing = tmp_path / "not-a-model"  # never loaded: each check runs first
+    with pytest.raises(error, match=needle) as info:
+        errors("--model", missing, *argv)
+    assert "\n" not in str(info.value)
+    assert "loading" not in capsys.readouterr().err
+
+
+def test_pattern_matching_no_layer_writes_nothing(tiny_lm_dir, tmp_path):
+    out = tmp_path / "e.json"
+    with pytest.raises(ValueError, match=r"--layers 'attn\.\*' matched no nn.Linear layer") as info:
+        errors("--model", tiny_lm_dir, "--formats", "nf4", "--layers", "attn.*", "--json", out)
+    assert "\n" not in str(info.value) and "model.layers.0.self_attn.q_proj" in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_activation_weighted_search_is_refused_before_the_model_loads(tmp_path, capsys):
+    with pytest.raises(ValueError, match="nf4@amse: activation-weighted scale search is not yet supported") as info:
+        errors("--model", tmp_path / "not-a-model", "--formats", "nf4,nf4@amse")
+    assert "\n" not in str(info.value) and "loading" not in capsys.readouterr().err
+
+
+def test_weight_only_search_matches_quantize(tiny_lm_dir, tmp_path):
+    out = tmp_path / "e.json"
+    assert errors("--model", tiny_lm_dir, "--formats", "int4_asym/32@hqq,int4@mse,int4", "--layers", "down_proj",
+                  "--json", out) == 0
+    report = json.loads(out.read_text())
+    model = lowbit.load_model(str(tiny_lm_dir))[0]
+    w = model.model.layers[1].mlp.down_proj.weight.detach()
+    by = {f["format"]: f for f in report["formats"]}
+    for label, kwargs in (("int4_asym/32@hqq", dict(block_size=32, search="hqq")), ("int4@mse", dict(search="mse"))):
+        y = lowbit.quantize(w, label.split("/")[0].split("@")[0], **kwargs).dequantize()
+        x, yn = w.numpy().astype(np.float64), y.numpy().astype(np.float64)
+        expected = 10 * np.log10((x**2).sum() / ((x - yn) ** 2).sum())
+        assert by[label]["layers"][1]["sqnr_db"] == pytest.approx(expected, abs=1e-9)
+    # the search minimizes each block's squared error over clipping ratios that include the format's rule
+    assert by["int4@mse"]["mean_sqnr_db"] >= by["int4"]["mean_sqnr_db"]
+
+
+def test_layer_kind():
+    assert errors_cmd.layer_kind("model.layers.12.mlp.up_proj") == "model.layers.*.mlp.up_proj"
+    assert errors_cmd.layer_kind("encoder.layer.3.attention.self.query") == "encoder.layer.*.attention.self.query"
+    assert errors_cmd.layer_kind("lm_head") == "lm_head"
+    assert errors_cmd.layer_kind("h.0.proj_2") == "h.*.proj_2"  # only whole-number parts
+
+
+def test_embedded_smollm2_blocks_match_tensor_errors(smollm2):
+    """Real weights: block 0 of the embedded SmolLM2, nf4 and int4, against numpy."""
+    model = smollm2[0]
+    configs = [QuantConfig.parse(label, include=("model.layers.0.*",)) for label in ("nf4", "int4")]
+    report = errors_cmd.measure(model, configs, progress=False)
+    assert len(report["layers"]) == 7
+    modules = dict(model.named_modules())
+    for f in report["formats"]:
+        for layer, errs in zip(report["layers"], f["layers"], strict=True):
+            assert errs["sqnr_db"] == pytest.approx(sqnr_db(modules[layer["name"]].weight, f["format"]), abs=1e-9)
+    print({f["format"]: round(f["mean_sqnr_db"], 2) for f in report["formats"]})
