@@ -125,10 +125,45 @@ def test_pattern_matching_no_layer_writes_nothing(tiny_lm_dir, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_activation_weighted_search_is_refused_before_the_model_loads(tmp_path, capsys):
-    with pytest.raises(ValueError, match="nf4@amse: activation-weighted scale search is not yet supported") as info:
-        errors("--model", tmp_path / "not-a-model", "--formats", "nf4,nf4@amse")
-    assert "\n" not in str(info.value) and "loading" not in capsys.readouterr().err
+def test_activation_weighted_search_calibrates_as_compare_does(tiny_lm_dir, tmp_path):
+    """nf4@amse quantizes with the mean squared inputs of the windows after those compare scores (here
+    --windows 1: window 2 onwards), and every format then gets an activation-weighted SQNR."""
+    from lowbit.eval.calibration import calibrate
+
+    out = tmp_path / "e.json"
+    assert errors("--model", tiny_lm_dir, "--formats", "nf4,nf4@amse", "--layers", "mlp.*", "--window", 64,
+                  "--windows", 1, "--calibrate", 2, "--json", out) == 0
+    report = json.loads(out.read_text())
+    assert report["calibration"].items() >= {"text": "pydoc_data.topics", "window": 64, "scored": 1,
+                                             "windows": 2}.items()
+    model, tokenizer, _ = lowbit.load_model(str(tiny_lm_dir))
+    names = [layer["name"] for layer in report["layers"]]
+    importance = calibrate(model, tokenizer, "causal-lm", None, window=64, scored=1, count=2, layers=names,
+                           progress=False)
+    modules = dict(model.named_modules())
+    plain, searched = report["formats"]
+    for i, name in enumerate(names):
+        w, imp = modules[name].weight.detach(), importance[name]
+        y = lowbit.quantize(w, "nf4", search="amse", importance=imp).dequantize()
+        x, yn, wn = (t.numpy().astype(np.float64) for t in (w, y, imp))
+        assert searched["layers"][i]["sqnr_db"] == pytest.approx(10 * np.log10((x**2).sum() / ((x - yn) ** 2).sum()),
+                                                                 abs=1e-9)
+        assert searched["layers"][i]["weighted_sqnr_db"] == pytest.approx(
+            10 * np.log10((wn * x**2).sum() / (wn * (x - yn) ** 2).sum()), abs=1e-9)
+        # per block, the search keeps the format's own scale unless another has less weighted error
+        assert searched["layers"][i]["weighted_sqnr_db"] >= plain["layers"][i]["weighted_sqnr_db"]
+    assert searched["mean_weighted_sqnr_db"] > plain["mean_weighted_sqnr_db"]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (("--formats", "nf4", "--calibrate", 4), "no format asks for one"),
+    (("--formats", "nf4@amse", "--calibrate", 0), "at least 1 window"),
+    (("--formats", "nf4@amse", "--window", 1), "--window >= 2"),
+])
+def test_bad_calibration_arguments_fail_before_the_model_loads(argv, needle, tmp_path, capsys):
+    with pytest.raises(ValueError, match=needle):
+        errors("--model", tmp_path / "not-a-model", *argv)
+    assert "loading" not in capsys.readouterr().err
 
 
 def test_weight_only_search_matches_quantize(tiny_lm_dir, tmp_path):

@@ -7,11 +7,18 @@ also a ``--layers`` pattern), each the mean SQNR of its layers, then the mean ov
 the worst layer, and the stored bits per weight with the Gaussian rate-distortion SQNR at that
 rate for comparison (``lowbit.eval.tensor.gaussian_sqnr_bound``). ``--all``: one row per layer.
 Means are of the dB figures, every layer counting once. ``--json`` holds every layer's errors.
+
+Activation-weighted searches (``@amse``, ``@ahqq``) need each layer's mean squared input activations
+(``lowbit.eval.calibration``): they are collected from the ``--calibrate`` windows right after the ones
+``lowbit compare`` scores with the same ``--text/--window/--windows``, so such a format quantizes here
+exactly as it does there. Every format then also gets an activation-weighted SQNR
+(``tensor_errors(..., weights=importance)``), the diagonal approximation of each layer's output SQNR.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import asdict
 from types import SimpleNamespace
 
@@ -20,13 +27,16 @@ from rich.table import Table
 from torch import nn
 
 from .. import __version__
+from ..eval.calibration import DEFAULT_CALIBRATE, calibrate
+from ..eval.protocol import paragraphs, read_text, token_windows
 from ..eval.tensor import gaussian_sqnr_bound, tensor_errors
 from ..evaluate import DEFAULT_FORMATS
 from ..io.atomic import write_json
+from ..models.loader import CAUSAL_LM
 from ..nn.surgery import QuantConfig, check_config, quantize_weight, select_linears
 from ..progress import progress_bar
 from ..tensor import QuantizedTensor
-from .common import add_model_arg, check_writable_file, console, load, parse_configs
+from .common import add_model_arg, add_protocol_args, check_protocol_args, console, load, parse_configs
 
 
 def add_parser(sub) -> None:
@@ -34,7 +44,8 @@ def add_parser(sub) -> None:
                        description="Quantize every selected nn.Linear weight to each format and print its SQNR "
                                    "(signal to quantization noise, dB; higher is better): one row per layer kind "
                                    "(mean over its layers; --all: one per layer), the mean over all layers, the "
-                                   "worst layer, and each format's stored bits per weight.")
+                                   "worst layer, and each format's stored bits per weight. The model runs only "
+                                   "for activation-weighted searches (@amse, @ahqq), on calibration text.")
     add_model_arg(p)
     p.add_argument("--formats", default=",".join(DEFAULT_FORMATS),
                    help="comma-separated FORMAT[/BLOCK][+dq][@SEARCH], e.g. nf4,int4/128,nf4+dq,int4_asym/64@hqq "
@@ -44,7 +55,10 @@ def add_parser(sub) -> None:
                         "pattern, e.g. 'mlp.*', 'model.layers.0.*', 'lm_head' (repeatable; default: every layer "
                         "but lm_head)")
     p.add_argument("--all", action="store_true", help="one row per layer instead of one per layer kind")
-    p.add_argument("--json", metavar="FILE", help="also write every layer's errors as JSON")
+    add_protocol_args(p)  # --text/--window/--windows place the calibration windows as lowbit compare does
+    p.add_argument("--calibrate", type=int, metavar="N",
+                   help="calibration windows for activation-weighted searches (@amse, @ahqq): the N windows of "
+                        "--window tokens right after those lowbit compare scores (default 64)")
     p.set_defaults(run=run)
 
 
@@ -56,12 +70,25 @@ def run(args) -> int:
     # --layers selects exactly what it matches, lm_head too; without it, QuantConfig's default (all but lm_head)
     selection = SimpleNamespace(include=args.layers, exclude=[] if args.layers else None)
     configs = parse_configs(labels, selection)
-    _check_searches(configs)
-    if args.json:
-        check_writable_file(args.json)
+    _check_calibrate(args.calibrate, configs)
+    check_protocol_args(args)  # --window/--windows/--text and the --json path, before the model loads
     con = console()
-    model, _, info = load(args.model, con)
-    report = {"lowbit_version": __version__, "model": asdict(info), **measure(model, configs, patterns=args.layers)}
+    model, tokenizer, info = load(args.model, con)
+
+    calibration = {}
+
+    def importance(names: list[str]) -> dict:
+        calibration.update(text=read_text(args.text)[0], window=args.window, scored=_scored(tokenizer, info, args),
+                           windows=args.calibrate or DEFAULT_CALIBRATE)
+        start = time.perf_counter()
+        found = calibrate(model, tokenizer, info.kind, args.text, window=args.window, scored=calibration["scored"],
+                          count=calibration["windows"], layers=names)
+        calibration["seconds"] = time.perf_counter() - start
+        return found
+
+    measured = measure(model, configs, patterns=args.layers, importance=importance)
+    report = {"lowbit_version": __version__, "model": asdict(info), **measured,
+              **({"calibration": calibration} if calibration else {})}
     con.print(errors_table(report, per_layer=args.all))
     if args.json:
         write_json(args.json, report)
@@ -69,18 +96,17 @@ def run(args) -> int:
     return 1 if any("error" in f for f in report["formats"]) else 0
 
 
-def measure(model: nn.Module, configs: list[QuantConfig], *, patterns=None, progress: bool = True) -> dict:
+def measure(model: nn.Module, configs: list[QuantConfig], *, patterns=None, importance=None,
+            progress: bool = True) -> dict:
     """``{"layers": [{name, shape}], "formats": [...]}``: per format its label, stored bits per weight, mean
     and worst SQNR and every layer's ``TensorErrors.to_dict()`` (same order as ``layers``), or an ``error``
     when the format cannot hold some layer. All configs share one selection (``parse_configs`` gives them
-    the same ``include``/``exclude``); ``patterns`` only words the error when it selects nothing."""
-    targets = select_linears(model, configs[0])
-    if not targets:
-        names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        what = f"--layers {' '.join(map(repr, patterns))}" if patterns else "the default selection"
-        example = f"; names look like {names[0]!r} (a pattern may match a dotted tail: 'q_proj', 'mlp.*')" \
-            if names else ""
-        raise ValueError(f"{what} matched no nn.Linear layer of this model{example}")
+    the same ``include``/``exclude``); ``patterns`` only words the error when it selects nothing.
+
+    ``importance``: ``{layer name: (in_features,) mean squared input}``, or a callable taking the selected
+    layer names and returning it, called only if a format that can be applied needs calibration. Given,
+    every layer's errors also hold the activation-weighted MSE and SQNR."""
+    targets = _select(model, configs[0], patterns)
     failed = {}
     for config in configs:
         try:
@@ -90,21 +116,25 @@ def measure(model: nn.Module, configs: list[QuantConfig], *, patterns=None, prog
     if len(failed) == len(configs):
         raise ValueError(next(iter(failed.values())) if len(failed) == 1 else
                          f"no format can be applied to this model: {'; '.join(failed.values())}")
+    if callable(importance):
+        wanted = any(c.needs_calibration for c in configs if c.label not in failed)
+        importance = importance([names[0] for names, _ in targets]) if wanted else None
     per_format = {c.label: [] for c in configs if c.label not in failed}
     stored = dict.fromkeys(per_format, 0)
     with progress_bar(len(targets), "measuring layers", enabled=progress) as advance:
         for names, linear in targets:
             weight = linear.weight.detach()
+            imp = None if importance is None else importance[names[0]]
             for config in configs:
                 if config.label in failed:
                     continue
                 try:
-                    q = _quantize_weight(weight, config)
+                    q = _quantize_weight(weight, config, imp if config.needs_calibration else None)
                 except ValueError as e:  # a value the format cannot hold; the layer is named, as quantize_model does
                     failed[config.label] = f"layer {names[0]!r} (weight {'x'.join(map(str, weight.shape))}): {e}"
                     continue
                 stored[config.label] += q.nbytes
-                per_format[config.label].append(tensor_errors(weight, q.dequantize()).to_dict())
+                per_format[config.label].append(tensor_errors(weight, q.dequantize(), weights=imp).to_dict())
             advance()
     layers = [{"name": names[0], "shape": list(linear.weight.shape)} for names, linear in targets]
     numel = sum(linear.weight.numel() for _, linear in targets)
@@ -117,25 +147,51 @@ def measure(model: nn.Module, configs: list[QuantConfig], *, patterns=None, prog
         sqnr = [e["sqnr_db"] for e in errors]
         worst = min(range(len(sqnr)), key=sqnr.__getitem__)
         bits = 8 * stored[config.label] / numel
-        formats.append({"format": config.label, "bits_per_weight": bits, "mean_sqnr_db": sum(sqnr) / len(sqnr),
-                        "min_sqnr_db": sqnr[worst], "min_layer": layers[worst]["name"],
-                        "gaussian_bound_db": gaussian_sqnr_bound(bits), "layers": errors})
+        summary = {"format": config.label, "bits_per_weight": bits, "mean_sqnr_db": _mean(sqnr),
+                   "min_sqnr_db": sqnr[worst], "min_layer": layers[worst]["name"],
+                   "gaussian_bound_db": gaussian_sqnr_bound(bits)}
+        if importance is not None:
+            summary["mean_weighted_sqnr_db"] = _mean([e["weighted_sqnr_db"] for e in errors])
+        formats.append({**summary, "layers": errors})
     return {"layers": layers, "formats": formats}
 
 
-def _quantize_weight(weight: torch.Tensor, config: QuantConfig) -> QuantizedTensor:
+def _select(model: nn.Module, config: QuantConfig, patterns) -> list:
+    targets = select_linears(model, config)
+    if not targets:
+        names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        what = f"--layers {' '.join(map(repr, patterns))}" if patterns else "the default selection"
+        example = f"; names look like {names[0]!r} (a pattern may match a dotted tail: 'q_proj', 'mlp.*')" \
+            if names else ""
+        raise ValueError(f"{what} matched no nn.Linear layer of this model{example}")
+    return targets
+
+
+def _quantize_weight(weight: torch.Tensor, config: QuantConfig, importance: torch.Tensor | None) -> QuantizedTensor:
     """The one place a config becomes a quantized weight: as ``quantize_model`` does it (format, block,
-    double quant, scale search). Activation-weighted searches are refused before this runs."""
-    return quantize_weight(weight, config)
+    double quant, scale search; ``importance`` for the activation-weighted searches)."""
+    return quantize_weight(weight, config, importance)
 
 
-def _check_searches(configs: list[QuantConfig]) -> None:
-    """Activation-weighted scale searches (@amse, @ahqq) need calibration activations: refused, before
-    the model loads, until lowbit.eval.calibration can give them."""
-    aware = [c.label for c in configs if c.needs_calibration]
-    if aware:
-        raise ValueError(f"{', '.join(aware)}: activation-weighted scale search is not yet supported by lowbit "
-                         "errors (it needs calibration activations); use @mse or @hqq, which read the weights only")
+def _check_calibrate(count: int | None, configs: list[QuantConfig]) -> None:
+    if count is not None and count < 1:
+        raise ValueError(f"--calibrate needs at least 1 window, got {count}")
+    if count is not None and not any(c.needs_calibration for c in configs):
+        raise ValueError("--calibrate is for activation-weighted searches, and no format asks for one: "
+                         "add @amse or @ahqq to a format, e.g. nf4@amse")
+
+
+def _scored(tokenizer, info, args) -> int:
+    """How many windows (causal LM) or paragraphs (encoder) lowbit compare scores with these arguments:
+    calibration starts after them (``evaluate.calibration_for``)."""
+    name, body = read_text(args.text)
+    if info.kind == CAUSAL_LM:
+        return token_windows(tokenizer, body, name, window=args.window, windows=args.windows)[1].windows
+    return len(paragraphs(body))  # what encoder_reference scores
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def errors_table(report: dict, *, per_layer: bool = False) -> Table:
@@ -160,6 +216,8 @@ def errors_table(report: dict, *, per_layer: bool = False) -> Table:
     table.add_section()
     row("mean", str(len(names)), (_db(f["mean_sqnr_db"]) for f in ok), style="bold")
     row("worst layer", "", (_db(f["min_sqnr_db"]) for f in ok))
+    if ok and "mean_weighted_sqnr_db" in ok[0]:
+        row("mean, activation-weighted", str(len(names)), (_db(f["mean_weighted_sqnr_db"]) for f in ok))
     row("bits/weight", "", (f"{f['bits_per_weight']:.3f}" for f in ok))
     row("Gaussian bound", "", (_db(f["gaussian_bound_db"]) for f in ok), style="dim")
     notes = [f"{f['format']}: not measured: {f['error']}" for f in report["formats"] if "error" in f]
