@@ -100,6 +100,36 @@ def test_importance_is_the_mean_square_of_each_input_channel():
     assert one["0"].tolist() == [5.0, 2.0, 5.0]
 
 
+def test_layers_reading_one_tensor_share_its_sums_correctly():
+    class Attention(nn.Module):  # q and k read the same tensor, as in transformers' attention blocks
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.out = nn.Linear(2, 3), nn.Linear(2, 3), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.out(self.q(x) * self.k(x))
+
+    torch.manual_seed(1)
+    model = Attention()
+    batches = [torch.randn(4, 2), torch.randn(3, 2)]
+    imp = collect_importance(model, batches, progress=False)
+    x = torch.cat(batches)
+    hidden = (model.q(x) * model.k(x)).detach()
+    torch.testing.assert_close(imp["q"], (x.double() ** 2).mean(0).float(), rtol=1e-6, atol=0)
+    assert torch.equal(imp["q"], imp["k"])
+    torch.testing.assert_close(imp["out"], (hidden.double() ** 2).mean(0).float(), rtol=1e-6, atol=0)
+
+
+def test_squares_beyond_float32_are_summed_in_float64():
+    model = nn.Sequential(nn.Linear(1, 1))
+    # 4 x (1e19)^2 = 4e38 overflows a float32 sum; the mean 1e38 does not
+    imp = collect_importance(model, [torch.full((4, 1), 1e19)], progress=False)
+    assert imp["0"].item() == pytest.approx(1e38, rel=1e-6)
+    with pytest.raises(ValueError, match=r"mean square of 0's calibration activations reaches 1e\+40, beyond float32"):
+        collect_importance(model, [torch.full((2, 1), 1e20)], progress=False)
+    assert no_hooks(model)
+
+
 def test_only_the_named_layers_and_names_are_checked():
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     assert list(collect_importance(model, [torch.ones(1, 3)], layers=["2"], progress=False)) == ["2"]
