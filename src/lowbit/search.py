@@ -105,7 +105,9 @@ def mse_search(
     re-encoded to the nearest levels (the codes may change; per element that is never worse than the old codes
     for s*, since the error is a sum of nonnegative per-element terms) and the unrefitted candidate competes too.
     llama.cpp scans ratios around 1 (about 0.82 to 1.29 for q3_K's nmax = 4, 0.95 to 1.06 for iq4_nl); the
-    default grid here reaches from 1.1 down to 0.3, since lower bit widths want deeper clipping.
+    default grid here reaches from 1.1 down to 0.3, since lower bit widths want deeper clipping. Without an
+    importance matrix llama.cpp weighs each element by x^2 (``make_qx_quants``' rmse_type 1, iq4_nl), and with
+    one by ``qw * sqrt(sigma2 + x^2)`` in iq4_nl; here ``weights`` is whatever the caller passes, None = 1.
     """
     _check_blocks(blocks, weights)
     grid = [1.0] + [float(r) for r in (DEFAULT_RATIOS if ratios is None else ratios) if float(r) != 1.0]
