@@ -185,8 +185,9 @@ def _square_sums(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tens
     """``(sum over tokens of x^2 per channel as float64, tokens)``, padding (``mask`` False) left out.
 
     One call's sum runs in float32 (torch sums in blocks, so its error stays near float32's 6e-8 for the few
-    thousand tokens of a batch; float64 costs 3x as much here, as much as 40% of a 576-wide projection's matmul on
-    2 CPU threads); calls are added up in float64. A square beyond float32's range (|x| > 1.8e19) is summed again
+    thousand tokens of a batch) and calls are added up in float64. Summing in float64 took 1.9 ms for a 512 x 576
+    input against 0.11 ms in float32 and 6.2 ms for that input's q_proj matmul (best of 15 runs, 2 CPU threads).
+    A square beyond float32's range (|x| > 1.8e19) is summed again
     in float64, so only a true NaN or Inf input gives a non-finite sum.
     """
     if mask is not None and x.dim() == mask.dim() + 1 and x.shape[:-1] == mask.shape:
