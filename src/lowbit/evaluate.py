@@ -18,6 +18,7 @@ from torch import nn
 
 from . import __version__
 from .errors import ModelLoadError
+from .eval.calibration import DEFAULT_CALIBRATE, calibrate
 from .eval.causal import score_causal
 from .eval.encoder import encoder_reference, score_encoder
 from .eval.protocol import DEFAULT_WINDOW, read_text, token_windows
@@ -71,7 +72,8 @@ class Evaluation:
 
 def compare(model: nn.Module, tokenizer, info: ModelInfo, configs: list[QuantConfig], *, text=None,
             window: int = DEFAULT_WINDOW, windows: int | None = None, keep_dtype: torch.dtype | None = None,
-            progress: bool = True, on_result: Callable[[dict], None] | None = None) -> dict:
+            progress: bool = True, on_result: Callable[[dict], None] | None = None,
+            calibrate: int | None = None) -> dict:
     """Quantize a copy of ``model`` to each config and score it; returns the JSON report.
 
     A config the model cannot hold (a layer shape, a value out of range) becomes a row with
@@ -79,6 +81,9 @@ def compare(model: nn.Module, tokenizer, info: ModelInfo, configs: list[QuantCon
     ``on_result(report)`` is called after each row, so a caller can save what is finished.
     ``keep_dtype``: the unquantized tensors are rounded through it first, as ``save_quantized``
     stores them; a first row ``keep <dtype>`` then shows what that alone costs.
+    ``calibrate``: calibration windows for activation-weighted searches (``@amse``), taken from
+    the text after the scored windows (``lowbit.eval.calibration``); collected once, only if a
+    config needs them, and their time is counted in each such row's ``quantize_seconds``.
     """
     failed = {}
     for config in configs:
@@ -92,6 +97,13 @@ def compare(model: nn.Module, tokenizer, info: ModelInfo, configs: list[QuantCon
     evaluation = Evaluation(info, tokenizer, lambda: model, text=text, window=window, windows=windows,
                             **_limits(model), progress=progress)
     report = _report(info, evaluation, model_weight_bytes(model), [])
+    importance, calibration_seconds = None, 0.0
+    if any(c.needs_calibration for c in configs if c.label not in failed):  # a text too short fails now
+        start = time.perf_counter()
+        importance = calibration_for(model, tokenizer, info, evaluation, text=text, window=window,
+                                     count=calibrate, progress=progress)
+        calibration_seconds = time.perf_counter() - start
+        report["calibration"] = {"windows": calibrate or DEFAULT_CALIBRATE, "seconds": calibration_seconds}
     keep = keep_dtype if keep_dtype not in (None, torch.float32) else None
     if keep is not None:
         report["keep_dtype"] = dtype_name(keep)
@@ -105,15 +117,25 @@ def compare(model: nn.Module, tokenizer, info: ModelInfo, configs: list[QuantCon
             continue
         quantized = copy.deepcopy(model)
         try:
-            qreport = quantize_model(quantized, config, progress=progress)
+            qreport = quantize_model(quantized, config, progress=progress,
+                                     importance=importance if config.needs_calibration else None)
         except ValueError as e:  # e.g. a value the format cannot hold (LayerQuantizeError names the layer)
             _add(report, {"format": config.label, "error": str(e)}, on_result, progress)
             continue
         saved = round_state(quantized, keep) if keep is not None else 0
+        seconds = qreport.seconds + (calibration_seconds if config.needs_calibration else 0.0)
         _add(report, _score(evaluation, quantized, config.label, config.double_quant, qreport.bits_per_weight,
-                            qreport.seconds, saved), on_result, progress)
+                            seconds, saved), on_result, progress)
         del quantized
     return report
+
+
+def calibration_for(model: nn.Module, tokenizer, info: ModelInfo, evaluation: Evaluation, *, text=None,
+                    window: int = DEFAULT_WINDOW, count: int | None = None, progress: bool = True) -> dict:
+    """Per-layer mean squared input activations from the text after ``evaluation``'s scored part."""
+    scored = evaluation.protocol.windows if info.kind == CAUSAL_LM else len(evaluation.texts)
+    return calibrate(model, tokenizer, info.kind, text, window=window, scored=scored,
+                     count=count or DEFAULT_CALIBRATE, progress=progress)
 
 
 def _add(report: dict, result: dict, on_result: Callable[[dict], None] | None, progress: bool) -> None:

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import torch
 
+from . import dispatch
 from .formats.registry import Codec, GridCodec, codec_for
 from .formats.spec import FormatSpec
 from .scaling.blocks import split_blocks
 
-# name -> (needs calibration weights, the algorithm): docs/formats.md#scale-search
+# name -> whether it weighs the error by calibration activations: docs/formats.md#scale-search
 SEARCHES = {"mse": False, "amse": True, "hqq": False, "ahqq": True}
+# The fast path's ratio scan: 1.0 (the format's rule) first, then 1.1 down to 0.3 in steps of 0.025,
+# then +-0.0125 around each block's best (lowbit.search.COARSE_RATIOS explains the range).
+KERNEL_RATIOS = (1.0, *(round(1.1 - 0.025 * i, 4) for i in range(33) if i != 4))
+KERNEL_STEPS = (0.0, -0.0125, 0.0125)
 
 
 def check_search(spec: FormatSpec, search: str) -> str:
@@ -82,4 +87,13 @@ def searched_scales(codec: type[Codec], spec: FormatSpec, blocks: torch.Tensor, 
         full = {**tensor_parts, **scales}
         return codec.decode(spec, codec.encode(spec, blocks, full, partial=partial), full)
 
-    return mse_search(blocks, propose=propose, roundtrip=roundtrip, weights=w, refit=codec.LINEAR_SCALE)
+    fast = dispatch.lookup("search", codec.family) if codec.LINEAR_SCALE else None
+    start = None
+    if fast is not None:  # the ratio scan in one C pass; the refits below stay on the reference codec
+        base = codec.choose_scales(spec, blocks, tensor_parts)["scales"]
+        levels = codec.search_levels(spec, tensor_parts)
+        coarse = torch.tensor(KERNEL_RATIOS)
+        centre = coarse[fast(blocks, w, base, coarse, levels)]
+        fine = torch.tensor(KERNEL_STEPS)
+        start = centre + fine[fast(blocks, w, base, fine, levels, centre=centre)]
+    return mse_search(blocks, propose=propose, roundtrip=roundtrip, weights=w, refit=codec.LINEAR_SCALE, start=start)

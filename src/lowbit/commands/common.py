@@ -43,6 +43,21 @@ def add_protocol_args(p) -> None:
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
 
 
+def add_calibrate_arg(p) -> None:
+    p.add_argument("--calibrate", type=int, metavar="N",
+                   help="calibration windows of --window tokens for activation-weighted searches (@amse, @ahqq), "
+                        "taken from the text right after the scored windows, never overlapping them "
+                        "(default 64: tokens 8,192-40,959 of the default text)")
+
+
+def check_calibrate_arg(args, configs) -> None:
+    if args.calibrate is not None and args.calibrate < 1:
+        raise ValueError(f"--calibrate needs at least 1 window, got {args.calibrate}")
+    if args.calibrate is not None and not any(c.needs_calibration for c in configs):
+        raise ValueError("--calibrate is for activation-weighted searches, and no format asks for one: "
+                         "add @amse or @ahqq to a format, e.g. nf4@amse")
+
+
 def add_selection_args(p) -> None:
     p.add_argument("--include", action="append", metavar="PATTERN",
                    help="quantize only the nn.Linear layers whose name (or a dotted tail of it) matches this "
@@ -59,7 +74,7 @@ def add_keep_dtype_arg(p) -> None:
 
 
 def parse_configs(labels: list[str], args, *, block_size: int | None = None, double_quant: bool = False):
-    """``FORMAT[/BLOCK][+dq]`` labels -> QuantConfigs, each setting once (a repeated label runs once);
+    """``FORMAT[/BLOCK][+dq][@SEARCH]`` labels -> QuantConfigs, each setting once (a repeated label runs once);
     ``--include``/``--exclude`` apply to all. ``block_size``/``double_quant`` are the long-form flags."""
     selection = {"include": tuple(args.include or ())}
     if args.exclude is not None:
@@ -82,7 +97,7 @@ def check_protocol_args(args) -> None:
         raise ValueError(f"need --window >= 2 and --windows >= 1, got {args.window} and {args.windows}")
     read_text(args.text)  # missing, a directory, not UTF-8, empty: all fail here, in well under a second
     cache_root()  # a LOWBIT_CACHE that is a file
-    if args.json:
+    if getattr(args, "json", None):
         check_writable_file(args.json)
 
 

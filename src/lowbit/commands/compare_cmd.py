@@ -7,10 +7,12 @@ from ..io.atomic import write_json
 from ..nn.keep_dtype import parse_keep_dtype
 from ..report.table import compare_table
 from .common import (
+    add_calibrate_arg,
     add_keep_dtype_arg,
     add_model_arg,
     add_protocol_args,
     add_selection_args,
+    check_calibrate_arg,
     check_protocol_args,
     console,
     load,
@@ -23,10 +25,12 @@ def add_parser(sub) -> None:
     p = sub.add_parser("compare", help="quantize a model to several formats and measure the loss of each")
     add_model_arg(p)
     p.add_argument("--formats", default=",".join(DEFAULT_FORMATS),
-                   help="comma-separated FORMAT[/BLOCK][+dq], e.g. nf4,int4/128,nf4+dq (default: %(default)s)")
+                   help="comma-separated FORMAT[/BLOCK][+dq][@SEARCH], e.g. nf4,int4/128,nf4+dq,int4_asym@hqq,nf4@amse "
+                        "(default: %(default)s)")
     add_selection_args(p)
     add_keep_dtype_arg(p)
     add_protocol_args(p)
+    add_calibrate_arg(p)
     p.set_defaults(run=run)
 
 
@@ -36,6 +40,7 @@ def run(args) -> int:
     if not labels:
         raise ValueError("--formats names no format")
     configs = parse_configs(labels, args)
+    check_calibrate_arg(args, configs)
     keep = parse_keep_dtype(args.keep_dtype) if args.keep_dtype else None
     check_protocol_args(args)
     con = console()
@@ -45,7 +50,7 @@ def run(args) -> int:
     # each finished row is saved at once: an interrupted run keeps what it measured
     save = (lambda report: write_json(args.json, report)) if args.json else None
     report = compare(model, tokenizer, info, configs, text=args.text, window=args.window, windows=args.windows,
-                     keep_dtype=keep, on_result=save)
+                     keep_dtype=keep, on_result=save, calibrate=args.calibrate)
     con.print(compare_table(report, width=con.width))
     if args.json:
         con.print(f"wrote {args.json}")

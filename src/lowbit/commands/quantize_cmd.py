@@ -2,22 +2,45 @@
 
 from __future__ import annotations
 
+import time
+from dataclasses import replace
+
+from ..eval.calibration import DEFAULT_CALIBRATE, calibrate
+from ..eval.protocol import DEFAULT_WINDOW, DEFAULT_WINDOWS, paragraphs, read_text
 from ..io.model_io import check_output, local_source, read_meta, save_quantized
+from ..models.loader import CAUSAL_LM
 from ..nn.keep_dtype import parse_keep_dtype
 from ..nn.surgery import quantize_model
-from .common import add_keep_dtype_arg, add_model_arg, add_selection_args, console, load, parse_configs, source_dtype
+from .common import (
+    add_calibrate_arg,
+    add_keep_dtype_arg,
+    add_model_arg,
+    add_selection_args,
+    check_calibrate_arg,
+    check_protocol_args,
+    console,
+    load,
+    parse_configs,
+    source_dtype,
+)
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a model's linear layers and save it")
     add_model_arg(p)
-    p.add_argument("--format", required=True, metavar="FORMAT[/BLOCK][+dq]",
-                   help="a format label, e.g. nf4, int4/128, nf4+dq (see `lowbit formats`)")
+    p.add_argument("--format", required=True, metavar="FORMAT[/BLOCK][+dq][@SEARCH]",
+                   help="a format label, e.g. nf4, int4/128, nf4+dq, int4_asym@hqq, nf4@amse (see `lowbit formats`)")
     p.add_argument("--block-size", type=int, help="weights per block (default: the format's); same as FORMAT/BLOCK")
     p.add_argument("--double-quant", action="store_true", help="compress the per-block scales (bitsandbytes); "
                    "same as FORMAT+dq")
     add_selection_args(p)
     add_keep_dtype_arg(p)
+    add_calibrate_arg(p)
+    p.add_argument("--text", metavar="FILE", help="with --calibrate or @amse: the evaluation text whose tokens after "
+                   "the scored windows calibrate (default: Python's pydoc topics)")
+    p.add_argument("--window", type=int, default=DEFAULT_WINDOW, help=f"tokens per window (default {DEFAULT_WINDOW})")
+    p.add_argument("--windows", type=int, default=DEFAULT_WINDOWS,
+                   help=f"scored windows that calibration skips (default {DEFAULT_WINDOWS}, as `lowbit compare`)")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="directory to create")
     p.add_argument("--overwrite", action="store_true",
                    help="replace DIR if it is empty or an earlier lowbit output (never anything else)")
@@ -26,13 +49,24 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     (config,) = parse_configs([args.format], args, block_size=args.block_size, double_quant=args.double_quant)
+    check_calibrate_arg(args, [config])
     keep = parse_keep_dtype(args.keep_dtype) if args.keep_dtype else None
+    if config.needs_calibration:
+        check_protocol_args(args)
     # before minutes of work, not after
     check_output(args.output, overwrite=args.overwrite, source=local_source(args.model))
     con = console()
     model, tokenizer, info = load(args.model, con)
     keep = keep or source_dtype(info.source)
-    report = quantize_model(model, config)
+    importance, seconds = None, 0.0
+    if config.needs_calibration:
+        start = time.perf_counter()
+        importance = calibrate(model, tokenizer, info.kind, args.text, window=args.window,
+                               scored=scored_count(info.kind, args.text, args.windows),
+                               count=args.calibrate or DEFAULT_CALIBRATE)
+        seconds = time.perf_counter() - start
+    report = quantize_model(model, config, importance=importance)
+    report = replace(report, seconds=report.seconds + seconds)
     save_quantized(model, tokenizer, info, report, config, args.output, overwrite=args.overwrite, keep_dtype=keep)
     after = read_meta(args.output)["quantize"]["model_bytes_after"]  # the unquantized tensors at --keep-dtype
     con.print(
@@ -41,3 +75,9 @@ def run(args) -> int:
         f"in {report.seconds:.1f} s; wrote {args.output}"
     )
     return 0
+
+
+def scored_count(kind: str, text: str | None, windows: int) -> int:
+    """What `lowbit compare` scores, so calibration starts after it: ``windows`` windows of a causal
+    LM's text, or the encoder protocol's paragraphs."""
+    return windows if kind == CAUSAL_LM else len(paragraphs(read_text(text)[1]))

@@ -35,10 +35,9 @@ class LearnedCodebook(GridCodec, family="learned"):
     @classmethod
     def tensor_parts(cls, spec, flat, block):
         values = normalized(flat, block)
-        levels = quantile_levels(values, spec.bits)
-        if spec.param("fit") == "lloyd":
-            levels = lloyd_levels(values, spec.bits, init=levels)
-        return {"tensor_codebook": levels.to(torch.float32).contiguous()}
+        # lloyd_levels starts from the same quantile codebook (codebook_fit: one sort for both)
+        fit = lloyd_levels if spec.param("fit") == "lloyd" else quantile_levels
+        return {"tensor_codebook": fit(values, spec.bits).to(torch.float32).contiguous()}
 
     @classmethod
     def choose_scales(cls, spec, blocks, tensor_parts, ratio=None):
@@ -57,6 +56,10 @@ class LearnedCodebook(GridCodec, family="learned"):
     def levels(cls, spec, scales):
         book = scales["tensor_codebook"]
         return book, float(book.min()), float(book.max())
+
+    @classmethod
+    def search_levels(cls, spec, tensor_parts):
+        return tensor_parts["tensor_codebook"]
 
     @classmethod
     def peak(cls, spec, parts):

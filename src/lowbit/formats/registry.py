@@ -132,6 +132,13 @@ class GridCodec(Codec):
         return values, float(finite.min()), float(finite.max())
 
     @classmethod
+    def search_levels(cls, spec, tensor_parts) -> torch.Tensor:
+        """Sorted finite levels in units of the ``scales`` part (LINEAR_SCALE formats): what a
+        fast scale search (``dispatch`` op "search") rounds to."""
+        values = torch.tensor(spec.values, dtype=torch.float32)
+        return values[values.isfinite()].sort().values
+
+    @classmethod
     def multiplier(cls, spec, scales) -> torch.Tensor:
         """(n_blocks,) the factor decode multiplies each level by."""
         return scales["scales"]

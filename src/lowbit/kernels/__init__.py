@@ -30,6 +30,8 @@ def _load():
     lib.lowbit_table_round.argtypes = [ptr, i64, ptr, ctypes.c_int, ptr, ptr, ctypes.c_int, ptr]
     lib.lowbit_int_sym_quantize.argtypes = [ptr, i64, i64, ctypes.c_int, ptr, ptr]
     lib.lowbit_int_sym_dequantize.argtypes = [ptr, ptr, i64, i64, ctypes.c_int, ptr]
+    lib.lowbit_search_table.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr, ctypes.c_int, ptr, ptr, ctypes.c_int, ptr,
+                                        ptr]
     for name in ("q8_0", "q4_0"):
         getattr(lib, f"lowbit_{name}_quantize").argtypes = [ptr, i64, ptr, ptr]
         getattr(lib, f"lowbit_{name}_dequantize").argtypes = [ptr, ptr, i64, ptr]

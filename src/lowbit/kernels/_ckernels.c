@@ -216,6 +216,64 @@ void lowbit_lut_scale(const uint8_t *codes, int64_t n, int64_t block, const floa
  * returned here) into the first two bytes of each block; codes go to the bytes after. */
 #define QK 32
 
+/* Scale search over a sorted level table (lowbit.search, docs/formats.md#scale-search): for each
+ * block b and candidate ratio r_k, every element rounds to the level nearest x / s, s = base[b] * r_k
+ * (out of range: the end level, as the codecs saturate), and the block's error is
+ * sum w * (level * s - x)^2 (w = 1 without weights). Writes each block's least-error candidate
+ * (the first on ties: ratios[0] is the format's own rule) and its error. Ties between two
+ * levels go to the lower one here whatever the format's own rule: a choice of scale only, the
+ * reference codec then encodes with that scale exactly. Not bit-matched to the torch search
+ * (float sums in another order), which tests/kernels check by the errors it reaches. With a
+ * per-block ``centre``, candidate k is centre[b] + ratios[k] (a refinement around a first pass). */
+void lowbit_search_table(const float *x, const float *w, int64_t n_blocks, int64_t block, const float *base,
+                         const float *centre, const float *ratios, int n_ratios, const float *levels,
+                         const float *mids, int n_mids, int32_t *best_idx, float *best_err) {
+#pragma omp parallel for schedule(dynamic, 64)
+    for (int64_t b = 0; b < n_blocks; b++) {
+        const float *xb = x + b * block;
+        const float *wb = w ? w + b * block : NULL;
+        float lowest = INFINITY;
+        int32_t pick = 0;
+        if (!(base[b] > 0)) {  /* an all-zero block (or a zero scale): every candidate decodes to 0 */
+            best_idx[b] = 0;
+            best_err[b] = 0.0f;
+            continue;
+        }
+        for (int k = 0; k < n_ratios; k++) {
+            const float s = base[b] * (centre ? centre[b] + ratios[k] : ratios[k]);
+            const float inv = 1.0f / s;
+            float err = 0.0f;
+            if (n_mids <= 32) { /* few levels: count the mids below y, vectorized across elements */
+#pragma omp simd reduction(+ : err)
+                for (int64_t i = 0; i < block; i++) {
+                    const float y = xb[i] * inv;
+                    int idx = 0;
+                    for (int j = 0; j < n_mids; j++) idx += mids[j] < y;
+                    const float e = levels[idx] * s - xb[i];
+                    err += (wb ? wb[i] : 1.0f) * e * e;
+                }
+            } else { /* many levels (8-bit tables): binary search, ties low */
+                for (int64_t i = 0; i < block; i++) {
+                    const float y = xb[i] * inv;
+                    int lo = 0, hi = n_mids;
+                    while (lo < hi) {
+                        const int mid = (lo + hi) >> 1;
+                        if (mids[mid] < y) lo = mid + 1; else hi = mid;
+                    }
+                    const float e = levels[lo] * s - xb[i];
+                    err += (wb ? wb[i] : 1.0f) * e * e;
+                }
+            }
+            if (err < lowest) {
+                lowest = err;
+                pick = k;
+            }
+        }
+        best_idx[b] = pick;
+        best_err[b] = lowest;
+    }
+}
+
 /* zero_codes_if_id_overflows: when d is subnormal, id = 1/d overflows to inf and x * id is
  * +-inf or NaN. ggml's (int8_t) cast and gguf-py's astype(np.uint8) of those are undefined in
  * C; on x86 they give 0 (cvttss2si returns 0x80000000), so every code of such a block is 0 in

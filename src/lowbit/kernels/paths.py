@@ -114,3 +114,23 @@ def lut_scale(codes: torch.Tensor, table: torch.Tensor, scales: torch.Tensor) ->
     out = empty(codes.numel(), torch.float32)
     native.lowbit_lut_scale(codes.data_ptr(), codes.numel(), block, full.data_ptr(), scales.data_ptr(), out.data_ptr())
     return out.view(n_blocks, block)
+
+
+@register("search", "int", "codebook", "minifloat", "ternary", "learned")
+def search_table(blocks, weights, base, ratios, levels, centre=None):
+    """Per block, the index into ``ratios`` (or centre + ratios) of the least (weighted) squared
+    error of rounding ``blocks / (base * ratio)`` to the sorted ``levels`` (lowbit_search_table)."""
+    n_blocks, block = blocks.shape
+    blocks, base = blocks.contiguous(), base.to(torch.float32).contiguous()
+    levels = levels.to(torch.float32).contiguous()
+    mids = ((levels[:-1] + levels[1:]) / 2).contiguous()
+    ratios = ratios.to(torch.float32).contiguous()
+    w = None if weights is None else weights.contiguous()
+    c = None if centre is None else centre.to(torch.float32).contiguous()
+    idx = torch.empty(n_blocks, dtype=torch.int32)
+    err = torch.empty(n_blocks, dtype=torch.float32)
+    native.lowbit_search_table(blocks.data_ptr(), None if w is None else w.data_ptr(), n_blocks, block,
+                               base.data_ptr(), None if c is None else c.data_ptr(), ratios.data_ptr(),
+                               ratios.numel(), levels.data_ptr(), mids.data_ptr(), mids.numel(), idx.data_ptr(),
+                               err.data_ptr())
+    return idx.to(torch.int64)
