@@ -239,7 +239,7 @@ def quality_table(report: dict, info, causal: bool, default_protocol: bool) -> T
     protocol = report["protocol"]
     scope = (f"{protocol['windows']} windows x {protocol['window']} tokens of {protocol['text']}" if causal
              else f"{protocol['sentences']} paragraphs of {protocol['text']}")
-    table = Table(title=f"{info.name}: {scope}")
+    table = Table(title=f"{info.name} ({info.source}): {scope}")
     score = "KL mean" if causal else "1-cos mean"
     headers = ["row", "bits/weight", score, *(["same top-1"] if causal else []), f"{score} / bnb nf4", "quantize s"]
     for header in headers:
@@ -251,7 +251,7 @@ def quality_table(report: dict, info, causal: bool, default_protocol: bool) -> T
         value, is_fixed = row.get(key), any(row is r for r in fixed)
         divisor = fixed_base if is_fixed else base
         cells = [row["format"] + (" (peer)" if row.get("peer") else ""), _fmt(row.get("bits_per_weight"), ".3f"),
-                 _fmt(value, ".5f" if causal else ".4f")]
+                 _fmt(value, ".5f")]
         if causal:
             cells.append(_fmt(row.get("top1"), ".2%"))
         cells += [_fmt(value / divisor if value is not None and divisor else None, ".3f"),
