@@ -59,8 +59,8 @@ def measured_bits_per_weight(name: str) -> float:
 
 def format_table() -> Table:
     table = Table(title="lowbit formats (bits per weight measured from stored bytes, default block)",
-                  caption=Text(f"a label is FORMAT[/BLOCK][{DQ_SUFFIX}], e.g. nf4/128{DQ_SUFFIX}; "
-                               "`lowbit formats LABEL` shows its block layout and element levels"))
+                  caption=Text(f"a label is FORMAT[/BLOCK][{DQ_SUFFIX}][@SEARCH], e.g. nf4/128{DQ_SUFFIX}, "
+                               "int4_asym@hqq; `lowbit formats LABEL` shows its block layout and element levels"))
     for col, justify in [("format", "left"), ("id", "right"), ("bits/elem", "right"), ("block", "right"),
                          (DQ_SUFFIX, "left"), ("bits/weight", "right"), ("description", "left")]:
         table.add_column(col, justify=justify)
@@ -136,6 +136,8 @@ def levels(spec: FormatSpec) -> list[float]:
     if spec.values is not None:
         return list(spec.values)
     a = anatomy(spec)
+    if not a.gguf_block:  # a learned codebook: its levels belong to each tensor, not to the format
+        return []
     out = []
     for code in range(2**spec.bits):
         raw = bytearray(b"".join(f.probe_bytes(code) for f in a.fields))
@@ -156,7 +158,9 @@ def level_table(spec: FormatSpec) -> Table:
     values = levels(spec)
     for code, level in enumerate(values):
         table.add_row(str(code), format(code, f"0{spec.bits}b"), f"{level:.9g}")
-    if len(values) < 2**spec.bits:  # narrow-range ints, ternary
+    if not values:
+        table.caption = "the levels are learned per tensor and stored with it (part tensor_codebook)"
+    elif len(values) < 2**spec.bits:  # narrow-range ints, ternary
         first, last = len(values), 2**spec.bits - 1
         table.caption = f"code {last} is never stored" if first == last else f"codes {first}-{last} are never stored"
     return table

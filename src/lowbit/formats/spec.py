@@ -130,6 +130,13 @@ _ANATOMY: dict[str, Anatomy] = {
         (Field("codes", CODES, "index q of the level nearest w / absmax (ties to the lower), " + _PACKED,
                per="element"),
          Field("scales", SCALE, "fp32 absmax = max|w|"))),
+    "learned": Anatomy(
+        "an fp32 absmax per block and one codebook of 2^{bits} fp32 levels per tensor", "w = codebook[q] * absmax",
+        (Field("codes", CODES, "index q of the codebook level nearest w / absmax (ties to the lower), " + _PACKED,
+               per="element"),
+         Field("tensor_codebook", TENSOR_SCALE, "2^{bits} fp32 levels learned from the tensor's block-normalised "
+               "weights", per="tensor"),
+         Field("scales", SCALE, "fp32 absmax = max|w|"))),
     "minifloat": Anatomy(
         "an fp32 scale s = max|w| / {vmax} per block", "w = level[q] * s",
         (Field("codes", CODES, "sign-exponent-mantissa code q of w / s, nearest, ties to even, saturating; "
