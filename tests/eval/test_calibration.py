@@ -243,7 +243,9 @@ def test_encoder_calibration_on_minilm(minilm):
     # by hand: the first query projection reads the embeddings (mean square over the unpadded tokens only);
     # the pooler reads each paragraph's first ([CLS]) hidden state, one row per paragraph
     texts = calibration_paragraphs(tokenizer, text, "t", scored=scored, count=2)
-    batches = encoder_batches(tokenizer, texts)
+    batches = encoder_batches(tokenizer, texts, batch=4)
+    lengths = torch.cat([b["attention_mask"].sum(1) for b in batches])
+    assert len(lengths) == len(texts) and torch.equal(lengths, lengths.sort().values)  # batched shortest first
     assert any((b["attention_mask"] == 0).any() for b in batches)  # some rows are padded: the mask matters
     embedded, first = [], []
     with torch.inference_mode():

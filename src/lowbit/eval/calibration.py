@@ -76,9 +76,13 @@ def calibration_paragraphs(tokenizer, text: str, name: str, *, scored: int, coun
 
 def encoder_batches(tokenizer, texts: list[str], *, batch: int = ENCODER_BATCH,
                     max_tokens: int = MAX_TOKENS) -> list[dict[str, torch.Tensor]]:
-    """Padded batches as ``encoder.embed`` builds them; ``collect_importance`` counts only unpadded tokens."""
-    return [dict(tokenizer(texts[i: i + batch], truncation=True, max_length=max_tokens, padding=True,
-                           return_tensors="pt")) for i in range(0, len(texts), batch)]
+    """Padded batches of ``batch`` texts, truncated as ``encoder.embed`` does; ``collect_importance`` counts only
+    unpadded tokens. Texts are batched in order of length (a mean does not depend on the order): the default
+    calibration paragraphs in text order would be 56% padding (74,446 tokens computed for 32,812), sorted 5%."""
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_tokens)["input_ids"]]
+    ordered = [texts[i] for i in sorted(range(len(texts)), key=lengths.__getitem__)]
+    return [dict(tokenizer(ordered[i: i + batch], truncation=True, max_length=max_tokens, padding=True,
+                           return_tensors="pt")) for i in range(0, len(ordered), batch)]
 
 
 def collect_importance(model: nn.Module, batches: Sequence, *, layers=None, progress: bool = True,
