@@ -26,7 +26,9 @@ from .encoder import MAX_TOKENS
 from .protocol import DEFAULT_WINDOW, paragraphs, read_text
 
 # 64 windows of 512 tokens = 32,768 tokens: as many tokens as the llama.cpp imatrix figures in the README's
-# comparison were calibrated on (llama-imatrix reads its text in chunks of 512 tokens, its context there).
+# comparison were calibrated on (llama-imatrix reads its text in chunks of 512 tokens, its context there). Each
+# window is one forward pass: ~1.1 s for SmolLM2 on 2 CPU threads (README, benchmarks/bench_eval.py: 460 tokens/s),
+# so about a minute for all 64.
 DEFAULT_CALIBRATE = 64
 # Windows per forward pass. On 2 CPU threads batches of 1, 2, 4 and 8 windows ran within noise of each other
 # (8.5-9.5 s a window of SmolLM2's base model on a loaded machine), so the smallest activation memory wins.
@@ -191,8 +193,8 @@ def _square_sums(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tens
     One call's sum runs in float32 (torch sums in blocks, so its error stays near float32's 6e-8 for the few
     thousand tokens of a batch) and calls are added up in float64. Summing in float64 took 1.9 ms for a 512 x 576
     input against 0.11 ms in float32 and 6.2 ms for that input's q_proj matmul (best of 15 runs, 2 CPU threads).
-    A square beyond float32's range (|x| > 1.8e19) is summed again
-    in float64, so only a true NaN or Inf input gives a non-finite sum.
+    A square beyond float32's range (|x| > 1.8e19) is summed again in float64, so only a true NaN or Inf input
+    gives a non-finite sum.
     """
     if mask is not None and x.dim() == mask.dim() + 1 and x.shape[:-1] == mask.shape:
         x = x[mask]
