@@ -27,7 +27,7 @@ from .io.model_io import load_quantized
 from .models.loader import CAUSAL_LM, ModelInfo, load_model
 from .nn.keep_dtype import dtype_name, round_state
 from .nn.linear import QuantLinear
-from .nn.surgery import QuantConfig, check_config, model_weight_bytes, quantize_model
+from .nn.surgery import QuantConfig, check_config, model_weight_bytes, quantize_model, select_linears
 from .progress import note
 
 DEFAULT_FORMATS = ("int8", "q8_0", "nf4", "nf4+dq", "bnb_fp4", "fp4_e2m1", "int4/64", "q4_0", "mxfp4", "nvfp4")
@@ -100,8 +100,9 @@ def compare(model: nn.Module, tokenizer, info: ModelInfo, configs: list[QuantCon
     importance, calibration_seconds = None, 0.0
     if any(c.needs_calibration for c in configs if c.label not in failed):  # a text too short fails now
         start = time.perf_counter()
+        wanted = [c for c in configs if c.needs_calibration and c.label not in failed]
         importance = calibration_for(model, tokenizer, info, evaluation, text=text, window=window,
-                                     count=calibrate, progress=progress)
+                                     count=calibrate, progress=progress, layers=calibrated_layers(model, wanted))
         calibration_seconds = time.perf_counter() - start
         report["calibration"] = {"windows": calibrate or DEFAULT_CALIBRATE, "seconds": calibration_seconds}
     keep = keep_dtype if keep_dtype not in (None, torch.float32) else None
@@ -131,11 +132,22 @@ def compare(model: nn.Module, tokenizer, info: ModelInfo, configs: list[QuantCon
 
 
 def calibration_for(model: nn.Module, tokenizer, info: ModelInfo, evaluation: Evaluation, *, text=None,
-                    window: int = DEFAULT_WINDOW, count: int | None = None, progress: bool = True) -> dict:
+                    window: int = DEFAULT_WINDOW, count: int | None = None, progress: bool = True,
+                    layers: list[str] | None = None) -> dict:
     """Per-layer mean squared input activations from the text after ``evaluation``'s scored part."""
     scored = evaluation.protocol.windows if info.kind == CAUSAL_LM else len(evaluation.texts)
     return calibrate(model, tokenizer, info.kind, text, window=window, scored=scored,
-                     count=count or DEFAULT_CALIBRATE, progress=progress)
+                     count=count or DEFAULT_CALIBRATE, progress=progress, layers=layers)
+
+
+def calibrated_layers(model: nn.Module, configs: list[QuantConfig]) -> list[str]:
+    """The layers the configs quantize, each by its first name (as ``named_modules()`` gives it):
+    only these are calibrated, so an excluded lm_head is never computed over the calibration windows."""
+    names = {}
+    for config in configs:
+        for layer_names, _ in select_linears(model, config):
+            names[layer_names[0]] = None
+    return list(names)
 
 
 def _add(report: dict, result: dict, on_result: Callable[[dict], None] | None, progress: bool) -> None:

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 from ..eval.calibration import DEFAULT_CALIBRATE, calibrate
 from ..eval.protocol import DEFAULT_WINDOW, DEFAULT_WINDOWS, paragraphs, read_text
+from ..evaluate import calibrated_layers
 from ..io.model_io import check_output, local_source, read_meta, save_quantized
 from ..models.loader import CAUSAL_LM
 from ..nn.keep_dtype import parse_keep_dtype
@@ -63,7 +64,7 @@ def run(args) -> int:
         start = time.perf_counter()
         importance = calibrate(model, tokenizer, info.kind, args.text, window=args.window,
                                scored=scored_count(info.kind, args.text, args.windows),
-                               count=args.calibrate or DEFAULT_CALIBRATE)
+                               count=args.calibrate or DEFAULT_CALIBRATE, layers=calibrated_layers(model, [config]))
         seconds = time.perf_counter() - start
     report = quantize_model(model, config, importance=importance)
     report = replace(report, seconds=report.seconds + seconds)
