@@ -81,3 +81,15 @@ def test_near_the_fp16_scale_limit(name, dtype):
     assert not torch.isfinite(gguf_read(raw, name, above.shape[0]).to(dtype)).all()
     with pytest.raises(UnrepresentableError, match=rf"^{name} cannot hold block \d+ .* in {str(dtype)[6:]}$"):
         lowbit.quantize(above, name)
+
+
+def test_q6_k_tiny_sub_block_gets_a_finite_scale():
+    """A sub-block of magnitude ~1e-25 (x^2 underflows to 0) once gave 0/0 = NaN and a false
+    UnrepresentableError; llama.cpp's make_qx_quants takes scale 0 there (suml2 ? sumlx/suml2 : 0)."""
+    torch.manual_seed(0)
+    x = torch.randn(256)
+    x[:16] *= 1e-25
+    q = lowbit.quantize(x, "q6_k")
+    y = q.dequantize()
+    assert torch.isfinite(y).all()
+    assert torch.allclose(y[16:], x[16:], atol=0.1)

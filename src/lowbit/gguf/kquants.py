@@ -77,7 +77,8 @@ def _search_symmetric(x: torch.Tensor, nmax: int):
         return (w * x * l).sum(dim=1), (w * l * l).sum(dim=1)
 
     sumlx, suml2 = fit(-nmax / signed_max)
-    scale = sumlx / suml2
+    # llama.cpp: suml2 ? sumlx/suml2 : 0. x^2 underflows to 0 for |x| below ~1e-23: no NaN from 0/0
+    scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, torch.ones_like(suml2)), 0.0)
     best = scale * sumlx
     for k in [k for k in range(-9, 10) if k]:
         slx, sl2 = fit(-(nmax + 0.1 * k) / signed_max)
