@@ -14,9 +14,8 @@ from . import dispatch
 from .formats.registry import Codec, GridCodec, codec_for
 from .formats.spec import FormatSpec
 from .scaling.blocks import split_blocks
+from .search import SEARCHES, WEIGHTED, hqq_search, mse_search  # names: docs/formats.md#scale-search
 
-# name -> whether it weighs the error by calibration activations: docs/formats.md#scale-search
-SEARCHES = {"mse": False, "amse": True, "hqq": False, "ahqq": True}
 # The fast path's ratio scan: 1.0 (the format's rule) first, then 1.1 down to 0.3 in steps of 0.025,
 # then +-0.0125 around each block's best (lowbit.search.COARSE_RATIOS explains the range).
 KERNEL_RATIOS = (1.0, *(round(1.1 - 0.025 * i, 4) for i in range(33) if i != 4))
@@ -40,7 +39,7 @@ def check_search(spec: FormatSpec, search: str) -> str:
 
 
 def needs_calibration(search: str | None) -> bool:
-    return bool(search) and SEARCHES.get(search.strip().lower(), False)
+    return bool(search) and search.strip().lower() in WEIGHTED
 
 
 def quantize_flat(spec: FormatSpec, flat: torch.Tensor, block: int, *, search: str | None = None,
@@ -72,10 +71,7 @@ def quantize_flat(spec: FormatSpec, flat: torch.Tensor, block: int, *, search: s
 def searched_scales(codec: type[Codec], spec: FormatSpec, blocks: torch.Tensor, tensor_parts: dict, search: str,
                     weights: torch.Tensor | None, partial: bool) -> dict[str, torch.Tensor]:
     """The per-block scale parts that ``search`` picks for ``blocks`` (n_blocks, block)."""
-    from .search import hqq_search, mse_search  # its numerics load only when a search is asked for
-
-    weighted = SEARCHES[search]
-    w = weights if weighted else None
+    w = weights if search in WEIGHTED else None
     if search in ("hqq", "ahqq"):
         scale, zero = hqq_search(blocks, bits=spec.bits, weights=w)
         return {"scales": scale.to(torch.float32), "zeros": zero.round().clamp(0, 2**spec.bits - 1).to(torch.uint8)}

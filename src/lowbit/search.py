@@ -24,6 +24,7 @@ import torch
 Parts = dict[str, torch.Tensor]
 
 SEARCHES = ("mse", "amse", "hqq", "ahqq")
+WEIGHTED = frozenset({"amse", "ahqq"})  # the searches that weigh the error by calibration activations
 
 # Coarse-to-fine: COARSE_RATIOS for every block, then FINE_STEPS around each block's best, then
 # least-squares refits of the winner: 15 + 4 + 2 roundtrips instead of a 53-ratio scan with a refit per
