@@ -60,6 +60,15 @@ def test_fake_quantize_zero_point_gradient():
     assert s.grad is not None and z.grad is not None and torch.isfinite(s.grad).all()
 
 
+def test_fake_quantize_with_a_float_zero_is_the_hqq_tensor():
+    torch.manual_seed(2)
+    x = torch.randn(5, 100)  # a partial trailing block
+    q = lowbit.quantize(x, "int4_asym", search="hqq")
+    scales = {k: v for k, v in q.parts.items() if k != "codes"}
+    assert scales["zeros"].dtype == torch.float16
+    assert torch.equal(fake_quantize(x, "int4_asym", scales), q.dequantize())
+
+
 def test_fake_quantize_refuses_gguf_blocks():
     with pytest.raises(ValueError, match="grid format"):
         fake_quantize(torch.zeros(32), "q4_0", {})

@@ -24,7 +24,8 @@ def test_mse_search_keeps_the_layout_and_lowers_the_error(fmt, weight):
     assert {k: (v.dtype, v.shape) for k, v in searched.parts.items()} == \
            {k: (v.dtype, v.shape) for k, v in plain.parts.items()}
     assert searched.nbytes == plain.nbytes
-    assert weighted_error(weight, searched) <= weighted_error(weight, plain)
+    # @mse weighs each weight's error by its square (llama.cpp's rule without an importance matrix)
+    assert weighted_error(weight, searched, weight**2) <= weighted_error(weight, plain, weight**2)
 
 
 def test_activation_weighted_search_lowers_the_weighted_error(weight):
@@ -40,8 +41,13 @@ def test_activation_weighted_search_lowers_the_weighted_error(weight):
 def test_hqq_lowers_the_error_of_zero_point_formats(weight):
     plain = lowbit.quantize(weight, "int4_asym")
     hqq = lowbit.quantize(weight, "int4_asym", search="hqq")
-    assert hqq.parts["zeros"].dtype == torch.uint8
+    assert hqq.parts["zeros"].dtype == torch.float16  # a float zero point, as hqq stores it
+    assert hqq.nbytes == plain.nbytes + plain.parts["zeros"].numel()  # 2 bytes per block instead of 1
     assert weighted_error(weight, hqq) < weighted_error(weight, plain)
+    # the encode adds the float zero before rounding: the stored codes are the nearest levels of that grid
+    s, z = hqq.parts["scales"][:, None], hqq.parts["zeros"].float()[:, None]
+    q = torch.round(weight.reshape(-1, 64) / s + z).clamp(0, 15)
+    torch.testing.assert_close(hqq.dequantize().reshape(-1, 64), (q - z) * s, rtol=0, atol=0)
 
 
 def test_searched_tensor_with_double_quant_and_partial_block():
@@ -49,7 +55,8 @@ def test_searched_tensor_with_double_quant_and_partial_block():
     x = torch.randn(1000) * torch.linspace(0.1, 3, 1000)
     q = lowbit.quantize(x, "nf4", block_size=64, double_quant=True, search="mse")
     assert q.double_quant and q.dequantize().shape == x.shape
-    assert weighted_error(x, q) <= weighted_error(x, lowbit.quantize(x, "nf4", block_size=64, double_quant=True))
+    rule = lowbit.quantize(x, "nf4", block_size=64, double_quant=True)
+    assert weighted_error(x, q, x**2) <= weighted_error(x, rule, x**2)
 
 
 @pytest.mark.parametrize(("fmt", "search", "needle"), [

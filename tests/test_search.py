@@ -6,7 +6,7 @@ import hqq.core.optimize as hqq_optimize
 import pytest
 import torch
 
-from lowbit.search import DEFAULT_RATIOS, _hqq, check_search_name, hqq_search, mse_search
+from lowbit.search import DEFAULT_RATIOS, check_search_name, hqq_search, mse_search
 
 
 def sym_grid(blocks: torch.Tensor, bits: int):
@@ -43,6 +43,12 @@ def asym_grid(blocks: torch.Tensor, bits: int):
 def asym_roundtrip(blocks, s, z, bits):
     """AsymmetricInt's encode + decode, written out: q = clamp(round(x / s) + z, 0, 2^b - 1), (q - z) * s."""
     q = (torch.round(blocks / s.clamp(min=1e-38)[:, None]) + z[:, None]).clamp(0, 2**bits - 1)
+    return (q - z[:, None]) * s[:, None]
+
+
+def hqq_roundtrip(blocks, s, z, bits):
+    """AsymmetricInt's encode + decode with a float zero, written out: q = clamp(round(x / s + z)), (q - z) * s."""
+    q = torch.round(blocks / s.clamp(min=1e-38)[:, None] + z[:, None]).clamp(0, 2**bits - 1)
     return (q - z[:, None]) * s[:, None]
 
 
@@ -169,11 +175,13 @@ def test_mse_search_rejects_bad_input():
 
 @pytest.mark.parametrize("kind", ["normal", "heavy"])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_hqq_zero_matches_the_hqq_package(kind, bits, monkeypatch):
+@pytest.mark.parametrize("round_start", [False, True])
+def test_hqq_zero_matches_the_hqq_package(kind, bits, round_start, monkeypatch):
     blocks = data(kind)
     qmax = 2**bits - 1
     lo, hi = blocks.amin(dim=1).clamp(max=0), blocks.amax(dim=1).clamp(min=0)
     s = (hi - lo) / qmax
+    start = torch.round(-lo / s) if round_start else -lo / s  # hqq's round_zero rounds its start the same way
     # hqq's convention: W_q = round(W * scale + zero), scale = 1 / s; its zero is ours. Its default (legacy)
     # solver never multiplies beta by kappa: kappa=1.0 here. It stops every block once the tensor's mean |error|
     # stops falling, having taken that last step (hqq_search has no such stop): count its steps.
@@ -181,38 +189,25 @@ def test_hqq_zero_matches_the_hqq_package(kind, bits, monkeypatch):
     step = hqq_optimize.optimize_weights_proximal_legacy_step
     monkeypatch.setattr(hqq_optimize, "optimize_weights_proximal_legacy_step", lambda *a: steps.append(1) or step(*a))
     _, hqq_scale, hqq_zero = hqq_optimize.optimize_weights_proximal_legacy(
-        blocks, (1 / s)[:, None], (-lo / s)[:, None], [0, qmax], axis=1, device="cpu"
+        blocks, (1 / s)[:, None], start[:, None], [0, qmax], axis=1, device="cpu"
     )
     assert len(steps) >= 18  # all 20 but at 8 bits: 18 (randn), 19 (heavy-tailed)
-    scale, zero = hqq_search(blocks, bits=bits, integer_zero=False, kappa=1.0, iters=len(steps))
+    scale, zero = hqq_search(blocks, bits=bits, kappa=1.0, iters=len(steps), round_start=round_start)
     assert torch.equal(scale, s) and torch.equal(hqq_scale[:, 0], 1 / s)  # the scale stays min/max's
     torch.testing.assert_close(zero, hqq_zero[:, 0], rtol=0, atol=1e-5)
-    assert (zero - (-lo / s)).abs().max() > 0.01  # the solver moved it
+    assert (zero - start).abs().max() > 0.01  # the solver moved it
 
 
-def test_hqq_integer_zero_lowers_the_error():
+def test_hqq_lowers_the_error():
     blocks = data("normal")
     lo = blocks.amin(dim=1).clamp(max=0)
     s0 = (blocks.amax(dim=1).clamp(min=0) - lo) / 15
     rule = block_err(asym_roundtrip(blocks, s0, torch.round(-lo / s0), 4), blocks)
     scale, zero = hqq_search(blocks, bits=4)
-    assert torch.equal(zero, torch.round(zero)) and zero.min() >= 0 and zero.max() <= 15
-    err = block_err(asym_roundtrip(blocks, scale, zero, 4), blocks)
-    assert (err <= rule).all()
-    # measured MSE: min/max 0.008318, hqq integer zero 0.007798, hqq float zero 0.007386
-    assert err.mean() / 64 < 0.0079 < rule.mean() / 64
-    fs, fz = hqq_search(blocks, bits=4, integer_zero=False)
-    q = torch.round(blocks / fs[:, None] + fz[:, None]).clamp(0, 15)
-    assert block_err((q - fz[:, None]) * fs[:, None], blocks).mean() < err.mean()
-
-
-@pytest.mark.parametrize("bits", [2, 4])
-def test_rounding_the_zero_at_the_end_beats_rounding_each_step(bits):
-    # measured MSE, randn 4096x64: 2 bits 0.12703 (end) vs 0.12752 (each), 4 bits 0.0077982 vs 0.0078060
-    blocks = data("normal")
-    found = [_hqq(blocks, 2**bits - 1, None, 20, 0.7, 10.0, 1.01, True, each) for each in (False, True)]
-    errs = [block_err(asym_roundtrip(blocks, *sz, bits), blocks) for sz in found]
-    assert errs[0].sum() < errs[1].sum()
+    assert not torch.equal(zero, torch.round(zero))  # a float zero: the grid moves by a fraction of a step
+    err = block_err(hqq_roundtrip(blocks, scale, zero, 4), blocks)
+    # measured MSE: min/max 0.008318, hqq 0.007574 (an lp objective, p = 0.7: not lower in every block)
+    assert err.mean() / 64 < 0.0076 < 0.0083 < rule.mean() / 64
 
 
 def test_activation_aware_hqq_lowers_the_weighted_error():
@@ -221,18 +216,16 @@ def test_activation_aware_hqq_lowers_the_weighted_error():
     lo = blocks.amin(dim=1).clamp(max=0)
     s0 = (blocks.amax(dim=1).clamp(min=0) - lo) / 15
     rule = block_err(asym_roundtrip(blocks, s0, torch.round(-lo / s0), 4), blocks, weights)
-    plain = block_err(asym_roundtrip(blocks, *hqq_search(blocks, bits=4), 4), blocks, weights)
-    aware = block_err(asym_roundtrip(blocks, *hqq_search(blocks, bits=4, weights=weights), 4), blocks, weights)
-    assert (aware <= rule).all()
-    assert aware.sum() < 0.97 * plain.sum()  # measured 0.018072 vs 0.019074 (min/max 0.02035), weighted MSE
+    plain = block_err(hqq_roundtrip(blocks, *hqq_search(blocks, bits=4), 4), blocks, weights)
+    aware = block_err(hqq_roundtrip(blocks, *hqq_search(blocks, bits=4, weights=weights), 4), blocks, weights)
+    assert aware.sum() < 0.97 * plain.sum() < rule.sum()  # measured 3971 vs 4250 (min/max 4675), weighted SSE
 
 
 def test_hqq_search_is_per_block():
     blocks = data("heavy", n=3000)
-    for integer_zero in (True, False):
-        whole = hqq_search(blocks, bits=3, integer_zero=integer_zero)
-        head = hqq_search(blocks[:1000], bits=3, integer_zero=integer_zero)
-        assert all(torch.equal(w[:1000], h) for w, h in zip(whole, head, strict=True))
+    whole = hqq_search(blocks, bits=3)
+    head = hqq_search(blocks[:1000], bits=3)
+    assert all(torch.equal(w[:1000], h) for w, h in zip(whole, head, strict=True))
 
 
 def test_no_nan_on_zero_and_constant_blocks():
@@ -241,12 +234,11 @@ def test_no_nan_on_zero_and_constant_blocks():
     weights = torch.ones_like(blocks)
     weights[3:5] = 0  # blocks whose every weight is zero
     for w in (None, weights):
-        for integer_zero in (True, False):
-            scale, zero = hqq_search(blocks, bits=4, weights=w, integer_zero=integer_zero)
-            assert torch.isfinite(scale).all() and torch.isfinite(zero).all()
-            assert scale[0] == 0 and zero[0] == 0
-            # 0, 3 (code 15, zero 0) and -3 (code 0, zero 15) are exact
-            assert torch.equal(asym_roundtrip(blocks[:3], scale[:3], zero[:3], 4), blocks[:3])
+        scale, zero = hqq_search(blocks, bits=4, weights=w)
+        assert torch.isfinite(scale).all() and torch.isfinite(zero).all()
+        assert scale[0] == 0 and zero[0] == 0
+        # 0, 3 (code 15, zero 0) and -3 (code 0, zero 15) are exact
+        assert torch.equal(hqq_roundtrip(blocks[:3], scale[:3], zero[:3], 4), blocks[:3])
         for grid in (sym_grid, asym_grid):
             propose, roundtrip = grid(blocks, 4)
             best = mse_search(blocks, propose=propose, roundtrip=roundtrip, weights=w, refit=True)
@@ -269,6 +261,6 @@ def test_real_weights(smollm2_weights):
     propose, roundtrip = asym_grid(blocks, 4)
     rule = block_err(roundtrip(propose(torch.ones(len(blocks)))), blocks)
     searched = block_err(roundtrip(mse_search(blocks, propose=propose, roundtrip=roundtrip, refit=True)), blocks)
-    hqq = block_err(asym_roundtrip(blocks, *hqq_search(blocks, bits=4), 4), blocks)
-    assert (searched <= rule).all() and (hqq <= rule).all()
+    hqq = block_err(hqq_roundtrip(blocks, *hqq_search(blocks, bits=4), 4), blocks)
+    assert (searched <= rule).all()
     assert searched.sum() < rule.sum() and hqq.sum() < rule.sum()

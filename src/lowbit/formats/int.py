@@ -57,7 +57,8 @@ class AsymmetricInt(GridCodec, family="int_asym"):
 
     The range is widened to include 0 (min <= 0 <= max), as PyTorch's affine observers do:
     zero stays exact and z always fits the code range, even for an all-positive block,
-    where a naive zero point would fall outside it.
+    where a naive zero point would fall outside it. A float16 ``zeros`` part (chosen by the
+    ``@hqq`` searches) is a float zero, q = clamp(round(x / s + z), 0, 2^b - 1), as hqq stores it.
     """
 
     SCALE_PARTS = ("scales", "zeros")
@@ -78,8 +79,12 @@ class AsymmetricInt(GridCodec, family="int_asym"):
     def encode(cls, spec, blocks, scales, *, partial=False):
         qmax = 2**spec.bits - 1
         safe = scales["scales"].clamp(min=_TINY)
-        q = (torch.round(blocks / safe[:, None]) + scales["zeros"].to(torch.float32)[:, None]).clamp_(0, qmax)
-        return q.to(torch.uint8)
+        z = scales["zeros"]
+        if z.is_floating_point():  # a float zero (@hqq) is added before rounding, as hqq's round(w * scale + zero)
+            q = torch.round(blocks / safe[:, None] + z.to(torch.float32)[:, None])
+        else:
+            q = torch.round(blocks / safe[:, None]) + z.to(torch.float32)[:, None]
+        return q.clamp_(0, qmax).to(torch.uint8)
 
     @classmethod
     def decode(cls, spec, codes, scales):

@@ -122,7 +122,8 @@ _ANATOMY: dict[str, Anatomy] = {
         "an fp32 scale s and a uint8 zero point z per block", "w = (q - z) * s",
         (Field("codes", CODES, "q = round(w / s) + z, clamped to 0..{qmax}, " + _PACKED, per="element"),
          Field("scales", SCALE, "fp32 s = (max - min) / {qmax}, the range widened to include 0"),
-         Field("zeros", SCALE, "uint8 zero point z = round(-min / s): the code of 0")),
+         Field("zeros", SCALE, "uint8 zero point z = round(-min / s): the code of 0 (with @hqq: a float16 z, "
+                               "q = round(w / s + z), as hqq stores it)")),
         no_double_quant="double quantization (bitsandbytes) compresses the absmax of symmetric formats, not a "
                         "scale paired with a zero point"),
     "codebook": Anatomy(

@@ -195,9 +195,13 @@ def _stored_qweight(name: str, layer: dict, tensors: dict, layouts: dict) -> Qua
     fmt, shape = format_by_id(int(layer["format_id"])), torch.Size(int(d) for d in layer["shape"])
     block, dq = int(layer["block_size"]), bool(layer["double_quant"])
     parts = {p: tensors.pop(f"{name}{_QW}{p}") for p in layer["parts"]}
-    key = (fmt.name, tuple(shape), block, dq)
+    # a float zero point (float16, chosen by @hqq) instead of the uint8 code: docs/formats.md#zero-point-integers
+    hqq = "zeros" in parts and parts["zeros"].is_floating_point()
+    key = (fmt.name, tuple(shape), block, dq, hqq)
     if key not in layouts:  # layers share a few shapes: quantize zeros once per shape
         zeros = quantize(torch.zeros(shape), fmt.name, block_size=block, double_quant=dq)
+        if hqq and "zeros" in zeros.parts:
+            zeros = quantize(torch.zeros(shape), fmt.name, block_size=block, double_quant=dq, search="hqq")
         layouts[key] = {p: (tuple(t.shape), t.dtype) for p, t in zeros.parts.items()}
     found = {p: (tuple(t.shape), t.dtype) for p, t in parts.items()}
     if found != layouts[key]:
