@@ -47,7 +47,7 @@ def add_calibrate_arg(p) -> None:
     p.add_argument("--calibrate", type=int, metavar="N",
                    help="calibration windows of --window tokens for activation-weighted searches (@amse, @ahqq), "
                         "taken from the text right after the scored windows, never overlapping them "
-                        "(default 64: tokens 8,192-40,959 of the default text)")
+                        "(default 16: tokens 8,192-16,383 of the default text)")
 
 
 def check_calibrate_arg(args, configs) -> None:

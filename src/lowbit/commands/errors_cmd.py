@@ -58,7 +58,7 @@ def add_parser(sub) -> None:
     add_protocol_args(p)  # --text/--window/--windows place the calibration windows as lowbit compare does
     p.add_argument("--calibrate", type=int, metavar="N",
                    help="calibration windows for activation-weighted searches (@amse, @ahqq): the N windows of "
-                        "--window tokens right after those lowbit compare scores (default 64)")
+                        "--window tokens right after those lowbit compare scores (default 16)")
     p.set_defaults(run=run)
 
 
