@@ -58,7 +58,8 @@ from lowbit.nn.surgery import QuantConfig, select_linears
 from lowbit.progress import progress_bar
 
 # Labels of formats being added: only those QuantConfig.parse accepts in this checkout are run.
-DEFAULT_LOWBIT = ("nf4", "int4_asym/64", "int4_asym/64@hqq", "nf4@mse", "nf4@amse", "qq4", "lloyd4")
+DEFAULT_LOWBIT = ("nf4", "nf4@mse", "nf4@amse", "nf4/32+dq@amse", "nf4/20+dq@amse", "int4_asym/64",
+                  "int4_asym/64@hqq", "int4_asym/64@ahqq", "qq4", "lloyd4")
 BASELINE = "bitsandbytes nf4/64"
 HQQ, HQQ_LINEAR = "hqq 4-bit/64", "hqq 4-bit/64, HQQLinear default"
 # The project's anchors on the default protocol: what the peer rows must reproduce (within ~1%).
