@@ -1,5 +1,6 @@
 """Calibration (eval/calibration.py): which text it reads, and the per-channel mean of x^2 it returns."""
 
+import argparse
 from collections import OrderedDict
 
 import pytest
@@ -42,8 +43,18 @@ def no_hooks(model: nn.Module) -> bool:
     return all(not m._forward_pre_hooks for m in model.modules())
 
 
-def test_default_is_the_llama_cpp_token_count():
-    assert DEFAULT_CALIBRATE * 512 == 32_768
+def test_the_documented_default_span_is_the_default():
+    """--calibrate's help and the module docstring name the tokens the default reads: they must be these."""
+    from lowbit.commands import common
+    from lowbit.eval import calibration
+
+    first, end = DEFAULT_WINDOWS * 512, (DEFAULT_WINDOWS + DEFAULT_CALIBRATE) * 512
+    span = f"tokens {first:,}-{end - 1:,}"
+    assert span in calibration.__doc__.replace("\n", " ")
+    parser = argparse.ArgumentParser()
+    common.add_calibrate_arg(parser)
+    (action,) = [a for a in parser._actions if a.dest == "calibrate"]
+    assert f"default {DEFAULT_CALIBRATE}: {span}" in action.help
 
 
 def test_calibration_windows_follow_the_scored_ones():
