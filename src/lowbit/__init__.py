@@ -11,6 +11,6 @@ __version__ = "0.1.0"
 
 # Model-level API (issue 3). lowbit.models imports transformers only inside load_model.
 from .models import load_model  # noqa: E402
-from .nn import QuantConfig, QuantLinear, quantize_model  # noqa: E402
+from .nn import QuantConfig, QuantLinear, QuantPlan, quantize_model  # noqa: E402
 
-__all__ += ["QuantConfig", "QuantLinear", "load_model", "quantize_model"]
+__all__ += ["QuantConfig", "QuantLinear", "QuantPlan", "load_model", "quantize_model"]
