@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict
 
@@ -27,7 +28,8 @@ from .io.model_io import load_quantized
 from .models.loader import CAUSAL_LM, ModelInfo, load_model
 from .nn.keep_dtype import dtype_name, round_state
 from .nn.linear import QuantLinear
-from .nn.surgery import QuantConfig, check_config, model_weight_bytes, quantize_model, select_linears
+from .nn.plan import QuantPlan
+from .nn.surgery import QuantConfig, as_plan, check_config, model_weight_bytes, plan_layers, quantize_model
 from .progress import note
 
 DEFAULT_FORMATS = ("int8", "q8_0", "nf4", "nf4+dq", "bnb_fp4", "fp4_e2m1", "int4/64", "q4_0", "mxfp4", "nvfp4")
@@ -126,7 +128,8 @@ def compare(model: nn.Module, tokenizer, info: ModelInfo, configs: list[QuantCon
         saved = round_state(quantized, keep) if keep is not None else 0
         seconds = qreport.seconds + (calibration_seconds if config.needs_calibration else 0.0)
         _add(report, _score(evaluation, quantized, config.label, config.double_quant, qreport.bits_per_weight,
-                            seconds, saved), on_result, progress)
+                            seconds, saved, layers=(qreport.format_counts, dict(qreport.fallbacks))),
+             on_result, progress)
         del quantized
     return report
 
@@ -140,13 +143,14 @@ def calibration_for(model: nn.Module, tokenizer, info: ModelInfo, evaluation: Ev
                      count=count or DEFAULT_CALIBRATE, progress=progress, layers=layers)
 
 
-def calibrated_layers(model: nn.Module, configs: list[QuantConfig]) -> list[str]:
+def calibrated_layers(model: nn.Module, configs: list[QuantConfig | QuantPlan]) -> list[str]:
     """The layers the configs quantize, each by its first name (as ``named_modules()`` gives it):
     only these are calibrated, so an excluded lm_head is never computed over the calibration windows."""
     names = {}
     for config in configs:
-        for layer_names, _ in select_linears(model, config):
-            names[layer_names[0]] = None
+        for layer_names, _, layer_config, _ in plan_layers(model, as_plan(config)):
+            if layer_config.needs_calibration:
+                names[layer_names[0]] = None
     return list(names)
 
 
@@ -188,13 +192,16 @@ def evaluate_saved(directory, *, text=None, window: int = DEFAULT_WINDOW, window
     evaluation = Evaluation(info, tokenizer, original, text=text, window=window, windows=windows,
                             **_limits(model), progress=progress)
     config, stored = meta["config"], meta["quantize"]
+    labels = Counter(layer.get("label", layer["format"]) for layer in meta["layers"].values())
+    fallbacks = {name: layer["fallback_from"] for name, layer in meta["layers"].items() if "fallback_from" in layer}
     result = _score(evaluation, model, config["label"], config["double_quant"], stored["bits_per_weight"],
-                    stored["seconds"])
+                    stored["seconds"], layers=(dict(labels.most_common()), fallbacks))
     return _report(info, evaluation, stored["model_bytes_before"], [result])
 
 
 def _score(evaluation: Evaluation, quantized: nn.Module, label: str, double_quant: bool, bits_per_weight: float,
-           quantize_seconds: float, bytes_saved: int = 0) -> dict:
+           quantize_seconds: float, bytes_saved: int = 0, layers: tuple[dict, dict] | None = None) -> dict:
+    """One result row; ``layers``: (layers per label, {layer: label it fell back from}) of a quantized model."""
     result = {
         "format": label,
         "block_size": report_block(quantized),
@@ -205,6 +212,8 @@ def _score(evaluation: Evaluation, quantized: nn.Module, label: str, double_quan
         "quantized_layers": sum(isinstance(m, QuantLinear) for m in quantized.modules()),
         "quantize_seconds": quantize_seconds,
     }
+    if layers is not None:
+        result["layer_formats"], result["fallbacks"] = layers
     materialize(quantized)
     start = time.perf_counter()
     result |= evaluation.score(quantized, label=f"scoring {label}")

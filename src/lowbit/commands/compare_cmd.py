@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..evaluate import DEFAULT_FORMATS, compare
 from ..io.atomic import write_json
 from ..nn.keep_dtype import parse_keep_dtype
-from ..report.table import compare_table
+from ..report.table import compare_table, layer_notes
 from .common import (
     add_calibrate_arg,
     add_keep_dtype_arg,
@@ -52,6 +52,8 @@ def run(args) -> int:
     report = compare(model, tokenizer, info, configs, text=args.text, window=args.window, windows=args.windows,
                      keep_dtype=keep, on_result=save, calibrate=args.calibrate)
     con.print(compare_table(report, width=con.width))
+    for line in layer_notes(report):
+        con.print(line)
     if args.json:
         con.print(f"wrote {args.json}")
     return 1 if any("error" in r for r in report["results"]) else 0

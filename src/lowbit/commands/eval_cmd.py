@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..evaluate import evaluate_saved
 from ..io.atomic import write_json
 from ..io.model_io import read_meta
-from ..report.table import compare_table
+from ..report.table import compare_table, layer_notes
 from .common import add_protocol_args, check_protocol_args, console, load
 
 
@@ -23,6 +23,8 @@ def run(args) -> int:
     report = evaluate_saved(args.directory, text=args.text, window=args.window, windows=args.windows,
                             load=lambda source: load(source, con))
     con.print(compare_table(report, width=con.width))
+    for line in layer_notes(report):
+        con.print(line)
     if args.json:
         write_json(args.json, report)
         con.print(f"wrote {args.json}")

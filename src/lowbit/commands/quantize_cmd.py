@@ -11,7 +11,9 @@ from ..evaluate import calibrated_layers
 from ..io.model_io import check_output, local_source, read_meta, save_quantized
 from ..models.loader import CAUSAL_LM
 from ..nn.keep_dtype import parse_keep_dtype
+from ..nn.plan import QuantPlan
 from ..nn.surgery import quantize_model
+from ..report.table import layer_notes
 from .common import (
     add_calibrate_arg,
     add_keep_dtype_arg,
@@ -29,8 +31,12 @@ from .common import (
 def add_parser(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a model's linear layers and save it")
     add_model_arg(p)
-    p.add_argument("--format", required=True, metavar="FORMAT[/BLOCK][+dq][@SEARCH]",
-                   help="a format label, e.g. nf4, int4/128, nf4+dq, int4_asym@hqq, nf4@amse (see `lowbit formats`)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--format", metavar="FORMAT[/BLOCK][+dq][@SEARCH]",
+                      help="a format label, e.g. nf4, int4/128, nf4+dq, int4_asym@hqq, nf4@amse (see `lowbit formats`)")
+    what.add_argument("--plan", metavar="PLAN.json",
+                      help='per-layer rules, first match wins: {"rules": [{"pattern": "lm_head", "keep": true}, '
+                           '{"pattern": "*", "format": "q4_k", "fallback": "q8_0"}]} (README: per-layer plans)')
     p.add_argument("--block-size", type=int, help="weights per block (default: the format's); same as FORMAT/BLOCK")
     p.add_argument("--double-quant", action="store_true", help="compress the per-block scales (bitsandbytes); "
                    "same as FORMAT+dq")
@@ -49,7 +55,13 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    (config,) = parse_configs([args.format], args, block_size=args.block_size, double_quant=args.double_quant)
+    if args.plan is not None:
+        if args.block_size is not None or args.double_quant or args.include or args.exclude is not None:
+            raise ValueError("--plan says each layer's format: --block-size, --double-quant, --include and "
+                             "--exclude belong in its rules")
+        config = QuantPlan.load(args.plan)
+    else:
+        (config,) = parse_configs([args.format], args, block_size=args.block_size, double_quant=args.double_quant)
     check_calibrate_arg(args, [config])
     keep = parse_keep_dtype(args.keep_dtype) if args.keep_dtype else None
     if config.needs_calibration:
@@ -70,6 +82,9 @@ def run(args) -> int:
     report = replace(report, seconds=report.seconds + seconds)
     save_quantized(model, tokenizer, info, report, config, args.output, overwrite=args.overwrite, keep_dtype=keep)
     after = read_meta(args.output)["quantize"]["model_bytes_after"]  # the unquantized tensors at --keep-dtype
+    row = {"format": config.label, "layer_formats": report.format_counts, "fallbacks": dict(report.fallbacks)}
+    for line in layer_notes({"results": [row]}):
+        con.print(line)
     con.print(
         f"{config.label}: {len(report.layers)} layers, {report.bits_per_weight:.3f} bits/weight; model "
         f"{report.model_bytes_before / 1e6:.1f} MB -> {after / 1e6:.1f} MB "

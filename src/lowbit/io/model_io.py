@@ -24,7 +24,8 @@ from ..models.loader import CAUSAL_LM, ModelInfo, as_load_error, resolve
 from ..nn.hf_quantizer import refuse_save_pretrained
 from ..nn.keep_dtype import round_state
 from ..nn.linear import QuantLinear
-from ..nn.surgery import QuantConfig, QuantizeReport
+from ..nn.plan import QuantPlan
+from ..nn.surgery import QuantConfig, QuantizeReport, as_plan
 from ..quantize import quantize
 from ..tensor import QuantizedTensor
 from .atomic import atomic_dir, check_output_dir, write_errors
@@ -34,7 +35,8 @@ META_FILE, TENSOR_FILE = "lowbit.json", "model.safetensors"
 _QW = ".qweight."  # infix of packed-part keys: "<layer>.qweight.<part>"
 
 
-def save_quantized(model, tokenizer, info: ModelInfo, report: QuantizeReport, config: QuantConfig, directory, *,
+def save_quantized(model, tokenizer, info: ModelInfo, report: QuantizeReport, config: QuantConfig | QuantPlan,
+                   directory, *,
                    overwrite=False, keep_dtype: torch.dtype = torch.float32) -> Path:
     """Write ``model`` (already through ``quantize_model``, which gave ``report``) to ``directory``, atomically.
 
@@ -45,12 +47,15 @@ def save_quantized(model, tokenizer, info: ModelInfo, report: QuantizeReport, co
     check_output(directory, overwrite=overwrite, source=local_source(info.source))
     saved = round_state(model, keep_dtype)  # after the checks: a refused save leaves the model as it was
     layers, tensors = {}, {}
+    labels, fallbacks = dict(report.layer_configs), dict(report.fallbacks)
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
             q = module.qweight
             layers[name] = {"format": q.format.name, "format_id": q.format.id, "shape": list(q.shape),
                             "dtype": str(q.dtype).removeprefix("torch."), "block_size": q.block_size,
                             "double_quant": q.double_quant, "parts": list(q.parts)}
+            layers[name] |= {"label": labels[name]} if name in labels else {}
+            layers[name] |= {"fallback_from": fallbacks[name]} if name in fallbacks else {}
             tensors.update({f"{name}{_QW}{part}": t.contiguous() for part, t in q.parts.items()})
     tied = {}
     first_of: dict[tuple, str] = {}
@@ -62,11 +67,18 @@ def save_quantized(model, tokenizer, info: ModelInfo, report: QuantizeReport, co
             first_of[where] = key
             t = t.detach()
             tensors[key] = (t.to(keep_dtype) if t.is_floating_point() else t).contiguous()
+    plan = as_plan(config)
+    if isinstance(config, QuantPlan):  # a mixed model: the plan says what each layer is; "config" names it
+        config_meta = {"label": plan.label, "format": None, "block_size": None, "double_quant": False,
+                       "search": None, "include": [], "exclude": []}
+    else:
+        config_meta = {"label": config.label, "format": get_format(config.format).name,
+                       "block_size": config.block_size, "double_quant": config.double_quant, "search": config.search,
+                       "include": list(config.include), "exclude": list(config.exclude)}
     meta = {
         "lowbit_layout": LAYOUT_VERSION,
-        "config": {"label": config.label, "format": get_format(config.format).name, "block_size": config.block_size,
-                   "double_quant": config.double_quant, "search": config.search, "include": list(config.include),
-                   "exclude": list(config.exclude), "keep_dtype": str(keep_dtype).removeprefix("torch.")},
+        "config": config_meta | {"keep_dtype": str(keep_dtype).removeprefix("torch.")},
+        "plan": plan.to_dict(),
         "model": asdict(info),
         "quantize": {"bits_per_weight": report.bits_per_weight, "model_bytes_before": report.model_bytes_before,
                      "model_bytes_after": report.model_bytes_after - saved, "seconds": report.seconds},

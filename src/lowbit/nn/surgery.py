@@ -127,7 +127,7 @@ def as_plan(config: QuantConfig | QuantPlan | str) -> QuantPlan:
 def _single(plan: QuantPlan) -> bool:
     """Whether the plan is one config's (``QuantPlan.from_config``): reports then name its format as before."""
     configs = plan.configs
-    return len(configs) == 1 and all(r.config is None or r.config is configs[0] for r in plan.rules)
+    return len(configs) == 1 and plan == QuantPlan.from_config(configs[0])
 
 
 def check_config(model: nn.Module, config: QuantConfig | QuantPlan) -> None:

@@ -69,3 +69,24 @@ def _cell(value, spec: str) -> str:
 def _width(table: Table) -> int:
     console = Console(width=10_000)
     return Measurement.get(console, console.options, table).maximum
+
+
+def layer_notes(report: dict) -> list[str]:
+    """A line per row quantized with more than one format or with fallbacks: what its layers are.
+
+    ``"plan[q4_k|q8_0]: 120 q4_k, 90 q8_0 (fell back from q4_k: its shape cannot hold it)"``.
+    """
+    lines = []
+    for row in report["results"]:
+        counts, fallbacks = row.get("layer_formats") or {}, row.get("fallbacks") or {}
+        if len(counts) < 2 and not fallbacks:
+            continue
+        line = f"{row['format']}: " + ", ".join(f"{n} {label}" for label, n in counts.items())
+        if fallbacks:
+            wanted = {}
+            for name, label in fallbacks.items():
+                wanted.setdefault(label, []).append(name)
+            line += "; " + "; ".join(f"{len(names)} fell back from {label} (its shape cannot hold it: e.g. {names[0]})"
+                                     for label, names in wanted.items())
+        lines.append(line)
+    return lines
