@@ -39,7 +39,7 @@ def test_saved_files_hold_no_pickle(tiny_lm_dir, tmp_path):
     assert not [n for n in names if n.endswith((".bin", ".pt", ".pkl", ".pth"))]
     layer = json.loads((out / "lowbit.json").read_text())["layers"]["model.layers.0.self_attn.q_proj"]
     assert layer == {"format": "int8", "format_id": 7, "shape": [64, 64], "dtype": "float32", "block_size": 64,
-                     "double_quant": False, "parts": ["codes", "scales"]}
+                     "double_quant": False, "parts": ["codes", "scales"], "label": "int8"}
 
 
 def test_existing_directory_is_kept_unless_overwrite(tiny_lm_dir, tmp_path):
