@@ -47,3 +47,16 @@ def test_plan_refusals_are_one_line(tiny_lm_dir, tmp_path):
     plan.write_text(json.dumps(PLAN))
     assert_one_line_error(lowbit("quantize", "--model", tiny_lm_dir, "--plan", plan, "--exclude", "x",
                                  "-o", tmp_path / "d"), "belong in its rules")
+
+
+def test_a_rule_matching_no_layer_warns_or_fails_with_strict(tiny_lm_dir, tmp_path):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"rules": [{"pattern": "mlp.dwn_proj", "format": "int8"},
+                                          {"pattern": "*", "format": "nf4"}]}))
+    r = lowbit("quantize", "--model", tiny_lm_dir, "--plan", plan, "-o", tmp_path / "a")
+    assert r.returncode == 0, r.stderr
+    out = " ".join(r.stdout.split())  # rich wraps long lines
+    assert "warning: plan rule 'mlp.dwn_proj' matches no nn.Linear layer; closest names: mlp.down_proj" in out
+    assert_one_line_error(lowbit("quantize", "--model", tiny_lm_dir, "--plan", plan, "--strict", "-o", tmp_path / "b"),
+                          "matches no nn.Linear layer", "--strict")
+    assert not (tmp_path / "b").exists()

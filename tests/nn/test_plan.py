@@ -93,3 +93,11 @@ def test_unreadable_plans(tmp_path):
     (tmp_path / "bad.json").write_text("{rules:")
     with pytest.raises(ValueError, match="not valid JSON"):
         QuantPlan.load(tmp_path / "bad.json")
+
+
+def test_rules_that_match_no_layer_are_named_with_the_closest_names():
+    plan = QuantPlan.from_dict({"rules": [{"pattern": "mlp.dwn", "format": "nf4"}, {"pattern": "*", "format": "int8"}]})
+    names = [n for n, mod in model().named_modules() if isinstance(mod, nn.Linear)]
+    (message,) = plan.unused(names)
+    assert message.startswith("plan rule 'mlp.dwn' matches no nn.Linear layer; closest names: ")
+    assert "mlp.down" in message

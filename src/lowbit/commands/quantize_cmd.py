@@ -12,7 +12,7 @@ from ..io.model_io import check_output, local_source, read_meta, save_quantized
 from ..models.loader import CAUSAL_LM
 from ..nn.keep_dtype import parse_keep_dtype
 from ..nn.plan import QuantPlan
-from ..nn.surgery import quantize_model
+from ..nn.surgery import linears, quantize_model
 from ..report.table import layer_notes
 from .common import (
     add_calibrate_arg,
@@ -48,6 +48,8 @@ def add_parser(sub) -> None:
     p.add_argument("--window", type=int, default=DEFAULT_WINDOW, help=f"tokens per window (default {DEFAULT_WINDOW})")
     p.add_argument("--windows", type=int, default=DEFAULT_WINDOWS,
                    help=f"scored windows that calibration skips (default {DEFAULT_WINDOWS}, as `lowbit compare`)")
+    p.add_argument("--strict", action="store_true",
+                   help="with --plan: a rule that matches no layer is an error, not a warning")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="directory to create")
     p.add_argument("--overwrite", action="store_true",
                    help="replace DIR if it is empty or an earlier lowbit output (never anything else)")
@@ -71,6 +73,14 @@ def run(args) -> int:
     con = console()
     model, tokenizer, info = load(args.model, con)
     keep = keep or source_dtype(info.source)
+    if args.plan is not None:
+        unused = config.unused(names[0] for names, _ in linears(model))
+        if unused and args.strict:
+            raise ValueError(f"{unused[0]} (--strict){f'; and {len(unused) - 1} more' if len(unused) > 1 else ''}")
+        for message in unused:
+            con.print(f"warning: {message}", style="yellow")
+    elif args.strict:
+        raise ValueError("--strict checks a --plan's rules; there is no --plan")
     importance, seconds = None, 0.0
     if config.needs_calibration:
         start = time.perf_counter()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
+from difflib import get_close_matches
 from pathlib import Path
 
 from .config import QuantConfig, matches
@@ -89,6 +90,19 @@ class QuantPlan:
         """The first rule matching any of a layer's names; None when none does (the layer is left alone)."""
         names = list(names)
         return next((r for r in self.rules if any(matches(n, r.pattern) for n in names)), None)
+
+    def unused(self, layer_names: Iterable[str]) -> list[str]:
+        """A message per rule that matches none of ``layer_names``, with the closest names: a typo in a
+        pattern would otherwise quietly leave layers in another format (or none)."""
+        names = list(layer_names)
+        tails = sorted({".".join(n.split(".")[i:]) for n in names for i in range(len(n.split(".")))})
+        out = []
+        for rule in self.rules:
+            if not any(matches(n, rule.pattern) for n in names):
+                close = get_close_matches(rule.pattern, tails, n=3, cutoff=0.5)
+                hint = f"; closest names: {', '.join(close)}" if close else f"; layers are named like {names[0]}"
+                out.append(f"plan rule {rule.pattern!r} matches no nn.Linear layer{hint if names else ''}")
+        return out
 
     @property
     def configs(self) -> list[QuantConfig]:

@@ -157,7 +157,7 @@ def plan_layers(model: nn.Module, plan: QuantPlan) -> list[tuple[list[str], nn.L
                 checked[key] = e
         return checked[key]
 
-    for names, linear in _linears(model):
+    for names, linear in linears(model):
         rule = plan.rule_for(names)
         if rule is None or rule.config is None:
             continue
@@ -172,7 +172,7 @@ def plan_layers(model: nn.Module, plan: QuantPlan) -> list[tuple[list[str], nn.L
         if _single(plan):
             c = plan.rules[-1].config
             raise ValueError(f"no nn.Linear layer matched include={c.include} exclude={c.exclude}")
-        some = ", ".join(names[0] for names, _ in _linears(model)[:3])
+        some = ", ".join(names[0] for names, _ in linears(model)[:3])
         raise ValueError(f"the plan quantizes no nn.Linear layer (its patterns: "
                          f"{', '.join(r.pattern for r in plan.rules)}); layers are named like {some}")
     return chosen
@@ -180,10 +180,10 @@ def plan_layers(model: nn.Module, plan: QuantPlan) -> list[tuple[list[str], nn.L
 
 def select_linears(model: nn.Module, config: QuantConfig) -> list[tuple[list[str], nn.Linear]]:
     """The layers ``config`` selects, each once, with every name it is reachable under."""
-    return [(names, m) for names, m in _linears(model) if any(config.selects(n) for n in names)]
+    return [(names, m) for names, m in linears(model) if any(config.selects(n) for n in names)]
 
 
-def _linears(model: nn.Module) -> list[tuple[list[str], nn.Linear]]:
+def linears(model: nn.Module) -> list[tuple[list[str], nn.Linear]]:
     """Every swappable nn.Linear, each once, with every name it is reachable under."""
     by_id: dict[int, tuple[list[str], nn.Linear]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
