@@ -55,7 +55,7 @@ def test_every_label_round_trips(name):
         ("+dq", r"'\+dq' names no format: write FORMAT\+dq, e\.g\. nf4\+dq"),
         ("/64", "names no format before the '/'"),
         ("nf4+DQ", r"unknown suffix '\+DQ'.*lower case.*did you mean nf4\+dq\?"),
-        ("nf4+double", r"unknown suffix '\+double'; the only suffix is \+dq"),
+        ("nf4+double", r"unknown suffix '\+double'; the suffixes are \+dq"),
         ("nf4+", r"nothing after '\+'"),
         ("nf4+dq+dq", r"\+dq given more than once"),
         ("nf4+dq/64", r"the block size goes before \+dq, e\.g\. nf4/128\+dq"),

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from ..checks import check_block_size
-from ..formats.registry import get_format
+from ..formats.registry import GridCodec, codec_for, get_format
 from ..formats.spec import DQ_SUFFIX, FormatSpec, fixed_block_message, no_double_quant_message
 from ..pipeline import SEARCHES, check_search, needs_calibration
 
@@ -30,6 +30,7 @@ class QuantConfig:
     exclude: tuple[str, ...] = ("lm_head",)
     dequantized_weights: bool = False
     search: str | None = None  # scale search (lowbit.pipeline.SEARCHES); None: the format's own rule
+    method: str | None = None  # "gptq" (lowbit.nn.gptq); None: each weight rounded on its own
 
     def __post_init__(self):
         # Settings wrong for every layer fail here, before any layer is touched, rather
@@ -45,6 +46,15 @@ class QuantConfig:
             raise ValueError(no_double_quant_message(spec))
         if self.search is not None:
             object.__setattr__(self, "search", check_search(spec, self.search))
+        if self.method is not None:
+            if self.method not in METHODS:
+                raise ValueError(f"unknown method {self.method!r}: the one method is gptq (GPTQ, arXiv 2210.17323)")
+            if not issubclass(codec_for(spec), GridCodec):
+                raise ValueError(f"GPTQ needs a format whose elements are levels on a grid; {spec.name} is a GGUF "
+                                 "block format: try int4, int4_asym, nf4 or fp4_e2m1")
+            if self.double_quant:
+                raise ValueError("GPTQ with +dq is not built yet: its scales would have to be compressed as each "
+                                 "block is reached; use FORMAT+gptq without +dq")
         for key in ("include", "exclude"):
             value = getattr(self, key)
             # a bare string would otherwise be read as one pattern per character
@@ -57,12 +67,13 @@ class QuantConfig:
         spec = get_format(self.format)
         block = "" if self.block_size in (None, spec.default_block_size) else f"/{self.block_size}"
         search = f"@{self.search}" if self.search else ""
-        return f"{spec.name}{block}{DQ_SUFFIX if self.double_quant else ''}{search}"
+        method = f"+{self.method}" if self.method else ""
+        return f"{spec.name}{block}{DQ_SUFFIX if self.double_quant else ''}{method}{search}"
 
     @property
     def needs_calibration(self) -> bool:
-        """Whether quantizing needs calibration activations (an activation-weighted search)."""
-        return needs_calibration(self.search)
+        """Whether quantizing needs calibration activations (an activation-weighted search, or GPTQ)."""
+        return needs_calibration(self.search) or self.method is not None
 
     @classmethod
     def parse(cls, label: str, **kwargs) -> QuantConfig:
@@ -79,6 +90,10 @@ class QuantConfig:
             raise ValueError(f"{label!r}: the scale search goes last and once, e.g. nf4/64+dq@mse; "
                              f"searches: {', '.join(SEARCHES)}")
         head, *suffixes = text.split("+")
+        methods = [s for s in suffixes if s in METHODS]
+        if len(methods) > 1:
+            raise ValueError(f"{label!r}: +{methods[0]} given more than once")
+        suffixes = [s for s in suffixes if s not in METHODS]
         for suffix in suffixes:
             if "/" in suffix:
                 raise ValueError(f"{label!r}: the block size goes before {DQ_SUFFIX}, e.g. nf4/128{DQ_SUFFIX}")
@@ -86,8 +101,8 @@ class QuantConfig:
                 raise ValueError(f"{label!r}: nothing after '+'; the only suffix is {DQ_SUFFIX}, e.g. nf4{DQ_SUFFIX}")
             if f"+{suffix}" != DQ_SUFFIX:
                 hint = f"; did you mean {head}{DQ_SUFFIX}?" if suffix.lower() == DQ_SUFFIX[1:] else ""
-                raise ValueError(f"{label!r}: unknown suffix {'+' + suffix!r}; the only suffix is {DQ_SUFFIX} "
-                                 f"(double quantization, lower case){hint}")
+                raise ValueError(f"{label!r}: unknown suffix {'+' + suffix!r}; the suffixes are {DQ_SUFFIX} "
+                                 f"(double quantization) and +gptq (GPTQ), lower case{hint}")
         if len(suffixes) > 1:
             raise ValueError(f"{label!r}: {DQ_SUFFIX} given more than once")
         name, slash, block = head.partition("/")
@@ -96,14 +111,16 @@ class QuantConfig:
                 raise ValueError(f"{label!r} names no format before the '/': expected {LABEL_SYNTAX}")
             raise ValueError(f"{label!r} names no format: write FORMAT{DQ_SUFFIX}, e.g. nf4{DQ_SUFFIX}")
         return cls(format=name, block_size=_parse_block(label, block) if slash else None,
-                   double_quant=bool(suffixes), search=search.strip() if at else None, **kwargs)
+                   double_quant=bool(suffixes), search=search.strip() if at else None,
+                   **({"method": methods[0]} if methods else {}), **kwargs)
 
     def selects(self, name: str) -> bool:
         included = not self.include or any(matches(name, p) for p in self.include)
         return included and not any(matches(name, p) for p in self.exclude)
 
 
-LABEL_SYNTAX = ("FORMAT[/BLOCK][+dq][@SEARCH], e.g. nf4, int4/128, nf4/64+dq, int4_asym/64@hqq "
+METHODS = ("gptq",)  # rounding methods beyond round-to-nearest (lowbit.nn.gptq)
+LABEL_SYNTAX = ("FORMAT[/BLOCK][+dq][+gptq][@SEARCH], e.g. nf4, int4/128, nf4/64+dq, int4+gptq, int4_asym/64@hqq "
                 "(`lowbit formats` lists the formats)")
 
 

@@ -12,8 +12,10 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from ..errors import LayerQuantizeError
 from ..formats.registry import get_format
+from ..pipeline import needs_calibration
 from ..progress import progress_bar
 from ..quantize import quantize
+from ..tensor import QuantizedTensor
 from .config import LABEL_SYNTAX, QuantConfig, matches  # noqa: F401  (re-exported: lowbit.nn.surgery.QuantConfig)
 from .hf_quantizer import refuse_save_pretrained
 from .linear import QuantLinear
@@ -62,7 +64,8 @@ class QuantizeReport:
 
 
 def quantize_model(model: nn.Module, config: QuantConfig | QuantPlan | str, *, progress: bool = True,
-                   importance: dict[str, torch.Tensor] | None = None) -> QuantizeReport:
+                   importance: dict[str, torch.Tensor] | None = None,
+                   prequantized: dict[str, QuantizedTensor] | None = None) -> QuantizeReport:
     """Replace the selected ``nn.Linear`` layers of ``model`` by ``QuantLinear``, in place.
 
     ``config``: one ``QuantConfig`` for every selected layer, a label (``QuantConfig.parse``: ``"nf4"``,
@@ -71,13 +74,19 @@ def quantize_model(model: nn.Module, config: QuantConfig | QuantPlan | str, *, p
     its format (``LayerQuantizeError``, naming it) leaves the model untouched.
     ``importance``: layer name -> ``(in_features,)`` mean squared input activation
     (``lowbit.eval.calibration``), which an activation-weighted search (``@amse``) needs.
+    ``prequantized``: layer name -> its weight already quantized, for the layers whose config has a method
+    (``+gptq``: ``lowbit.nn.gptq_model.gptq_weights``, which needs the whole model's calibration pass).
     """
     plan = as_plan(config)
     start = time.perf_counter()
     before = model_weight_bytes(model)
     targets = plan_layers(model, plan)
-    missing = [names[0] for names, _, c, _ in targets
-               if c.needs_calibration and not any(n in (importance or {}) for n in names)]
+    unmade = [names[0] for names, _, c, _ in targets if c.method and names[0] not in (prequantized or {})]
+    if unmade:
+        raise ValueError(f"{unmade[0]} is to be quantized by {plan.rule_for([unmade[0]]).config.method}, which "
+                         "needs the whole model's calibration pass: pass prequantized= (lowbit.nn.gptq_model)")
+    missing = [names[0] for names, _, c, _ in targets if needs_calibration(c.search) and not c.method
+               and not any(n in (importance or {}) for n in names)]
     if missing:
         search = next(c.search for names, _, c, _ in targets if names[0] == missing[0])
         raise ValueError(f"@{search} needs calibration activations for every layer it quantizes; none for "
@@ -88,8 +97,11 @@ def quantize_model(model: nn.Module, config: QuantConfig | QuantPlan | str, *, p
     with progress_bar(len(targets), f"quantizing to {what}", enabled=progress) as advance:
         for names, linear, layer_config, _ in targets:
             weights = next((importance[n] for n in names if n in (importance or {})), None)
-            qweight = _quantize_layer(names[0], linear.weight.detach(), layer_config,
-                                      importance=weights if layer_config.needs_calibration else None)
+            if layer_config.method:
+                qweight = prequantized[names[0]]
+            else:
+                qweight = _quantize_layer(names[0], linear.weight.detach(), layer_config,
+                                          importance=weights if layer_config.needs_calibration else None)
             replacements.append((names, QuantLinear.from_linear(linear, qweight), layer_config))
             advance()
 
