@@ -19,17 +19,19 @@ from torch import nn
 
 from . import __version__
 from .errors import ModelLoadError
-from .eval.calibration import DEFAULT_CALIBRATE, calibrate
+from .eval.calibration import DEFAULT_CALIBRATE, calibrate, calibration_batches
 from .eval.causal import score_causal
 from .eval.encoder import encoder_reference, score_encoder
 from .eval.protocol import DEFAULT_WINDOW, read_text, token_windows
 from .eval.reference import causal_reference
 from .io.model_io import load_quantized
 from .models.loader import CAUSAL_LM, ModelInfo, load_model
+from .nn.gptq_model import GPTQ_CALIBRATE, gptq_weights
 from .nn.keep_dtype import dtype_name, round_state
 from .nn.linear import QuantLinear
 from .nn.plan import QuantPlan
 from .nn.surgery import QuantConfig, as_plan, check_config, model_weight_bytes, plan_layers, quantize_model
+from .pipeline import needs_calibration
 from .progress import note
 
 DEFAULT_FORMATS = ("int8", "q8_0", "nf4", "nf4+dq", "bnb_fp4", "fp4_e2m1", "int4/64", "q4_0", "mxfp4", "nvfp4")
@@ -99,10 +101,12 @@ def compare(model: nn.Module, tokenizer, info: ModelInfo, configs: list[QuantCon
     evaluation = Evaluation(info, tokenizer, lambda: model, text=text, window=window, windows=windows,
                             **_limits(model), progress=progress)
     report = _report(info, evaluation, model_weight_bytes(model), [])
-    importance, calibration_seconds = None, 0.0
-    if any(c.needs_calibration for c in configs if c.label not in failed):  # a text too short fails now
+    importance, calibration_seconds, gptq_inputs = None, 0.0, None
+    if any(c.method for c in configs if c.label not in failed):  # a text too short fails now
+        gptq_inputs = gptq_batches(tokenizer, info, evaluation, text=text, window=window, count=calibrate)
+    if any(needs_calibration(c.search) for c in configs if c.label not in failed):
         start = time.perf_counter()
-        wanted = [c for c in configs if c.needs_calibration and c.label not in failed]
+        wanted = [c for c in configs if needs_calibration(c.search) and c.label not in failed]
         importance = calibration_for(model, tokenizer, info, evaluation, text=text, window=window,
                                      count=calibrate, progress=progress, layers=calibrated_layers(model, wanted))
         calibration_seconds = time.perf_counter() - start
@@ -120,13 +124,17 @@ def compare(model: nn.Module, tokenizer, info: ModelInfo, configs: list[QuantCon
             continue
         quantized = copy.deepcopy(model)
         try:
-            qreport = quantize_model(quantized, config, progress=progress,
-                                     importance=importance if config.needs_calibration else None)
+            start = time.perf_counter()
+            prequantized = gptq_prequantized(model, config, gptq_inputs, progress) if config.method else None
+            gptq_seconds = time.perf_counter() - start
+            qreport = quantize_model(quantized, config, progress=progress, prequantized=prequantized,
+                                     importance=importance if needs_calibration(config.search) else None)
         except ValueError as e:  # e.g. a value the format cannot hold (LayerQuantizeError names the layer)
             _add(report, {"format": config.label, "error": str(e)}, on_result, progress)
             continue
         saved = round_state(quantized, keep) if keep is not None else 0
-        seconds = qreport.seconds + (calibration_seconds if config.needs_calibration else 0.0)
+        seconds = qreport.seconds + (calibration_seconds if needs_calibration(config.search) else 0.0)
+        seconds += gptq_seconds
         _add(report, _score(evaluation, quantized, config.label, config.double_quant, qreport.bits_per_weight,
                             seconds, saved, layers=(qreport.format_counts, dict(qreport.fallbacks))),
              on_result, progress)
@@ -143,13 +151,27 @@ def calibration_for(model: nn.Module, tokenizer, info: ModelInfo, evaluation: Ev
                      count=count or DEFAULT_CALIBRATE, progress=progress, layers=layers)
 
 
+def gptq_batches(tokenizer, info: ModelInfo, evaluation: Evaluation, *, text=None, window: int = DEFAULT_WINDOW,
+                 count: int | None = None) -> list:
+    """The calibration inputs GPTQ runs through the model (default ``GPTQ_CALIBRATE`` windows)."""
+    scored = evaluation.protocol.windows if info.kind == CAUSAL_LM else len(evaluation.texts)
+    return calibration_batches(tokenizer, info.kind, text, window=window, scored=scored,
+                               count=count or GPTQ_CALIBRATE)[0]
+
+
+def gptq_prequantized(model: nn.Module, config, batches, progress: bool = True) -> dict:
+    """``quantize_model``'s ``prequantized`` for the layers ``config`` (or a plan) gives ``+gptq``."""
+    results = gptq_weights(model, as_plan(config), batches, progress=progress)
+    return {name: r.qweight for name, r in results.items()}
+
+
 def calibrated_layers(model: nn.Module, configs: list[QuantConfig | QuantPlan]) -> list[str]:
     """The layers the configs quantize, each by its first name (as ``named_modules()`` gives it):
     only these are calibrated, so an excluded lm_head is never computed over the calibration windows."""
     names = {}
     for config in configs:
         for layer_names, _, layer_config, _ in plan_layers(model, as_plan(config)):
-            if layer_config.needs_calibration:
+            if needs_calibration(layer_config.search):
                 names[layer_names[0]] = None
     return list(names)
 

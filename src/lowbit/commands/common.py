@@ -54,8 +54,8 @@ def check_calibrate_arg(args, configs) -> None:
     if args.calibrate is not None and args.calibrate < 1:
         raise ValueError(f"--calibrate needs at least 1 window, got {args.calibrate}")
     if args.calibrate is not None and not any(c.needs_calibration for c in configs):
-        raise ValueError("--calibrate is for activation-weighted searches, and no format asks for one: "
-                         "add @amse or @ahqq to a format, e.g. nf4@amse")
+        raise ValueError("--calibrate is for activation-weighted searches and GPTQ, and no format asks for one: "
+                         "add @amse or @ahqq to a format, e.g. nf4@amse, or +gptq")
 
 
 def add_selection_args(p) -> None:

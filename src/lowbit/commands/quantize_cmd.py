@@ -5,14 +5,16 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-from ..eval.calibration import DEFAULT_CALIBRATE, calibrate
+from ..eval.calibration import DEFAULT_CALIBRATE, calibrate, calibration_batches
 from ..eval.protocol import DEFAULT_WINDOW, DEFAULT_WINDOWS, paragraphs, read_text
 from ..evaluate import calibrated_layers
 from ..io.model_io import check_output, local_source, read_meta, save_quantized
 from ..models.loader import CAUSAL_LM
+from ..nn.gptq_model import GPTQ_CALIBRATE, gptq_weights
 from ..nn.keep_dtype import parse_keep_dtype
 from ..nn.plan import QuantPlan
-from ..nn.surgery import linears, quantize_model
+from ..nn.surgery import as_plan, linears, quantize_model
+from ..pipeline import needs_calibration
 from ..report.table import layer_notes
 from .common import (
     add_calibrate_arg,
@@ -38,6 +40,8 @@ def add_parser(sub) -> None:
                       help='per-layer rules, first match wins: {"rules": [{"pattern": "lm_head", "keep": true}, '
                            '{"pattern": "*", "format": "q4_k", "fallback": "q8_0"}]} (README: per-layer plans)')
     p.add_argument("--block-size", type=int, help="weights per block (default: the format's); same as FORMAT/BLOCK")
+    p.add_argument("--method", choices=["gptq"],
+                   help="gptq: GPTQ (arXiv 2210.17323) on the calibration windows (default 64); same as FORMAT+gptq")
     p.add_argument("--double-quant", action="store_true", help="compress the per-block scales (bitsandbytes); "
                    "same as FORMAT+dq")
     add_selection_args(p)
@@ -58,12 +62,15 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     if args.plan is not None:
-        if args.block_size is not None or args.double_quant or args.include or args.exclude is not None:
-            raise ValueError("--plan says each layer's format: --block-size, --double-quant, --include and "
-                             "--exclude belong in its rules")
+        if (args.block_size is not None or args.double_quant or args.include or args.exclude is not None
+                or args.method):
+            raise ValueError("--plan says each layer's format: --block-size, --double-quant, --method, --include "
+                             "and --exclude belong in its rules")
         config = QuantPlan.load(args.plan)
     else:
         (config,) = parse_configs([args.format], args, block_size=args.block_size, double_quant=args.double_quant)
+        if args.method:
+            config = replace(config, method=args.method)
     check_calibrate_arg(args, [config])
     keep = parse_keep_dtype(args.keep_dtype) if args.keep_dtype else None
     if config.needs_calibration:
@@ -81,14 +88,22 @@ def run(args) -> int:
             con.print(f"warning: {message}", style="yellow")
     elif args.strict:
         raise ValueError("--strict checks a --plan's rules; there is no --plan")
-    importance, seconds = None, 0.0
-    if config.needs_calibration:
+    importance, seconds, prequantized = None, 0.0, None
+    plan = as_plan(config)
+    scored = scored_count(info.kind, args.text, args.windows) if config.needs_calibration else 0
+    if any(c.method for c in plan.configs):  # a text too short for GPTQ fails before any calibration
+        batches, _ = calibration_batches(tokenizer, info.kind, args.text, window=args.window, scored=scored,
+                                         count=args.calibrate or GPTQ_CALIBRATE)
+    if any(needs_calibration(c.search) for c in plan.configs):
         start = time.perf_counter()
-        importance = calibrate(model, tokenizer, info.kind, args.text, window=args.window,
-                               scored=scored_count(info.kind, args.text, args.windows),
+        importance = calibrate(model, tokenizer, info.kind, args.text, window=args.window, scored=scored,
                                count=args.calibrate or DEFAULT_CALIBRATE, layers=calibrated_layers(model, [config]))
         seconds = time.perf_counter() - start
-    report = quantize_model(model, config, importance=importance)
+    if any(c.method for c in plan.configs):
+        start = time.perf_counter()
+        prequantized = {name: r.qweight for name, r in gptq_weights(model, plan, batches).items()}
+        seconds += time.perf_counter() - start
+    report = quantize_model(model, config, importance=importance, prequantized=prequantized)
     report = replace(report, seconds=report.seconds + seconds)
     save_quantized(model, tokenizer, info, report, config, args.output, overwrite=args.overwrite, keep_dtype=keep)
     after = read_meta(args.output)["quantize"]["model_bytes_after"]  # the unquantized tensors at --keep-dtype

@@ -174,18 +174,21 @@ def calibrate(model: nn.Module, tokenizer, info_kind: str, text=None, *, window:
     ``info_kind``: ``ModelInfo.kind``. ``scored``: how many windows (causal LM) or paragraphs (encoder) the
     protocol scores (``Evaluation.protocol.windows`` or ``len(Evaluation.texts)``); calibration starts after them.
     """
+    batches, label = calibration_batches(tokenizer, info_kind, text, window=window, scored=scored, count=count)
+    return collect_importance(model, batches, layers=layers, progress=progress, label=label)
+
+
+def calibration_batches(tokenizer, info_kind: str, text=None, *, window: int = DEFAULT_WINDOW, scored: int,
+                        count: int = DEFAULT_CALIBRATE) -> tuple[list, str]:
+    """``(batches, what they are)``: the forward inputs of the calibration split (``calibrate``'s docstring)."""
     name, body = read_text(text)
     if info_kind == CAUSAL_LM:
         ids = calibration_windows(tokenizer, body, name, window=window, scored=scored, count=count)
-        batches = list(ids.split(CAUSAL_BATCH))
-        label = f"calibrating on {count} windows after the {scored} scored"
-    elif info_kind == ENCODER:
+        return list(ids.split(CAUSAL_BATCH)), f"calibrating on {count} windows after the {scored} scored"
+    if info_kind == ENCODER:
         texts = calibration_paragraphs(tokenizer, body, name, scored=scored, count=count, window=window)
-        batches = encoder_batches(tokenizer, texts)
-        label = f"calibrating on {len(texts)} paragraphs after the {scored} scored"
-    else:
-        raise ValueError(f"unknown model kind {info_kind!r}: expected {CAUSAL_LM!r} or {ENCODER!r}")
-    return collect_importance(model, batches, layers=layers, progress=progress, label=label)
+        return encoder_batches(tokenizer, texts), f"calibrating on {len(texts)} paragraphs after the {scored} scored"
+    raise ValueError(f"unknown model kind {info_kind!r}: expected {CAUSAL_LM!r} or {ENCODER!r}")
 
 
 def _square_sums(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:

@@ -21,6 +21,11 @@ from .gptq import GPTQResult, gptq_quantize
 from .plan import QuantPlan
 from .surgery import plan_layers
 
+# Calibration windows of 512 tokens GPTQ runs by default: 32,768 tokens. The reference code takes 128 random
+# 2048-token segments of C4 (github.com/IST-DASLab/gptq, datautils.py, nsamples=128); this model's protocol
+# windows are 512 tokens, and the text after the scored windows is what calibration may read.
+GPTQ_CALIBRATE = 64
+
 
 class _Caught(Exception):
     """Raised by the hook on the first block once its inputs are stored: the rest of the forward is not needed."""

@@ -1,0 +1,38 @@
+"""GPTQ through the commands: +gptq / --method gptq, saved, reloaded and scored; compare rows."""
+
+import json
+
+from test_model_cmds import assert_one_line_error, lowbit
+
+from lowbit.io import load_quantized
+
+TINY = ["--window", "64", "--windows", "1"]
+
+
+def test_quantize_method_gptq_saves_reloads_and_scores(tiny_lm_dir, tmp_path):
+    out = tmp_path / "q"
+    r = lowbit("quantize", "--model", tiny_lm_dir, "--format", "int4/32", "--method", "gptq", "--calibrate", "2",
+               *TINY, "-o", out)
+    assert r.returncode == 0, r.stderr
+    model, _, meta = load_quantized(out)
+    assert meta["config"]["label"] == "int4/32+gptq" and meta["plan"]["rules"][-1]["format"] == "int4/32+gptq"
+    r = lowbit("eval", out, *TINY)
+    assert r.returncode == 0, r.stderr
+
+
+def test_compare_gptq_beats_rounding_on_the_tiny_model(tiny_lm_dir, tmp_path):
+    out = tmp_path / "r.json"
+    r = lowbit("compare", "--model", tiny_lm_dir, "--formats", "int3/32,int3/32+gptq", "--calibrate", "4",
+               "--window", "64", "--windows", "4", "--json", out)
+    assert r.returncode == 0, r.stderr
+    rows = {row["format"]: row for row in json.loads(out.read_text())["results"]}
+    assert rows["int3/32+gptq"]["bits_per_weight"] == rows["int3/32"]["bits_per_weight"]
+    assert rows["int3/32+gptq"]["kl_mean"] < rows["int3/32"]["kl_mean"]
+
+
+def test_gptq_refusals(tiny_lm_dir, tmp_path):
+    assert_one_line_error(lowbit("quantize", "--model", tiny_lm_dir, "--format", "q4_0+gptq", "-o", tmp_path / "a"),
+                          "levels on a grid")
+    assert_one_line_error(lowbit("quantize", "--model", tiny_lm_dir, "--format", "nf4+dq", "--method", "gptq",
+                                 "-o", tmp_path / "b"), "+dq")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
