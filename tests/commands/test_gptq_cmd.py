@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from test_model_cmds import assert_one_line_error, lowbit
 
 from lowbit.io import load_quantized
@@ -20,6 +21,7 @@ def test_quantize_method_gptq_saves_reloads_and_scores(tiny_lm_dir, tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.slow  # two rows scored by a subprocess: ~45 s
 def test_compare_gptq_beats_rounding_on_the_tiny_model(tiny_lm_dir, tmp_path):
     out = tmp_path / "r.json"
     r = lowbit("compare", "--model", tiny_lm_dir, "--formats", "int3/32,int3/32+gptq", "--calibrate", "4",

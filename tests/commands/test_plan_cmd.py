@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from test_model_cmds import assert_one_line_error, lowbit
 
 from lowbit.io import load_quantized
@@ -49,6 +50,7 @@ def test_plan_refusals_are_one_line(tiny_lm_dir, tmp_path):
                                  "-o", tmp_path / "d"), "belong in its rules")
 
 
+@pytest.mark.slow  # two quantize subprocesses: ~55 s
 def test_a_rule_matching_no_layer_warns_or_fails_with_strict(tiny_lm_dir, tmp_path):
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"rules": [{"pattern": "mlp.dwn_proj", "format": "int8"},
