@@ -42,6 +42,12 @@ def gptq_weights(model: nn.Module, plan: QuantPlan, batches: Sequence, *, act_or
     blocks = _blocks(model)
     inputs = _catch_inputs(model, blocks[0], batches)
     results: dict[str, GPTQResult] = {}
+
+    def quantize(name: str, hessian: torch.Tensor) -> GPTQResult:
+        linear, config = targets[name]
+        return gptq_quantize(linear.weight, hessian, config.format, block_size=config.block_size,
+                             search=config.search, act_order=act_order)
+
     names = {id(m): n for n, m in model.named_modules()}
     with progress_bar(len(targets), "GPTQ", enabled=progress) as advance, torch.inference_mode():
         for block in blocks:
@@ -49,10 +55,7 @@ def gptq_weights(model: nn.Module, plan: QuantPlan, batches: Sequence, *, act_or
             hessians = _hessians(mine, lambda block=block, inputs=inputs: [block(*a, **k) for a, k in inputs])
             saved = {}
             for name, linear in mine.items():
-                config = targets[name][1]
-                results[name] = gptq_quantize(linear.weight, hessians[name], config.format,
-                                              block_size=config.block_size, search=config.search,
-                                              act_order=act_order)
+                results[name] = quantize(name, hessians[name])
                 saved[name] = linear.weight.data
                 linear.weight.data = results[name].qweight.dequantize().to(linear.weight.dtype)
                 advance()
@@ -65,11 +68,8 @@ def gptq_weights(model: nn.Module, plan: QuantPlan, batches: Sequence, *, act_or
         rest = {n: targets[n][0] for n in targets if n not in results}
         if rest:  # outside the blocks: their inputs from full forwards (earlier blocks' weights unchanged)
             hessians = _hessians(rest, lambda: [_call(model, b) for b in batches])
-            for name, linear in rest.items():
-                config = targets[name][1]
-                results[name] = gptq_quantize(linear.weight, hessians[name], config.format,
-                                              block_size=config.block_size, search=config.search,
-                                              act_order=act_order)
+            for name in rest:
+                results[name] = quantize(name, hessians[name])
                 advance()
     return results
 
