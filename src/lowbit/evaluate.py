@@ -99,7 +99,7 @@ def compare(model: nn.Module, tokenizer, info: ModelInfo, configs: list[QuantCon
         raise ValueError(next(iter(failed.values())) if len(failed) == 1 else
                          f"no format can be applied to this model: {'; '.join(failed.values())}")
     evaluation = Evaluation(info, tokenizer, lambda: model, text=text, window=window, windows=windows,
-                            **_limits(model), progress=progress)
+                            **model_limits(model), progress=progress)
     report = _report(info, evaluation, model_weight_bytes(model), [])
     importance, calibration_seconds, gptq_inputs = None, 0.0, None
     if any(c.method for c in configs if c.label not in failed):  # a text too short fails now
@@ -187,7 +187,7 @@ def _add(report: dict, result: dict, on_result: Callable[[dict], None] | None, p
         on_result(report)
 
 
-def _limits(model: nn.Module) -> dict:
+def model_limits(model: nn.Module) -> dict:
     """``context`` and ``vocab_size`` for ``Evaluation``, from the model's config where it has one."""
     config = getattr(model, "config", None)
     return {key: getattr(config, attr, None) for key, attr in
@@ -212,7 +212,7 @@ def evaluate_saved(directory, *, text=None, window: int = DEFAULT_WINDOW, window
         return reference
 
     evaluation = Evaluation(info, tokenizer, original, text=text, window=window, windows=windows,
-                            **_limits(model), progress=progress)
+                            **model_limits(model), progress=progress)
     config, stored = meta["config"], meta["quantize"]
     labels = Counter(layer.get("label", layer["format"]) for layer in meta["layers"].values())
     fallbacks = {name: layer["fallback_from"] for name, layer in meta["layers"].items() if "fallback_from" in layer}

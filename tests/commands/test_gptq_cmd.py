@@ -35,6 +35,6 @@ def test_compare_gptq_beats_rounding_on_the_tiny_model(tiny_lm_dir, tmp_path):
 def test_gptq_refusals(tiny_lm_dir, tmp_path):
     assert_one_line_error(lowbit("quantize", "--model", tiny_lm_dir, "--format", "q4_0+gptq", "-o", tmp_path / "a"),
                           "levels on a grid")
-    assert_one_line_error(lowbit("quantize", "--model", tiny_lm_dir, "--format", "nf4+dq", "--method", "gptq",
-                                 "-o", tmp_path / "b"), "+dq")
+    assert_one_line_error(lowbit("quantize", "--model", tiny_lm_dir, "--format", "int4_asym+dq", "--method", "gptq",
+                                 "-o", tmp_path / "b"), "double")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -6,13 +6,15 @@ import torch
 import lowbit
 from lowbit.formats.registry import codec_for
 from lowbit.nn.gptq import gptq_quantize
+from lowbit.scaling import double_quant
 
 FORMATS = ["int4", "int3", "int4_asym", "nf4", "fp4_e2m1"]
 
 
-def algorithm_1(W, H, fmt, block, act_order=False):
+def algorithm_1(W, H, fmt, block, act_order=False, dq=False):
     """arXiv 2210.17323 Algorithm 1, one column at a time in float64, with the format's per-block scales
-    (chosen when a block's first column is reached, or all up front from W with act-order) as the quantizer."""
+    (chosen when a block's first column is reached, or all up front from W with act-order or double
+    quantization, then compressed and decompressed bitsandbytes-style) as the quantizer."""
     spec = lowbit.get_format(fmt)
     codec = codec_for(spec)
     W, H = W.double().clone(), H.double().clone()
@@ -20,9 +22,13 @@ def algorithm_1(W, H, fmt, block, act_order=False):
     tensor_parts = codec.tensor_parts(spec, W.reshape(-1).float(), block)
     order = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else torch.arange(in_f)
     scales = {}
-    if act_order:
+    if act_order or dq:
         for g in range(in_f // block):
             scales[g] = codec.choose_scales(spec, W[:, g * block:(g + 1) * block].float().contiguous(), tensor_parts)
+    if dq:  # the stored order of blocks is row-major: block g of row r is flat block r * groups + g
+        flat = torch.stack([scales[g]["scales"] for g in range(in_f // block)], dim=1).reshape(-1)
+        kept = double_quant.decompress(double_quant.compress(flat)).view(out_f, -1)
+        scales = {g: {"scales": kept[:, g]} for g in scales}
     H = H[order][:, order] + 0.01 * torch.diagonal(H).mean() * torch.eye(in_f, dtype=torch.float64)
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     W = W[:, order]
@@ -56,6 +62,19 @@ def test_batched_equals_the_papers_algorithm(fmt, act_order):
     expected = algorithm_1(W, H, fmt, 32, act_order)
     assert torch.equal(result.qweight.dequantize(), expected)
     assert not result.damp_raised
+
+
+@pytest.mark.parametrize("fmt", ["int4", "nf4"])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_double_quantized_scales_are_the_ones_rounded_against_and_stored(fmt, act_order):
+    W, H, _ = problem(out_f=40, in_f=96)  # 120 blocks of 32: the 256-scale groups of +dq span rows
+    result = gptq_quantize(W, H, fmt, block_size=32, act_order=act_order, double_quant=True, lazy=64)
+    assert torch.equal(result.qweight.dequantize(), algorithm_1(W, H, fmt, 32, act_order, dq=True))
+    q = result.qweight
+    plain = lowbit.quantize(W, fmt, block_size=32, double_quant=True)
+    assert q.double_quant and list(q.parts) == list(plain.parts) and q.nbytes == plain.nbytes
+    with pytest.raises(ValueError, match="double"):
+        gptq_quantize(W, H, "int4_asym", block_size=32, double_quant=True)
 
 
 # int4 in the default run; the others (~8 s each on a real 576-column layer) with -m slow

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import replace
 
 from ..eval.calibration import DEFAULT_CALIBRATE, calibrate, calibration_batches
 from ..eval.protocol import DEFAULT_WINDOW, DEFAULT_WINDOWS, paragraphs, read_text
-from ..evaluate import calibrated_layers
+from ..evaluate import Evaluation, calibrated_layers, materialize, model_limits
 from ..io.model_io import check_output, local_source, read_meta, save_quantized
 from ..models.loader import CAUSAL_LM
+from ..nn.budget import plan_for_budget
+from ..nn.config import QuantConfig
 from ..nn.gptq_model import GPTQ_CALIBRATE, gptq_weights
 from ..nn.keep_dtype import parse_keep_dtype
 from ..nn.plan import QuantPlan
+from ..nn.sensitivity import DEFAULT_CANDIDATES, SENSITIVITY_CALIBRATE, Sensitivity, measure_sensitivity
 from ..nn.surgery import as_plan, linears, quantize_model
 from ..pipeline import needs_calibration
+from ..report.layers import budget_table
 from ..report.table import layer_notes
 from .common import (
     add_calibrate_arg,
@@ -39,6 +44,14 @@ def add_parser(sub) -> None:
     what.add_argument("--plan", metavar="PLAN.json",
                       help='per-layer rules, first match wins: {"rules": [{"pattern": "lm_head", "keep": true}, '
                            '{"pattern": "*", "format": "q4_k", "fallback": "q8_0"}]} (README: per-layer plans)')
+    what.add_argument("--budget", type=float, metavar="BITS",
+                      help="mixed precision: a format per layer from --candidates minimizing the predicted KL at no "
+                           "more than BITS bits per weight (stored bytes); the result is scored after")
+    p.add_argument("--candidates", metavar="LABELS", default=",".join(DEFAULT_CANDIDATES),
+                   help="with --budget: the formats a layer may take (default: %(default)s)")
+    p.add_argument("--sensitivity", metavar="FILE.json",
+                   help="with --budget: a table from `lowbit sensitivity --json` instead of measuring one "
+                        f"({SENSITIVITY_CALIBRATE} calibration windows, KL of each layer's median candidate)")
     p.add_argument("--block-size", type=int, help="weights per block (default: the format's); same as FORMAT/BLOCK")
     p.add_argument("--method", choices=["gptq"],
                    help="gptq: GPTQ (arXiv 2210.17323) on the calibration windows (default 64); same as FORMAT+gptq")
@@ -61,6 +74,14 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    if args.budget is None and (args.sensitivity or args.candidates != ",".join(DEFAULT_CANDIDATES)):
+        raise ValueError("--candidates and --sensitivity choose formats under a --budget; there is no --budget")
+    if args.budget is not None:
+        if args.block_size is not None or args.double_quant or args.method or args.include:
+            raise ValueError("--budget picks each layer's format from --candidates: --block-size, --double-quant "
+                             "and --method belong in the candidate labels (e.g. int4/32+gptq); --include does not "
+                             "apply, --exclude does")
+        return run_budget(args)
     if args.plan is not None:
         if (args.block_size is not None or args.double_quant or args.include or args.exclude is not None
                 or args.method):
@@ -88,9 +109,63 @@ def run(args) -> int:
             con.print(f"warning: {message}", style="yellow")
     elif args.strict:
         raise ValueError("--strict checks a --plan's rules; there is no --plan")
+    scored = scored_count(info.kind, args.text, args.windows) if config.needs_calibration else 0
+    report = quantize_with(model, tokenizer, info, config, args, scored)
+    save_quantized(model, tokenizer, info, report, config, args.output, overwrite=args.overwrite, keep_dtype=keep)
+    after = read_meta(args.output)["quantize"]["model_bytes_after"]  # the unquantized tensors at --keep-dtype
+    row = {"format": config.label, "layer_formats": report.format_counts, "fallbacks": dict(report.fallbacks)}
+    for line in layer_notes({"results": [row]}):
+        con.print(line)
+    con.print(
+        f"{config.label}: {len(report.layers)} layers, {report.bits_per_weight:.3f} bits/weight; model "
+        f"{report.model_bytes_before / 1e6:.1f} MB -> {after / 1e6:.1f} MB "
+        f"in {report.seconds:.1f} s; wrote {args.output}"
+    )
+    return 0
+
+
+def run_budget(args) -> int:
+    """``--budget``: measure (or read) the sensitivity table, choose the plan, quantize, save, score."""
+    candidates = [label for label in args.candidates.split(",") if label.strip()]
+    for label in candidates:
+        QuantConfig.parse(label)  # a bad label fails before the model loads
+    if not (args.budget > 0 and math.isfinite(args.budget)):
+        raise ValueError(f"--budget is a positive number of bits per weight, got {args.budget}")
+    table = Sensitivity.load(args.sensitivity) if args.sensitivity else None
+    check_protocol_args(args)
+    check_output(args.output, overwrite=args.overwrite, source=local_source(args.model))
+    con = console()
+    model, tokenizer, info = load(args.model, con)
+    keep = parse_keep_dtype(args.keep_dtype) if args.keep_dtype else source_dtype(info.source)
+    if info.kind != CAUSAL_LM:
+        raise ValueError(f"--budget weighs formats by KL of next-token distributions; {info.name} is an encoder")
+    scored = scored_count(info.kind, args.text, args.windows)
+    evaluation = Evaluation(info, tokenizer, lambda: model, text=args.text, window=args.window,
+                            windows=args.windows, **model_limits(model))  # the reference, before any layer changes
+    if table is None:
+        batches, _ = calibration_batches(tokenizer, info.kind, args.text, window=args.window, scored=scored,
+                                         count=SENSITIVITY_CALIBRATE)
+        exclude = tuple(args.exclude) if args.exclude is not None else ("lm_head",)
+        table = measure_sensitivity(model, candidates, batches, exclude=exclude)
+    else:
+        check_table(table, info, model, args.sensitivity)
+    chosen = plan_for_budget(model, args.budget, candidates=candidates, sensitivity=table)
+    con.print(budget_table(chosen))
+    plan = chosen.plan
+    report = quantize_with(model, tokenizer, info, plan, args, scored)
+    save_quantized(model, tokenizer, info, report, plan, args.output, overwrite=args.overwrite, keep_dtype=keep)
+    con.print(f"{plan.label}: {len(report.layers)} layers, {report.bits_per_weight:.4f} bits/weight "
+              f"(budget {args.budget:g}) in {report.seconds:.1f} s; wrote {args.output}")
+    scores = evaluation.score(materialize(model), label="scoring the plan")
+    con.print(f"KL mean {scores['kl_mean']:.5f} measured on the {evaluation.protocol.windows} scored windows; "
+              f"{chosen.predicted_kl:.5f} predicted (the layers' KL added up); same top-1 {scores['top1']:.2%}")
+    return 0
+
+
+def quantize_with(model, tokenizer, info, config, args, scored: int):
+    """``quantize_model`` with what ``config`` needs first: calibration importance (@amse), GPTQ weights."""
     importance, seconds, prequantized = None, 0.0, None
     plan = as_plan(config)
-    scored = scored_count(info.kind, args.text, args.windows) if config.needs_calibration else 0
     if any(c.method for c in plan.configs):  # a text too short for GPTQ fails before any calibration
         batches, _ = calibration_batches(tokenizer, info.kind, args.text, window=args.window, scored=scored,
                                          count=args.calibrate or GPTQ_CALIBRATE)
@@ -105,17 +180,19 @@ def run(args) -> int:
         seconds += time.perf_counter() - start
     report = quantize_model(model, config, importance=importance, prequantized=prequantized)
     report = replace(report, seconds=report.seconds + seconds)
-    save_quantized(model, tokenizer, info, report, config, args.output, overwrite=args.overwrite, keep_dtype=keep)
-    after = read_meta(args.output)["quantize"]["model_bytes_after"]  # the unquantized tensors at --keep-dtype
-    row = {"format": config.label, "layer_formats": report.format_counts, "fallbacks": dict(report.fallbacks)}
-    for line in layer_notes({"results": [row]}):
-        con.print(line)
-    con.print(
-        f"{config.label}: {len(report.layers)} layers, {report.bits_per_weight:.3f} bits/weight; model "
-        f"{report.model_bytes_before / 1e6:.1f} MB -> {after / 1e6:.1f} MB "
-        f"in {report.seconds:.1f} s; wrote {args.output}"
-    )
-    return 0
+    return report
+
+
+def check_table(table: Sensitivity, info, model, path: str) -> None:
+    """A table read with --sensitivity must be this model's: same file, every layer present."""
+    made_on = table.model.get("file_hash")
+    if made_on and made_on != info.file_hash:
+        raise ValueError(f"{path} was measured on another model ({table.model.get('name')}, sha256 "
+                         f"{made_on[:12]}...), not {info.name}")
+    names = {n for names, _ in linears(model) for n in names}
+    missing = [n for n in table.numel if n not in names]
+    if missing:
+        raise ValueError(f"{path} names layer {missing[0]}, which {info.name} does not have")
 
 
 def scored_count(kind: str, text: str | None, windows: int) -> int:

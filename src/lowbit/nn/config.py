@@ -52,9 +52,6 @@ class QuantConfig:
             if not issubclass(codec_for(spec), GridCodec):
                 raise ValueError(f"GPTQ needs a format whose elements are levels on a grid; {spec.name} is a GGUF "
                                  "block format: try int4, int4_asym, nf4 or fp4_e2m1")
-            if self.double_quant:
-                raise ValueError("GPTQ with +dq is not built yet: its scales would have to be compressed as each "
-                                 "block is reached; use FORMAT+gptq without +dq")
         for key in ("include", "exclude"):
             value = getattr(self, key)
             # a bare string would otherwise be read as one pattern per character

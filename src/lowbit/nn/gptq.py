@@ -17,6 +17,9 @@ For ``y = x @ W.T`` and calibration inputs ``X`` the output error ``||X W.T - X 
   still covers ``block`` consecutive input columns of a row and the stored layout is the format's own.
   Without act-order a block's scales are chosen when its first column is reached, from the weights as the
   earlier columns' errors left them (the reference code's ``groupsize``).
+- double quantization (``double_quant=True``): the scales are compressed in groups of 256 blocks across rows, so
+  they too are chosen up front from the original weights, compressed, and the decompressed scales (what
+  ``dequantize`` will multiply by) are the ones GPTQ rounds against.
 
 Blocks are the format's, laid along each row (``in_features`` must be a multiple of the block), scales chosen
 by the format's rule or a scale search (``lowbit.pipeline``); with ``@amse`` / ``@ahqq`` each input column's
@@ -30,8 +33,10 @@ from dataclasses import dataclass
 import torch
 
 from ..formats.registry import GridCodec, codec_for, get_format
+from ..formats.spec import no_double_quant_message
 from ..pipeline import WEIGHTED, check_search, searched_scales
 from ..quantize import zero_code
+from ..scaling import double_quant as dq
 from ..scaling.packing import pack_codes
 from ..tensor import QuantizedTensor
 
@@ -48,8 +53,8 @@ class GPTQResult:
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt, *, block_size: int | None = None,
-                  search: str | None = None, act_order: bool = False, percdamp: float = DAMP,
-                  lazy: int = LAZY) -> GPTQResult:
+                  search: str | None = None, act_order: bool = False, double_quant: bool = False,
+                  percdamp: float = DAMP, lazy: int = LAZY) -> GPTQResult:
     """``weight`` (out, in), ``hessian`` (in, in) -> the quantized weight (the format's stored layout)."""
     spec = get_format(fmt)
     codec = codec_for(spec)
@@ -65,6 +70,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt, *, block_siz
                          f"got {tuple(hessian.shape)}")
     if search is not None:
         search = check_search(spec, search)
+    if double_quant and not spec.double_quant:
+        raise ValueError(no_double_quant_message(spec))
     if not torch.isfinite(hessian).all():
         raise ValueError("the Hessian holds NaN or Inf: the calibration activations were not finite")
 
@@ -89,8 +96,14 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt, *, block_siz
         return searched_scales(codec, spec, blocks, tensor_parts, search, w, False)
 
     scales: list[dict | None] = [None] * groups
-    if perm is not None:  # static groups: every block's scales from the original weights
+    compressed = {}
+    if perm is not None or double_quant:  # static groups: every block's scales from the original weights
         scales = [choose(W[:, g * block:(g + 1) * block], g) for g in range(groups)]
+        if double_quant:  # blocks in stored order: row by row, so the 256-scale groups span rows
+            compressed = dq.compress(torch.stack([s["scales"] for s in scales], dim=1).reshape(-1))
+            kept = dq.decompress(compressed).view(out_f, groups)
+            scales = [{**s, "scales": kept[:, g].contiguous()} for g, s in enumerate(scales)]
+    if perm is not None:
         W = W[:, perm]
     columns = perm.tolist() if perm is not None else list(range(in_f))
     codes = torch.empty(out_f, in_f, dtype=torch.uint8)
@@ -115,10 +128,12 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt, *, block_siz
 
     stacked = {k: torch.stack([s[k] for s in scales], dim=1).reshape(out_f * groups, *scales[0][k].shape[1:])
                for k in scales[0]}
+    if compressed:  # stored as lowbit.quantize stores a +dq tensor: its scales replaced by their codes
+        del stacked["scales"]
+        stacked.update(compressed)
     parts = {**tensor_parts, "codes": pack_codes(codes.reshape(-1), spec.bits, pad_code=zero_code(spec)), **stacked}
-    order = [*tensor_parts, "codes", *stacked]
-    qweight = QuantizedTensor(format=spec, shape=weight.shape, dtype=weight.dtype, block_size=block,
-                              parts={k: parts[k] for k in order}, double_quant=False)
+    qweight = QuantizedTensor(format=spec, shape=weight.shape, dtype=weight.dtype, block_size=block, parts=parts,
+                              double_quant=double_quant)
     return GPTQResult(qweight, damp, raised)
 
 

@@ -157,16 +157,10 @@ def plan_layers(model: nn.Module, plan: QuantPlan) -> list[tuple[list[str], nn.L
     """
     chosen, checked = [], {}
 
-    def holds(names, linear, config) -> str | None:
-        # the layout rules (GGUF whole blocks per row, block sizes) depend on the row length only
+    def holds(names, linear, config) -> LayerQuantizeError | None:
         key = (config.label, linear.in_features)
         if key not in checked:
-            try:
-                _quantize_layer(names[0], torch.zeros(1, linear.in_features), replace(config, search=None),
-                                shape=linear.weight.shape)
-                checked[key] = None
-            except LayerQuantizeError as e:
-                checked[key] = e
+            checked[key] = layout_error(names[0], linear, config)
         return checked[key]
 
     for names, linear in linears(model):
@@ -188,6 +182,17 @@ def plan_layers(model: nn.Module, plan: QuantPlan) -> list[tuple[list[str], nn.L
         raise ValueError(f"the plan quantizes no nn.Linear layer (its patterns: "
                          f"{', '.join(r.pattern for r in plan.rules)}); layers are named like {some}")
     return chosen
+
+
+def layout_error(name: str, linear: nn.Linear, config: QuantConfig) -> LayerQuantizeError | None:
+    """Why ``config``'s layout cannot hold the layer's weight (GGUF rows of whole blocks), or None. The layout
+    rules depend on the row length only, so one row of zeros is quantized to find out."""
+    try:
+        _quantize_layer(name, torch.zeros(1, linear.in_features), replace(config, search=None),
+                        shape=linear.weight.shape)
+    except LayerQuantizeError as e:
+        return e
+    return None
 
 
 def select_linears(model: nn.Module, config: QuantConfig) -> list[tuple[list[str], nn.Linear]]:

@@ -1,0 +1,73 @@
+"""`lowbit sensitivity`: what quantizing each layer alone costs in KL, for each candidate format."""
+
+from __future__ import annotations
+
+from ..eval.calibration import calibration_batches
+from ..eval.protocol import DEFAULT_WINDOWS
+from ..io.atomic import write_json
+from ..models.loader import CAUSAL_LM
+from ..nn.config import QuantConfig
+from ..nn.sensitivity import DEFAULT_CANDIDATES, MEASURES, SENSITIVITY_CALIBRATE, measure_sensitivity
+from ..report.layers import sensitivity_table
+from .common import add_model_arg, add_protocol_args, check_protocol_args, console, load
+from .quantize_cmd import scored_count
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("sensitivity", help="measure what quantizing each layer alone costs in KL, per format")
+    add_model_arg(p)
+    add_candidate_args(p)
+    add_protocol_args(p)
+    p.set_defaults(run=run)
+
+
+def add_candidate_args(p, *, formats_flag: str = "--formats") -> None:
+    p.add_argument(formats_flag, dest="candidates", default=",".join(DEFAULT_CANDIDATES), metavar="LABELS",
+                   help="comma-separated candidate formats (FORMAT[/BLOCK][+dq][+gptq][@SEARCH]) "
+                        "(default: %(default)s)")
+    p.add_argument("--calibrate", type=int, default=SENSITIVITY_CALIBRATE, metavar="N",
+                   help="calibration windows each layer is measured on, right after the scored ones "
+                        f"(default {SENSITIVITY_CALIBRATE})")
+    p.add_argument("--measure", choices=MEASURES, default="anchor",
+                   help="anchor: measure one candidate per layer and predict the others from the layer's output "
+                        "error (default); all: measure every candidate (slower by the number of candidates)")
+    p.add_argument("--anchor", metavar="LABEL", help="the candidate measured (default: the median in bits)")
+    p.add_argument("--exclude", action="append", metavar="PATTERN",
+                   help="layers left out (repeatable; default: lm_head; giving --exclude replaces that default)")
+
+
+def candidate_configs(args) -> list:
+    labels = [label for label in args.candidates.split(",") if label.strip()]
+    if not labels:
+        raise ValueError("no candidate format given")
+    if args.calibrate < 1:
+        raise ValueError(f"--calibrate needs at least 1 window, got {args.calibrate}")
+    return list({c.label: c for c in (QuantConfig.parse(label, exclude=()) for label in labels)}.values())
+
+
+def measure(args, model, tokenizer, info, configs):
+    """The sensitivity table of ``model`` on the calibration windows after the ``--windows`` scored ones."""
+    if info.kind != CAUSAL_LM:
+        raise ValueError(f"sensitivity measures KL of next-token distributions; {info.name} is an encoder")
+    batches, _ = calibration_batches(tokenizer, info.kind, args.text, window=args.window,
+                                     scored=scored_count(info.kind, args.text, args.windows or DEFAULT_WINDOWS),
+                                     count=args.calibrate)
+    exclude = tuple(args.exclude) if args.exclude is not None else ("lm_head",)
+    return measure_sensitivity(model, configs, batches, measure=args.measure, anchor=args.anchor, exclude=exclude)
+
+
+def run(args) -> int:
+    configs = candidate_configs(args)
+    check_protocol_args(args)
+    con = console()
+    model, tokenizer, info = load(args.model, con)
+    s = measure(args, model, tokenizer, info, configs)
+    con.print(sensitivity_table(s))
+    measured = sum(c.measured for layer in s.costs.values() for c in layer.values())
+    con.print(f"{len(s.numel)} layers x {len(s.candidates)} candidates: {measured} KL values measured, the rest "
+              f"predicted, in {s.seconds:.0f} s")
+    if args.json:
+        s.model = {"name": info.name, "source": info.source, "file_hash": info.file_hash}
+        write_json(args.json, s.to_dict())
+        con.print(f"wrote {args.json}")
+    return 0
