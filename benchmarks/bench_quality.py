@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/bench_quality.py [--formats nf4,int4_asym/64] [--model minilm] [--windows 16]
                                                  [--text FILE] [--json out.json] [--no-peers]
+                                                 [--budgets 4.5,4.25,3.25] [--candidates LABELS]
+                                                 [--sensitivity FILE]
 
 Protocol: ``lowbit compare``'s (README "Evaluation protocol"): the embedded SmolLM2-135M-Instruct,
 16 windows x 512 tokens of the default text, per-token KL(p_reference || p_quantized) over the full
@@ -33,6 +35,11 @@ group (4 + 32/64 = 4.5). Format-wide constants (bitsandbytes' 16-entry code tabl
 as lowbit does not count its own. A peer's "quantize s" times its quantize call only; lowbit's is
 ``quantize_model``'s time (``lowbit compare``'s column). Unquantized tensors stay fp32 in every row.
 
+Budget rows (causal LMs; ``--budgets ''`` leaves them out): ``lowbit quantize --budget``'s plan for each budget
+over ``--candidates``, chosen from a sensitivity table measured here on the calibration windows (or read from
+``--sensitivity``, a ``lowbit sensitivity --json`` file of the same model), then quantized and scored like any row;
+the row shows the plan's predicted KL too.
+
 The llama.cpp rows are fixed figures, measured separately with llama.cpp's ``perplexity
 --kl-divergence`` on the default protocol (README); they are shown for the embedded SmolLM2 only.
 """
@@ -50,10 +57,13 @@ from rich.table import Table
 
 from lowbit.commands.common import check_protocol_args, load
 from lowbit.commands.common import console as make_console
+from lowbit.eval.calibration import calibration_batches
 from lowbit.eval.protocol import DEFAULT_WINDOW, DEFAULT_WINDOWS
 from lowbit.evaluate import Evaluation, compare
 from lowbit.io.atomic import write_json
 from lowbit.models.loader import CAUSAL_LM
+from lowbit.nn.budget import choose
+from lowbit.nn.sensitivity import Sensitivity, measure_sensitivity
 from lowbit.nn.surgery import QuantConfig, select_linears
 from lowbit.progress import progress_bar
 
@@ -62,6 +72,12 @@ DEFAULT_LOWBIT = ("nf4", "nf4@mse", "nf4@amse", "nf4/32+dq@amse", "nf4/20+dq@ams
                   "int4_asym/64@hqq", "int4_asym/64@ahqq", "qq4", "lloyd4")
 BASELINE = "bitsandbytes nf4/64"
 HQQ, HQQ_LINEAR = "hqq 4-bit/64", "hqq 4-bit/64, HQQLinear default"
+# Issue 9's targets: a plan at each budget (bits per weight), from these candidates (README "Sensitivity and
+# mixed precision under a bits budget").
+DEFAULT_BUDGETS = (4.5, 4.25, 3.25)
+BUDGET_CANDIDATES = ("nf3/64+dq+gptq@amse", "nf4/64+dq+gptq@amse", "nf4/32+dq+gptq@amse", "nf5/64+dq+gptq@amse",
+                     "nf6/64+dq@amse", "int8/64+dq")
+SENSITIVITY_WINDOWS = 2
 # The project's anchors on the default protocol: what the peer rows must reproduce (within ~1%).
 ANCHORS = {
     CAUSAL_LM: {BASELINE: (0.259, 0.737), "gguf q4_0": (0.268, 0.730), HQQ: (0.204, 0.762)},
@@ -70,8 +86,11 @@ ANCHORS = {
 LLAMA_CPP = "(llama.cpp, measured separately, see README)"
 # (row, bits/weight, KL mean, same top-1): llama.cpp perplexity --kl-divergence, default protocol
 LLAMA_CPP_ROWS = (
+    ("Q4_K_M imatrix", 5.53, 0.027, None),
+    ("Q3_K_M imatrix", 4.63, 0.079, None),
     ("IQ4_NL imatrix", 4.50, 0.083, 0.846),
     ("IQ4_XS imatrix", 4.44, 0.084, 0.846),
+    ("Q2_K imatrix", 4.23, 0.276, None),
     ("IQ4_NL", 4.525, 0.179, None),
     ("Q4_0 imatrix", 4.51, 0.157, 0.799),
 )
@@ -200,9 +219,19 @@ def run(args) -> int:
         if args.json:
             write_json(args.json, report)
 
+    budgets = budget_plans(args, model, tokenizer, info, con) if causal else {}
+    configs += [chosen.plan for chosen in budgets.values()]
+    predicted = {chosen.plan.label: chosen.predicted_kl for chosen in budgets.values()}
+
+    def save_named(lowbit_report: dict) -> None:
+        for row in lowbit_report["results"]:
+            if row["format"] in predicted:
+                row["predicted_kl"] = predicted[row["format"]]
+        save(lowbit_report)
+
     # lowbit's rows first: compare computes (or reads) the cached reference, the peers then read it
     if configs:
-        save(compare(model, tokenizer, info, configs, text=args.text, windows=args.windows, on_result=save))
+        save_named(compare(model, tokenizer, info, configs, text=args.text, windows=args.windows, on_result=save_named))
     if not args.no_peers:
         evaluation = Evaluation(info, tokenizer, lambda: model, text=args.text, windows=args.windows,
                                 **limits(model))
@@ -220,6 +249,24 @@ def run(args) -> int:
     if args.json:
         con.print(f"wrote {args.json}")
     return 1 if any("error" in r for r in report["rows"]) else 0
+
+
+def budget_plans(args, model, tokenizer, info, con) -> dict:
+    """``{budget: BudgetPlan}`` from ``--sensitivity`` or a table measured on the calibration windows."""
+    budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+    if not budgets:
+        return {}
+    candidates = [c.strip() for c in args.candidates.split(",") if c.strip()]
+    if args.sensitivity:
+        table = Sensitivity.load(args.sensitivity)
+        if table.model.get("file_hash") not in (None, info.file_hash):
+            raise ValueError(f"{args.sensitivity} was measured on another model than {info.name}")
+    else:
+        scored = args.windows or DEFAULT_WINDOWS
+        batches, _ = calibration_batches(tokenizer, info.kind, args.text, scored=scored, count=SENSITIVITY_WINDOWS)
+        table = measure_sensitivity(model, candidates, batches)
+        con.print(f"sensitivity of {len(table.numel)} layers x {len(candidates)} candidates: {table.seconds:.0f} s")
+    return {b: choose(table, b, candidates) for b in budgets}
 
 
 def baseline_kl(report: dict, causal: bool, default_protocol: bool) -> tuple[float | None, str]:
@@ -251,7 +298,10 @@ def quality_table(report: dict, info, causal: bool, default_protocol: bool) -> T
     for row in [*report["rows"], *fixed]:
         value, is_fixed = row.get(key), any(row is r for r in fixed)
         divisor = fixed_base if is_fixed else base
-        cells = [row["format"] + (" (peer)" if row.get("peer") else ""), _fmt(row.get("bits_per_weight"), ".3f"),
+        name = row["format"] + (" (peer)" if row.get("peer") else "")
+        if "predicted_kl" in row:
+            name += f" (predicted KL {row['predicted_kl']:.4f})"
+        cells = [name, _fmt(row.get("bits_per_weight"), ".3f"),
                  _fmt(value, ".5f")]
         if causal:
             cells.append(_fmt(row.get("top1"), ".2%"))
@@ -298,6 +348,12 @@ def main() -> int:
     ap.add_argument("--text", metavar="FILE", help="UTF-8 text to score on (default: Python's pydoc topics)")
     ap.add_argument("--json", metavar="FILE", help="write every row (peers, lowbit, llama.cpp) as JSON, atomically")
     ap.add_argument("--no-peers", action="store_true", help="score only the lowbit formats")
+    ap.add_argument("--budgets", default=",".join(map(str, DEFAULT_BUDGETS)),
+                    help="bits-per-weight budgets to plan and score ('' for none; default %(default)s)")
+    ap.add_argument("--candidates", default=",".join(BUDGET_CANDIDATES), help="formats the budget plans choose "
+                    "from (default %(default)s)")
+    ap.add_argument("--sensitivity", metavar="FILE", help="a `lowbit sensitivity --json` table of the same model and "
+                    "candidates, instead of measuring one")
     args = ap.parse_args()
     try:
         return run(args)

@@ -74,11 +74,11 @@ class Evaluation:
         return score_encoder(model, self.tokenizer, self.texts, self.embeddings, label=label, progress=self.progress)
 
 
-def compare(model: nn.Module, tokenizer, info: ModelInfo, configs: list[QuantConfig], *, text=None,
+def compare(model: nn.Module, tokenizer, info: ModelInfo, configs: list[QuantConfig | QuantPlan], *, text=None,
             window: int = DEFAULT_WINDOW, windows: int | None = None, keep_dtype: torch.dtype | None = None,
             progress: bool = True, on_result: Callable[[dict], None] | None = None,
             calibrate: int | None = None) -> dict:
-    """Quantize a copy of ``model`` to each config and score it; returns the JSON report.
+    """Quantize a copy of ``model`` to each config (or per-layer plan) and score it; returns the JSON report.
 
     A config the model cannot hold (a layer shape, a value out of range) becomes a row with
     an ``error`` and the others are still scored; only if none can be applied is it raised.
@@ -102,11 +102,11 @@ def compare(model: nn.Module, tokenizer, info: ModelInfo, configs: list[QuantCon
                             **model_limits(model), progress=progress)
     report = _report(info, evaluation, model_weight_bytes(model), [])
     importance, calibration_seconds, gptq_inputs = None, 0.0, None
-    if any(c.method for c in configs if c.label not in failed):  # a text too short fails now
+    if any(_uses(c, 'method') for c in configs if c.label not in failed):  # a text too short fails now
         gptq_inputs = gptq_batches(tokenizer, info, evaluation, text=text, window=window, count=calibrate)
-    if any(needs_calibration(c.search) for c in configs if c.label not in failed):
+    if any(_uses(c, 'search') for c in configs if c.label not in failed):
         start = time.perf_counter()
-        wanted = [c for c in configs if needs_calibration(c.search) and c.label not in failed]
+        wanted = [c for c in configs if _uses(c, 'search') and c.label not in failed]
         importance = calibration_for(model, tokenizer, info, evaluation, text=text, window=window,
                                      count=calibrate, progress=progress, layers=calibrated_layers(model, wanted))
         calibration_seconds = time.perf_counter() - start
@@ -125,21 +125,29 @@ def compare(model: nn.Module, tokenizer, info: ModelInfo, configs: list[QuantCon
         quantized = copy.deepcopy(model)
         try:
             start = time.perf_counter()
-            prequantized = gptq_prequantized(model, config, gptq_inputs, progress) if config.method else None
+            prequantized = gptq_prequantized(model, config, gptq_inputs, progress) if _uses(config, 'method') else None
             gptq_seconds = time.perf_counter() - start
             qreport = quantize_model(quantized, config, progress=progress, prequantized=prequantized,
-                                     importance=importance if needs_calibration(config.search) else None)
+                                     importance=importance if _uses(config, 'search') else None)
         except ValueError as e:  # e.g. a value the format cannot hold (LayerQuantizeError names the layer)
             _add(report, {"format": config.label, "error": str(e)}, on_result, progress)
             continue
         saved = round_state(quantized, keep) if keep is not None else 0
-        seconds = qreport.seconds + (calibration_seconds if needs_calibration(config.search) else 0.0)
+        seconds = qreport.seconds + (calibration_seconds if _uses(config, 'search') else 0.0)
         seconds += gptq_seconds
-        _add(report, _score(evaluation, quantized, config.label, config.double_quant, qreport.bits_per_weight,
+        _add(report, _score(evaluation, quantized, config.label, _uses(config, 'double_quant'), qreport.bits_per_weight,
                             seconds, saved, layers=(qreport.format_counts, dict(qreport.fallbacks))),
              on_result, progress)
         del quantized
     return report
+
+
+def _uses(config: QuantConfig | QuantPlan, what: str) -> bool:
+    """Whether a config, or any config of a plan, has a ``method``, a calibrated ``search`` or ``double_quant``."""
+    configs = as_plan(config).configs
+    if what == "search":
+        return any(needs_calibration(c.search) for c in configs)
+    return any(getattr(c, what) for c in configs)
 
 
 def calibration_for(model: nn.Module, tokenizer, info: ModelInfo, evaluation: Evaluation, *, text=None,

@@ -97,3 +97,22 @@ def test_bad_arguments_are_one_line_errors(tiny):
         measure_sensitivity(model, ["int3"], batches, measure="some", progress=False)
     with pytest.raises(ValueError, match="no calibration inputs"):
         measure_sensitivity(model, ["int3"], [], progress=False)
+
+
+@pytest.mark.slow  # 42 layers x 3 candidates measured on one 512-token window: ~3 minutes
+def test_the_proxy_ranks_layers_as_the_measured_kl_does_on_the_embedded_model(smollm2):
+    """Spearman >= 0.8 between the predicted KL (the nf4 anchor's measured KL times the output-error ratio) and
+    the KL measured for int3 and int6, over the layers of six blocks spread through the model."""
+    from scipy.stats import spearmanr
+
+    from lowbit.eval.calibration import calibration_batches
+
+    model, tokenizer, info = smollm2
+    batches, _ = calibration_batches(tokenizer, info.kind, None, scored=16, count=1)
+    include = tuple(f"model.layers.{i}.*" for i in (0, 5, 11, 17, 23, 29))
+    s = measure_sensitivity(model, ["int3", "nf4", "int6"], batches, measure="all", include=include, progress=False)
+    assert len(s.numel) == 42 and s.anchor == "nf4"
+    for label in ("int3", "int6"):
+        predicted = [s.costs[n]["nf4"].kl * s.costs[n][label].error / s.costs[n]["nf4"].error for n in s.numel]
+        measured = [s.costs[n][label].kl for n in s.numel]
+        assert spearmanr(predicted, measured).statistic >= 0.8, label

@@ -77,10 +77,12 @@ def run(args) -> int:
     if args.budget is None and (args.sensitivity or args.candidates != ",".join(DEFAULT_CANDIDATES)):
         raise ValueError("--candidates and --sensitivity choose formats under a --budget; there is no --budget")
     if args.budget is not None:
-        if args.block_size is not None or args.double_quant or args.method or args.include:
+        if args.block_size is not None or args.double_quant or args.method:
             raise ValueError("--budget picks each layer's format from --candidates: --block-size, --double-quant "
-                             "and --method belong in the candidate labels (e.g. int4/32+gptq); --include does not "
-                             "apply, --exclude does")
+                             "and --method belong in the candidate labels (e.g. nf4/32+dq+gptq@amse)")
+        if args.sensitivity and (args.include or args.exclude is not None):
+            raise ValueError("--sensitivity's table already holds the layers to plan: --include and --exclude "
+                             "belong to `lowbit sensitivity`")
         return run_budget(args)
     if args.plan is not None:
         if (args.block_size is not None or args.double_quant or args.include or args.exclude is not None
@@ -146,7 +148,7 @@ def run_budget(args) -> int:
         batches, _ = calibration_batches(tokenizer, info.kind, args.text, window=args.window, scored=scored,
                                          count=SENSITIVITY_CALIBRATE)
         exclude = tuple(args.exclude) if args.exclude is not None else ("lm_head",)
-        table = measure_sensitivity(model, candidates, batches, exclude=exclude)
+        table = measure_sensitivity(model, candidates, batches, include=tuple(args.include or ()), exclude=exclude)
     else:
         check_table(table, info, model, args.sensitivity)
     chosen = plan_for_budget(model, args.budget, candidates=candidates, sensitivity=table)

@@ -9,20 +9,14 @@ from ..models.loader import CAUSAL_LM
 from ..nn.config import QuantConfig
 from ..nn.sensitivity import DEFAULT_CANDIDATES, MEASURES, SENSITIVITY_CALIBRATE, measure_sensitivity
 from ..report.layers import sensitivity_table
-from .common import add_model_arg, add_protocol_args, check_protocol_args, console, load
+from .common import add_model_arg, add_protocol_args, add_selection_args, check_protocol_args, console, load
 from .quantize_cmd import scored_count
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("sensitivity", help="measure what quantizing each layer alone costs in KL, per format")
     add_model_arg(p)
-    add_candidate_args(p)
-    add_protocol_args(p)
-    p.set_defaults(run=run)
-
-
-def add_candidate_args(p, *, formats_flag: str = "--formats") -> None:
-    p.add_argument(formats_flag, dest="candidates", default=",".join(DEFAULT_CANDIDATES), metavar="LABELS",
+    p.add_argument("--formats", dest="candidates", default=",".join(DEFAULT_CANDIDATES), metavar="LABELS",
                    help="comma-separated candidate formats (FORMAT[/BLOCK][+dq][+gptq][@SEARCH]) "
                         "(default: %(default)s)")
     p.add_argument("--calibrate", type=int, default=SENSITIVITY_CALIBRATE, metavar="N",
@@ -32,8 +26,9 @@ def add_candidate_args(p, *, formats_flag: str = "--formats") -> None:
                    help="anchor: measure one candidate per layer and predict the others from the layer's output "
                         "error (default); all: measure every candidate (slower by the number of candidates)")
     p.add_argument("--anchor", metavar="LABEL", help="the candidate measured (default: the median in bits)")
-    p.add_argument("--exclude", action="append", metavar="PATTERN",
-                   help="layers left out (repeatable; default: lm_head; giving --exclude replaces that default)")
+    add_selection_args(p)
+    add_protocol_args(p)
+    p.set_defaults(run=run)
 
 
 def candidate_configs(args) -> list:
@@ -53,7 +48,8 @@ def measure(args, model, tokenizer, info, configs):
                                      scored=scored_count(info.kind, args.text, args.windows or DEFAULT_WINDOWS),
                                      count=args.calibrate)
     exclude = tuple(args.exclude) if args.exclude is not None else ("lm_head",)
-    return measure_sensitivity(model, configs, batches, measure=args.measure, anchor=args.anchor, exclude=exclude)
+    return measure_sensitivity(model, configs, batches, measure=args.measure, anchor=args.anchor,
+                               include=tuple(args.include or ()), exclude=exclude)
 
 
 def run(args) -> int:

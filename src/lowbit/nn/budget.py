@@ -59,7 +59,8 @@ class BudgetPlan:
     @property
     def plan(self) -> QuantPlan:
         """One rule per layer, its full name as the pattern (a name holds no fnmatch wildcard)."""
-        return QuantPlan(tuple(PlanRule(c.layer, QuantConfig.parse(c.label, exclude=())) for c in self.choices))
+        return QuantPlan(tuple(PlanRule(c.layer, QuantConfig.parse(c.label, exclude=())) for c in self.choices),
+                         name=f"budget {self.budget:g}")
 
 
 def plan_for_budget(model: nn.Module | None, budget: float, *, candidates: Sequence[str] | None = None,

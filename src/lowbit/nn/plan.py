@@ -74,6 +74,7 @@ def _parse(label) -> QuantConfig:
 @dataclass(frozen=True)
 class QuantPlan:
     rules: tuple[PlanRule, ...]
+    name: str | None = None  # what reports call it instead of the formats it names (e.g. "budget 4.5")
 
     def __post_init__(self):
         object.__setattr__(self, "rules", tuple(self.rules))
@@ -117,17 +118,22 @@ class QuantPlan:
     @property
     def label(self) -> str:
         """``plan[nf4/32+dq@amse, q6_k|q8_0]``: the formats the rules name (``|``: fallback)."""
+        if self.name:
+            return self.name
         names = [f"{r.config.label}{'|' + r.fallback.label if r.fallback else ''}" for r in self.rules if r.config]
         return f"plan[{', '.join(dict.fromkeys(names))}]"
 
     def to_dict(self) -> dict:
-        return {"rules": [r.to_dict() for r in self.rules]}
+        return ({"name": self.name} if self.name else {}) | {"rules": [r.to_dict() for r in self.rules]}
 
     @classmethod
     def from_dict(cls, d) -> QuantPlan:
-        if not isinstance(d, dict) or not isinstance(d.get("rules"), list) or set(d) - {"rules"}:
-            raise ValueError('a plan is an object {"rules": [...]} and nothing else')
-        return cls(tuple(PlanRule.from_dict(r, f"rule {i + 1}") for i, r in enumerate(d["rules"])))
+        if not isinstance(d, dict) or not isinstance(d.get("rules"), list) or set(d) - {"rules", "name"}:
+            raise ValueError('a plan is an object {"rules": [...]} (and an optional "name") and nothing else')
+        name = d.get("name")
+        if name is not None and not (isinstance(name, str) and name.strip()):
+            raise ValueError(f"a plan's name is a non-empty string, got {name!r}")
+        return cls(tuple(PlanRule.from_dict(r, f"rule {i + 1}") for i, r in enumerate(d["rules"])), name)
 
     @classmethod
     def load(cls, path) -> QuantPlan:

@@ -105,13 +105,13 @@ class Sensitivity:
 
 
 def measure_sensitivity(model: nn.Module, candidates: Sequence[str | QuantConfig], batches: Sequence, *,
-                        measure: str = "anchor", anchor: str | None = None, exclude: tuple[str, ...] = ("lm_head",),
-                        progress: bool = True) -> Sensitivity:
+                        measure: str = "anchor", anchor: str | None = None, include: tuple[str, ...] = (),
+                        exclude: tuple[str, ...] = ("lm_head",), progress: bool = True) -> Sensitivity:
     """Each selected layer's cost per candidate on the calibration ``batches`` (input-id tensors of a causal LM).
 
     ``measure="anchor"`` measures each layer's KL for one candidate (``anchor``; default the lower median of the
     candidates' bits per weight) and predicts the others from the output error; ``"all"`` measures every one.
-    ``model`` is left as it was.
+    ``include``/``exclude``: which layers, as ``QuantConfig``'s patterns. ``model`` is left as it was.
     """
     if measure not in MEASURES:
         raise ValueError(f"measure must be one of {', '.join(MEASURES)}, got {measure!r}")
@@ -119,10 +119,10 @@ def measure_sensitivity(model: nn.Module, candidates: Sequence[str | QuantConfig
     if not batches:
         raise ValueError("no calibration inputs given")
     start = time.perf_counter()
-    selector = QuantConfig("int8", exclude=exclude)
+    selector = QuantConfig("int8", include=include, exclude=exclude)
     targets = {names[0]: linear for names, linear in linears(model) if any(selector.selects(n) for n in names)}
     if not targets:
-        raise ValueError(f"no nn.Linear layer left to measure (exclude={list(exclude)})")
+        raise ValueError(f"no nn.Linear layer left to measure (include={list(include)}, exclude={list(exclude)})")
     if anchor is not None and anchor not in configs:
         raise ValueError(f"anchor {anchor!r} is not one of the candidates ({', '.join(configs)})")
     runner = _Runner(model, batches)
