@@ -145,8 +145,8 @@ def compare(model: nn.Module, tokenizer, info: ModelInfo, configs: list[QuantCon
 def _uses(config: QuantConfig | QuantPlan, what: str) -> bool:
     """Whether a config, or any config of a plan, has a ``method``, a calibrated ``search`` or ``double_quant``."""
     configs = as_plan(config).configs
-    if what == "search":
-        return any(needs_calibration(c.search) for c in configs)
+    if what == "search":  # GPTQ weighs a search by its own Hessian's diagonal: no separate calibration
+        return any(needs_calibration(c.search) and not c.method for c in configs)
     return any(getattr(c, what) for c in configs)
 
 
@@ -179,7 +179,7 @@ def calibrated_layers(model: nn.Module, configs: list[QuantConfig | QuantPlan]) 
     names = {}
     for config in configs:
         for layer_names, _, layer_config, _ in plan_layers(model, as_plan(config)):
-            if needs_calibration(layer_config.search):
+            if needs_calibration(layer_config.search) and not layer_config.method:
                 names[layer_names[0]] = None
     return list(names)
 

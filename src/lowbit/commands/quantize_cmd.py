@@ -171,7 +171,7 @@ def quantize_with(model, tokenizer, info, config, args, scored: int):
     if any(c.method for c in plan.configs):  # a text too short for GPTQ fails before any calibration
         batches, _ = calibration_batches(tokenizer, info.kind, args.text, window=args.window, scored=scored,
                                          count=args.calibrate or GPTQ_CALIBRATE)
-    if any(needs_calibration(c.search) for c in plan.configs):
+    if any(needs_calibration(c.search) and not c.method for c in plan.configs):
         start = time.perf_counter()
         importance = calibrate(model, tokenizer, info.kind, args.text, window=args.window, scored=scored,
                                count=args.calibrate or DEFAULT_CALIBRATE, layers=calibrated_layers(model, [config]))

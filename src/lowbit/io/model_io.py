@@ -33,6 +33,7 @@ from .atomic import atomic_dir, check_output_dir, write_errors
 LAYOUT_VERSION = 1
 META_FILE, TENSOR_FILE = "lowbit.json", "model.safetensors"
 _QW = ".qweight."  # infix of packed-part keys: "<layer>.qweight.<part>"
+_SIGNS = ".rotation_signs"  # a +had layer's int8 signs: "<layer>.rotation_signs"
 
 
 def save_quantized(model, tokenizer, info: ModelInfo, report: QuantizeReport, config: QuantConfig | QuantPlan,
@@ -57,6 +58,9 @@ def save_quantized(model, tokenizer, info: ModelInfo, report: QuantizeReport, co
             layers[name] |= {"label": labels[name]} if name in labels else {}
             layers[name] |= {"fallback_from": fallbacks[name]} if name in fallbacks else {}
             tensors.update({f"{name}{_QW}{part}": t.contiguous() for part, t in q.parts.items()})
+            if module.signs is not None:  # +had: the stored weight is W Q (lowbit.nn.rotation)
+                layers[name]["rotation"] = "hadamard"
+                tensors[f"{name}{_SIGNS}"] = module.signs.contiguous()
     tied = {}
     first_of: dict[tuple, str] = {}
     for key, t in model.state_dict(keep_vars=False).items():
@@ -173,8 +177,9 @@ def load_quantized(directory):
         for name, layer in meta["layers"].items():
             _check_architecture(model, name, layer["shape"])  # before quantizing zeros of a shape it names
             q = _stored_qweight(name, layer, tensors, layouts)
+            signs = _stored_signs(name, layer, tensors)
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, QuantLinear(q, model.get_submodule(name).bias))
+            setattr(model.get_submodule(parent), child, QuantLinear(q, model.get_submodule(name).bias, signs))
         for alias, target in meta["tied"].items():
             tensors[alias] = tensors[target]
         model.load_state_dict(tensors, strict=True)
@@ -193,6 +198,20 @@ def _check_architecture(model, name: str, stated) -> None:
     if not isinstance(linear, torch.nn.Linear) or tuple(linear.weight.shape) != shape:
         found = tuple(linear.weight.shape) if isinstance(linear, torch.nn.Linear) else type(linear).__name__
         raise ModelLoadError(f"{META_FILE}: layer {name} has shape {shape}, but the architecture's is {found}")
+
+
+def _stored_signs(name: str, layer: dict, tensors: dict) -> torch.Tensor | None:
+    rotation = layer.get("rotation")
+    if rotation is None:
+        return None
+    if rotation != "hadamard":
+        raise ModelLoadError(f"{name}: unknown rotation {rotation!r} (this lowbit knows 'hadamard')")
+    signs = tensors.pop(f"{name}{_SIGNS}", None)
+    width = int(layer["shape"][1])
+    if signs is None or signs.dtype != torch.int8 or tuple(signs.shape) != (width,) or \
+            not bool((signs.abs() == 1).all()):
+        raise ModelLoadError(f"{name}: its rotation needs {width} int8 signs of +-1 stored as {name}{_SIGNS}")
+    return signs
 
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

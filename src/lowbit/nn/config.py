@@ -31,6 +31,7 @@ class QuantConfig:
     dequantized_weights: bool = False
     search: str | None = None  # scale search (lowbit.pipeline.SEARCHES); None: the format's own rule
     method: str | None = None  # "gptq" (lowbit.nn.gptq); None: each weight rounded on its own
+    rotate: bool = False  # "+had": a randomized Hadamard rotation of the input dimension (lowbit.nn.rotation)
 
     def __post_init__(self):
         # Settings wrong for every layer fail here, before any layer is touched, rather
@@ -52,6 +53,9 @@ class QuantConfig:
             if not issubclass(codec_for(spec), GridCodec):
                 raise ValueError(f"GPTQ needs a format whose elements are levels on a grid; {spec.name} is a GGUF "
                                  "block format: try int4, int4_asym, nf4 or fp4_e2m1")
+        if self.rotate and needs_calibration(self.search) and not self.method:
+            raise ValueError(f"+had with @{self.search} needs +gptq: the rotated inputs' importance is the diagonal "
+                             "of the rotated Hessian, which GPTQ collects")
         for key in ("include", "exclude"):
             value = getattr(self, key)
             # a bare string would otherwise be read as one pattern per character
@@ -65,7 +69,8 @@ class QuantConfig:
         block = "" if self.block_size in (None, spec.default_block_size) else f"/{self.block_size}"
         search = f"@{self.search}" if self.search else ""
         method = f"+{self.method}" if self.method else ""
-        return f"{spec.name}{block}{DQ_SUFFIX if self.double_quant else ''}{method}{search}"
+        rotate = ROTATE_SUFFIX if self.rotate else ""
+        return f"{spec.name}{block}{DQ_SUFFIX if self.double_quant else ''}{rotate}{method}{search}"
 
     @property
     def needs_calibration(self) -> bool:
@@ -90,7 +95,10 @@ class QuantConfig:
         methods = [s for s in suffixes if s in METHODS]
         if len(methods) > 1:
             raise ValueError(f"{label!r}: +{methods[0]} given more than once")
-        suffixes = [s for s in suffixes if s not in METHODS]
+        rotate = sum(f"+{s}" == ROTATE_SUFFIX for s in suffixes)
+        if rotate > 1:
+            raise ValueError(f"{label!r}: {ROTATE_SUFFIX} given more than once")
+        suffixes = [s for s in suffixes if s not in METHODS and f"+{s}" != ROTATE_SUFFIX]
         for suffix in suffixes:
             if "/" in suffix:
                 raise ValueError(f"{label!r}: the block size goes before {DQ_SUFFIX}, e.g. nf4/128{DQ_SUFFIX}")
@@ -99,7 +107,8 @@ class QuantConfig:
             if f"+{suffix}" != DQ_SUFFIX:
                 hint = f"; did you mean {head}{DQ_SUFFIX}?" if suffix.lower() == DQ_SUFFIX[1:] else ""
                 raise ValueError(f"{label!r}: unknown suffix {'+' + suffix!r}; the suffixes are {DQ_SUFFIX} "
-                                 f"(double quantization) and +gptq (GPTQ), lower case{hint}")
+                                 f"(double quantization), {ROTATE_SUFFIX} (Hadamard rotation) and +gptq (GPTQ), "
+                                 f"lower case{hint}")
         if len(suffixes) > 1:
             raise ValueError(f"{label!r}: {DQ_SUFFIX} given more than once")
         name, slash, block = head.partition("/")
@@ -109,7 +118,7 @@ class QuantConfig:
             raise ValueError(f"{label!r} names no format: write FORMAT{DQ_SUFFIX}, e.g. nf4{DQ_SUFFIX}")
         return cls(format=name, block_size=_parse_block(label, block) if slash else None,
                    double_quant=bool(suffixes), search=search.strip() if at else None,
-                   **({"method": methods[0]} if methods else {}), **kwargs)
+                   **({"method": methods[0]} if methods else {}), **({"rotate": True} if rotate else {}), **kwargs)
 
     def selects(self, name: str) -> bool:
         included = not self.include or any(matches(name, p) for p in self.include)
@@ -117,8 +126,9 @@ class QuantConfig:
 
 
 METHODS = ("gptq",)  # rounding methods beyond round-to-nearest (lowbit.nn.gptq)
-LABEL_SYNTAX = ("FORMAT[/BLOCK][+dq][+gptq][@SEARCH], e.g. nf4, int4/128, nf4/64+dq, int4+gptq, int4_asym/64@hqq "
-                "(`lowbit formats` lists the formats)")
+ROTATE_SUFFIX = "+had"
+LABEL_SYNTAX = ("FORMAT[/BLOCK][+dq][+had][+gptq][@SEARCH], e.g. nf4, int4/128, nf4/64+dq, int4+gptq, "
+                "nf4/32+dq+had+gptq@amse, int4_asym/64@hqq (`lowbit formats` lists the formats)")
 
 
 def _parse_block(label: str, block: str) -> int:

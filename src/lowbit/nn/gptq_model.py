@@ -19,6 +19,7 @@ from ..progress import progress_bar
 from .blockwise import call, catch_inputs, first, hessians, transformer_blocks
 from .gptq import GPTQResult, gptq_quantize
 from .plan import QuantPlan
+from .rotation import hadamard_block, layer_signs, rotate, rotate_hessian, unrotate
 from .surgery import plan_layers
 
 # Calibration windows of 512 tokens GPTQ runs by default: 32,768 tokens. The reference code takes 128 random
@@ -41,8 +42,20 @@ def gptq_weights(model: nn.Module, plan: QuantPlan, batches: Sequence, *, act_or
 
     def quantize(name: str, hessian: torch.Tensor) -> GPTQResult:
         linear, config = targets[name]
-        return gptq_quantize(linear.weight, hessian, config.format, block_size=config.block_size,
+        weight = linear.weight
+        if config.rotate:  # GPTQ on W Q with the rotated inputs' Hessian Q^T H Q (lowbit.nn.rotation)
+            signs, block = layer_signs(name, linear.in_features), hadamard_block(linear.in_features)
+            weight, hessian = rotate(weight.detach(), signs, block), rotate_hessian(hessian, signs, block)
+        return gptq_quantize(weight, hessian, config.format, block_size=config.block_size,
                              search=config.search, act_order=act_order, double_quant=config.double_quant)
+
+    def computed(name: str) -> torch.Tensor:
+        """The weight layer ``name`` now computes with, in its input's own basis."""
+        linear, config = targets[name]
+        w = results[name].qweight.dequantize().float()
+        if config.rotate:
+            w = unrotate(w, layer_signs(name, linear.in_features), hadamard_block(linear.in_features))
+        return w.to(linear.weight.dtype)
 
     names = {id(m): n for n, m in model.named_modules()}
     with progress_bar(len(targets), "GPTQ", enabled=progress) as advance, torch.inference_mode():
@@ -53,7 +66,7 @@ def gptq_weights(model: nn.Module, plan: QuantPlan, batches: Sequence, *, act_or
             for name, linear in mine.items():
                 results[name] = quantize(name, found[name])
                 saved[name] = linear.weight.data
-                linear.weight.data = results[name].qweight.dequantize().to(linear.weight.dtype)
+                linear.weight.data = computed(name)
                 advance()
             try:
                 outs = [first(block(*a, **k)) for a, k in inputs]  # what the quantized block passes on

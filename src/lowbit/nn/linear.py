@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..tensor import QuantizedTensor
+from .rotation import hadamard_block, rotate, unrotate
 
 
 class QuantLinear(nn.Module):
@@ -24,9 +25,13 @@ class QuantLinear(nn.Module):
     both decode the same parts the same way and then cast to the input's dtype.
     There is deliberately no ``weight`` attribute: code that reads it would silently
     see something other than what forward uses.
+
+    ``signs`` (``+had``, ``lowbit.nn.rotation``): the stored weight is ``W Q`` and forward rotates the input,
+    ``y = (W Q)(Q^T x)``; the int8 signs are held like the packed parts and counted in ``nbytes``.
     """
 
-    def __init__(self, qweight: QuantizedTensor, bias: torch.Tensor | None = None):
+    def __init__(self, qweight: QuantizedTensor, bias: torch.Tensor | None = None,
+                 signs: torch.Tensor | None = None):
         super().__init__()
         if len(qweight.shape) != 2:
             raise ValueError(f"QuantLinear needs a 2-D weight, got shape {tuple(qweight.shape)}")
@@ -36,12 +41,27 @@ class QuantLinear(nn.Module):
         self.qweight = qweight
         self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias, False)
         self._dequantized: torch.Tensor | None = None
+        if signs is not None and (signs.dtype != torch.int8 or tuple(signs.shape) != (self.in_features,)):
+            raise ValueError(f"rotation signs must be ({self.in_features},) int8, got {tuple(signs.shape)} "
+                             f"{signs.dtype}")
+        self.signs = signs
+        self.rotation_block = hadamard_block(self.in_features) if signs is not None else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, qweight: QuantizedTensor) -> QuantLinear:
+    def from_linear(cls, linear: nn.Linear, qweight: QuantizedTensor, signs: torch.Tensor | None = None) -> QuantLinear:
         if tuple(qweight.shape) != tuple(linear.weight.shape):
             raise ValueError(f"weight shape {tuple(qweight.shape)} != layer shape {tuple(linear.weight.shape)}")
-        return cls(qweight, linear.bias)
+        return cls(qweight, linear.bias, signs)
+
+    @property
+    def nbytes(self) -> int:
+        """Stored bytes: the packed weight, and the rotation's signs if any."""
+        return self.qweight.nbytes + (0 if self.signs is None else self.signs.numel())
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight in the input's own basis (``W Q Q^T``), float32: what the layer computes with."""
+        w = self.dequantized_weight(torch.float32)
+        return w if self.signs is None else unrotate(w, self.signs, self.rotation_block)
 
     @property
     def materialized(self) -> bool:
@@ -65,6 +85,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dequantized_weight(x.dtype).to(x.device)  # (out, in)
         b = None if self.bias is None else self.bias.to(dtype=x.dtype, device=x.device)
+        if self.signs is not None:
+            x = rotate(x, self.signs.to(x.device), self.rotation_block)
         return F.linear(x, w, b)
 
     def _apply(self, fn, recurse=True):
@@ -77,12 +99,14 @@ class QuantLinear(nn.Module):
             self.qweight = _with_parts(self.qweight, parts)
             if self._dequantized is not None:
                 self._dequantized = self._dequantized.to(device)
+            if self.signs is not None:
+                self.signs = self.signs.to(device)
         return self
 
     def extra_repr(self) -> str:
         q = self.qweight
         dq = ", double_quant" if q.double_quant else ""
-        mat = ", materialized" if self.materialized else ""
+        mat = (", hadamard-rotated" if self.signs is not None else "") + (", materialized" if self.materialized else "")
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"format={q.format.name}, block={q.block_size}{dq}, {q.bits_per_weight:.3f} bits/weight{mat}"

@@ -33,6 +33,7 @@ from ..progress import progress_bar
 from .blockwise import call, hessians, transformer_blocks
 from .config import QuantConfig
 from .gptq import gptq_quantize
+from .rotation import hadamard_block, layer_signs, rotate, rotate_hessian, unrotate
 from .surgery import layout_error, linears, quantize_weight
 
 # Calibration windows of 512 tokens each measurement runs: 1,024 tokens. A measurement costs the forward from
@@ -184,24 +185,27 @@ def _layer_costs(name: str, linear: nn.Linear, hessian: torch.Tensor,
                  configs: dict[str, QuantConfig]) -> tuple[dict[str, LayerCost], dict[str, torch.Tensor]]:
     """``(costs, dequantized weights)`` per candidate the layer's shape can hold (KL not yet known: NaN)."""
     out, dequantized = {}, {}
-    weight = linear.weight.detach()
-    w = weight.float()
     for label, config in configs.items():
         if layout_error(name, linear, config) is not None:
             continue  # not a candidate for this layer; plan_for_budget picks among the others
+        weight, h, signs = linear.weight.detach(), hessian, None
+        if config.rotate:  # quantized and measured in the rotated basis, where the error is the same
+            signs, block = layer_signs(name, linear.in_features), hadamard_block(linear.in_features)
+            weight, h = rotate(weight, signs, block), rotate_hessian(hessian, signs, block)
         try:
             if config.method:
-                q = gptq_quantize(weight, hessian, config.format, block_size=config.block_size,
+                q = gptq_quantize(weight, h, config.format, block_size=config.block_size,
                                   search=config.search, double_quant=config.double_quant).qweight
             else:
-                importance = (hessian.diagonal() / 2).float() if needs_calibration(config.search) else None
+                importance = (h.diagonal() / 2).float() if needs_calibration(config.search) else None
                 q = quantize_weight(weight, config, importance)
         except ValueError as e:
             raise LayerQuantizeError(f"layer {name!r} ({label}): {e}") from e
-        dequantized[label] = q.dequantize().float().view(weight.shape)
-        delta = (dequantized[label] - w).double()
-        error = float(((delta @ hessian) * delta).sum()) / 2
-        out[label] = LayerCost(q.nbytes, max(error, 0.0), math.nan, False)
+        deq = q.dequantize().float().view(weight.shape)
+        delta = (deq - weight.float()).double()
+        error = float(((delta @ h) * delta).sum()) / 2
+        dequantized[label] = deq if signs is None else unrotate(deq, signs, block)
+        out[label] = LayerCost(q.nbytes + (0 if signs is None else signs.numel()), max(error, 0.0), math.nan, False)
     if not out:
         raise LayerQuantizeError(f"layer {name!r} (weight {tuple(weight.shape)}): no candidate can hold it")
     return out, dequantized

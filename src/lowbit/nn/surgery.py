@@ -20,6 +20,7 @@ from .config import LABEL_SYNTAX, QuantConfig, matches  # noqa: F401  (re-export
 from .hf_quantizer import refuse_save_pretrained
 from .linear import QuantLinear
 from .plan import QuantPlan
+from .rotation import hadamard_block, layer_signs, rotate
 
 
 @dataclass(frozen=True)
@@ -97,12 +98,16 @@ def quantize_model(model: nn.Module, config: QuantConfig | QuantPlan | str, *, p
     with progress_bar(len(targets), f"quantizing to {what}", enabled=progress) as advance:
         for names, linear, layer_config, _ in targets:
             weights = next((importance[n] for n in names if n in (importance or {})), None)
+            signs = layer_signs(names[0], linear.in_features) if layer_config.rotate else None
             if layer_config.method:
                 qweight = prequantized[names[0]]
             else:
-                qweight = _quantize_layer(names[0], linear.weight.detach(), layer_config,
+                weight = linear.weight.detach()
+                if signs is not None:
+                    weight = rotate(weight, signs, hadamard_block(linear.in_features))
+                qweight = _quantize_layer(names[0], weight, layer_config,
                                           importance=weights if layer_config.needs_calibration else None)
-            replacements.append((names, QuantLinear.from_linear(linear, qweight), layer_config))
+            replacements.append((names, QuantLinear.from_linear(linear, qweight, signs), layer_config))
             advance()
 
     layer_numel = layer_before = layer_after = 0
@@ -114,7 +119,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | QuantPlan | str, *, p
             qlinear.materialize()
         layer_numel += qlinear.qweight.numel
         layer_before += qlinear.qweight.numel * qlinear.qweight.dtype.itemsize
-        layer_after += qlinear.qweight.nbytes
+        layer_after += qlinear.nbytes
     refuse_save_pretrained(model)  # transformers' save_pretrained would silently drop every QuantLinear
     return QuantizeReport(
         format=what,
@@ -220,6 +225,8 @@ def model_weight_bytes(model: nn.Module) -> int:
     for module in model.modules():
         if isinstance(module, QuantLinear):
             tensors.extend(module.qweight.parts.values())
+            if module.signs is not None:
+                tensors.append(module.signs)
             if module._dequantized is not None:
                 tensors.append(module._dequantized)
     seen: set[tuple] = set()
