@@ -134,6 +134,8 @@ def run_budget(args) -> int:
     if not (args.budget > 0 and math.isfinite(args.budget)):
         raise ValueError(f"--budget is a positive number of bits per weight, got {args.budget}")
     table = Sensitivity.load(args.sensitivity) if args.sensitivity else None
+    # with a table, a budget it cannot meet or a candidate it lacks fails before the model loads
+    chosen = plan_for_budget(None, args.budget, candidates=candidates, sensitivity=table) if table else None
     check_protocol_args(args)
     check_output(args.output, overwrite=args.overwrite, source=local_source(args.model))
     con = console()
@@ -149,9 +151,9 @@ def run_budget(args) -> int:
                                          count=SENSITIVITY_CALIBRATE)
         exclude = tuple(args.exclude) if args.exclude is not None else ("lm_head",)
         table = measure_sensitivity(model, candidates, batches, include=tuple(args.include or ()), exclude=exclude)
+        chosen = plan_for_budget(model, args.budget, candidates=candidates, sensitivity=table)
     else:
         check_table(table, info, model, args.sensitivity)
-    chosen = plan_for_budget(model, args.budget, candidates=candidates, sensitivity=table)
     con.print(budget_table(chosen))
     plan = chosen.plan
     report = quantize_with(model, tokenizer, info, plan, args, scored)
