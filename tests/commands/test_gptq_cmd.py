@@ -38,3 +38,26 @@ def test_gptq_refusals(tiny_lm_dir, tmp_path):
     assert_one_line_error(lowbit("quantize", "--model", tiny_lm_dir, "--format", "int4_asym+dq", "--method", "gptq",
                                  "-o", tmp_path / "b"), "double")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_an_interrupted_gptq_run_writes_nothing(tiny_lm_dir, tmp_path, monkeypatch):
+    """Ctrl-C on the third layer of GPTQ: exit 130, no output directory, no temp directory beside it."""
+    import os
+
+    import lowbit.nn.gptq_model as gptq_model
+    from lowbit.cli import main
+
+    real, calls = gptq_model.gptq_quantize, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gptq_model, "gptq_quantize", interrupted)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main(["quantize", "--model", str(tiny_lm_dir), "--format", "int4/32+gptq", "--calibrate", "2", *TINY,
+                 "-o", str(out / "q")]) == 130
+    assert len(calls) == 3 and os.listdir(out) == []

@@ -62,3 +62,13 @@ def test_a_rule_matching_no_layer_warns_or_fails_with_strict(tiny_lm_dir, tmp_pa
     assert_one_line_error(lowbit("quantize", "--model", tiny_lm_dir, "--plan", plan, "--strict", "-o", tmp_path / "b"),
                           "matches no nn.Linear layer", "--strict")
     assert not (tmp_path / "b").exists()
+
+
+def test_compare_scores_a_plan_and_shows_its_layers(tiny_lm_dir, tmp_path):
+    plan, out = tmp_path / "plan.json", tmp_path / "r.json"
+    plan.write_text(json.dumps({"name": "mixed", **PLAN}))
+    r = lowbit("compare", "--model", tiny_lm_dir, "--plan", plan, *TINY, "--json", out)
+    assert r.returncode == 0, r.stderr
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["format"] == "mixed" and row["layer_formats"] == {"nf4/32": 12, "q8_0": 2}
+    assert "mixed: 12 nf4/32, 2 q8_0; 2 fell back from q4_k" in " ".join(r.stdout.split())

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..evaluate import DEFAULT_FORMATS, compare
 from ..io.atomic import write_json
 from ..nn.keep_dtype import parse_keep_dtype
+from ..nn.plan import QuantPlan
 from ..report.table import compare_table, layer_notes
 from .common import (
     add_calibrate_arg,
@@ -24,9 +25,11 @@ from .common import (
 def add_parser(sub) -> None:
     p = sub.add_parser("compare", help="quantize a model to several formats and measure the loss of each")
     add_model_arg(p)
-    p.add_argument("--formats", default=",".join(DEFAULT_FORMATS),
-                   help="comma-separated FORMAT[/BLOCK][+dq][@SEARCH], e.g. nf4,int4/128,nf4+dq,int4_asym@hqq,nf4@amse "
-                        "(default: %(default)s)")
+    p.add_argument("--formats",
+                   help="comma-separated FORMAT[/BLOCK][+dq][+had][+gptq][@SEARCH], e.g. nf4,int4/128,nf4+dq,"
+                        f"int4_asym@hqq,nf4@amse (default: {','.join(DEFAULT_FORMATS)}; none with --plan)")
+    p.add_argument("--plan", action="append", metavar="PLAN.json",
+                   help="also score a per-layer plan (`lowbit quantize --plan`'s file; repeatable)")
     add_selection_args(p)
     add_keep_dtype_arg(p)
     add_protocol_args(p)
@@ -36,10 +39,11 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     """Exit 0 when every format was scored, 1 when some could not be applied (their rows say why)."""
-    labels = [label for label in args.formats.split(",") if label.strip()]
-    if not labels:
+    formats = args.formats if args.formats is not None else "" if args.plan else ",".join(DEFAULT_FORMATS)
+    labels = [label for label in formats.split(",") if label.strip()]
+    if not labels and not args.plan:
         raise ValueError("--formats names no format")
-    configs = parse_configs(labels, args)
+    configs = parse_configs(labels, args) + [QuantPlan.load(path) for path in args.plan or ()]
     check_calibrate_arg(args, configs)
     keep = parse_keep_dtype(args.keep_dtype) if args.keep_dtype else None
     check_protocol_args(args)
