@@ -40,6 +40,9 @@ over ``--candidates``, chosen from a sensitivity table measured here on the cali
 ``--sensitivity``, a ``lowbit sensitivity --json`` file of the same model), then quantized and scored like any row;
 the row shows the plan's predicted KL too.
 
+Time on 2 cores: the default run takes about an hour (the sensitivity table 20 minutes, each GPTQ row and each
+budget plan 6 minutes); ``--sensitivity`` saves the first, ``--formats`` and ``--budgets`` pick rows.
+
 The llama.cpp rows are fixed figures, measured separately with llama.cpp's ``perplexity
 --kl-divergence`` on the default protocol (README); they are shown for the embedded SmolLM2 only.
 """
@@ -63,13 +66,14 @@ from lowbit.evaluate import Evaluation, compare
 from lowbit.io.atomic import write_json
 from lowbit.models.loader import CAUSAL_LM
 from lowbit.nn.budget import choose
-from lowbit.nn.sensitivity import Sensitivity, measure_sensitivity
+from lowbit.nn.sensitivity import SENSITIVITY_CALIBRATE, Sensitivity, measure_sensitivity
 from lowbit.nn.surgery import QuantConfig, select_linears
 from lowbit.progress import progress_bar
 
 # Labels of formats being added: only those QuantConfig.parse accepts in this checkout are run.
 DEFAULT_LOWBIT = ("nf4", "nf4@mse", "nf4@amse", "nf4/32+dq@amse", "nf4/20+dq@amse", "int4_asym/64",
-                  "int4_asym/64@hqq", "int4_asym/64@ahqq", "qq4", "lloyd4")
+                  "int4_asym/64@hqq", "int4_asym/64@ahqq", "qq4", "lloyd4", "nf4/32+dq+gptq@amse",
+                  "nf4/32+dq+had+gptq@amse")
 BASELINE = "bitsandbytes nf4/64"
 HQQ, HQQ_LINEAR = "hqq 4-bit/64", "hqq 4-bit/64, HQQLinear default"
 # Issue 9's targets: a plan at each budget (bits per weight), from these candidates (README "Sensitivity and
@@ -77,7 +81,7 @@ HQQ, HQQ_LINEAR = "hqq 4-bit/64", "hqq 4-bit/64, HQQLinear default"
 DEFAULT_BUDGETS = (4.5, 4.25, 3.25)
 BUDGET_CANDIDATES = ("nf3/64+dq+gptq@amse", "nf4/64+dq+gptq@amse", "nf4/32+dq+gptq@amse", "nf5/64+dq+gptq@amse",
                      "nf6/64+dq@amse", "int8/64+dq")
-SENSITIVITY_WINDOWS = 2
+
 # The project's anchors on the default protocol: what the peer rows must reproduce (within ~1%).
 ANCHORS = {
     CAUSAL_LM: {BASELINE: (0.259, 0.737), "gguf q4_0": (0.268, 0.730), HQQ: (0.204, 0.762)},
@@ -263,7 +267,7 @@ def budget_plans(args, model, tokenizer, info, con) -> dict:
             raise ValueError(f"{args.sensitivity} was measured on another model than {info.name}")
     else:
         scored = args.windows or DEFAULT_WINDOWS
-        batches, _ = calibration_batches(tokenizer, info.kind, args.text, scored=scored, count=SENSITIVITY_WINDOWS)
+        batches, _ = calibration_batches(tokenizer, info.kind, args.text, scored=scored, count=SENSITIVITY_CALIBRATE)
         table = measure_sensitivity(model, candidates, batches)
         con.print(f"sensitivity of {len(table.numel)} layers x {len(candidates)} candidates: {table.seconds:.0f} s")
     return {b: choose(table, b, candidates) for b in budgets}

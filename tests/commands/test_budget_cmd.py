@@ -1,8 +1,8 @@
 """`lowbit sensitivity` and `lowbit quantize --budget`: the table, the plan under the budget, saved and scored."""
 
-import json
 
-from test_model_cmds import assert_one_line_error, lowbit
+from test_model_cmds import assert_one_line_error
+from test_model_cmds import run_main as run
 
 from lowbit.io import load_quantized
 from lowbit.nn import QuantLinear
@@ -11,15 +11,16 @@ from lowbit.nn.sensitivity import Sensitivity
 TINY = ["--window", "64", "--windows", "1"]
 
 
-def test_sensitivity_then_a_budget_plan_saved_reloaded_and_scored(tiny_lm_dir, tmp_path):
+
+def test_sensitivity_then_a_budget_plan_saved_reloaded_and_scored(tiny_lm_dir, tmp_path, capsys):
     table, out = tmp_path / "s.json", tmp_path / "q"
-    r = lowbit("sensitivity", "--model", tiny_lm_dir, "--formats", "int3,int4,int8", "--calibrate", "2", *TINY,
+    r = run(capsys, "sensitivity", "--model", tiny_lm_dir, "--formats", "int3,int4,int8", "--calibrate", "2", *TINY,
                "--json", table)
     assert r.returncode == 0, r.stderr
     s = Sensitivity.load(table)
     assert s.anchor == "int4" and len(s.numel) == 14 and s.windows == 2
     assert "model.layers.1.mlp.down_proj" in r.stdout and "~" in r.stdout  # predicted cells are marked
-    r = lowbit("quantize", "--model", tiny_lm_dir, "--budget", "5", "--candidates", "int3,int4,int8",
+    r = run(capsys, "quantize", "--model", tiny_lm_dir, "--budget", "5", "--candidates", "int3,int4,int8",
                "--sensitivity", table, *TINY, "-o", out)
     assert r.returncode == 0, r.stderr
     text = " ".join(r.stdout.split())
@@ -30,30 +31,42 @@ def test_sensitivity_then_a_budget_plan_saved_reloaded_and_scored(tiny_lm_dir, t
     assert meta["quantize"]["bits_per_weight"] <= 5
     assert 8 * sum(q.nbytes for q in layers.values()) / sum(q.numel for q in layers.values()) <= 5
     assert len({q.format.name for q in layers.values()}) > 1  # 5 bits: some int8 layers, some int3 or int4
-    r = lowbit("eval", out, *TINY)
+    r = run(capsys, "eval", out, *TINY)
     assert r.returncode == 0, r.stderr
 
 
-def test_budget_refusals_are_one_line(tiny_lm_dir, tmp_path):
+def made_up_table(tiny_lm_dir, path, file_hash=None):
+    """A sensitivity table naming the tiny model's layers (KL made up): refusals need no measurement."""
+    from lowbit.models import load_model
+    from lowbit.nn.sensitivity import LayerCost
+    from lowbit.nn.surgery import linears
+
+    model, _, info = load_model(str(tiny_lm_dir))
+    numel = {names[0]: m.weight.numel() for names, m in linears(model) if "lm_head" not in names[0]}
+    costs = {name: {"int3": LayerCost(n * 7 // 16, 1.0, 0.1, True), "int8": LayerCost(n * 17 // 16, 0.01, 0.001, False)}
+             for name, n in numel.items()}
+    table = Sensitivity(("int3", "int8"), "int3", 1, numel, costs, model={"file_hash": file_hash or info.file_hash})
+    table.save(path)
+
+
+def test_budget_refusals_are_one_line(tiny_lm_dir, tmp_path, capsys):
     table = tmp_path / "s.json"
-    s = lowbit("sensitivity", "--model", tiny_lm_dir, "--formats", "int3,int8", "--calibrate", "1", *TINY,
-               "--json", table)
-    assert s.returncode == 0, s.stderr
-    assert_one_line_error(lowbit("quantize", "--model", tiny_lm_dir, "--budget", "2", "--candidates", "int3,int8",
+    made_up_table(tiny_lm_dir, table)
+    assert_one_line_error(run(capsys, "quantize", "--model", tiny_lm_dir, "--budget", "2", "--candidates", "int3,int8",
                                  "--sensitivity", table, *TINY, "-o", tmp_path / "a"),
                           "below the smallest mix of the candidates: 3.5000 bits per weight")
-    assert not (tmp_path / "a").exists()
-    assert_one_line_error(lowbit("quantize", "--model", tiny_lm_dir, "--budget", "4", "--candidates", "nf4",
+    assert_one_line_error(run(capsys, "quantize", "--model", tiny_lm_dir, "--budget", "4", "--candidates", "nf4",
                                  "--sensitivity", table, *TINY, "-o", tmp_path / "b"),
                           "candidate nf4 is not in the sensitivity table")
-    other = json.loads(table.read_text())
-    other["model"]["file_hash"] = "0" * 64
-    table.write_text(json.dumps(other))
-    assert_one_line_error(lowbit("quantize", "--model", tiny_lm_dir, "--budget", "4", "--candidates", "int3,int8",
+    made_up_table(tiny_lm_dir, table, file_hash="0" * 64)
+    assert_one_line_error(run(capsys, "quantize", "--model", tiny_lm_dir, "--budget", "4", "--candidates", "int3,int8",
                                  "--sensitivity", table, *TINY, "-o", tmp_path / "c"), "measured on another model")
-    assert_one_line_error(lowbit("quantize", "--model", tiny_lm_dir, "--format", "int4", "--candidates", "int3",
+    assert_one_line_error(run(capsys, "quantize", "--model", tiny_lm_dir, "--format", "int4", "--candidates", "int3",
                                  "-o", tmp_path / "d"), "there is no --budget")
-    assert_one_line_error(lowbit("quantize", "--model", tiny_lm_dir, "--budget", "-1", "-o", tmp_path / "e"),
+    assert_one_line_error(run(capsys, "quantize", "--model", tiny_lm_dir, "--budget", "-1", "-o", tmp_path / "e"),
                           "positive number")
-    assert_one_line_error(lowbit("sensitivity", "--model", "minilm", *TINY), "encoder")
-    assert not any((tmp_path / x).exists() for x in "bcde")
+    assert not any((tmp_path / x).exists() for x in "abcde")
+
+
+def test_sensitivity_refuses_an_encoder(capsys):
+    assert_one_line_error(run(capsys, "sensitivity", "--model", "minilm", *TINY), "encoder")

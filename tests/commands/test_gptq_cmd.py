@@ -4,20 +4,21 @@ import json
 
 import pytest
 from test_model_cmds import assert_one_line_error, lowbit
+from test_model_cmds import run_main as run
 
 from lowbit.io import load_quantized
 
 TINY = ["--window", "64", "--windows", "1"]
 
 
-def test_quantize_method_gptq_saves_reloads_and_scores(tiny_lm_dir, tmp_path):
+def test_quantize_method_gptq_saves_reloads_and_scores(tiny_lm_dir, tmp_path, capsys):
     out = tmp_path / "q"
-    r = lowbit("quantize", "--model", tiny_lm_dir, "--format", "int4/32", "--method", "gptq", "--calibrate", "2",
+    r = run(capsys, "quantize", "--model", tiny_lm_dir, "--format", "int4/32", "--method", "gptq", "--calibrate", "2",
                *TINY, "-o", out)
     assert r.returncode == 0, r.stderr
     model, _, meta = load_quantized(out)
     assert meta["config"]["label"] == "int4/32+gptq" and meta["plan"]["rules"][-1]["format"] == "int4/32+gptq"
-    r = lowbit("eval", out, *TINY)
+    r = run(capsys, "eval", out, *TINY)
     assert r.returncode == 0, r.stderr
 
 
@@ -32,11 +33,11 @@ def test_compare_gptq_beats_rounding_on_the_tiny_model(tiny_lm_dir, tmp_path):
     assert rows["int3/32+gptq"]["kl_mean"] < rows["int3/32"]["kl_mean"]
 
 
-def test_gptq_refusals(tiny_lm_dir, tmp_path):
-    assert_one_line_error(lowbit("quantize", "--model", tiny_lm_dir, "--format", "q4_0+gptq", "-o", tmp_path / "a"),
-                          "levels on a grid")
-    assert_one_line_error(lowbit("quantize", "--model", tiny_lm_dir, "--format", "int4_asym+dq", "--method", "gptq",
-                                 "-o", tmp_path / "b"), "double")
+def test_gptq_refusals(tiny_lm_dir, tmp_path, capsys):
+    model = ["quantize", "--model", tiny_lm_dir]
+    assert_one_line_error(run(capsys, *model, "--format", "q4_0+gptq", "-o", tmp_path / "a"), "levels on a grid")
+    assert_one_line_error(run(capsys, *model, "--format", "int4_asym+dq", "--method", "gptq", "-o", tmp_path / "b"),
+                          "double")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 

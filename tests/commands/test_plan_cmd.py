@@ -4,6 +4,7 @@ import json
 
 import pytest
 from test_model_cmds import assert_one_line_error, lowbit
+from test_model_cmds import run_main as run
 
 from lowbit.io import load_quantized
 from lowbit.nn import QuantLinear
@@ -15,10 +16,10 @@ PLAN = {"rules": [{"pattern": "lm_head", "keep": True},
                   {"pattern": "*", "format": "nf4/32"}]}
 
 
-def test_quantize_with_a_plan_saves_reloads_and_reports_fallbacks(tiny_lm_dir, tmp_path):
+def test_quantize_with_a_plan_saves_reloads_and_reports_fallbacks(tiny_lm_dir, tmp_path, capsys):
     plan, out = tmp_path / "plan.json", tmp_path / "q"
     plan.write_text(json.dumps(PLAN))
-    r = lowbit("quantize", "--model", tiny_lm_dir, "--plan", plan, "-o", out)
+    r = run(capsys, "quantize", "--model", tiny_lm_dir, "--plan", plan, "-o", out)
     assert r.returncode == 0, r.stderr
     assert "2 fell back from q4_k" in r.stdout
     model, _, meta = load_quantized(out)
@@ -30,23 +31,23 @@ def test_quantize_with_a_plan_saves_reloads_and_reports_fallbacks(tiny_lm_dir, t
         assert meta["layers"][name].get("fallback_from") == ("q4_k" if name.endswith("down_proj") else None)
     stored = sum(q.nbytes for q in layers.values())
     assert abs(meta["quantize"]["bits_per_weight"] - 8 * stored / sum(q.numel for q in layers.values())) < 1e-12
-    r = lowbit("eval", out, *TINY)
+    r = run(capsys, "eval", out, *TINY)
     assert r.returncode == 0, r.stderr
     assert "12 nf4/32, 2 q8_0; 2 fell back from q4_k" in r.stdout.replace("\n", " ")
 
 
-def test_plan_refusals_are_one_line(tiny_lm_dir, tmp_path):
+def test_plan_refusals_are_one_line(tiny_lm_dir, tmp_path, capsys):
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"rules": [{"pattern": "*", "format": "q4_k"}]}))
-    assert_one_line_error(lowbit("quantize", "--model", tiny_lm_dir, "--plan", plan, "-o", tmp_path / "a"), "q4_k")
+    assert_one_line_error(run(capsys, "quantize", "--model", tiny_lm_dir, "--plan", plan, "-o", tmp_path / "a"), "q4_k")
     assert not (tmp_path / "a").exists()
     plan.write_text("{")
-    assert_one_line_error(lowbit("quantize", "--model", tiny_lm_dir, "--plan", plan, "-o", tmp_path / "b"),
+    assert_one_line_error(run(capsys, "quantize", "--model", tiny_lm_dir, "--plan", plan, "-o", tmp_path / "b"),
                           "not valid JSON")
-    r = lowbit("quantize", "--model", tiny_lm_dir, "--plan", plan, "--format", "nf4", "-o", tmp_path / "c")
+    r = run(capsys, "quantize", "--model", tiny_lm_dir, "--plan", plan, "--format", "nf4", "-o", tmp_path / "c")
     assert r.returncode == 2 and "not allowed with argument" in r.stderr
     plan.write_text(json.dumps(PLAN))
-    assert_one_line_error(lowbit("quantize", "--model", tiny_lm_dir, "--plan", plan, "--exclude", "x",
+    assert_one_line_error(run(capsys, "quantize", "--model", tiny_lm_dir, "--plan", plan, "--exclude", "x",
                                  "-o", tmp_path / "d"), "belong in its rules")
 
 
@@ -64,10 +65,10 @@ def test_a_rule_matching_no_layer_warns_or_fails_with_strict(tiny_lm_dir, tmp_pa
     assert not (tmp_path / "b").exists()
 
 
-def test_compare_scores_a_plan_and_shows_its_layers(tiny_lm_dir, tmp_path):
+def test_compare_scores_a_plan_and_shows_its_layers(tiny_lm_dir, tmp_path, capsys):
     plan, out = tmp_path / "plan.json", tmp_path / "r.json"
     plan.write_text(json.dumps({"name": "mixed", **PLAN}))
-    r = lowbit("compare", "--model", tiny_lm_dir, "--plan", plan, *TINY, "--json", out)
+    r = run(capsys, "compare", "--model", tiny_lm_dir, "--plan", plan, *TINY, "--json", out)
     assert r.returncode == 0, r.stderr
     (row,) = json.loads(out.read_text())["results"]
     assert row["format"] == "mixed" and row["layer_formats"] == {"nf4/32": 12, "q8_0": 2}

@@ -124,6 +124,8 @@ def measure_sensitivity(model: nn.Module, candidates: Sequence[str | QuantConfig
     targets = {names[0]: linear for names, linear in linears(model) if any(selector.selects(n) for n in names)}
     if not targets:
         raise ValueError(f"no nn.Linear layer left to measure (include={list(include)}, exclude={list(exclude)})")
+    if anchor is not None:
+        anchor = QuantConfig.parse(anchor, exclude=()).label  # "nf4/64" and "nf4" name one candidate
     if anchor is not None and anchor not in configs:
         raise ValueError(f"anchor {anchor!r} is not one of the candidates ({', '.join(configs)})")
     runner = _Runner(model, batches)
