@@ -108,6 +108,8 @@ def test_value_a_format_cannot_hold_names_the_layer():
     (("--formats", "nf9"), ValueError, "nf9"),
     (("--formats", ","), ValueError, "names no format"),
     (("--formats", "nf4", "--json", "/proc/lowbit-errors.json"), OSError, "/proc"),
+    (("--formats", "int4+gptq"), ValueError, "int4\\+gptq: lowbit errors measures each weight tensor"),
+    (("--formats", "nf4,nf4/32+had"), ValueError, "score them with lowbit compare"),
 ])
 def test_bad_input_fails_before_the_model_loads(argv, error, needle, tmp_path, capsys):
     missing = tmp_path / "not-a-model"  # never loaded: each check runs first
