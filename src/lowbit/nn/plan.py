@@ -14,12 +14,11 @@ a format label (``FORMAT[/BLOCK][+dq][@SEARCH]``) or keeps the layer in full pre
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from difflib import get_close_matches
-from pathlib import Path
 
+from ..json_file import load_json
 from .config import QuantConfig, matches
 
 _RULE_KEYS = {"pattern", "format", "keep", "fallback"}
@@ -138,14 +137,4 @@ class QuantPlan:
     @classmethod
     def load(cls, path) -> QuantPlan:
         """A plan from a JSON file; every problem is one ValueError naming the file."""
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except OSError as e:
-            raise ValueError(f"cannot read plan {path}: {e.strerror or e}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"plan {path} is not valid JSON: {e}") from None
-        try:
-            return cls.from_dict(d)
-        except ValueError as e:
-            raise ValueError(f"plan {path}: {e}") from None
+        return load_json(path, "plan", cls.from_dict)

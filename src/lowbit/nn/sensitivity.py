@@ -16,18 +16,17 @@ embedded model).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..errors import LayerQuantizeError
 from ..io.atomic import write_json
+from ..json_file import load_json
 from ..pipeline import needs_calibration
 from ..progress import progress_bar
 from .blockwise import call, hessians, transformer_blocks
@@ -92,17 +91,7 @@ class Sensitivity:
 
     @classmethod
     def load(cls, path) -> Sensitivity:
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except OSError as e:
-            raise ValueError(f"cannot read sensitivity table {path}: {e.strerror or e}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"sensitivity table {path} is not valid JSON: {e}") from None
-        try:
-            return cls.from_dict(d)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+        return load_json(path, "sensitivity table", cls.from_dict)
 
 
 def measure_sensitivity(model: nn.Module, candidates: Sequence[str | QuantConfig], batches: Sequence, *,
