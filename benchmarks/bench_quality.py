@@ -62,7 +62,7 @@ from lowbit.commands.common import check_protocol_args, load
 from lowbit.commands.common import console as make_console
 from lowbit.eval.calibration import calibration_batches
 from lowbit.eval.protocol import DEFAULT_WINDOW, DEFAULT_WINDOWS
-from lowbit.evaluate import Evaluation, compare
+from lowbit.evaluate import Evaluation, compare, model_limits
 from lowbit.io.atomic import write_json
 from lowbit.models.loader import CAUSAL_LM
 from lowbit.nn.budget import choose
@@ -188,12 +188,6 @@ def default_labels() -> tuple[list[str], dict[str, str]]:
     return labels, skipped
 
 
-def limits(model) -> dict:
-    config = getattr(model, "config", None)
-    return {"context": getattr(config, "max_position_embeddings", None),
-            "vocab_size": getattr(config, "vocab_size", None)}
-
-
 def run(args) -> int:
     if args.formats is None:
         labels, skipped = default_labels()
@@ -238,7 +232,7 @@ def run(args) -> int:
         save_named(compare(model, tokenizer, info, configs, text=args.text, windows=args.windows, on_result=save_named))
     if not args.no_peers:
         evaluation = Evaluation(info, tokenizer, lambda: model, text=args.text, windows=args.windows,
-                                **limits(model))
+                                **model_limits(model))
         if report["protocol"] not in (None, evaluation.protocol_dict):
             raise RuntimeError(f"the peers' protocol {evaluation.protocol_dict} is not lowbit's {report['protocol']}")
         report["protocol"] = evaluation.protocol_dict

@@ -31,7 +31,6 @@ from .nn.keep_dtype import dtype_name, round_state
 from .nn.linear import QuantLinear
 from .nn.plan import QuantPlan
 from .nn.surgery import QuantConfig, as_plan, check_config, model_weight_bytes, plan_layers, quantize_model
-from .pipeline import needs_calibration
 from .progress import note
 
 DEFAULT_FORMATS = ("int8", "q8_0", "nf4", "nf4+dq", "bnb_fp4", "fp4_e2m1", "int4/64", "q4_0", "mxfp4", "nvfp4")
@@ -104,9 +103,9 @@ def compare(model: nn.Module, tokenizer, info: ModelInfo, configs: list[QuantCon
     importance, calibration_seconds, gptq_inputs = None, 0.0, None
     if any(_uses(c, 'method') for c in configs if c.label not in failed):  # a text too short fails now
         gptq_inputs = gptq_batches(tokenizer, info, evaluation, text=text, window=window, count=calibrate)
-    if any(_uses(c, 'search') for c in configs if c.label not in failed):
+    if any(_uses(c, 'needs_importance') for c in configs if c.label not in failed):
         start = time.perf_counter()
-        wanted = [c for c in configs if _uses(c, 'search') and c.label not in failed]
+        wanted = [c for c in configs if _uses(c, 'needs_importance') and c.label not in failed]
         importance = calibration_for(model, tokenizer, info, evaluation, text=text, window=window,
                                      count=calibrate, progress=progress, layers=calibrated_layers(model, wanted))
         calibration_seconds = time.perf_counter() - start
@@ -128,12 +127,12 @@ def compare(model: nn.Module, tokenizer, info: ModelInfo, configs: list[QuantCon
             prequantized = gptq_prequantized(model, config, gptq_inputs, progress) if _uses(config, 'method') else None
             gptq_seconds = time.perf_counter() - start
             qreport = quantize_model(quantized, config, progress=progress, prequantized=prequantized,
-                                     importance=importance if _uses(config, 'search') else None)
+                                     importance=importance if _uses(config, 'needs_importance') else None)
         except ValueError as e:  # e.g. a value the format cannot hold (LayerQuantizeError names the layer)
             _add(report, {"format": config.label, "error": str(e)}, on_result, progress)
             continue
         saved = round_state(quantized, keep) if keep is not None else 0
-        seconds = qreport.seconds + (calibration_seconds if _uses(config, 'search') else 0.0)
+        seconds = qreport.seconds + (calibration_seconds if _uses(config, 'needs_importance') else 0.0)
         seconds += gptq_seconds
         _add(report, _score(evaluation, quantized, config.label, _uses(config, 'double_quant'), qreport.bits_per_weight,
                             seconds, saved, layers=(qreport.format_counts, dict(qreport.fallbacks))),
@@ -143,11 +142,8 @@ def compare(model: nn.Module, tokenizer, info: ModelInfo, configs: list[QuantCon
 
 
 def _uses(config: QuantConfig | QuantPlan, what: str) -> bool:
-    """Whether a config, or any config of a plan, has a ``method``, a calibrated ``search`` or ``double_quant``."""
-    configs = as_plan(config).configs
-    if what == "search":  # GPTQ weighs a search by its own Hessian's diagonal: no separate calibration
-        return any(needs_calibration(c.search) and not c.method for c in configs)
-    return any(getattr(c, what) for c in configs)
+    """Whether a config, or any config of a plan, has ``what`` (``method``, ``needs_importance``, ``double_quant``)."""
+    return any(getattr(c, what) for c in as_plan(config).configs)
 
 
 def calibration_for(model: nn.Module, tokenizer, info: ModelInfo, evaluation: Evaluation, *, text=None,
@@ -179,7 +175,7 @@ def calibrated_layers(model: nn.Module, configs: list[QuantConfig | QuantPlan]) 
     names = {}
     for config in configs:
         for layer_names, _, layer_config, _ in plan_layers(model, as_plan(config)):
-            if needs_calibration(layer_config.search) and not layer_config.method:
+            if layer_config.needs_importance:
                 names[layer_names[0]] = None
     return list(names)
 

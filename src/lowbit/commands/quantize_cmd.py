@@ -18,7 +18,6 @@ from ..nn.keep_dtype import parse_keep_dtype
 from ..nn.plan import QuantPlan
 from ..nn.sensitivity import DEFAULT_CANDIDATES, SENSITIVITY_CALIBRATE, Sensitivity, measure_sensitivity
 from ..nn.surgery import as_plan, linears, quantize_model
-from ..pipeline import needs_calibration
 from ..report.layers import budget_table
 from ..report.table import layer_notes
 from .common import (
@@ -173,7 +172,7 @@ def quantize_with(model, tokenizer, info, config, args, scored: int):
     if any(c.method for c in plan.configs):  # a text too short for GPTQ fails before any calibration
         batches, _ = calibration_batches(tokenizer, info.kind, args.text, window=args.window, scored=scored,
                                          count=args.calibrate or GPTQ_CALIBRATE)
-    if any(needs_calibration(c.search) and not c.method for c in plan.configs):
+    if any(c.needs_importance for c in plan.configs):
         start = time.perf_counter()
         importance = calibrate(model, tokenizer, info.kind, args.text, window=args.window, scored=scored,
                                count=args.calibrate or DEFAULT_CALIBRATE, layers=calibrated_layers(model, [config]))

@@ -77,6 +77,12 @@ class QuantConfig:
         """Whether quantizing needs calibration activations (an activation-weighted search, or GPTQ)."""
         return needs_calibration(self.search) or self.method is not None
 
+    @property
+    def needs_importance(self) -> bool:
+        """Whether quantizing needs the calibration importance (mean x^2 per input channel): an activation-weighted
+        search rounding on its own. GPTQ weighs a search by its own Hessian's diagonal instead."""
+        return needs_calibration(self.search) and not self.method
+
     @classmethod
     def parse(cls, label: str, **kwargs) -> QuantConfig:
         """``"nf4"``, ``"int4/128"``, ``"nf4+dq"``, ``"nf4/64+dq"``, ``"int4_asym/64@hqq"`` -> QuantConfig

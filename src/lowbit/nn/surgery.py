@@ -12,7 +12,6 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from ..errors import LayerQuantizeError
 from ..formats.registry import get_format
-from ..pipeline import needs_calibration
 from ..progress import progress_bar
 from ..quantize import quantize
 from ..tensor import QuantizedTensor
@@ -86,7 +85,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | QuantPlan | str, *, p
     if unmade:
         raise ValueError(f"{unmade[0]} is to be quantized by {plan.rule_for([unmade[0]]).config.method}, which "
                          "needs the whole model's calibration pass: pass prequantized= (lowbit.nn.gptq_model)")
-    missing = [names[0] for names, _, c, _ in targets if needs_calibration(c.search) and not c.method
+    missing = [names[0] for names, _, c, _ in targets if c.needs_importance
                and not any(n in (importance or {}) for n in names)]
     if missing:
         search = next(c.search for names, _, c, _ in targets if names[0] == missing[0])
