@@ -17,9 +17,10 @@ from torch import nn
 
 from ..progress import progress_bar
 from .blockwise import call, catch_inputs, first, hessians, transformer_blocks
+from .config import QuantConfig
 from .gptq import GPTQResult, gptq_quantize
 from .plan import QuantPlan
-from .rotation import hadamard_block, layer_signs, rotate, rotate_hessian, unrotate
+from .rotation import layer_signs, rotate, rotate_hessian, unrotate
 from .surgery import plan_layers
 
 # Calibration windows of 512 tokens GPTQ runs by default: 32,768 tokens. The reference code takes 128 random
@@ -42,20 +43,12 @@ def gptq_weights(model: nn.Module, plan: QuantPlan, batches: Sequence, *, act_or
 
     def quantize(name: str, hessian: torch.Tensor) -> GPTQResult:
         linear, config = targets[name]
-        weight = linear.weight
-        if config.rotate:  # GPTQ on W Q with the rotated inputs' Hessian Q^T H Q (lowbit.nn.rotation)
-            signs, block = layer_signs(name, linear.in_features), hadamard_block(linear.in_features)
-            weight, hessian = rotate(weight.detach(), signs, block), rotate_hessian(hessian, signs, block)
-        return gptq_quantize(weight, hessian, config.format, block_size=config.block_size,
-                             search=config.search, act_order=act_order, double_quant=config.double_quant)
+        return gptq_layer(name, linear.weight, hessian, config, act_order=act_order)
 
     def computed(name: str) -> torch.Tensor:
         """The weight layer ``name`` now computes with, in its input's own basis."""
         linear, config = targets[name]
-        w = results[name].qweight.dequantize().float()
-        if config.rotate:
-            w = unrotate(w, layer_signs(name, linear.in_features), hadamard_block(linear.in_features))
-        return w.to(linear.weight.dtype)
+        return effective_weight(name, results[name].qweight, config).to(linear.weight.dtype)
 
     names = {id(m): n for n, m in model.named_modules()}
     with progress_bar(len(targets), "GPTQ", enabled=progress) as advance, torch.inference_mode():
@@ -81,3 +74,21 @@ def gptq_weights(model: nn.Module, plan: QuantPlan, batches: Sequence, *, act_or
                 results[name] = quantize(name, found[name])
                 advance()
     return results
+
+
+def gptq_layer(name: str, weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig, *,
+               act_order: bool = False) -> GPTQResult:
+    """GPTQ of one layer's weight as ``config`` says; with ``+had`` on ``W Q`` against the rotated inputs'
+    Hessian ``Q^T H Q`` (``lowbit.nn.rotation``), the signs drawn from the layer's name."""
+    weight = weight.detach()
+    if config.rotate:
+        signs = layer_signs(name, weight.shape[1])
+        weight, hessian = rotate(weight, signs), rotate_hessian(hessian, signs)
+    return gptq_quantize(weight, hessian, config.format, block_size=config.block_size, search=config.search,
+                         act_order=act_order, double_quant=config.double_quant)
+
+
+def effective_weight(name: str, qweight, config: QuantConfig) -> torch.Tensor:
+    """A quantized weight as its layer computes with it, float32 in the input's own basis (``+had`` undone)."""
+    w = qweight.dequantize().float()
+    return unrotate(w, layer_signs(name, w.shape[1])) if config.rotate else w

@@ -49,16 +49,17 @@ def fwht(x: torch.Tensor, block: int) -> torch.Tensor:
     return y.reshape(shape) * (block ** -0.5)
 
 
-def rotate(x: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:
-    """``Q^T x`` for activations (last dimension = input channels), or a weight row's ``W Q``."""
-    return fwht(x * signs.to(x.dtype), block)
+def rotate(x: torch.Tensor, signs: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    """``Q^T x`` for activations (last dimension = input channels), or a weight row's ``W Q``. ``block``: the
+    Hadamard block, by default ``hadamard_block(len(signs))``."""
+    return fwht(x * signs.to(x.dtype), block or hadamard_block(signs.numel()))
 
 
-def unrotate(x: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:
+def unrotate(x: torch.Tensor, signs: torch.Tensor, block: int | None = None) -> torch.Tensor:
     """The inverse of ``rotate``: a rotated weight's rows back in the original input basis."""
-    return fwht(x, block) * signs.to(x.dtype)
+    return fwht(x, block or hadamard_block(signs.numel())) * signs.to(x.dtype)
 
 
-def rotate_hessian(hessian: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:
+def rotate_hessian(hessian: torch.Tensor, signs: torch.Tensor, block: int | None = None) -> torch.Tensor:
     """``Q^T H Q`` for a symmetric ``H``: ``rotate`` on its rows, then on the rows of the transpose."""
     return rotate(rotate(hessian, signs, block).T.contiguous(), signs, block)

@@ -31,9 +31,8 @@ from ..pipeline import needs_calibration
 from ..progress import progress_bar
 from .blockwise import call, hessians, transformer_blocks
 from .config import QuantConfig
-from .gptq import gptq_quantize
-from .rotation import hadamard_block, layer_signs, rotate, rotate_hessian, unrotate
-from .surgery import layout_error, linears, quantize_weight
+from .gptq_model import effective_weight, gptq_layer
+from .surgery import layout_error, linears, rounded_layer
 
 # Calibration windows of 512 tokens each measurement runs: 1,024 tokens. A measurement costs the forward from
 # the layer's block on plus the full-vocabulary log-softmax (~1 s a window for SmolLM2 on 2 CPU threads), and
@@ -179,26 +178,25 @@ def _layer_costs(name: str, linear: nn.Linear, hessian: torch.Tensor,
     for label, config in configs.items():
         if layout_error(name, linear, config) is not None:
             continue  # not a candidate for this layer; plan_for_budget picks among the others
-        weight, h, signs = linear.weight.detach(), hessian, None
-        if config.rotate:  # quantized and measured in the rotated basis, where the error is the same
-            signs, block = layer_signs(name, linear.in_features), hadamard_block(linear.in_features)
-            weight, h = rotate(weight, signs, block), rotate_hessian(hessian, signs, block)
         try:
             if config.method:
-                q = gptq_quantize(weight, h, config.format, block_size=config.block_size,
-                                  search=config.search, double_quant=config.double_quant).qweight
-            else:
-                importance = (h.diagonal() / 2).float() if needs_calibration(config.search) else None
-                q = quantize_weight(weight, config, importance)
+                q = gptq_layer(name, linear.weight, hessian, config).qweight
+            else:  # @amse's importance: the calibration mean of x^2, H's diagonal / 2 (+had with it needs +gptq)
+                importance = (hessian.diagonal() / 2).float() if needs_calibration(config.search) else None
+                q, _ = rounded_layer(name, linear.weight, config, importance)
+        except LayerQuantizeError:
+            raise
         except ValueError as e:
             raise LayerQuantizeError(f"layer {name!r} ({label}): {e}") from e
-        deq = q.dequantize().float().view(weight.shape)
-        delta = (deq - weight.float()).double()
-        error = float(((delta @ h) * delta).sum()) / 2
-        dequantized[label] = deq if signs is None else unrotate(deq, signs, block)
-        out[label] = LayerCost(q.nbytes + (0 if signs is None else signs.numel()), max(error, 0.0), math.nan, False)
+        # the error in the input's own basis: a rotation is orthogonal, so it is the rotated basis' error too
+        deq = effective_weight(name, q, config).view(linear.weight.shape)
+        delta = (deq - linear.weight.detach().float()).double()
+        error = float(((delta @ hessian.double()) * delta).sum()) / 2
+        dequantized[label] = deq
+        out[label] = LayerCost(q.nbytes + (linear.in_features if config.rotate else 0), max(error, 0.0), math.nan,
+                               False)
     if not out:
-        raise LayerQuantizeError(f"layer {name!r} (weight {tuple(weight.shape)}): no candidate can hold it")
+        raise LayerQuantizeError(f"layer {name!r} (weight {tuple(linear.weight.shape)}): no candidate can hold it")
     return out, dequantized
 
 

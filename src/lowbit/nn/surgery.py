@@ -19,7 +19,7 @@ from .config import LABEL_SYNTAX, QuantConfig, matches  # noqa: F401  (re-export
 from .hf_quantizer import refuse_save_pretrained
 from .linear import QuantLinear
 from .plan import QuantPlan
-from .rotation import hadamard_block, layer_signs, rotate
+from .rotation import layer_signs, rotate
 
 
 @dataclass(frozen=True)
@@ -97,15 +97,12 @@ def quantize_model(model: nn.Module, config: QuantConfig | QuantPlan | str, *, p
     with progress_bar(len(targets), f"quantizing to {what}", enabled=progress) as advance:
         for names, linear, layer_config, _ in targets:
             weights = next((importance[n] for n in names if n in (importance or {})), None)
-            signs = layer_signs(names[0], linear.in_features) if layer_config.rotate else None
             if layer_config.method:
                 qweight = prequantized[names[0]]
+                signs = layer_signs(names[0], linear.in_features) if layer_config.rotate else None
             else:
-                weight = linear.weight.detach()
-                if signs is not None:
-                    weight = rotate(weight, signs, hadamard_block(linear.in_features))
-                qweight = _quantize_layer(names[0], weight, layer_config,
-                                          importance=weights if layer_config.needs_calibration else None)
+                qweight, signs = rounded_layer(names[0], linear.weight, layer_config,
+                                               weights if layer_config.needs_calibration else None)
             replacements.append((names, QuantLinear.from_linear(linear, qweight, signs), layer_config))
             advance()
 
@@ -245,6 +242,16 @@ def quantize_weight(weight: torch.Tensor, config: QuantConfig, importance: torch
     """One weight tensor quantized as ``config`` says (format, block, double quant, search)."""
     return quantize(weight, config.format, block_size=config.block_size, double_quant=config.double_quant,
                     search=config.search, importance=importance)
+
+
+def rounded_layer(name: str, weight: torch.Tensor, config: QuantConfig, importance: torch.Tensor | None = None):
+    """``(qweight, signs)``: one layer's weight rounded on its own as ``config`` says; with ``+had`` the weight
+    is ``W Q`` and ``signs`` the rotation's (``lowbit.nn.rotation``), else None."""
+    weight, signs = weight.detach(), None
+    if config.rotate:
+        signs = layer_signs(name, weight.shape[1])
+        weight = rotate(weight, signs)
+    return _quantize_layer(name, weight, config, importance=importance), signs
 
 
 def _quantize_layer(name: str, weight: torch.Tensor, config: QuantConfig, shape: torch.Size | None = None,
