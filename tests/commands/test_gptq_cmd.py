@@ -3,10 +3,14 @@
 import json
 
 import pytest
+import torch
 from test_model_cmds import assert_one_line_error, lowbit
 from test_model_cmds import run_main as run
 
+from lowbit import quantize as quantize_tensor
 from lowbit.io import load_quantized
+from lowbit.models.loader import load_model
+from lowbit.nn.linear import QuantLinear
 
 TINY = ["--window", "64", "--windows", "1"]
 
@@ -18,6 +22,22 @@ def test_quantize_method_gptq_saves_reloads_and_scores(tiny_lm_dir, tmp_path, ca
     assert r.returncode == 0, r.stderr
     model, _, meta = load_quantized(out)
     assert meta["config"]["label"] == "int4/32+gptq" and meta["plan"]["rules"][-1]["format"] == "int4/32+gptq"
+    r = run(capsys, "eval", out, *TINY)
+    assert r.returncode == 0, r.stderr
+
+
+def test_refit_codebooks_are_saved_and_reloaded(tiny_lm_dir, tmp_path, capsys):
+    """+cb: the stored codebook is the refit one, not the format's own fit, and the reloaded model scores."""
+    out = tmp_path / "cb"
+    r = run(capsys, "quantize", "--model", tiny_lm_dir, "--format", "lloyd3/32+dq+gptq+cb", "--calibrate", "2",
+            *TINY, "-o", out)
+    assert r.returncode == 0, r.stderr
+    model, _, meta = load_quantized(out)
+    assert meta["config"]["label"] == "lloyd3/32+dq+gptq+cb"
+    original = load_model(str(tiny_lm_dir))[0]
+    name, layer = next((n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear))
+    own_fit = quantize_tensor(original.get_submodule(name).weight.detach(), "lloyd3", block_size=32)
+    assert not torch.equal(layer.qweight.parts["tensor_codebook"], own_fit.parts["tensor_codebook"])
     r = run(capsys, "eval", out, *TINY)
     assert r.returncode == 0, r.stderr
 

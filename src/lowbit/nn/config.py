@@ -1,4 +1,4 @@
-"""QuantConfig: what to quantize and how; the one reader of a format label (``FORMAT[/BLOCK][+dq][@SEARCH]``)."""
+"""QuantConfig: what to quantize and how; the one reader of a format label (``LABEL_SYNTAX``)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ class QuantConfig:
     search: str | None = None  # scale search (lowbit.pipeline.SEARCHES); None: the format's own rule
     method: str | None = None  # "gptq" (lowbit.nn.gptq); None: each weight rounded on its own
     rotate: bool = False  # "+had": a randomized Hadamard rotation of the input dimension (lowbit.nn.rotation)
+    refit_codebook: bool = False  # "+cb": the learned codebook refit to the output error (lowbit.nn.codebook_refit)
 
     def __post_init__(self):
         # Settings wrong for every layer fail here, before any layer is touched, rather
@@ -56,6 +57,13 @@ class QuantConfig:
         if self.rotate and needs_calibration(self.search) and not self.method:
             raise ValueError(f"+had with @{self.search} needs +gptq: the rotated inputs' importance is the diagonal "
                              "of the rotated Hessian, which GPTQ collects")
+        if self.refit_codebook:
+            if self.method != "gptq":
+                raise ValueError(f"{CODEBOOK_SUFFIX} refits the codebook to the layer's output error on GPTQ's "
+                                 f"Hessian: add +gptq, e.g. lloyd4/32+dq+gptq{CODEBOOK_SUFFIX}")
+            if codec_for(spec).family != "learned":
+                raise ValueError(f"{CODEBOOK_SUFFIX} refits a codebook stored with the tensor; {spec.name} has "
+                                 "none: use a learned codebook format, lloyd2..lloyd8 or qq2..qq8")
         for key in ("include", "exclude"):
             value = getattr(self, key)
             # a bare string would otherwise be read as one pattern per character
@@ -63,14 +71,15 @@ class QuantConfig:
 
     @property
     def label(self) -> str:
-        """``FORMAT[/BLOCK][+dq][@SEARCH]``, the name reports and ``--formats`` use (block only if
+        """``FORMAT[/BLOCK][+dq][+had][+gptq][+cb][@SEARCH]``, the name reports and ``--formats`` use (block only if
         not the default)."""
         spec = get_format(self.format)
         block = "" if self.block_size in (None, spec.default_block_size) else f"/{self.block_size}"
         search = f"@{self.search}" if self.search else ""
         method = f"+{self.method}" if self.method else ""
         rotate = ROTATE_SUFFIX if self.rotate else ""
-        return f"{spec.name}{block}{DQ_SUFFIX if self.double_quant else ''}{rotate}{method}{search}"
+        refit = CODEBOOK_SUFFIX if self.refit_codebook else ""
+        return f"{spec.name}{block}{DQ_SUFFIX if self.double_quant else ''}{rotate}{method}{refit}{search}"
 
     @property
     def needs_calibration(self) -> bool:
@@ -101,10 +110,14 @@ class QuantConfig:
         methods = [s for s in suffixes if s in METHODS]
         if len(methods) > 1:
             raise ValueError(f"{label!r}: +{methods[0]} given more than once")
-        rotate = sum(f"+{s}" == ROTATE_SUFFIX for s in suffixes)
-        if rotate > 1:
-            raise ValueError(f"{label!r}: {ROTATE_SUFFIX} given more than once")
-        suffixes = [s for s in suffixes if s not in METHODS and f"+{s}" != ROTATE_SUFFIX]
+        flags = {}
+        for flag, suffix in (("rotate", ROTATE_SUFFIX), ("refit_codebook", CODEBOOK_SUFFIX)):
+            given = sum(f"+{s}" == suffix for s in suffixes)
+            if given > 1:
+                raise ValueError(f"{label!r}: {suffix} given more than once")
+            if given:
+                flags[flag] = True
+        suffixes = [s for s in suffixes if s not in METHODS and f"+{s}" not in (ROTATE_SUFFIX, CODEBOOK_SUFFIX)]
         for suffix in suffixes:
             if "/" in suffix:
                 raise ValueError(f"{label!r}: the block size goes before {DQ_SUFFIX}, e.g. nf4/128{DQ_SUFFIX}")
@@ -113,7 +126,8 @@ class QuantConfig:
             if f"+{suffix}" != DQ_SUFFIX:
                 hint = f"; did you mean {head}{DQ_SUFFIX}?" if suffix.lower() == DQ_SUFFIX[1:] else ""
                 raise ValueError(f"{label!r}: unknown suffix {'+' + suffix!r}; the suffixes are {DQ_SUFFIX} "
-                                 f"(double quantization), {ROTATE_SUFFIX} (Hadamard rotation) and +gptq (GPTQ), "
+                                 f"(double quantization), {ROTATE_SUFFIX} (Hadamard rotation), +gptq (GPTQ) and "
+                                 f"{CODEBOOK_SUFFIX} (codebook refit), "
                                  f"lower case{hint}")
         if len(suffixes) > 1:
             raise ValueError(f"{label!r}: {DQ_SUFFIX} given more than once")
@@ -124,7 +138,7 @@ class QuantConfig:
             raise ValueError(f"{label!r} names no format: write FORMAT{DQ_SUFFIX}, e.g. nf4{DQ_SUFFIX}")
         return cls(format=name, block_size=_parse_block(label, block) if slash else None,
                    double_quant=bool(suffixes), search=search.strip() if at else None,
-                   **({"method": methods[0]} if methods else {}), **({"rotate": True} if rotate else {}), **kwargs)
+                   **({"method": methods[0]} if methods else {}), **flags, **kwargs)
 
     def selects(self, name: str) -> bool:
         included = not self.include or any(matches(name, p) for p in self.include)
@@ -133,8 +147,9 @@ class QuantConfig:
 
 METHODS = ("gptq",)  # rounding methods beyond round-to-nearest (lowbit.nn.gptq)
 ROTATE_SUFFIX = "+had"
-LABEL_SYNTAX = ("FORMAT[/BLOCK][+dq][+had][+gptq][@SEARCH], e.g. nf4, int4/128, nf4/64+dq, int4+gptq, "
-                "nf4/32+dq+had+gptq@amse, int4_asym/64@hqq (`lowbit formats` lists the formats)")
+CODEBOOK_SUFFIX = "+cb"
+LABEL_SYNTAX = ("FORMAT[/BLOCK][+dq][+had][+gptq][+cb][@SEARCH], e.g. nf4, int4/128, nf4/64+dq, int4+gptq, "
+                "nf4/32+dq+had+gptq@amse, lloyd4/32+dq+gptq+cb, int4_asym/64@hqq (`lowbit formats` lists the formats)")
 
 
 def _parse_block(label: str, block: str) -> int:

@@ -54,8 +54,10 @@ class GPTQResult:
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt, *, block_size: int | None = None,
                   search: str | None = None, act_order: bool = False, double_quant: bool = False,
-                  percdamp: float = DAMP, lazy: int = LAZY) -> GPTQResult:
-    """``weight`` (out, in), ``hessian`` (in, in) -> the quantized weight (the format's stored layout)."""
+                  percdamp: float = DAMP, lazy: int = LAZY, tensor_parts: dict | None = None) -> GPTQResult:
+    """``weight`` (out, in), ``hessian`` (in, in) -> the quantized weight (the format's stored layout).
+    ``tensor_parts``: the per-tensor parts to round against (a learned codebook: ``lowbit.nn.codebook_refit``);
+    by default the format's own, fitted to ``weight``."""
     spec = get_format(fmt)
     codec = codec_for(spec)
     if not issubclass(codec, GridCodec):
@@ -84,7 +86,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt, *, block_siz
     perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else None
     U, damp, raised = _inverse_cholesky(H if perm is None else H[perm][:, perm], percdamp)
 
-    tensor_parts = codec.tensor_parts(spec, W.reshape(-1).to(torch.float32), block)
+    if tensor_parts is None:
+        tensor_parts = codec.tensor_parts(spec, W.reshape(-1).to(torch.float32), block)
     groups = in_f // block
 
     def choose(cols: torch.Tensor, g: int) -> dict[str, torch.Tensor]:

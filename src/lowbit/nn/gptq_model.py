@@ -17,6 +17,7 @@ from torch import nn
 
 from ..progress import progress_bar
 from .blockwise import call, catch_inputs, first, hessians, transformer_blocks
+from .codebook_refit import refit_rounds
 from .config import QuantConfig
 from .gptq import GPTQResult, gptq_quantize
 from .plan import QuantPlan
@@ -79,13 +80,19 @@ def gptq_weights(model: nn.Module, plan: QuantPlan, batches: Sequence, *, act_or
 def gptq_layer(name: str, weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig, *,
                act_order: bool = False) -> GPTQResult:
     """GPTQ of one layer's weight as ``config`` says; with ``+had`` on ``W Q`` against the rotated inputs'
-    Hessian ``Q^T H Q`` (``lowbit.nn.rotation``), the signs drawn from the layer's name."""
+    Hessian ``Q^T H Q`` (``lowbit.nn.rotation``), the signs drawn from the layer's name; with ``+cb`` the codebook
+    refit to the output error between GPTQ rounds (``lowbit.nn.codebook_refit``)."""
     weight = weight.detach()
     if config.rotate:
         signs = layer_signs(name, weight.shape[1])
         weight, hessian = rotate(weight, signs), rotate_hessian(hessian, signs)
-    return gptq_quantize(weight, hessian, config.format, block_size=config.block_size, search=config.search,
-                         act_order=act_order, double_quant=config.double_quant)
+    result = gptq_quantize(weight, hessian, config.format, block_size=config.block_size, search=config.search,
+                           act_order=act_order, double_quant=config.double_quant)
+    if config.refit_codebook:
+        result = refit_rounds(weight, hessian, result, lambda parts: gptq_quantize(
+            weight, hessian, config.format, block_size=config.block_size, search=config.search, act_order=act_order,
+            double_quant=config.double_quant, tensor_parts=parts))
+    return result
 
 
 def effective_weight(name: str, qweight, config: QuantConfig) -> torch.Tensor:
