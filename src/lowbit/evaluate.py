@@ -26,6 +26,7 @@ from .eval.protocol import DEFAULT_WINDOW, read_text, token_windows
 from .eval.reference import causal_reference
 from .io.model_io import load_quantized
 from .models.loader import CAUSAL_LM, ModelInfo, load_model
+from .nn.awq import awq_scale, scaled_importance
 from .nn.gptq_model import GPTQ_CALIBRATE, gptq_weights
 from .nn.keep_dtype import dtype_name, round_state
 from .nn.linear import QuantLinear
@@ -101,7 +102,7 @@ def compare(model: nn.Module, tokenizer, info: ModelInfo, configs: list[QuantCon
                             **model_limits(model), progress=progress)
     report = _report(info, evaluation, model_weight_bytes(model), [])
     importance, calibration_seconds, gptq_inputs = None, 0.0, None
-    if any(_uses(c, 'method') for c in configs if c.label not in failed):  # a text too short fails now
+    if any(_uses(c, 'method') or _uses(c, 'awq') for c in configs if c.label not in failed):  # a short text fails now
         gptq_inputs = gptq_batches(tokenizer, info, evaluation, text=text, window=window, count=calibrate)
     if any(_uses(c, 'needs_importance') for c in configs if c.label not in failed):
         start = time.perf_counter()
@@ -124,10 +125,13 @@ def compare(model: nn.Module, tokenizer, info: ModelInfo, configs: list[QuantCon
         quantized = copy.deepcopy(model)
         try:
             start = time.perf_counter()
-            prequantized = gptq_prequantized(model, config, gptq_inputs, progress) if _uses(config, 'method') else None
+            plan = as_plan(config)
+            scales = awq_scale(quantized, plan, gptq_inputs, progress=progress) if _uses(plan, "awq") else {}
+            prequantized = gptq_prequantized(quantized, plan, gptq_inputs, progress) if _uses(plan, "method") else None
             gptq_seconds = time.perf_counter() - start
             qreport = quantize_model(quantized, config, progress=progress, prequantized=prequantized,
-                                     importance=importance if _uses(config, 'needs_importance') else None)
+                                     importance=scaled_importance(importance, scales)
+                                     if _uses(config, 'needs_importance') else None)
         except ValueError as e:  # e.g. a value the format cannot hold (LayerQuantizeError names the layer)
             _add(report, {"format": config.label, "error": str(e)}, on_result, progress)
             continue
@@ -157,7 +161,7 @@ def calibration_for(model: nn.Module, tokenizer, info: ModelInfo, evaluation: Ev
 
 def gptq_batches(tokenizer, info: ModelInfo, evaluation: Evaluation, *, text=None, window: int = DEFAULT_WINDOW,
                  count: int | None = None) -> list:
-    """The calibration inputs GPTQ runs through the model (default ``GPTQ_CALIBRATE`` windows)."""
+    """The calibration inputs GPTQ and AWQ run through the model (default ``GPTQ_CALIBRATE`` windows)."""
     scored = evaluation.protocol.windows if info.kind == CAUSAL_LM else len(evaluation.texts)
     return calibration_batches(tokenizer, info.kind, text, window=window, scored=scored,
                                count=count or GPTQ_CALIBRATE)[0]

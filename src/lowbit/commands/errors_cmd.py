@@ -70,10 +70,10 @@ def run(args) -> int:
     # --layers selects exactly what it matches, lm_head too; without it, QuantConfig's default (all but lm_head)
     selection = SimpleNamespace(include=args.layers, exclude=[] if args.layers else None)
     configs = parse_configs(labels, selection)
-    whole = next((c.label for c in configs if c.method or c.rotate), None)
+    whole = next((c.label for c in configs if c.method or c.rotate or c.awq), None)
     if whole:  # quantize_weight would drop them silently
-        raise ValueError(f"{whole}: lowbit errors measures each weight tensor rounded on its own; +gptq and +had "
-                         "change a layer against its inputs: score them with lowbit compare")
+        raise ValueError(f"{whole}: lowbit errors measures each weight tensor rounded on its own; +gptq, +had and "
+                         "+awq change a layer against its inputs: score them with lowbit compare")
     _check_calibrate(args.calibrate, configs)
     check_protocol_args(args)  # --window/--windows/--text and the --json path, before the model loads
     con = console()

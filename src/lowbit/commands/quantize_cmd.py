@@ -11,12 +11,12 @@ from ..eval.protocol import DEFAULT_WINDOW, DEFAULT_WINDOWS, paragraphs, read_te
 from ..evaluate import Evaluation, calibrated_layers, materialize, model_limits
 from ..io.model_io import check_output, local_source, read_meta, save_quantized
 from ..models.loader import CAUSAL_LM
+from ..nn.awq import awq_scale
 from ..nn.budget import plan_for_budget
-from ..nn.config import QuantConfig
 from ..nn.gptq_model import GPTQ_CALIBRATE, gptq_weights
 from ..nn.keep_dtype import parse_keep_dtype
 from ..nn.plan import QuantPlan
-from ..nn.sensitivity import DEFAULT_CANDIDATES, SENSITIVITY_CALIBRATE, Sensitivity, measure_sensitivity
+from ..nn.sensitivity import DEFAULT_CANDIDATES, SENSITIVITY_CALIBRATE, Sensitivity, candidate, measure_sensitivity
 from ..nn.surgery import as_plan, linears, quantize_model
 from ..report.layers import budget_table
 from ..report.table import layer_notes
@@ -129,7 +129,7 @@ def run_budget(args) -> int:
     """``--budget``: measure (or read) the sensitivity table, choose the plan, quantize, save, score."""
     candidates = [label for label in args.candidates.split(",") if label.strip()]
     for label in candidates:
-        QuantConfig.parse(label)  # a bad label fails before the model loads
+        candidate(label)  # a bad label fails before the model loads
     if not (args.budget > 0 and math.isfinite(args.budget)):
         raise ValueError(f"--budget is a positive number of bits per weight, got {args.budget}")
     table = Sensitivity.load(args.sensitivity) if args.sensitivity else None
@@ -166,17 +166,22 @@ def run_budget(args) -> int:
 
 
 def quantize_with(model, tokenizer, info, config, args, scored: int):
-    """``quantize_model`` with what ``config`` needs first: calibration importance (@amse), GPTQ weights."""
+    """``quantize_model`` with what ``config`` needs first: AWQ scales folded in, calibration importance (@amse),
+    GPTQ weights."""
     importance, seconds, prequantized = None, 0.0, None
     plan = as_plan(config)
-    if any(c.method for c in plan.configs):  # a text too short for GPTQ fails before any calibration
+    if any(c.method or c.awq for c in plan.configs):  # a text too short for GPTQ fails before any calibration
         batches, _ = calibration_batches(tokenizer, info.kind, args.text, window=args.window, scored=scored,
                                          count=args.calibrate or GPTQ_CALIBRATE)
+    if any(c.awq for c in plan.configs):  # first: the importance and GPTQ's Hessians are then the scaled inputs'
+        start = time.perf_counter()
+        awq_scale(model, plan, batches)
+        seconds += time.perf_counter() - start
     if any(c.needs_importance for c in plan.configs):
         start = time.perf_counter()
         importance = calibrate(model, tokenizer, info.kind, args.text, window=args.window, scored=scored,
                                count=args.calibrate or DEFAULT_CALIBRATE, layers=calibrated_layers(model, [config]))
-        seconds = time.perf_counter() - start
+        seconds += time.perf_counter() - start
     if any(c.method for c in plan.configs):
         start = time.perf_counter()
         prequantized = {name: r.qweight for name, r in gptq_weights(model, plan, batches).items()}

@@ -6,8 +6,7 @@ from ..eval.calibration import calibration_batches
 from ..eval.protocol import DEFAULT_WINDOWS
 from ..io.atomic import write_json
 from ..models.loader import CAUSAL_LM
-from ..nn.config import QuantConfig
-from ..nn.sensitivity import DEFAULT_CANDIDATES, MEASURES, SENSITIVITY_CALIBRATE, measure_sensitivity
+from ..nn.sensitivity import DEFAULT_CANDIDATES, MEASURES, SENSITIVITY_CALIBRATE, candidate, measure_sensitivity
 from ..report.layers import sensitivity_table
 from .common import add_model_arg, add_protocol_args, add_selection_args, check_protocol_args, console, load
 from .quantize_cmd import scored_count
@@ -37,7 +36,7 @@ def candidate_configs(args) -> list:
         raise ValueError("no candidate format given")
     if args.calibrate < 1:
         raise ValueError(f"--calibrate needs at least 1 window, got {args.calibrate}")
-    return list({c.label: c for c in (QuantConfig.parse(label, exclude=()) for label in labels)}.values())
+    return list({c.label: c for c in map(candidate, labels)}.values())
 
 
 def measure(args, model, tokenizer, info, configs):

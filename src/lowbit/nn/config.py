@@ -33,6 +33,7 @@ class QuantConfig:
     method: str | None = None  # "gptq" (lowbit.nn.gptq); None: each weight rounded on its own
     rotate: bool = False  # "+had": a randomized Hadamard rotation of the input dimension (lowbit.nn.rotation)
     refit_codebook: bool = False  # "+cb": the learned codebook refit to the output error (lowbit.nn.codebook_refit)
+    awq: bool = False  # "+awq": activation-aware input-channel scales folded into the op before (lowbit.nn.awq)
 
     def __post_init__(self):
         # Settings wrong for every layer fail here, before any layer is touched, rather
@@ -71,20 +72,21 @@ class QuantConfig:
 
     @property
     def label(self) -> str:
-        """``FORMAT[/BLOCK][+dq][+had][+gptq][+cb][@SEARCH]``, the name reports and ``--formats`` use (block only if
-        not the default)."""
+        """``FORMAT[/BLOCK][+dq][+awq][+had][+gptq][+cb][@SEARCH]``, the name reports and ``--formats`` use
+        (block only if not the default)."""
         spec = get_format(self.format)
         block = "" if self.block_size in (None, spec.default_block_size) else f"/{self.block_size}"
         search = f"@{self.search}" if self.search else ""
         method = f"+{self.method}" if self.method else ""
         rotate = ROTATE_SUFFIX if self.rotate else ""
         refit = CODEBOOK_SUFFIX if self.refit_codebook else ""
-        return f"{spec.name}{block}{DQ_SUFFIX if self.double_quant else ''}{rotate}{method}{refit}{search}"
+        awq = AWQ_SUFFIX if self.awq else ""
+        return f"{spec.name}{block}{DQ_SUFFIX if self.double_quant else ''}{awq}{rotate}{method}{refit}{search}"
 
     @property
     def needs_calibration(self) -> bool:
-        """Whether quantizing needs calibration activations (an activation-weighted search, or GPTQ)."""
-        return needs_calibration(self.search) or self.method is not None
+        """Whether quantizing needs calibration activations (an activation-weighted search, GPTQ, or AWQ)."""
+        return needs_calibration(self.search) or self.method is not None or self.awq
 
     @property
     def needs_importance(self) -> bool:
@@ -111,13 +113,13 @@ class QuantConfig:
         if len(methods) > 1:
             raise ValueError(f"{label!r}: +{methods[0]} given more than once")
         flags = {}
-        for flag, suffix in (("rotate", ROTATE_SUFFIX), ("refit_codebook", CODEBOOK_SUFFIX)):
+        for flag, suffix in FLAGS:
             given = sum(f"+{s}" == suffix for s in suffixes)
             if given > 1:
                 raise ValueError(f"{label!r}: {suffix} given more than once")
             if given:
                 flags[flag] = True
-        suffixes = [s for s in suffixes if s not in METHODS and f"+{s}" not in (ROTATE_SUFFIX, CODEBOOK_SUFFIX)]
+        suffixes = [s for s in suffixes if s not in METHODS and f"+{s}" not in dict(FLAGS).values()]
         for suffix in suffixes:
             if "/" in suffix:
                 raise ValueError(f"{label!r}: the block size goes before {DQ_SUFFIX}, e.g. nf4/128{DQ_SUFFIX}")
@@ -126,8 +128,8 @@ class QuantConfig:
             if f"+{suffix}" != DQ_SUFFIX:
                 hint = f"; did you mean {head}{DQ_SUFFIX}?" if suffix.lower() == DQ_SUFFIX[1:] else ""
                 raise ValueError(f"{label!r}: unknown suffix {'+' + suffix!r}; the suffixes are {DQ_SUFFIX} "
-                                 f"(double quantization), {ROTATE_SUFFIX} (Hadamard rotation), +gptq (GPTQ) and "
-                                 f"{CODEBOOK_SUFFIX} (codebook refit), "
+                                 f"(double quantization), {AWQ_SUFFIX} (AWQ scales), {ROTATE_SUFFIX} (Hadamard "
+                                 f"rotation), +gptq (GPTQ) and {CODEBOOK_SUFFIX} (codebook refit), "
                                  f"lower case{hint}")
         if len(suffixes) > 1:
             raise ValueError(f"{label!r}: {DQ_SUFFIX} given more than once")
@@ -148,7 +150,10 @@ class QuantConfig:
 METHODS = ("gptq",)  # rounding methods beyond round-to-nearest (lowbit.nn.gptq)
 ROTATE_SUFFIX = "+had"
 CODEBOOK_SUFFIX = "+cb"
-LABEL_SYNTAX = ("FORMAT[/BLOCK][+dq][+had][+gptq][+cb][@SEARCH], e.g. nf4, int4/128, nf4/64+dq, int4+gptq, "
+AWQ_SUFFIX = "+awq"
+FLAGS = (("rotate", ROTATE_SUFFIX), ("refit_codebook", CODEBOOK_SUFFIX), ("awq", AWQ_SUFFIX))  # QuantConfig fields
+AWQ_ATTRIBUTE = "lowbit_awq"  # set on a model lowbit.nn.awq.awq_scale has scaled: {layer name: s}
+LABEL_SYNTAX = ("FORMAT[/BLOCK][+dq][+awq][+had][+gptq][+cb][@SEARCH], e.g. nf4, int4/128, nf4/64+dq, int4+gptq, "
                 "nf4/32+dq+had+gptq@amse, lloyd4/32+dq+gptq+cb, int4_asym/64@hqq (`lowbit formats` lists the formats)")
 
 

@@ -147,10 +147,19 @@ def _ratio(error: float, anchor_error: float) -> float:
     return error / anchor_error if anchor_error > 0 else 1.0
 
 
+def candidate(label: str | QuantConfig) -> QuantConfig:
+    """A per-layer candidate's config; ``+awq`` is refused: its fold changes the norm a group of layers shares."""
+    config = label if isinstance(label, QuantConfig) else QuantConfig.parse(label, exclude=())
+    if config.awq:
+        raise ValueError(f"{config.label}: +awq scales whole groups of layers through the op before them, so it "
+                         "cannot be one layer's candidate; leave it out of the candidates")
+    return config
+
+
 def _configs(candidates) -> dict[str, QuantConfig]:
     configs = {}
     for c in candidates:
-        config = c if isinstance(c, QuantConfig) else QuantConfig.parse(c, exclude=())
+        config = candidate(c)
         configs[config.label] = config
     if not configs:
         raise ValueError("no candidate format given")

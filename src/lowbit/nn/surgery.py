@@ -15,7 +15,7 @@ from ..formats.registry import get_format
 from ..progress import progress_bar
 from ..quantize import quantize
 from ..tensor import QuantizedTensor
-from .config import LABEL_SYNTAX, QuantConfig, matches  # noqa: F401  (re-exported: lowbit.nn.surgery.QuantConfig)
+from .config import AWQ_ATTRIBUTE, LABEL_SYNTAX, QuantConfig, matches  # noqa: F401  (re-exported: lowbit.nn.surgery.QuantConfig)
 from .hf_quantizer import refuse_save_pretrained
 from .linear import QuantLinear
 from .plan import QuantPlan
@@ -85,6 +85,10 @@ def quantize_model(model: nn.Module, config: QuantConfig | QuantPlan | str, *, p
     if unmade:
         raise ValueError(f"{unmade[0]} is to be quantized by {plan.rule_for([unmade[0]]).config.method}, which "
                          "needs the whole model's calibration pass: pass prequantized= (lowbit.nn.gptq_model)")
+    unscaled = [names[0] for names, _, c, _ in targets if c.awq and names[0] not in getattr(model, AWQ_ATTRIBUTE, {})]
+    if unscaled:
+        raise ValueError(f"{unscaled[0]} is to be quantized with +awq, whose scales come from the whole model's "
+                         "calibration pass: run lowbit.nn.awq.awq_scale(model, plan, batches) first")
     missing = [names[0] for names, _, c, _ in targets if c.needs_importance
                and not any(n in (importance or {}) for n in names)]
     if missing:
