@@ -40,7 +40,7 @@ over ``--candidates``, chosen from a sensitivity table measured here on the cali
 ``--sensitivity``, a ``lowbit sensitivity --json`` file of the same model), then quantized and scored like any row;
 the row shows the plan's predicted KL too.
 
-Time on 2 cores: the default run takes about an hour (the sensitivity table 20 minutes, each GPTQ row and each
+Time on 2 cores: the default run takes about 80 minutes (the sensitivity table 20 minutes, each GPTQ row and each
 budget plan 6 minutes); ``--sensitivity`` saves the first, ``--formats`` and ``--budgets`` pick rows.
 
 The llama.cpp rows are fixed figures, measured separately with llama.cpp's ``perplexity
@@ -73,7 +73,8 @@ from lowbit.progress import progress_bar
 # Labels of formats being added: only those QuantConfig.parse accepts in this checkout are run.
 DEFAULT_LOWBIT = ("nf4", "nf4@mse", "nf4@amse", "nf4/32+dq@amse", "nf4/20+dq@amse", "int4_asym/64",
                   "int4_asym/64@hqq", "int4_asym/64@ahqq", "qq4", "lloyd4", "nf4/32+dq+gptq@amse",
-                  "nf4/32+dq+had+gptq@amse")
+                  "nf4/32+dq+had+gptq@amse", "nf4/20+dq+awq@amse", "nf4/32+dq+awq+gptq@amse",
+                  "lloyd4/32+dq+gptq@amse", "lloyd4/32+dq+gptq+cb@amse")
 BASELINE = "bitsandbytes nf4/64"
 HQQ, HQQ_LINEAR = "hqq 4-bit/64", "hqq 4-bit/64, HQQLinear default"
 # Issue 9's targets: a plan at each budget (bits per weight), from these candidates (README "Sensitivity and
@@ -339,7 +340,8 @@ def _fmt(value, spec: str) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--formats", help="comma-separated lowbit labels FORMAT[/BLOCK][+dq][@SEARCH] (default: "
+    ap.add_argument("--formats", help="comma-separated lowbit labels "
+                                      "FORMAT[/BLOCK][+dq][+awq][+had][+gptq][+cb][@SEARCH] (default: "
                                       f"those of {','.join(DEFAULT_LOWBIT)} this checkout accepts)")
     ap.add_argument("--model", help="as lowbit compare --model (default: embedded SmolLM2; 'minilm': encoder)")
     ap.add_argument("--windows", type=int, help=f"windows scored (default {DEFAULT_WINDOWS}; causal models only)")

@@ -45,17 +45,17 @@ def add_protocol_args(p) -> None:
 
 def add_calibrate_arg(p) -> None:
     p.add_argument("--calibrate", type=int, metavar="N",
-                   help="calibration windows of --window tokens for activation-weighted searches (@amse, @ahqq), "
-                        "taken from the text right after the scored windows, never overlapping them "
-                        "(default 16: tokens 8,192-16,383 of the default text)")
+                   help="calibration windows of --window tokens for activation-weighted searches (@amse, @ahqq; "
+                        "default 16: tokens 8,192-16,383 of the default text), GPTQ and AWQ (default 64), taken from "
+                        "the text right after the scored windows, never overlapping them")
 
 
 def check_calibrate_arg(args, configs) -> None:
     if args.calibrate is not None and args.calibrate < 1:
         raise ValueError(f"--calibrate needs at least 1 window, got {args.calibrate}")
     if args.calibrate is not None and not any(c.needs_calibration for c in configs):
-        raise ValueError("--calibrate is for activation-weighted searches and GPTQ, and no format asks for one: "
-                         "add @amse or @ahqq to a format, e.g. nf4@amse, or +gptq")
+        raise ValueError("--calibrate is for activation-weighted searches, GPTQ and AWQ, and no format asks for one: "
+                         "add @amse or @ahqq to a format, e.g. nf4@amse, or +gptq or +awq")
 
 
 def add_selection_args(p) -> None:

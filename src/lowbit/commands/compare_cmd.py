@@ -26,8 +26,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("compare", help="quantize a model to several formats and measure the loss of each")
     add_model_arg(p)
     p.add_argument("--formats",
-                   help="comma-separated FORMAT[/BLOCK][+dq][+had][+gptq][+cb][@SEARCH], e.g. nf4,int4/128,nf4+dq,"
-                        f"int4_asym@hqq,nf4@amse (default: {','.join(DEFAULT_FORMATS)}; none with --plan)")
+                   help="comma-separated FORMAT[/BLOCK][+dq][+awq][+had][+gptq][+cb][@SEARCH], e.g. nf4,int4/128,"
+                        f"nf4+dq,int4_asym@hqq,nf4@amse (default: {','.join(DEFAULT_FORMATS)}; none with --plan)")
     p.add_argument("--plan", action="append", metavar="PLAN.json",
                    help="also score a per-layer plan (`lowbit quantize --plan`'s file; repeatable)")
     add_selection_args(p)

@@ -59,8 +59,9 @@ def measured_bits_per_weight(name: str) -> float:
 
 def format_table() -> Table:
     table = Table(title="lowbit formats (bits per weight measured from stored bytes, default block)",
-                  caption=Text(f"a label is FORMAT[/BLOCK][{DQ_SUFFIX}][@SEARCH], e.g. nf4/128{DQ_SUFFIX}, "
-                               "int4_asym@hqq; `lowbit formats LABEL` shows its block layout and element levels"))
+                  caption=Text(f"a label is FORMAT[/BLOCK][{DQ_SUFFIX}][+awq][+had][+gptq][+cb][@SEARCH], e.g. "
+                               f"nf4/128{DQ_SUFFIX}, int4_asym@hqq, nf4/32+dq+gptq@amse; `lowbit formats LABEL` "
+                               "shows its block layout and element levels"))
     for col, justify in [("format", "left"), ("id", "right"), ("bits/elem", "right"), ("block", "right"),
                          (DQ_SUFFIX, "left"), ("bits/weight", "right"), ("description", "left")]:
         table.add_column(col, justify=justify)

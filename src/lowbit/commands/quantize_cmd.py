@@ -38,8 +38,9 @@ def add_parser(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a model's linear layers and save it")
     add_model_arg(p)
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--format", metavar="FORMAT[/BLOCK][+dq][@SEARCH]",
-                      help="a format label, e.g. nf4, int4/128, nf4+dq, int4_asym@hqq, nf4@amse (see `lowbit formats`)")
+    what.add_argument("--format", metavar="FORMAT[/BLOCK][+dq][+awq][+had][+gptq][+cb][@SEARCH]",
+                      help="a format label, e.g. nf4, int4/128, nf4+dq, int4_asym@hqq, nf4@amse, nf4/32+dq+gptq@amse "
+                           "(see `lowbit formats`; README: GPTQ, +had, +awq, +cb)")
     what.add_argument("--plan", metavar="PLAN.json",
                       help='per-layer rules, first match wins: {"rules": [{"pattern": "lm_head", "keep": true}, '
                            '{"pattern": "*", "format": "q4_k", "fallback": "q8_0"}]} (README: per-layer plans)')

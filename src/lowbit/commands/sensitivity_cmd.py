@@ -16,7 +16,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("sensitivity", help="measure what quantizing each layer alone costs in KL, per format")
     add_model_arg(p)
     p.add_argument("--formats", dest="candidates", default=",".join(DEFAULT_CANDIDATES), metavar="LABELS",
-                   help="comma-separated candidate formats (FORMAT[/BLOCK][+dq][+had][+gptq][+cb][@SEARCH]) "
+                   help="comma-separated candidate formats (FORMAT[/BLOCK][+dq][+had][+gptq][+cb][@SEARCH]; not +awq) "
                         "(default: %(default)s)")
     p.add_argument("--calibrate", type=int, default=SENSITIVITY_CALIBRATE, metavar="N",
                    help="calibration windows each layer is measured on, right after the scored ones "

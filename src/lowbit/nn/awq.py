@@ -18,7 +18,8 @@ group's layers of their output error ``tr(dW H dW^T)`` (``H = 2/n X^T X``, GPTQ'
 output, which needs no attention rerun), with each layer rounded as its config says but without a scale search
 (the reference rounds plainly too). ``alpha = 0`` is ``s = 1``, so no group ends worse on that measure.
 Blocks are run one by one on the calibration windows, each on what the scaled block before it gives (scaling is
-exact in full precision), and each fold is checked: the block's output must not change.
+exact in full precision, so the outputs caught before the fold are passed on), and each fold is checked on the
+first window: the block's output must not change.
 """
 
 from __future__ import annotations
@@ -91,13 +92,11 @@ def awq_scale(model: nn.Module, plan: QuantPlan, batches: Sequence, *, progress:
                     s = best_scales(members, found[head], magnitude[head])
                     fold(group, s)
                     applied.update({name: s for name, _, _ in members})
-                again = [first(block(*a, **k)) for a, k in inputs]
-                moved = max(float((x - y).abs().max() / y.abs().max().clamp(min=1e-12))
-                            for x, y in zip(again, outs, strict=True))
+                (a, k), before = inputs[0], outs[0]  # one batch shows a fold that is not exact
+                moved = float((first(block(*a, **k)) - before).abs().max() / before.abs().max().clamp(min=1e-12))
                 if moved > FOLD_RTOL:
                     raise ValueError(f"+awq: folding the scales into block {index} changed its output by {moved:.2g} "
                                      "of its largest value; this architecture does not allow the fold")
-                outs = again
             else:
                 outs = [first(block(*a, **k)) for a, k in inputs]
             inputs = [((out, *a[1:]), k) for out, (a, k) in zip(outs, inputs, strict=True)]
@@ -105,7 +104,7 @@ def awq_scale(model: nn.Module, plan: QuantPlan, batches: Sequence, *, progress:
     wanted = {name: None for name, config in configs.values() if config.awq}
     unfolded = [name for name in wanted if name not in applied]
     if unfolded:
-        kinds = sorted({name.rsplit(".", 1)[-1] for name in unfolded})
+        kinds = sorted({".".join(name.split(".")[-2:]) for name in unfolded})
         note(f"+awq: {len(unfolded)} layers ({', '.join(kinds)}) have no op before them to fold scales into; "
              "they are rounded without", enabled=progress)
     setattr(model, AWQ_ATTRIBUTE, {**getattr(model, AWQ_ATTRIBUTE, {}), **wanted, **applied})
@@ -127,7 +126,7 @@ def _statistics(block: nn.Module, inputs: list, heads: dict[str, nn.Linear]):
     handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in heads.items()]
     outs = []
     try:
-        found = hessians(heads, lambda: outs.extend(first(block(*a, **k)) for a, k in inputs))
+        found = hessians(heads, lambda: outs.extend(first(block(*a, **k)) for a, k in inputs), torch.float32)
     finally:
         for h in handles:
             h.remove()

@@ -58,17 +58,18 @@ def first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def hessians(linears: dict[str, nn.Linear], run) -> dict[str, torch.Tensor]:
-    """``2/n sum x^T x`` (float64) of each layer's inputs over what ``run()`` feeds it."""
+def hessians(linears: dict[str, nn.Linear], run, dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+    """``2/n sum x^T x`` of each layer's inputs over what ``run()`` feeds it, summed in float64; ``dtype``: that of
+    each batch's product (float32 is several times faster where a search needs no more)."""
     sums = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in linears.items()}
     counts = dict.fromkeys(linears, 0)
 
     def hook_for(name):
         def hook(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(dtype)
             if not torch.isfinite(x).all():
                 raise ValueError(f"calibration activations of {name} hold NaN or Inf: GPTQ cannot use them")
-            sums[name] += x.T @ x
+            sums[name] += (x.T @ x).to(torch.float64)
             counts[name] += x.shape[0]
         return hook
 
