@@ -11,7 +11,7 @@ setup(
     ext_modules=[
         Extension(
             "lowbit.kernels._ckernels",
-            ["src/lowbit/kernels/_ckernels.c"],
+            ["src/lowbit/kernels/_ckernels.c", "src/lowbit/kernels/linear.c"],
             extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off", "-fno-fast-math"],
             extra_link_args=["-fopenmp"],
             optional=True,

@@ -69,6 +69,10 @@ class AbsmaxCodebook(GridCodec, family="codebook"):
         return values[codes.to(torch.int64)] * scales["scales"][:, None]
 
     @classmethod
+    def table_form(cls, spec, parts):
+        return codebook_table(spec)[0], parts["scales"], None
+
+    @classmethod
     def peak(cls, spec, parts):
         """Largest decoded |value| per block: the absmax element always takes a +-1 code
         (a searched scale: a bound)."""

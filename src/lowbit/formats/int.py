@@ -41,6 +41,10 @@ class SymmetricInt(GridCodec, family="int"):
         return q * scales["scales"][:, None]
 
     @classmethod
+    def table_form(cls, spec, parts):
+        return torch.arange(2**spec.bits, dtype=torch.float32) - (2 ** (spec.bits - 1) - 1), parts["scales"], None
+
+    @classmethod
     def levels(cls, spec, scales):
         qp = 2 ** (spec.bits - 1) - 1
         return torch.arange(-qp, qp + 1, dtype=torch.float32), -qp, qp
@@ -90,6 +94,10 @@ class AsymmetricInt(GridCodec, family="int_asym"):
     def decode(cls, spec, codes, scales):
         z = scales["zeros"].to(torch.float32)[:, None]
         return (codes.to(torch.float32) - z) * scales["scales"][:, None]
+
+    @classmethod
+    def table_form(cls, spec, parts):
+        return torch.arange(2**spec.bits, dtype=torch.float32), parts["scales"], parts["zeros"].to(torch.float32)
 
     @classmethod
     def surrogate(cls, spec, blocks, codes, scales):

@@ -53,6 +53,10 @@ class LearnedCodebook(GridCodec, family="learned"):
         return scales["tensor_codebook"][codes.to(torch.int64)] * scales["scales"][:, None]
 
     @classmethod
+    def table_form(cls, spec, parts):
+        return parts["tensor_codebook"], parts["scales"], None
+
+    @classmethod
     def levels(cls, spec, scales):
         book = scales["tensor_codebook"]
         return book, float(book.min()), float(book.max())

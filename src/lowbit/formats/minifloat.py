@@ -47,6 +47,10 @@ class AbsmaxMinifloat(GridCodec, family="minifloat"):
         return decode_table(spec.family, codes, exmy_of(spec).value_tensor, scales["scales"])
 
     @classmethod
+    def table_form(cls, spec, parts):
+        return exmy_of(spec).value_tensor, parts["scales"], None
+
+    @classmethod
     def peak(cls, spec, parts):
         """Largest decoded |value| per block: the absmax element always saturates to max_finite."""
         return parts["scales"].abs().mul_(exmy_of(spec).max_finite)

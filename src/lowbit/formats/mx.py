@@ -116,6 +116,10 @@ class Microscaling(GridCodec, family="mx"):
         return decode_table(spec.family, codes, elem.value_tensor, e8m0_decode(scales["scales_e8m0"]))
 
     @classmethod
+    def table_form(cls, spec, parts):
+        return _element(spec)[0].value_tensor, cls.multiplier(spec, parts), None
+
+    @classmethod
     def levels(cls, spec, scales):
         elem, _ = _element(spec)
         return elem.value_tensor, -elem.max_finite, elem.max_finite
@@ -161,6 +165,10 @@ class NVFP4(GridCodec, family="nvfp4"):
     @classmethod
     def decode(cls, spec, codes, scales):
         return decode_table(spec.family, codes, E2M1.value_tensor, cls.multiplier(spec, scales))
+
+    @classmethod
+    def table_form(cls, spec, parts):
+        return E2M1.value_tensor, cls.multiplier(spec, parts), None
 
     @classmethod
     def multiplier(cls, spec, scales):

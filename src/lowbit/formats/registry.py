@@ -100,6 +100,14 @@ class GridCodec(Codec):
         raise NotImplementedError
 
     @classmethod
+    def table_form(cls, spec, parts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """``(table, factor, zero)`` such that decode is ``(table[code] - zero[b]) * factor[b]``
+        with those float32 operations (``zero`` None: ``table[code] * factor[b]``), for the
+        fused kernels (lowbit.kernels.linear), which then decode exactly as ``decode`` does
+        (tests/formats/test_table_form.py); None where decode is not of that form."""
+        return None
+
+    @classmethod
     def quantize_blocks(cls, spec, blocks, *, partial, tensor_parts):
         scales = cls.choose_scales(spec, blocks, tensor_parts)
         return {"codes": cls.encode(spec, blocks, {**tensor_parts, **scales}, partial=partial), **scales}

@@ -30,6 +30,10 @@ class Ternary(GridCodec, family="ternary"):
         return (codes.to(torch.float32) - 1) * scales["scales"][:, None]
 
     @classmethod
+    def table_form(cls, spec, parts):
+        return torch.arange(2**spec.bits, dtype=torch.float32) - 1, parts["scales"], None
+
+    @classmethod
     def peak(cls, spec, parts):
         """Largest decoded |value| per block (code +-1; gamma is a float32 mean, which can overflow)."""
         return parts["scales"].abs()

@@ -61,4 +61,4 @@ def reference():
 
 
 if native is not None:
-    from . import paths  # noqa: E402, F401  (registers the fast paths)
+    from . import linear, paths  # noqa: E402, F401  (register the fast paths)

@@ -8,12 +8,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import dispatch
 from ..tensor import QuantizedTensor
 from .rotation import hadamard_block, rotate, unrotate
 
 
 class QuantLinear(nn.Module):
-    """``y = x @ W.T + b`` with ``W`` stored packed and dequantized on each call.
+    """``y = x @ W.T + b`` with ``W`` stored packed.
+
+    Forward runs the fused kernel of ``lowbit.dispatch``'s ``("linear", family)`` where one
+    applies (CPU, float32: ``lowbit.kernels.linear``), which reads the packed parts without
+    building the dense weight and sums the products in its own order, so it matches the
+    reference to float32 rounding, not to the bit. Elsewhere, or under
+    ``LOWBIT_KERNELS=reference``, forward dequantizes the weight and calls ``F.linear``.
 
     The packed parts are a plain attribute, not parameters or buffers, on purpose:
     ``model.half()`` or ``model.to(torch.bfloat16)`` must not cast stored fp32 scales
@@ -21,8 +28,8 @@ class QuantLinear(nn.Module):
     The bias is the original ``nn.Parameter`` and behaves exactly as in ``nn.Linear``.
 
     ``materialize()`` keeps the dequantized weight as a plain tensor, so evaluation does
-    not decode on every call; results are bitwise identical to the packed path because
-    both decode the same parts the same way and then cast to the input's dtype.
+    not decode on every call; results are bitwise identical to the reference packed path
+    because both decode the same parts the same way and then cast to the input's dtype.
     There is deliberately no ``weight`` attribute: code that reads it would silently
     see something other than what forward uses.
 
@@ -83,10 +90,15 @@ class QuantLinear(nn.Module):
         return w if dtype is None else w.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantized_weight(x.dtype).to(x.device)  # (out, in)
-        b = None if self.bias is None else self.bias.to(dtype=x.dtype, device=x.device)
         if self.signs is not None:
             x = rotate(x, self.signs.to(x.device), self.rotation_block)
+        if self._dequantized is None:
+            fused = dispatch.lookup("linear", self.qweight.format.family)
+            y = None if fused is None else fused(self.qweight, x, self.bias)
+            if y is not None:
+                return y
+        w = self.dequantized_weight(x.dtype).to(x.device)  # (out, in)
+        b = None if self.bias is None else self.bias.to(dtype=x.dtype, device=x.device)
         return F.linear(x, w, b)
 
     def _apply(self, fn, recurse=True):
