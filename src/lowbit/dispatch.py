@@ -76,6 +76,13 @@ def registered() -> list[tuple[str, str]]:
     return sorted(_PATHS)
 
 
+_loaded = False
+
+
 def _load_kernels() -> None:
     """Import lowbit.kernels once: it registers its paths when the C library loads."""
-    from . import kernels  # noqa: F401
+    global _loaded
+    if not _loaded:  # a flag, not the import statement: lookup runs on every QuantLinear call
+        from . import kernels  # noqa: F401
+
+        _loaded = True

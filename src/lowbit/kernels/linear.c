@@ -42,6 +42,7 @@ typedef struct {
 
 #define QK 32 /* GGUF legacy block (ggml-common.h QK4_0, QK8_0) */
 #define LANES 32
+#define SERIAL_BELOW (1 << 16) /* weights: below this one thread does the row loop */
 
 /* IEEE binary16 -> binary32, exact (every half is a float) */
 static inline float half_to_float(uint16_t h) {
@@ -409,7 +410,6 @@ AVX2 static LOWBIT_INLINE float codes_dot_avx2(const lowbit_weights *w, int64_t 
 /* row_dot_generic's order, eight lanes at a time */
 AVX2 static float row_dot_avx2(const lowbit_weights *w, int64_t o, const float *x) {
     __m256 row = _mm256_setzero_ps();
-    float row_tail = 0.0f;
     int64_t K = w->in_features;
     if (w->kind == W_Q4_0 || w->kind == W_Q8_0) {
         int64_t nb = K / QK, bytes = w->kind == W_Q4_0 ? 2 + QK / 2 : 2 + QK;
@@ -484,8 +484,8 @@ int lowbit_linear(const lowbit_weights *w, const float *x, int64_t M, const floa
     row_dot_fn row_dot;
     pick(isa, &decode, &dot, &row_dot);
     int64_t K = w->in_features, N = w->out_features;
-    if (M == 1) {
-#pragma omp parallel for schedule(static)
+    if (M == 1) { /* threads only where the work outweighs waking them (~5 us here) */
+#pragma omp parallel for schedule(static) if (N * K >= SERIAL_BELOW)
         for (int64_t o = 0; o < N; o++) y[o] = row_dot(w, o, x) + (bias ? bias[o] : 0.0f);
         return 0;
     }

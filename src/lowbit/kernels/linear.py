@@ -63,18 +63,20 @@ class Prepared:
     weights: _Weights
     keep: tuple[torch.Tensor, ...]
 
+    def __post_init__(self):
+        self.ref = ctypes.pointer(self.weights)
 
-_prepared: weakref.WeakKeyDictionary[QuantizedTensor, Prepared | None] = weakref.WeakKeyDictionary()
+
+_prepared: weakref.WeakKeyDictionary[QuantizedTensor, Prepared | bool] = weakref.WeakKeyDictionary()
 
 
 def prepare(q: QuantizedTensor) -> Prepared | None:
     """The kernel's view of ``q`` (decompressed double-quant scales, the level table), made
     once per QuantizedTensor and kept while it lives; None where no kernel applies."""
-    if q in _prepared:
-        return _prepared[q]
-    p = _prepare(q)
-    _prepared[q] = p
-    return p
+    p = _prepared.get(q)
+    if p is None:
+        p = _prepared[q] = _prepare(q) or False
+    return p or None
 
 
 def _prepare(q: QuantizedTensor) -> Prepared | None:
@@ -128,7 +130,8 @@ def linear(q: QuantizedTensor, x: torch.Tensor, bias: torch.Tensor | None, *, is
 
     ``isa``: 1 the AVX2 path, 0 the portable one (the same numbers); default: the best here.
     """
-    if x.device.type != "cpu" or x.dtype != torch.float32:
+    # Every line here runs once per layer per token: kept to plain attribute checks.
+    if x.dtype != torch.float32 or x.device.type != "cpu":
         return None
     if torch.is_grad_enabled() and (x.requires_grad or bias is not None and bias.requires_grad):
         return None  # the kernel has no backward: autograd takes the reference path
@@ -137,19 +140,17 @@ def linear(q: QuantizedTensor, x: torch.Tensor, bias: torch.Tensor | None, *, is
     p = prepare(q)
     if p is None:
         return None
-    isa = ISA if isa is None else isa
     n, k = p.weights.out_features, p.weights.in_features
-    x2 = x.reshape(-1, k).contiguous()
+    x2 = x if x.dim() == 2 and x.is_contiguous() else x.reshape(-1, k).contiguous()
     m = x2.shape[0]
-    b = None if bias is None else bias.detach().contiguous()
     if m <= ROWS_FUSED:
-        y = torch.empty(m, n, dtype=torch.float32)
-        if native.lowbit_linear(ctypes.byref(p.weights), x2.data_ptr(), m, None if b is None else b.data_ptr(),
-                                y.data_ptr(), isa):
+        y = torch.empty((m, n), dtype=torch.float32)
+        b = None if bias is None else bias.data_ptr() if bias.is_contiguous() else bias.contiguous().data_ptr()
+        if native.lowbit_linear(p.ref, x2.data_ptr(), m, b, y.data_ptr(), ISA if isa is None else isa):
             raise MemoryError(f"lowbit.kernels.linear: no memory for a row buffer of {k} floats")
     else:
-        y = _tiled(p, x2, b, isa)
-    return y.reshape(*x.shape[:-1], n)
+        y = _tiled(p, x2, None if bias is None else bias.detach(), ISA if isa is None else isa)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
 
 
 def _tiled(p: Prepared, x2: torch.Tensor, bias: torch.Tensor | None, isa: int) -> torch.Tensor:
@@ -161,7 +162,7 @@ def _tiled(p: Prepared, x2: torch.Tensor, bias: torch.Tensor | None, isa: int) -
     xt = x2.t()
     for o0 in range(0, n, rows):
         o1 = min(n, o0 + rows)
-        native.lowbit_decode_rows(ctypes.byref(p.weights), o0, o1, tile.data_ptr(), isa)
+        native.lowbit_decode_rows(p.ref, o0, o1, tile.data_ptr(), isa)
         torch.mm(tile[: o1 - o0], xt, out=yt[o0:o1])
     y = yt.t().contiguous()
     return y if bias is None else y.add_(bias)
