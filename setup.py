@@ -11,7 +11,8 @@ setup(
     ext_modules=[
         Extension(
             "lowbit.kernels._ckernels",
-            ["src/lowbit/kernels/_ckernels.c", "src/lowbit/kernels/linear.c"],
+            ["src/lowbit/kernels/_ckernels.c", "src/lowbit/kernels/linear.c", "src/lowbit/kernels/llama_step.c"],
+            depends=["src/lowbit/kernels/linear.h"],
             extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off", "-fno-fast-math"],
             extra_link_args=["-fopenmp"],
             optional=True,

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from . import kernels
+
 LLAMA_TYPES = ("llama",)  # architectures LlamaStepper reproduces (transformers' modeling_llama.py)
 
 
@@ -63,6 +65,14 @@ class LlamaStepper:
         self.k_cache = torch.zeros(shape, dtype=dtype)
         self.v_cache = torch.zeros(shape, dtype=dtype)
         self.pos = 0
+        self.native = None  # the one-call C step for single tokens, where it can run this model
+        if kernels.enabled():
+            from .kernels.llama_step import NativeStep
+
+            scale = self.layers[0].self_attn.scaling
+            self.native = NativeStep.build(model, self.k_cache, self.v_cache, self.cos, self.sin, scale)
+        if self.native is not None:
+            self.name = "lowbit native step"
 
     @staticmethod
     def supports(model) -> bool:
@@ -81,6 +91,10 @@ class LlamaStepper:
         t, p = ids.shape[0], self.pos
         if p + t > self.max_len:
             raise ValueError(f"the KV cache holds {self.max_len} tokens; {p + t} asked")
+        if t == 1 and self.native is not None and kernels.enabled():
+            logits = self.native(int(ids[0]), p)
+            self.pos = p + 1
+            return logits
         h = self.model.model.embed_tokens(ids[None])  # (1, T, D)
         cos, sin = self.cos[:, None, p : p + t], self.sin[:, None, p : p + t]  # (1, 1, T, hd)
         mask = None

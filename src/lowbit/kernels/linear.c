@@ -28,17 +28,7 @@
 #define LOWBIT_X86 1
 #endif
 
-/* kinds of stored weight, mirrored in lowbit/kernels/linear.py */
-enum { W_LUT4 = 0, W_AFFINE4 = 1, W_LUT8 = 2, W_AFFINE8 = 3, W_Q4_0 = 4, W_Q8_0 = 5 };
-
-typedef struct {
-    int64_t kind, in_features, out_features, block;
-    const uint8_t *codes;  /* packed codes (4-bit: first element in the high nibble), or GGUF blocks */
-    const float *table;    /* LUT4: 16 values, LUT8: 256 values */
-    const float *factor;   /* per block: value = table[q] * factor[b] */
-    const float *zero;     /* per block, or NULL: value = (table[q] - zero[b]) * factor[b] */
-    float affine_offset;   /* AFFINE4/8: table[q] = q - affine_offset, computed instead of looked up */
-} lowbit_weights;
+#include "linear.h"
 
 #define QK 32 /* GGUF legacy block (ggml-common.h QK4_0, QK8_0) */
 #define LANES 32
@@ -458,6 +448,18 @@ int lowbit_linear_isa(void) {
 #else
     return 0;
 #endif
+}
+
+static void pick(int isa, decode_fn *decode, dot_fn *dot, row_dot_fn *row_dot);
+
+/* One row of W times x, in the order row_dot_generic defines (dense rows: dot_*'s order) */
+float lowbit_row_dot(const lowbit_weights *w, int64_t o, const float *x, int isa) {
+    decode_fn decode;
+    dot_fn dot;
+    row_dot_fn row_dot;
+    pick(isa, &decode, &dot, &row_dot);
+    if (w->kind == W_F32) return dot((const float *)w->codes + o * w->in_features, x, w->in_features);
+    return row_dot(w, o, x);
 }
 
 static void pick(int isa, decode_fn *decode, dot_fn *dot, row_dot_fn *row_dot) {

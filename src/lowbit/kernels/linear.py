@@ -27,8 +27,8 @@ from ..scaling import double_quant
 from ..tensor import QuantizedTensor
 from . import native
 
-# kinds of stored weight, as in linear.c
-LUT4, AFFINE4, LUT8, AFFINE8, Q4_0, Q8_0 = range(6)
+# kinds of stored weight, as in linear.h (F32: a dense float32 weight, for the decode step)
+LUT4, AFFINE4, LUT8, AFFINE8, Q4_0, Q8_0, F32 = range(7)
 GGUF_KINDS = {"q4_0": Q4_0, "q8_0": Q8_0}
 ROWS_FUSED = 8  # measured crossover on 2 cores: benchmarks/bench_decode.py --tile-sweep
 TILE_BYTES = 1 << 20  # a tile of decoded rows stays in L2 while torch's matmul reads it
