@@ -9,7 +9,16 @@ import threading
 from contextlib import contextmanager
 
 from . import __version__
-from .commands import cache_cmd, compare_cmd, errors_cmd, eval_cmd, formats_cmd, quantize_cmd, sensitivity_cmd
+from .commands import (
+    cache_cmd,
+    compare_cmd,
+    errors_cmd,
+    eval_cmd,
+    formats_cmd,
+    generate_cmd,
+    quantize_cmd,
+    sensitivity_cmd,
+)
 
 
 class Terminated(BaseException):
@@ -24,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"lowbit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (compare_cmd, quantize_cmd, eval_cmd, sensitivity_cmd, errors_cmd, formats_cmd, cache_cmd):
+    for command in (compare_cmd, quantize_cmd, eval_cmd, generate_cmd, sensitivity_cmd, errors_cmd, formats_cmd,
+                    cache_cmd):
         command.add_parser(sub)
     return parser
 

@@ -1,0 +1,92 @@
+"""`lowbit generate [DIR | --model M] --prompt TEXT`: generate text with a quantized model."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from ..generation import generate
+from ..models import CAUSAL_LM
+from ..nn.config import QuantConfig
+from .common import add_model_arg, console, load
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate text with a quantized model, printing tokens as they come")
+    p.add_argument("directory", metavar="DIR", nargs="?", help="a directory written by `lowbit quantize`")
+    add_model_arg(p)
+    p.add_argument("--format", metavar="LABEL",
+                   help="quantize --model in memory first (a label without calibration, e.g. q4_0, nf4/64+dq)")
+    p.add_argument("--include-head", action="store_true",
+                   help="with --format: quantize the output head (lm_head) too, as llama.cpp does")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to generate (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above 0: sample")
+    p.add_argument("--top-k", type=int, metavar="K", help="sample from the K likeliest tokens")
+    p.add_argument("--top-p", type=float, metavar="P", help="sample from the likeliest tokens holding P of the mass")
+    p.add_argument("--seed", type=int, help="seed for sampling")
+    p.add_argument("--threads", type=int, metavar="N", help="threads for torch and the kernels (default: torch's)")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    _check(args)
+    con = console()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.directory:
+        from ..io.model_io import load_quantized
+
+        model, tokenizer, meta = load_quantized(args.directory)
+        kind, what = meta["model"]["kind"], args.directory
+    else:
+        model, tokenizer, info = load(args.model, con)
+        kind, what = info.kind, info.source
+        _check_kind(kind, what)
+        if args.format:
+            from ..nn.surgery import quantize_model
+
+            config = QuantConfig.parse(args.format, **({"exclude": ()} if args.include_head else {}))
+            if config.needs_calibration:
+                raise ValueError(f"{args.format} needs calibration: run `lowbit quantize --format {args.format} -o DIR`"
+                                 " and then `lowbit generate DIR`")
+            quantize_model(model, config, progress=con.is_terminal)
+    _check_kind(kind, what)
+    prompt = args.prompt
+    if args.chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"{what}'s tokenizer has no chat template: drop --chat")
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                               add_generation_prompt=True)
+    out = sys.stdout
+    gen = generate(model, tokenizer, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, seed=args.seed, on_text=lambda s: (out.write(s), out.flush()))
+    out.write("\n")
+    con.print(f"[dim]{len(gen.new_ids)} tokens | prompt {len(gen.prompt_ids)} tokens at "
+              f"{gen.prefill_tokens_per_second:.1f} tokens/s | decode {gen.decode_tokens_per_second:.1f} tokens/s | "
+              f"{torch.get_num_threads()} threads | {gen.stepper}[/dim]", highlight=False)
+    return 0
+
+
+def _check_kind(kind: str, what: str) -> None:
+    if kind != CAUSAL_LM:
+        raise ValueError(f"{what} is not a causal language model (it is an {kind}): generate needs one")
+
+
+def _check(args) -> None:
+    if args.directory and (args.model or args.format):
+        raise ValueError("give a quantized DIR or --model [--format LABEL], not both")
+    if args.include_head and not args.format:
+        raise ValueError("--include-head goes with --format")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be 0 or more, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
