@@ -14,6 +14,7 @@ from .commands import (
     compare_cmd,
     errors_cmd,
     eval_cmd,
+    export_cmd,
     formats_cmd,
     generate_cmd,
     quantize_cmd,
@@ -33,8 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"lowbit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (compare_cmd, quantize_cmd, eval_cmd, generate_cmd, sensitivity_cmd, errors_cmd, formats_cmd,
-                    cache_cmd):
+    for command in (compare_cmd, quantize_cmd, eval_cmd, generate_cmd, export_cmd, sensitivity_cmd, errors_cmd,
+                    formats_cmd, cache_cmd):
         command.add_parser(sub)
     return parser
 

@@ -1,0 +1,151 @@
+"""Export a lowbit model to a GGUF file that llama.cpp runs: lowbit's bytes, GGUF's names.
+
+Each quantized layer of a GGUF type is written as its stored block bytes, rows in GGUF's
+order; unquantized tensors (embedding, norms, any layer left in full precision) as F32.
+The metadata (architecture numbers, tokenizer, chat template) is copied from the GGUF file
+the model was loaded from, the way gguf-py's gguf_new_metadata.py copies it; models loaded
+from other sources are refused for now (a GGUF tokenizer block has to be built from the HF
+tokenizer, which llama.cpp's convert_hf_to_gguf.py does per tokenizer family).
+
+Llama's q and k rows: transformers' GGUF loader un-permutes them on load (RoPE pairs
+interleaved in GGUF, split in halves in transformers), so they are permuted back here, as
+convert_hf_to_gguf.py's LlamaModel.permute does. A row of a GGUF type holds whole blocks,
+so permuting rows moves bytes and changes none.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import LowbitError
+from ..formats.spec import FormatSpec
+from ..models.loader import resolve
+from ..nn.linear import QuantLinear
+from .atomic import atomic_file
+
+GGUF_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q6_k")
+SUPPORTED_ARCHS = ("llama",)
+
+
+class ExportError(LowbitError, ValueError):
+    """The model cannot be written in the target layout; nothing was written."""
+
+
+def gguf_type(spec: FormatSpec):
+    """The GGMLQuantizationType of a lowbit GGUF format (formats.table's gguf type name)."""
+    import gguf
+
+    return gguf.GGMLQuantizationType[spec.name.upper()]
+
+
+def check_exportable(model: nn.Module) -> None:
+    """Raise ExportError naming every layer GGUF cannot hold as lowbit stores it."""
+    bad = []
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            fmt = module.qweight.format.name
+            if fmt not in GGUF_TYPES:
+                bad.append(f"{name} ({fmt})")
+            elif module.signs is not None:
+                bad.append(f"{name} ({fmt}+had: the rotation has no GGUF form)")
+    if bad:
+        shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+        raise ExportError(f"GGUF holds the types {', '.join(GGUF_TYPES)}; {len(bad)} layer(s) are in other formats: "
+                          f"{shown}")
+
+
+def source_gguf(source: str) -> Path:
+    how, target = resolve(source)
+    if how != "gguf":
+        raise ExportError(f"GGUF export copies the tokenizer and metadata from the GGUF file the model was loaded "
+                          f"from; {source} is not one (export models quantized from a .gguf or the embedded SmolLM2)")
+    return Path(target)
+
+
+def export_gguf(model: nn.Module, source: str, out: str | Path) -> dict:
+    """Write ``model`` (loaded from the GGUF ``source``) to ``out``; returns counts per tensor type."""
+    import gguf
+
+    check_exportable(model)
+    reader = gguf.GGUFReader(source_gguf(source))
+    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    if arch not in SUPPORTED_ARCHS or getattr(model.config, "model_type", None) not in SUPPORTED_ARCHS:
+        raise ExportError(f"GGUF export knows the architectures {', '.join(SUPPORTED_ARCHS)}; this model is {arch}")
+    cfg = model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    tensors = _tensors(model, names, cfg)
+    counts: dict[str, int] = {}
+    out = Path(out)
+    with atomic_file(out) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch)
+        _copy_metadata(reader, writer)
+        writer.add_string("general.quantized_by", "lowbit")
+        for name, (array, raw_type) in tensors.items():
+            writer.add_tensor(name, array, raw_dtype=raw_type)
+            key = raw_type.name if raw_type is not None else "F32"
+            counts[key] = counts.get(key, 0) + 1
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return counts
+
+
+def _copy_metadata(reader, writer) -> None:
+    import gguf
+
+    skip = {gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.FILE_TYPE}  # the writer adds one; types differ now
+    for field in reader.fields.values():
+        if field.name in skip or field.name.startswith("GGUF."):
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+
+
+def _tensors(model, names, cfg) -> dict[str, tuple[np.ndarray, object]]:
+    """GGUF name -> (array, GGML type or None for F32), in the model's order."""
+    tied = model.lm_head.weight is model.model.embed_tokens.weight if isinstance(model.lm_head, nn.Linear) else False
+    out: dict[str, tuple[np.ndarray, object]] = {}
+    done: set[int] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear | nn.Linear):
+            if name == "lm_head" and tied:
+                continue  # llama.cpp reads the output from token_embd when output.weight is absent
+            out[_name(names, name)] = _linear(module, name, cfg)
+            done.update(id(p) for p in module.parameters())
+    for name, p in model.named_parameters():
+        if id(p) in done:
+            continue
+        out[_name(names, name.removesuffix(".weight"))] = (p.detach().float().contiguous().numpy(), None)
+    return out
+
+
+def _name(names, hf: str) -> str:
+    got = names.get_name(hf + ".weight", try_suffixes=(".weight", ".bias"))
+    if got is None:
+        raise ExportError(f"no GGUF name for {hf}")
+    return got
+
+
+def _linear(module, name: str, cfg):
+    heads = cfg.num_attention_heads
+    perm = heads if name.endswith("q_proj") else cfg.num_key_value_heads if name.endswith("k_proj") else None
+    if isinstance(module, QuantLinear):
+        q = module.qweight
+        rows = q.parts["data"].reshape(q.shape[0], -1)  # (out, bytes per row): whole blocks per row
+        if perm:
+            rows = _permute(rows, perm)
+        return rows.contiguous().numpy(), gguf_type(q.format)
+    w = module.weight.detach().float()
+    return (_permute(w, perm) if perm else w).contiguous().numpy(), None
+
+
+def _permute(rows: torch.Tensor, n_head: int) -> torch.Tensor:
+    """convert_hf_to_gguf.py's LlamaModel.permute on the first dimension: halves -> pairs."""
+    n = rows.shape[0]
+    return rows.reshape(n_head, 2, n // n_head // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
