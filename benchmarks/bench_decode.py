@@ -8,19 +8,19 @@ Rows, each measured in a fresh process (so its peak memory is its own):
 - "transformers fp32": the original model, transformers' ``generate()`` (the model lowbit replaces).
 - "lowbit fp32": the same weights through ``lowbit.generate`` (the native decode step, dense rows).
 - "lowbit q4_0 / nf4 / int4 / int8": every linear layer quantized (with ``--head same``, the default,
-  the tied output head too, in the same format, as llama.cpp does; ``--head fp32`` keeps it),
-  through ``lowbit.generate``: fused kernels reading the packed bytes.
+  the tied output head too, in the same format, as llama.cpp does; ``--head fp32`` keeps it) by
+  ``lowbit quantize`` into a directory, loaded from it (no float32 copy is ever built) and run by
+  ``lowbit.generate``: fused kernels reading the packed bytes.
 - "bitsandbytes nf4": every decoder linear layer as bitsandbytes' ``Linear4bit`` (nf4, fp32 compute) on
   the CPU, transformers' ``generate()`` (the output head stays fp32: bitsandbytes skips it).
-- "llama.cpp q4_0": lowbit's q4_0 model exported by ``lowbit.io.gguf_export`` and run by
+- "llama.cpp q4_0": the lowbit q4_0 directory exported by ``lowbit export --to gguf`` and run by
   llama-cpp-python (same bytes), if it is installed.
 
 Decode tokens/s: greedy, ``--new-tokens`` after a short prompt, the median of ``--repeat`` runs, the
 first new token (it comes from the prefill) not counted. Prefill tokens/s: one 512-token prompt from the
 default text, median of ``--repeat``. Peak memory: the process's high-water mark (``VmHWM``, reset through
-``/proc/self/clear_refs`` once the model is built, the float32 original dropped and freed memory handed
-back with ``malloc_trim``) over the runs, less the resident size of the process before the model was loaded
-(Python, torch, transformers, lowbit imported). Ratios are computed from this run only.
+``/proc/self/clear_refs`` once the model is loaded) over the runs, less the resident size of the process
+before the model was loaded (Python, torch, transformers, lowbit imported). Ratios are from this run only.
 """
 
 from __future__ import annotations
@@ -76,25 +76,21 @@ def measure_one(row: str, args) -> dict:
     global _BASE_MB
     torch.set_num_threads(args.threads)
     _BASE_MB = rss_mb("VmRSS")
+    if row == "llama.cpp q4_0":
+        return _llama_cpp(args)
+    if args.dir:  # a quantized directory: only the tokenizer of the original is needed
+        from lowbit.io.model_io import load_quantized
+
+        model, tokenizer, _ = load_quantized(args.dir)
+        long_ids = prompt_ids(tokenizer, 512)
+        return _lowbit(row, model, tokenizer, long_ids, args)
     model, tokenizer, _ = load_model(None)
     long_ids = prompt_ids(tokenizer, 512)
     if row.startswith("lowbit"):
         return _lowbit(row, model, tokenizer, long_ids, args)
     if row == "transformers fp32":
         return _transformers(model, tokenizer, long_ids, args)
-    if row == "bitsandbytes nf4":
-        return _transformers(_bnb(model), tokenizer, long_ids, args)
-    return _llama_cpp(model, tokenizer, long_ids, args)
-
-
-def _quantize_all(model, fmt: str, head: str):
-    from lowbit import QuantConfig, quantize_model
-
-    if head == "same":  # untie the head so it can be quantized on its own; the embedding stays fp32
-        model.lm_head = torch.nn.Linear(model.config.hidden_size, model.lm_head.out_features, bias=False)
-        model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach().clone())
-    quantize_model(model, QuantConfig(fmt, exclude=() if head == "same" else ("lm_head",)), progress=False)
-    return model
+    return _transformers(_bnb(model), tokenizer, long_ids, args)
 
 
 def _settle():
@@ -110,9 +106,6 @@ def _lowbit(row, model, tokenizer, long_ids, args) -> dict:
     from lowbit.generation import LlamaStepper, generate
     from lowbit.nn.surgery import model_weight_bytes
 
-    fmt = row.split()[1]
-    if fmt != "fp32":
-        model = _quantize_all(model, fmt, args.head)
     _settle()
     prefill = []
     for _ in range(args.repeat):
@@ -170,39 +163,36 @@ def _bnb(model):
     return model
 
 
-def _llama_cpp(model, tokenizer, long_ids, args) -> dict:
+def _llama_cpp(args) -> dict:
     import numpy as np
     from llama_cpp import Llama
+    from transformers import AutoTokenizer
 
-    from lowbit.io.gguf_export import export_gguf
-
-    model = _quantize_all(model, "q4_0", args.head)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "q4_0.gguf"
-        export_gguf(model, "smollm2", path)
-        size = path.stat().st_size
-        del model
-        _settle()
-        llm = Llama(str(path), n_ctx=1024, n_threads=args.threads, n_threads_batch=args.threads, n_batch=512,
-                    verbose=False)
-        prefill, decode = [], []
-        ids = tokenizer(PROMPT).input_ids
-        for _ in range(args.repeat):
-            llm.reset()
-            start = time.perf_counter()
-            llm.eval(long_ids.tolist())
-            prefill.append(time.perf_counter() - start)
-        for _ in range(args.repeat + 1):  # the first run warms up
-            llm.reset()
-            llm.eval(ids)
+    tokenizer = AutoTokenizer.from_pretrained(args.dir, local_files_only=True)
+    long_ids = prompt_ids(tokenizer, 512)
+    path = Path(args.gguf)
+    size = path.stat().st_size
+    llm = Llama(str(path), n_ctx=1024, n_threads=args.threads, n_threads_batch=args.threads, n_batch=512,
+                verbose=False)
+    _settle()
+    prefill, decode = [], []
+    ids = tokenizer(PROMPT).input_ids
+    for _ in range(args.repeat):
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(long_ids.tolist())
+        prefill.append(time.perf_counter() - start)
+    for _ in range(args.repeat + 1):  # the first run warms up
+        llm.reset()
+        llm.eval(ids)
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        start = time.perf_counter()
+        for _ in range(args.new_tokens - 1):
+            llm.eval([token])
             token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            start = time.perf_counter()
-            for _ in range(args.new_tokens - 1):
-                llm.eval([token])
-                token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            decode.append((args.new_tokens - 1) / (time.perf_counter() - start))
-        return _result("", statistics.median(decode[1:]), long_ids.numel() / statistics.median(prefill), size,
-                       "llama-cpp-python")
+        decode.append((args.new_tokens - 1) / (time.perf_counter() - start))
+    return _result("", statistics.median(decode[1:]), long_ids.numel() / statistics.median(prefill), size,
+                   "llama-cpp-python")
 
 
 def _result(row, decode, prefill, weight_bytes, how) -> dict:
@@ -210,9 +200,41 @@ def _result(row, decode, prefill, weight_bytes, how) -> dict:
             "weight_mb": weight_bytes / 1e6, "how": how}
 
 
-def run_row(row: str, args) -> dict:
+def lowbit_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lowbit.cli", *map(str, args)], capture_output=True, text=True)
+
+
+def prepare_row(row: str, args, tmp: Path) -> list[str]:
+    """Quantize (and export) in a process of its own: the measured one loads the result."""
+    fmt = "q4_0" if row == "llama.cpp q4_0" else row.split()[1]
+    if fmt == "fp32" or row in ("transformers fp32", "bitsandbytes nf4"):
+        return []
+    out = tmp / fmt
+    if not out.exists():
+        rules = ([] if args.head == "same" else [{"pattern": "lm_head", "keep": True}]) + [
+            {"pattern": "*", "format": fmt}]
+        plan = tmp / f"{fmt}.json"
+        plan.write_text(json.dumps({"rules": rules}))
+        done = lowbit_cli("quantize", "--plan", plan, "-o", out)
+        if done.returncode:
+            raise RuntimeError(done.stderr.strip().splitlines()[-1])
+    extra = ["--dir", str(out)]
+    if row == "llama.cpp q4_0":
+        gguf = tmp / "q4_0.gguf"
+        done = lowbit_cli("export", out, "--to", "gguf", "-o", gguf)
+        if done.returncode:
+            raise RuntimeError(done.stderr.strip().splitlines()[-1])
+        extra += ["--gguf", str(gguf)]
+    return extra
+
+
+def run_row(row: str, args, tmp: Path) -> dict:
+    try:
+        extra = prepare_row(row, args, tmp)
+    except RuntimeError as e:
+        return {"row": row, "error": str(e)}
     cmd = [sys.executable, __file__, "--one", row, "--new-tokens", str(args.new_tokens), "--repeat",
-           str(args.repeat), "--threads", str(args.threads), "--head", args.head]
+           str(args.repeat), "--threads", str(args.threads), "--head", args.head, *extra]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
@@ -266,6 +288,8 @@ def main() -> int:
     p.add_argument("--rows", help=f"comma-separated subset of: {', '.join(ROWS)}")
     p.add_argument("--json", metavar="F", help="write the rows as JSON")
     p.add_argument("--one", help=argparse.SUPPRESS)
+    p.add_argument("--dir", help=argparse.SUPPRESS)
+    p.add_argument("--gguf", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
         print(json.dumps(measure_one(args.one, args)))
@@ -275,9 +299,10 @@ def main() -> int:
     if unknown:
         p.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
     results = []
-    for row in rows:
-        print(f"measuring {row} ...", file=sys.stderr, flush=True)
-        results.append(run_row(row, args))
+    with tempfile.TemporaryDirectory() as tmp:
+        for row in rows:
+            print(f"measuring {row} ...", file=sys.stderr, flush=True)
+            results.append(run_row(row, args, Path(tmp)))
     report(results, args)
     if args.json:
         from lowbit.io.atomic import write_json

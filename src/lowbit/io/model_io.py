@@ -163,6 +163,7 @@ def read_meta(directory) -> dict:
 
 def load_quantized(directory):
     """``(model, tokenizer, meta)`` from a directory written by ``save_quantized``."""
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     directory = Path(directory)
@@ -172,7 +173,10 @@ def load_quantized(directory):
         config = AutoConfig.from_pretrained(directory, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
         cls = AutoModelForCausalLM if meta["model"]["kind"] == CAUSAL_LM else AutoModel
-        model = cls.from_config(config).float().eval()
+        # Parameters on the meta device: the stored tensors are assigned below, so no float32 copy
+        # of the whole model is ever allocated (buffers such as RoPE's inv_freq are built as usual).
+        with init_empty_weights(include_buffers=False):
+            model = cls.from_config(config, dtype=torch.float32).eval()
         layouts = {}
         for name, layer in meta["layers"].items():
             _check_architecture(model, name, layer["shape"])  # before quantizing zeros of a shape it names
@@ -182,7 +186,12 @@ def load_quantized(directory):
             setattr(model.get_submodule(parent), child, QuantLinear(q, model.get_submodule(name).bias, signs))
         for alias, target in meta["tied"].items():
             tensors[alias] = tensors[target]
-        model.load_state_dict(tensors, strict=True)
+        # assign=True keeps each tensor's dtype: the model is float32 (a --keep-dtype save stored bf16/fp16)
+        tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+        model.load_state_dict(tensors, strict=True, assign=True)
+        for alias, target in meta["tied"].items():  # assign=True made two Parameters of one tensor: tie again
+            parent, _, attr = alias.rpartition(".")
+            setattr(model.get_submodule(parent), attr, model.get_parameter(target))
     refuse_save_pretrained(model)
     return model, tokenizer, meta
 
