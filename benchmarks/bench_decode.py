@@ -151,7 +151,7 @@ def _bnb(model):
     """Every decoder nn.Linear as bitsandbytes' Linear4bit nf4 (blocksize 64), quantized on the CPU."""
     import bitsandbytes as bnb
 
-    for name, module in list(model.model.named_modules()):
+    for _, module in list(model.model.named_modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is torch.nn.Linear:
                 layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,

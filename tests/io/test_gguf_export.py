@@ -24,10 +24,11 @@ def quantized(plan):
 def mixed_plan():
     """Every GGUF type: K-quants on the 1536-wide rows, a fallback on the 576-wide ones."""
     return QuantPlan.from_dict({"rules": [
-        {"pattern": "layers.0.mlp.down_proj", "format": "q6_k"}, {"pattern": "down_proj", "format": "q4_k"},
-        {"pattern": "gate_proj", "format": "q4_k", "fallback": "q5_1"}, {"pattern": "up_proj", "format": "q8_0"},
-        {"pattern": "v_proj", "format": "q5_0"}, {"pattern": "q_proj", "format": "q4_1"},
-        {"pattern": "*", "format": "q4_0"}]})
+        {"pattern": "layers.0.mlp.down_proj", "format": "q6_k"},
+        {"pattern": "layers.1.mlp.down_proj", "format": "q4_k"},
+        {"pattern": "layers.0.mlp.gate_proj", "format": "q4_k", "fallback": "q5_1"},
+        {"pattern": "up_proj", "format": "q8_0"}, {"pattern": "v_proj", "format": "q5_0"},
+        {"pattern": "q_proj", "format": "q4_1"}, {"pattern": "*", "format": "q4_0"}]})
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +73,11 @@ def test_transformers_reads_it_back_to_the_same_logits(exported):
 
 
 def test_refusals_write_nothing(tmp_path, tiny_lm_dir):
-    model, _ = quantized(QuantConfig("nf4"))
+    model, _ = quantized(QuantConfig("nf4", include=("layers.0.*",)))
     out = tmp_path / "x.gguf"
-    with pytest.raises(ExportError, match=r"q4_0, q4_1.*210 layer\(s\).*model.layers.0.self_attn.q_proj \(nf4\)"):
+    with pytest.raises(ExportError, match=r"q4_0, q4_1.*7 layer\(s\).*model.layers.0.self_attn.q_proj \(nf4\)"):
         export_gguf(model, "smollm2", out)
-    model, _ = quantized(QuantConfig.parse("q4_0+had"))
+    model, _ = quantized(QuantConfig.parse("q4_0+had", include=("layers.0.*",)))
     with pytest.raises(ExportError, match="rotation has no GGUF form"):
         export_gguf(model, "smollm2", out)
     model, _ = quantized(QuantConfig("q4_0"))

@@ -32,7 +32,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    _check(args)
+    config = _check(args)
     con = console()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -45,13 +45,9 @@ def run(args) -> int:
         model, tokenizer, info = load(args.model, con)
         kind, what = info.kind, info.source
         _check_kind(kind, what)
-        if args.format:
+        if config is not None:
             from ..nn.surgery import quantize_model
 
-            config = QuantConfig.parse(args.format, **({"exclude": ()} if args.include_head else {}))
-            if config.needs_calibration:
-                raise ValueError(f"{args.format} needs calibration: run `lowbit quantize --format {args.format} -o DIR`"
-                                 " and then `lowbit generate DIR`")
             quantize_model(model, config, progress=con.is_terminal)
     _check_kind(kind, what)
     prompt = args.prompt
@@ -75,7 +71,8 @@ def _check_kind(kind: str, what: str) -> None:
         raise ValueError(f"{what} is not a causal language model (it is an {kind}): generate needs one")
 
 
-def _check(args) -> None:
+def _check(args) -> QuantConfig | None:
+    """Every argument checked before anything loads; the --format config, if any."""
     if args.directory and (args.model or args.format):
         raise ValueError("give a quantized DIR or --model [--format LABEL], not both")
     if args.include_head and not args.format:
@@ -90,3 +87,10 @@ def _check(args) -> None:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    if not args.format:
+        return None
+    config = QuantConfig.parse(args.format, **({"exclude": ()} if args.include_head else {}))
+    if config.needs_calibration:
+        raise ValueError(f"{args.format} needs calibration: run `lowbit quantize --format {args.format} -o DIR` "
+                         "and then `lowbit generate DIR`")
+    return config

@@ -145,8 +145,10 @@ def linear(q: QuantizedTensor, x: torch.Tensor, bias: torch.Tensor | None, *, is
     m = x2.shape[0]
     if m <= ROWS_FUSED:
         y = torch.empty((m, n), dtype=torch.float32)
-        b = None if bias is None else bias.data_ptr() if bias.is_contiguous() else bias.contiguous().data_ptr()
-        if native.lowbit_linear(p.ref, x2.data_ptr(), m, b, y.data_ptr(), ISA if isa is None else isa):
+        b = None if bias is None or bias.is_contiguous() else bias.contiguous()  # held while C reads it
+        b = bias if b is None else b
+        if native.lowbit_linear(p.ref, x2.data_ptr(), m, None if b is None else b.data_ptr(), y.data_ptr(),
+                                ISA if isa is None else isa):
             raise MemoryError(f"lowbit.kernels.linear: no memory for a row buffer of {k} floats")
     else:
         y = _tiled(p, x2, None if bias is None else bias.detach(), ISA if isa is None else isa)
