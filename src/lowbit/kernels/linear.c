@@ -84,24 +84,24 @@ static inline float gguf_level(const lowbit_weights *w, const uint8_t *blk, int 
     return (float)(q - 8);
 }
 
+/* the first GGUF block of row o, and the bytes per block */
+static inline const uint8_t *gguf_row(const lowbit_weights *w, int64_t o, int64_t *bytes) {
+    *bytes = w->kind == W_Q4_0 ? 2 + QK / 2 : 2 + QK;
+    return w->codes + o * (w->in_features / QK) * *bytes;
+}
+
+static inline float gguf_d(const uint8_t *blk) {
+    uint16_t h;
+    memcpy(&h, blk, 2);
+    return half_to_float(h);
+}
+
 static void decode_gguf_row(const lowbit_weights *w, int64_t o, float *out) {
-    int64_t nb = w->in_features / QK;
-    int q4 = w->kind == W_Q4_0;
-    const uint8_t *blk = w->codes + o * nb * (q4 ? 2 + QK / 2 : 2 + QK);
-    for (int64_t b = 0; b < nb; b++, out += QK) {
-        uint16_t h;
-        memcpy(&h, blk, 2);
-        float d = half_to_float(h);
-        if (q4) {
-            for (int j = 0; j < QK / 2; j++) {
-                out[j] = d * (float)((int)(blk[2 + j] & 0x0F) - 8);
-                out[j + QK / 2] = d * (float)((int)(blk[2 + j] >> 4) - 8);
-            }
-            blk += 2 + QK / 2;
-        } else {
-            for (int j = 0; j < QK; j++) out[j] = (float)(int8_t)blk[2 + j] * d;
-            blk += 2 + QK;
-        }
+    int64_t bytes;
+    const uint8_t *blk = gguf_row(w, o, &bytes);
+    for (int64_t b = 0; b < w->in_features / QK; b++, out += QK, blk += bytes) {
+        float d = gguf_d(blk);
+        for (int j = 0; j < QK; j++) out[j] = d * gguf_level(w, blk, j); /* legacy.py: d * (q - 8), q * d */
     }
 }
 
@@ -149,18 +149,16 @@ static float row_dot_generic(const lowbit_weights *w, int64_t o, const float *x)
     float row[8] = {0}, row_tail = 0.0f;
     int64_t K = w->in_features;
     if (w->kind == W_Q4_0 || w->kind == W_Q8_0) {
-        int64_t nb = K / QK, bytes = w->kind == W_Q4_0 ? 2 + QK / 2 : 2 + QK;
-        const uint8_t *blk = w->codes + o * nb * bytes;
-        for (int64_t b = 0; b < nb; b++, blk += bytes, x += QK) {
-            uint16_t h;
-            memcpy(&h, blk, 2);
+        int64_t bytes;
+        const uint8_t *blk = gguf_row(w, o, &bytes);
+        for (int64_t b = 0; b < K / QK; b++, blk += bytes, x += QK) {
             float acc0[8] = {0}, acc1[8] = {0};
             for (int g = 0; g < QK; g += 16)
                 for (int j = 0; j < 8; j++) {
                     acc0[j] = fmaf(gguf_level(w, blk, g + j), x[g + j], acc0[j]);
                     acc1[j] = fmaf(gguf_level(w, blk, g + 8 + j), x[g + 8 + j], acc1[j]);
                 }
-            float d = half_to_float(h);
+            float d = gguf_d(blk);
             for (int j = 0; j < 8; j++) row[j] = fmaf(acc0[j] + acc1[j], d, row[j]);
         }
         return hsum8_generic(row);
@@ -260,14 +258,13 @@ AVX2 static void decode_segment_avx2(const lowbit_weights *w, int64_t e, int64_t
 }
 
 AVX2 static void decode_gguf_row_avx2(const lowbit_weights *w, int64_t o, float *out) {
-    int64_t nb = w->in_features / QK;
-    int q4 = w->kind == W_Q4_0;
-    const uint8_t *blk = w->codes + o * nb * (q4 ? 2 + QK / 2 : 2 + QK);
-    for (int64_t b = 0; b < nb; b++, out += QK) {
+    int64_t bytes;
+    const uint8_t *blk = gguf_row(w, o, &bytes);
+    for (int64_t b = 0; b < w->in_features / QK; b++, out += QK, blk += bytes) {
         uint16_t h;
         memcpy(&h, blk, 2);
         __m256 d = _mm256_cvtph_ps(_mm_set1_epi16((short)h)); /* exact, as half_to_float */
-        if (q4) {
+        if (w->kind == W_Q4_0) {
             __m128i q = _mm_loadu_si128((const __m128i *)(blk + 2));
             const __m128i m = _mm_set1_epi8(0x0F);
             __m128i lo = _mm_and_si128(q, m), hi = _mm_and_si128(_mm_srli_epi16(q, 4), m);
@@ -277,13 +274,11 @@ AVX2 static void decode_gguf_row_avx2(const lowbit_weights *w, int64_t o, float 
                 __m256i v = _mm256_sub_epi32(_mm256_cvtepu8_epi32(parts[p]), eight);
                 _mm256_storeu_ps(out + 8 * p, _mm256_mul_ps(d, _mm256_cvtepi32_ps(v)));
             }
-            blk += 2 + QK / 2;
         } else {
             for (int p = 0; p < 4; p++) {
                 __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 2 + 8 * p)));
                 _mm256_storeu_ps(out + 8 * p, _mm256_mul_ps(_mm256_cvtepi32_ps(v), d));
             }
-            blk += 2 + QK;
         }
     }
 }
@@ -402,11 +397,11 @@ AVX2 static float row_dot_avx2(const lowbit_weights *w, int64_t o, const float *
     __m256 row = _mm256_setzero_ps();
     int64_t K = w->in_features;
     if (w->kind == W_Q4_0 || w->kind == W_Q8_0) {
-        int64_t nb = K / QK, bytes = w->kind == W_Q4_0 ? 2 + QK / 2 : 2 + QK;
-        const uint8_t *blk = w->codes + o * nb * bytes;
+        int64_t bytes;
+        const uint8_t *blk = gguf_row(w, o, &bytes);
         const __m256 eight = _mm256_set1_ps(8.0f);
         const __m128i m = _mm_set1_epi8(0x0F);
-        for (int64_t b = 0; b < nb; b++, blk += bytes, x += QK) {
+        for (int64_t b = 0; b < K / QK; b++, blk += bytes, x += QK) {
             uint16_t h;
             memcpy(&h, blk, 2);
             __m256 v[4];
