@@ -138,13 +138,18 @@ class HFStepper:
     name = "transformers forward"
 
     def __init__(self, model, max_len: int):
+        import inspect
+
         from transformers import DynamicCache
 
         self.model, self.cache = model, DynamicCache()
+        # transformers 5 renames past_key_values to cache (the old name warns, and goes in 5.40)
+        params = inspect.signature(model.forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
 
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=ids[None], past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=ids[None], use_cache=True, logits_to_keep=1, **{self.cache_arg: self.cache})
         return out.logits[0, -1]
 
 
