@@ -94,3 +94,19 @@ def test_bad_requests(smollm2):
         generate(model, tokenizer, PROMPT, 0)
     with pytest.raises(ValueError, match="positions"):
         generate(model, tokenizer, PROMPT, 10**6)
+
+
+def test_rotated_layers_keep_the_pytorch_loop(tiny_lm_dir):
+    """+had rotates each input first, which the native step does not: the PyTorch loop runs them."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
+    quantize_model(model, QuantConfig.parse("int4+had"), progress=False)
+    ids = torch.arange(100, 120)
+    step = LlamaStepper(model, 32)
+    assert step.native is None and step.name == "lowbit llama loop"
+    logits = step(ids)
+    ref = hf_logits(model, ids)
+    assert (logits - ref).abs().max() <= 1e-4 * ref.abs().max()
+    nxt = step(logits.argmax().reshape(1))
+    assert (nxt - hf_logits(model, torch.cat([ids, logits.argmax().reshape(1)]))).abs().max() <= 1e-4 * ref.abs().max()
