@@ -7,7 +7,10 @@ import copy
 import pytest
 import torch
 
+import lowbit
 from lowbit import QuantConfig, QuantLinear, dispatch, quantize_model
+from lowbit.errors import LayerQuantizeError
+from lowbit.nn.surgery import check_config
 
 # SmolLM2-135M: 30 decoder layers x (q, k, v, o, gate, up, down); lm_head is excluded
 N_LINEAR = 30 * 7
@@ -61,3 +64,41 @@ def test_materialized_logits_are_bitwise_equal_to_packed(nf4_model, smollm2):
     assert torch.equal(packed, cached)
     assert (fused - packed).abs().max() < 1e-3 * packed.abs().max()
     assert torch.equal(fused.argmax(-1), packed.argmax(-1))
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int4", "q4_0"])
+def test_four_bit_layers_hold_at_most_30_percent_of_fp32(fmt, smollm2, nf4_model):
+    if fmt == "nf4":
+        report = nf4_model[1]
+    else:
+        model = copy.deepcopy(smollm2[0])
+        report = quantize_model(model, QuantConfig(fmt), progress=False)
+        del model
+    assert report.layer_bytes_after <= 0.30 * report.layer_bytes_before
+    assert report.model_bytes_after < report.model_bytes_before
+
+
+def _error_for(smollm2, config):
+    model = smollm2[0]  # quantize_model checks every layer before swapping any: safe to share
+    with pytest.raises(LayerQuantizeError) as err:
+        quantize_model(model, config, progress=False)
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+    return str(err.value)
+
+
+def test_q4_k_names_the_first_576_wide_layer(smollm2):
+    # q4_k super-blocks hold 256 weights (ggml QK_K); 576 = 2.25 x 256 is not whole
+    msg = _error_for(smollm2, QuantConfig("q4_k"))
+    assert "model.layers.0.self_attn.q_proj" in msg and "576" in msg
+    with pytest.raises(LayerQuantizeError) as err:  # the same verdict without quantizing anything
+        check_config(smollm2[0], QuantConfig("q4_k"))
+    assert str(err.value) == msg
+    check_config(smollm2[0], QuantConfig("q4_0"))
+
+
+def test_row_block_rule_names_the_layer(smollm2):
+    import dataclasses
+
+    rows = dataclasses.replace(lowbit.get_format("int4"), row_blocks=True)  # always available, unlike q4_k
+    msg = _error_for(smollm2, QuantConfig(rows, block_size=256))
+    assert "model.layers.0.self_attn.q_proj" in msg and "576" in msg
