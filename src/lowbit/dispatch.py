@@ -6,11 +6,13 @@ reference path when it gets None. Formats never import a kernel module: they are
 reference. The preference is ``native`` (use a registered kernel where one applies) unless
 the environment says ``LOWBIT_KERNELS=reference``, ``use("reference")`` is in effect, or
 an operation is given ``kernels="reference"`` (``lowbit.quantize``, ``dequantize``).
-Every registered kernel is tested against the reference path to the bit (tests/kernels).
+Every registered kernel is tested against the reference path (tests/kernels): to the bit,
+except ``linear``, which sums in its own order (to float32 rounding, a stated bound).
 
 Operations: ``quantize`` (flat float32 tensor -> packed parts, absmax scales only),
 ``dequantize`` (packed parts -> flat float32), ``round`` (an ExMy table rounding),
-``lut_scale`` (level table look-up times a per-block factor).
+``lut_scale`` (level table look-up times a per-block factor), ``linear`` (``QuantLinear``'s
+product straight from the packed parts, ``lowbit.kernels.linear``).
 """
 
 from __future__ import annotations

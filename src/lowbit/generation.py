@@ -3,7 +3,8 @@
 ``generate`` runs one of two steppers. ``LlamaStepper`` is a lean decode loop for Llama-
 architecture models (the embedded SmolLM2): the same arithmetic as transformers'
 ``LlamaForCausalLM`` (tests/test_generation.py checks the logits against it), with a
-preallocated KV cache and nothing else per token. It exists because transformers' own
+preallocated KV cache; single tokens go through the one-call native step
+(lowbit.kernels.llama_step) where it can run the model. It exists because transformers' own
 loop costs about 12 ms per token on this model on 2 cores even when every linear layer
 costs nothing (measured by replacing them with a zero-output module), which alone caps
 decoding at ~80 tokens/s whatever the kernels do. ``HFStepper`` runs any causal LM through
@@ -200,10 +201,11 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, *, tempera
     while True:
         token = next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         gen.new_ids.append(token)
-        text = tokenizer.decode(gen.new_ids, skip_special_tokens=True)
-        if on_text is not None and len(text) > len(shown) and not text.endswith("\ufffd"):  # whole characters only
-            on_text(text[len(shown) :])
-            shown = text
+        if on_text is not None:  # the whole text again: a token's bytes may end a character begun before
+            text = tokenizer.decode(gen.new_ids, skip_special_tokens=True)
+            if len(text) > len(shown) and not text.endswith("\ufffd"):  # whole characters only
+                on_text(text[len(shown) :])
+                shown = text
         if token in eos or len(gen.new_ids) == max_new_tokens:
             break
         logits = step(torch.tensor([token]))

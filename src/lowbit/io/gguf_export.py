@@ -22,12 +22,13 @@ import torch
 from torch import nn
 
 from ..errors import LowbitError
+from ..formats.registry import formats, get_format
 from ..formats.spec import FormatSpec
 from ..models.loader import resolve
 from ..nn.linear import QuantLinear
 from .atomic import atomic_file
 
-GGUF_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q6_k")
+GGUF_TYPES = tuple(f for f in formats() if get_format(f).gguf_type)  # formats.table's gguf_type column
 SUPPORTED_ARCHS = ("llama",)
 
 
@@ -39,7 +40,7 @@ def gguf_type(spec: FormatSpec):
     """The GGMLQuantizationType of a lowbit GGUF format (formats.table's gguf type name)."""
     import gguf
 
-    return gguf.GGMLQuantizationType[spec.name.upper()]
+    return gguf.GGMLQuantizationType[spec.gguf_type]
 
 
 def check_exportable(model: nn.Module) -> None:
@@ -47,11 +48,11 @@ def check_exportable(model: nn.Module) -> None:
     bad = []
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
-            fmt = module.qweight.format.name
-            if fmt not in GGUF_TYPES:
-                bad.append(f"{name} ({fmt})")
+            fmt = module.qweight.format
+            if fmt.gguf_type is None:
+                bad.append(f"{name} ({fmt.name})")
             elif module.signs is not None:
-                bad.append(f"{name} ({fmt}+had: the rotation has no GGUF form)")
+                bad.append(f"{name} ({fmt.name}+had: the rotation has no GGUF form)")
     if bad:
         shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
         raise ExportError(f"GGUF holds the types {', '.join(GGUF_TYPES)}; {len(bad)} layer(s) are in other formats: "

@@ -1,10 +1,12 @@
-"""Optional fast CPU kernels, same numbers as the reference path.
+"""Optional fast CPU kernels.
 
 ``lowbit.kernels.native`` is the ctypes handle to the C library built at install time,
-or None when it is absent (the build failed). When it loads, ``lowbit.kernels.paths``
-registers its fast paths with ``lowbit.dispatch``, which alone decides whether they run
-(``LOWBIT_KERNELS=reference|native``). Every kernel is tested bit-for-bit against the
-plain-PyTorch reference (tests/kernels).
+or None when it is absent (the build failed). When it loads, ``lowbit.kernels.paths`` and
+``lowbit.kernels.linear`` register their fast paths with ``lowbit.dispatch``, which alone
+decides whether they run (``LOWBIT_KERNELS=reference|native``). The quantize/dequantize
+kernels are tested bit-for-bit against the plain-PyTorch reference; the fused linear
+kernel and the decode step (``llama_step``) to float32 rounding (tests/kernels,
+tests/test_generation.py).
 """
 
 from __future__ import annotations

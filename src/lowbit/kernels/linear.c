@@ -212,48 +212,27 @@ AVX2 static inline __m256i codes8(const lowbit_weights *w, int64_t e) {
     return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w->codes + e)));
 }
 
-AVX2 static inline void store_value(float *out, __m256 v, __m256 z, __m256 f, int has_zero) {
-    if (has_zero) v = _mm256_sub_ps(v, z);
-    _mm256_storeu_ps(out, _mm256_mul_ps(v, f));
+/* 8 levels (table[q] - zero, before the factor) of codes e .. e + 7 (e even for nibbles) */
+AVX2 static inline __m256 levels8(const lowbit_weights *w, __m256i q, __m256 lo, __m256 hi, __m256 off, __m256 z) {
+    __m256 v;
+    if (w->kind == W_LUT4) v = lut16(q, lo, hi);
+    else if (w->kind == W_LUT8) v = _mm256_i32gather_ps(w->table, q, 4);
+    else v = _mm256_sub_ps(_mm256_cvtepi32_ps(q), off);
+    return w->zero ? _mm256_sub_ps(v, z) : v;
 }
 
-/* elements [e, e + len) of the flat tensor, all in block b, to out */
+/* elements [e, e + len) of the flat tensor, all in block b, to out: (table[q] - zero) * factor */
 AVX2 static void decode_segment_avx2(const lowbit_weights *w, int64_t e, int64_t len, int64_t b, float *out) {
-    int has_zero = w->zero != NULL;
-    __m256 f = _mm256_set1_ps(w->factor[b]), z = _mm256_set1_ps(has_zero ? w->zero[b] : 0.0f);
-    int64_t i = 0;
+    __m256 f = _mm256_set1_ps(w->factor[b]), z = _mm256_set1_ps(w->zero ? w->zero[b] : 0.0f);
+    __m256 off = _mm256_set1_ps(w->affine_offset), lo = off, hi = off;
     if (w->kind == W_LUT4) {
-        __m256 lo = _mm256_loadu_ps(w->table), hi = _mm256_loadu_ps(w->table + 8);
-        if ((e & 1) && len > 0) { out[0] = decode_one(w, e); i = 1; }
-        for (; i + 16 <= len; i += 16) {
-            __m128i c = nibbles_in_order(_mm_loadl_epi64((const __m128i *)(w->codes + ((e + i) >> 1))));
-            store_value(out + i, lut16(_mm256_cvtepu8_epi32(c), lo, hi), z, f, has_zero);
-            store_value(out + i + 8, lut16(_mm256_cvtepu8_epi32(_mm_srli_si128(c, 8)), lo, hi), z, f, has_zero);
-        }
-        if (i + 8 <= len) {
-            int32_t four;
-            memcpy(&four, w->codes + ((e + i) >> 1), 4);
-            __m128i c = nibbles_in_order(_mm_cvtsi32_si128(four));
-            store_value(out + i, lut16(_mm256_cvtepu8_epi32(c), lo, hi), z, f, has_zero);
-            i += 8;
-        }
-    } else if (w->kind == W_AFFINE4) {
-        __m256 off = _mm256_set1_ps(w->affine_offset);
-        if ((e & 1) && len > 0) { out[0] = decode_one(w, e); i = 1; }
-        for (; i + 8 <= len; i += 8)
-            store_value(out + i, _mm256_sub_ps(_mm256_cvtepi32_ps(codes8(w, e + i)), off), z, f, has_zero);
-    } else if (w->kind == W_AFFINE8) {
-        __m256 off = _mm256_set1_ps(w->affine_offset);
-        for (; i + 8 <= len; i += 8) {
-            __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w->codes + e + i)));
-            store_value(out + i, _mm256_sub_ps(_mm256_cvtepi32_ps(q), off), z, f, has_zero);
-        }
-    } else { /* W_LUT8 */
-        for (; i + 8 <= len; i += 8) {
-            __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w->codes + e + i)));
-            store_value(out + i, _mm256_i32gather_ps(w->table, q, 4), z, f, has_zero);
-        }
+        lo = _mm256_loadu_ps(w->table);
+        hi = _mm256_loadu_ps(w->table + 8);
     }
+    int64_t i = 0;
+    if (nibbles(w) && (e & 1) && len > 0) { out[0] = decode_one(w, e); i = 1; } /* codes8 reads from a byte start */
+    for (; i + 8 <= len; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(levels8(w, codes8(w, e + i), lo, hi, off, z), f));
     for (; i < len; i++) out[i] = decode_one(w, e + i);
 }
 
@@ -319,14 +298,6 @@ AVX2 static float dot_avx2(const float *w, const float *x, int64_t K) {
     return hsum8_avx2(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))) + tail;
 }
 
-/* 8 levels (table[q] - zero, before the factor) of codes e .. e + 7 (e even for nibbles) */
-AVX2 static inline __m256 levels8(const lowbit_weights *w, __m256i q, __m256 lo, __m256 hi, __m256 off, __m256 z) {
-    __m256 v;
-    if (w->kind == W_LUT4) v = lut16(q, lo, hi);
-    else if (w->kind == W_LUT8) v = _mm256_i32gather_ps(w->table, q, 4);
-    else v = _mm256_sub_ps(_mm256_cvtepi32_ps(q), off);
-    return w->zero ? _mm256_sub_ps(v, z) : v;
-}
 
 /* levels of 16 codes from e (even for nibbles), as two vectors of 8 */
 #define LOWBIT_INLINE __attribute__((always_inline)) inline
