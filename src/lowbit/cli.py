@@ -17,6 +17,7 @@ from .commands import (
     export_cmd,
     formats_cmd,
     generate_cmd,
+    import_cmd,
     quantize_cmd,
     sensitivity_cmd,
 )
@@ -34,8 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"lowbit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (compare_cmd, quantize_cmd, eval_cmd, generate_cmd, export_cmd, sensitivity_cmd, errors_cmd,
-                    formats_cmd, cache_cmd):
+    for command in (compare_cmd, quantize_cmd, eval_cmd, generate_cmd, export_cmd, import_cmd, sensitivity_cmd,
+                    errors_cmd, formats_cmd, cache_cmd):
         command.add_parser(sub)
     return parser
 

@@ -108,9 +108,9 @@ def check_writable_file(path: str) -> None:
     check_can_create_in(p.parent)  # Path("x").parent is Path(".")
 
 
-def load(spec: str | None, con: Console):
-    """``load_model(spec)`` behind a spinner. transformers' GGUF loader draws a tqdm bar that
-    no setting turns off; stderr is held for the load, and a failure still raises its error."""
+def load(spec: str | None, con: Console, loader=None):
+    """``load_model(spec)`` (or ``loader(spec)``) behind a spinner. transformers' GGUF loader draws a
+    tqdm bar that no setting turns off; stderr is held for the load, and a failure still raises its error."""
     from transformers.utils import logging as hf_logging
 
     from ..models import load_model
@@ -125,7 +125,7 @@ def load(spec: str | None, con: Console):
                 warnings.catch_warnings(record=True) as held:
             warnings.simplefilter("always", CacheWarning)
             caught = held
-            return load_model(spec)
+            return (loader or load_model)(spec)
     finally:
         hf_logging.set_verbosity(verbosity)
         for w in caught:  # ours (a cache rebuilt or not written) are worth a line; the held stderr's are not

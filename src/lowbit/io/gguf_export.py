@@ -54,9 +54,13 @@ def check_exportable(model: nn.Module) -> None:
             elif module.signs is not None:
                 bad.append(f"{name} ({fmt.name}+had: the rotation has no GGUF form)")
     if bad:
-        shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
         raise ExportError(f"GGUF holds the types {', '.join(GGUF_TYPES)}; {len(bad)} layer(s) are in other formats: "
-                          f"{shown}")
+                          f"{layer_list(bad)}")
+
+
+def layer_list(items: list[str], shown: int = 4) -> str:
+    """The first ``shown`` of ``items`` and how many more: an error line stays one line."""
+    return ", ".join(items[:shown]) + (f" and {len(items) - shown} more" if len(items) > shown else "")
 
 
 def source_gguf(source: str) -> Path:
@@ -133,9 +137,31 @@ def _name(names, hf: str) -> str:
     return got
 
 
+def gguf_tensor_names(model: nn.Module):
+    """A function from a Llama model's module name to its weight's GGUF tensor name (None if it has none)."""
+    import gguf
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
+    return lambda hf: names.get_name(hf + ".weight", try_suffixes=(".weight",))
+
+
+def _heads(name: str, cfg) -> int | None:
+    """The head count whose RoPE pairs GGUF interleaves in this layer's rows (q and k only)."""
+    leaf = name.rsplit(".", 1)[-1]
+    return {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}.get(leaf)
+
+
+def from_gguf_rows(rows: torch.Tensor, name: str, cfg) -> torch.Tensor:
+    """A GGUF tensor's rows in transformers' order: the inverse of _permute for q and k, else as they are."""
+    heads = _heads(name, cfg)
+    if heads is None:
+        return rows
+    n = rows.shape[0]
+    return rows.reshape(heads, n // heads // 2, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
 def _linear(module, name: str, cfg):
-    heads = cfg.num_attention_heads
-    perm = heads if name.endswith("q_proj") else cfg.num_key_value_heads if name.endswith("k_proj") else None
+    perm = _heads(name, cfg)
     if isinstance(module, QuantLinear):
         q = module.qweight
         rows = q.parts["data"].reshape(q.shape[0], -1)  # (out, bytes per row): whole blocks per row

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -177,10 +178,9 @@ def load_quantized(directory):
         # of the whole model is ever allocated (buffers such as RoPE's inv_freq are built as usual).
         with init_empty_weights(include_buffers=False):
             model = cls.from_config(config, dtype=torch.float32).eval()
-        layouts = {}
         for name, layer in meta["layers"].items():
             _check_architecture(model, name, layer["shape"])  # before quantizing zeros of a shape it names
-            q = _stored_qweight(name, layer, tensors, layouts)
+            q = _stored_qweight(name, layer, tensors)
             signs = _stored_signs(name, layer, tensors)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, QuantLinear(q, model.get_submodule(name).bias, signs))
@@ -226,7 +226,17 @@ def _stored_signs(name: str, layer: dict, tensors: dict) -> torch.Tensor | None:
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _stored_qweight(name: str, layer: dict, tensors: dict, layouts: dict) -> QuantizedTensor:
+@lru_cache(maxsize=64)
+def stored_layout(fmt: str, shape: tuple[int, ...], block: int | None, dq: bool = False, hqq: bool = False) -> dict:
+    """Part name -> (shape, dtype) that quantizing a ``shape`` tensor to ``fmt`` stores. Layers share a
+    few shapes, so zeros are quantized once per shape; ``hqq``: the float zero point @hqq stores."""
+    zeros = quantize(torch.zeros(shape), fmt, block_size=block, double_quant=dq)
+    if hqq and "zeros" in zeros.parts:
+        zeros = quantize(torch.zeros(shape), fmt, block_size=block, double_quant=dq, search="hqq")
+    return {p: (tuple(t.shape), t.dtype) for p, t in zeros.parts.items()}
+
+
+def _stored_qweight(name: str, layer: dict, tensors: dict) -> QuantizedTensor:
     """Layer ``name``'s QuantizedTensor, its parts checked against what quantizing would store.
 
     The decoders (C kernels included) trust part sizes, so a file whose parts do not match
@@ -237,15 +247,10 @@ def _stored_qweight(name: str, layer: dict, tensors: dict, layouts: dict) -> Qua
     parts = {p: tensors.pop(f"{name}{_QW}{p}") for p in layer["parts"]}
     # a float zero point (float16, chosen by @hqq) instead of the uint8 code: docs/formats.md#zero-point-integers
     hqq = "zeros" in parts and parts["zeros"].is_floating_point()
-    key = (fmt.name, tuple(shape), block, dq, hqq)
-    if key not in layouts:  # layers share a few shapes: quantize zeros once per shape
-        zeros = quantize(torch.zeros(shape), fmt.name, block_size=block, double_quant=dq)
-        if hqq and "zeros" in zeros.parts:
-            zeros = quantize(torch.zeros(shape), fmt.name, block_size=block, double_quant=dq, search="hqq")
-        layouts[key] = {p: (tuple(t.shape), t.dtype) for p, t in zeros.parts.items()}
+    expected = stored_layout(fmt.name, tuple(shape), block, dq, hqq)
     found = {p: (tuple(t.shape), t.dtype) for p, t in parts.items()}
-    if found != layouts[key]:
+    if found != expected:
         raise ModelLoadError(f"{name}: stored parts {found} do not match a {fmt.name} tensor of shape "
-                             f"{tuple(shape)}, block {block}: expected {layouts[key]}")
+                             f"{tuple(shape)}, block {block}: expected {expected}")
     return QuantizedTensor(format=fmt, shape=shape, dtype=_DTYPES[layer["dtype"]], block_size=block, parts=parts,
                            double_quant=dq)

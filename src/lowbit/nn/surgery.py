@@ -74,8 +74,9 @@ def quantize_model(model: nn.Module, config: QuantConfig | QuantPlan | str, *, p
     its format (``LayerQuantizeError``, naming it) leaves the model untouched.
     ``importance``: layer name -> ``(in_features,)`` mean squared input activation
     (``lowbit.eval.calibration``), which an activation-weighted search (``@amse``) needs.
-    ``prequantized``: layer name -> its weight already quantized, for the layers whose config has a method
-    (``+gptq``: ``lowbit.nn.gptq_model.gptq_weights``, which needs the whole model's calibration pass).
+    ``prequantized``: layer name -> its weight already quantized, used as it is: required for the layers
+    whose config has a method (``+gptq``: ``lowbit.nn.gptq_model.gptq_weights``, which needs the whole
+    model's calibration pass), and how imported bytes become layers (``lowbit.io.importers``).
     """
     plan = as_plan(config)
     start = time.perf_counter()
@@ -101,7 +102,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | QuantPlan | str, *, p
     with progress_bar(len(targets), f"quantizing to {what}", enabled=progress) as advance:
         for names, linear, layer_config, _ in targets:
             weights = next((importance[n] for n in names if n in (importance or {})), None)
-            if layer_config.method:
+            if names[0] in (prequantized or {}):
                 qweight = prequantized[names[0]]
                 signs = layer_signs(names[0], linear.in_features) if layer_config.rotate else None
             else:

@@ -1,0 +1,209 @@
+"""bitsandbytes' serialized 4-bit layout, both ways: write a lowbit model as a checkpoint that
+transformers loads with its bitsandbytes integration, and read such a checkpoint back as
+lowbit tensors. lowbit's nf4 and bnb_fp4 store bitsandbytes' own bytes
+(docs/formats.md#normalfloat-and-bitsandbytes-fp4), so every part is copied, never requantized.
+
+bitsandbytes 0.50 (nn/modules.py ``Linear4bit._save_to_state_dict``, functional.py
+``QuantState.as_dict(packed=True)``) stores a 4-bit layer ``L`` as
+
+  L.weight                   uint8 (ceil(n/2), 1): two codes a byte, the first in the high nibble
+  L.weight.absmax            float32 per block; with double quant, uint8 codes of absmax - offset
+  L.weight.quant_map         float32 (16,): the code table
+  L.weight.nested_absmax     float32, one per 256 absmax        } double quant only
+  L.weight.nested_quant_map  float32 (256,): the dynamic map     }
+  L.weight.quant_state.bitsandbytes__<nf4|fp4>   uint8: the JSON of quant_type, blocksize,
+      dtype, shape (and nested_blocksize, nested_dtype, nested_offset with double quant)
+
+and transformers finds the layout from config.json's ``quantization_config``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import ModelLoadError
+from ..formats.registry import formats, get_format
+from ..nn.linear import QuantLinear
+from ..scaling.double_quant import DQ_BLOCK, dynamic_map
+from ..tensor import QuantizedTensor
+from .atomic import atomic_dir, write_errors
+from .gguf_export import ExportError, layer_list
+from .model_io import stored_layout
+
+BNB_FORMATS = tuple(f for f in formats() if get_format(f).bnb_quant_type)  # formats.table's bnb_quant_type column
+BNB_BLOCKS = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes/_ops.py: the block sizes its kernels take
+STATE_KEY = "quant_state.bitsandbytes__"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def check_exportable(model: nn.Module) -> None:
+    """Raise ExportError naming every quantized layer the bitsandbytes layout cannot hold."""
+    bad = []
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            q = module.qweight
+            if q.format.bnb_quant_type is None:
+                bad.append(f"{name} ({q.format.name})")
+            elif q.block_size not in BNB_BLOCKS:
+                bad.append(f"{name} ({q.format.name}/{q.block_size}: bitsandbytes blocks are "
+                           f"{', '.join(map(str, BNB_BLOCKS))})")
+            elif module.signs is not None:
+                bad.append(f"{name} ({q.format.name}+had: the rotation has no bitsandbytes form)")
+    if bad:
+        raise ExportError(f"bitsandbytes' 4-bit layout holds {', '.join(BNB_FORMATS)}; {len(bad)} layer(s) cannot "
+                          f"be written in it: {layer_list(bad)}")
+
+
+def quant_state(name: str, q: QuantizedTensor) -> dict[str, torch.Tensor]:
+    """``name``'s tensors in bitsandbytes' layout, equal to ``QuantState.as_dict(packed=True)``'s."""
+    fmt = q.format
+    out = {name: q.parts["codes"].reshape(-1, 1),
+           f"{name}.quant_map": torch.tensor(fmt.values, dtype=torch.float32)}
+    info = {"quant_type": fmt.bnb_quant_type, "blocksize": q.block_size, "dtype": _dtype_name(q.dtype),
+            "shape": list(q.shape)}
+    if q.double_quant:
+        out |= {f"{name}.absmax": q.parts["scales_q"], f"{name}.nested_absmax": q.parts["scales_absmax"],
+                f"{name}.nested_quant_map": dynamic_map().clone()}
+        info |= {"nested_blocksize": DQ_BLOCK, "nested_dtype": "float32",
+                 "nested_offset": q.parts["scales_offset"].item()}
+    else:
+        out[f"{name}.absmax"] = q.parts["scales"]
+    # bitsandbytes/utils.py pack_dict_to_tensor: the JSON's UTF-8 bytes as a uint8 tensor
+    out[f"{name}.{STATE_KEY}{fmt.bnb_quant_type}"] = torch.frombuffer(bytearray(json.dumps(info).encode()),
+                                                                       dtype=torch.uint8)
+    return out
+
+
+def export_bnb(model: nn.Module, tokenizer, out: str | Path) -> dict[str, int]:
+    """Write ``model`` to the directory ``out`` (which must not exist) in bitsandbytes' layout; returns
+    the number of layers per bitsandbytes quant type (and "float" for linear layers left unquantized)."""
+    check_exportable(model)
+    tensors: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    skip = []
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            q = module.qweight
+            tensors |= quant_state(f"{name}.weight", q)
+            counts[q.format.bnb_quant_type] = counts.get(q.format.bnb_quant_type, 0) + 1
+        elif isinstance(module, nn.Linear):
+            skip.append(name)
+            counts["float"] = counts.get("float", 0) + 1
+    if not counts.keys() - {"float"}:
+        raise ExportError("the model has no 4-bit layer to write in bitsandbytes' layout")
+    seen: set[tuple] = set()
+    for key, t in model.state_dict().items():  # a QuantLinear's state is its bias alone
+        where = (t.data_ptr(), t.numel())  # a tied tensor once: transformers ties it again from the config
+        if where not in seen:
+            seen.add(where)
+            tensors[key] = t.detach()
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    config = copy.deepcopy(model.config)
+    config.quantization_config = _quantization_config(model, skip)
+    config.architectures = [type(model).__name__]  # as PreTrainedModel.save_pretrained records it
+    if isinstance(model.get_output_embeddings(), QuantLinear):
+        config.tie_word_embeddings = False  # a 4-bit head cannot share the float embedding's tensor
+    with write_errors(out), atomic_dir(out) as tmp:
+        save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return counts
+
+
+def _quantization_config(model: nn.Module, skip: list[str]) -> dict:
+    """transformers' BitsAndBytesConfig.to_dict() for what the layers hold. The quant type and
+    double quant apply only to quantizing on load: a stored layer reads its own quant_state."""
+    qs = [m.qweight for m in model.modules() if isinstance(m, QuantLinear)]
+    types = [q.format.bnb_quant_type for q in qs]
+    return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+            "_load_in_4bit": True, "_load_in_8bit": False,
+            "bnb_4bit_quant_type": max(set(types), key=types.count),
+            "bnb_4bit_use_double_quant": any(q.double_quant for q in qs),
+            "bnb_4bit_compute_dtype": "float32", "bnb_4bit_quant_storage": "uint8",
+            # Exact names of the linear layers left in full precision (lm_head too, when it is one):
+            # without a list transformers would quantize them on load.
+            "llm_int8_skip_modules": skip, "llm_int8_threshold": 6.0, "llm_int8_has_fp16_weight": False,
+            "llm_int8_enable_fp32_cpu_offload": False}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def read_layers(tensors: dict[str, torch.Tensor], where: str) -> dict[str, QuantizedTensor]:
+    """The 4-bit layers of a bitsandbytes state dict as lowbit tensors (layer name -> weight),
+    their entries removed from ``tensors``. Anything lowbit would not have written the same
+    way (another code table, nested block or map) is refused rather than reinterpreted."""
+    layers = {}
+    for key in [k for k in tensors if STATE_KEY in k]:
+        name = key.split(f".weight.{STATE_KEY}")[0]
+        w = f"{name}.weight"
+        try:
+            info = json.loads(bytes(tensors.pop(key).numpy()).decode())
+            layers[name] = _layer(w, info, {p: tensors.pop(p) for p in list(tensors) if p.startswith(w + ".")} |
+                                  {"weight": tensors.pop(w)})
+        except (KeyError, ValueError, TypeError) as e:
+            raise ModelLoadError(f"{where}: {w} is not a bitsandbytes 4-bit layer lowbit reads: {e}") from None
+    return layers
+
+
+def _layer(w: str, info: dict, parts: dict[str, torch.Tensor]) -> QuantizedTensor:
+    by_type = {get_format(f).bnb_quant_type: get_format(f) for f in BNB_FORMATS}
+    fmt = by_type.get(info["quant_type"])
+    if fmt is None:
+        raise ValueError(f"quant_type {info['quant_type']!r} (lowbit reads {', '.join(by_type)})")
+    quant_map = parts.get(f"{w}.quant_map")
+    if quant_map is None or not torch.equal(quant_map.float(), torch.tensor(fmt.values, dtype=torch.float32)):
+        raise ValueError(f"its quant_map is not bitsandbytes' {info['quant_type']} table")
+    block, shape = int(info["blocksize"]), torch.Size(int(d) for d in info["shape"])
+    double = "nested_absmax" in info or f"{w}.nested_absmax" in parts
+    if double:
+        if int(info["nested_blocksize"]) != DQ_BLOCK or info["nested_dtype"] != "float32" or \
+                not torch.equal(parts[f"{w}.nested_quant_map"], dynamic_map()):
+            raise ValueError(f"its double quant is not bitsandbytes' (blocks of {DQ_BLOCK}, the dynamic map)")
+        stored = {"codes": parts["weight"].reshape(-1), "scales_q": parts[f"{w}.absmax"],
+                  "scales_absmax": parts[f"{w}.nested_absmax"],
+                  "scales_offset": torch.tensor([float(info["nested_offset"])], dtype=torch.float32)}
+    else:
+        stored = {"codes": parts["weight"].reshape(-1), "scales": parts[f"{w}.absmax"]}
+    dtype = getattr(torch, info["dtype"])
+    q = QuantizedTensor(format=fmt, shape=shape, dtype=dtype, block_size=block, parts=stored, double_quant=double)
+    _check_parts(q)
+    return q
+
+
+def _check_parts(q: QuantizedTensor) -> None:
+    """The parts must be what lowbit would store for this shape and block (the decoders trust sizes)."""
+    want = stored_layout(q.format.name, tuple(q.shape), q.block_size, q.double_quant)
+    got = {p: (tuple(t.shape), t.dtype) for p, t in q.parts.items()}
+    if want != got:
+        raise ValueError(f"its tensors {got} do not match a {tuple(q.shape)} {q.format.name} weight of block "
+                         f"{q.block_size}: expected {want}")
+
+
+def read_checkpoint(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, QuantizedTensor]]:
+    """``(config dict, other tensors, 4-bit layers)`` of a bitsandbytes 4-bit checkpoint directory."""
+    directory = Path(directory)
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"not a model directory (config.json: {e})") from None
+    qc = config.get("quantization_config") or {}
+    if qc.get("quant_method") != "bitsandbytes" or not (qc.get("load_in_4bit") or qc.get("_load_in_4bit")):
+        raise ModelLoadError(f"{directory}: config.json has no bitsandbytes 4-bit quantization_config "
+                             f"(lowbit imports bitsandbytes' 4-bit checkpoints and GGUF files)")
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{directory}: no .safetensors files (lowbit never loads pickled .bin checkpoints)")
+    tensors = {}
+    for f in files:
+        tensors |= load_file(f)
+    return config, tensors, read_layers(tensors, str(directory))

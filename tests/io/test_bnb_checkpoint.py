@@ -1,0 +1,161 @@
+"""bitsandbytes' 4-bit layout: lowbit's export loaded by transformers with bitsandbytes on the CPU,
+a checkpoint bitsandbytes itself wrote read by lowbit, and both round trips byte for byte."""
+
+import json
+
+import bitsandbytes.functional as F
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+from lowbit import QuantConfig, QuantLinear, quantize_model
+from lowbit.errors import ModelLoadError
+from lowbit.io.bnb_checkpoint import STATE_KEY, export_bnb, quant_state
+from lowbit.io.gguf_export import ExportError
+from lowbit.io.importers import import_model
+from lowbit.models import load_model
+from lowbit.nn.plan import QuantPlan
+from lowbit.quantize import quantize
+
+PROMPT = "The capital of France is Paris. The capital of Germany is"
+
+
+def layers(model) -> dict[str, QuantLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def bnb_layers(model) -> dict:
+    return {n: m for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"}
+
+
+@pytest.mark.parametrize(("fmt", "block", "dq", "dtype"), [("nf4", 64, True, torch.float32),
+                                                           ("bnb_fp4", 128, False, torch.bfloat16),
+                                                           ("nf4", 256, False, torch.float16)])
+def test_quant_state_equals_bitsandbytes(fmt, block, dq, dtype):
+    """Every tensor, the packed JSON included, equals QuantState.as_dict(packed=True)'s, on a shape
+    whose rows do not hold whole blocks (576 wide, as SmolLM2's)."""
+    w = torch.randn(96, 576, generator=torch.Generator().manual_seed(block)).to(dtype)
+    packed, state = F.quantize_4bit(w, blocksize=block, quant_type="nf4" if fmt == "nf4" else "fp4",
+                                    compress_statistics=dq)
+    theirs = {"w": packed} | {f"w.{k}": v for k, v in state.as_dict(packed=True).items()}
+    ours = quant_state("w", quantize(w, fmt, block_size=block, double_quant=dq))
+    assert ours.keys() == theirs.keys()
+    for key, t in theirs.items():
+        assert ours[key].dtype == t.dtype and torch.equal(ours[key], t), key
+    assert any(STATE_KEY in k for k in ours)
+
+
+@pytest.fixture(scope="module")
+def exported(smollm2, tmp_path_factory):
+    """SmolLM2 in nf4+dq (block 64, the output head too) and bnb_fp4/256 (blocks across rows), one layer
+    left in float32, written in bitsandbytes' layout."""
+    model, tokenizer, info, _ = smollm2
+    import copy
+
+    model = copy.deepcopy(model)
+    plan = QuantPlan.from_dict({"rules": [{"pattern": "layers.29.*", "keep": True},
+                                          {"pattern": "mlp.*", "format": "bnb_fp4/256"},
+                                          {"pattern": "*", "format": "nf4+dq"}]})  # the head too: untied
+    quantize_model(model, plan, progress=False)
+    out = tmp_path_factory.mktemp("bnb") / "model"
+    counts = export_bnb(model, tokenizer, out)
+    return model, tokenizer, out, counts
+
+
+def test_transformers_loads_it_with_the_same_weights_and_logits(exported):
+    model, tokenizer, out, counts = exported
+    assert counts == {"nf4": 4 * 29 + 1, "fp4": 3 * 29, "float": 7}
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "bitsandbytes"
+    assert len(config["quantization_config"]["llm_int8_skip_modules"]) == 7 and not config["tie_word_embeddings"]
+    theirs = AutoModelForCausalLM.from_pretrained(out, device_map="cpu", dtype=torch.float32).eval()
+    found = bnb_layers(theirs)
+    assert found.keys() == layers(model).keys()
+    for name, m in found.items():
+        ours = model.get_submodule(name).qweight.dequantize()
+        assert torch.equal(F.dequantize_4bit(m.weight.data, m.weight.quant_state), ours), name
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        a, b = model(ids).logits, theirs(ids).logits
+    # Same weights; lowbit's fused kernel and torch's matmul add in different orders: float32 rounding.
+    assert (a - b).abs().max() < 1e-4 * a.abs().max(), (a - b).abs().max()
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+def test_round_trip_keeps_every_byte(exported):
+    model, _, out, _ = exported
+    back = import_model(out).model
+    ours, theirs = layers(model), layers(back)
+    assert ours.keys() == theirs.keys()
+    for name, m in ours.items():
+        q, r = m.qweight, theirs[name].qweight
+        assert (q.format, q.shape, q.block_size, q.double_quant) == (r.format, r.shape, r.block_size, r.double_quant)
+        assert q.parts.keys() == r.parts.keys() and all(torch.equal(q.parts[p], r.parts[p]) for p in q.parts), name
+    for key, t in model.state_dict().items():
+        assert torch.equal(back.state_dict()[key], t), key
+
+
+def test_reads_a_checkpoint_bitsandbytes_wrote(tiny_lm_dir, tmp_path):
+    quantized = AutoModelForCausalLM.from_pretrained(
+        tiny_lm_dir, device_map="cpu", quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32))
+    quantized.save_pretrained(tmp_path / "bnb")
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(tiny_lm_dir).save_pretrained(tmp_path / "bnb")
+    got = import_model(tmp_path / "bnb")
+    ours = layers(got.model)
+    assert ours.keys() == bnb_layers(quantized).keys() and len(ours) == 14
+    for name, m in bnb_layers(quantized).items():
+        q = ours[name].qweight
+        assert q.format.name == "nf4" and q.double_quant and q.block_size == 64
+        assert torch.equal(q.parts["codes"], m.weight.data.reshape(-1))
+        assert torch.equal(q.parts["scales_q"], m.weight.quant_state.absmax)
+        assert torch.equal(q.dequantize(), F.dequantize_4bit(m.weight.data, m.weight.quant_state)), name
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
+    with torch.inference_mode():
+        a, b = got.model(ids).logits, quantized(ids).logits
+    assert (a - b).abs().max() < 1e-4 * a.abs().max()
+    same = [quantize(torch.zeros(q.qweight.shape), "nf4", double_quant=True) for q in ours.values()]
+    assert got.report.layer_bytes_after == sum(q.nbytes for q in same)  # bytes counted as lowbit's own nf4+dq
+
+
+def test_layers_bitsandbytes_cannot_hold_are_named_and_nothing_is_written(smollm2, tmp_path):
+    import copy
+
+    model, tokenizer = copy.deepcopy(smollm2[0]), smollm2[1]
+    plan = QuantPlan.from_dict({"rules": [{"pattern": "layers.3.mlp.*", "format": "q8_0"},
+                                          {"pattern": "layers.4.*_proj", "format": "nf4/48"},
+                                          {"pattern": "layers.5.self_attn.*", "format": "nf4+had"},
+                                          {"pattern": "*", "format": "nf4"}]})
+    quantize_model(model, plan, progress=False)
+    out = tmp_path / "out"
+    with pytest.raises(ExportError, match=r"nf4, bnb_fp4; 14 layer\(s\).*layers.3.mlp.gate_proj \(q8_0\)"
+                                          r".* and 10 more"):
+        export_bnb(model, tokenizer, out)
+    model, _ = copy.deepcopy(smollm2[0]), None
+    quantize_model(model, QuantConfig("nf4", block_size=48, include=("layers.4.mlp.up_proj",)), progress=False)
+    with pytest.raises(ExportError, match=r"model.layers.4.mlp.up_proj \(nf4/48: bitsandbytes blocks are 32, 64"):
+        export_bnb(model, tokenizer, out)
+    with pytest.raises(ExportError, match="no 4-bit layer"):
+        export_bnb(copy.deepcopy(smollm2[0]), tokenizer, out)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_lowbit_cannot_read_is_refused(tiny_lm_dir, tmp_path):
+    with pytest.raises(ModelLoadError, match="no bitsandbytes 4-bit quantization_config"):
+        import_model(tiny_lm_dir)
+    model, tokenizer, _ = load_model(str(tiny_lm_dir))
+    quantize_model(model, QuantConfig("nf4"), progress=False)
+    export_bnb(model, tokenizer, tmp_path / "bnb")
+    path = tmp_path / "bnb" / "model.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    key = "model.layers.0.mlp.up_proj.weight.quant_map"
+    tensors[key] = tensors[key].flip(0)
+    save_file(tensors, path)
+    with pytest.raises(ModelLoadError, match="up_proj.weight is not a bitsandbytes 4-bit layer lowbit reads: its "
+                                             "quant_map is not bitsandbytes' nf4 table"):
+        import_model(tmp_path / "bnb")
