@@ -72,6 +72,19 @@ def test_transformers_reads_it_back_to_the_same_logits(exported):
         assert torch.equal(back(ids).logits, model(ids).logits)
 
 
+def test_import_reads_every_type_back_byte_for_byte(exported):
+    from lowbit.io.importers import import_model
+
+    model, _, path, _ = exported
+    back = {n: m for n, m in import_model(path).model.named_modules() if isinstance(m, QuantLinear)}
+    ours = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert back.keys() == ours.keys()
+    for name, m in ours.items():
+        q, r = m.qweight, back[name].qweight
+        assert (q.format, q.shape, q.block_size) == (r.format, r.shape, r.block_size)
+        assert torch.equal(q.parts["data"], r.parts["data"]), name
+
+
 def test_refusals_write_nothing(tmp_path, tiny_lm_dir):
     model, _ = quantized(QuantConfig("nf4", include=("layers.0.*",)))
     out = tmp_path / "x.gguf"

@@ -38,5 +38,6 @@ def run(args) -> int:
         else:
             counts = export_bnb(model, tokenizer, args.output)
             what = "linear layers"
-    con.print(f"wrote {args.output}: " + ", ".join(f"{n} {t}" for t, n in sorted(counts.items())) + f" {what}")
+    order = sorted(counts.items(), key=lambda kv: (kv[0] in ("F32", "float"), kv[0]))  # the quantized first
+    con.print(f"wrote {args.output}: " + ", ".join(f"{n} {t}" for t, n in order) + f" {what}")
     return 0

@@ -17,13 +17,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..errors import ModelLoadError
 from ..formats.registry import formats, get_format
-from ..models.hashing import files_sha256
-from ..models.loader import CAUSAL_LM, ModelInfo, as_load_error, load_model, resolve
+from ..models import converted
+from ..models.gguf_file import check_complete
+from ..models.hashing import files_sha256, model_files
+from ..models.loader import CAUSAL_LM, EMBEDDED, ModelInfo, as_load_error, resolve
 from ..nn.config import QuantConfig
 from ..nn.plan import PlanRule, QuantPlan
 from ..nn.surgery import QuantizeReport, quantize_model
@@ -60,40 +63,74 @@ def import_model(source: str | Path, *, progress: bool = False) -> Imported:
 
 
 def import_gguf(path: str | Path, *, spec: str | None = None, progress: bool = False) -> Imported:
-    """``spec``: what ModelInfo.source records (an embedded model's name); the path by default."""
+    """``spec``: what ModelInfo.source records (an embedded model's name); the path by default.
+
+    The architecture comes from transformers' reading of the GGUF metadata and is built on the
+    meta device: no float32 copy of a quantized layer is ever made. Every other tensor is
+    dequantized by gguf-py, as transformers' GGUF loader does (tested equal to it).
+    """
     import gguf
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
+    check_complete(path)
     with as_load_error(path):
         reader = gguf.GGUFReader(path)  # an unknown type number fails here (gguf-py's enum)
     arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
     if arch not in SUPPORTED_ARCHS:
         raise ModelLoadError(f"lowbit imports GGUF files of the architectures {', '.join(SUPPORTED_ARCHS)}; "
                              f"{path} is {arch}")
-    stored = {t.name: t for t in reader.tensors}
     refused = [f"{t.name} ({t.tensor_type.name})" for t in reader.tensors
                if len(t.shape) == 2 and t.name.startswith("blk.")
                and t.tensor_type.name not in GGUF_FORMATS and t.tensor_type.name not in GGUF_FLOAT]
-    if refused:  # before the minutes transformers' conversion takes
+    if refused:
         raise ModelLoadError(f"lowbit imports the GGUF types {', '.join(GGUF_FORMATS)} (and {', '.join(GGUF_FLOAT)}); "
                              f"{len(refused)} tensor(s) are in others: {layer_list(refused)}")
-    model, tokenizer, info = load_model(spec or str(path))
-    names = gguf_tensor_names(model)
-    layers = {}
-    for name, module in model.named_modules():
-        t = stored.get(names(name)) if isinstance(module, nn.Linear) else None
-        if t is None or t.tensor_type.name in GGUF_FLOAT:
-            continue  # lm_head tied to token_embd, or a full-precision layer
-        if t.tensor_type.name not in GGUF_FORMATS:
-            raise ModelLoadError(f"{t.name} ({t.tensor_type.name}): lowbit imports the GGUF types "
-                                 f"{', '.join(GGUF_FORMATS)}")
-        fmt = GGUF_FORMATS[t.tensor_type.name]
-        rows = from_gguf_rows(torch.from_numpy(t.data.copy()), name, model.config)
-        q = QuantizedTensor(format=fmt, shape=module.weight.shape, dtype=torch.float32,
-                            block_size=fmt.default_block_size, parts={"data": rows.reshape(-1, fmt.block_bytes)})
-        _check_layout(t.name, q)
-        layers[name] = q
+    stored = {t.name: t for t in reader.tensors}
+    with as_load_error(path):
+        file_hash = files_sha256([path])
+        # transformers parses the GGUF metadata (the tokenizer's 49k strings: ~10 s each for the config and
+        # the tokenizer); a file lowbit has loaded before has both in its converted-model cache.
+        cached = converted.lookup(file_hash, quiet=True)
+        where, kwargs = (cached, {}) if cached else (path.parent, {"gguf_file": path.name})
+        config = AutoConfig.from_pretrained(where, local_files_only=True, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True, **kwargs)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+        names = gguf_tensor_names(model)
+        layers, state = {}, {}
+        for name, module in model.named_modules():
+            t = stored.get(names(name)) if isinstance(module, nn.Linear) else None
+            if t is not None and t.tensor_type.name in GGUF_FORMATS:
+                layers[name] = _gguf_layer(t, name, module, config)
+        for key, param in model.named_parameters():
+            owner = key.rpartition(".")[0]
+            if owner in layers or (owner == "lm_head" and config.tie_word_embeddings):
+                continue
+            t = stored.get(names(owner)) if key.endswith(".weight") else None
+            if t is None:
+                raise ModelLoadError(f"{path}: no tensor for {key} (GGUF name {names(owner)})")
+            values = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32))
+            state[key] = from_gguf_rows(values.reshape(param.shape), owner, config).contiguous()
+        model.load_state_dict(state, strict=False, assign=True)
+        if config.tie_word_embeddings:
+            model.tie_weights()
+        info = ModelInfo(CAUSAL_LM, spec if spec in EMBEDDED else str(path.absolute()), file_hash, path.stem)
     return _install(model, tokenizer, info, layers, f"imported from {path.name}", progress)
+
+
+def _gguf_layer(t, name: str, linear: nn.Linear, config) -> QuantizedTensor:
+    """The QuantizedTensor holding GGUF tensor ``t``'s blocks, rows in transformers' order."""
+    fmt = GGUF_FORMATS[t.tensor_type.name]
+    rows = from_gguf_rows(torch.from_numpy(np.array(t.data)), name, config)  # a copy: the reader maps the file
+    q = QuantizedTensor(format=fmt, shape=linear.weight.shape, dtype=torch.float32,
+                        block_size=fmt.default_block_size, parts={"data": rows.reshape(-1, fmt.block_bytes)})
+    want = stored_layout(fmt.name, tuple(q.shape), q.block_size)
+    got = {p: (tuple(v.shape), v.dtype) for p, v in q.parts.items()}
+    if want != got:
+        raise ModelLoadError(f"{t.name}: {got} is not a {tuple(q.shape)} {fmt.name} tensor ({want})")
+    return q
 
 
 def import_bnb(directory: str | Path, *, progress: bool = False) -> Imported:
@@ -127,7 +164,7 @@ def import_bnb(directory: str | Path, *, progress: bool = False) -> Imported:
                                  f"({layer_list(result.unexpected_keys)}) for the architecture in config.json")
         if getattr(config, "tie_word_embeddings", False):
             model.tie_weights()
-        file_hash = files_sha256(sorted(directory.glob("*.safetensors")), root=directory)
+        file_hash = files_sha256(model_files(directory), root=directory)  # as load_model hashes it
     info = ModelInfo(kind, str(directory.absolute()), file_hash, directory.name)
     return _install(model, tokenizer, info, layers, f"imported from {directory.name}", progress)
 
@@ -148,13 +185,6 @@ def _tied(model: nn.Module, key: str) -> bool:
     head = model.get_output_embeddings()
     return head is not None and getattr(model.config, "tie_word_embeddings", False) and \
         model.get_submodule(key.rpartition(".")[0]) is head
-
-
-def _check_layout(where: str, q: QuantizedTensor) -> None:
-    want = stored_layout(q.format.name, tuple(q.shape), q.block_size, q.double_quant)
-    got = {p: (tuple(t.shape), t.dtype) for p, t in q.parts.items()}
-    if want != got:
-        raise ModelLoadError(f"{where}: {got} is not a {tuple(q.shape)} {q.format.name} tensor ({want})")
 
 
 def _install(model, tokenizer, info: ModelInfo, layers: dict[str, QuantizedTensor], name: str,

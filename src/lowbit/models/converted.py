@@ -46,9 +46,9 @@ def cache_path(sha256: str) -> Path:
     return cache_dir() / f"model-{sha256[:32]}"
 
 
-def lookup(sha256: str) -> Path | None:
+def lookup(sha256: str, *, quiet: bool = False) -> Path | None:
     """The verified cache directory of the GGUF file with this sha256, or None to convert it
-    (with a notice when a directory exists but cannot be trusted)."""
+    (with a notice, unless ``quiet``, when a directory exists but cannot be trusted)."""
     path = cache_path(sha256)
     if not path.exists():
         return None
@@ -57,6 +57,8 @@ def lookup(sha256: str) -> Path | None:
     except OSError as exc:
         problem = f"cannot be read ({type(exc).__name__}: {exc.strerror or exc})"
     if problem:
+        if quiet:
+            return None
         notice(f"converted-model cache {path} {problem}; converting the GGUF file again")
         return None
     with suppress(OSError):  # a read-only cache still serves
