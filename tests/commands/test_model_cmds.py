@@ -67,6 +67,7 @@ def test_eval_recomputes_a_missing_reference(tiny_lm_dir, tmp_path, monkeypatch)
     assert len(os.listdir(tmp_path / "empty-cache")) == 1
 
 
+@pytest.mark.slow  # 35 s, the default protocol's 512 sentences on MiniLM
 def test_minilm_compare(tmp_path):
     out = tmp_path / "m.json"
     assert main(["compare", "--model", "minilm", "--formats", "int8,nf4", "--json", str(out)]) == 0

@@ -61,6 +61,7 @@ def test_tensors_are_lowbit_bytes_in_gguf_row_order(exported):
     assert isinstance(model.lm_head, QuantLinear) and tensors["output.weight"].tensor_type.name == "Q4_0"
 
 
+@pytest.mark.slow  # 25 s (transformers converts the file); the import round trip checks its bytes by default
 def test_transformers_reads_it_back_to_the_same_logits(exported):
     from transformers import AutoModelForCausalLM
 

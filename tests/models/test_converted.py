@@ -26,6 +26,7 @@ def _logits(model, tokenizer) -> torch.Tensor:
         return model(**tokenizer(PROMPT, return_tensors="pt")).logits
 
 
+@pytest.mark.slow  # 30 s, a second full GGUF conversion
 def test_cached_load_is_bitwise_the_conversion(tmp_path, monkeypatch, smollm2):
     """The one GGUF conversion this test pays for (~20 s) is the reference: the session
     fixture may itself have come from a cache written earlier in the session."""
