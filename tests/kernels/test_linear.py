@@ -24,6 +24,8 @@ CASES = [  # format, block (None: the format's own), extra quantize arguments
     ("nf4", 64, {}), ("nf4", 20, {"double_quant": True}), ("nf4", 33, {}), ("fp4_e2m1", 64, {}),
     ("int8", 64, {}), ("int8_asym", 32, {}), ("fp8_e4m3fn", 64, {}), ("mxfp4", None, {}), ("nvfp4", None, {}),
     ("q4_0", None, {}), ("q8_0", None, {}),
+    # grouped 4-bit rows (in_features and block multiples of 32: linear.c GROUP), a zero point among them
+    ("nf4", 32, {"double_quant": True}), ("int4_asym", 64, {"search": "hqq"}), ("nf4", 256, {}),
 ]
 SHAPES = [(1, 32), (7, 64), (13, 96), (5, 33 * 32), (96, 576)]
 

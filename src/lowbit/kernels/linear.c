@@ -138,6 +138,49 @@ static inline float hsum8_generic(const float *v) {
     return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
 }
 
+/* Grouped 4-bit rows: kind LUT4/AFFINE4, in_features and block multiples of GROUP. A byte holds
+ * two neighbours (high nibble first), so instead of interleaving every row's nibbles the
+ * input is permuted once per call (lowbit_prepare_x: each group of 32 as its 16 even, then
+ * its 16 odd elements) and each byte's high and low nibbles meet x in place. Measured on one
+ * core, 1536x576 block 64: nf4 180 us vs 209, int4 114 vs 161 per call (the interleaving path). */
+#define GROUP 32
+
+int lowbit_grouped(const lowbit_weights *w) {
+    return (w->kind == W_LUT4 || w->kind == W_AFFINE4) && w->in_features % GROUP == 0 && w->block % GROUP == 0;
+}
+
+void lowbit_prepare_x(const float *x, int64_t K, float *xp) {
+    for (int64_t g = 0; g < K; g += GROUP)
+        for (int j = 0; j < GROUP / 2; j++) {
+            xp[g + j] = x[g + 2 * j];
+            xp[g + GROUP / 2 + j] = x[g + 2 * j + 1];
+        }
+}
+
+/* A grouped row (M = 1), x as given: per stretch sharing a block's factor s, four 8-lane
+ * accumulators take, from each group of 32, the even elements 0..14 (acc0), even 16..30
+ * (acc1), odd 1..15 (acc2) and odd 17..31 (acc3); then row = fmaf((acc0 + acc1) + (acc2 +
+ * acc3), s, row) lane-wise, and the result is hsum8(row). row_dot_avx2 follows this order. */
+static float grouped_dot_generic(const lowbit_weights *w, int64_t o, const float *x) {
+    float row[8] = {0};
+    int64_t K = w->in_features, e = o * K, end = e + K;
+    while (e < end) {
+        int64_t b = e / w->block, stop = (b + 1) * w->block, len = (stop < end ? stop : end) - e;
+        float acc[4][8] = {{0}};
+        for (int64_t g = 0; g < len; g += GROUP)
+            for (int j = 0; j < 8; j++)
+                for (int a = 0; a < 4; a++) { /* a: 0/1 even elements of the first/second half, 2/3 odd */
+                    int64_t k = g + 2 * j + 16 * (a & 1) + (a >> 1);
+                    acc[a][j] = fmaf(level_of(w, e + k), x[k], acc[a][j]);
+                }
+        float s = w->factor[b];
+        for (int j = 0; j < 8; j++) row[j] = fmaf((acc[0][j] + acc[1][j]) + (acc[2][j] + acc[3][j]), s, row[j]);
+        x += len;
+        e += len;
+    }
+    return hsum8_generic(row);
+}
+
 /* One input row (M = 1), fused: per stretch of the row that shares a block's factor s,
  * acc0/acc1 (8 lanes each) take alternate groups of 8 products level * x (a last group
  * of 8 goes to acc0), products left over (fewer than 8, and a first element on an odd
@@ -145,7 +188,9 @@ static inline float hsum8_generic(const float *v) {
  * row_tail = fmaf(tail, s, row_tail). The result is hsum8(row) + row_tail. row_dot_avx2
  * follows this order exactly. Factoring s out of each stretch is the one other
  * reassociation besides the order of the sum. */
-static float row_dot_generic(const lowbit_weights *w, int64_t o, const float *x) {
+static float row_dot_generic(const lowbit_weights *w, int64_t o, const float *x, const float *xp) {
+    (void)xp; /* the grouped order reads x in place here */
+    if (lowbit_grouped(w)) return grouped_dot_generic(w, o, x);
     float row[8] = {0}, row_tail = 0.0f;
     int64_t K = w->in_features;
     if (w->kind == W_Q4_0 || w->kind == W_Q8_0) {
@@ -363,8 +408,59 @@ AVX2 static LOWBIT_INLINE float codes_dot_avx2(const lowbit_weights *w, int64_t 
     return hsum8_avx2(row) + row_tail;
 }
 
-/* row_dot_generic's order, eight lanes at a time */
-AVX2 static float row_dot_avx2(const lowbit_weights *w, int64_t o, const float *x) {
+/* 8 levels of sign-marked codes (bit 31 set for codes 8..15, low 3 bits the rest): no shift */
+AVX2 static LOWBIT_INLINE __m256 lut16_marked(__m256i idx, __m256 lo, __m256 hi) {
+    __m256 a = _mm256_permutevar8x32_ps(lo, idx), b = _mm256_permutevar8x32_ps(hi, idx);
+    return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(idx));
+}
+
+/* grouped_dot_generic's order on the prepared x: a byte's high nibbles meet xp[0..15], low ones xp[16..31] */
+AVX2 static LOWBIT_INLINE float grouped_dot_avx2(const lowbit_weights *w, int64_t o, const float *xp, int kind,
+                                                 int has_zero) {
+    const __m128i m = _mm_set1_epi8(0x0F);
+    /* code c -> c | 0x80 for c >= 8: sign-extended to 32 bits it is lut16_marked's index */
+    const __m128i mark = _mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, (char)0x88, (char)0x89, (char)0x8A, (char)0x8B,
+                                       (char)0x8C, (char)0x8D, (char)0x8E, (char)0x8F);
+    __m256 row = _mm256_setzero_ps(), lo = row, hi = row, off = _mm256_set1_ps(w->affine_offset), z = row;
+    if (kind == W_LUT4) {
+        lo = _mm256_loadu_ps(w->table);
+        hi = _mm256_loadu_ps(w->table + 8);
+    }
+    int64_t K = w->in_features, e = o * K, end = e + K;
+    const uint8_t *c = w->codes + (e >> 1);
+    while (e < end) {
+        int64_t b = e / w->block, stop = (b + 1) * w->block, len = (stop < end ? stop : end) - e;
+        if (has_zero) z = _mm256_set1_ps(w->zero[b]);
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, v[4];
+        for (int64_t g = 0; g < len; g += GROUP, c += GROUP / 2, xp += GROUP) {
+            __m128i q = _mm_loadu_si128((const __m128i *)c);
+            __m128i h = _mm_and_si128(_mm_srli_epi16(q, 4), m), l = _mm_and_si128(q, m);
+            __m128i part[4] = {h, _mm_srli_si128(h, 8), l, _mm_srli_si128(l, 8)};
+            for (int p = 0; p < 4; p++) {
+                if (kind == W_LUT4) v[p] = lut16_marked(_mm256_cvtepi8_epi32(_mm_shuffle_epi8(mark, part[p])), lo, hi);
+                else v[p] = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(part[p])), off);
+                if (has_zero) v[p] = _mm256_sub_ps(v[p], z);
+            }
+            a0 = _mm256_fmadd_ps(v[0], _mm256_loadu_ps(xp), a0);
+            a1 = _mm256_fmadd_ps(v[1], _mm256_loadu_ps(xp + 8), a1);
+            a2 = _mm256_fmadd_ps(v[2], _mm256_loadu_ps(xp + 16), a2);
+            a3 = _mm256_fmadd_ps(v[3], _mm256_loadu_ps(xp + 24), a3);
+        }
+        __m256 sum = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+        row = _mm256_fmadd_ps(sum, _mm256_set1_ps(w->factor[b]), row);
+        e += len;
+    }
+    return hsum8_avx2(row);
+}
+
+/* row_dot_generic's order, eight lanes at a time; xp: x as lowbit_prepare_x made it, for grouped rows
+ * (without it those take the portable path, same result) */
+AVX2 static float row_dot_avx2(const lowbit_weights *w, int64_t o, const float *x, const float *xp) {
+    if (lowbit_grouped(w)) {
+        if (!xp) return grouped_dot_generic(w, o, x);
+        if (w->kind == W_LUT4) return w->zero ? grouped_dot_avx2(w, o, xp, W_LUT4, 1) : grouped_dot_avx2(w, o, xp, W_LUT4, 0);
+        return w->zero ? grouped_dot_avx2(w, o, xp, W_AFFINE4, 1) : grouped_dot_avx2(w, o, xp, W_AFFINE4, 0);
+    }
     __m256 row = _mm256_setzero_ps();
     int64_t K = w->in_features;
     if (w->kind == W_Q4_0 || w->kind == W_Q8_0) {
@@ -404,7 +500,7 @@ AVX2 static float row_dot_avx2(const lowbit_weights *w, int64_t o, const float *
 
 typedef void (*decode_fn)(const lowbit_weights *, int64_t, float *);
 typedef float (*dot_fn)(const float *, const float *, int64_t);
-typedef float (*row_dot_fn)(const lowbit_weights *, int64_t, const float *);
+typedef float (*row_dot_fn)(const lowbit_weights *, int64_t, const float *, const float *);
 
 /* 1 when the AVX2 path can run here (x86-64 with AVX2, FMA and F16C), else 0 */
 int lowbit_linear_isa(void) {
@@ -418,14 +514,15 @@ int lowbit_linear_isa(void) {
 
 static void pick(int isa, decode_fn *decode, dot_fn *dot, row_dot_fn *row_dot);
 
-/* One row of W times x, in the order row_dot_generic defines (dense rows: dot_*'s order) */
-float lowbit_row_dot(const lowbit_weights *w, int64_t o, const float *x, int isa) {
+/* One row of W times x, in the order row_dot_generic defines (dense rows: dot_*'s order);
+ * xp: NULL, or x as lowbit_prepare_x made it when lowbit_grouped(w) (faster, same result) */
+float lowbit_row_dot(const lowbit_weights *w, int64_t o, const float *x, const float *xp, int isa) {
     decode_fn decode;
     dot_fn dot;
     row_dot_fn row_dot;
     pick(isa, &decode, &dot, &row_dot);
     if (w->kind == W_F32) return dot((const float *)w->codes + o * w->in_features, x, w->in_features);
-    return row_dot(w, o, x);
+    return row_dot(w, o, x, xp);
 }
 
 static void pick(int isa, decode_fn *decode, dot_fn *dot, row_dot_fn *row_dot) {
@@ -453,8 +550,11 @@ int lowbit_linear(const lowbit_weights *w, const float *x, int64_t M, const floa
     pick(isa, &decode, &dot, &row_dot);
     int64_t K = w->in_features, N = w->out_features;
     if (M == 1) { /* threads only where the work outweighs waking them (~5 us here) */
+        float *xp = lowbit_grouped(w) ? malloc((size_t)K * sizeof(float)) : NULL; /* NULL: the portable order */
+        if (xp) lowbit_prepare_x(x, K, xp);
 #pragma omp parallel for schedule(static) if (N * K >= SERIAL_BELOW)
-        for (int64_t o = 0; o < N; o++) y[o] = row_dot(w, o, x) + (bias ? bias[o] : 0.0f);
+        for (int64_t o = 0; o < N; o++) y[o] = row_dot(w, o, x, xp) + (bias ? bias[o] : 0.0f);
+        free(xp);
         return 0;
     }
     int failed = 0;

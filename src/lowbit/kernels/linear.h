@@ -16,7 +16,12 @@ typedef struct {
     float affine_offset;   /* AFFINE4/8: table[q] = q - affine_offset, computed instead of looked up */
 } lowbit_weights;
 
-/* row o of W times x (K = in_features floats); no threads of its own */
-float lowbit_row_dot(const lowbit_weights *w, int64_t o, const float *x, int isa);
+/* 1 when row dots of w read a prepared input (4-bit codes, in_features and block multiples of 32) */
+int lowbit_grouped(const lowbit_weights *w);
+/* xp (K floats): x permuted as grouped rows read it */
+void lowbit_prepare_x(const float *x, int64_t K, float *xp);
+/* row o of W times x (K = in_features floats); xp: NULL or lowbit_prepare_x's x, used by grouped
+ * rows (faster, the same result); no threads of its own */
+float lowbit_row_dot(const lowbit_weights *w, int64_t o, const float *x, const float *xp, int isa);
 
 #endif

@@ -15,6 +15,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "linear.h"
@@ -59,10 +60,13 @@ static void rope(float *x, const float *cos, const float *sin, int64_t d) {
     }
 }
 
-/* rows [0, w->out_features) of w times x into y (+ bias), split over the team's threads */
-static void matvec(const lowbit_weights *w, const float *bias, const float *x, float *y, int isa) {
+/* rows [0, w->out_features) of w times x into y (+ bias), split over the team's threads; xp: this
+ * thread's buffer for the prepared input of grouped rows (NULL: they read x, same result) */
+static void matvec(const lowbit_weights *w, const float *bias, const float *x, float *y, int isa, float *xp) {
+    xp = xp && lowbit_grouped(w) ? xp : NULL;
+    if (xp) lowbit_prepare_x(x, w->in_features, xp);
 #pragma omp for schedule(static)
-    for (int64_t o = 0; o < w->out_features; o++) y[o] = lowbit_row_dot(w, o, x, isa) + (bias ? bias[o] : 0.0f);
+    for (int64_t o = 0; o < w->out_features; o++) y[o] = lowbit_row_dot(w, o, x, xp, isa) + (bias ? bias[o] : 0.0f);
 }
 
 int lowbit_llama_step(const lowbit_llama *m, const float *embedding_row, int64_t pos, float *logits, int isa) {
@@ -75,13 +79,16 @@ int lowbit_llama_step(const lowbit_llama *m, const float *embedding_row, int64_t
     memcpy(h, embedding_row, D * sizeof(float));
 #pragma omp parallel
     {
+        int64_t widest = I > D ? I : D;
+        widest = H * hd > widest ? H * hd : widest; /* o_proj reads the H * hd attention output */
+        float *xp = malloc((size_t)widest * sizeof(float)); /* per thread; freed below */
         for (int64_t l = 0; l < m->n_layers; l++) {
             const lowbit_llama_layer *ly = m->layers + l;
 #pragma omp single
             rms_norm(h, ly->attn_norm, D, m->eps, x);
-            matvec(&ly->q, ly->q_bias, x, q, isa);
-            matvec(&ly->k, ly->k_bias, x, k, isa);
-            matvec(&ly->v, ly->v_bias, x, v, isa);
+            matvec(&ly->q, ly->q_bias, x, q, isa, xp);
+            matvec(&ly->k, ly->k_bias, x, k, isa, xp);
+            matvec(&ly->v, ly->v_bias, x, v, isa, xp);
 #pragma omp single
             {
                 for (int64_t a = 0; a < H; a++) rope(q + a * hd, cos, sin, hd);
@@ -110,23 +117,24 @@ int lowbit_llama_step(const lowbit_llama *m, const float *embedding_row, int64_t
                     for (int64_t i = 0; i < hd; i++) out[i] += p * vc[j * hd + i];
                 }
             }
-            matvec(&ly->o, ly->o_bias, t, x, isa);
+            matvec(&ly->o, ly->o_bias, t, x, isa, xp);
 #pragma omp single
             {
                 for (int64_t i = 0; i < D; i++) h[i] += x[i];
                 rms_norm(h, ly->mlp_norm, D, m->eps, x);
             }
-            matvec(&ly->gate, ly->gate_bias, x, g, isa);
-            matvec(&ly->up, ly->up_bias, x, u, isa);
+            matvec(&ly->gate, ly->gate_bias, x, g, isa, xp);
+            matvec(&ly->up, ly->up_bias, x, u, isa, xp);
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < I; i++) g[i] = (g[i] / (1.0f + expf(-g[i]))) * u[i]; /* silu(g) * u */
-            matvec(&ly->down, ly->down_bias, g, x, isa);
+            matvec(&ly->down, ly->down_bias, g, x, isa, xp);
 #pragma omp single
             for (int64_t i = 0; i < D; i++) h[i] += x[i];
         }
 #pragma omp single
         rms_norm(h, m->final_norm, D, m->eps, x);
-        matvec(&m->head, m->head_bias, x, logits, isa);
+        matvec(&m->head, m->head_bias, x, logits, isa, xp);
+        free(xp);
     }
     return 0;
 }
