@@ -34,7 +34,7 @@ from ..scaling.double_quant import DQ_BLOCK, dynamic_map
 from ..tensor import QuantizedTensor
 from .atomic import atomic_dir, write_errors
 from .gguf_export import ExportError, layer_list
-from .model_io import stored_layout
+from .model_io import check_layout
 
 BNB_FORMATS = tuple(f for f in formats() if get_format(f).bnb_quant_type)  # formats.table's bnb_quant_type column
 BNB_BLOCKS = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes/_ops.py: the block sizes its kernels take
@@ -176,17 +176,7 @@ def _layer(w: str, info: dict, parts: dict[str, torch.Tensor]) -> QuantizedTenso
         stored = {"codes": parts["weight"].reshape(-1), "scales": parts[f"{w}.absmax"]}
     dtype = getattr(torch, info["dtype"])
     q = QuantizedTensor(format=fmt, shape=shape, dtype=dtype, block_size=block, parts=stored, double_quant=double)
-    _check_parts(q)
-    return q
-
-
-def _check_parts(q: QuantizedTensor) -> None:
-    """The parts must be what lowbit would store for this shape and block (the decoders trust sizes)."""
-    want = stored_layout(q.format.name, tuple(q.shape), q.block_size, q.double_quant)
-    got = {p: (tuple(t.shape), t.dtype) for p, t in q.parts.items()}
-    if want != got:
-        raise ValueError(f"its tensors {got} do not match a {tuple(q.shape)} {q.format.name} weight of block "
-                         f"{q.block_size}: expected {want}")
+    return check_layout(q, w)
 
 
 def read_checkpoint(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, QuantizedTensor]]:

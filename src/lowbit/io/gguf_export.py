@@ -81,8 +81,7 @@ def export_gguf(model: nn.Module, source: str, out: str | Path) -> dict:
     if arch not in SUPPORTED_ARCHS or getattr(model.config, "model_type", None) not in SUPPORTED_ARCHS:
         raise ExportError(f"GGUF export knows the architectures {', '.join(SUPPORTED_ARCHS)}; this model is {arch}")
     cfg = model.config
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
-    tensors = _tensors(model, names, cfg)
+    tensors = _tensors(model, gguf_tensor_names(model), cfg)
     counts: dict[str, int] = {}
     out = Path(out)
     with atomic_file(out) as tmp:
@@ -131,7 +130,7 @@ def _tensors(model, names, cfg) -> dict[str, tuple[np.ndarray, object]]:
 
 
 def _name(names, hf: str) -> str:
-    got = names.get_name(hf + ".weight", try_suffixes=(".weight", ".bias"))
+    got = names(hf)
     if got is None:
         raise ExportError(f"no GGUF name for {hf}")
     return got
@@ -142,7 +141,7 @@ def gguf_tensor_names(model: nn.Module):
     import gguf
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
-    return lambda hf: names.get_name(hf + ".weight", try_suffixes=(".weight",))
+    return lambda hf: names.get_name(hf + ".weight", try_suffixes=(".weight", ".bias"))
 
 
 def _heads(name: str, cfg) -> int | None:

@@ -33,7 +33,7 @@ from ..nn.surgery import QuantizeReport, quantize_model
 from ..tensor import QuantizedTensor
 from . import bnb_checkpoint
 from .gguf_export import SUPPORTED_ARCHS, from_gguf_rows, gguf_tensor_names, layer_list
-from .model_io import stored_layout
+from .model_io import check_layout
 
 GGUF_FORMATS = {get_format(f).gguf_type: get_format(f) for f in formats() if get_format(f).gguf_type}
 GGUF_FLOAT = ("F32", "F16", "BF16")  # full-precision GGUF types: such a layer stays an nn.Linear
@@ -126,11 +126,7 @@ def _gguf_layer(t, name: str, linear: nn.Linear, config) -> QuantizedTensor:
     rows = from_gguf_rows(torch.from_numpy(np.array(t.data)), name, config)  # a copy: the reader maps the file
     q = QuantizedTensor(format=fmt, shape=linear.weight.shape, dtype=torch.float32,
                         block_size=fmt.default_block_size, parts={"data": rows.reshape(-1, fmt.block_bytes)})
-    want = stored_layout(fmt.name, tuple(q.shape), q.block_size)
-    got = {p: (tuple(v.shape), v.dtype) for p, v in q.parts.items()}
-    if want != got:
-        raise ModelLoadError(f"{t.name}: {got} is not a {tuple(q.shape)} {fmt.name} tensor ({want})")
-    return q
+    return check_layout(q, t.name)
 
 
 def import_bnb(directory: str | Path, *, progress: bool = False) -> Imported:

@@ -227,7 +227,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 @lru_cache(maxsize=64)
-def stored_layout(fmt: str, shape: tuple[int, ...], block: int | None, dq: bool = False, hqq: bool = False) -> dict:
+def _layout(fmt: str, shape: tuple[int, ...], block: int | None, dq: bool, hqq: bool) -> dict:
     """Part name -> (shape, dtype) that quantizing a ``shape`` tensor to ``fmt`` stores. Layers share a
     few shapes, so zeros are quantized once per shape; ``hqq``: the float zero point @hqq stores."""
     zeros = quantize(torch.zeros(shape), fmt, block_size=block, double_quant=dq)
@@ -236,21 +236,24 @@ def stored_layout(fmt: str, shape: tuple[int, ...], block: int | None, dq: bool 
     return {p: (tuple(t.shape), t.dtype) for p, t in zeros.parts.items()}
 
 
-def _stored_qweight(name: str, layer: dict, tensors: dict) -> QuantizedTensor:
-    """Layer ``name``'s QuantizedTensor, its parts checked against what quantizing would store.
-
-    The decoders (C kernels included) trust part sizes, so a file whose parts do not match
-    its stated shape, format and block is refused here rather than read out of bounds.
-    """
-    fmt, shape = format_by_id(int(layer["format_id"])), torch.Size(int(d) for d in layer["shape"])
-    block, dq = int(layer["block_size"]), bool(layer["double_quant"])
-    parts = {p: tensors.pop(f"{name}{_QW}{p}") for p in layer["parts"]}
+def check_layout(q: QuantizedTensor, name: str) -> QuantizedTensor:
+    """``q``, if its parts are what quantizing a tensor of its shape, format and block stores; else a
+    ModelLoadError naming ``name``. The decoders (C kernels included) trust part sizes, so a file
+    whose parts do not match is refused here rather than read out of bounds."""
     # a float zero point (float16, chosen by @hqq) instead of the uint8 code: docs/formats.md#zero-point-integers
-    hqq = "zeros" in parts and parts["zeros"].is_floating_point()
-    expected = stored_layout(fmt.name, tuple(shape), block, dq, hqq)
-    found = {p: (tuple(t.shape), t.dtype) for p, t in parts.items()}
+    hqq = "zeros" in q.parts and q.parts["zeros"].is_floating_point()
+    expected = _layout(q.format.name, tuple(q.shape), q.block_size, q.double_quant, hqq)
+    found = {p: (tuple(t.shape), t.dtype) for p, t in q.parts.items()}
     if found != expected:
-        raise ModelLoadError(f"{name}: stored parts {found} do not match a {fmt.name} tensor of shape "
-                             f"{tuple(shape)}, block {block}: expected {expected}")
-    return QuantizedTensor(format=fmt, shape=shape, dtype=_DTYPES[layer["dtype"]], block_size=block, parts=parts,
-                           double_quant=dq)
+        raise ModelLoadError(f"{name}: stored parts {found} do not match a {q.format.name} tensor of shape "
+                             f"{tuple(q.shape)}, block {q.block_size}: expected {expected}")
+    return q
+
+
+def _stored_qweight(name: str, layer: dict, tensors: dict) -> QuantizedTensor:
+    """Layer ``name``'s QuantizedTensor from the file, its parts checked (check_layout)."""
+    fmt, shape = format_by_id(int(layer["format_id"])), torch.Size(int(d) for d in layer["shape"])
+    parts = {p: tensors.pop(f"{name}{_QW}{p}") for p in layer["parts"]}
+    return check_layout(QuantizedTensor(format=fmt, shape=shape, dtype=_DTYPES[layer["dtype"]],
+                                        block_size=int(layer["block_size"]), parts=parts,
+                                        double_quant=bool(layer["double_quant"])), name)

@@ -67,7 +67,6 @@ class Int8OutlierLinear(nn.Module):
         self.register_buffer("_q", (codes.to(torch.int16) - QMAX).to(torch.int8), persistent=False)
         self.register_buffer("_s", qweight.parts["scales"].reshape(-1, 1), persistent=False)
         self.outlier_columns = 0  # columns of the last call that took the float path
-        self.columns_seen = 0
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, threshold: float = DEFAULT_THRESHOLD, name: str = "") -> Int8OutlierLinear:
@@ -99,7 +98,7 @@ class Int8OutlierLinear(nn.Module):
             y = y + x[:, cols] @ (self._q[:, cols].float() * self._s).t()
         if self.bias is not None:
             y = y + self.bias
-        self.outlier_columns, self.columns_seen = int(cols.numel()), self.in_features
+        self.outlier_columns = int(cols.numel())
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
