@@ -45,7 +45,7 @@ def gguf_q2k(path):
 @pytest.mark.parametrize(("command", "message"), [
     ("export Q4 --to bnb -o OUT", "bitsandbytes' 4-bit layout holds nf4, bnb_fp4; 14 layer(s) cannot be written in it: "
                                   "model.layers.0.self_attn.q_proj (q4_0)"),
-    ("export NF4 --to bnb -o NF4", "output exists"),
+    ("export NF4 --to bnb -o NF4", "bnb export writes a new directory"),
     ("export NF4 --to bnb -o /proc/lowbit-out", "cannot write to directory: /proc"),
     ("export NF4 --to gguf -o OUT", "GGUF holds the types"),
     ("import TINY -o OUT", "no bitsandbytes 4-bit quantization_config"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..io.atomic import check_output_dir
 from ..io.bnb_checkpoint import export_bnb
 from ..io.gguf_export import export_gguf
@@ -26,6 +28,8 @@ def run(args) -> int:
     meta = read_meta(args.directory)  # a one-line error for a wrong DIR before anything loads
     if args.to == "gguf":
         check_writable_file(args.output)
+    elif Path(args.output).exists():  # check_output_dir's hint names --overwrite, which export does not take
+        raise FileExistsError(f"output exists: {args.output}; bnb export writes a new directory")
     else:
         check_output_dir(args.output)
     con = console()
