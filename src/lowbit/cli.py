@@ -18,6 +18,7 @@ from .commands import (
     formats_cmd,
     generate_cmd,
     import_cmd,
+    outliers_cmd,
     quantize_cmd,
     sensitivity_cmd,
 )
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lowbit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for command in (compare_cmd, quantize_cmd, eval_cmd, generate_cmd, export_cmd, import_cmd, sensitivity_cmd,
-                    errors_cmd, formats_cmd, cache_cmd):
+                    outliers_cmd, errors_cmd, formats_cmd, cache_cmd):
         command.add_parser(sub)
     return parser
 

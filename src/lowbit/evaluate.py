@@ -30,6 +30,7 @@ from .nn.awq import awq_scale, scaled_importance
 from .nn.gptq_model import GPTQ_CALIBRATE, gptq_weights
 from .nn.keep_dtype import dtype_name, round_state
 from .nn.linear import QuantLinear
+from .nn.outlier_linear import Int8OutlierLinear, float_path_share
 from .nn.plan import QuantPlan
 from .nn.surgery import QuantConfig, as_plan, check_config, model_weight_bytes, plan_layers, quantize_model
 from .progress import note
@@ -245,9 +246,15 @@ def _score(evaluation: Evaluation, quantized: nn.Module, label: str, double_quan
     if layers is not None:
         result["layer_formats"], result["fallbacks"] = layers
     materialize(quantized)
+    for module in quantized.modules():
+        if isinstance(module, Int8OutlierLinear):
+            module.reset_counts()
     start = time.perf_counter()
     result |= evaluation.score(quantized, label=f"scoring {label}")
     result["eval_seconds"] = time.perf_counter() - start
+    share = float_path_share(quantized)
+    if share is not None:  # LLM.int8(): the input columns of every call that took the float path
+        result["float_path_share"] = share
     return result
 
 

@@ -153,3 +153,24 @@ def test_compare_refuses_when_no_format_can_be_applied(tiny_lm_dir, tmp_path, mo
                "--json", tmp_path / "o.json")
     assert_one_line_error(r, "q4_k needs each row to hold whole blocks of 256")
     assert os.listdir(tmp_path) == []  # not even the reference was computed
+
+
+def test_llm_int8_through_quantize_compare_and_eval(tiny_lm_dir, tmp_path, capsys):
+    """int8_outlier is a format like the others: the same numbers saved and reloaded, and the float path's share."""
+    q = tmp_path / "q"
+    assert main(["quantize", "--model", str(tiny_lm_dir), "--format", "int8_outlier/0.5", "-o", str(q)]) == 0
+    args = ["--window", "64", "--windows", "2"]
+    assert main(["compare", "--model", str(tiny_lm_dir), "--formats", "int8_outlier/0.5,int8", *args, "--json",
+                 str(tmp_path / "c.json")]) == 0
+    assert "int8_outlier/0.5: " in capsys.readouterr().out
+    assert main(["eval", str(q), *args, "--json", str(tmp_path / "e.json")]) == 0
+    assert "took the float path" in capsys.readouterr().out
+    compared = json.loads((tmp_path / "c.json").read_text())["results"]
+    evaluated = json.loads((tmp_path / "e.json").read_text())["results"][0]
+    assert "float_path_share" not in compared[1]
+    for key in ("bits_per_weight", "weight_bytes", "kl_mean", "top1", "float_path_share"):
+        assert evaluated[key] == compared[0][key], key
+    assert 0 < evaluated["float_path_share"] < 1 and evaluated["format"] == "int8_outlier/0.5"
+    r = lowbit("quantize", "--model", tiny_lm_dir, "--format", "int8_outlier", "--block-size", "64", "-o",
+               tmp_path / "r")
+    assert_one_line_error(r, "cannot take a block size")

@@ -156,3 +156,22 @@ def test_keep_dtype_rounds_the_model_in_memory_as_saved(tiny_lm_dir, tmp_path):
     assert torch.equal(embed, embed.bfloat16().float()) and meta["config"]["keep_dtype"] == "bfloat16"
     assert meta["quantize"]["model_bytes_after"] == report.model_bytes_after - embed.numel() * 2 - sum(
         p.numel() * 2 for n, p in model.named_parameters() if "norm" in n)
+
+
+def test_llm_int8_layers_save_and_reload_with_their_threshold(tiny_lm_dir, tmp_path):
+    from lowbit.nn.outlier_linear import Int8OutlierLinear
+
+    model, tokenizer, info, config, report = quantized(tiny_lm_dir, "int8_outlier/0.5")
+    out = save_quantized(model, tokenizer, info, report, config, tmp_path / "q")
+    loaded, _, meta = load_quantized(out)
+    layers = {n: m for n, m in loaded.named_modules() if isinstance(m, Int8OutlierLinear)}
+    assert len(layers) == 14 and {m.threshold for m in layers.values()} == {0.5}
+    assert all(m.name == n for n, m in layers.items())  # run-time errors name the layer
+    ids = torch.arange(100, 164)[None]
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    assert sum(m.float_columns for m in layers.values()) > 0  # 0.5 sends some columns of this model to float
+    assert meta["config"]["label"] == "int8_outlier/0.5"
+    _edit_meta(out, lambda m: m["layers"]["model.layers.0.mlp.up_proj"].update(outlier_threshold=-2))
+    with pytest.raises(ModelLoadError, match="model.layers.0.mlp.up_proj: the outlier threshold"):
+        load_quantized(out)

@@ -127,6 +127,29 @@ def collect_importance(model: nn.Module, batches: Sequence, *, layers=None, prog
             counts[name] += n
         return hook
 
+    try:
+        forward_hooked(model, batches, targets, hook_for, state, progress=progress, label=label)
+    finally:
+        state["input"] = state["sums"] = None
+    idle = [name for name, n in counts.items() if n == 0]
+    if idle:
+        raise ValueError(f"nn.Linear {idle[0]} received no input during calibration ({len(idle)} such layers): "
+                         "the forward pass never calls it; leave it out of layers=")
+    means = {name: (sums[name] / counts[name]).float() for name in targets}
+    big = next((name for name, m in means.items() if not torch.isfinite(m).all()), None)
+    if big is not None:
+        peak = (sums[big] / counts[big]).max().item()
+        raise ValueError(f"the mean square of {big}'s calibration activations reaches {peak:.3g}, beyond float32 "
+                         "(3.4e38): the model's activations are out of range on this text")
+    return means
+
+
+def forward_hooked(model: nn.Module, batches: Sequence, targets: dict[str, nn.Module], hook_for, state: dict, *,
+                   progress: bool = True, label: str = "calibrating") -> None:
+    """Run ``batches`` (``collect_importance``'s docstring) through ``model`` in inference mode with the forward
+    pre-hook ``hook_for(name)`` (``with_kwargs``) on each of ``targets``; the hooks are always removed again.
+    While a batch runs, ``state["batch"]`` is its index and ``state["mask"]`` its ``attention_mask`` as bool, or
+    None (``token_rows`` drops the padded rows with it)."""
     extra = _skip_head(model, targets)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     was_training = model.training
@@ -150,21 +173,17 @@ def collect_importance(model: nn.Module, batches: Sequence, *, layers=None, prog
                 for _ in range(_rows(batch)):
                     advance()
     finally:
-        state["input"] = state["sums"] = None
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    idle = [name for name, n in counts.items() if n == 0]
-    if idle:
-        raise ValueError(f"nn.Linear {idle[0]} received no input during calibration ({len(idle)} such layers): "
-                         "the forward pass never calls it; leave it out of layers=")
-    means = {name: (sums[name] / counts[name]).float() for name in targets}
-    big = next((name for name, m in means.items() if not torch.isfinite(m).all()), None)
-    if big is not None:
-        peak = (sums[big] / counts[big]).max().item()
-        raise ValueError(f"the mean square of {big}'s calibration activations reaches {peak:.3g}, beyond float32 "
-                         "(3.4e38): the model's activations are out of range on this text")
-    return means
+
+
+def token_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """A layer input as ``(tokens, features)``, the padded tokens (``mask`` False) left out. Only an input
+    shaped ``(B, T, features)`` like the mask is masked; others (BERT's pooler) keep every row."""
+    if mask is not None and x.dim() == mask.dim() + 1 and x.shape[:-1] == mask.shape:
+        x = x[mask]
+    return x.reshape(-1, x.shape[-1])
 
 
 def calibrate(model: nn.Module, tokenizer, info_kind: str, text=None, *, window: int = DEFAULT_WINDOW, scored: int,
@@ -200,9 +219,7 @@ def _square_sums(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tens
     A square beyond float32's range (|x| > 1.8e19) is summed again in float64, so only a true NaN or Inf input
     gives a non-finite sum.
     """
-    if mask is not None and x.dim() == mask.dim() + 1 and x.shape[:-1] == mask.shape:
-        x = x[mask]
-    x = x.reshape(-1, x.shape[-1])
+    x = token_rows(x, mask)
     s = (x * x).sum(0)
     if not torch.isfinite(s).all():
         s = x.double().square().sum(0)

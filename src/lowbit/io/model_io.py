@@ -25,6 +25,7 @@ from ..models.loader import CAUSAL_LM, ModelInfo, as_load_error, resolve
 from ..nn.hf_quantizer import refuse_save_pretrained
 from ..nn.keep_dtype import round_state
 from ..nn.linear import QuantLinear
+from ..nn.outlier_linear import Int8OutlierLinear, check_threshold
 from ..nn.plan import QuantPlan
 from ..nn.surgery import QuantConfig, QuantizeReport, as_plan
 from ..quantize import quantize
@@ -59,6 +60,8 @@ def save_quantized(model, tokenizer, info: ModelInfo, report: QuantizeReport, co
             layers[name] |= {"label": labels[name]} if name in labels else {}
             layers[name] |= {"fallback_from": fallbacks[name]} if name in fallbacks else {}
             tensors.update({f"{name}{_QW}{part}": t.contiguous() for part, t in q.parts.items()})
+            if isinstance(module, Int8OutlierLinear):  # LLM.int8(): the activations are split at run time
+                layers[name]["outlier_threshold"] = module.threshold
             if module.signs is not None:  # +had: the stored weight is W Q (lowbit.nn.rotation)
                 layers[name]["rotation"] = "hadamard"
                 tensors[f"{name}{_SIGNS}"] = module.signs.contiguous()
@@ -183,7 +186,7 @@ def load_quantized(directory):
             q = _stored_qweight(name, layer, tensors)
             signs = _stored_signs(name, layer, tensors)
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, QuantLinear(q, model.get_submodule(name).bias, signs))
+            setattr(model.get_submodule(parent), child, _stored_module(name, layer, q, signs, model))
         for alias, target in meta["tied"].items():
             tensors[alias] = tensors[target]
         # assign=True keeps each tensor's dtype: the model is float32 (a --keep-dtype save stored bf16/fp16)
@@ -207,6 +210,16 @@ def _check_architecture(model, name: str, stated) -> None:
     if not isinstance(linear, torch.nn.Linear) or tuple(linear.weight.shape) != shape:
         found = tuple(linear.weight.shape) if isinstance(linear, torch.nn.Linear) else type(linear).__name__
         raise ModelLoadError(f"{META_FILE}: layer {name} has shape {shape}, but the architecture's is {found}")
+
+
+def _stored_module(name: str, layer: dict, q: QuantizedTensor, signs, model) -> QuantLinear:
+    bias = model.get_submodule(name).bias
+    if "outlier_threshold" not in layer:
+        return QuantLinear(q, bias, signs)
+    try:
+        return Int8OutlierLinear(q, bias, check_threshold(layer["outlier_threshold"]), name)
+    except (TypeError, ValueError) as e:
+        raise ModelLoadError(f"{name}: {e}") from None
 
 
 def _stored_signs(name: str, layer: dict, tensors: dict) -> torch.Tensor | None:

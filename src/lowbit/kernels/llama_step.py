@@ -41,7 +41,7 @@ native.lowbit_llama_step.restype = ctypes.c_int
 
 def _weights(module: nn.Module) -> tuple[Prepared, torch.Tensor | None] | None:
     """The kernel's view of a projection and its bias; None where the step cannot run it."""
-    if isinstance(module, QuantLinear):
+    if type(module) is QuantLinear:  # a subclass (LLM.int8()'s Int8OutlierLinear) computes its own forward
         if module.signs is not None:  # +had rotates the input first: not in the step
             return None
         p = prepare(module.qweight)

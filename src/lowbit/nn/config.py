@@ -9,6 +9,7 @@ from ..checks import check_block_size
 from ..formats.registry import GridCodec, codec_for, get_format
 from ..formats.spec import DQ_SUFFIX, FormatSpec, fixed_block_message, no_double_quant_message
 from ..pipeline import SEARCHES, check_search, needs_calibration
+from .outlier_linear import DEFAULT_THRESHOLD, check_threshold
 
 
 @dataclass(frozen=True)
@@ -34,12 +35,21 @@ class QuantConfig:
     rotate: bool = False  # "+had": a randomized Hadamard rotation of the input dimension (lowbit.nn.rotation)
     refit_codebook: bool = False  # "+cb": the learned codebook refit to the output error (lowbit.nn.codebook_refit)
     awq: bool = False  # "+awq": activation-aware input-channel scales folded into the op before (lowbit.nn.awq)
+    # LLM.int8() (label int8_outlier[/THRESHOLD], lowbit.nn.outlier_linear): int8 weights with one scale per row,
+    # int8 activations, the input columns with |x| >= threshold in float; 0 turns the decomposition off
+    outlier_threshold: float | None = None
 
     def __post_init__(self):
         # Settings wrong for every layer fail here, before any layer is touched, rather
         # than as a LayerQuantizeError that would blame the first layer.
         if isinstance(self.format, str) and any(c in self.format for c in "/+@"):
             raise ValueError(f"{self.format!r} is a format label, not a format name: use QuantConfig.parse")
+        if self.format == OUTLIER_FORMAT:
+            object.__setattr__(self, "format", "int8")
+            if self.outlier_threshold is None:
+                object.__setattr__(self, "outlier_threshold", DEFAULT_THRESHOLD)
+        if self.outlier_threshold is not None:
+            self._check_outlier()
         spec = get_format(self.format)
         if self.block_size is not None:
             check_block_size(self.block_size)
@@ -70,10 +80,32 @@ class QuantConfig:
             # a bare string would otherwise be read as one pattern per character
             object.__setattr__(self, key, (value,) if isinstance(value, str) else tuple(value))
 
+    def _check_outlier(self) -> None:
+        object.__setattr__(self, "outlier_threshold", check_threshold(self.outlier_threshold))
+        others = {"a format other than int8": get_format(self.format).name != "int8",
+                  "a block size (the weights have one scale per row)": self.block_size is not None,
+                  DQ_SUFFIX: self.double_quant, "a scale search": self.search is not None,
+                  f"+{self.method}": self.method is not None, ROTATE_SUFFIX: self.rotate,
+                  CODEBOOK_SUFFIX: self.refit_codebook, AWQ_SUFFIX: self.awq}
+        given = [what for what, present in others.items() if present]
+        if given:
+            raise ValueError(f"{OUTLIER_FORMAT} (LLM.int8()) cannot take {given[0]}: its weights are int8 with one "
+                             f"absmax per row; write {OUTLIER_FORMAT} or {OUTLIER_FORMAT}/THRESHOLD, e.g. "
+                             f"{OUTLIER_FORMAT}/3.5")
+
+    @property
+    def format_name(self) -> str:
+        """The format part of the label: ``int8_outlier`` for LLM.int8(), else the format's name."""
+        return OUTLIER_FORMAT if self.outlier_threshold is not None else get_format(self.format).name
+
     @property
     def label(self) -> str:
         """``FORMAT[/BLOCK][+dq][+awq][+had][+gptq][+cb][@SEARCH]``, the name reports and ``--formats`` use
-        (block only if not the default)."""
+        (block only if not the default); ``int8_outlier[/THRESHOLD]`` (threshold only if not 6)."""
+        if self.outlier_threshold is not None:
+            t = self.outlier_threshold
+            text = format(t, "g") if float(format(t, "g")) == t else repr(t)
+            return OUTLIER_FORMAT + ("" if t == DEFAULT_THRESHOLD else f"/{text}")
         spec = get_format(self.format)
         block = "" if self.block_size in (None, spec.default_block_size) else f"/{self.block_size}"
         search = f"@{self.search}" if self.search else ""
@@ -104,6 +136,8 @@ class QuantConfig:
         text = label.strip()
         if not text:
             raise ValueError(f"empty format label: expected {LABEL_SYNTAX}")
+        if text.partition("/")[0].partition("+")[0].partition("@")[0].strip() == OUTLIER_FORMAT:
+            return cls(format=OUTLIER_FORMAT, outlier_threshold=_parse_threshold(label, text), **kwargs)
         text, at, search = text.partition("@")
         if at and (not search.strip() or "@" in search or "/" in search or "+" in search):
             raise ValueError(f"{label!r}: the scale search goes last and once, e.g. nf4/64+dq@mse; "
@@ -152,9 +186,30 @@ ROTATE_SUFFIX = "+had"
 CODEBOOK_SUFFIX = "+cb"
 AWQ_SUFFIX = "+awq"
 FLAGS = (("rotate", ROTATE_SUFFIX), ("refit_codebook", CODEBOOK_SUFFIX), ("awq", AWQ_SUFFIX))  # QuantConfig fields
+OUTLIER_FORMAT = "int8_outlier"  # LLM.int8()'s label (lowbit.nn.outlier_linear)
 AWQ_ATTRIBUTE = "lowbit_awq"  # set on a model lowbit.nn.awq.awq_scale has scaled: {layer name: s}
 LABEL_SYNTAX = ("FORMAT[/BLOCK][+dq][+awq][+had][+gptq][+cb][@SEARCH], e.g. nf4, int4/128, nf4/64+dq, int4+gptq, "
-                "nf4/32+dq+had+gptq@amse, lloyd4/32+dq+gptq+cb, int4_asym/64@hqq (`lowbit formats` lists the formats)")
+                "nf4/32+dq+had+gptq@amse, lloyd4/32+dq+gptq+cb, int4_asym/64@hqq; LLM.int8(): int8_outlier[/THRESHOLD] "
+                "(`lowbit formats` lists the formats)")
+
+
+def _parse_threshold(label: str, text: str) -> float:
+    """``int8_outlier`` -> 6.0, ``int8_outlier/3.5`` -> 3.5: for LLM.int8() the part after '/' is the threshold."""
+    if any(c in text for c in "+@"):
+        raise ValueError(f"{label!r}: {OUTLIER_FORMAT} (LLM.int8()) takes no suffix or scale search; write "
+                         f"{OUTLIER_FORMAT} or {OUTLIER_FORMAT}/THRESHOLD, e.g. {OUTLIER_FORMAT}/3.5")
+    _, slash, value = text.partition("/")
+    if not slash:
+        return DEFAULT_THRESHOLD
+    try:
+        threshold = float(value.strip())
+    except ValueError:
+        raise ValueError(f"{label!r}: after {OUTLIER_FORMAT}/ comes the outlier threshold, a number >= 0 "
+                         f"(default {DEFAULT_THRESHOLD:g}; 0 turns the decomposition off), got {value!r}") from None
+    try:
+        return check_threshold(threshold)
+    except ValueError as e:
+        raise ValueError(f"{label!r}: {e}") from None
 
 
 def _parse_block(label: str, block: str) -> int:

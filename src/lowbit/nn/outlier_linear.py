@@ -1,8 +1,9 @@
 """LLM.int8(): int8 weights and activations, with the outlier feature columns in float
 (Dettmers et al., arXiv 2208.07339; bitsandbytes ``MatMul8bitLt``; docs/formats.md#llmint8).
 
-A sibling of ``QuantLinear`` chosen by the config: unlike every other format the layer
-depends on its input at run time. For an input row x (a token) and threshold t:
+Chosen by the config (``int8_outlier``, ``lowbit.nn.config``): unlike every other format the layer
+depends on its input at run time, so it overrides ``QuantLinear.forward`` and keeps the rest
+(stored parts, bytes, device moves, saving). For an input row x (a token) and threshold t:
 
   outlier columns  every input feature j with |x_j| >= t in any row of this call
   activations      a = max |x_j| over the other columns (bitsandbytes excludes the outliers
@@ -21,6 +22,7 @@ from torch import nn
 
 from ..quantize import quantize
 from ..tensor import QuantizedTensor
+from .linear import QuantLinear
 
 DEFAULT_THRESHOLD = 6.0  # the paper's outlier magnitude (§3.2) and bitsandbytes' llm_int8_threshold default
 QMAX = 127  # narrow int8 range, as the paper's and bitsandbytes' vector-wise quantization
@@ -36,52 +38,83 @@ def check_threshold(threshold: float) -> float:
     return threshold
 
 
-def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b.T`` of int8 matrices as exact int32. torch._int_mm where the CPU has AVX-512 (VNNI);
-    without it torch falls back to scalar code 23x slower than an fp32 matmul here (1536x1536x512:
-    603 ms vs 26 ms), so the product is taken in fp32 on column slices whose sums stay exact."""
-    if a.is_cuda or torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+def _int_mm_runs(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Where torch._int_mm is a real integer kernel: CUDA (rows > 16, both widths multiples of 8,
+    torch's own checks) or a CPU with AVX-512 (VNNI); without it torch falls back to scalar code
+    23x slower than an fp32 matmul here (1536x1536x512: 603 ms vs 26 ms)."""
+    if a.is_cuda:
+        return a.shape[0] > 16 and a.shape[1] % 8 == 0 and b.shape[0] % 8 == 0
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor, b_float: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b.T`` of int8 matrices as exact int32: torch._int_mm where it runs (``_int_mm_runs``),
+    else fp32 products on column slices whose sums stay exact. ``b_float``: ``b`` as float32, kept
+    by the caller so the fp32 path does not convert it on every call."""
+    if _int_mm_runs(a, b):
         return torch._int_mm(a, b.t())
-    out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.int32)
+    out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.int32, device=a.device)
     for k in range(0, a.shape[1], EXACT_COLUMNS):
-        part = a[:, k : k + EXACT_COLUMNS].float() @ b[:, k : k + EXACT_COLUMNS].float().t()
-        out += part.to(torch.int32)
+        part = b_float[:, k : k + EXACT_COLUMNS] if b_float is not None else b[:, k : k + EXACT_COLUMNS].float()
+        out += (a[:, k : k + EXACT_COLUMNS].float() @ part.t()).to(torch.int32)
     return out
 
 
-class Int8OutlierLinear(nn.Module):
-    """``y = x W^T + b`` with LLM.int8()'s mixed-precision decomposition (module docstring)."""
+class Int8OutlierLinear(QuantLinear):
+    """``y = x W^T + b`` with LLM.int8()'s mixed-precision decomposition (module docstring).
+
+    ``materialize()`` keeps the weight's integer codes as float32 (the fp32 product's operand, so it is
+    not converted on every call); the results are the same to the bit. ``columns_seen`` and
+    ``float_columns`` count, over the calls since ``reset_counts()``, the input columns each call had and
+    those that took the float path; ``outlier_columns`` is the last call's."""
 
     def __init__(self, qweight: QuantizedTensor, bias: torch.Tensor | None = None,
                  threshold: float = DEFAULT_THRESHOLD, name: str = ""):
-        super().__init__()
-        if qweight.format.name != "int8" or qweight.block_size != qweight.shape[1]:
+        if qweight.format.name != "int8" or len(qweight.shape) != 2 or qweight.block_size != qweight.shape[1] \
+                or qweight.double_quant:
             raise ValueError("Int8OutlierLinear holds an int8 weight with one block per row "
-                             f"(block {qweight.shape[1]}), got {qweight.format.name}/{qweight.block_size}")
-        self.qweight = qweight
-        self.out_features, self.in_features = qweight.shape
-        self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias, False)
+                             f"(block {qweight.shape[-1]}), got {qweight.format.name}/{qweight.block_size}"
+                             f"{'+dq' if qweight.double_quant else ''} of shape {tuple(qweight.shape)}")
+        super().__init__(qweight, bias)
         self.threshold = check_threshold(threshold)
         self.name = name  # named in run-time errors
-        codes = qweight.parts["codes"].reshape(qweight.shape)
-        self.register_buffer("_q", (codes.to(torch.int16) - QMAX).to(torch.int8), persistent=False)
-        self.register_buffer("_s", qweight.parts["scales"].reshape(-1, 1), persistent=False)
-        self.outlier_columns = 0  # columns of the last call that took the float path
+        self.outlier_columns = 0
+        self.reset_counts()
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, threshold: float = DEFAULT_THRESHOLD, name: str = "") -> Int8OutlierLinear:
+    def from_linear(cls, linear: nn.Linear, qweight: QuantizedTensor | None = None, *,
+                    threshold: float = DEFAULT_THRESHOLD, name: str = "") -> Int8OutlierLinear:
+        """The layer for ``linear``; ``qweight``: its weight already quantized (int8, one block per row)."""
         w = linear.weight.detach()
-        return cls(quantize(w, "int8", block_size=w.shape[1]), linear.bias, threshold, name)
+        if qweight is None:
+            qweight = quantize(w, "int8", block_size=w.shape[1])
+        elif tuple(qweight.shape) != tuple(w.shape):
+            raise ValueError(f"weight shape {tuple(qweight.shape)} != layer shape {tuple(w.shape)}")
+        return cls(qweight, linear.bias, threshold, name)
 
-    @property
-    def nbytes(self) -> int:
-        return self.qweight.nbytes
+    def reset_counts(self) -> None:
+        self.columns_seen = self.float_columns = 0
+
+    def int8_weight(self) -> torch.Tensor:
+        """The codes q as int8 (out, in): stored as q + 127 in uint8, and the uint8 subtraction wraps."""
+        return (self.qweight.parts["codes"] - QMAX).view(torch.int8).reshape(self.out_features, self.in_features)
+
+    def row_scales(self) -> torch.Tensor:
+        return self.qweight.parts["scales"].reshape(-1, 1)
+
+    def materialize(self) -> Int8OutlierLinear:
+        self._dequantized = self.int8_weight().float()
+        return self
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        w = self._dequantized * self.row_scales() if self._dequantized is not None else self.qweight.dequantize()
+        return w if dtype is None else w.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() not in (2, 3) or x.shape[-1] != self.in_features:
             raise ValueError(f"{self.name or 'Int8OutlierLinear'}: input of shape {tuple(x.shape)}; expected "
                              f"(tokens, {self.in_features}) or (batch, tokens, {self.in_features})")
-        shape = x.shape
+        shape, dtype = x.shape, x.dtype
         x = x.reshape(-1, self.in_features).float()
         if not torch.isfinite(x).all():
             raise FloatingPointError(f"{self.name or 'Int8OutlierLinear'}: NaN or inf in the input activations")
@@ -93,13 +126,25 @@ class Int8OutlierLinear(nn.Module):
         a = x.masked_fill(big, 0.0).abs().amax(1, keepdim=True)
         scaled = x.masked_fill(outliers, 0.0) * (QMAX / a.clamp(min=torch.finfo(torch.float32).tiny))
         xq = torch.round(scaled).clamp_(-QMAX, QMAX).to(torch.int8)
-        y = int8_matmul(xq, self._q).float() * (a / QMAX) * self._s.t()
+        q, s, q_float = self.int8_weight(), self.row_scales(), self._dequantized
+        y = int8_matmul(xq, q, q_float).float() * (a / QMAX) * s.t()
         if cols.numel():
-            y = y + x[:, cols] @ (self._q[:, cols].float() * self._s).t()
+            w_cols = (q_float[:, cols] if q_float is not None else q[:, cols].float()) * s
+            y = y + x[:, cols] @ w_cols.t()
         if self.bias is not None:
             y = y + self.bias
         self.outlier_columns = int(cols.numel())
-        return y.reshape(*shape[:-1], self.out_features)
+        self.columns_seen += self.in_features
+        self.float_columns += self.outlier_columns
+        return y.reshape(*shape[:-1], self.out_features).to(dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, threshold={self.threshold}"
+        return f"{super().extra_repr()}, outlier threshold={self.threshold:g}"
+
+
+def float_path_share(model: nn.Module) -> float | None:
+    """Share of the input columns of every ``Int8OutlierLinear`` call since their ``reset_counts()``
+    that took the float path; None when the model has no such layer or none ran."""
+    layers = [m for m in model.modules() if isinstance(m, Int8OutlierLinear)]
+    seen = sum(m.columns_seen for m in layers)
+    return sum(m.float_columns for m in layers) / seen if seen else None

@@ -153,6 +153,9 @@ def candidate(label: str | QuantConfig) -> QuantConfig:
     if config.awq:
         raise ValueError(f"{config.label}: +awq scales whole groups of layers through the op before them, so it "
                          "cannot be one layer's candidate; leave it out of the candidates")
+    if config.outlier_threshold is not None:
+        raise ValueError(f"{config.label}: LLM.int8() rounds the activations at run time, which a candidate's "
+                         "sensitivity (its weights' error) does not measure; score it with lowbit compare instead")
     return config
 
 

@@ -11,13 +11,13 @@ from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from ..errors import LayerQuantizeError
-from ..formats.registry import get_format
 from ..progress import progress_bar
 from ..quantize import quantize
 from ..tensor import QuantizedTensor
 from .config import AWQ_ATTRIBUTE, LABEL_SYNTAX, QuantConfig, matches  # noqa: F401  (re-exported: lowbit.nn.surgery.QuantConfig)
 from .hf_quantizer import refuse_save_pretrained
 from .linear import QuantLinear
+from .outlier_linear import Int8OutlierLinear
 from .plan import QuantPlan
 from .rotation import layer_signs, rotate
 
@@ -98,7 +98,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | QuantPlan | str, *, p
                          f"{missing[0]}{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}")
 
     replacements: list[tuple[list[str], QuantLinear, QuantConfig]] = []
-    what = get_format(plan.rules[-1].config.format).name if _single(plan) else plan.label
+    what = plan.rules[-1].config.format_name if _single(plan) else plan.label
     with progress_bar(len(targets), f"quantizing to {what}", enabled=progress) as advance:
         for names, linear, layer_config, _ in targets:
             weights = next((importance[n] for n in names if n in (importance or {})), None)
@@ -108,7 +108,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | QuantPlan | str, *, p
             else:
                 qweight, signs = rounded_layer(names[0], linear.weight, layer_config,
                                                weights if layer_config.needs_calibration else None)
-            replacements.append((names, QuantLinear.from_linear(linear, qweight, signs), layer_config))
+            replacements.append((names, layer_module(names[0], linear, qweight, signs, layer_config), layer_config))
             advance()
 
     layer_numel = layer_before = layer_after = 0
@@ -134,6 +134,15 @@ def quantize_model(model: nn.Module, config: QuantConfig | QuantPlan | str, *, p
         layer_configs=tuple((names[0], c.label) for names, _, c, _ in targets),
         fallbacks=tuple((names[0], wanted) for names, _, _, wanted in targets if wanted),
     )
+
+
+def layer_module(name: str, linear: nn.Linear, qweight: QuantizedTensor, signs: torch.Tensor | None,
+                 config: QuantConfig) -> QuantLinear:
+    """The module that replaces ``linear``: LLM.int8()'s ``Int8OutlierLinear`` where the config has an
+    outlier threshold (its forward depends on the input), else ``QuantLinear``."""
+    if config.outlier_threshold is not None:
+        return Int8OutlierLinear.from_linear(linear, qweight, threshold=config.outlier_threshold, name=name)
+    return QuantLinear.from_linear(linear, qweight, signs)
 
 
 def as_plan(config: QuantConfig | QuantPlan | str) -> QuantPlan:
@@ -244,8 +253,10 @@ def model_weight_bytes(model: nn.Module) -> int:
 
 
 def quantize_weight(weight: torch.Tensor, config: QuantConfig, importance: torch.Tensor | None = None):
-    """One weight tensor quantized as ``config`` says (format, block, double quant, search)."""
-    return quantize(weight, config.format, block_size=config.block_size, double_quant=config.double_quant,
+    """One weight tensor quantized as ``config`` says (format, block, double quant, search); LLM.int8()'s
+    weights (``int8_outlier``) have one block per row."""
+    block = weight.shape[-1] if config.outlier_threshold is not None else config.block_size
+    return quantize(weight, config.format, block_size=block, double_quant=config.double_quant,
                     search=config.search, importance=importance)
 
 

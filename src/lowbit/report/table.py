@@ -72,12 +72,16 @@ def _width(table: Table) -> int:
 
 
 def layer_notes(report: dict) -> list[str]:
-    """A line per row quantized with more than one format or with fallbacks: what its layers are.
+    """A line per row quantized with more than one format or with fallbacks: what its layers are;
+    and per LLM.int8() row, the share of input columns that took the float path.
 
     ``"plan[q4_k|q8_0]: 120 q4_k, 90 q8_0 (fell back from q4_k: its shape cannot hold it)"``.
     """
     lines = []
     for row in report["results"]:
+        if "float_path_share" in row:
+            lines.append(f"{row['format']}: {row['float_path_share']:.3%} of the input columns of its layers' calls "
+                         "took the float path (LLM.int8()'s outliers)")
         counts, fallbacks = row.get("layer_formats") or {}, row.get("fallbacks") or {}
         if len(counts) < 2 and not fallbacks:
             continue

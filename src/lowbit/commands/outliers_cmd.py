@@ -1,0 +1,52 @@
+"""`lowbit outliers`: LLM.int8()'s outlier features, measured on the calibration text."""
+
+from __future__ import annotations
+
+from ..eval.calibration import DEFAULT_CALIBRATE, calibration_batches
+from ..eval.outliers import collect_outliers, outlier_report
+from ..eval.protocol import DEFAULT_WINDOWS
+from ..io.atomic import write_json
+from ..nn.outlier_linear import DEFAULT_THRESHOLD
+from ..report.outliers import feature_table, layer_outlier_table
+from .common import add_model_arg, add_protocol_args, check_protocol_args, console, load
+from .quantize_cmd import scored_count
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("outliers", help="find the input features of each layer with |x| >= a threshold "
+                                        "(LLM.int8()'s outliers) and the systematic ones")
+    add_model_arg(p)
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                   help=f"outlier magnitude (default {DEFAULT_THRESHOLD:g}, the paper's)")
+    p.add_argument("--calibrate", type=int, default=DEFAULT_CALIBRATE, metavar="N",
+                   help=f"windows of --window tokens read, right after the --windows scored ones "
+                        f"(default {DEFAULT_CALIBRATE}; an encoder reads paragraphs holding as many tokens)")
+    add_protocol_args(p)
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    if not args.threshold > 0 or args.threshold == float("inf"):
+        raise ValueError(f"--threshold is a finite number > 0, got {args.threshold}")
+    if args.calibrate < 1:
+        raise ValueError(f"--calibrate needs at least 1 window, got {args.calibrate}")
+    check_protocol_args(args)
+    con = console()
+    model, tokenizer, info = load(args.model, con)
+    batches, label = calibration_batches(tokenizer, info.kind, args.text, window=args.window,
+                                         scored=scored_count(info.kind, args.text, args.windows or DEFAULT_WINDOWS),
+                                         count=args.calibrate)
+    stats = collect_outliers(model, batches, args.threshold, label=label.replace("calibrating", "reading"))
+    report = outlier_report(stats, args.threshold, getattr(model.config, "hidden_size", None))
+    report = {"model": {"name": info.name, "source": info.source, "file_hash": info.file_hash},
+              "text": {"calibrate": args.calibrate, "window": args.window}, **report}
+    con.print(layer_outlier_table(report))
+    con.print(feature_table(report))
+    systematic = report["systematic"]
+    con.print(f"{len(systematic)} systematic outlier feature{'s' * (len(systematic) != 1)}"
+              f"{': ' + ', '.join(map(str, systematic)) if systematic else ''} "
+              f"({len(report['features'])} hidden-state features reached |x| >= {args.threshold:g})")
+    if args.json:
+        write_json(args.json, report)
+        con.print(f"wrote {args.json}")
+    return 0

@@ -1,0 +1,81 @@
+"""LLM.int8()'s outlier analysis: counts on planted activations, the paper's criteria, and `lowbit outliers`."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from lowbit.cli import main
+from lowbit.eval.outliers import collect_outliers, outlier_report
+
+
+class Blocks(nn.Module):
+    """Four blocks whose q and k read one input and whose up projection reads another; the hidden states are
+    what the test plants, the layers' outputs are ignored."""
+
+    def __init__(self, hidden=16):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.ModuleDict({"q": nn.Linear(hidden, 4), "k": nn.Linear(hidden, 4),
+                                                   "up": nn.Linear(hidden, 32), "down": nn.Linear(32, hidden)})
+                                    for _ in range(4))
+        self.head = nn.Linear(hidden, 3)
+
+    def forward(self, x):
+        for i, block in enumerate(self.layers):
+            block["q"](x), block["k"](x)
+            h = x.clone()
+            if i == 0:
+                h[0, 0, 9] = -7.0  # one position of one layer: below both criteria
+            block["down"](block["up"](h))
+        return self.head(x)
+
+
+def planted(batch=2, tokens=50, hidden=16):
+    x = torch.randn(batch, tokens, hidden).clamp(-3, 3)
+    x[:, :20, 3] = 8.0  # dimension 3 in 40% of the positions of every hidden state: systematic
+    x[0, :2, 5] = 6.0  # dimension 5 in 2 of 100 positions (>= is the rule): in every layer, too few positions
+    return x
+
+
+def test_counts_and_the_papers_criteria():
+    model = Blocks()
+    stats = collect_outliers(model, [planted(), planted()], 6.0, progress=False)
+    assert stats["layers.0.k"].shares_input_with == "layers.0.q" and stats["layers.0.q"].shares_input_with is None
+    assert stats["layers.1.up"].positions == 200 and stats["layers.1.up"].counts[3] == 80
+    assert stats["layers.0.up"].counts[9] == 2 and stats["layers.1.up"].counts[9] == 0
+    report = outlier_report(stats, 6.0, 16)
+    assert report["blocks"] == 4
+    assert report["hidden_inputs"] == [f"layers.{i}.{p}" for i in range(4) for p in ("q", "up")]
+    by_dim = {f["dim"]: f for f in report["features"]}
+    assert set(by_dim) == {3, 5, 9} and report["systematic"] == [3]
+    assert by_dim[3]["layer_share"] == 1.0 and by_dim[3]["position_share"] == pytest.approx(0.4)
+    assert by_dim[5]["layer_share"] == 1.0 and by_dim[5]["position_share"] == pytest.approx(0.02)
+    assert by_dim[9]["layers"] == 1 and by_dim[9]["max_abs"] == 7.0
+    layer = next(r for r in report["layers"] if r["name"] == "layers.0.down")
+    assert layer["dims"] == [] and layer["in_features"] == 32  # the contraction's input is reported, not judged
+    with pytest.raises(ValueError, match="threshold is a finite number > 0"):
+        collect_outliers(model, [planted()], 0.0, progress=False)
+    bad = planted()
+    bad[1, 4, 0] = float("nan")
+    with pytest.raises(ValueError, match="the input of layers.0.q holds NaN"):
+        collect_outliers(model, [bad], 6.0, progress=False)
+
+
+def test_outliers_command_on_minilm(tmp_path, capsys):
+    """The README's finding: one systematic feature in all-MiniLM-L6-v2's hidden states, dimension 223."""
+    out = tmp_path / "o.json"
+    assert main(["outliers", "--model", "minilm", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["systematic"] == [223] and report["hidden_size"] == 384 and report["blocks"] == 6
+    assert len(report["layers"]) == 37 and report["threshold"] == 6.0
+    assert "1 systematic outlier feature: 223" in capsys.readouterr().out
+
+
+def test_outliers_command_refuses_bad_input(tiny_lm_dir, tmp_path, capsys):
+    assert main(["outliers", "--model", str(tiny_lm_dir), "--threshold", "-1"]) == 2
+    assert "--threshold is a finite number > 0" in capsys.readouterr().err
+    assert main(["outliers", "--model", str(tiny_lm_dir), "--window", "64", "--windows", "1", "--calibrate",
+                 "100000"]) == 2
+    assert "--calibrate" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
