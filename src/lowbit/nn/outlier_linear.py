@@ -38,33 +38,58 @@ def check_threshold(threshold: float) -> float:
     return threshold
 
 
-def _int_mm_runs(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Where torch._int_mm is a real integer kernel: CUDA (rows > 16, both widths multiples of 8,
-    torch's own checks) or a CPU with AVX-512 (VNNI); without it torch falls back to scalar code
-    23x slower than an fp32 matmul here (1536x1536x512: 603 ms vs 26 ms)."""
+def native_int_mm(device: torch.device) -> bool:
+    """Whether torch._int_mm is a real integer kernel on ``device``: CUDA, or a CPU with AVX-512 (VNNI);
+    without it torch falls back to scalar code 23x slower than an fp32 matmul here (1536x1536x512: 603 ms
+    vs 26 ms)."""
+    cpu_vnni = device.type == "cpu" and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    return device.type == "cuda" or cpu_vnni
+
+
+def int_mm_runs(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``native_int_mm``, and on CUDA the shapes torch._int_mm takes (rows > 16, widths multiples of 8)."""
     if a.is_cuda:
         return a.shape[0] > 16 and a.shape[1] % 8 == 0 and b.shape[0] % 8 == 0
-    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    return native_int_mm(a.device)
 
 
-def int8_matmul(a: torch.Tensor, b: torch.Tensor, b_float: torch.Tensor | None = None) -> torch.Tensor:
-    """``a @ b.T`` of int8 matrices as exact int32: torch._int_mm where it runs (``_int_mm_runs``),
-    else fp32 products on column slices whose sums stay exact. ``b_float``: ``b`` as float32, kept
-    by the caller so the fp32 path does not convert it on every call."""
-    if _int_mm_runs(a, b):
+def int8_matmul(a: torch.Tensor, b: torch.Tensor | None, b_float_t: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b.T`` of int8 matrices as exact int32: torch._int_mm where it runs (``int_mm_runs``),
+    else fp32 products on column slices whose sums stay exact. ``b_float_t``: ``b.T`` as contiguous
+    float32, kept by the caller so the fp32 path neither converts ``b`` on every call nor reads it
+    in strided column slices (``b`` may then be None)."""
+    if b is not None and int_mm_runs(a, b):
         return torch._int_mm(a, b.t())
-    out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.int32, device=a.device)
+    return _sliced_product(a.float(), b, b_float_t)
+
+
+def _sliced_product(a: torch.Tensor, b: torch.Tensor | None, b_float_t: torch.Tensor | None) -> torch.Tensor:
+    """``int8_matmul``'s fp32 path, ``a`` already float32 (integers in [-127, 127])."""
+    out = None
     for k in range(0, a.shape[1], EXACT_COLUMNS):
-        part = b_float[:, k : k + EXACT_COLUMNS] if b_float is not None else b[:, k : k + EXACT_COLUMNS].float()
-        out += (a[:, k : k + EXACT_COLUMNS].float() @ part.t()).to(torch.int32)
+        part = b_float_t[k : k + EXACT_COLUMNS] if b_float_t is not None else b[:, k : k + EXACT_COLUMNS].float().t()
+        product = (a[:, k : k + EXACT_COLUMNS] @ part).to(torch.int32)
+        out = product if out is None else out.add_(product)
     return out
+
+
+def integer_product(xr: torch.Tensor, b: torch.Tensor | None, b_float_t: torch.Tensor | None) -> torch.Tensor:
+    """``float32(int8_matmul(xr, b))`` for float32 ``xr`` holding integers in [-127, 127]: one fp32 product
+    where the row is short enough for its sums to be exact (K <= EXACT_COLUMNS), skipping the int8 and
+    int32 round trips, which give the same numbers."""
+    if b is not None and int_mm_runs(xr, b):
+        return torch._int_mm(xr.to(torch.int8), b.t()).float()
+    if xr.shape[1] <= EXACT_COLUMNS:
+        return xr @ (b_float_t if b_float_t is not None else b.float().t())
+    return _sliced_product(xr, b, b_float_t).float()
 
 
 class Int8OutlierLinear(QuantLinear):
     """``y = x W^T + b`` with LLM.int8()'s mixed-precision decomposition (module docstring).
 
-    ``materialize()`` keeps the weight's integer codes as float32 (the fp32 product's operand, so it is
-    not converted on every call); the results are the same to the bit. ``columns_seen`` and
+    ``materialize()`` keeps the weight's integer codes as float32, transposed to (in, out) so the fp32
+    product reads contiguous row slices (``int8_matmul``), where torch._int_mm does not run: the codes are
+    then not converted on every call, and the results are the same to the bit. ``columns_seen`` and
     ``float_columns`` count, over the calls since ``reset_counts()``, the input columns each call had and
     those that took the float path; ``outlier_columns`` is the last call's."""
 
@@ -103,11 +128,14 @@ class Int8OutlierLinear(QuantLinear):
         return self.qweight.parts["scales"].reshape(-1, 1)
 
     def materialize(self) -> Int8OutlierLinear:
-        self._dequantized = self.int8_weight().float()
+        q = self.int8_weight()
+        if not native_int_mm(q.device):
+            self._dequantized = q.t().float().contiguous()  # (in, out): the integer codes, not q s
         return self
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        w = self._dequantized * self.row_scales() if self._dequantized is not None else self.qweight.dequantize()
+        kept = self._dequantized
+        w = kept.t() * self.row_scales() if kept is not None else self.qweight.dequantize()
         return w if dtype is None else w.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -118,19 +146,25 @@ class Int8OutlierLinear(QuantLinear):
         x = x.reshape(-1, self.in_features).float()
         if not torch.isfinite(x).all():
             raise FloatingPointError(f"{self.name or 'Int8OutlierLinear'}: NaN or inf in the input activations")
-        big = x.abs() >= self.threshold if self.threshold > 0 else torch.zeros_like(x, dtype=torch.bool)
-        outliers = big.any(0)
-        cols = outliers.nonzero().flatten()
-        # the row absmax leaves out the outlier values themselves, not their whole columns (bitsandbytes'
-        # int8_vectorwise_quant); the columns are then zeroed for the integer product
-        a = x.masked_fill(big, 0.0).abs().amax(1, keepdim=True)
-        scaled = x.masked_fill(outliers, 0.0) * (QMAX / a.clamp(min=torch.finfo(torch.float32).tiny))
-        xq = torch.round(scaled).clamp_(-QMAX, QMAX).to(torch.int8)
-        q, s, q_float = self.int8_weight(), self.row_scales(), self._dequantized
-        y = int8_matmul(xq, q, q_float).float() * (a / QMAX) * s.t()
+        magnitude = x.abs()
+        cols = x.new_empty(0, dtype=torch.int64)
+        if self.threshold > 0:
+            big = magnitude >= self.threshold
+            cols = big.any(0).nonzero().flatten()
+            # the row absmax leaves out the outlier values themselves, not their whole columns (bitsandbytes'
+            # int8_vectorwise_quant); the columns are then zeroed for the integer product
+            magnitude.masked_fill_(big, 0.0)
+        a = magnitude.amax(1, keepdim=True)
+        scaled = x * (QMAX / a.clamp(min=torch.finfo(torch.float32).tiny))
         if cols.numel():
-            w_cols = (q_float[:, cols] if q_float is not None else q[:, cols].float()) * s
-            y = y + x[:, cols] @ w_cols.t()
+            scaled[:, cols] = 0.0
+        xr = torch.round(scaled).clamp_(-QMAX, QMAX)  # integers, kept in float32
+        s, kept = self.row_scales().t(), self._dequantized
+        q = self.int8_weight() if kept is None else None
+        y = integer_product(xr, q, kept) * (a / QMAX) * s
+        if cols.numel():
+            w_cols = (kept[cols] if kept is not None else q[:, cols].t().float()) * s  # (outlier columns, out)
+            y = y + x[:, cols] @ w_cols
         if self.bias is not None:
             y = y + self.bias
         self.outlier_columns = int(cols.numel())
