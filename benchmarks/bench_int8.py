@@ -14,18 +14,20 @@ the ratios are what to read, the VM moves single times by 15-25%.
   to float16 first).
 
 Whole model: ``Evaluation.score`` (forward, log-softmax, KL against the cached reference) of the model
-quantized to int8_outlier, against a transformers forward of the fp32 original over the same windows.
+quantized to int8_outlier, against a transformers forward of the fp32 original over the same windows; and,
+for the loss, the mean KL to the original on the first window of lowbit's int8_outlier model and of the
+model with every layer but the head swapped for bitsandbytes' Linear8bitLt.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import logging
 import os
 import statistics
 import tempfile
 import time
-import warnings
 
 import bitsandbytes as bnb
 import torch
@@ -99,7 +101,30 @@ def whole_model(model, tokenizer, info, windows: int, threshold: float) -> dict[
         quantize_model(quantized, f"int8_outlier/{threshold:g}", progress=False)
         materialize(quantized)
         score = median_seconds(lambda: evaluation.score(quantized), budget=0, most=3)
-    return {"fp32 forward": reference, "int8_outlier score": score, "tokens": ids.numel()}
+        theirs = bnb_model(model, threshold)
+        with torch.inference_mode():
+            window = ids[:1]
+            logits = {name: m(window).logits.float().log_softmax(-1) for name, m in
+                      (("fp32", model), ("lowbit", quantized), ("bnb", theirs))}
+        kl = {name: (logits["fp32"].exp() * (logits["fp32"] - logits[name])).sum(-1).mean().item()
+              for name in ("lowbit", "bnb")}
+    return {"fp32 forward": reference, "int8_outlier score": score, "tokens": ids.numel(), "kl": kl}
+
+
+def bnb_model(model, threshold: float):
+    """A copy of ``model`` with every linear layer but the head a bitsandbytes ``Linear8bitLt``."""
+    theirs = copy.deepcopy(model)
+    for names, lin in linears(theirs):
+        if "lm_head" in names[0]:
+            continue
+        layer = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                    has_fp16_weights=False, threshold=threshold)
+        layer.load_state_dict(lin.state_dict())
+        layer = layer.to("cpu").eval()
+        for name in names:
+            parent, _, child = name.rpartition(".")
+            setattr(theirs.get_submodule(parent), child, layer)
+    return theirs
 
 
 def main() -> None:
@@ -108,7 +133,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=2, help="512-token windows of the whole-model timing")
     ap.add_argument("--threshold", type=float, default=6.0)
     args = ap.parse_args()
-    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")  # once per call otherwise
+    # bitsandbytes logs that it casts the activations to float16 (the docstring says so) on every call
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     console = make_console()
     model, tokenizer, info = load(args.model, console)
     path = "torch._int_mm" if native_int_mm(torch.device("cpu")) else "fp32 on exact column slices"
@@ -127,6 +153,8 @@ def main() -> None:
     console.print(f"{info.name}, {args.windows} windows x 512 tokens: fp32 forward {w['fp32 forward']:.2f} s, "
                   f"int8_outlier score {w['int8_outlier score']:.2f} s "
                   f"({w['int8_outlier score'] / w['fp32 forward']:.2f}x the fp32 forward)")
+    console.print(f"KL mean to the fp32 original, first window: lowbit int8_outlier {w['kl']['lowbit']:.5f}, "
+                  f"bitsandbytes Linear8bitLt {w['kl']['bnb']:.5f}")
 
 
 if __name__ == "__main__":

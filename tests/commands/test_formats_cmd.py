@@ -128,3 +128,10 @@ def test_bad_label_is_one_line_exit_2(label, message, capsys):
     err = capsys.readouterr().err
     assert err.startswith("lowbit formats: error: ") and err.strip().count("\n") == 0
     assert message in err
+
+
+def test_llm_int8_label_explains_row_scales_and_the_activations(capsys):
+    assert main(["formats", "int8_outlier/3.5"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "one row (4096 weights here)" in out and "8.00781 = codes 8 + scale 0.007812" in out
+    assert "|x| >= 3.5" in out and "not available" in out

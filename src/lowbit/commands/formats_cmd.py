@@ -61,7 +61,7 @@ def format_table() -> Table:
     table = Table(title="lowbit formats (bits per weight measured from stored bytes, default block)",
                   caption=Text(f"a label is FORMAT[/BLOCK][{DQ_SUFFIX}][+awq][+had][+gptq][+cb][@SEARCH], e.g. "
                                f"nf4/128{DQ_SUFFIX}, int4_asym@hqq, nf4/32+dq+gptq@amse; `lowbit formats LABEL` "
-                               "shows its block layout and element levels"))
+                               "shows its block layout and element levels; LLM.int8(): int8_outlier[/THRESHOLD]"))
     for col, justify in [("format", "left"), ("id", "right"), ("bits/elem", "right"), ("block", "right"),
                          (DQ_SUFFIX, "left"), ("bits/weight", "right"), ("description", "left")]:
         table.add_column(col, justify=justify)
@@ -88,6 +88,8 @@ def probe(config: QuantConfig) -> QuantizedTensor:
     """Zeros quantized with ``config``'s settings: what is stored, byte for byte, for a large tensor."""
     spec = get_format(config.format)
     block = config.block_size or spec.default_block_size
+    if config.outlier_threshold is not None:  # LLM.int8(): one scale per row
+        block = _PROBE_SHAPE[1]
     rows = _PROBE_SHAPE[0]
     if block * _PROBE_BLOCKS > rows * _PROBE_SHAPE[1]:
         rows = max(rows, min(_PROBE_MAX, block * _PROBE_BLOCKS) // _PROBE_SHAPE[1])
@@ -184,12 +186,17 @@ def explain(config: QuantConfig) -> Group:
     spec = get_format(config.format)
     a = anatomy(spec)
     q = probe(config)
-    if spec.fixed_block_size:
+    outlier = config.outlier_threshold is not None
+    if outlier:
+        block = f"one row ({q.block_size} weights here): one scale per output row (LLM.int8()'s vector-wise weights)"
+    elif spec.fixed_block_size:
         block = f"{q.block_size} weights, fixed ({a.fixed_by})"
     else:
         block = f"{q.block_size} weights (default {spec.default_block_size}; FORMAT/BLOCK sets it)"
     if config.double_quant:
         dq = f"yes: {DOUBLE_QUANT}"
+    elif outlier:
+        dq = "not available: LLM.int8()'s row scales are fp32"
     elif spec.double_quant:
         dq = f"no ({DQ_SUFFIX} turns it on: {DOUBLE_QUANT})"
     else:
@@ -207,5 +214,10 @@ def explain(config: QuantConfig) -> Group:
     head.add_row("double quant", Text(dq))
     head.add_row("bits/weight", Text(f"{q.bits_per_weight:.6g} = {split}, measured on a {shape} tensor"))
     head.add_row("decode", Text(a.rule))
+    if outlier:
+        head.add_row("activations", Text(
+            f"at run time, int8 with one absmax per token; the input columns with |x| >= "
+            f"{config.outlier_threshold:g} in any token of a call go through a float product with the dequantized "
+            "weight columns instead (LLM.int8(), arXiv 2208.07339; README: LLM.int8())"))
     # the rule as a line of its own: a table title would wrap to the narrow level table's width
     return Group(head, layout_table(q), Text(f"element levels: {a.rule}"), level_table(spec))
