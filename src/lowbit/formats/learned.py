@@ -59,7 +59,7 @@ class LearnedCodebook(GridCodec, family="learned"):
     @classmethod
     def levels(cls, spec, scales):
         book = scales["tensor_codebook"]
-        return book, float(book.min()), float(book.max())
+        return book, float(book.detach().min()), float(book.detach().max())  # bounds, not part of the graph
 
     @classmethod
     def search_levels(cls, spec, tensor_parts):
