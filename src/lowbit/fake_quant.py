@@ -48,23 +48,46 @@ def _pieces(flat: torch.Tensor, block: int, scales: Parts):
         yield flat[n_full * block :].view(1, -1), {**tensor, **{k: v[n_full:] for k, v in per_block.items()}}, True
 
 
+def _closed_form(codec, names: list[str], needs: tuple[bool, ...]) -> bool:
+    """Whether the backward pass can use the default surrogate's gradient in closed form: decode is
+    ``level[code] * scales`` (GridCodec's own ``surrogate`` and ``multiplier``) and no other part is trained."""
+    trained = [n for n, need in zip(names, needs[4:], strict=True) if need]
+    return (codec.surrogate.__func__ is GridCodec.surrogate.__func__
+            and codec.multiplier.__func__ is GridCodec.multiplier.__func__ and set(trained) <= {"scales"})
+
+
 class _FakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, spec, block, names, *tensors):
         codec = codec_for(spec)
         scales = dict(zip(names, (t.detach() for t in tensors), strict=True))
         flat = x.detach().reshape(-1).to(torch.float32)
-        out, codes = [], []
+        out, codes, slopes, insides = [], [], [], []
+        closed = _closed_form(codec, names, ctx.needs_input_grad)
         for blocks, parts, partial in _pieces(flat, block, scales):
             c = codec.encode(spec, blocks, parts, partial=partial)
-            codes.append(c)
             out.append(codec.decode(spec, c, parts).reshape(-1))
-        ctx.save_for_backward(x, *tensors)
+            if closed:  # GridCodec.surrogate's gradients, kept now: d/dx = inside, d/ds = level - inside * x/s
+                levels, lo, hi = codec.levels(spec, parts)
+                y = blocks / parts["scales"][:, None]
+                inside = (y >= lo) & (y <= hi)
+                slopes.append(levels[c.to(torch.int64)] - y * inside)
+                insides.append(inside)
+            else:
+                codes.append(c)
+        ctx.closed = closed
+        if closed:
+            ctx.save_for_backward(*slopes, *insides)
+            ctx.pieces, ctx.x_meta = len(slopes), (x.shape, x.dtype)
+        else:
+            ctx.save_for_backward(x, *tensors)
         ctx.spec, ctx.block, ctx.names, ctx.codes = spec, block, names, codes
         return torch.cat(out).to(x.dtype).reshape(x.shape)
 
     @staticmethod
     def backward(ctx, grad):
+        if ctx.closed:
+            return _closed_backward(ctx, grad)
         x, *tensors = ctx.saved_tensors
         codec = codec_for(ctx.spec)
         with torch.enable_grad():
@@ -81,3 +104,20 @@ class _FakeQuantize(torch.autograd.Function):
         gs = [next(grads) if t.requires_grad else None for t in leaves]
         gx = gx.to(x.dtype).reshape(x.shape) if gx is not None else None
         return (gx, None, None, None, *gs)
+
+
+def _closed_backward(ctx, grad):
+    saved = ctx.saved_tensors
+    slopes, insides = saved[: ctx.pieces], saved[ctx.pieces :]
+    shape, dtype = ctx.x_meta
+    flat = grad.reshape(-1).to(torch.float32)
+    g_x, g_s, at = [], [], 0
+    for slope, inside in zip(slopes, insides, strict=True):
+        g = flat[at : at + slope.numel()].view(slope.shape)
+        at += slope.numel()
+        g_x.append((g * inside).reshape(-1))
+        g_s.append((g * slope).sum(1))
+    gx = torch.cat(g_x).to(dtype).reshape(shape) if ctx.needs_input_grad[0] else None
+    gs = [torch.cat(g_s) if name == "scales" and need else None
+          for name, need in zip(ctx.names, ctx.needs_input_grad[4:], strict=True)]
+    return (gx, None, None, None, *gs)

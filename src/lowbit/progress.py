@@ -23,13 +23,14 @@ def note(line: str, *, enabled: bool = True) -> None:
 
 @contextmanager
 def progress_bar(total: int, label: str, *, enabled: bool = True) -> Iterator:
-    """Yields ``advance()``; a transient bar with count and elapsed time while the block runs."""
+    """Yields ``advance(status=None)``; a transient bar with count and elapsed time while the block runs,
+    ``status`` (e.g. the loss so far) shown after the label."""
     if not enabled:
-        yield lambda: None
+        yield lambda status=None: None
         return
     if not _stderr_is_terminal():
         note(f"{label} ({total} steps)")
-        yield lambda: None
+        yield lambda status=None: None
         return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -37,4 +38,5 @@ def progress_bar(total: int, label: str, *, enabled: bool = True) -> Iterator:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(label, total=total)
-        yield lambda: bar.advance(task)
+        yield lambda status=None: bar.update(task, advance=1,
+                                             description=label if status is None else f"{label}: {status}")
