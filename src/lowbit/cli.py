@@ -19,6 +19,7 @@ from .commands import (
     generate_cmd,
     import_cmd,
     outliers_cmd,
+    qat_cmd,
     quantize_cmd,
     sensitivity_cmd,
 )
@@ -36,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"lowbit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (compare_cmd, quantize_cmd, eval_cmd, generate_cmd, export_cmd, import_cmd, sensitivity_cmd,
-                    outliers_cmd, errors_cmd, formats_cmd, cache_cmd):
+    for command in (compare_cmd, quantize_cmd, qat_cmd, eval_cmd, generate_cmd, export_cmd, import_cmd,
+                    sensitivity_cmd, outliers_cmd, errors_cmd, formats_cmd, cache_cmd):
         command.add_parser(sub)
     return parser
 

@@ -40,12 +40,15 @@ _SIGNS = ".rotation_signs"  # a +had layer's int8 signs: "<layer>.rotation_signs
 
 def save_quantized(model, tokenizer, info: ModelInfo, report: QuantizeReport, config: QuantConfig | QuantPlan,
                    directory, *,
-                   overwrite=False, keep_dtype: torch.dtype = torch.float32) -> Path:
+                   overwrite=False, keep_dtype: torch.dtype = torch.float32, extra: dict | None = None,
+                   label: str | None = None) -> Path:
     """Write ``model`` (already through ``quantize_model``, which gave ``report``) to ``directory``, atomically.
 
     The tensors quantization left alone (embeddings, norms, biases) are stored in ``keep_dtype``
     and rounded through it in ``model`` too, so the model in memory computes what the saved one
-    will; ``model_bytes_after`` in ``lowbit.json`` counts them at that dtype.
+    will; ``model_bytes_after`` in ``lowbit.json`` counts them at that dtype. ``extra``: more sections for
+    ``lowbit.json`` (``lowbit qat`` records its training); ``label``: the name reports give the model
+    instead of the config's label (``int3/64 qat``).
     """
     check_output(directory, overwrite=overwrite, source=local_source(info.source))
     saved = round_state(model, keep_dtype)  # after the checks: a refused save leaves the model as it was
@@ -92,7 +95,9 @@ def save_quantized(model, tokenizer, info: ModelInfo, report: QuantizeReport, co
                      "model_bytes_after": report.model_bytes_after - saved, "seconds": report.seconds},
         "layers": layers,
         "tied": tied,
-    }
+    } | (extra or {})
+    if label is not None:
+        meta["config"]["label"] = label
     with write_errors(directory), atomic_dir(directory, overwrite=overwrite, replaceable=_replaceable) as tmp:
         save_file(tensors, tmp / TENSOR_FILE, metadata={"format": "pt"})
         model.config.save_pretrained(tmp)
