@@ -11,10 +11,15 @@ from lowbit.nn.qat import QATLinear, convert, prepare
 from lowbit.nn.qat_train import DivergedError, QATSettings, train
 
 
+@pytest.fixture(scope="module")
+def _tiny(tiny_lm_dir):
+    return load_model(tiny_lm_dir)[0]
+
+
 @pytest.fixture
-def tiny(tiny_lm_dir):
-    model, _, _ = load_model(tiny_lm_dir)
-    return model
+def tiny(_tiny):
+    """A fresh copy of the 2-layer model for each test (prepare changes it in place)."""
+    return copy.deepcopy(_tiny)
 
 
 @pytest.mark.parametrize("label", ["int3/32", "int2_asym/64", "nf4/32"])
