@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from test_model_cmds import assert_one_line_error, lowbit
+from test_model_cmds import assert_one_line_error, lowbit, run_main
 
 from lowbit.io import load_quantized
 from lowbit.nn import QuantLinear
@@ -26,17 +26,17 @@ def test_compare_with_searched_formats(tiny_lm_dir, tmp_path):
 
 
 @pytest.mark.parametrize(("label", "search"), [("nf4@amse", "amse"), ("int4_asym@ahqq", "ahqq")])
-def test_quantize_searched_saves_and_reloads(tiny_lm_dir, tmp_path, label, search):
+def test_quantize_searched_saves_and_reloads(tiny_lm_dir, tmp_path, label, search, capsys):
     out = tmp_path / "q"
-    r = lowbit("quantize", "--model", tiny_lm_dir, "--format", label, "--calibrate", "2", "--window", "64",
-               "--windows", "1", "-o", out)
+    r = run_main(capsys, "quantize", "--model", tiny_lm_dir, "--format", label, "--calibrate", "2", "--window", "64",
+                 "--windows", "1", "-o", out)
     assert r.returncode == 0, r.stderr
     model, _, meta = load_quantized(out)
     assert meta["config"]["search"] == search and meta["config"]["label"] == label
     parts = [m.qweight.parts for m in model.modules() if isinstance(m, QuantLinear)]
     zeros = [p["zeros"] for p in parts if "zeros" in p]
     assert all(z.dtype == torch.float16 for z in zeros) and len(zeros) == (search == "ahqq") * len(meta["layers"])
-    r = lowbit("eval", out, *TINY)
+    r = run_main(capsys, "eval", out, *TINY)
     assert r.returncode == 0, r.stderr
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
