@@ -1,11 +1,12 @@
 """Quantization-aware training: prepare, a few steps, convert; the converted model computes what was trained."""
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
 
-from lowbit import QuantLinear, load_model
+from lowbit import QuantConfig, QuantLinear, load_model
 from lowbit.evaluate import materialize
 from lowbit.nn.qat import QATLinear, convert, prepare
 from lowbit.nn.qat_train import DivergedError, QATSettings, train
@@ -99,3 +100,20 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_one(tiny, tmp_path):
     assert resumed == expected
     for a, b in zip(straight.parameters(), tiny.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_training_can_start_from_a_quantized_weight(tiny):
+    """Seeded with another method's rounding (GPTQ's, here plain int4 with a searched scale), QAT begins at
+    exactly what that rounding computes."""
+    from lowbit.nn.surgery import linears, quantize_weight
+
+    config = QuantConfig.parse("int4/32")
+    start = {names[0]: quantize_weight(m.weight, replace(config, search="mse")) for names, m in linears(tiny)
+             if "lm_head" not in names[0]}
+    other = copy.deepcopy(tiny)
+    layers = prepare(tiny, config, start=start)
+    for name, layer in layers.items():
+        with torch.no_grad():
+            assert torch.equal(layer.quantizer(layer.weight), start[name].dequantize())
+    with pytest.raises(ValueError, match="cannot seed"):
+        prepare(other, "int4/64", start=start)

@@ -62,11 +62,12 @@ class LSQQuantizer(nn.Module):
 
     ``weight``: the weight to initialize from. ``init``: ``"mse"`` (the searched clipping of
     ``lowbit.search``, weighed by w^2, the default), ``"rule"`` (the format's own absmax/min-max) or
-    ``"lsq"`` (the paper's ``2 mean|v| / sqrt(Qp)`` per block, symmetric integers only).
+    ``"lsq"`` (the paper's ``2 mean|v| / sqrt(Qp)`` per block, symmetric integers only). ``start``: a
+    quantized weight whose scale parts to start from instead (GPTQ's), ``init`` then unused.
     """
 
     def __init__(self, weight: torch.Tensor, fmt: str | FormatSpec, block_size: int | None = None,
-                 init: str = "mse"):
+                 init: str = "mse", start: QuantizedTensor | None = None):
         super().__init__()
         spec = get_format(fmt)
         check_learnable(spec)
@@ -74,7 +75,13 @@ class LSQQuantizer(nn.Module):
             raise ValueError(f"unknown init {init!r}: use one of {', '.join(INITS)}")
         self.spec, self.block = spec, block_size or spec.default_block_size
         w = weight.detach()
-        parts = self._initial(w, init)
+        if start is not None:  # e.g. GPTQ's rounding: its scale parts, without double quantization
+            if start.format != spec or start.block_size != self.block or start.double_quant:
+                raise ValueError(f"a start of {start.format.name}/{start.block_size}"
+                                 f"{'+dq' if start.double_quant else ''} cannot seed {spec.name}/{self.block}")
+            parts = {name: t for name, t in start.parts.items() if name != "codes"}
+        else:
+            parts = self._initial(w, init)
         self.qp = positive_levels(spec, parts)
         # LSQ §2.2: the step's gradient scaled by 1/sqrt(N Qp), N the weights that share it
         self.grad_scale = 1.0 / math.sqrt(min(self.block, w.numel()) * self.qp)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..formats.registry import get_format
+from ..tensor import QuantizedTensor
 from .config import QuantConfig
 from .lsq import LSQQuantizer, check_learnable
 from .plan import QuantPlan
@@ -23,12 +24,15 @@ from .surgery import QuantizeReport, as_plan, plan_layers, quantize_model
 class QATLinear(nn.Module):
     """``y = x fake_quantize(W)^T + b`` with ``W`` and the quantizer's steps trained; the bias is frozen."""
 
-    def __init__(self, linear: nn.Linear, config: QuantConfig, init: str = "mse"):
+    def __init__(self, linear: nn.Linear, config: QuantConfig, init: str = "mse",
+                 start: QuantizedTensor | None = None):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = nn.Parameter(linear.weight.detach().float().clone())
+        # from a quantized start (GPTQ's), training begins at exactly what it computes
+        weight = linear.weight.detach() if start is None else start.dequantize(torch.float32)
+        self.weight = nn.Parameter(weight.float().clone())
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        self.quantizer = LSQQuantizer(self.weight, config.format, config.block_size, init=init)
+        self.quantizer = LSQQuantizer(self.weight, config.format, config.block_size, init=init, start=start)
         self.config = config
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -53,9 +57,10 @@ def check_qat_config(config: QuantConfig) -> None:
                          "block, e.g. int3/64")
 
 
-def prepare(model: nn.Module, config: QuantConfig | QuantPlan | str, *, init: str = "mse") -> dict[str, QATLinear]:
+def prepare(model: nn.Module, config: QuantConfig | QuantPlan | str, *, init: str = "mse",
+            start: dict[str, QuantizedTensor] | None = None) -> dict[str, QATLinear]:
     """Swap every layer the config (or plan) selects for a ``QATLinear``, in place; freeze everything else.
-    Returns ``{first name: layer}``."""
+    ``start``: layer name -> a quantized weight (GPTQ's) to begin from. Returns ``{first name: layer}``."""
     plan = as_plan(config)
     for c in plan.configs:
         check_qat_config(c)
@@ -64,7 +69,7 @@ def prepare(model: nn.Module, config: QuantConfig | QuantPlan | str, *, init: st
         p.requires_grad_(False)
     layers = {}
     for names, linear, layer_config, _ in targets:
-        qat = QATLinear(linear, layer_config, init=init)
+        qat = QATLinear(linear, layer_config, init=init, start=(start or {}).get(names[0]))
         for name in names:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, qat)
