@@ -39,3 +39,11 @@ def test_qat_refusals_are_one_line_and_write_nothing(tiny_lm_dir, tmp_path, caps
     assert main(["qat", *model, "--format", "int4", *ARGS, "-o", str(tmp_path / "exists")]) == 2
     assert "exists" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists", "short.txt"]
+
+
+def test_qat_can_start_from_gptq(tiny_lm_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["qat", "--model", str(tiny_lm_dir), "--format", "int4/32", "--init", "gptq", *ARGS,
+                 "-o", str(out)]) == 0
+    _, _, meta = load_quantized(out)
+    assert meta["qat"]["init"] == "gptq"

@@ -7,12 +7,14 @@ import math
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from ..eval.calibration import calibration_windows
+from ..eval.calibration import calibration_batches, calibration_windows
 from ..eval.protocol import DEFAULT_WINDOW, DEFAULT_WINDOWS, read_text
 from ..io.model_io import check_output, local_source, save_quantized
 from ..models.loader import CAUSAL_LM
+from ..nn.gptq_model import GPTQ_CALIBRATE, gptq_weights
 from ..nn.keep_dtype import parse_keep_dtype
 from ..nn.lsq import INITS
 from ..nn.plan import QuantPlan
@@ -46,8 +48,10 @@ def add_parser(sub) -> None:
                    help=f"Adam step of the quantizers' steps and offsets (default {DEFAULT_SCALE_LR:g})")
     p.add_argument("--loss", choices=LOSSES, default="kl",
                    help="kl: distil the original model's next-token distribution (default); ce: the text's tokens")
-    p.add_argument("--init", choices=INITS, default="mse",
-                   help="initial steps: mse (searched, default), rule (the format's own), lsq (2 mean|w| / sqrt(Qp))")
+    p.add_argument("--init", choices=(*INITS, "gptq"), default="mse",
+                   help="initial steps: mse (searched, default), rule (the format's own), lsq (2 mean|w| / sqrt(Qp)), "
+                        f"gptq (GPTQ's rounding with @amse on {GPTQ_CALIBRATE} windows after the scored ones: weights "
+                        "and steps start there)")
     p.add_argument("--train-window", type=int, default=TRAIN_WINDOW,
                    help=f"tokens per training step (default {TRAIN_WINDOW})")
     p.add_argument("--text", metavar="FILE", help="the evaluation text; training reads only its tokens after the "
@@ -66,6 +70,17 @@ def add_parser(sub) -> None:
 def checkpoint_dir(output) -> Path:
     path = Path(output)
     return path.with_name(path.name + ".qat-checkpoint")
+
+
+def gptq_start(model, tokenizer, config, args) -> dict:
+    """GPTQ's rounding (``+gptq@amse``) of every layer the config trains, on the windows after the scored ones."""
+    plan = as_plan(config)
+    gplan = QuantPlan(tuple(replace(r, config=None if r.config is None else
+                                    replace(r.config, method="gptq", search="amse"), fallback=None)
+                            for r in plan.rules), plan.name)
+    batches, _ = calibration_batches(tokenizer, CAUSAL_LM, args.text, window=args.window, scored=args.windows,
+                                     count=GPTQ_CALIBRATE)
+    return {name: r.qweight for name, r in gptq_weights(model, gplan, batches).items()}
 
 
 def run(args) -> int:
@@ -104,7 +119,8 @@ def run(args) -> int:
     windows = calibration_windows(tokenizer, body, name, window=args.train_window, scored=skip, count=held)
     teacher = copy.deepcopy(model) if settings.loss == "kl" else None
     start = time.perf_counter()
-    prepare(model, config, init=args.init)
+    seeds = gptq_start(model, tokenizer, config, args) if args.init == "gptq" else None
+    prepare(model, config, init="mse" if seeds else args.init, start=seeds)
     run_id = {"model": info.file_hash, "config": as_plan(config).to_dict(), "init": args.init,
               "text": name, "train_window": args.train_window, "skip": skip}
     try:

@@ -85,9 +85,10 @@ class LSQQuantizer(nn.Module):
         self.qp = positive_levels(spec, parts)
         # LSQ §2.2: the step's gradient scaled by 1/sqrt(N Qp), N the weights that share it
         self.grad_scale = 1.0 / math.sqrt(min(self.block, w.numel()) * self.qp)
-        self.scale = nn.Parameter(parts.pop("scales").float())
+        # clones: a start made under inference mode (GPTQ's) holds inference tensors, which cannot be trained
+        self.scale = nn.Parameter(parts.pop("scales").float().clone())
         zeros = parts.pop("zeros", None)
-        self.zero = None if zeros is None else nn.Parameter(zeros.float())
+        self.zero = None if zeros is None else nn.Parameter(zeros.float().clone())
         for name, t in parts.items():  # per-tensor constants (a learned codebook): fixed
             self.register_buffer(name, t)
         self._fixed = list(parts)
