@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..eval.calibration import DEFAULT_CALIBRATE, calibration_batches
-from ..eval.outliers import collect_outliers, outlier_report
+from ..eval.outliers import check_analysis_threshold, collect_outliers, outlier_report
 from ..eval.protocol import DEFAULT_WINDOWS
 from ..io.atomic import write_json
 from ..nn.outlier_linear import DEFAULT_THRESHOLD
@@ -26,8 +26,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    if not args.threshold > 0 or args.threshold == float("inf"):
-        raise ValueError(f"--threshold is a finite number > 0, got {args.threshold}")
+    check_analysis_threshold(args.threshold, "--threshold")  # before the model loads
     if args.calibrate < 1:
         raise ValueError(f"--calibrate needs at least 1 window, got {args.calibrate}")
     check_protocol_args(args)

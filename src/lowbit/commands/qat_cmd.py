@@ -111,12 +111,11 @@ def run(args) -> int:
     keep = parse_keep_dtype(args.keep_dtype) if args.keep_dtype else source_dtype(info.source)
     # the scored tokens are windows * window; training windows start at the first whole one after them
     skip = math.ceil(args.windows * args.window / args.train_window)
-    held = len(tokenizer(body, add_special_tokens=False)["input_ids"]) // args.train_window - skip
-    if held < MIN_TRAIN_WINDOWS:
-        raise ValueError(f"text {name} holds {max(held, 0)} windows of {args.train_window} tokens after the "
+    windows = calibration_windows(tokenizer, body, name, window=args.train_window, scored=skip, count=None)
+    if len(windows) < MIN_TRAIN_WINDOWS:
+        raise ValueError(f"text {name} holds {len(windows)} windows of {args.train_window} tokens after the "
                          f"{args.windows} scored ones; training needs at least {MIN_TRAIN_WINDOWS}: use a longer "
                          "--text or fewer --windows")
-    windows = calibration_windows(tokenizer, body, name, window=args.train_window, scored=skip, count=held)
     teacher = copy.deepcopy(model) if settings.loss == "kl" else None
     start = time.perf_counter()
     seeds = gptq_start(model, tokenizer, config, args) if args.init == "gptq" else None

@@ -37,16 +37,22 @@ CAUSAL_BATCH = 1
 
 
 def calibration_windows(tokenizer, text: str, name: str, *, window: int = DEFAULT_WINDOW, scored: int,
-                        count: int = DEFAULT_CALIBRATE) -> torch.Tensor:
-    """``(count, window)`` int64: windows ``scored .. scored+count-1`` of ``text``, tokenized as ``token_windows`` does.
+                        count: int | None = DEFAULT_CALIBRATE) -> torch.Tensor:
+    """``(count, window)`` int64: windows ``scored .. scored+count-1`` of ``text``, tokenized as ``token_windows`` does;
+    ``count`` None: every whole window after the scored ones (``lowbit qat`` trains on them all).
 
     A text that holds fewer than ``count`` windows after the ``scored`` ones is an error, never a silent cap.
     """
-    _check_counts(window, scored, count)
+    _check_counts(window, scored, 1 if count is None else count)
     # the same call as protocol.token_windows, so window k here is window k there
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
     held = ids.numel() // window
     after = held - scored
+    if count is None:
+        if after <= 0:
+            raise ValueError(f"text {name} holds {held} windows of {window} tokens, none after the {scored} scored "
+                             "ones: use a longer --text or fewer --windows")
+        count = after
     if after < count:
         if after <= 0:
             raise ValueError(f"text {name} holds {held} windows of {window} tokens, none after the {scored} scored "

@@ -35,6 +35,13 @@ class LayerInput:
     peak: torch.Tensor = field(default=None, repr=False)  # (in_features,) float32
 
 
+def check_analysis_threshold(threshold: float, name: str = "the outlier threshold") -> float:
+    """``threshold`` if it is a finite number > 0 (0 would count every value), else a ValueError saying ``name``."""
+    if not threshold > 0 or threshold == float("inf"):
+        raise ValueError(f"{name} is a finite number > 0 (the paper's is 6), got {threshold}")
+    return threshold
+
+
 def block_index(name: str) -> int | None:
     return next((int(part) for part in name.split(".") if part.isdigit()), None)
 
@@ -43,8 +50,7 @@ def collect_outliers(model: nn.Module, batches: Sequence, threshold: float, *, p
                      label: str = "finding outliers") -> dict[str, LayerInput]:
     """``{layer name: LayerInput}`` for every nn.Linear over ``batches`` (``calibration.collect_importance``'s
     inputs; padded tokens left out). A NaN or Inf activation is a ValueError naming the layer."""
-    if not threshold > 0 or threshold == float("inf"):
-        raise ValueError(f"the outlier threshold is a finite number > 0 (the paper's is 6), got {threshold}")
+    check_analysis_threshold(threshold)
     targets = _targets(model, None)
     stats = {name: LayerInput(m.in_features, block_index(name)) for name, m in targets.items()}
     state = {"mask": None, "batch": 0, "input": None, "owner": None, "found": None}

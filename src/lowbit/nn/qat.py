@@ -2,7 +2,7 @@
 trained on the calibration split by distilling the original model, then converted to a regular quantized model.
 
 ``prepare`` swaps each selected ``nn.Linear`` for a ``QATLinear`` (its float weight and its ``LSQQuantizer``,
-both trained); ``train`` runs the steps (``QATRun``: checkpoints, resume, a NaN stops it); ``convert`` puts
+both trained); ``lowbit.nn.qat_train.train`` runs the steps (checkpoints, resume, a NaN stops it); ``convert`` puts
 the layers back as ``QuantLinear`` holding ``LSQQuantizer.convert``'s bytes, through ``quantize_model``, so
 the result saves and scores like ``lowbit quantize`` output and computes exactly what was trained.
 """
