@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/bench_quality.py [--formats nf4,int4_asym/64] [--model minilm] [--windows 16]
                                                  [--text FILE] [--json out.json] [--no-peers]
                                                  [--budgets 4.5,4.25,3.25] [--candidates LABELS]
-                                                 [--sensitivity FILE]
+                                                 [--sensitivity FILE] [--qat LABELS] [--qat-steps N]
+                                                 [--qat-init mse|rule|lsq|gptq]
 
 Protocol: ``lowbit compare``'s (README "Evaluation protocol"): the embedded SmolLM2-135M-Instruct,
 16 windows x 512 tokens of the default text, per-token KL(p_reference || p_quantized) over the full
@@ -40,8 +41,14 @@ over ``--candidates``, chosen from a sensitivity table measured here on the cali
 ``--sensitivity``, a ``lowbit sensitivity --json`` file of the same model), then quantized and scored like any row;
 the row shows the plan's predicted KL too.
 
-Time on 2 cores: the default run takes about 80 minutes (the sensitivity table 20 minutes, each GPTQ row and each
-budget plan 6 minutes); ``--sensitivity`` saves the first, ``--formats`` and ``--budgets`` pick rows.
+QAT rows (causal LMs; ``--qat ''`` leaves them out): for each ``--qat`` format, ``lowbit qat``'s training
+(``lowbit.commands.qat_cmd.train_quantized``, ``--qat-steps`` steps from ``--qat-init``, default settings otherwise)
+on a copy of the model, scored like any row, and printed in a second table beside the same format's round-to-nearest
+and ``+gptq@amse`` rows (added to the formats scored): format, method, steps, minutes, KL, perplexity, same top-1.
+
+Time on 2 cores: the default run takes about 80 minutes without the QAT rows (the sensitivity table 20 minutes, each
+GPTQ row and each budget plan 6 minutes) and about 90 more with them (each QAT row 25-30 minutes);
+``--sensitivity`` saves the first, ``--formats``, ``--budgets`` and ``--qat`` pick rows.
 
 The llama.cpp rows are fixed figures, measured separately with llama.cpp's ``perplexity
 --kl-divergence`` on the default protocol (README); they are shown for the embedded SmolLM2 only.
@@ -58,14 +65,17 @@ from functools import partial
 import torch
 from rich.table import Table
 
+from lowbit.commands import qat_cmd
 from lowbit.commands.common import check_protocol_args, load
 from lowbit.commands.common import console as make_console
 from lowbit.eval.calibration import calibration_batches
 from lowbit.eval.protocol import DEFAULT_WINDOW, DEFAULT_WINDOWS
-from lowbit.evaluate import Evaluation, compare, model_limits
+from lowbit.evaluate import Evaluation, compare, materialize, model_limits
 from lowbit.io.atomic import write_json
 from lowbit.models.loader import CAUSAL_LM
 from lowbit.nn.budget import choose
+from lowbit.nn.qat import check_qat_config
+from lowbit.nn.qat_train import QATSettings
 from lowbit.nn.sensitivity import SENSITIVITY_CALIBRATE, Sensitivity, measure_sensitivity
 from lowbit.nn.surgery import QuantConfig, select_linears
 from lowbit.progress import progress_bar
@@ -82,6 +92,10 @@ HQQ, HQQ_LINEAR = "hqq 4-bit/64", "hqq 4-bit/64, HQQLinear default"
 DEFAULT_BUDGETS = (4.5, 4.25, 3.25)
 BUDGET_CANDIDATES = ("nf3/64+dq+gptq@amse", "nf4/64+dq+gptq@amse", "nf4/32+dq+gptq@amse", "nf5/64+dq+gptq@amse",
                      "nf6/64+dq@amse", "int8/64+dq")
+
+# Issue 12's table: quantization-aware training against round to nearest and GPTQ at the same bits.
+DEFAULT_QAT = ("int3/64", "int4/64", "int2/64")
+PTQ_BEST = "+gptq@amse"  # the best post-training method of the earlier issues at these bits
 
 # The project's anchors on the default protocol: what the peer rows must reproduce (within ~1%).
 ANCHORS = {
@@ -194,6 +208,10 @@ def run(args) -> int:
         labels, skipped = default_labels()
     else:
         labels, skipped = [label.strip() for label in args.formats.split(",") if label.strip()], {}
+    qat_configs = [QuantConfig.parse(label.strip()) for label in args.qat.split(",") if label.strip()]
+    for config in qat_configs:
+        check_qat_config(config)
+        labels += [config.label, config.label + PTQ_BEST]  # the rows QAT is measured against
     configs = list({c.label: c for c in map(QuantConfig.parse, labels)}.values())  # a bad label fails now
     if not configs and args.no_peers:
         raise ValueError("nothing to score: --no-peers and --formats names no format")
@@ -231,23 +249,65 @@ def run(args) -> int:
     # lowbit's rows first: compare computes (or reads) the cached reference, the peers then read it
     if configs:
         save_named(compare(model, tokenizer, info, configs, text=args.text, windows=args.windows, on_result=save_named))
-    if not args.no_peers:
+    qat_configs = qat_configs if causal else []
+    if not args.no_peers or qat_configs:
         evaluation = Evaluation(info, tokenizer, lambda: model, text=args.text, windows=args.windows,
                                 **model_limits(model))
         if report["protocol"] not in (None, evaluation.protocol_dict):
             raise RuntimeError(f"the peers' protocol {evaluation.protocol_dict} is not lowbit's {report['protocol']}")
         report["protocol"] = evaluation.protocol_dict
+    if not args.no_peers:
         peer_rows = []
         for name in PEERS:
             peer_rows.append(peer_row(evaluation, model, name, progress=True))
             report["rows"] = peer_rows + [r for r in report["rows"] if not r.get("peer")]
             save()
+    if qat_configs:
+        data = qat_cmd.training_text(tokenizer, args.text, scored=args.windows or DEFAULT_WINDOWS)
+        settings = QATSettings(steps=args.qat_steps, lr=qat_cmd.DEFAULT_LR, scale_lr=qat_cmd.DEFAULT_SCALE_LR)
+        for config in qat_configs:
+            report["rows"].append(qat_row(evaluation, model, tokenizer, info, config, settings, data, args.qat_init))
+            save()
     con.print(quality_table(report, info, causal, default_protocol))
+    if qat_configs:
+        con.print(qat_table(report, [c.label for c in qat_configs]))
     for note in anchor_notes(report, causal, default_protocol):
         con.print(note)
     if args.json:
         con.print(f"wrote {args.json}")
     return 1 if any("error" in r for r in report["rows"]) else 0
+
+
+def qat_row(evaluation: Evaluation, model, tokenizer, info, config: QuantConfig, settings: QATSettings, data,
+            init: str) -> dict:
+    """``lowbit qat``'s training of a copy of ``model`` to ``config``, scored on the protocol's windows."""
+    student = copy.deepcopy(model)
+    quantized, record = qat_cmd.train_quantized(student, tokenizer, info.file_hash, config, settings, data, init=init)
+    materialize(student)
+    label = f"{config.label} qat"
+    row = {"format": label, "qat": record, "bits_per_weight": quantized.bits_per_weight,
+           "quantized_layers": len(quantized.layers), "quantize_seconds": record["seconds"]}
+    return row | evaluation.score(student, label=f"scoring {label}")
+
+
+def qat_table(report: dict, labels: list[str]) -> Table:
+    """Issue 12's table: each QAT format's round to nearest, best post-training method and QAT rows."""
+    table = Table(title="quantization-aware training (LSQ) against post-training quantization, same windows")
+    for header in ("format", "method", "steps", "minutes", "KL mean", "PPL", "same top-1"):
+        table.add_column(header, justify="left" if header in ("format", "method") else "right", no_wrap=True)
+    rows = {r["format"]: r for r in report["rows"]}
+    for label in labels:
+        for name, method in ((label, "round to nearest"), (label + PTQ_BEST, PTQ_BEST.lstrip("+")),
+                             (f"{label} qat", "QAT")):
+            row = rows.get(name)
+            if row is None or "error" in row:
+                table.add_row(label, method, *["-"] * 5)
+                continue
+            qat = row.get("qat", {})
+            table.add_row(label, method + (f", init {qat['init']}" if qat else ""), _fmt(qat.get("steps"), "d"),
+                          _fmt(row.get("quantize_seconds", 0) / 60, ".1f"), _fmt(row.get("kl_mean"), ".4f"),
+                          _fmt(row.get("ppl"), ".2f"), _fmt(row.get("top1"), ".2%"))
+    return table
 
 
 def budget_plans(args, model, tokenizer, info, con) -> dict:
@@ -354,6 +414,12 @@ def main() -> int:
                     "from (default %(default)s)")
     ap.add_argument("--sensitivity", metavar="FILE", help="a `lowbit sensitivity --json` table of the same model and "
                     "candidates, instead of measuring one")
+    ap.add_argument("--qat", default=",".join(DEFAULT_QAT),
+                    help="formats to train with lowbit qat and score ('' for none; default %(default)s)")
+    ap.add_argument("--qat-steps", type=int, default=qat_cmd.DEFAULT_STEPS, help="training steps of each QAT row "
+                    "(default %(default)s, lowbit qat's)")
+    ap.add_argument("--qat-init", default=qat_cmd.DEFAULT_INIT, choices=("mse", "rule", "lsq", "gptq"),
+                    help="lowbit qat --init of each QAT row (default %(default)s)")
     args = ap.parse_args()
     try:
         return run(args)

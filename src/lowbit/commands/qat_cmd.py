@@ -7,8 +7,10 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+import torch
 
 from ..eval.calibration import calibration_batches, calibration_windows
 from ..eval.protocol import DEFAULT_WINDOW, DEFAULT_WINDOWS, read_text
@@ -23,12 +25,14 @@ from ..nn.qat_train import LOSSES, QATSettings, train
 from ..nn.surgery import as_plan
 from .common import add_keep_dtype_arg, add_model_arg, add_selection_args, console, load, parse_configs, source_dtype
 
-# The default run: 300 steps of 256 tokens (76,800 tokens, the text after the scored windows read ~0.75
-# times), 26 minutes on 2 cores for SmolLM2 (5.1 s a step: the original's forward for the distillation
-# target, the student's forward and backward through fake quantization, Adam).
-DEFAULT_STEPS = 300
+# The default run: GPTQ's rounding as the start (5.8 minutes for SmolLM2 on 2 cores), then 250 steps of 256
+# tokens (64,000 tokens, the text after the scored windows read ~0.6 times) at 4.5 s a step (the original's
+# forward for the distillation target, the student's forward and backward through fake quantization, Adam):
+# about 25 minutes in all, inside issue 12's 30 (README "Quantization-aware training").
+DEFAULT_STEPS = 250
 TRAIN_WINDOW = 256  # tokens per step: half the scored window, twice the steps in the same time
 DEFAULT_LR, DEFAULT_SCALE_LR = 1e-5, 1e-4
+DEFAULT_INIT = "gptq"  # int4/64: 0.0660 KL from GPTQ's start against 0.1376 from @mse's (300 steps each)
 MIN_TRAIN_WINDOWS = 4  # fewer windows after the scored ones is too little text to train on
 
 
@@ -41,17 +45,17 @@ def add_parser(sub) -> None:
     what.add_argument("--plan", metavar="PLAN.json", help="per-layer rules, as `lowbit quantize --plan`")
     p.add_argument("--block-size", type=int, help="weights per block (default: the format's); same as FORMAT/BLOCK")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS,
-                   help=f"training steps of --train-window tokens (default {DEFAULT_STEPS}: about 26 minutes for "
-                        "SmolLM2 on 2 cores)")
+                   help=f"training steps of --train-window tokens (default {DEFAULT_STEPS}: with --init gptq about 25 "
+                        "minutes for SmolLM2 on 2 cores)")
     p.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"Adam step of the weights (default {DEFAULT_LR:g})")
     p.add_argument("--scale-lr", type=float, default=DEFAULT_SCALE_LR,
                    help=f"Adam step of the quantizers' steps and offsets (default {DEFAULT_SCALE_LR:g})")
     p.add_argument("--loss", choices=LOSSES, default="kl",
                    help="kl: distil the original model's next-token distribution (default); ce: the text's tokens")
-    p.add_argument("--init", choices=(*INITS, "gptq"), default="mse",
-                   help="initial steps: mse (searched, default), rule (the format's own), lsq (2 mean|w| / sqrt(Qp)), "
-                        f"gptq (GPTQ's rounding with @amse on {GPTQ_CALIBRATE} windows after the scored ones: weights "
-                        "and steps start there)")
+    p.add_argument("--init", choices=(*INITS, "gptq"), default=DEFAULT_INIT,
+                   help=f"where training starts (default {DEFAULT_INIT}): gptq (GPTQ's rounding with @amse on "
+                        f"{GPTQ_CALIBRATE} windows after the scored ones: weights and steps), mse (searched steps), "
+                        "rule (the format's own steps), lsq (2 mean|w| / sqrt(Qp))")
     p.add_argument("--train-window", type=int, default=TRAIN_WINDOW,
                    help=f"tokens per training step (default {TRAIN_WINDOW})")
     p.add_argument("--text", metavar="FILE", help="the evaluation text; training reads only its tokens after the "
@@ -72,15 +76,69 @@ def checkpoint_dir(output) -> Path:
     return path.with_name(path.name + ".qat-checkpoint")
 
 
-def gptq_start(model, tokenizer, config, args) -> dict:
+def gptq_start(model, tokenizer, config, text: str | None, window: int, scored: int) -> dict:
     """GPTQ's rounding (``+gptq@amse``) of every layer the config trains, on the windows after the scored ones."""
     plan = as_plan(config)
     gplan = QuantPlan(tuple(replace(r, config=None if r.config is None else
                                     replace(r.config, method="gptq", search="amse"), fallback=None)
                             for r in plan.rules), plan.name)
-    batches, _ = calibration_batches(tokenizer, CAUSAL_LM, args.text, window=args.window, scored=args.windows,
-                                     count=GPTQ_CALIBRATE)
+    batches, _ = calibration_batches(tokenizer, CAUSAL_LM, text, window=window, scored=scored, count=GPTQ_CALIBRATE)
     return {name: r.qweight for name, r in gptq_weights(model, gplan, batches).items()}
+
+
+@dataclass(frozen=True)
+class TrainingText:
+    """The training windows: every whole ``train_window``-token window after the ``scored`` ones of ``window``."""
+
+    text: str | None
+    name: str
+    window: int
+    scored: int
+    train_window: int
+    windows: torch.Tensor
+
+    @property
+    def skip(self) -> int:
+        return math.ceil(self.scored * self.window / self.train_window)
+
+
+def check_windows(window: int, scored: int, train_window: int) -> None:
+    if train_window < 2 or window < 2 or scored < 0:
+        raise ValueError(f"need --train-window >= 2, --window >= 2 and --windows >= 0, got {train_window}, "
+                         f"{window} and {scored}")
+
+
+def training_text(tokenizer, text: str | None, *, window: int = DEFAULT_WINDOW, scored: int = DEFAULT_WINDOWS,
+                  train_window: int = TRAIN_WINDOW) -> TrainingText:
+    check_windows(window, scored, train_window)
+    name, body = read_text(text)
+    # the scored tokens are scored * window; training windows start at the first whole one after them
+    skip = math.ceil(scored * window / train_window)
+    windows = calibration_windows(tokenizer, body, name, window=train_window, scored=skip, count=None)
+    if len(windows) < MIN_TRAIN_WINDOWS:
+        raise ValueError(f"text {name} holds {len(windows)} windows of {train_window} tokens after the {scored} "
+                         f"scored ones; training needs at least {MIN_TRAIN_WINDOWS}: use a longer --text or fewer "
+                         "--windows")
+    return TrainingText(text, name, window, scored, train_window, windows)
+
+
+def train_quantized(model, tokenizer, model_hash: str | None, config, settings: QATSettings, data: TrainingText, *,
+                    init: str = "mse", checkpoint: Path | None = None, resume: bool = False) -> tuple:
+    """Train ``model`` in place (fake quantization, then ``convert``): ``(QuantizeReport, the run's record)``."""
+    teacher = copy.deepcopy(model) if settings.loss == "kl" else None
+    start = time.perf_counter()
+    seeds = gptq_start(model, tokenizer, config, data.text, data.window, data.scored) if init == "gptq" else None
+    prepare(model, config, init="mse" if seeds else init, start=seeds)
+    run_id = {"model": model_hash, "config": as_plan(config).to_dict(), "init": init, "text": data.name,
+              "train_window": data.train_window, "skip": data.skip}
+    losses = train(model, teacher, data.windows, settings, checkpoint=checkpoint, resume=resume, run=run_id)
+    report = convert(model, config)
+    seconds = time.perf_counter() - start
+    report = replace(report, seconds=seconds)  # the run's cost: GPTQ, training and the conversion
+    record = {"steps": settings.steps, "lr": settings.lr, "scale_lr": settings.scale_lr, "loss": settings.loss,
+              "init": init, "train_window": data.train_window, "windows": len(data.windows),
+              "seconds": seconds, "first_loss": losses[0], "last_loss": losses[-1]}
+    return report, record
 
 
 def run(args) -> int:
@@ -94,10 +152,8 @@ def run(args) -> int:
     for c in as_plan(config).configs:
         check_qat_config(c)
     settings = QATSettings(steps=args.steps, lr=args.lr, scale_lr=args.scale_lr, loss=args.loss)
-    if args.train_window < 2 or args.window < 2 or args.windows < 0:
-        raise ValueError(f"need --train-window >= 2, --window >= 2 and --windows >= 0, got {args.train_window}, "
-                         f"{args.window} and {args.windows}")
-    name, body = read_text(args.text)
+    check_windows(args.window, args.windows, args.train_window)
+    read_text(args.text)  # a missing or unreadable text fails before the model loads
     check_output(args.output, source=local_source(args.model))
     checkpoint = checkpoint_dir(args.output)
     if args.resume and not checkpoint.is_dir():
@@ -109,37 +165,20 @@ def run(args) -> int:
     if info.kind != CAUSAL_LM:
         raise ValueError(f"lowbit qat trains causal language models; {info.name} is an encoder")
     keep = parse_keep_dtype(args.keep_dtype) if args.keep_dtype else source_dtype(info.source)
-    # the scored tokens are windows * window; training windows start at the first whole one after them
-    skip = math.ceil(args.windows * args.window / args.train_window)
-    windows = calibration_windows(tokenizer, body, name, window=args.train_window, scored=skip, count=None)
-    if len(windows) < MIN_TRAIN_WINDOWS:
-        raise ValueError(f"text {name} holds {len(windows)} windows of {args.train_window} tokens after the "
-                         f"{args.windows} scored ones; training needs at least {MIN_TRAIN_WINDOWS}: use a longer "
-                         "--text or fewer --windows")
-    teacher = copy.deepcopy(model) if settings.loss == "kl" else None
-    start = time.perf_counter()
-    seeds = gptq_start(model, tokenizer, config, args) if args.init == "gptq" else None
-    prepare(model, config, init="mse" if seeds else args.init, start=seeds)
-    run_id = {"model": info.file_hash, "config": as_plan(config).to_dict(), "init": args.init,
-              "text": name, "train_window": args.train_window, "skip": skip}
+    data = training_text(tokenizer, args.text, window=args.window, scored=args.windows, train_window=args.train_window)
     try:
-        losses = train(model, teacher, windows, settings, checkpoint=checkpoint, resume=args.resume, run=run_id)
+        report, record = train_quantized(model, tokenizer, info.file_hash, config, settings, data, init=args.init,
+                                         checkpoint=checkpoint, resume=args.resume)
     except KeyboardInterrupt:
         if checkpoint.is_dir():
             print(f"lowbit qat: the checkpoint {checkpoint} is kept: the same command with --resume continues it",
                   file=sys.stderr)
         raise
-    report = convert(model, config)
-    seconds = time.perf_counter() - start
-    qat = {"steps": settings.steps, "lr": settings.lr, "scale_lr": settings.scale_lr, "loss": settings.loss,
-           "init": args.init, "train_window": args.train_window, "windows": len(windows), "seconds": seconds,
-           "first_loss": losses[0], "last_loss": losses[-1]}
     label = f"{config.label} qat"
-    save_quantized(model, tokenizer, info, report, config, args.output, keep_dtype=keep, extra={"qat": qat},
+    save_quantized(model, tokenizer, info, report, config, args.output, keep_dtype=keep, extra={"qat": record},
                    label=label)
     shutil.rmtree(checkpoint, ignore_errors=True)
     con.print(f"{label}: {len(report.layers)} layers, {report.bits_per_weight:.3f} bits/weight; {settings.steps} "
-              f"steps in {seconds / 60:.1f} min, loss {losses[0]:.4f} -> {losses[-1]:.4f}; wrote {args.output} "
-              f"(score it: lowbit eval {args.output})")
+              f"steps in {record['seconds'] / 60:.1f} min, loss {record['first_loss']:.4f} -> "
+              f"{record['last_loss']:.4f}; wrote {args.output} (score it: lowbit eval {args.output})")
     return 0
-

@@ -91,7 +91,8 @@ def train(student: nn.Module, teacher: nn.Module | None, windows: torch.Tensor, 
     if teacher is not None:
         teacher.eval()
     start, done = time.perf_counter(), len(losses)
-    with progress_bar(settings.steps - done, f"training {settings.steps} steps", enabled=progress) as advance:
+    label = "training" if not done else f"training from step {done + 1}"
+    with progress_bar(settings.steps - done, label, enabled=progress) as advance:
         for step in range(done, settings.steps):
             opt.zero_grad(set_to_none=True)
             loss = step_loss(student, teacher, windows[step % len(windows)], settings.loss)
