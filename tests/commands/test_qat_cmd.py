@@ -53,6 +53,14 @@ def test_qat_can_start_from_searched_steps(tiny_lm_dir, tmp_path, capsys):
     assert meta["qat"]["init"] == "mse"
 
 
+def test_qat_trains_a_hadamard_rotated_layout_from_its_gptq(tiny_lm_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["qat", "--model", str(tiny_lm_dir), "--format", "int4/32+had", *ARGS, "-o", str(out)]) == 0
+    model, _, meta = load_quantized(out)
+    assert meta["config"]["label"] == "int4/32+had qat" and meta["qat"]["init"] == "gptq"
+    assert all(m.signs is not None for m in model.modules() if hasattr(m, "signs"))
+
+
 def test_an_interrupted_qat_resumes_to_the_uninterrupted_model(tiny_lm_dir, tmp_path, capsys, monkeypatch):
     """Ctrl-C after the step-25 checkpoint: no output directory, the checkpoint kept; --resume then writes the
     model an uninterrupted run writes, bit for bit, and removes the checkpoint."""

@@ -23,7 +23,7 @@ def tiny(_tiny):
     return copy.deepcopy(_tiny)
 
 
-@pytest.mark.parametrize("label", ["int3/32", "int2_asym/64", "nf4/32"])
+@pytest.mark.parametrize("label", ["int3/32", "int2_asym/64", "nf4/32", "int4/32+had"])
 def test_converted_model_computes_what_was_trained(tiny, label):
     teacher = copy.deepcopy(tiny)
     layers = prepare(tiny, label)

@@ -18,24 +18,36 @@ from ..tensor import QuantizedTensor
 from .config import QuantConfig
 from .lsq import LSQQuantizer, check_learnable
 from .plan import QuantPlan
+from .rotation import hadamard_block, layer_signs, rotate
 from .surgery import QuantizeReport, as_plan, plan_layers, quantize_model
 
 
 class QATLinear(nn.Module):
-    """``y = x fake_quantize(W)^T + b`` with ``W`` and the quantizer's steps trained; the bias is frozen."""
+    """``y = x fake_quantize(W)^T + b`` with ``W`` and the quantizer's steps trained; the bias is frozen.
+
+    With ``+had`` the trained weight is the rotated ``W Q`` and the input is rotated as ``QuantLinear`` rotates it
+    (``lowbit.nn.rotation``, signs drawn from the layer's ``name``), so the converted layer computes the same."""
 
     def __init__(self, linear: nn.Linear, config: QuantConfig, init: str = "mse",
-                 start: QuantizedTensor | None = None):
+                 start: QuantizedTensor | None = None, name: str = ""):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        # from a quantized start (GPTQ's), training begins at exactly what it computes
-        weight = linear.weight.detach() if start is None else start.dequantize(torch.float32)
+        signs = layer_signs(name, linear.in_features) if config.rotate else None
+        self.register_buffer("signs", signs, persistent=False)
+        self.rotation_block = hadamard_block(linear.in_features) if config.rotate else None
+        weight = linear.weight.detach().float()
+        if start is not None:  # from a quantized start (GPTQ's, rotated with +had), training begins at what it computes
+            weight = start.dequantize(torch.float32)
+        elif signs is not None:
+            weight = rotate(weight, signs, self.rotation_block)
         self.weight = nn.Parameter(weight.float().clone())
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         self.quantizer = LSQQuantizer(self.weight, config.format, config.block_size, init=init, start=start)
         self.config = config
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.signs is not None:
+            x = rotate(x, self.signs, self.rotation_block)
         return F.linear(x, self.quantizer(self.weight).to(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
@@ -48,7 +60,7 @@ def check_qat_config(config: QuantConfig) -> None:
     check_learnable(get_format(config.format))
     others = {"+dq (it would re-round the trained scales)": config.double_quant,
               "a scale search (training chooses the scales)": config.search is not None,
-              f"+{config.method}": config.method is not None, "+had": config.rotate, "+cb": config.refit_codebook,
+              f"+{config.method}": config.method is not None, "+cb": config.refit_codebook,
               "+awq": config.awq, "LLM.int8() (its activations are rounded at run time)":
                   config.outlier_threshold is not None}
     given = [what for what, present in others.items() if present]
@@ -69,7 +81,7 @@ def prepare(model: nn.Module, config: QuantConfig | QuantPlan | str, *, init: st
         p.requires_grad_(False)
     layers = {}
     for names, linear, layer_config, _ in targets:
-        qat = QATLinear(linear, layer_config, init=init, start=(start or {}).get(names[0]))
+        qat = QATLinear(linear, layer_config, init=init, start=(start or {}).get(names[0]), name=names[0])
         for name in names:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, qat)
