@@ -47,7 +47,7 @@ on a copy of the model, scored like any row, and printed in a second table besid
 and ``+gptq@amse`` rows (added to the formats scored): format, method, steps, minutes, KL, perplexity, same top-1.
 
 Time on 2 cores: the default run takes about 80 minutes without the QAT rows (the sensitivity table 20 minutes, each
-GPTQ row and each budget plan 6 minutes) and about 90 more with them (each QAT row 25-30 minutes);
+GPTQ row and each budget plan 6 minutes) and about two hours more with them (each QAT row 25-30 minutes);
 ``--sensitivity`` saves the first, ``--formats``, ``--budgets`` and ``--qat`` pick rows.
 
 The llama.cpp rows are fixed figures, measured separately with llama.cpp's ``perplexity
@@ -94,7 +94,7 @@ BUDGET_CANDIDATES = ("nf3/64+dq+gptq@amse", "nf4/64+dq+gptq@amse", "nf4/32+dq+gp
                      "nf6/64+dq@amse", "int8/64+dq")
 
 # Issue 12's table: quantization-aware training against round to nearest and GPTQ at the same bits.
-DEFAULT_QAT = ("int3/64", "int4/64", "int2/64")
+DEFAULT_QAT = ("int3/64", "int4/64", "int4/64+had", "int2/64")
 PTQ_BEST = "+gptq@amse"  # the best post-training method of the earlier issues at these bits
 
 # The project's anchors on the default protocol: what the peer rows must reproduce (within ~1%).
@@ -297,7 +297,7 @@ def qat_table(report: dict, labels: list[str]) -> Table:
         table.add_column(header, justify="left" if header in ("format", "method") else "right", no_wrap=True)
     rows = {r["format"]: r for r in report["rows"]}
     for label in labels:
-        for name, method in ((label, "round to nearest"), (label + PTQ_BEST, PTQ_BEST.lstrip("+")),
+        for name, method in ((label, "round to nearest"), (label + PTQ_BEST, PTQ_BEST),
                              (f"{label} qat", "QAT")):
             row = rows.get(name)
             if row is None or "error" in row:

@@ -41,7 +41,8 @@ def add_parser(sub) -> None:
     add_model_arg(p)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--format", metavar="FORMAT[/BLOCK]",
-                      help="a format with a learnable grid, e.g. int3, int4/64, int2, nf4, int4_asym (LSQ+)")
+                      help="a format with a learnable grid, e.g. int3, int4/64, int4/64+had (Hadamard-rotated), int2, "
+                           "nf4, int4_asym (LSQ+)")
     what.add_argument("--plan", metavar="PLAN.json", help="per-layer rules, as `lowbit quantize --plan`")
     p.add_argument("--block-size", type=int, help="weights per block (default: the format's); same as FORMAT/BLOCK")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS,
