@@ -210,10 +210,9 @@ def run(args) -> int:
         labels, skipped = [label.strip() for label in args.formats.split(",") if label.strip()], {}
     qat_configs = [QuantConfig.parse(label.strip()) for label in args.qat.split(",") if label.strip()]
     for config in qat_configs:
-        check_qat_config(config)
-        labels += [config.label, config.label + PTQ_BEST]  # the rows QAT is measured against
+        check_qat_config(config)  # a label QAT cannot train fails now
     configs = list({c.label: c for c in map(QuantConfig.parse, labels)}.values())  # a bad label fails now
-    if not configs and args.no_peers:
+    if not configs and args.no_peers and not qat_configs:
         raise ValueError("nothing to score: --no-peers and --formats names no format")
     args.window = DEFAULT_WINDOW
     check_protocol_args(args)
@@ -238,6 +237,9 @@ def run(args) -> int:
 
     budgets = budget_plans(args, model, tokenizer, info, con) if causal else {}
     configs += [chosen.plan for chosen in budgets.values()]
+    qat_configs = qat_configs if causal else []  # lowbit qat trains causal LMs
+    compared = [QuantConfig.parse(c.label + suffix) for c in qat_configs for suffix in ("", PTQ_BEST)]
+    configs = list({c.label: c for c in configs + compared}.values())  # the rows QAT is measured against
     predicted = {chosen.plan.label: chosen.predicted_kl for chosen in budgets.values()}
 
     def save_named(lowbit_report: dict) -> None:
@@ -249,7 +251,6 @@ def run(args) -> int:
     # lowbit's rows first: compare computes (or reads) the cached reference, the peers then read it
     if configs:
         save_named(compare(model, tokenizer, info, configs, text=args.text, windows=args.windows, on_result=save_named))
-    qat_configs = qat_configs if causal else []
     if not args.no_peers or qat_configs:
         evaluation = Evaluation(info, tokenizer, lambda: model, text=args.text, windows=args.windows,
                                 **model_limits(model))
@@ -418,7 +419,7 @@ def main() -> int:
                     help="formats to train with lowbit qat and score ('' for none; default %(default)s)")
     ap.add_argument("--qat-steps", type=int, default=qat_cmd.DEFAULT_STEPS, help="training steps of each QAT row "
                     "(default %(default)s, lowbit qat's)")
-    ap.add_argument("--qat-init", default=qat_cmd.DEFAULT_INIT, choices=("mse", "rule", "lsq", "gptq"),
+    ap.add_argument("--qat-init", default=qat_cmd.DEFAULT_INIT, choices=qat_cmd.INIT_CHOICES,
                     help="lowbit qat --init of each QAT row (default %(default)s)")
     args = ap.parse_args()
     try:

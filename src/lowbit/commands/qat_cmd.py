@@ -32,6 +32,7 @@ from .common import add_keep_dtype_arg, add_model_arg, add_selection_args, conso
 DEFAULT_STEPS = 250
 TRAIN_WINDOW = 256  # tokens per step: half the scored window, twice the steps in the same time
 DEFAULT_LR, DEFAULT_SCALE_LR = 1e-5, 1e-4
+INIT_CHOICES = (*INITS, "gptq")  # gptq: GPTQ's rounding as the start (gptq_start)
 DEFAULT_INIT = "gptq"  # int4/64: 0.0660 KL from GPTQ's start against 0.1376 from @mse's (300 steps each)
 MIN_TRAIN_WINDOWS = 4  # fewer windows after the scored ones is too little text to train on
 
@@ -53,7 +54,7 @@ def add_parser(sub) -> None:
                    help=f"Adam step of the quantizers' steps and offsets (default {DEFAULT_SCALE_LR:g})")
     p.add_argument("--loss", choices=LOSSES, default="kl",
                    help="kl: distil the original model's next-token distribution (default); ce: the text's tokens")
-    p.add_argument("--init", choices=(*INITS, "gptq"), default=DEFAULT_INIT,
+    p.add_argument("--init", choices=INIT_CHOICES, default=DEFAULT_INIT,
                    help=f"where training starts (default {DEFAULT_INIT}): gptq (GPTQ's rounding with @amse on "
                         f"{GPTQ_CALIBRATE} windows after the scored ones: weights and steps), mse (searched steps), "
                         "rule (the format's own steps), lsq (2 mean|w| / sqrt(Qp))")
@@ -89,18 +90,16 @@ def gptq_start(model, tokenizer, config, text: str | None, window: int, scored: 
 
 @dataclass(frozen=True)
 class TrainingText:
-    """The training windows: every whole ``train_window``-token window after the ``scored`` ones of ``window``."""
+    """The training windows: every whole ``train_window``-token window after the ``scored`` ones of ``window``
+    (``skip`` training windows cover those)."""
 
     text: str | None
     name: str
     window: int
     scored: int
     train_window: int
+    skip: int
     windows: torch.Tensor
-
-    @property
-    def skip(self) -> int:
-        return math.ceil(self.scored * self.window / self.train_window)
 
 
 def check_windows(window: int, scored: int, train_window: int) -> None:
@@ -120,7 +119,7 @@ def training_text(tokenizer, text: str | None, *, window: int = DEFAULT_WINDOW, 
         raise ValueError(f"text {name} holds {len(windows)} windows of {train_window} tokens after the {scored} "
                          f"scored ones; training needs at least {MIN_TRAIN_WINDOWS}: use a longer --text or fewer "
                          "--windows")
-    return TrainingText(text, name, window, scored, train_window, windows)
+    return TrainingText(text, name, window, scored, train_window, skip, windows)
 
 
 def train_quantized(model, tokenizer, model_hash: str | None, config, settings: QATSettings, data: TrainingText, *,

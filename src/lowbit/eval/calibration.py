@@ -48,15 +48,12 @@ def calibration_windows(tokenizer, text: str, name: str, *, window: int = DEFAUL
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
     held = ids.numel() // window
     after = held - scored
-    if count is None:
-        if after <= 0:
-            raise ValueError(f"text {name} holds {held} windows of {window} tokens, none after the {scored} scored "
-                             "ones: use a longer --text or fewer --windows")
-        count = after
+    if after <= 0:
+        asked = "" if count is None else f"; asked for {count} calibration windows"
+        raise ValueError(f"text {name} holds {held} windows of {window} tokens, none after the {scored} scored "
+                         f"ones{asked}: use a longer --text or fewer --windows")
+    count = after if count is None else count
     if after < count:
-        if after <= 0:
-            raise ValueError(f"text {name} holds {held} windows of {window} tokens, none after the {scored} scored "
-                             f"ones; asked for {count} calibration windows: use a longer --text or fewer --windows")
         raise ValueError(f"text {name} holds {after} windows of {window} tokens after the {scored} scored ones; "
                          f"asked for {count}: use --calibrate {after} or fewer, or a longer --text")
     return ids[scored * window: (scored + count) * window].view(count, window)
