@@ -64,7 +64,9 @@ def _unsigned_zero_min(data: bytes, name: str) -> bytes:
 
 @settings(max_examples=40, deadline=None)
 @given(arrays(np.float32, st.integers(1, 200), elements=finite),
-       st.sampled_from([f for f in lowbit.formats() if not lowbit.get_format(f).row_blocks]))
+       # a plain cast (fp16) has no scale to bring a large weight into range: tests/formats/test_cast.py
+       st.sampled_from([f for f in lowbit.formats() if not lowbit.get_format(f).row_blocks
+                        and lowbit.get_format(f).family != "cast"]))
 def test_every_blockwise_format_is_finite_and_shaped(x, fmt):
     out = lowbit.quantize(torch.from_numpy(x), fmt).dequantize()
     assert out.shape == x.shape and torch.isfinite(out).all()

@@ -15,6 +15,7 @@ def test_format_names_are_the_documented_ones():
         + ["mxfp4", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp8_e4m3", "mxint8", "nvfp4"]
         + ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q6_k", "ternary"]
         + [f"qq{b}" for b in range(2, 9)] + [f"lloyd{b}" for b in range(2, 9)]  # learned codebooks (issue 8)
+        + ["fp16", "bf16"]  # plain casts (issue 13)
     )
     assert sorted(ALL) == sorted(expected)
 

@@ -1,7 +1,7 @@
 """Number formats. Importing this package registers every grid format once (``lowbit``'s own
 __init__ also imports ``lowbit.gguf``, which registers the GGUF block formats)."""
 
-from . import codebooks, int, learned, minifloat, mx, ternary  # noqa: F401  (registration)
+from . import cast, codebooks, int, learned, minifloat, mx, ternary  # noqa: F401  (registration)
 from .registry import Codec, format_by_id, formats, get_format
 from .spec import FormatSpec
 

@@ -147,6 +147,12 @@ _ANATOMY: dict[str, Anatomy] = {
         "an fp32 absmean gamma = mean|w| per block", "w = level[q] * gamma",
         (Field("codes", CODES, "q + 1, q = round(w / gamma) clamped to -1..1, " + _PACKED, per="element"),
          Field("scales", SCALE, "fp32 gamma = mean|w|"))),
+    "cast": Anatomy(
+        "none: every weight is stored alone", "w = the stored {dtype} value",
+        (Field("values", CODES, "the weight cast to {dtype}: nearest, ties to even (Inf past its range)",
+               per="element"),),
+        fixed_by="a plain cast has nothing per block",
+        no_double_quant="there are no scales to compress"),
     "mx": Anatomy(
         "one 8-bit E8M0 power-of-two scale X per block", "w = level[q] * X",
         (Field("codes", CODES, "{element} code q of w / X, nearest, ties to even, saturating; " + _PACKED,

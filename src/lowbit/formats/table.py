@@ -56,6 +56,9 @@ FACTS: tuple[Fact, ...] = (
     Fact("q4_k", 56, "gguf_q4_k", 4, 256, block_bytes=144, gguf_type="Q4_K"),
     Fact("q6_k", 57, "gguf_q6_k", 6, 256, block_bytes=210, gguf_type="Q6_K"),
     Fact("ternary", 61, "ternary", 2, 64),
+    # plain casts (no scales): each weight is a block of one
+    Fact("fp16", 91, "cast", 16, 1),
+    Fact("bf16", 92, "cast", 16, 1),
     *_series("qq", 72, "learned"),  # ids 72..78: quantile codebooks
     *_series("lloyd", 82, "learned"),  # ids 82..88: Lloyd-Max codebooks
 )

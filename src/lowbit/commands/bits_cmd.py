@@ -1,0 +1,39 @@
+"""`lowbit bits VALUE`: how one number is stored in each format, field by field, and what it loses."""
+
+from __future__ import annotations
+
+from ..report.bits import DEFAULT_BITS_FORMATS, bits_table, parse_value, store
+from .common import console
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bits", help="show how one number is stored in each format: sign, exponent and "
+                                    "mantissa fields (or code and level), the stored value and its error")
+    p.add_argument("value", metavar="VALUE",
+                   help="a decimal (3.1415926535, -0.5), a ratio (1/3), nan or inf; a negative value with an "
+                        "exponent after --: lowbit bits -- -1e-3")
+    p.add_argument("--formats", default=",".join(DEFAULT_BITS_FORMATS),
+                   help="comma-separated formats (default: %(default)s); any of fp32, tf32, bf16, fp16, the fp8 "
+                        "and fp4_e2m1 elements, and formats with one level table (nf4, int4, bnb_fp4, ...)")
+    p.add_argument("--scale", default="1", metavar="S",
+                   help="the block scale a low-bit element is relative to (VALUE / S is rounded, then times S); "
+                        "default 1. The reference floats fp32, tf32, bf16, fp16 take none")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    value = parse_value(args.value)
+    scale = parse_value(args.scale)
+    if isinstance(scale, float) or scale <= 0:
+        raise ValueError(f"--scale must be a positive finite number, got {args.scale!r}")
+    names = [n.strip() for n in args.formats.split(",") if n.strip()]
+    if not names:
+        raise ValueError("--formats names no format")
+    negative_zero = args.value.strip().startswith("-")
+    rows = [store(value, name, scale=scale, negative_zero=negative_zero) for name in names]
+    con = console()
+    con.print(bits_table(args.value.strip(), value, rows, scale))
+    for r in rows:
+        if r.note:
+            con.print(f"{r.format}: {r.note}")
+    return 0

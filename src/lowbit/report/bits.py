@@ -1,0 +1,171 @@
+"""How one number is stored in each format (`lowbit bits`), and the range facts of the float formats.
+
+A float format's row shows its sign, exponent and mantissa fields as bits, what they decode
+to, the stored value and its error; a codebook or integer format's row shows the code and
+the level it picks. The rounding of floats is ``lowbit.formats.floats.round_value`` (exact);
+a grid format's is its own codec's ``encode``, as the quantizer runs it (in float32).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+from rich.table import Table
+from rich.text import Text
+
+from ..formats.floats import FLOATS, REFERENCE_FLOATS, SATURATE, TO_INF, FloatFormat, round_value
+from ..formats.registry import GridCodec, codec_for, get_format
+
+DEFAULT_BITS_FORMATS = ("fp32", "tf32", "bf16", "fp16", "fp8_e4m3fn", "fp8_e5m2", "fp4_e2m1", "nf4")
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One value in one format: the fields as text, the stored value and a note."""
+
+    format: str
+    sign: str
+    exponent: str
+    mantissa: str
+    code: str
+    decoded: str  # what the fields mean, e.g. "+1.5703125 x 2^1" or "level[15] x 1"
+    value: float
+    note: str = ""
+
+
+def parse_value(text: str) -> Fraction | float:
+    """A decimal (``3.1415926535``, ``-1e-3``), a ratio (``1/3``), or nan / inf: exact where finite."""
+    key = text.strip().lower().lstrip("+")
+    if key in ("nan", "-nan"):
+        return math.nan
+    if key in ("inf", "infinity", "-inf", "-infinity"):
+        return -math.inf if key.startswith("-") else math.inf
+    try:
+        return Fraction(text.strip())
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"cannot read {text!r} as a number: give a decimal such as 3.1415926535, -1e-3 or 1/3, "
+                         "or nan, inf, -inf") from None
+
+
+def store(value: Fraction | float, name: str, *, scale: Fraction = Fraction(1), negative_zero: bool = False) -> Stored:
+    """``value`` as ``name`` stores it. ``scale``: the block scale a low-bit element is relative to
+    (the value is divided by it, rounded, and multiplied back); the reference floats take none."""
+    if name in FLOATS:
+        f = FLOATS[name]
+        reference = f in REFERENCE_FLOATS
+        s = Fraction(1) if reference else scale
+        x = value if isinstance(value, float) else value / s
+        return _float_row(f, x, s, negative_zero)
+    spec = get_format(name)
+    codec = codec_for(spec)
+    if not issubclass(codec, GridCodec) or spec.values is None or codec.SCALE_PARTS != ("scales",):
+        raise ValueError(f"lowbit bits explains the float formats ({', '.join(FLOATS)}) and formats with one level "
+                         f"table and one block scale (nf4, int4, bnb_fp4, ...); {name} is not one of them")
+    return _grid_row(spec, codec, value, scale)
+
+
+def _float_row(f: FloatFormat, x: Fraction | float, scale: Fraction, negative_zero: bool) -> Stored:
+    r = round_value(x, f, negative_zero=negative_zero)
+    e_bits, m_bits, bias = f.layout.exp_bits, f.layout.man_bits, f.layout.bias
+    exponent = format(r.exponent, f"0{e_bits}b") if e_bits else "-"
+    mantissa = format(r.mantissa, f"0{m_bits}b") if m_bits else "-"
+    sign = "-" if r.sign else "+"
+    if math.isnan(r.value) or math.isinf(r.value):
+        decoded = "NaN" if math.isnan(r.value) else f"{sign}Inf"
+        exponent += " (all ones)"
+    elif r.exponent == 0:  # subnormal (or zero): 0.m x 2^(1 - bias)
+        decoded = f"{sign}{Fraction(r.mantissa, 1 << m_bits) if m_bits else 0} x 2^{1 - bias} (subnormal)"
+        decoded = decoded if r.mantissa else f"{sign}0"
+        exponent += f" = 0 (subnormal: 2^{1 - bias})" if r.mantissa else ""
+    else:
+        decoded = f"{sign}{_exact(1 + Fraction(r.mantissa, 1 << m_bits))} x 2^{r.exponent - bias}"
+        exponent += f" = {r.exponent} (2^{r.exponent - bias})"
+    value = r.value * float(scale) if math.isfinite(r.value) else r.value
+    if scale != 1:
+        decoded += f" x scale {float(scale):g}"
+    note = _overflow_note(f) if r.overflowed else ""
+    if isinstance(x, float) and math.isnan(x) and f.overflow == SATURATE:
+        note = "no NaN code: a cast gives -0 (ml_dtypes)"
+    return Stored(f.name, str(r.sign), exponent, mantissa, f"0x{r.code(f):0{(f.bits + 3) // 4}x}", decoded, value,
+                  note)
+
+
+def _overflow_note(f: FloatFormat) -> str:
+    top = f"{float(f.max_finite):g}"
+    if f.overflow == TO_INF:
+        return f"past its largest finite value {top}: a cast gives Inf"
+    if f.overflow == SATURATE:
+        return f"no Inf or NaN codes: saturates at {top}"
+    return (f"no Inf: a non-saturating cast gives NaN (ml_dtypes, OCP OFP8); a saturating one gives {top} "
+            "(torch's cast, lowbit's block quantizer)")
+
+
+def _grid_row(spec, codec, value: Fraction | float, scale: Fraction) -> Stored:
+    if isinstance(value, float):  # nan or inf
+        return Stored(spec.name, "", "", "", "-", "-", math.nan,
+                      f"{spec.name} has no code for {value}: the quantizer refuses non-finite weights")
+    s = torch.tensor([float(scale)], dtype=torch.float32)
+    block = torch.tensor([[float(value)]], dtype=torch.float32)
+    code = codec.encode(spec, block, {"scales": s})
+    stored = float(codec.decode(spec, code, {"scales": s})[0, 0])
+    c = int(code[0, 0])
+    level = spec.values[c]
+    top = max(abs(v) for v in spec.values if math.isfinite(v))
+    note = f"past the largest level {top:g} x scale: clamped" if abs(float(value) / float(scale)) > top else ""
+    return Stored(spec.name, "", "", "", f"{c:0{spec.bits}b} = {c}", f"level[{c}] = {level:.9g} x scale "
+                  f"{float(scale):g}", stored, note)
+
+
+def _exact(x: Fraction, limit: int = 12) -> str:
+    """A dyadic fraction as its exact decimal (1 + m / 2^M always has one), cut after ``limit`` digits."""
+    whole, rest = divmod(x.numerator, x.denominator)
+    digits = []
+    while rest and len(digits) < limit:
+        rest *= 10
+        d, rest = divmod(rest, x.denominator)
+        digits.append(str(d))
+    return f"{whole}.{''.join(digits)}{'...' if rest else ''}" if digits else f"{whole}"
+
+
+def error_text(stored: float, value: Fraction | float) -> tuple[str, str]:
+    """(absolute, relative) error of ``stored`` against the exact ``value``."""
+    if isinstance(value, float) or not math.isfinite(stored):
+        same = isinstance(value, float) and (stored == value or (math.isnan(stored) and math.isnan(value)))
+        return ("0", "0") if same else ("-", "-")
+    err = abs(Fraction(stored) - value)
+    rel = f"{float(err / abs(value)):.3g}" if value else ("0" if not err else "-")
+    return f"{float(err):.3g}", rel
+
+
+def bits_table(text: str, value: Fraction | float, rows: list[Stored], scale: Fraction) -> Table:
+    shown = f"{text} (= {float(value):.17g})" if "/" in text and not isinstance(value, float) else text
+    table = Table(title=f"{shown} in each format", caption=Text(
+        "stored: what the fields decode to; errors against the exact input. Floats round to nearest, ties to even."
+        + (f" Low-bit elements are relative to a block scale of {float(scale):g} (--scale)." if scale != 1 else
+           " Low-bit elements are shown with a block scale of 1 (--scale sets one).")), caption_justify="left")
+    for col, justify in [("format", "left"), ("sign", "center"), ("exponent", "left"), ("mantissa", "left"),
+                         ("code", "left"), ("decoded", "left"), ("stored", "right"), ("abs error", "right"),
+                         ("rel error", "right")]:
+        table.add_column(col, justify=justify, overflow="fold")
+    for r in rows:
+        abs_err, rel_err = error_text(r.value, value)
+        table.add_row(r.format, r.sign, r.exponent, r.mantissa, r.code, Text(r.decoded), f"{r.value:.9g}",
+                      abs_err, rel_err)
+    return table
+
+
+
+def float_facts_table(formats: tuple[FloatFormat, ...] = REFERENCE_FLOATS, title: str | None = None) -> Table:
+    """Bits, range, smallest normal and subnormal, and machine epsilon of each float format."""
+    table = Table(title=title or "full-precision reference formats (what the low-bit formats are measured against)")
+    for col in ("format", "bits", "sign/exp/mantissa", "largest finite", "smallest normal", "smallest subnormal",
+                "epsilon", "past the range"):
+        table.add_column(col, justify="left" if col in ("format", "sign/exp/mantissa", "past the range") else "right")
+    for f in formats:
+        table.add_row(f.name, str(f.bits), f"1/{f.layout.exp_bits}/{f.layout.man_bits}", f"{float(f.max_finite):.6g}",
+                      f"{float(f.smallest_normal):.6g}", f"{float(f.smallest_subnormal):.6g}",
+                      f"{float(f.epsilon):.6g}", {"inf": "Inf", "nan": "NaN", "saturate": "saturates"}[f.overflow])
+    return table

@@ -1,0 +1,65 @@
+"""`lowbit bits VALUE`: fields, stored values and errors; bad input in one line."""
+
+import re
+
+import pytest
+
+from lowbit.cli import main
+
+
+def _rows(out: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.split("│")[1:-1]]
+        if cells and cells[0]:
+            rows[cells[0]] = cells
+    return rows
+
+
+def test_pi_walk_through(capsys):
+    assert main(["bits", "3.1415926535"]) == 0
+    rows = _rows(capsys.readouterr().out)
+    stored = {name: cells[6] for name, cells in rows.items()}
+    assert stored["fp32"] == "3.14159274" and stored["bf16"] == stored["fp16"] == stored["tf32"] == "3.140625"
+    assert stored["fp8_e4m3fn"] == "3.25" and stored["fp8_e5m2"] == "3" and stored["fp4_e2m1"] == "3"
+    assert rows["fp32"][4] == "0x40490fdb" and rows["bf16"][4] == "0x4049" and rows["fp16"][4] == "0x4248"
+    assert rows["fp16"][2].startswith("10000 = 16 (2^1)") and rows["fp16"][3] == "1001001000"
+    assert rows["bf16"][7] == "0.000968" and rows["bf16"][8] == "0.000308"
+    assert rows["nf4"][4] == "1111 = 15" and rows["nf4"][6] == "1"  # scale 1: past the top level, clamped
+
+
+def test_codebook_level_and_scale(capsys):
+    assert main(["bits", "0.35", "--formats", "nf4,int4", "--scale", "0.5"]) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert rows["nf4"][4] == "1110 = 14" and rows["nf4"][6] == "0.361478418"  # 0.7 -> level 0.7229568 (bnb NF4)
+    assert rows["int4"][4] == "1000 = 8" and rows["int4"][6] == "0.5"  # 0.7 rounds to q 1 of +-7
+
+
+@pytest.mark.parametrize("value, expect", [
+    ("nan", {"fp32": "nan", "fp8_e4m3fn": "nan", "fp4_e2m1": "-0"}),
+    ("inf", {"fp32": "inf", "fp16": "inf", "fp8_e4m3fn": "nan", "fp8_e5m2": "inf", "fp4_e2m1": "6"}),
+    ("1e6", {"fp32": "1000000", "bf16": "999424", "fp16": "inf", "fp8_e4m3fn": "nan", "fp4_e2m1": "6"}),
+    ("-1e-50", {"fp32": "-0", "fp16": "-0"}),
+])
+def test_specials_and_overflow_are_shown_not_errors(value, expect, capsys):
+    assert main(["bits", "--", value]) == 0  # "--": argparse reads -1e-50 as an option
+    out = capsys.readouterr().out
+    rows = _rows(out)
+    for name, stored in expect.items():
+        assert rows[name][6] == stored, (name, rows[name])
+    if value in ("inf", "1e6"):
+        assert re.search(r"fp8_e4m3fn: no Inf: a non-saturating cast gives NaN .* gives 448", " ".join(out.split()))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bits", "abc"], "cannot read 'abc' as a number"),
+    (["bits", "1/0"], "cannot read '1/0' as a number"),
+    (["bits", "1", "--formats", "q4_0"], "q4_0 is not one of them"),
+    (["bits", "1", "--formats", "nf44"], "unknown format 'nf44'"),
+    (["bits", "1", "--scale", "0"], "--scale must be a positive finite number"),
+    (["bits", "1", "--formats", ","], "--formats names no format"),
+])
+def test_bad_input_is_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
