@@ -15,19 +15,28 @@ bitsandbytes 0.50 (nn/modules.py ``Linear4bit._save_to_state_dict``, functional.
       dtype, shape (and nested_blocksize, nested_dtype, nested_offset with double quant)
 
 and transformers finds the layout from config.json's ``quantization_config``.
+
+Blocks run over the flattened weight, across rows, as ``quantize_4bit`` and the CUDA kernels have
+them. bitsandbytes 0.50.2's CPU kernels on a CPU with AVX-512 instead restart the blocks on every
+row: ``dequantizeBlockwise4bitCpu`` (csrc/cpu_ops.cpp) indexes absmax by ``row * (n / blocksize)``,
+and ``Linear4bit.forward``'s AVX512-BF16 repacking (functional.py ``_convert_weight_packed_for_cpu``)
+reshapes absmax to ``(rows, n // blocksize)``. A layer whose rows do not hold whole blocks (576
+wide in blocks of 256) is therefore read with the wrong scales there, or fails in inference, whoever
+wrote it; export_bnb warns naming such layers (the file itself is what bitsandbytes writes).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import ModelLoadError
+from ..errors import LowbitWarning, ModelLoadError
 from ..formats.registry import formats, get_format
 from ..nn.linear import QuantLinear
 from ..scaling.double_quant import DQ_BLOCK, dynamic_map
@@ -82,7 +91,8 @@ def quant_state(name: str, q: QuantizedTensor) -> dict[str, torch.Tensor]:
 
 def export_bnb(model: nn.Module, tokenizer, out: str | Path) -> dict[str, int]:
     """Write ``model`` to the directory ``out`` (which must not exist) in bitsandbytes' layout; returns
-    the number of layers per bitsandbytes quant type (and "float" for linear layers left unquantized)."""
+    the number of layers per bitsandbytes quant type (and "float" for linear layers left unquantized).
+    Warns (LowbitWarning) naming the layers whose rows do not hold whole blocks (module docstring)."""
     check_exportable(model)
     tensors: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
@@ -97,6 +107,13 @@ def export_bnb(model: nn.Module, tokenizer, out: str | Path) -> dict[str, int]:
             counts["float"] = counts.get("float", 0) + 1
     if not counts.keys() - {"float"}:
         raise ExportError("the model has no 4-bit layer to write in bitsandbytes' layout")
+    split = [f"{name} ({m.qweight.shape[-1]} wide, blocks of {m.qweight.block_size})"
+             for name, m in model.named_modules()
+             if isinstance(m, QuantLinear) and m.qweight.shape[-1] % m.qweight.block_size]
+    if split:  # see the module docstring
+        warnings.warn(f"{len(split)} layer(s) have rows that do not hold whole blocks: {layer_list(split)}; "
+                      "bitsandbytes 0.50's CPU kernels on AVX-512 CPUs read them with the wrong scales (or fail "
+                      "in inference); CUDA and CPUs without AVX-512 read them right", LowbitWarning, stacklevel=2)
     seen: set[tuple] = set()
     for key, t in model.state_dict().items():  # a QuantLinear's state is its bias alone
         where = (t.data_ptr(), t.numel())  # a tied tensor once: transformers ties it again from the config
