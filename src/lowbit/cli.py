@@ -10,6 +10,7 @@ from contextlib import contextmanager
 
 from . import __version__
 from .commands import (
+    bits_cmd,
     cache_cmd,
     compare_cmd,
     errors_cmd,
@@ -18,9 +19,12 @@ from .commands import (
     formats_cmd,
     generate_cmd,
     import_cmd,
+    memory_cmd,
     outliers_cmd,
+    plot_cmd,
     qat_cmd,
     quantize_cmd,
+    report_cmd,
     sensitivity_cmd,
 )
 
@@ -38,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lowbit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for command in (compare_cmd, quantize_cmd, qat_cmd, eval_cmd, generate_cmd, export_cmd, import_cmd,
-                    sensitivity_cmd, outliers_cmd, errors_cmd, formats_cmd, cache_cmd):
+                    sensitivity_cmd, outliers_cmd, errors_cmd, formats_cmd, bits_cmd, plot_cmd, report_cmd,
+                    memory_cmd, cache_cmd):
         command.add_parser(sub)
     return parser
 

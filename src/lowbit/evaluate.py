@@ -9,10 +9,13 @@ speed, scoring uses each QuantLinear's dequantized weight kept in memory
 from __future__ import annotations
 
 import copy
+import importlib.metadata
+import platform
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict
+from datetime import datetime, timezone
 
 import torch
 from torch import nn
@@ -261,11 +264,24 @@ def _score(evaluation: Evaluation, quantized: nn.Module, label: str, double_quan
 def _report(info: ModelInfo, evaluation: Evaluation, reference_bytes: int, results: list[dict]) -> dict:
     return {
         "lowbit_version": __version__,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": library_versions(),
         "model": asdict(info),
         "protocol": evaluation.protocol_dict,
         "reference": {"weight_bytes": reference_bytes, **evaluation.reference_scores()},
         "results": results,
     }
+
+
+def library_versions() -> dict[str, str]:
+    """The versions a result depends on: Python, torch, transformers, numpy and the model loaders'."""
+    versions = {"python": platform.python_version(), "lowbit": __version__}
+    for name in ("torch", "transformers", "numpy", "safetensors", "gguf"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
 
 
 def materialize(model: nn.Module) -> nn.Module:

@@ -105,6 +105,8 @@ def check_writable_file(path: str) -> None:
     p = Path(path)
     if p.is_dir():
         raise IsADirectoryError(f"is a directory, not a file: {p}")
+    if p.exists() and not p.is_file():  # /dev/null, a FIFO: the atomic rename would replace it
+        raise ValueError(f"not a regular file: {p} (lowbit writes files by renaming a new one over the name)")
     check_can_create_in(p.parent)  # Path("x").parent is Path(".")
 
 

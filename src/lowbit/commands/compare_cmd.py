@@ -6,6 +6,7 @@ from ..evaluate import DEFAULT_FORMATS, compare
 from ..io.atomic import write_json
 from ..nn.keep_dtype import parse_keep_dtype
 from ..nn.plan import QuantPlan
+from ..report.html import write_report
 from ..report.table import compare_table, layer_notes
 from .common import (
     add_calibrate_arg,
@@ -20,6 +21,7 @@ from .common import (
     parse_configs,
     source_dtype,
 )
+from .report_cmd import add_peers_arg, check_report_args
 
 
 def add_parser(sub) -> None:
@@ -34,6 +36,10 @@ def add_parser(sub) -> None:
     add_keep_dtype_arg(p)
     add_protocol_args(p)
     add_calibrate_arg(p)
+    p.add_argument("--report", metavar="FILE.html",
+                   help="also write a self-contained HTML report: the table, figures, protocol, model sha256, "
+                        "library versions and date")
+    add_peers_arg(p)
     p.set_defaults(run=run)
 
 
@@ -47,6 +53,9 @@ def run(args) -> int:
     check_calibrate_arg(args, configs)
     keep = parse_keep_dtype(args.keep_dtype) if args.keep_dtype else None
     check_protocol_args(args)
+    if args.peers and not args.report:
+        raise ValueError("--peers is drawn in the --report figures: add --report FILE.html")
+    peers = check_report_args(args, args.report) if args.report else None
     con = console()
     model, tokenizer, info = load(args.model, con)
     if keep is None:
@@ -60,4 +69,7 @@ def run(args) -> int:
         con.print(line)
     if args.json:
         con.print(f"wrote {args.json}")
+    if args.report:
+        write_report(report, args.report, peers=peers)
+        con.print(f"wrote {args.report}")
     return 1 if any("error" in r for r in report["results"]) else 0

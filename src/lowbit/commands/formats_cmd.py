@@ -45,11 +45,32 @@ def add_parser(sub) -> None:
     p = sub.add_parser("formats", help="list formats, or explain one label: its block layout and element levels")
     p.add_argument("label", nargs="?", metavar="FORMAT[/BLOCK][+dq]",
                    help="a format label, e.g. nf4, q4_0 or nf4/128+dq")
+    p.add_argument("--plot", metavar="F.png",
+                   help="also draw the label's element levels (.png, .svg or .pdf; NormalFloat with the normal "
+                        "density its levels are quantiles of)")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
-    console().print(format_table() if args.label is None else explain(QuantConfig.parse(args.label)))
+    con = console()
+    config = None if args.label is None else QuantConfig.parse(args.label)
+    if args.plot is not None:  # every problem with --plot before anything is printed
+        if config is None:
+            raise ValueError("--plot draws one format's levels: name it, e.g. `lowbit formats nf4 --plot nf4.png`")
+        from ..report import plots  # matplotlib only inside its drawing functions
+
+        plots.check_suffix(args.plot)
+        spec = get_format(config.format)
+        values = levels(spec)
+        if not values:
+            raise ValueError(f"{spec.name}'s levels are learned per tensor: `lowbit plot levels --formats "
+                             f"{spec.name}` draws those of a model's layer")
+    con.print(format_table() if config is None else explain(config))
+    if args.plot is not None:
+        fig = plots.format_levels({config.label: values}, gaussian=spec.family == "codebook"
+                                  and spec.name.startswith("nf"))
+        plots.save_figure(fig, args.plot)
+        con.print(f"wrote {args.plot}")
     return 0
 
 
@@ -139,7 +160,7 @@ def levels(spec: FormatSpec) -> list[float]:
     if spec.values is not None:
         return list(spec.values)
     a = anatomy(spec)
-    if not a.gguf_block:  # a learned codebook: its levels belong to each tensor, not to the format
+    if not a.gguf_block:  # a learned codebook's levels belong to each tensor; a cast's are every 16-bit float
         return []
     out = []
     for code in range(2**spec.bits):
@@ -161,7 +182,10 @@ def level_table(spec: FormatSpec) -> Table:
     values = levels(spec)
     for code, level in enumerate(values):
         table.add_row(str(code), format(code, f"0{spec.bits}b"), f"{level:.9g}")
-    if not values:
+    if not values and spec.family == "cast":
+        table.caption = (f"every {spec.param('dtype')} value is a level: `lowbit bits VALUE --formats {spec.name}` "
+                         "shows how one value is stored")
+    elif not values:
         table.caption = "the levels are learned per tensor and stored with it (part tensor_codebook)"
     elif len(values) < 2**spec.bits:  # narrow-range ints, ternary
         first, last = len(values), 2**spec.bits - 1

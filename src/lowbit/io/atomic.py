@@ -18,8 +18,14 @@ from safetensors import SafetensorError
 
 @contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yields a temp path beside ``path``; on success it is renamed over ``path``, on error removed."""
+    """Yields a temp path beside ``path``; on success it is renamed over ``path``, on error removed.
+
+    An existing ``path`` that is not a regular file (a device such as /dev/null, a FIFO, a directory)
+    is refused: the rename would replace it, and as root that replaces /dev/null for every program."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise IsADirectoryError(f"is a directory, not a file: {path}") if path.is_dir() else \
+            ValueError(f"not a regular file: {path} (lowbit writes files by renaming a new one over the name)")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:

@@ -24,16 +24,8 @@ _PERFECT = {"kl_mean": 0.0, "kl_median": 0.0, "kl_p99": 0.0, "kl_max": 0.0, "top
 def compare_table(report: dict, width: int | None = None) -> Table:
     """``report``: the dict ``lowbit.evaluate.compare`` returns (also the JSON file). With
     ``width``, low-priority columns are left out until the table fits: numbers are never cut."""
-    protocol = report["protocol"]
-    causal = protocol["kind"] == "causal-lm"
-    columns = _COMMON + (_CAUSAL if causal else _ENCODER)
-    if causal:
-        scope = f"{protocol['windows']} windows x {protocol['window']} tokens of {protocol['text']}"
-    else:
-        scope = f"{protocol['sentences']} paragraphs of {protocol['text']}"
-    title = f"{report['model']['name']}: {scope}"
-    ref = {"format": "reference", "bits_per_weight": 32, **_PERFECT, **report["reference"]}
-    rows = [ref, *report["results"]]
+    columns, rows = table_data(report)
+    title = f"{report['model']['name']}: {scope(report['protocol'])}"
     dropped: list[str] = []
     table = _build(title, columns, rows)
     for header in _DROP_ORDER:
@@ -50,20 +42,35 @@ def compare_table(report: dict, width: int | None = None) -> Table:
     return table
 
 
+def scope(protocol: dict) -> str:
+    """What was scored, in words: "16 windows x 512 tokens of pydoc_data.topics"."""
+    if protocol["kind"] == "causal-lm":
+        return f"{protocol['windows']} windows x {protocol['window']} tokens of {protocol['text']}"
+    return f"{protocol['sentences']} paragraphs of {protocol['text']}"
+
+
+def table_data(report: dict) -> tuple[list[tuple[str, str, str]], list[dict]]:
+    """(columns as (header, key, format spec), rows: the reference first) of a compare report."""
+    causal = report["protocol"]["kind"] == "causal-lm"
+    ref = {"format": "reference", "bits_per_weight": 32, **_PERFECT, **report["reference"]}
+    rows = [ref, *report["results"]]
+    rows = [{**row, "weight_mb": row["weight_bytes"] / _MB} if "weight_bytes" in row else row for row in rows]
+    return _COMMON + (_CAUSAL if causal else _ENCODER), rows
+
+
+def cell(value, spec: str) -> str:
+    if value is None:
+        return "-"
+    return value if isinstance(value, str) else format(value, spec)
+
+
 def _build(title: str, columns: list[tuple[str, str, str]], rows: list[dict]) -> Table:
     table = Table(title=title)
     for header, _, _ in columns:
         table.add_column(header, justify="left" if header == "format" else "right", no_wrap=True)
     for i, row in enumerate(rows):
-        row = {**row, "weight_mb": row["weight_bytes"] / _MB} if "weight_bytes" in row else row
-        table.add_row(*(_cell(row.get(key), spec) for _, key, spec in columns), style="dim" if i == 0 else None)
+        table.add_row(*(cell(row.get(key), spec) for _, key, spec in columns), style="dim" if i == 0 else None)
     return table
-
-
-def _cell(value, spec: str) -> str:
-    if value is None:
-        return "-"
-    return value if isinstance(value, str) else format(value, spec)
 
 
 def _width(table: Table) -> int:

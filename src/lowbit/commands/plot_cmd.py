@@ -1,0 +1,146 @@
+"""`lowbit plot FIGURE`: a figure (PNG, SVG or PDF) of a layer's levels, or of what another command wrote as JSON.
+
+Each figure is drawn by ``lowbit.report.plots`` from the data alone; matplotlib is loaded only here, when a
+figure is drawn. Every input is checked (the JSON's kind, the output's suffix and directory) before a model loads.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+
+from ..io.atomic import check_can_create_in
+from ..report import plot_data, plots  # plots loads matplotlib only inside its drawing functions
+from .common import add_model_arg, console, load
+
+DEFAULT_LAYER = "model.layers.0.mlp.down_proj"
+DEFAULT_LEVEL_FORMATS = "int4,nf4,fp4_e2m1,qq4"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("plot", help="draw a figure: a layer's weights and levels, KL against bits, SQNR per layer, "
+                                    "a plan's formats, outliers per layer",
+                       description="Draw a figure as PNG, SVG or PDF (from the -o file's suffix). `levels` quantizes "
+                                   "one layer of a model; the others read what another lowbit command wrote with "
+                                   "--json.")
+    figures = p.add_subparsers(dest="figure", required=True, metavar="FIGURE")
+
+    levels = figures.add_parser("levels", help="a layer's weight histogram with one block's levels per format")
+    add_model_arg(levels)
+    levels.add_argument("--layer", default=DEFAULT_LAYER, metavar="NAME",
+                        help="the nn.Linear to draw, by name or a dotted tail of it, e.g. layers.0.mlp.down_proj "
+                             "(default: %(default)s)")
+    levels.add_argument("--formats", default=DEFAULT_LEVEL_FORMATS, metavar="LABELS",
+                        help="comma-separated FORMAT[/BLOCK][+dq][@SEARCH] (default: %(default)s)")
+    _output(levels, "levels.png")
+
+    kl = figures.add_parser("kl", help="mean KL against bits per weight, with the Pareto front")
+    kl.add_argument("results", metavar="RESULTS.json",
+                    help="a `lowbit compare --json` report (or a benchmarks/bench_quality.py --json one)")
+    kl.add_argument("--peers", metavar="BENCH.json",
+                    help="a benchmarks/bench_quality.py --json report: its peer and llama.cpp rows are drawn too")
+    _output(kl, "kl.png")
+
+    errors = figures.add_parser("errors", help="a layers x formats heatmap of weight SQNR (dB)")
+    errors.add_argument("report", metavar="ERRORS.json", help="a `lowbit errors --json` report")
+    errors.add_argument("--all", action="store_true", help="one row per layer however many there are (default: "
+                                                           "per layer up to 48 layers, else per layer kind)")
+    _output(errors, "errors.png")
+
+    plan = figures.add_parser("plan", help="each layer's format and bits per weight in a mixed-precision plan")
+    plan.add_argument("plan", metavar="PLAN.json",
+                      help="a plan (`lowbit quantize --plan` file), a quantized model's directory or lowbit.json, "
+                           "or a `lowbit compare --json` report (its row that mixes formats)")
+    plan.add_argument("--sensitivity", metavar="S.json",
+                      help="a `lowbit sensitivity --json` table: each layer's exact stored bits")
+    plan.add_argument("--row", metavar="FORMAT", help="with a compare report: the row to draw")
+    _output(plan, "plan.png")
+
+    outliers = figures.add_parser("outliers", help="outlier input features per layer, systematic ones marked")
+    outliers.add_argument("report", metavar="OUTLIERS.json", help="a `lowbit outliers --json` report")
+    _output(outliers, "outliers.png")
+    p.set_defaults(run=run)
+
+
+def _output(p, default: str) -> None:
+    p.add_argument("-o", "--output", default=default, metavar="FILE",
+                   help="the figure to write: .png, .svg or .pdf (default: %(default)s)")
+
+
+def run(args) -> int:
+    plots.check_suffix(args.output)
+    check_can_create_in(Path(args.output).absolute().parent)
+    if args.figure == "levels":
+        fig = plots.layer_levels(levels_data(args))
+    elif args.figure == "kl":
+        report = read_json(args.results, "kl", ("compare", "bench"))
+        peers = read_json(args.peers, "kl --peers", ("bench",)) if args.peers else None
+        fig = plots.kl_vs_bits(report, peers)
+    elif args.figure == "errors":
+        fig = plots.sqnr_heatmap(read_json(args.report, "errors", ("errors",)), True if args.all else None)
+    elif args.figure == "plan":
+        data = read_json(args.plan, "plan", ("plan", "saved", "compare", "bench", "row"))
+        table = read_json(args.sensitivity, "plan --sensitivity", ("sensitivity",)) if args.sensitivity else None
+        if args.row is not None and plot_data.json_kind(data) not in ("compare", "bench"):
+            raise ValueError(f"--row picks a row of a compare report; {args.plan} is {plot_data.describe(data)}")
+        fig = plots.plan_layers(data, table, args.row)
+    else:
+        fig = plots.outlier_counts(read_json(args.report, "outliers", ("outliers",)))
+    plots.save_figure(fig, args.output)
+    console().print(f"wrote {args.output}")
+    return 0
+
+
+def read_json(path: str, command: str, expected: tuple[str, ...]) -> dict:
+    """The JSON at ``path`` (a directory: its lowbit.json), if it is of an ``expected`` kind; else one line
+    saying what it is."""
+    file = Path(path)
+    if file.is_dir() and (file / "lowbit.json").is_file():
+        file = file / "lowbit.json"
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not JSON ({e})") from None
+    if plot_data.json_kind(data) not in expected:
+        wanted = " or ".join(plot_data.KINDS[k] for k in expected)
+        raise ValueError(f"{path} is {plot_data.describe(data)}; `lowbit plot {command}` reads {wanted}")
+    return data
+
+
+def levels_data(args) -> dict:
+    labels = [label.strip() for label in args.formats.split(",") if label.strip()]
+    if not labels:
+        raise ValueError("--formats names no format")
+    for label in labels:
+        plot_data.level_config(label)  # a bad label fails before the model loads
+    model, _, _ = load(args.model, console())
+    name, linear = find_linear(model, args.layer)
+    return plot_data.layer_levels_data(linear.weight, labels, layer=name)
+
+
+def find_linear(model, wanted: str):
+    """``(name, module)`` of the nn.Linear named ``wanted`` or whose name ends with ``.wanted``; else one error
+    naming the closest layers."""
+    from torch import nn
+
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if wanted in linears:
+        return wanted, linears[wanted]
+    tails = [name for name in linears if name.endswith("." + wanted)]
+    if len(tails) == 1:
+        return tails[0], linears[tails[0]]
+    if tails:
+        raise ValueError(f"--layer {wanted} matches {len(tails)} layers ({', '.join(tails[:4])}"
+                         f"{', ...' if len(tails) > 4 else ''}): give more of the name")
+    other = dict(model.named_modules()).get(wanted)
+    if other is not None:
+        raise ValueError(f"--layer {wanted} is a {type(other).__name__}, not an nn.Linear")
+    close = difflib.get_close_matches(wanted, list(linears), n=4, cutoff=0.4)
+    if not close:
+        close = [name for name in linears if name.split(".")[-1] == wanted.split(".")[-1]][:4] or list(linears)[:4]
+    raise ValueError(f"the model has no nn.Linear named {wanted}; close names: {', '.join(close)}")

@@ -1,0 +1,38 @@
+"""`lowbit report RESULTS.json -o report.html`: the HTML report of saved compare results."""
+
+from __future__ import annotations
+
+from ..report.html import write_report
+from .common import check_writable_file, console
+from .plot_cmd import read_json
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("report", help="write the self-contained HTML report of saved `lowbit compare --json` results")
+    p.add_argument("results", metavar="RESULTS.json", help="a `lowbit compare --json` (or `lowbit eval --json`) file")
+    p.add_argument("-o", "--output", default="report.html", metavar="FILE",
+                   help="the HTML file to write (default %(default)s)")
+    add_peers_arg(p)
+    p.set_defaults(run=run)
+
+
+def add_peers_arg(p) -> None:
+    p.add_argument("--peers", metavar="BENCH.json",
+                   help="a benchmarks/bench_quality.py --json file: its peers (bitsandbytes, hqq, llama.cpp) are "
+                        "drawn beside lowbit's rows in the KL figure")
+
+
+def check_report_args(args, path: str) -> list[dict] | None:
+    """Fail before any work: an HTML path that cannot be written, a --peers file of the wrong kind."""
+    if not path.lower().endswith((".html", ".htm")):
+        raise ValueError(f"{path}: the report is HTML; name the file .html")
+    check_writable_file(path)
+    return read_json(args.peers, "kl --peers", ("bench",)) if args.peers else None
+
+
+def run(args) -> int:
+    peers = check_report_args(args, args.output)
+    report = read_json(args.results, "kl", ("compare",))
+    write_report(report, args.output, peers=peers)
+    console().print(f"wrote {args.output}")
+    return 0

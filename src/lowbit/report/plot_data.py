@@ -1,0 +1,474 @@
+"""What the plots (``lowbit.report.plots``) draw, taken from result JSON, or for levels from one weight tensor.
+
+No matplotlib here: these functions turn what the commands write (``lowbit compare/errors/outliers --json``, a
+plan, ``benchmarks/bench_quality.py --json``) into plain lists, and say what kind of JSON a file holds.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+# kind -> what it is, in the words of an error message
+KINDS = {
+    "compare": "a `lowbit compare --json` report",
+    "bench": "a benchmarks/bench_quality.py --json report",
+    "errors": "a `lowbit errors --json` report",
+    "outliers": "a `lowbit outliers --json` report",
+    "plan": "a per-layer plan (`lowbit quantize --plan` file)",
+    "saved": "a quantized model's lowbit.json",
+    "sensitivity": "a `lowbit sensitivity --json` table",
+    "row": "one result row of a `lowbit compare --json` report",
+}
+
+
+def json_kind(data) -> str | None:
+    """Which of ``KINDS`` ``data`` is (by its keys), or None."""
+    if not isinstance(data, dict):
+        return None
+    if isinstance(data.get("results"), list):
+        return "compare"
+    if isinstance(data.get("rows"), list):
+        return "bench"
+    if "threshold" in data and isinstance(data.get("features"), list):
+        return "outliers"
+    if isinstance(data.get("formats"), list) and isinstance(data.get("layers"), list):
+        return "errors"
+    if isinstance(data.get("rules"), list):
+        return "plan"
+    if "lowbit_layout" in data:
+        return "saved"
+    if "candidates" in data and "anchor" in data:
+        return "sensitivity"
+    if "format" in data and ("bits_per_weight" in data or "error" in data):
+        return "row"
+    return None
+
+
+def describe(data) -> str:
+    kind = json_kind(data)
+    if kind is not None:
+        return KINDS[kind]
+    if isinstance(data, dict):
+        keys = ", ".join(list(data)[:6])
+        return f"a JSON object of no kind lowbit writes (keys: {keys})" if keys else "an empty JSON object"
+    return f"a JSON {type(data).__name__.replace('dict', 'object').replace('list', 'array')}, not an object"
+
+
+# --- KL (or encoder error) against bits -------------------------------------------------------------------------
+
+# (key, axis label, what a point is called in the title), causal LMs first
+METRICS = (("kl_mean", "mean KL divergence to the original (nats, log scale)", "mean KL divergence"),
+           ("cos_dist_mean", "mean cosine distance of embeddings to the original (1 − cos, log scale)",
+            "mean cosine distance"))
+PEER_GROUPS = (("bitsandbytes", "bitsandbytes"), ("hqq", "hqq"), ("gguf", "gguf-py"), ("llama.cpp", "llama.cpp"))
+
+
+@dataclass(frozen=True)
+class Point:
+    label: str
+    bits: float
+    value: float
+    group: str = "lowbit"  # or a peer group of PEER_GROUPS
+
+
+def metric_for(rows: list[dict]) -> tuple[str, str, str]:
+    """``METRICS`` entry of the first metric some row holds (KL for causal LMs, cosine distance for encoders)."""
+    for metric in METRICS:
+        if any(r.get(metric[0]) is not None for r in rows):
+            return metric
+    raise ValueError("no row holds a score (kl_mean, or cos_dist_mean for an encoder): nothing to plot")
+
+
+def result_rows(report) -> list[dict]:
+    """The lowbit rows of a compare report (``results``), of a bench report (its non-peer ``rows``) or a list."""
+    if isinstance(report, list):
+        return report
+    if json_kind(report) == "bench":
+        return [r for r in report["rows"] if not r.get("peer")]
+    if json_kind(report) == "row":
+        return [report]
+    return list(report.get("results") or [])
+
+
+def peer_rows(peers) -> list[dict]:
+    """A bench report's peer rows and llama.cpp rows; of a list of rows, those marked ``peer`` or from llama.cpp
+    (all of them if none is: a list of peers)."""
+    if peers is None:
+        return []
+    if isinstance(peers, dict):
+        peers = list(peers.get("rows") or []) + list(peers.get("llama_cpp") or [])
+    marked = [r for r in peers if r.get("peer") or "llama.cpp" in str(r.get("format"))]
+    return marked if marked else list(peers)
+
+
+def peer_group(name: str) -> str:
+    lower = name.lower()
+    return next((group for key, group in PEER_GROUPS if key in lower), "peer")
+
+
+def short_name(name: str) -> str:
+    """A peer row's name without the ``(llama.cpp, measured separately, ...)`` note, prefixed by its tool."""
+    name = re.sub(r"\s*\(llama\.cpp[^)]*\)", "", name).strip()
+    return f"llama.cpp {name}" if peer_group(name) == "peer" and "imatrix" in name.lower() else name
+
+
+def points(rows: list[dict], key: str, group: str | None = None) -> tuple[list[Point], list[str]]:
+    """Rows that can go on a log axis, and a note for each that cannot (error, no score, a score of 0).
+    ``group`` None: peers' rows, each in its ``peer_group``."""
+    out, notes = [], []
+    for r in rows:
+        label = str(r.get("format", "?"))
+        value, bits = r.get(key), r.get("bits_per_weight")
+        if "error" in r:
+            notes.append(f"{label}: not scored")
+        elif value is None or bits is None:
+            notes.append(f"{label}: no {key}")
+        elif not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+            notes.append(f"{label}: {key} {value:g} (not on a log axis)")
+        else:
+            g = group or peer_group(label)
+            out.append(Point(label if group else short_name(label), float(bits), float(value), g))
+    return out, notes
+
+
+@dataclass(frozen=True)
+class KLPoints:
+    metric: tuple[str, str, str]  # a METRICS entry
+    points: list[Point]  # lowbit's rows
+    peers: list[Point]
+    keep: list[tuple[str, float]]  # the ``keep <dtype>`` rows that can go on a log axis: a floor, drawn as a line
+    notes: list[str]  # what is not drawn, and why
+
+
+def kl_points(report, peers=None) -> KLPoints:
+    """The points of ``plots.kl_vs_bits``: a compare report's rows (or a bench report's lowbit rows), ``peers``'
+    (a bench report's peer and llama.cpp rows; a bench report given as ``report`` brings its own)."""
+    rows = result_rows(report)
+    if peers is None and json_kind(report) == "bench":
+        peers = report
+    others = peer_rows(peers)
+    keep = [r for r in rows if is_keep_row(r) and "error" not in r]
+    rows = [r for r in rows if not is_keep_row(r)]
+    metric = metric_for(rows + others + keep)
+    pts, notes = points(rows, metric[0], group="lowbit")
+    peer_pts, peer_notes = points(others, metric[0])
+    if not pts and not peer_pts:
+        raise ValueError(f"no row has a positive {metric[0]} and bits per weight: nothing goes on a log axis")
+    floors, keep_notes = points(keep, metric[0], group="keep")
+    return KLPoints(metric, pts, peer_pts, [(p.label, p.value) for p in floors], notes + peer_notes + keep_notes)
+
+
+def is_keep_row(row: dict) -> bool:
+    """``keep bfloat16``: the unquantized tensors rounded alone, no layer quantized (``evaluate.compare``)."""
+    return str(row.get("format", "")).startswith("keep ")
+
+
+def pareto_front(pts: list[Point]) -> list[Point]:
+    """The points with a lower value than every point of fewer (or as many) bits, by bits."""
+    front: list[Point] = []
+    for p in sorted(pts, key=lambda p: (p.bits, p.value)):
+        if not front or p.value < front[-1].value:
+            if front and front[-1].bits == p.bits:
+                front.pop()
+            front.append(p)
+    return front
+
+
+def spread(ys: list[float], step: float, low: float, high: float) -> list[float]:
+    """Sorted label heights moved apart to at least ``step``, each group of labels centred on its points' mean
+    height, all kept in [low, high] (``plots.kl_vs_bits`` stacks a column's labels so)."""
+    groups: list[list[float]] = []
+
+    def start(g):
+        return min(max(sum(g) / len(g) - (len(g) - 1) * step / 2, low), high - (len(g) - 1) * step)
+
+    for y in ys:
+        groups.append([y])
+        while len(groups) > 1 and start(groups[-1]) - (start(groups[-2]) + (len(groups[-2]) - 1) * step) < step:
+            groups[-2:] = [groups[-2] + groups[-1]]
+    return [start(g) + k * step for g in groups for k in range(len(g))]
+
+
+# --- SQNR per layer and format ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Grid:
+    rows: list[str]  # layer (or layer kind) names, then "mean" and "worst layer" when grouped
+    formats: list[str]  # "nf4\n4.50 b/w\nmean 20.6 dB"
+    values: list[list[float]]  # rows x formats, SQNR dB; nan where not finite or not measured
+    worst: list[int | None]  # per format, the row of its worst layer (or of that layer's kind)
+    grouped: bool
+    notes: list[str]
+    means: list[float]  # per format, its mean SQNR over all layers (dB)
+
+
+def _db(value) -> float:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else math.nan
+
+
+def layer_kind(name: str) -> str:
+    return ".".join("*" if part.isdigit() else part for part in name.split("."))
+
+
+def sqnr_grid(report: dict, per_layer: bool | None = None, max_rows: int = 48) -> Grid:
+    """Layers x formats SQNR (dB) of a ``lowbit errors --json`` report. ``per_layer`` None: one row per layer
+    when there are at most ``max_rows`` layers, else one per layer kind (its layers' mean, as ``lowbit errors``
+    prints it) with the mean and the worst layer below."""
+    ok = [f for f in report["formats"] if "error" not in f]
+    notes = [f"{f['format']}: not measured" for f in report["formats"] if "error" in f]
+    if not ok:
+        raise ValueError("no format of this errors report was measured: nothing to plot")
+    names = [layer["name"] for layer in report["layers"]]
+    columns = [f"{f['format']}\n{f['bits_per_weight']:.2f} b/w\nmean {f['mean_sqnr_db']:.1f} dB" for f in ok]
+    means = [_db(f["mean_sqnr_db"]) for f in ok]
+    per_layer = len(names) <= max_rows if per_layer is None else per_layer
+    if per_layer:
+        values = [[_db(f["layers"][i]["sqnr_db"]) for f in ok] for i in range(len(names))]
+        worst = [names.index(f["min_layer"]) if f.get("min_layer") in names else None for f in ok]
+        return Grid(names, columns, values, worst, False, notes, means)
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        groups.setdefault(layer_kind(name), []).append(i)
+    rows = [f"{kind} ({len(members)})" for kind, members in groups.items()]
+    values = [[_mean([_db(f["layers"][i]["sqnr_db"]) for i in members]) for f in ok] for members in groups.values()]
+    rows += [f"mean ({len(names)} layers)", "worst layer"]
+    values += [[_db(f["mean_sqnr_db"]) for f in ok], [_db(f["min_sqnr_db"]) for f in ok]]
+    kinds = list(groups)
+    worst = [kinds.index(layer_kind(f["min_layer"])) if layer_kind(f.get("min_layer", "")) in groups else None
+             for f in ok]
+    return Grid(rows, columns, values, worst, True, notes, means)
+
+
+def _mean(values: list[float]) -> float:
+    """The mean of the finite values (a layer kept exact has no finite SQNR: null in the JSON)."""
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+# --- a plan's format per layer ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PlanBars:
+    title: str
+    layers: list[tuple[str, str, float]]  # (layer or rule pattern, label, bits per weight)
+    ordered: bool  # False: a compare row's layers grouped by format (it records counts, not which layer)
+    mean_bits: float | None
+    budget: float | None
+    kept: list[str]
+    exact: bool  # bits from the layers' own stored bytes (a sensitivity table), not the format's nominal rate
+
+
+@lru_cache(maxsize=256)
+def label_bits(label: str) -> float:
+    """Stored bits per weight of a format label, measured on a 64 x 4096 tensor of zeros (as `lowbit formats`)."""
+    import torch
+
+    from ..nn.config import QuantConfig
+    from ..quantize import quantize
+
+    config = QuantConfig.parse(label)
+    block = 4096 if config.outlier_threshold is not None else config.block_size
+    return quantize(torch.zeros(64, 4096), config.format, block_size=block,
+                    double_quant=config.double_quant).bits_per_weight
+
+
+def plan_bars(data: dict, sensitivity: dict | None = None, row: str | None = None) -> PlanBars:
+    """Per-layer formats and bits of a plan (``{"rules": ...}``), a saved model's ``lowbit.json``, a compare
+    row with ``layer_formats``, or a compare report (its row ``row``, else its one mixed row). ``sensitivity``
+    (a ``lowbit sensitivity --json`` table) gives each layer's exact stored bits."""
+    kind = json_kind(data)
+    if kind == "compare" or kind == "bench":
+        data = plan_row(result_rows(data), row)
+        kind = "row"
+    costs = {x["name"]: x for x in (sensitivity or {}).get("layers", [])}
+
+    def bits(layer: str, label: str) -> float:
+        cost = costs.get(layer, {}).get("costs", {}).get(label)
+        return 8 * cost["bytes"] / costs[layer]["numel"] if cost else label_bits(label)
+
+    if kind == "plan":
+        name = data.get("name")
+        layers = [(r["pattern"], r["format"], bits(r["pattern"], r["format"])) for r in data["rules"] if "format" in r]
+        kept = [r["pattern"] for r in data["rules"] if r.get("keep")]
+        budget = re.fullmatch(r"budget ([0-9.]+)", name or "")
+        mean = None
+        if costs and all(p in costs for p, _, _ in layers):
+            numel = [costs[p]["numel"] for p, _, _ in layers]
+            mean = sum(b * n for (_, _, b), n in zip(layers, numel, strict=True)) / sum(numel)
+        return PlanBars(f"plan {name!r}" if name else "plan", layers, True, mean,
+                        float(budget[1]) if budget else None, kept, bool(costs))
+    if kind == "saved":
+        layers = []
+        for name, layer in data["layers"].items():
+            label = layer.get("label") or _saved_label(layer)
+            layers.append((name, label, bits(name, label)))
+        return PlanBars(f"{data['config']['label']} (saved model)", layers, True,
+                        data.get("quantize", {}).get("bits_per_weight"), None, [], bool(costs))
+    if kind == "row":
+        counts = data.get("layer_formats")
+        if not counts:
+            raise ValueError(f"row {data.get('format')!r} holds no layer_formats (it was not scored by this lowbit, "
+                             "or not scored at all)")
+        layers = [(f"{label} #{i + 1}", label, label_bits(label)) for label, n in counts.items() for i in range(n)]
+        budget = re.fullmatch(r"budget ([0-9.]+)", str(data["format"]))
+        return PlanBars(str(data["format"]), layers, False, data.get("bits_per_weight"),
+                        float(budget[1]) if budget else None, [], False)
+    raise ValueError(f"this is {describe(data)}; a plan plot reads a plan, a compare report or row, or lowbit.json")
+
+
+def _saved_label(layer: dict) -> str:
+    return f"{layer['format']}/{layer['block_size']}{'+dq' if layer.get('double_quant') else ''}"
+
+
+def plan_row(rows: list[dict], wanted: str | None = None) -> dict:
+    """The row named ``wanted``; else the one row quantized to more than one format (a plan)."""
+    scored = [r for r in rows if r.get("layer_formats")]
+    if wanted is not None:
+        found = [r for r in rows if r.get("format") == wanted]
+        if not found:
+            raise ValueError(f"no row {wanted!r}; rows: {', '.join(str(r.get('format')) for r in rows)}")
+        return found[0]
+    mixed = [r for r in scored if len(r["layer_formats"]) > 1]
+    if len(mixed) == 1:
+        return mixed[0]
+    if not mixed:
+        raise ValueError("no row of this report mixes formats (a plan's row); name one with --row, e.g. "
+                         f"--row {scored[0]['format']!r}" if scored else "no row of this report has layer_formats")
+    raise ValueError(f"{len(mixed)} rows mix formats: name one with --row ({', '.join(r['format'] for r in mixed)})")
+
+
+# --- outliers per layer -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class OutlierBars:
+    layers: list[str]
+    counts: list[int]  # input features reaching the threshold
+    systematic: list[int]  # of those, the systematic hidden-state features
+    systematic_dims: list[int]
+    threshold: float
+
+
+def outlier_bars(report: dict) -> OutlierBars:
+    systematic = set(report.get("systematic") or [])
+    hidden = set(report.get("hidden_inputs") or [])
+    layers, counts, marked = [], [], []
+    for layer in report["layers"]:
+        dims = [d["dim"] for d in layer["dims"]]
+        layers.append(layer["name"])
+        counts.append(len(dims))
+        # a systematic feature is a dimension of the hidden states: it counts in the layers reading them
+        reads_hidden = layer["name"] in hidden or layer.get("shares_input_with") in hidden
+        marked.append(sum(d in systematic for d in dims) if reads_hidden else 0)
+    return OutlierBars(layers, counts, marked, sorted(systematic), float(report["threshold"]))
+
+
+def block_ticks(names: list[str]) -> tuple[list[int], list[str]]:
+    """Positions where a new transformer block starts, with its number (for a per-layer axis)."""
+    ticks, labels, last = [], [], object()
+    for i, name in enumerate(names):
+        block = next((int(p) for p in name.split(".") if p.isdigit()), None)
+        if block != last and block is not None:
+            ticks.append(i)
+            labels.append(str(block))
+        last = block
+    return ticks, labels
+
+
+# --- a layer's weights and one block's levels per format --------------------------------------------------------
+
+def level_config(label: str):
+    """``label``'s QuantConfig, if a weight can be rounded to it on its own (no calibration inputs)."""
+    from ..nn.config import QuantConfig
+
+    config = QuantConfig.parse(label)
+    if config.method or config.rotate or config.awq or config.refit_codebook or config.needs_calibration:
+        raise ValueError(f"{label}: the levels plot rounds the weight on its own; +gptq, +had, +awq, +cb and "
+                         "activation-weighted searches (@amse, @ahqq) need the model's inputs")
+    return config
+
+
+def block_levels(weight, label: str) -> dict:
+    """``weight`` quantized to ``label``; of its blocks the one with the median absmax, and that block's levels
+    (every code decoded with the block's own scale parts, as the format decodes it; sorted, distinct)."""
+    import torch
+
+    from ..nn.surgery import quantize_weight
+
+    config = level_config(label)
+    weight = weight.detach().to(torch.float32)
+    q = quantize_weight(weight, config)
+    flat, block = weight.reshape(-1), q.block_size
+    n_full = flat.numel() // block
+    if n_full:
+        absmax = flat[: n_full * block].view(n_full, block).abs().amax(1)
+        b = int(absmax.argsort()[n_full // 2])
+    else:
+        b = 0
+    values = flat[b * block: (b + 1) * block]
+    # a GGUF block: its bytes with the code fields rewritten; a grid format: every code with the block's scales
+    levels = _gguf_levels(q, b, values) if "data" in q.parts else _grid_levels(q, b)
+    levels = sorted({v for v in levels if math.isfinite(v)})
+    return {"label": config.label, "format": q.format.name, "bits_per_weight": q.bits_per_weight,
+            "block_size": block, "block": b, "absmax": float(values.abs().max()), "levels": levels}
+
+
+def _grid_levels(q, b: int) -> list[float]:
+    import torch
+
+    from ..formats.registry import codec_for
+    from ..scaling import double_quant
+
+    parts = dict(q.parts)
+    if q.double_quant:
+        parts["scales"] = double_quant.decompress(parts)
+    n = len(q.format.values) if q.format.values is not None else 2**q.format.bits  # narrow ints store fewer
+    scales = {k: (t if k.startswith("tensor_") else t[b: b + 1]) for k, t in parts.items() if k != "codes"}
+    codes = torch.arange(n, dtype=torch.uint8).view(1, n)
+    return codec_for(q.format).decode(q.format, codes, scales).reshape(-1).tolist()
+
+
+def _gguf_levels(q, b: int, values) -> list[float]:
+    """Each code decoded by the format's own decoder from this block with every element's code set to it; in a
+    k-quant block the sub-blocks decode differently: the sub-block with the median absmax is taken."""
+    import torch
+
+    from ..formats.spec import CODES, anatomy
+    from ..tensor import QuantizedTensor
+
+    raw = q.parts["data"][b].clone()
+    decoded = []
+    for code in range(2**q.format.bits):
+        at = 0
+        for f in anatomy(q.format).fields:
+            if f.role == CODES:
+                raw[at: at + f.nbytes] = torch.frombuffer(bytearray(f.probe_bytes(code)), dtype=torch.uint8)
+            at += f.nbytes
+        one = QuantizedTensor(q.format, torch.Size([q.block_size]), torch.float32, q.block_size,
+                              {"data": raw.view(1, -1).clone()})
+        decoded.append(one.dequantize())
+    table = torch.stack(decoded)  # (codes, elements of the block)
+    groups: dict[tuple, list[int]] = {}
+    for j in range(table.shape[1]):
+        groups.setdefault(tuple(table[:, j].tolist()), []).append(j)
+    ranked = sorted(groups, key=lambda g: float(values[groups[g]].abs().max()))
+    return list(ranked[len(ranked) // 2])
+
+
+def layer_levels_data(weight, labels: list[str], layer: str = "", bins: int = 160) -> dict:
+    """What ``plots.layer_levels`` draws: the layer's weight histogram (density per unit weight, over the range
+    the levels span, with the share of weights outside it) and ``block_levels`` for each label."""
+    import torch
+
+    formats = [block_levels(weight, label) for label in labels]
+    w = weight.detach().to(torch.float32).reshape(-1)
+    reach = max([abs(v) for f in formats for v in f["levels"]] + [f["absmax"] for f in formats])
+    reach = 1.15 * (reach or float(w.abs().max()) or 1.0)
+    counts = torch.histc(w, bins=bins, min=-reach, max=reach)
+    width = 2 * reach / bins
+    return {"layer": layer, "shape": list(weight.shape), "range": [-reach, reach],
+            "edges": torch.linspace(-reach, reach, bins + 1).tolist(),
+            "density": (counts / (w.numel() * width)).tolist(),
+            "outside": float((w.abs() > reach).double().mean()), "formats": formats}
