@@ -44,23 +44,10 @@ def bits_per_weight(label: str) -> float:
 
     if label == "fp32":
         return float(torch.finfo(torch.float32).bits)  # an unquantized float32 tensor: no scales
-    if label == "bf16" and not bf16_registered():
-        # Until bf16 is a registered format (a plain cast, no scales), its stored width is 16 bits.
-        return 16.0
     from .commands.formats_cmd import probe  # the stored-bytes probe `lowbit formats` prints
     from .nn.surgery import QuantConfig
 
     return probe(QuantConfig.parse(label)).bits_per_weight
-
-
-def bf16_registered() -> bool:
-    from .formats import get_format
-
-    try:
-        get_format("bf16")
-    except ValueError:
-        return False
-    return True
 
 
 # --- parameter counts -------------------------------------------------------------------------

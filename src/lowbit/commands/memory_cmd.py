@@ -106,9 +106,7 @@ def memory_table(rows, params: int, counted: str, kv) -> Table:
     table = Table(title="weight memory in decimal GB (1 GB = 1e9 bytes)", caption_justify="left",
                   caption=Text(f"{params:,} parameters ({counted}). bits/weight are measured from the bytes lowbit "
                                "stores for a 64 x 4096 tensor, block scales included; fp32 is an unquantized "
-                               "float32 tensor" + ("" if mem.bf16_registered() else
-                                                   "; bf16 is counted as 16 bits (a plain cast; not yet a "
-                                                   "registered format to measure)")))
+                               "float32 tensor"))
     for col, justify in [("format", "left"), ("label", "left"), ("bits/weight", "right"), ("weights GB", "right")]:
         table.add_column(col, justify=justify)
     if kv:
