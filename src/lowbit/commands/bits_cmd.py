@@ -11,7 +11,7 @@ def add_parser(sub) -> None:
                                     "mantissa fields (or code and level), the stored value and its error")
     p.add_argument("value", metavar="VALUE",
                    help="a decimal (3.1415926535, -0.5), a ratio (1/3), nan or inf; a negative value with an "
-                        "exponent after --: lowbit bits -- -1e-3")
+                        "exponent after --, options first: lowbit bits --formats nf4 -- -1e-3")
     p.add_argument("--formats", default=",".join(DEFAULT_BITS_FORMATS),
                    help="comma-separated formats (default: %(default)s); any of fp32, tf32, bf16, fp16, the fp8 "
                         "and fp4_e2m1 elements, and formats with one level table (nf4, int4, bnb_fp4, ...)")
