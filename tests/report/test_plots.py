@@ -322,4 +322,4 @@ def test_spread_keeps_order_spacing_and_bounds():
     assert all(b - a >= 5.0 - 1e-9 for a, b in pairwise(ys))  # sorted, never closer than a label's height
     assert ys[3] == 50.0  # a label with room stays at its point
     assert sum(ys[:3]) / 3 == pytest.approx(11.0)  # a crowded group is centred on its points
-    assert 0.0 <= ys[0] and ys[-1] <= 100.0
+    assert ys[0] >= 0.0 and ys[-1] <= 100.0

@@ -62,9 +62,11 @@ def run(args) -> int:
         plots.check_suffix(args.plot)
         spec = get_format(config.format)
         values = levels(spec)
-        if not values:
+        if not values and spec.family == "learned":
             raise ValueError(f"{spec.name}'s levels are learned per tensor: `lowbit plot levels --formats "
                              f"{spec.name}` draws those of a model's layer")
+        if not values:
+            raise ValueError(f"{spec.name} has no table of levels to draw ({spec.description})")
     con.print(format_table() if config is None else explain(config))
     if args.plot is not None:
         fig = plots.format_levels({config.label: values}, gaussian=spec.family == "codebook"

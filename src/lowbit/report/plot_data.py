@@ -259,6 +259,7 @@ class PlanBars:
     budget: float | None
     kept: list[str]
     exact: bool  # bits from the layers' own stored bytes (a sensitivity table), not the format's nominal rate
+    axis: str = "layer (or plan rule pattern), in plan order"
 
 
 @lru_cache(maxsize=256)
@@ -305,8 +306,10 @@ def plan_bars(data: dict, sensitivity: dict | None = None, row: str | None = Non
         for name, layer in data["layers"].items():
             label = layer.get("label") or _saved_label(layer)
             layers.append((name, label, bits(name, label)))
-        return PlanBars(f"{data['config']['label']} (saved model)", layers, True,
-                        data.get("quantize", {}).get("bits_per_weight"), None, [], bool(costs))
+        label = data["config"]["label"]
+        budget = re.fullmatch(r"budget ([0-9.]+)", label)
+        return PlanBars(f"{label} (saved model)", layers, True, data.get("quantize", {}).get("bits_per_weight"),
+                        float(budget[1]) if budget else None, [], bool(costs), "layer (nn.Linear), in model order")
     if kind == "row":
         counts = data.get("layer_formats")
         if not counts:
@@ -381,9 +384,13 @@ def block_ticks(names: list[str]) -> tuple[list[int], list[str]]:
 
 def level_config(label: str):
     """``label``'s QuantConfig, if a weight can be rounded to it on its own (no calibration inputs)."""
+    from ..formats import get_format
     from ..nn.config import QuantConfig
 
     config = QuantConfig.parse(label)
+    spec = get_format(config.format)
+    if spec.bits > 8:
+        raise ValueError(f"{label}: {spec.description}: its {2**spec.bits} levels are too many to draw")
     if config.method or config.rotate or config.awq or config.refit_codebook or config.needs_calibration:
         raise ValueError(f"{label}: the levels plot rounds the weight on its own; +gptq, +had, +awq, +cb and "
                          "activation-weighted searches (@amse, @ahqq) need the model's inputs")

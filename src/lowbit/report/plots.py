@@ -60,6 +60,13 @@ def _note(text: str):
     return Patch(fill=False, edgecolor="none", label=text)
 
 
+def _tick(color: str, label: str):
+    """A legend handle: a level tick of that colour (a scatter's own handle draws it off the line's centre)."""
+    from matplotlib.lines import Line2D
+
+    return Line2D([], [], marker="|", ls="none", markersize=9, markeredgewidth=2, color=color, label=label)
+
+
 def _layer_axis(ax, names: list[str], label: str) -> None:
     """An x axis of one bar per layer: each name when they fit, else a tick per transformer block."""
     if len(names) <= 40:
@@ -251,7 +258,7 @@ def plan_layers(plan_or_result, sensitivity=None, row: str | None = None):
     fig = _figure(min(16.0, max(8.0, 0.2 * n + 3)) if n <= 40 else 13.0, 6.0)
     ax = fig.add_subplot()
     heights = [b for _, _, b in bars.layers]
-    ax.bar(range(n), heights, width=0.85 if n <= 60 else 1.0, color=[colors[lab] for _, lab, _ in bars.layers],
+    ax.bar(range(n), heights, width=0.8, color=[colors[lab] for _, lab, _ in bars.layers],
            linewidth=0)
     handles = [Patch(color=colors[lab], label=f"{lab} ({sum(lab == x for _, x, _ in bars.layers)} layers)")
                for lab in labels]
@@ -264,7 +271,7 @@ def plan_layers(plan_or_result, sensitivity=None, row: str | None = None):
     if bars.kept:
         handles.append(_note(f"kept in full precision: {', '.join(bars.kept[:4])}"))
     if bars.ordered:
-        _layer_axis(ax, [name for name, _, _ in bars.layers], "layer (or plan rule pattern), in plan order")
+        _layer_axis(ax, [name for name, _, _ in bars.layers], bars.axis)
     else:
         ax.set_xticks([])
         ax.set_xlim(-0.6, n - 0.4)
@@ -324,13 +331,11 @@ def layer_levels(data: dict):
                label=f"the layer's weights ({outside:.2%} beyond the axis)" if outside else "the layer's weights")
     handles, _ = top.get_legend_handles_labels()
     for i, f in enumerate(formats):
-        handles.append(bottom.scatter(f["levels"], [i] * len(f["levels"]), marker="|", s=260, linewidths=1.8,
-                                      color=f"C{i}", label=f"{f['label']}: {f['bits_per_weight']:.3g} bits/weight, "
-                                                           f"{len(f['levels'])} levels (block {f['block']}, "
-                                                           f"absmax {f['absmax']:.3g})"))
+        bottom.scatter(f["levels"], [i] * len(f["levels"]), marker="|", s=260, linewidths=1.8, color=f"C{i}")
+        handles.append(_tick(f"C{i}", f"{f['label']}: {f['bits_per_weight']:.3g} bits/weight, {len(f['levels'])} "
+                                      f"levels (block {f['block']}, absmax {f['absmax']:.3g})"))
     top.set_ylabel("density (per unit weight)")
-    fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=8, frameon=False,
-               scatteryoffsets=[0.5])
+    fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=8, frameon=False)
     bottom.set_yticks(range(len(formats)), [f["label"] for f in formats])
     bottom.set_ylim(len(formats) - 0.5, -0.5)
     bottom.set_ylabel("format")
@@ -373,9 +378,10 @@ def format_levels(label_levels, gaussian: bool = False):
         ax.set_ylim(0, 1.3 * c / reach * NormalDist().pdf(0))  # room for the legend above the curve
         ax.set_ylabel("density of N(0, 1), scaled (per unit level)")
     else:
+        ticks = []
         for i, (label, levels) in enumerate(items):
-            ax.scatter(levels, [i] * len(levels), marker="|", s=300, linewidths=2, color=f"C{i}",
-                       label=f"{label}: {len(levels)} levels")
+            ax.scatter(levels, [i] * len(levels), marker="|", s=300, linewidths=2, color=f"C{i}")
+            ticks.append(_tick(f"C{i}", f"{label}: {len(levels)} levels"))
         ax.set_yticks(range(len(items)), [label for label, _ in items])
         ax.set_ylim(len(items) - 0.5, -0.5)
         ax.set_ylabel("format")
@@ -391,6 +397,5 @@ def format_levels(label_levels, gaussian: bool = False):
     if gaussian:
         ax.legend(loc="upper right", fontsize=8)
     else:
-        fig.legend(loc="outside lower center", ncols=min(4, len(items)), fontsize=8, frameon=False,
-                   scatteryoffsets=[0.5])
+        fig.legend(handles=ticks, loc="outside lower center", ncols=min(4, len(items)), fontsize=8, frameon=False)
     return fig
