@@ -2,7 +2,7 @@
 
 Pure arithmetic and data tables; ``lowbit memory`` (commands/memory_cmd.py) prints them.
 Bits per weight are measured, not nominal: a zero tensor is quantized to the label and its
-stored bytes counted (``formats_cmd.probe``), so block scales and second-level scales are in.
+stored bytes counted (``lowbit.nn.probe``), so block scales and second-level scales are in.
 Sizes are decimal GB (1 GB = 1e9 bytes), the unit vendors state device memory in.
 The hardware facts below are sourced in docs/hardware.md.
 """
@@ -44,10 +44,9 @@ def bits_per_weight(label: str) -> float:
 
     if label == "fp32":
         return float(torch.finfo(torch.float32).bits)  # an unquantized float32 tensor: no scales
-    from .commands.formats_cmd import probe  # the stored-bytes probe `lowbit formats` prints
-    from .nn.surgery import QuantConfig
+    from .nn.probe import measured_bits_per_weight  # the stored-bytes probe `lowbit formats` prints
 
-    return probe(QuantConfig.parse(label)).bits_per_weight
+    return measured_bits_per_weight(label)
 
 
 # --- parameter counts -------------------------------------------------------------------------

@@ -19,6 +19,18 @@ def test_formats_lists_every_format(capsys):
     assert "FORMAT[/BLOCK][+dq]" in out and "256 fixed" in out
 
 
+def test_formats_lists_the_reference_floats(capsys):
+    assert main(["formats"]) == 0
+    out = capsys.readouterr().out
+    assert "full-precision reference formats" in out
+    for row in ("│ fp32   │   32 │ 1/8/23", "│ tf32   │   19 │ 1/8/10", "│ bf16   │   16 │ 1/8/7",
+                "│ fp16   │   16 │ 1/5/10"):
+        assert row in out
+    assert "65504" in out and "5.96046e-08" in out and "0.0078125" in out  # fp16 max and tiny, bf16 eps
+    assert main(["formats", "tf32"]) == 0
+    assert "TensorFloat-32" in capsys.readouterr().out
+
+
 def test_formats_code_table(capsys):
     assert main(["formats", "nf4"]) == 0
     out = capsys.readouterr().out
@@ -38,9 +50,13 @@ def test_every_format_prints_its_layout_and_levels(name, capsys):
     spec = get_format(name)
     assert main(["formats", name]) == 0
     out = capsys.readouterr().out
-    assert "where the bits go" in out and "element levels" in out and anatomy(spec).rule in out
+    assert "where the bits go" in out and anatomy(spec).rule in out
+    assert "element levels" in out or spec.family == "cast"
     if spec.family == "learned":  # levels belong to each tensor (its tensor_codebook part), not to the format
         assert level_table(spec).row_count == 0 and "learned per tensor" in out
+    elif spec.family == "cast":  # every 16-bit float is a level: the range facts instead of a table of them
+        assert "smallest subnormal" in out and f"{name}'s range" in out
+        return
     else:
         assert 2 < level_table(spec).row_count == len(levels(spec)) <= 2**spec.bits  # int narrow range, ternary
     q = probe(QuantConfig(name))
@@ -74,7 +90,8 @@ GGUF_LEVELS = {
 
 
 def test_gguf_levels_come_from_the_decoder():
-    gguf = [n for n in lowbit.formats() if get_format(n).values is None and get_format(n).family != "learned"]
+    gguf = [n for n in lowbit.formats() if get_format(n).values is None
+            and get_format(n).family not in ("learned", "cast")]
     assert sorted(gguf) == sorted(GGUF_LEVELS)
     for name, expected in GGUF_LEVELS.items():
         assert levels(get_format(name)) == expected, name

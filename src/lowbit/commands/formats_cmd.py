@@ -16,6 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..formats import formats, get_format
+from ..formats.floats import FLOATS, REFERENCE_FLOATS
 from ..formats.spec import (
     CODES,
     DOUBLE_QUANT,
@@ -28,17 +29,11 @@ from ..formats.spec import (
     anatomy,
     no_double_quant_message,
 )
+from ..nn.probe import measured_bits_per_weight, probe
 from ..nn.surgery import QuantConfig
-from ..quantize import quantize
+from ..report.bits import float_facts_table
 from ..tensor import QuantizedTensor
 from .common import console
-
-# Bits per weight are measured from the bytes stored for a tensor of this shape:
-# 64 rows of 4096 hold whole blocks of every format, so no partial-block overhead.
-_PROBE_SHAPE = (64, 4096)
-# A label with a large block is measured on at least this many of its blocks (when that
-# stays under _PROBE_MAX weights), so one partial block does not distort its bits.
-_PROBE_BLOCKS, _PROBE_MAX = 16, 2**24
 
 
 def add_parser(sub) -> None:
@@ -53,6 +48,10 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     con = console()
+    reference = FLOATS.get((args.label or "").strip().lower())
+    if reference in REFERENCE_FLOATS and args.plot is None and reference.name not in formats():  # fp32, tf32
+        con.print(float_facts_table((reference,), title=f"{reference.name}: {reference.description}"))
+        return 0
     config = None if args.label is None else QuantConfig.parse(args.label)
     if args.plot is not None:  # every problem with --plot before anything is printed
         if config is None:
@@ -67,17 +66,13 @@ def run(args) -> int:
                              f"{spec.name}` draws those of a model's layer")
         if not values:
             raise ValueError(f"{spec.name} has no table of levels to draw ({spec.description})")
-    con.print(format_table() if config is None else explain(config))
+    con.print(Group(format_table(), float_facts_table()) if config is None else explain(config))
     if args.plot is not None:
         fig = plots.format_levels({config.label: values}, gaussian=spec.family == "codebook"
                                   and spec.name.startswith("nf"))
         plots.save_figure(fig, args.plot)
         con.print(f"wrote {args.plot}")
     return 0
-
-
-def measured_bits_per_weight(name: str) -> float:
-    return quantize(torch.zeros(_PROBE_SHAPE), name).bits_per_weight
 
 
 def format_table() -> Table:
@@ -105,18 +100,6 @@ class Row:
     size: str
     bits_per_weight: float
     holds: str
-
-
-def probe(config: QuantConfig) -> QuantizedTensor:
-    """Zeros quantized with ``config``'s settings: what is stored, byte for byte, for a large tensor."""
-    spec = get_format(config.format)
-    block = config.block_size or spec.default_block_size
-    if config.outlier_threshold is not None:  # LLM.int8(): one scale per row
-        block = _PROBE_SHAPE[1]
-    rows = _PROBE_SHAPE[0]
-    if block * _PROBE_BLOCKS > rows * _PROBE_SHAPE[1]:
-        rows = max(rows, min(_PROBE_MAX, block * _PROBE_BLOCKS) // _PROBE_SHAPE[1])
-    return quantize(torch.zeros(rows, _PROBE_SHAPE[1]), spec, block_size=block, double_quant=config.double_quant)
 
 
 def layout(q: QuantizedTensor) -> list[Row]:
@@ -245,5 +228,7 @@ def explain(config: QuantConfig) -> Group:
             f"at run time, int8 with one absmax per token; the input columns with |x| >= "
             f"{config.outlier_threshold:g} in any token of a call go through a float product with the dequantized "
             "weight columns instead (LLM.int8(), arXiv 2208.07339; README: LLM.int8())"))
+    if spec.family == "cast":  # 65,536 levels: the range facts say more than a table of them
+        return Group(head, layout_table(q), float_facts_table((FLOATS[spec.name],), title=f"{spec.name}'s range"))
     # the rule as a line of its own: a table title would wrap to the narrow level table's width
     return Group(head, layout_table(q), Text(f"element levels: {a.rule}"), level_table(spec))

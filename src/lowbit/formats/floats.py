@@ -71,7 +71,8 @@ class FloatFormat:
 
 REFERENCE_FLOATS = (
     FloatFormat("fp32", ExMy(8, 23, "ieee"), torch.float32, "IEEE 754 binary32"),
-    FloatFormat("tf32", ExMy(8, 10, "ieee"), None, "TensorFloat-32: fp32's range, fp16's precision (tensor cores)"),
+    FloatFormat("tf32", ExMy(8, 10, "ieee"), None,
+                "TensorFloat-32: fp32's range, fp16's precision; tensor cores read 19 bits of an fp32"),
     FloatFormat("bf16", ExMy(8, 7, "ieee"), torch.bfloat16, "bfloat16: fp32's range, 8 bits of precision"),
     FloatFormat("fp16", ExMy(5, 10, "ieee"), torch.float16, "IEEE 754 binary16"),
 )
