@@ -40,6 +40,7 @@ def test_codebook_level_and_scale(capsys):
     ("inf", {"fp32": "inf", "fp16": "inf", "fp8_e4m3fn": "nan", "fp8_e5m2": "inf", "fp4_e2m1": "6"}),
     ("1e6", {"fp32": "1000000", "bf16": "999424", "fp16": "inf", "fp8_e4m3fn": "nan", "fp4_e2m1": "6"}),
     ("-1e-50", {"fp32": "-0", "fp16": "-0"}),
+    ("1e400", {"fp32": "inf", "bf16": "inf", "fp8_e4m3fn": "nan", "fp4_e2m1": "6", "nf4": "1"}),  # past float64 too
 ])
 def test_specials_and_overflow_are_shown_not_errors(value, expect, capsys):
     assert main(["bits", "--", value]) == 0  # "--": argparse reads -1e-50 as an option
@@ -56,7 +57,8 @@ def test_specials_and_overflow_are_shown_not_errors(value, expect, capsys):
     (["bits", "1/0"], "cannot read '1/0' as a number"),
     (["bits", "1", "--formats", "q4_0"], "q4_0 is not one of them"),
     (["bits", "1", "--formats", "nf44"], "unknown format 'nf44'"),
-    (["bits", "1", "--scale", "0"], "--scale must be a positive finite number"),
+    (["bits", "1", "--scale", "0"], "--scale must be a positive number a float32 block scale can hold"),
+    (["bits", "1", "--scale", "1e-400"], "--scale must be a positive number a float32 block scale can hold"),
     (["bits", "1", "--formats", ","], "--formats names no format"),
 ])
 def test_bad_input_is_one_line(argv, message, capsys):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from ..report.bits import DEFAULT_BITS_FORMATS, bits_table, parse_value, store
 from .common import console
 
@@ -24,8 +26,10 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     value = parse_value(args.value)
     scale = parse_value(args.scale)
-    if isinstance(scale, float) or scale <= 0:
-        raise ValueError(f"--scale must be a positive finite number, got {args.scale!r}")
+    # a block scale is stored as a float32: a normal, positive one (torch.finfo(float32))
+    if isinstance(scale, float) or not 2**-126 <= scale <= torch.finfo(torch.float32).max:
+        raise ValueError(f"--scale must be a positive number a float32 block scale can hold (1.2e-38 to 3.4e38), "
+                         f"got {args.scale!r}")
     names = [n.strip() for n in args.formats.split(",") if n.strip()]
     if not names:
         raise ValueError("--formats names no format")

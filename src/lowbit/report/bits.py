@@ -107,14 +107,17 @@ def _grid_row(spec, codec, value: Fraction | float, scale: Fraction) -> Stored:
     if isinstance(value, float):  # nan or inf
         return Stored(spec.name, "", "", "", "-", "-", math.nan,
                       f"{spec.name} has no code for {value}: the quantizer refuses non-finite weights")
-    s = torch.tensor([float(scale)], dtype=torch.float32)
-    block = torch.tensor([[float(value)]], dtype=torch.float32)
-    code = codec.encode(spec, block, {"scales": s})
-    stored = float(codec.decode(spec, code, {"scales": s})[0, 0])
-    c = int(code[0, 0])
-    level = spec.values[c]
+    # the element is value / scale in float32, as the quantizer divides a block by its scale
+    # (clamped to float32's range first: past it every format is at its top level anyway)
+    ratio = value / scale
     top = max(abs(v) for v in spec.values if math.isfinite(v))
-    note = f"past the largest level {top:g} x scale: clamped" if abs(float(value) / float(scale)) > top else ""
+    big = Fraction(torch.finfo(torch.float32).max)
+    block = torch.tensor([[float(max(-big, min(big, ratio)))]], dtype=torch.float32)
+    one = torch.ones(1, dtype=torch.float32)
+    c = int(codec.encode(spec, block, {"scales": one})[0, 0])
+    level = spec.values[c]
+    stored = _to_float(Fraction(level) * scale)
+    note = f"past the largest level {top:g} x scale: clamped" if abs(ratio) > top else ""
     return Stored(spec.name, "", "", "", f"{c:0{spec.bits}b} = {c}", f"level[{c}] = {level:.9g} x scale "
                   f"{float(scale):g}", stored, note)
 
@@ -136,8 +139,16 @@ def error_text(stored: float, value: Fraction | float) -> tuple[str, str]:
         same = isinstance(value, float) and (stored == value or (math.isnan(stored) and math.isnan(value)))
         return ("0", "0") if same else ("-", "-")
     err = abs(Fraction(stored) - value)
-    rel = f"{float(err / abs(value)):.3g}" if value else ("0" if not err else "-")
-    return f"{float(err):.3g}", rel
+    rel = f"{_to_float(err / abs(value)):.3g}" if value else ("0" if not err else "-")
+    return f"{_to_float(err):.3g}", rel
+
+
+def _to_float(x: Fraction) -> float:
+    """``float(x)``, or a signed inf past float64's range (an input such as 1e400)."""
+    try:
+        return float(x)
+    except OverflowError:
+        return math.inf if x > 0 else -math.inf
 
 
 def bits_table(text: str, value: Fraction | float, rows: list[Stored], scale: Fraction) -> Table:
