@@ -44,7 +44,8 @@ def render(report: dict, figures: list[tuple[str, str, bytes]] | None = None, *,
     ``figures``: (title, caption, PNG bytes) each, shown in order. ``created``: when the page was
     written (default now, UTC); the date the results were measured is the report's own ``date``."""
     model, protocol = report["model"], report["protocol"]
-    title = f"lowbit compare: {model['name']}"
+    source = model.get("source") or ""
+    title = f"lowbit compare: {model['name']}" + (f" ({source})" if source and source != model["name"] else "")
     parts = [f"<h1>{_e(title)}</h1>", f"<p class=sub>{_e(scope(protocol))}</p>",
              "<h2>Results</h2>", _results_table(report)]
     notes = layer_notes(report)  # a row that could not be scored says why in the table itself
