@@ -3,7 +3,8 @@
 Pure arithmetic and data tables; ``lowbit memory`` (commands/memory_cmd.py) prints them.
 Bits per weight are measured, not nominal: a zero tensor is quantized to the label and its
 stored bytes counted (``lowbit.nn.probe``), so block scales and second-level scales are in.
-Sizes are decimal GB (1 GB = 1e9 bytes), the unit vendors state device memory in.
+Sizes are decimal GB (1 GB = 1e9 bytes); a device's memory is the vendor's figure read in the same
+unit, which for HBM parts (binary GB) errs on the safe side by up to 7% (docs/hardware.md#memory).
 The hardware facts below are sourced in docs/hardware.md.
 """
 
@@ -14,7 +15,7 @@ import re
 from dataclasses import dataclass
 from functools import cache
 
-GB = 1e9  # decimal, as NVIDIA, AMD and Apple state device memory
+GB = 1e9  # decimal; vendors' HBM "GB" are often GiB, so a fit here is conservative (docs/hardware.md#memory)
 
 # (name shown, label measured). fp8 is E4M3 in the OCP/NVIDIA "fn" encoding (finite, no infinities).
 FORMATS = (
@@ -54,7 +55,7 @@ def bits_per_weight(label: str) -> float:
 _SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
 # digits (with an optional fraction and exponent) and an optional K/M/B/T; float() alone would
 # also take "nan", "inf" and "1_000"
-_PARAMS = re.compile(r"(\d+\.?\d*|\.\d+)(e[+-]?\d+)?([kmbt]?)", re.IGNORECASE)
+_PARAMS = re.compile(r"([0-9]+\.?[0-9]*|\.[0-9]+)(e[+-]?[0-9]+)?([kmbt]?)", re.IGNORECASE)
 PARAMS_FORMS = "70B, 7b, 1.5B, 350M, 1.2T, 8e9 or 70000000000 (suffixes K, M, B, T)"
 
 
@@ -64,6 +65,8 @@ def parse_params(text: str) -> int:
     value = float(m[1] + (m[2] or "")) * _SUFFIX[m[3].lower()] if m else math.nan
     if not (math.isfinite(value) and value >= 1):
         raise ValueError(f"--params {text!r} is not a parameter count: give a positive number such as {PARAMS_FORMS}")
+    if value != round(value):
+        raise ValueError(f"--params {text!r} is not a whole number of parameters: give a count such as {PARAMS_FORMS}")
     return round(value)
 
 

@@ -28,6 +28,12 @@ def test_pi_walk_through(capsys):
     assert rows["nf4"][4] == "1111 = 15" and rows["nf4"][6] == "1"  # scale 1: past the top level, clamped
 
 
+@pytest.mark.parametrize("value, stored", [("-1e-3", "-0.00100040436"), ("-1/3", "-0.333251953"), ("-inf", "-inf")])
+def test_negative_values_need_no_double_dash(value, stored, capsys):
+    assert main(["bits", value, "--formats", "fp16"]) == 0
+    assert _rows(capsys.readouterr().out)["fp16"][6] == stored
+
+
 def test_codebook_level_and_scale(capsys):
     assert main(["bits", "0.35", "--formats", "nf4,int4", "--scale", "0.5"]) == 0
     rows = _rows(capsys.readouterr().out)
@@ -43,7 +49,7 @@ def test_codebook_level_and_scale(capsys):
     ("1e400", {"fp32": "inf", "bf16": "inf", "fp8_e4m3fn": "nan", "fp4_e2m1": "6", "nf4": "1"}),  # past float64 too
 ])
 def test_specials_and_overflow_are_shown_not_errors(value, expect, capsys):
-    assert main(["bits", "--", value]) == 0  # "--": argparse reads -1e-50 as an option
+    assert main(["bits", value]) == 0  # -1e-50 is the value, not an option
     out = capsys.readouterr().out
     rows = _rows(out)
     for name, stored in expect.items():

@@ -112,3 +112,27 @@ def test_headless_chromium_renders_the_report(tmp_path):
     found = re.search(r'<pre id="lowbit-check">([^<]*)</pre>', r.stdout)
     assert found, r.stderr[-2000:]
     assert json.loads(found.group(1)) == [True, True]  # both figures decoded
+
+
+def test_a_report_without_plottable_rows_is_still_written(tmp_path):
+    # every format failed but the keep row, or every row is exact: no point for a log axis, no KL figure
+    report = json.loads(json.dumps(REPORT))
+    report["results"] = [_row("keep bfloat16", 32.0, 0.0001, 0.99), {"format": "q4_k", "error": "no whole blocks"}]
+    page = write_report(report, tmp_path / "r.html").read_text()
+    assert "no whole blocks" in page and "data:image/png" not in page and "Shaded" not in page
+
+
+def test_keep_row_is_not_on_the_pareto_front():
+    report = json.loads(json.dumps(REPORT))
+    report["results"].insert(0, _row("keep bfloat16", 32.0, 0.000001, 0.999))
+    page = render(report)
+    assert re.search(r"<tr class=best><td>bf16</td>", page)
+    assert not re.search(r"<tr class=best><td>keep bfloat16</td>", page)
+
+
+def test_results_without_model_or_protocol_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"results": []}))
+    assert main(["report", str(bad), "-o", str(tmp_path / "r.html")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no model, protocol, reference" in err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from ..report.bits import DEFAULT_BITS_FORMATS, bits_table, parse_value, store
@@ -11,9 +13,10 @@ from .common import console
 def add_parser(sub) -> None:
     p = sub.add_parser("bits", help="show how one number is stored in each format: sign, exponent and "
                                     "mantissa fields (or code and level), the stored value and its error")
-    p.add_argument("value", metavar="VALUE",
-                   help="a decimal (3.1415926535, -0.5), a ratio (1/3), nan or inf; a negative value with an "
-                        "exponent after --, options first: lowbit bits --formats nf4 -- -1e-3")
+    p.add_argument("value", metavar="VALUE", help="a decimal (3.1415926535, -1e-3), a ratio (1/3), nan or inf")
+    # VALUE may be negative: argparse takes only -5 and -0.5 for numbers, and -1e-3, -1/3 and -inf for
+    # options; this parser has no option that looks like a number, so every "-digit..." is the value
+    p._negative_number_matcher = re.compile(r"^-(\d|\.\d|inf|nan)", re.IGNORECASE)
     p.add_argument("--formats", default=",".join(DEFAULT_BITS_FORMATS),
                    help="comma-separated formats (default: %(default)s); any of fp32, tf32, bf16, fp16, the fp8 "
                         "and fp4_e2m1 elements, and formats with one level table (nf4, int4, bnb_fp4, ...)")

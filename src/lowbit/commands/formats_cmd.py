@@ -33,7 +33,7 @@ from ..nn.probe import measured_bits_per_weight, probe
 from ..nn.surgery import QuantConfig
 from ..report.bits import float_facts_table
 from ..tensor import QuantizedTensor
-from .common import console
+from .common import check_writable_file, console
 
 
 def add_parser(sub) -> None:
@@ -49,7 +49,10 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     con = console()
     reference = FLOATS.get((args.label or "").strip().lower())
-    if reference in REFERENCE_FLOATS and args.plot is None and reference.name not in formats():  # fp32, tf32
+    if reference in REFERENCE_FLOATS and reference.name not in formats():  # fp32, tf32: no level table
+        if args.plot is not None:
+            raise ValueError(f"{reference.name} has 2^{reference.bits} levels, too many to draw; --plot draws a "
+                             "low-bit format's levels, e.g. `lowbit formats nf4 --plot nf4.png`")
         con.print(float_facts_table((reference,), title=f"{reference.name}: {reference.description}"))
         return 0
     config = None if args.label is None else QuantConfig.parse(args.label)
@@ -59,6 +62,7 @@ def run(args) -> int:
         from ..report import plots  # matplotlib only inside its drawing functions
 
         plots.check_suffix(args.plot)
+        check_writable_file(args.plot)  # before the table is printed, not after
         spec = get_format(config.format)
         values = levels(spec)
         if not values and spec.family == "learned":

@@ -7,7 +7,6 @@ figure is drawn. Every input is checked (the JSON's kind, the output's suffix an
 from __future__ import annotations
 
 import difflib
-import json
 from pathlib import Path
 
 from ..io.atomic import check_can_create_in
@@ -74,42 +73,24 @@ def run(args) -> int:
     if args.figure == "levels":
         fig = plots.layer_levels(levels_data(args))
     elif args.figure == "kl":
-        report = read_json(args.results, "kl", ("compare", "bench"))
-        peers = read_json(args.peers, "kl --peers", ("bench",)) if args.peers else None
+        report = plot_data.read_json(args.results, "lowbit plot kl", ("compare", "bench"))
+        peers = plot_data.read_json(args.peers, "lowbit plot kl --peers", ("bench",)) if args.peers else None
         fig = plots.kl_vs_bits(report, peers)
     elif args.figure == "errors":
-        fig = plots.sqnr_heatmap(read_json(args.report, "errors", ("errors",)), True if args.all else None)
+        errors = plot_data.read_json(args.report, "lowbit plot errors", ("errors",))
+        fig = plots.sqnr_heatmap(errors, True if args.all else None)
     elif args.figure == "plan":
-        data = read_json(args.plan, "plan", ("plan", "saved", "compare", "bench", "row"))
-        table = read_json(args.sensitivity, "plan --sensitivity", ("sensitivity",)) if args.sensitivity else None
+        data = plot_data.read_json(args.plan, "lowbit plot plan", ("plan", "saved", "compare", "bench", "row"))
+        table = (plot_data.read_json(args.sensitivity, "lowbit plot plan --sensitivity", ("sensitivity",))
+                 if args.sensitivity else None)
         if args.row is not None and plot_data.json_kind(data) not in ("compare", "bench"):
             raise ValueError(f"--row picks a row of a compare report; {args.plan} is {plot_data.describe(data)}")
         fig = plots.plan_layers(data, table, args.row)
     else:
-        fig = plots.outlier_counts(read_json(args.report, "outliers", ("outliers",)))
+        fig = plots.outlier_counts(plot_data.read_json(args.report, "lowbit plot outliers", ("outliers",)))
     plots.save_figure(fig, args.output)
     console().print(f"wrote {args.output}")
     return 0
-
-
-def read_json(path: str, command: str, expected: tuple[str, ...]) -> dict:
-    """The JSON at ``path`` (a directory: its lowbit.json), if it is of an ``expected`` kind; else one line
-    saying what it is."""
-    file = Path(path)
-    if file.is_dir() and (file / "lowbit.json").is_file():
-        file = file / "lowbit.json"
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such file") from None
-    except OSError as e:
-        raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not JSON ({e})") from None
-    if plot_data.json_kind(data) not in expected:
-        wanted = " or ".join(plot_data.KINDS[k] for k in expected)
-        raise ValueError(f"{path} is {plot_data.describe(data)}; `lowbit plot {command}` reads {wanted}")
-    return data
 
 
 def levels_data(args) -> dict:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from ..report.html import write_report
+from ..report.plot_data import read_json
 from .common import check_writable_file, console
-from .plot_cmd import read_json
 
 
 def add_parser(sub) -> None:
@@ -27,12 +27,15 @@ def check_report_args(args, path: str) -> list[dict] | None:
     if not path.lower().endswith((".html", ".htm")):
         raise ValueError(f"{path}: the report is HTML; name the file .html")
     check_writable_file(path)
-    return read_json(args.peers, "kl --peers", ("bench",)) if args.peers else None
+    return read_json(args.peers, f"lowbit {args.command} --peers", ("bench",)) if args.peers else None
 
 
 def run(args) -> int:
     peers = check_report_args(args, args.output)
-    report = read_json(args.results, "kl", ("compare",))
+    report = read_json(args.results, "lowbit report", ("compare",))
+    missing = [key for key in ("model", "protocol", "reference") if key not in report]
+    if missing:  # a page needs what the table's title, the protocol and provenance sections read
+        raise ValueError(f"{args.results} looks like a `lowbit compare --json` report but has no {', '.join(missing)}")
     write_report(report, args.output, peers=peers)
     console().print(f"wrote {args.output}")
     return 0

@@ -8,9 +8,10 @@ facts are computed here from the layout, not from tables (fp32 has 2^32 codes), 
 rational arithmetic (a decimal such as 3.1415926535 is rounded once, from its exact value,
 never through float64 first). What a cast does past the largest finite value is the
 format's: IEEE formats give Inf, E4M3FN (no Inf) gives NaN, FP4 E2M1 (no Inf, no NaN)
-saturates, as ml_dtypes' casts do. tf32 is fp32's exponent with fp16's mantissa: NVIDIA
-tensor cores read the top 19 bits of an fp32 (NVIDIA A100 Tensor Core GPU Architecture
-whitepaper, "TF32"; docs/formats.md#reference-floats).
+saturates, as ml_dtypes' casts do. tf32 is fp32's exponent with fp16's 10 mantissa bits (NVIDIA
+A100 Tensor Core GPU Architecture whitepaper, "TF32"; docs/formats.md#reference-floats); a value
+is rounded to it as to the others, nearest with ties to even (PTX ``cvt.rna.tf32.f32`` rounds
+ties away instead; cuBLAS's conversion is not specified).
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ class FloatFormat:
 REFERENCE_FLOATS = (
     FloatFormat("fp32", ExMy(8, 23, "ieee"), torch.float32, "IEEE 754 binary32"),
     FloatFormat("tf32", ExMy(8, 10, "ieee"), None,
-                "TensorFloat-32: fp32's range, fp16's precision; tensor cores read 19 bits of an fp32"),
+                "TensorFloat-32: fp32's range and fp16's 10 mantissa bits (19 bits; tensor cores)"),
     FloatFormat("bf16", ExMy(8, 7, "ieee"), torch.bfloat16, "bfloat16: fp32's range, 8 bits of precision"),
     FloatFormat("fp16", ExMy(5, 10, "ieee"), torch.float16, "IEEE 754 binary16"),
 )

@@ -34,6 +34,7 @@ class Stored:
     decoded: str  # what the fields mean, e.g. "+1.5703125 x 2^1" or "level[15] x 1"
     value: float
     note: str = ""
+    stored: bool = True  # False: the format has no code for the value (NaN or Inf in a codebook)
 
 
 def parse_value(text: str) -> Fraction | float:
@@ -86,15 +87,15 @@ def _float_row(f: FloatFormat, x: Fraction | float, scale: Fraction, negative_ze
     value = r.value * float(scale) if math.isfinite(r.value) else r.value
     if scale != 1:
         decoded += f" x scale {float(scale):g}"
-    note = _overflow_note(f) if r.overflowed else ""
+    note = _overflow_note(f, scale) if r.overflowed else ""
     if isinstance(x, float) and math.isnan(x) and f.overflow == SATURATE:
         note = "no NaN code: a cast gives -0 (ml_dtypes)"
     return Stored(f.name, str(r.sign), exponent, mantissa, f"0x{r.code(f):0{(f.bits + 3) // 4}x}", decoded, value,
                   note)
 
 
-def _overflow_note(f: FloatFormat) -> str:
-    top = f"{float(f.max_finite):g}"
+def _overflow_note(f: FloatFormat, scale: Fraction) -> str:
+    top = f"{float(f.max_finite):g}" + (f" x scale {float(scale):g}" if scale != 1 else "")
     if f.overflow == TO_INF:
         return f"past its largest finite value {top}: a cast gives Inf"
     if f.overflow == SATURATE:
@@ -106,7 +107,7 @@ def _overflow_note(f: FloatFormat) -> str:
 def _grid_row(spec, codec, value: Fraction | float, scale: Fraction) -> Stored:
     if isinstance(value, float):  # nan or inf
         return Stored(spec.name, "", "", "", "-", "-", math.nan,
-                      f"{spec.name} has no code for {value}: the quantizer refuses non-finite weights")
+                      f"{spec.name} has no code for {value}: the quantizer refuses non-finite weights", stored=False)
     # the element is value / scale in float32, as the quantizer divides a block by its scale
     # (clamped to float32's range first: past it every format is at its top level anyway)
     ratio = value / scale
@@ -139,8 +140,23 @@ def error_text(stored: float, value: Fraction | float) -> tuple[str, str]:
         same = isinstance(value, float) and (stored == value or (math.isnan(stored) and math.isnan(value)))
         return ("0", "0") if same else ("-", "-")
     err = abs(Fraction(stored) - value)
-    rel = f"{_to_float(err / abs(value)):.3g}" if value else ("0" if not err else "-")
-    return f"{_to_float(err):.3g}", rel
+    rel = _sci(err / abs(value)) if value else ("0" if not err else "-")
+    return _sci(err), rel
+
+
+def _sci(x: Fraction) -> str:
+    """A nonnegative Fraction to 3 significant digits, exact in its exponent where float64 would
+    underflow to 0 or overflow (an error of 1e-400)."""
+    f = _to_float(x)
+    if not x or (f != 0 and math.isfinite(f)):
+        return f"{f:.3g}"
+    exponent = len(str(x.numerator)) - len(str(x.denominator))  # within one of floor(log10 x)
+    mantissa = x / Fraction(10) ** exponent
+    while mantissa >= 10:
+        mantissa, exponent = mantissa / 10, exponent + 1
+    while mantissa < 1:
+        mantissa, exponent = mantissa * 10, exponent - 1
+    return f"{float(mantissa):.3g}e{exponent:+d}"
 
 
 def _to_float(x: Fraction) -> float:
@@ -152,7 +168,7 @@ def _to_float(x: Fraction) -> float:
 
 
 def bits_table(text: str, value: Fraction | float, rows: list[Stored], scale: Fraction) -> Table:
-    shown = f"{text} (= {float(value):.17g})" if "/" in text and not isinstance(value, float) else text
+    shown = f"{text} (= {_to_float(value):.17g})" if "/" in text and not isinstance(value, float) else text
     table = Table(title=f"{shown} in each format", caption=Text(
         "stored: what the fields decode to; errors against the exact input. Floats round to nearest, ties to even."
         + (f" Low-bit elements are relative to a block scale of {float(scale):g} (--scale)." if scale != 1 else
@@ -162,7 +178,7 @@ def bits_table(text: str, value: Fraction | float, rows: list[Stored], scale: Fr
                          ("rel error", "right")]:
         table.add_column(col, justify=justify, overflow="fold")
     for r in rows:
-        abs_err, rel_err = error_text(r.value, value)
+        abs_err, rel_err = error_text(r.value, value) if r.stored else ("-", "-")
         table.add_row(r.format, r.sign, r.exponent, r.mantissa, r.code, Text(r.decoded), f"{r.value:.9g}",
                       abs_err, rel_err)
     return table

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..io.atomic import atomic_file
+from .plot_data import is_keep_row
 from .table import cell, layer_notes, scope, table_data
 
 _STYLE = """
@@ -65,7 +66,9 @@ def render(report: dict, figures: list[tuple[str, str, bytes]] | None = None, *,
 def _results_table(report: dict) -> str:
     columns, rows = table_data(report)
     key = "kl_mean" if report["protocol"]["kind"] == "causal-lm" else "cos_dist_mean"
-    front = pareto_front([r for r in rows[1:] if r.get(key) is not None and "bits_per_weight" in r], key)
+    # as in the figure: a "keep <dtype>" row quantizes no layer, so it is no point on the front
+    front = pareto_front([r for r in rows[1:] if isinstance(r.get(key), (int, float)) and "bits_per_weight" in r
+                          and not is_keep_row(r)], key)
     head = "".join(f"<th>{_e(h)}</th>" for h, _, _ in columns)
     lines = [f"<table><thead><tr>{head}</tr></thead><tbody>"]
     for i, row in enumerate(rows):
@@ -77,8 +80,9 @@ def _results_table(report: dict) -> str:
         lines.append(f"<tr{cls}>{cells}</tr>")
     lines.append("</tbody></table>")
     what = "mean KL" if key == "kl_mean" else "mean 1 - cos"
-    lines.append(f"<p class=sub>Shaded: the Pareto front, the rows no other row beats on both bits per weight and "
-                 f"{what}. The first row is the original model.</p>")
+    if front:
+        lines.append(f"<p class=sub>Shaded: the Pareto front, the rows no other row beats on both bits per weight and "
+                     f"{what}. The first row is the original model.</p>")
     return "\n".join(lines)
 
 
@@ -137,10 +141,14 @@ def report_figures(report: dict, peers: list[dict] | None = None) -> list[tuple[
     from . import plots  # matplotlib only when a page is drawn
 
     out = []
-    if any("kl_mean" in r or "cos_dist_mean" in r for r in report["results"]):
+    try:  # no row with a positive error (every format failed, or all exact) has no point on a log axis
+        kl = plots.kl_vs_bits(report, peers=peers)
+    except ValueError:
+        kl = None
+    if kl is not None:
         out.append(("quality against size", "Each configuration's mean error against the bits per weight it "
                     "stores; the line joins the Pareto front (nothing else is both smaller and better).",
-                    plots.png_bytes(plots.kl_vs_bits(report, peers=peers))))
+                    plots.png_bytes(kl)))
     for row in report["results"]:
         if len(row.get("layer_formats") or {}) > 1:
             out.append((f"layers of {row['format']}", f"How the layers of {row['format']} are stored.",

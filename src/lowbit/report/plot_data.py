@@ -6,10 +6,12 @@ plan, ``benchmarks/bench_quality.py --json``) into plain lists, and say what kin
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 # kind -> what it is, in the words of an error message
 KINDS = {
@@ -45,6 +47,26 @@ def json_kind(data) -> str | None:
     if "format" in data and ("bits_per_weight" in data or "error" in data):
         return "row"
     return None
+
+
+def read_json(path: str, command: str, expected: tuple[str, ...]) -> dict:
+    """The JSON at ``path`` (a directory: its lowbit.json), if it is of an ``expected`` kind; else one line
+    saying what it is."""
+    file = Path(path)
+    if file.is_dir() and (file / "lowbit.json").is_file():
+        file = file / "lowbit.json"
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not JSON ({e})") from None
+    if json_kind(data) not in expected:
+        wanted = " or ".join(KINDS[k] for k in expected)
+        raise ValueError(f"{path} is {describe(data)}; `{command}` reads {wanted}")
+    return data
 
 
 def describe(data) -> str:
@@ -205,6 +227,12 @@ class Grid:
     means: list[float]  # per format, its mean SQNR over all layers (dB)
 
 
+def _db_text(value) -> str:
+    """A dB figure as text; JSON's null (an exact layer's inf SQNR) and non-finite ones are "n/a"."""
+    db = _db(value)
+    return f"{db:.1f} dB" if math.isfinite(db) else "n/a"
+
+
 def _db(value) -> float:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else math.nan
 
@@ -222,7 +250,7 @@ def sqnr_grid(report: dict, per_layer: bool | None = None, max_rows: int = 48) -
     if not ok:
         raise ValueError("no format of this errors report was measured: nothing to plot")
     names = [layer["name"] for layer in report["layers"]]
-    columns = [f"{f['format']}\n{f['bits_per_weight']:.2f} b/w\nmean {f['mean_sqnr_db']:.1f} dB" for f in ok]
+    columns = [f"{f['format']}\n{f['bits_per_weight']:.2f} b/w\nmean {_db_text(f['mean_sqnr_db'])}" for f in ok]
     means = [_db(f["mean_sqnr_db"]) for f in ok]
     per_layer = len(names) <= max_rows if per_layer is None else per_layer
     if per_layer:
