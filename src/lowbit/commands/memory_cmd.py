@@ -6,12 +6,16 @@ documented tensor-core types); this module parses arguments and prints tables.
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
 from .. import memory as mem
 from ..io.atomic import write_json
+from ..models.loader import resolve
 from .common import check_writable_file, console, load
 
 
@@ -79,9 +83,28 @@ def run(args) -> int:
 
 
 def _count_model(spec: str, con):
-    """Every parameter of the model (tied tensors once), what was counted, and the model's config."""
+    """Every parameter of the model (tied tensors once), what was counted, and the model's config.
+
+    A local directory of safetensors files is counted from the files' headers, so a 70B checkpoint
+    needs no memory; a GGUF file or a hub id is loaded."""
     from torch import nn
 
+    how, target = resolve(spec)
+    shards = sorted(Path(target).glob("*.safetensors")) if how == "directory" else []
+    if shards:
+        from safetensors import safe_open
+        from transformers import AutoConfig
+
+        total = 0
+        for shard in shards:
+            with safe_open(shard, framework="pt") as f:
+                slices = [f.get_slice(name) for name in f.keys()]  # noqa: SIM118 (safe_open is no dict)
+            # float tensors are the weights; integer ones are buffers such as BERT's position_ids
+            total += sum(math.prod(s.get_shape()) for s in slices if s.get_dtype().startswith(("F", "BF")))
+        counted = (f"every float tensor stored in {len(shards)} safetensors file{'s' * (len(shards) > 1)} of {spec}, "
+                   "read from their headers (nothing loaded), all at each format; `lowbit quantize` keeps "
+                   "embeddings, norms and lm_head in float by default, so its checkpoints are larger")
+        return total, counted, AutoConfig.from_pretrained(target)
     model, _, info = load(spec, con)
     linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
     embedding = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
