@@ -10,7 +10,7 @@ import difflib
 from pathlib import Path
 
 from ..io.atomic import check_can_create_in
-from ..report import plot_data, plots  # plots loads matplotlib only inside its drawing functions
+from ..report import level_data, plots, result_json  # plots loads matplotlib only inside its drawing functions
 from .common import add_model_arg, console, load
 
 DEFAULT_LAYER = "model.layers.0.mlp.down_proj"
@@ -73,21 +73,21 @@ def run(args) -> int:
     if args.figure == "levels":
         fig = plots.layer_levels(levels_data(args))
     elif args.figure == "kl":
-        report = plot_data.read_json(args.results, "lowbit plot kl", ("compare", "bench"))
-        peers = plot_data.read_json(args.peers, "lowbit plot kl --peers", ("bench",)) if args.peers else None
+        report = result_json.read_json(args.results, "lowbit plot kl", ("compare", "bench"))
+        peers = result_json.read_json(args.peers, "lowbit plot kl --peers", ("bench",)) if args.peers else None
         fig = plots.kl_vs_bits(report, peers)
     elif args.figure == "errors":
-        errors = plot_data.read_json(args.report, "lowbit plot errors", ("errors",))
+        errors = result_json.read_json(args.report, "lowbit plot errors", ("errors",))
         fig = plots.sqnr_heatmap(errors, True if args.all else None)
     elif args.figure == "plan":
-        data = plot_data.read_json(args.plan, "lowbit plot plan", ("plan", "saved", "compare", "bench", "row"))
-        table = (plot_data.read_json(args.sensitivity, "lowbit plot plan --sensitivity", ("sensitivity",))
+        data = result_json.read_json(args.plan, "lowbit plot plan", ("plan", "saved", "compare", "bench", "row"))
+        table = (result_json.read_json(args.sensitivity, "lowbit plot plan --sensitivity", ("sensitivity",))
                  if args.sensitivity else None)
-        if args.row is not None and plot_data.json_kind(data) not in ("compare", "bench"):
-            raise ValueError(f"--row picks a row of a compare report; {args.plan} is {plot_data.describe(data)}")
+        if args.row is not None and result_json.json_kind(data) not in ("compare", "bench"):
+            raise ValueError(f"--row picks a row of a compare report; {args.plan} is {result_json.describe(data)}")
         fig = plots.plan_layers(data, table, args.row)
     else:
-        fig = plots.outlier_counts(plot_data.read_json(args.report, "lowbit plot outliers", ("outliers",)))
+        fig = plots.outlier_counts(result_json.read_json(args.report, "lowbit plot outliers", ("outliers",)))
     plots.save_figure(fig, args.output)
     console().print(f"wrote {args.output}")
     return 0
@@ -98,10 +98,10 @@ def levels_data(args) -> dict:
     if not labels:
         raise ValueError("--formats names no format")
     for label in labels:
-        plot_data.level_config(label)  # a bad label fails before the model loads
+        level_data.level_config(label)  # a bad label fails before the model loads
     model, _, _ = load(args.model, console())
     name, linear = find_linear(model, args.layer)
-    return plot_data.layer_levels_data(linear.weight, labels, layer=name)
+    return level_data.layer_levels_data(linear.weight, labels, layer=name)
 
 
 def find_linear(model, wanted: str):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..report.html import write_report
-from ..report.plot_data import read_json
+from ..report.result_json import read_json
 from .common import check_writable_file, console
 
 

@@ -321,7 +321,7 @@ def outlier_counts(outliers_report):
 # --- 5. a layer's weights and the levels of one block -----------------------------------------------------------
 
 def layer_levels(data: dict):
-    """``plot_data.layer_levels_data``'s histogram of a layer's weights, under it a row of level ticks per format:
+    """``level_data.layer_levels_data``'s histogram of a layer's weights, under it a row of level ticks per format:
     the levels of the block with the median absmax, as the format decodes that block."""
     formats = data["formats"]
     fig = _figure(11, 5.0 + 0.6 * len(formats))
