@@ -1,63 +1,23 @@
-"""Figures of lowbit's results. Each function takes result data (what the commands write as JSON) and returns a
-matplotlib ``Figure``; ``png_bytes`` and ``save_figure`` write it. matplotlib is imported only inside them (a
-command that draws nothing never loads it), and never through pyplot: each figure has its own Agg canvas and
-nothing global holds it, so a figure is freed once unreferenced. Data extraction: ``lowbit.report.plot_data``.
+"""Figures of lowbit's results, the one namespace the commands and the HTML report draw from. Each function takes
+result data (what the commands write as JSON) and returns a matplotlib ``Figure``; ``png_bytes`` and
+``save_figure`` write it (``lowbit.report.figure``). matplotlib is imported only inside them (a command that draws
+nothing never loads it). Here: KL against bits, a layer's levels, a format's levels; the per-layer figures
+(SQNR heatmap, plan, outliers) are ``lowbit.report.layer_plots``'. Data extraction: ``lowbit.report.plot_data``.
 """
 
 from __future__ import annotations
 
-import io
 import math
-import os
-from pathlib import Path
 from statistics import NormalDist
 
 from . import plot_data as pd
+from .figure import SUFFIXES, check_suffix, legend_note, model_name, new_figure, png_bytes, save_figure
+from .layer_plots import outlier_counts, plan_layers, sqnr_heatmap
 
-SUFFIXES = (".png", ".svg", ".pdf")
+__all__ = ["SUFFIXES", "check_suffix", "format_levels", "kl_vs_bits", "layer_levels", "outlier_counts", "plan_layers",
+           "png_bytes", "save_figure", "sqnr_heatmap"]
+
 MARKERS = {"bitsandbytes": "s", "hqq": "D", "gguf-py": "^", "llama.cpp": "P", "peer": "X"}
-DPI = 110
-
-
-def check_suffix(path: str | os.PathLike) -> str:
-    """The output format of ``path`` (png, svg or pdf, from its suffix), or a ValueError."""
-    suffix = Path(path).suffix.lower()
-    if suffix not in SUFFIXES:
-        raise ValueError(f"{path}: a figure is written as {', '.join(SUFFIXES)} (from the file name's suffix)")
-    return suffix[1:]
-
-
-def png_bytes(fig) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=DPI)
-    return buffer.getvalue()
-
-
-def save_figure(fig, path: str | os.PathLike) -> Path:
-    """``fig`` written to ``path`` atomically, in the format its suffix names; the figure is cleared after."""
-    from ..io.atomic import atomic_file
-
-    kind = check_suffix(path)
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format=kind, dpi=DPI)
-    fig.clear()
-    return Path(path)
-
-
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _note(text: str):
-    """An invisible legend handle: a line of explanation in the legend."""
-    from matplotlib.patches import Patch
-
-    return Patch(fill=False, edgecolor="none", label=text)
 
 
 def _tick(color: str, label: str):
@@ -65,22 +25,6 @@ def _tick(color: str, label: str):
     from matplotlib.lines import Line2D
 
     return Line2D([], [], marker="|", ls="none", markersize=9, markeredgewidth=2, color=color, label=label)
-
-
-def _layer_axis(ax, names: list[str], label: str) -> None:
-    """An x axis of one bar per layer: each name when they fit, else a tick per transformer block."""
-    if len(names) <= 40:
-        ax.set_xticks(range(len(names)), [name.removeprefix("model.") for name in names], rotation=90, fontsize=7)
-    else:
-        ax.set_xticks(*pd.block_ticks(names), fontsize=7)
-        label += " (ticks: transformer block number)"
-    ax.set_xlim(-0.6, len(names) - 0.4)
-    ax.set_xlabel(label)
-
-
-def _model(report) -> str:
-    model = report.get("model") if isinstance(report, dict) else None
-    return (model or {}).get("name") or (model or {}).get("source") or "model"
 
 
 # --- 1. KL against bits -----------------------------------------------------------------------------------------
@@ -91,7 +35,7 @@ def kl_vs_bits(report, peers=None):
     with their own markers. An encoder's rows plot their mean cosine distance instead."""
     d = pd.kl_points(report, peers)
     pts, peer_pts, notes = d.points, d.peers, d.notes
-    fig = _figure(11, 6.5)
+    fig = new_figure(11, 6.5)
     ax = fig.add_subplot()
     ax.set_yscale("log")
     if pts:
@@ -116,10 +60,10 @@ def kl_vs_bits(report, peers=None):
     ax.set_ylim(min(ys) / 1.8, max(ys) * 1.8)
     ax.set_xlabel("bits per weight (stored)")
     ax.set_ylabel(d.metric[1])
-    ax.set_title(f"{_model(report)}: {d.metric[2]} against stored bits per weight")
+    ax.set_title(f"{model_name(report)}: {d.metric[2]} against stored bits per weight")
     ax.grid(True, which="major", alpha=0.3)
     handles, _ = ax.get_legend_handles_labels()
-    handles += [_note(f"not shown: {note}") for note in notes]
+    handles += [legend_note(f"not shown: {note}") for note in notes]
     fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=8, frameon=False,
                scatteryoffsets=[0.5])
     on_front = {id(p) for p in front}
@@ -188,143 +132,13 @@ def _bbox(x0, y0, x1, y1):
     return Bbox([[x0, y0], [x1, y1]])
 
 
-# --- 2. SQNR heatmap --------------------------------------------------------------------------------------------
-
-def sqnr_heatmap(errors_report, per_layer: bool | None = None):
-    """Layers x formats SQNR (dB) of a ``lowbit errors --json`` report; many layers: one row per layer kind
-    (``plot_data.sqnr_grid``). The numbers are each cell's SQNR; its colour is that against the format's mean
-    over all layers (formats of different bits differ by far more than layers do, and would hide them). Each
-    format's worst layer (or its kind) is outlined."""
-    import numpy as np
-    from matplotlib import colormaps
-    from matplotlib.patches import Patch, Rectangle
-
-    grid = pd.sqnr_grid(errors_report, per_layer)
-    values = np.array(grid.values, dtype=float)
-    relative = values - np.array(grid.means)[None, :]
-    n, m = values.shape
-    reach = max(float(np.nanmax(np.abs(relative))) if np.isfinite(relative).any() else 1.0, 0.5)
-    width = max(7.0, 1.0 * m + 0.075 * max(len(r) for r in grid.rows) + 2.5)
-    height = max(4.5, (0.3 if n <= 60 else 0.13) * n + 2.6)
-    fig = _figure(width, height)
-    ax = fig.add_subplot()
-    cmap = colormaps["RdBu"].with_extremes(bad="lightgrey")
-    im = ax.imshow(np.ma.masked_invalid(relative), aspect="auto", cmap=cmap, vmin=-reach, vmax=reach,
-                   interpolation="nearest")
-    fig.colorbar(im, ax=ax, label="SQNR minus the format's mean (dB)", shrink=min(1.0, 10 / height),
-                 anchor=(0, 1))
-    if n <= 60 and m <= 16:  # the numbers fit in the cells
-        for i in range(n):
-            for j in range(m):
-                v, strong = values[i, j], abs(relative[i, j]) > 0.7 * reach
-                ax.text(j, i, "n/a" if math.isnan(v) else f"{v:.1f}", ha="center", va="center", fontsize=7.5,
-                        color="white" if strong else "black")
-    for j, i in enumerate(grid.worst):
-        if i is not None:
-            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", lw=2))
-    if grid.grouped:
-        ax.axhline(n - 2.5, color="black", lw=1.5)
-    ax.set_xticks(range(m), grid.formats, fontsize=8)
-    ax.set_yticks(range(n), grid.rows, fontsize=8 if n <= 60 else 6)
-    ax.set_xlabel("format (stored bits per weight; mean SQNR over all layers)")
-    ax.set_ylabel("layer kind (mean of its layers; their number in parentheses)" if grid.grouped
-                  else "layer (nn.Linear weight)")
-    ax.set_title(f"{_model(errors_report)}: weight SQNR (dB) per layer{' kind' * grid.grouped} and format")
-    handles = [Patch(fill=False, edgecolor="black", lw=2,
-                     label="each format's worst layer" + (" (its kind)" if grid.grouped else ""))]
-    handles.append(_note("colour: red below, blue above the format's mean over all layers"))
-    if n <= 60 and m <= 16:
-        handles.append(_note("numbers: SQNR (dB, higher is better)"))
-    if np.isnan(values).any():
-        handles.append(Patch(color="lightgrey", label="n/a: exact or not finite"))
-    handles += [_note(note) for note in grid.notes]
-    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
-    return fig
-
-
-# --- 3. a plan's layers -----------------------------------------------------------------------------------------
-
-def plan_layers(plan_or_result, sensitivity=None, row: str | None = None):
-    """A bar per layer of bits per weight coloured by format: a plan, a saved model's lowbit.json, or a compare
-    row (or report: its plan row, or ``row``), whose layers are grouped by format (it records only counts)."""
-    from matplotlib.patches import Patch
-
-    bars = pd.plan_bars(plan_or_result, sensitivity, row)
-    if not bars.layers:
-        raise ValueError("the plan quantizes no layer: nothing to plot")
-    labels = list(dict.fromkeys(label for _, label, _ in bars.layers))
-    colors = {label: f"C{i % 10}" for i, label in enumerate(labels)}
-    n = len(bars.layers)
-    fig = _figure(min(16.0, max(8.0, 0.2 * n + 3)) if n <= 40 else 13.0, 6.0)
-    ax = fig.add_subplot()
-    heights = [b for _, _, b in bars.layers]
-    ax.bar(range(n), heights, width=0.8, color=[colors[lab] for _, lab, _ in bars.layers],
-           linewidth=0)
-    handles = [Patch(color=colors[lab], label=f"{lab} ({sum(lab == x for _, x, _ in bars.layers)} layers)")
-               for lab in labels]
-    if bars.mean_bits is not None:
-        handles.append(ax.axhline(bars.mean_bits, color="black", ls="--", lw=1,
-                                  label=f"all these layers together: {bars.mean_bits:.3f} bits per weight"))
-    if bars.budget is not None:
-        handles.append(ax.axhline(bars.budget, color="red", ls=":", lw=1.2,
-                                  label=f"budget: {bars.budget:g} bits per weight"))
-    if bars.kept:
-        handles.append(_note(f"kept in full precision: {', '.join(bars.kept[:4])}"))
-    if bars.ordered:
-        _layer_axis(ax, [name for name, _, _ in bars.layers], bars.axis)
-    else:
-        ax.set_xticks([])
-        ax.set_xlim(-0.6, n - 0.4)
-        ax.set_xlabel("layers, grouped by format (a compare row records how many layers took each format, "
-                      "not which)")
-    ax.set_ylim(0, max(heights + [bars.budget or 0, bars.mean_bits or 0]) * 1.12)
-    ax.set_ylabel("bits per weight (stored" + (", this layer's bytes)" if bars.exact else
-                                                 "; the format's rate on a 64×4096 tensor)"))
-    ax.set_title(f"{bars.title}: format and bits per weight of each layer")
-    fig.legend(handles=handles, loc="outside right upper", fontsize=8)
-    return fig
-
-
-# --- 4. outliers ------------------------------------------------------------------------------------------------
-
-def outlier_counts(outliers_report):
-    """Per layer, the input features reaching the threshold (bars coloured by layer kind, symlog scale: counts
-    run from 0 to thousands), the systematic hidden-state features (LLM.int8() §4.1) among them in black."""
-    from matplotlib.patches import Patch
-
-    data = pd.outlier_bars(outliers_report)
-    n = len(data.layers)
-    fig = _figure(13.0 if n > 40 else max(8.0, 0.25 * n + 3), 5.5)
-    ax = fig.add_subplot()
-    thr, width = f"{data.threshold:g}", 1.0 if n > 60 else 0.85
-    kinds = [pd.layer_kind(name).removeprefix("model.layers.*.") for name in data.layers]
-    colors = {kind: f"C{i % 10}" for i, kind in enumerate(dict.fromkeys(kinds))}
-    ax.bar(range(n), data.counts, width=width, color=[colors[k] for k in kinds], linewidth=0)
-    ax.bar(range(n), data.systematic, width=width, color="black", linewidth=0)
-    handles = [Patch(color=c, label=kind) for kind, c in colors.items()]
-    crit = outliers_report.get("criteria") or {}
-    dims = ", ".join(map(str, data.systematic_dims[:12])) + (", ..." if len(data.systematic_dims) > 12 else "")
-    handles.append(Patch(color="black", label=f"of which systematic (≥ {crit.get('layer_share', 0.25):.0%} of "
-                                              f"layers, ≥ {crit.get('position_share', 0.06):.0%} of positions): "
-                                              + (f"dim{'s' * (len(data.systematic_dims) > 1)} {dims}" if dims
-                                                 else "none")))
-    _layer_axis(ax, data.layers, "layer (nn.Linear), in model order")
-    ax.set_yscale("symlog", linthresh=1, linscale=0.5)
-    ax.set_ylim(0, max(data.counts + [1]) * 4)  # room for the legend above the bars
-    ax.grid(True, axis="y", alpha=0.3)
-    ax.set_ylabel(f"input features with |x| ≥ {thr} in some position (count, symlog scale)")
-    ax.set_title(f"{_model(outliers_report)}: outlier input features per layer (LLM.int8(), threshold {thr})")
-    ax.legend(handles=handles, loc="upper left", fontsize=8, ncols=min(4, len(handles)))
-    return fig
-
-
 # --- 5. a layer's weights and the levels of one block -----------------------------------------------------------
 
 def layer_levels(data: dict):
     """``level_data.layer_levels_data``'s histogram of a layer's weights, under it a row of level ticks per format:
     the levels of the block with the median absmax, as the format decodes that block."""
     formats = data["formats"]
-    fig = _figure(11, 5.0 + 0.6 * len(formats))
+    fig = new_figure(11, 5.0 + 0.6 * len(formats))
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, max(1.0, 0.45 * len(formats))])
     outside = data.get("outside", 0.0)
     top.stairs(data["density"], data["edges"], fill=True, color="0.8",
@@ -362,7 +176,7 @@ def format_levels(label_levels, gaussian: bool = False):
     if not items or not all(levels for _, levels in items):
         raise ValueError("no levels to plot (a learned codebook's levels belong to each tensor: "
                          "`lowbit plot levels --formats qq4` shows a layer's)")
-    fig = _figure(10, 4.5 if gaussian else 2.2 + 0.5 * len(items))
+    fig = new_figure(10, 4.5 if gaussian else 2.2 + 0.5 * len(items))
     ax = fig.add_subplot()
     reach = max(abs(v) for _, levels in items for v in levels)
     if gaussian:
