@@ -16,7 +16,7 @@ from rich.console import Console
 
 from ..cachedir import cache_root
 from ..eval.protocol import DEFAULT_WINDOW, DEFAULT_WINDOWS, read_text
-from ..io.atomic import check_can_create_in
+from ..io.atomic import check_can_create_in, check_replaceable
 from ..models.converted import CacheWarning
 from ..models.loader import resolve
 from ..nn.surgery import QuantConfig
@@ -103,10 +103,7 @@ def check_protocol_args(args) -> None:
 
 def check_writable_file(path: str) -> None:
     p = Path(path)
-    if p.is_dir():
-        raise IsADirectoryError(f"is a directory, not a file: {p}")
-    if p.exists() and not p.is_file():  # /dev/null, a FIFO: the atomic rename would replace it
-        raise ValueError(f"not a regular file: {p} (lowbit writes files by renaming a new one over the name)")
+    check_replaceable(p)
     check_can_create_in(p.parent)  # Path("x").parent is Path(".")
 
 

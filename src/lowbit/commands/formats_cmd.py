@@ -171,10 +171,7 @@ def level_table(spec: FormatSpec) -> Table:
     values = levels(spec)
     for code, level in enumerate(values):
         table.add_row(str(code), format(code, f"0{spec.bits}b"), f"{level:.9g}")
-    if not values and spec.family == "cast":
-        table.caption = (f"every {spec.param('dtype')} value is a level: `lowbit bits VALUE --formats {spec.name}` "
-                         "shows how one value is stored")
-    elif not values:
+    if not values:
         table.caption = "the levels are learned per tensor and stored with it (part tensor_codebook)"
     elif len(values) < 2**spec.bits:  # narrow-range ints, ternary
         first, last = len(values), 2**spec.bits - 1

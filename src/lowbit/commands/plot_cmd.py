@@ -7,11 +7,9 @@ figure is drawn. Every input is checked (the JSON's kind, the output's suffix an
 from __future__ import annotations
 
 import difflib
-from pathlib import Path
 
-from ..io.atomic import check_can_create_in
 from ..report import level_data, plots, result_json  # plots loads matplotlib only inside its drawing functions
-from .common import add_model_arg, console, load
+from .common import add_model_arg, check_writable_file, console, load
 
 DEFAULT_LAYER = "model.layers.0.mlp.down_proj"
 DEFAULT_LEVEL_FORMATS = "int4,nf4,fp4_e2m1,qq4"
@@ -69,7 +67,7 @@ def _output(p, default: str) -> None:
 
 def run(args) -> int:
     plots.check_suffix(args.output)
-    check_can_create_in(Path(args.output).absolute().parent)
+    check_writable_file(args.output)
     if args.figure == "levels":
         fig = plots.layer_levels(levels_data(args))
     elif args.figure == "kl":

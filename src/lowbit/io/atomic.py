@@ -23,9 +23,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     An existing ``path`` that is not a regular file (a device such as /dev/null, a FIFO, a directory)
     is refused: the rename would replace it, and as root that replaces /dev/null for every program."""
     path = Path(path)
-    if path.exists() and not path.is_file():
-        raise IsADirectoryError(f"is a directory, not a file: {path}") if path.is_dir() else \
-            ValueError(f"not a regular file: {path} (lowbit writes files by renaming a new one over the name)")
+    check_replaceable(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -110,6 +108,15 @@ def check_output_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Pat
         raise FileExistsError(f"output exists: {path}" + (" (pass --overwrite to replace it)" if path.is_dir() else ""))
     check_can_create_in(path.parent)
     return path
+
+
+def check_replaceable(path: Path) -> None:
+    """A one-line error if ``path`` exists and is not a regular file (a directory, /dev/null, a FIFO):
+    ``atomic_file``'s rename would replace it."""
+    if path.is_dir():
+        raise IsADirectoryError(f"is a directory, not a file: {path}")
+    if path.exists() and not path.is_file():
+        raise ValueError(f"not a regular file: {path} (lowbit writes files by renaming a new one over the name)")
 
 
 def check_can_create_in(directory: Path) -> None:

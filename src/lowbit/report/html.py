@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..io.atomic import atomic_file
-from .plot_data import is_keep_row
+from .plot_data import Point, is_keep_row, pareto_front
 from .table import cell, layer_notes, scope, table_data
 
 _STYLE = """
@@ -66,13 +66,15 @@ def render(report: dict, figures: list[tuple[str, str, bytes]] | None = None, *,
 def _results_table(report: dict) -> str:
     columns, rows = table_data(report)
     key = "kl_mean" if report["protocol"]["kind"] == "causal-lm" else "cos_dist_mean"
-    # as in the figure: a "keep <dtype>" row quantizes no layer, so it is no point on the front
-    front = pareto_front([r for r in rows[1:] if isinstance(r.get(key), (int, float)) and "bits_per_weight" in r
-                          and not is_keep_row(r)], key)
+    # as in the figure: a "keep <dtype>" row quantizes no layer, so it is no point on the front; a score
+    # of 0, which the log-axis figure leaves out, is on it here
+    front = {p.label for p in pareto_front([Point(r["format"], r["bits_per_weight"], r[key]) for r in rows[1:]
+                                            if isinstance(r.get(key), (int, float)) and "bits_per_weight" in r
+                                            and not is_keep_row(r)])}
     head = "".join(f"<th>{_e(h)}</th>" for h, _, _ in columns)
     lines = [f"<table><thead><tr>{head}</tr></thead><tbody>"]
     for i, row in enumerate(rows):
-        cls = " class=reference" if i == 0 else " class=best" if id(row) in front else ""
+        cls = " class=reference" if i == 0 else " class=best" if row["format"] in front else ""
         if "error" in row:
             cells = f"<td>{_e(row['format'])}</td><td class=error colspan={len(columns) - 1}>{_e(row['error'])}</td>"
         else:
@@ -84,16 +86,6 @@ def _results_table(report: dict) -> str:
         lines.append(f"<p class=sub>Shaded: the Pareto front, the rows no other row beats on both bits per weight and "
                      f"{what}. The first row is the original model.</p>")
     return "\n".join(lines)
-
-
-def pareto_front(rows: list[dict], key: str) -> set[int]:
-    """ids of the rows with a lower ``key`` than every row storing as few or fewer bits per weight."""
-    front, best = set(), float("inf")
-    for row in sorted(rows, key=lambda r: (r["bits_per_weight"], r[key])):
-        if row[key] < best:
-            front.add(id(row))
-            best = row[key]
-    return front
 
 
 def _protocol(report: dict) -> str:

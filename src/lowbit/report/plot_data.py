@@ -126,10 +126,8 @@ def is_keep_row(row: dict) -> bool:
 def pareto_front(pts: list[Point]) -> list[Point]:
     """The points with a lower value than every point of fewer (or as many) bits, by bits."""
     front: list[Point] = []
-    for p in sorted(pts, key=lambda p: (p.bits, p.value)):
+    for p in sorted(pts, key=lambda p: (p.bits, p.value)):  # of equal bits the lowest value comes first
         if not front or p.value < front[-1].value:
-            if front and front[-1].bits == p.bits:
-                front.pop()
             front.append(p)
     return front
 
