@@ -7,7 +7,7 @@ from functools import cache
 
 import torch
 
-from .errors import LowbitWarning
+from .errors import InputError, LowbitWarning
 from .formats.registry import codec_for
 from .formats.spec import DQ_BLOCK, FormatSpec
 
@@ -30,7 +30,7 @@ def check_float_tensor(x: torch.Tensor, *, allow_nonfinite: bool = False) -> Non
     if not bool(finite.all()):
         flat = int((~finite).reshape(-1).nonzero()[0])
         index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), x.shape))
-        raise ValueError(
+        raise InputError(
             f"input holds {x.reshape(-1)[flat].item()} at index {index}; "
             "quantization needs finite values (pass allow_nonfinite=True to quantize anyway)"
         )
@@ -38,7 +38,7 @@ def check_float_tensor(x: torch.Tensor, *, allow_nonfinite: bool = False) -> Non
 
 def check_block_size(block: int) -> None:
     if not isinstance(block, int) or isinstance(block, bool) or block <= 0:
-        raise ValueError(f"block_size must be a positive integer, got {block!r}")
+        raise InputError(f"block_size must be a positive integer, got {block!r}")
 
 
 def check_block_overhead(spec: FormatSpec, block: int, dtype: torch.dtype, *, double_quant: bool = False) -> None:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
+import tempfile
 import threading
+import traceback
 from contextlib import contextmanager
 
 from . import __version__
@@ -27,6 +30,7 @@ from .commands import (
     report_cmd,
     sensitivity_cmd,
 )
+from .errors import LowbitError
 
 
 class Terminated(BaseException):
@@ -54,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _sigterm_raises():
             return args.run(args) or 0
-    except (ValueError, OSError) as e:
-        # User errors (LowbitError subclasses ValueError): one line, exit status 2, no traceback.
+    except (LowbitError, OSError) as e:
+        # User errors (bad input, a file that cannot be read or written, a full disk): one line, exit 2.
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"lowbit {args.command}: error: {message}", file=sys.stderr)
         return 2
@@ -65,6 +69,28 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         print(f"lowbit {args.command}: terminated (SIGTERM); nothing half-written was left", file=sys.stderr)
         return 128 + signal.SIGTERM  # 143, what a shell reports for a process SIGTERM ended
+    except Exception as e:  # anything else is a bug in lowbit (or below it), never the user's input
+        if os.environ.get("LOWBIT_DEBUG") == "1":
+            raise
+        where = _write_traceback(args.command)
+        message = " ".join(str(e).split())[:200]
+        print(f"lowbit {args.command}: internal error (a bug in lowbit, not your input): {type(e).__name__}"
+              f"{': ' + message if message else ''}; traceback in {where} (LOWBIT_DEBUG=1 shows it here)",
+              file=sys.stderr)
+        return 3
+
+
+def _write_traceback(command: str) -> str:
+    """The current exception's traceback in a new file under the temp directory; its path, or a
+    note when even that cannot be written."""
+    text = f"lowbit {__version__} {command}: {' '.join(sys.argv)}\n{traceback.format_exc()}"
+    try:
+        fd, path = tempfile.mkstemp(prefix=f"lowbit-{command}-", suffix=".traceback.txt")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError:
+        return "nowhere (the temp directory is not writable)"
+    return path
 
 
 @contextmanager

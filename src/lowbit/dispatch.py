@@ -21,6 +21,8 @@ import os
 from collections.abc import Callable
 from contextlib import contextmanager
 
+from .errors import InputError
+
 PREFERENCES = ("native", "reference")
 _PATHS: dict[tuple[str, str], Callable] = {}
 _preference: str | None = None  # set by use(); None: the environment decides
@@ -42,7 +44,7 @@ def register(op: str, *families: str):
 def check_preference(name: str) -> str:
     key = name.strip().lower()
     if key not in PREFERENCES:
-        raise ValueError(f"unknown kernel preference {name!r}: use one of {', '.join(PREFERENCES)}")
+        raise InputError(f"unknown kernel preference {name!r}: use one of {', '.join(PREFERENCES)}")
     return key
 
 

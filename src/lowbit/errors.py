@@ -7,6 +7,11 @@ class LowbitError(Exception):
     """Base of every error lowbit raises deliberately."""
 
 
+class InputError(LowbitError, ValueError):
+    """Input lowbit cannot use: an argument, a value or a file's content (message: one line saying
+    what and why). A ValueError too, so callers that catch ValueError keep working."""
+
+
 class ModelLoadError(LowbitError, ValueError):
     """A model could not be found, read or parsed (message: one line naming the problem)."""
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .errors import ModelLoadError
+from .errors import InputError, LowbitError, ModelLoadError
 from .eval.calibration import DEFAULT_CALIBRATE, calibrate, calibration_batches
 from .eval.causal import score_causal
 from .eval.encoder import encoder_reference, score_encoder
@@ -56,7 +56,7 @@ class Evaluation:
         name, body = read_text(text)
         if info.kind == CAUSAL_LM:
             if context is not None and window > context:
-                raise ValueError(f"--window {window} is longer than the model's context of {context} tokens "
+                raise InputError(f"--window {window} is longer than the model's context of {context} tokens "
                                  "(max_position_embeddings)")
             ids, self.protocol = token_windows(tokenizer, body, name, window=window, windows=windows)
             self.reference = causal_reference(reference_model, ids, self.protocol, info.file_hash,
@@ -97,10 +97,10 @@ def compare(model: nn.Module, tokenizer, info: ModelInfo, configs: list[QuantCon
     for config in configs:
         try:
             check_config(model, config)  # a layout the model cannot hold fails now, before any scoring
-        except ValueError as e:
+        except LowbitError as e:
             failed[config.label] = str(e)
     if len(failed) == len(configs):
-        raise ValueError(next(iter(failed.values())) if len(failed) == 1 else
+        raise InputError(next(iter(failed.values())) if len(failed) == 1 else
                          f"no format can be applied to this model: {'; '.join(failed.values())}")
     evaluation = Evaluation(info, tokenizer, lambda: model, text=text, window=window, windows=windows,
                             **model_limits(model), progress=progress)
@@ -136,7 +136,7 @@ def compare(model: nn.Module, tokenizer, info: ModelInfo, configs: list[QuantCon
             qreport = quantize_model(quantized, config, progress=progress, prequantized=prequantized,
                                      importance=scaled_importance(importance, scales)
                                      if _uses(config, 'needs_importance') else None)
-        except ValueError as e:  # e.g. a value the format cannot hold (LayerQuantizeError names the layer)
+        except LowbitError as e:  # e.g. a value the format cannot hold (LayerQuantizeError names the layer)
             _add(report, {"format": config.label, "error": str(e)}, on_result, progress)
             continue
         saved = round_state(quantized, keep) if keep is not None else 0

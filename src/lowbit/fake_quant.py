@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .errors import InputError
 from .formats.registry import GridCodec, codec_for, get_format
 from .formats.spec import FormatSpec
 from .pipeline import quantize_flat
@@ -32,7 +33,7 @@ def fake_quantize(x: torch.Tensor, fmt: str | FormatSpec, scales: Parts, *, bloc
     spec = get_format(fmt)
     codec = codec_for(spec)
     if not issubclass(codec, GridCodec):
-        raise ValueError(f"fake_quantize needs a grid format; {spec.name} is a GGUF block format")
+        raise InputError(f"fake_quantize needs a grid format; {spec.name} is a GGUF block format")
     block = block_size or spec.default_block_size
     names = sorted(scales)
     return _FakeQuantize.apply(x, spec, block, names, *(scales[n] for n in names))

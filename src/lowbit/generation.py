@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
+from .errors import InputError
 
 LLAMA_TYPES = ("llama",)  # architectures LlamaStepper reproduces (transformers' modeling_llama.py)
 
@@ -91,7 +92,7 @@ class LlamaStepper:
         """ids: (T,) the next tokens -> (vocab,) logits after the last of them."""
         t, p = ids.shape[0], self.pos
         if p + t > self.max_len:
-            raise ValueError(f"the KV cache holds {self.max_len} tokens; {p + t} asked")
+            raise InputError(f"the KV cache holds {self.max_len} tokens; {p + t} asked")
         if t == 1 and self.native is not None and kernels.enabled():
             logits = self.native(int(ids[0]), p)
             self.pos = p + 1
@@ -180,14 +181,14 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, *, tempera
              on_text: Callable[[str], None] | None = None, stop_at_eos: bool = True) -> Generation:
     """Generate up to ``max_new_tokens`` after ``prompt``; ``on_text`` gets each new piece of text."""
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     prompt_ids = tokenizer(prompt, return_tensors="pt").input_ids[0]
     if prompt_ids.numel() == 0:
-        raise ValueError("the prompt encodes to no tokens")
+        raise InputError("the prompt encodes to no tokens")
     limit = getattr(model.config, "max_position_embeddings", None)
     max_len = prompt_ids.numel() + max_new_tokens
     if limit is not None and max_len > limit:
-        raise ValueError(f"prompt ({prompt_ids.numel()} tokens) + {max_new_tokens} new tokens exceeds the model's "
+        raise InputError(f"prompt ({prompt_ids.numel()} tokens) + {max_new_tokens} new tokens exceeds the model's "
                          f"{limit} positions")
     step = stepper_for(model, max_len)
     gen = Generation(prompt_ids.tolist(), stepper=step.name)

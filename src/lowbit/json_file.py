@@ -7,6 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from .errors import InputError
+
 T = TypeVar("T")
 
 
@@ -17,10 +19,10 @@ def load_json(path, what: str, parse: Callable[[object], T]) -> T:
     try:
         data = json.loads(path.read_text())
     except OSError as e:
-        raise ValueError(f"cannot read {what} {path}: {e.strerror or e}") from None
+        raise InputError(f"cannot read {what} {path}: {e.strerror or e}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{what} {path} is not valid JSON: {e}") from None
+        raise InputError(f"{what} {path} is not valid JSON: {e}") from None
     try:
         return parse(data)
     except ValueError as e:
-        raise ValueError(f"{what} {path}: {e}") from None
+        raise InputError(f"{what} {path}: {e}") from None

@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass
 from functools import cache
 
+from .errors import InputError
+
 GB = 1e9  # decimal; vendors' HBM "GB" are often GiB, so a fit here is conservative (docs/hardware.md#memory)
 
 # (name shown, label measured). fp8 is E4M3 in the OCP/NVIDIA "fn" encoding (finite, no infinities).
@@ -64,9 +66,9 @@ def parse_params(text: str) -> int:
     m = _PARAMS.fullmatch(text.strip())
     value = float(m[1] + (m[2] or "")) * _SUFFIX[m[3].lower()] if m else math.nan
     if not (math.isfinite(value) and value >= 1):
-        raise ValueError(f"--params {text!r} is not a parameter count: give a positive number such as {PARAMS_FORMS}")
+        raise InputError(f"--params {text!r} is not a parameter count: give a positive number such as {PARAMS_FORMS}")
     if value != round(value):
-        raise ValueError(f"--params {text!r} is not a whole number of parameters: give a count such as {PARAMS_FORMS}")
+        raise InputError(f"--params {text!r} is not a whole number of parameters: give a count such as {PARAMS_FORMS}")
     return round(value)
 
 
@@ -86,9 +88,9 @@ class KVCache:
     def __post_init__(self):
         for name in ("layers", "kv_heads", "head_dim", "context", "batch"):
             if getattr(self, name) < 1:
-                raise ValueError(f"the KV cache needs {name} >= 1, got {getattr(self, name)}")
+                raise InputError(f"the KV cache needs {name} >= 1, got {getattr(self, name)}")
         if self.dtype not in KV_BYTES:
-            raise ValueError(f"KV-cache dtype {self.dtype!r}: choose one of {', '.join(KV_BYTES)}")
+            raise InputError(f"KV-cache dtype {self.dtype!r}: choose one of {', '.join(KV_BYTES)}")
 
     @property
     def nbytes(self) -> int:
@@ -107,7 +109,7 @@ def kv_shape(config) -> tuple[int, int, int]:
     if not head_dim and hidden and heads:
         head_dim = hidden // heads
     if not (layers and kv_heads and head_dim):
-        raise ValueError("the model's config does not give num_hidden_layers, num_attention_heads and a head "
+        raise InputError("the model's config does not give num_hidden_layers, num_attention_heads and a head "
                          "dimension: give --layers, --kv-heads and --head-dim")
     return int(layers), int(kv_heads), int(head_dim)
 
@@ -116,7 +118,7 @@ def kv_shape(config) -> tuple[int, int, int]:
 
 def check_reserve(reserve: float) -> float:
     if not (math.isfinite(reserve) and 0 <= reserve < 1):
-        raise ValueError(f"--reserve is the share of device memory held back, in [0, 1): got {reserve}")
+        raise InputError(f"--reserve is the share of device memory held back, in [0, 1): got {reserve}")
     return reserve
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import dispatch
+from .errors import InputError
 from .formats.registry import Codec, GridCodec, codec_for
 from .formats.spec import FormatSpec
 from .scaling.blocks import split_blocks
@@ -26,14 +27,14 @@ def check_search(spec: FormatSpec, search: str) -> str:
     """``search`` normalized; a one-line ValueError for an unknown name or a format it cannot serve."""
     key = search.strip().lower()
     if key not in SEARCHES:
-        raise ValueError(f"unknown scale search {search!r}: use one of {', '.join(SEARCHES)} "
+        raise InputError(f"unknown scale search {search!r}: use one of {', '.join(SEARCHES)} "
                          "(mse/amse: clipping grid search, plain or activation-weighted; hqq/ahqq: half-quadratic)")
     codec = codec_for(spec)
     if not issubclass(codec, GridCodec):
-        raise ValueError(f"@{key} needs a format whose elements are levels on a grid; {spec.name} is a GGUF block "
+        raise InputError(f"@{key} needs a format whose elements are levels on a grid; {spec.name} is a GGUF block "
                          "format with its own scale search: try nf4, int4, int4_asym, fp4_e2m1, mxfp4 or qq4")
     if key in HQQ and "zeros" not in codec.SCALE_PARTS:
-        raise ValueError(f"@{key} optimizes a zero point, and {spec.name} has none: use a zero-point format "
+        raise InputError(f"@{key} optimizes a zero point, and {spec.name} has none: use a zero-point format "
                          f"such as int{spec.bits}_asym, or @mse for {spec.name}")
     return key
 

@@ -6,6 +6,7 @@ import torch
 
 from . import dispatch
 from .checks import check_block_overhead, check_block_size, check_float_tensor
+from .errors import InputError
 from .formats.registry import codec_for, get_format
 from .formats.spec import FormatSpec, fixed_block_message, no_double_quant_message
 from .pipeline import check_search, quantize_flat
@@ -31,7 +32,7 @@ def quantize(
     Blocks run over the flattened tensor; a trailing partial block gets its own scale.
     GGUF formats need every row (last dim) to hold whole blocks. ``double_quant``
     compresses the per-block fp32 scales bitsandbytes-style (docs/formats.md#double-quantization).
-    NaN or Inf raise ValueError unless ``allow_nonfinite`` (results are then undefined).
+    NaN or Inf raise InputError unless ``allow_nonfinite`` (results are then undefined).
 
     Finite input the format cannot hold raises ``UnrepresentableError`` (a ValueError)
     naming the first block whose stored scale or dequantized value (in ``x.dtype``) would
@@ -50,14 +51,14 @@ def quantize(
     block = spec.default_block_size if block_size is None else block_size
     check_block_size(block)
     if spec.fixed_block_size and block != spec.default_block_size:
-        raise ValueError(fixed_block_message(spec, block))
+        raise InputError(fixed_block_message(spec, block))
     if spec.row_blocks and x.numel() and (x.dim() == 0 or x.shape[-1] % block):
         row = x.shape[-1] if x.dim() else 1
-        raise ValueError(
+        raise InputError(
             f"{spec.name} needs each row to hold whole blocks of {block}; the last dimension is {row}"
         )
     if double_quant and not spec.double_quant:
-        raise ValueError(no_double_quant_message(spec))
+        raise InputError(no_double_quant_message(spec))
 
     check_block_overhead(spec, block, x.dtype, double_quant=double_quant)
     weights = _search_weights(spec, x, search, importance) if search is not None else None
@@ -101,18 +102,18 @@ def _search_weights(spec: FormatSpec, x: torch.Tensor, search: str, importance) 
 
     if not needs_calibration(search):
         if importance is not None:
-            raise ValueError(f"@{search} does not use importance weights; use @a{search} for the weighted search")
+            raise InputError(f"@{search} does not use importance weights; use @a{search} for the weighted search")
         return None
     if importance is None:
-        raise ValueError(f"@{search} weighs the error by calibration activations and got none: pass importance= "
+        raise InputError(f"@{search} weighs the error by calibration activations and got none: pass importance= "
                          f"(the commands collect it with --calibrate), or use @{search[1:]}")
     imp = torch.as_tensor(importance, dtype=torch.float32)
     if not bool(torch.isfinite(imp).all()) or bool((imp < 0).any()):
-        raise ValueError(f"@{search}: importance weights must be finite and nonnegative")
+        raise InputError(f"@{search}: importance weights must be finite and nonnegative")
     try:
         return imp.expand(x.shape).reshape(-1)
     except RuntimeError:
-        raise ValueError(f"@{search}: importance of shape {tuple(imp.shape)} does not broadcast to the tensor's "
+        raise InputError(f"@{search}: importance of shape {tuple(imp.shape)} does not broadcast to the tensor's "
                          f"shape {tuple(x.shape)} (per input channel: ({x.shape[-1] if x.dim() else 1},))") from None
 
 

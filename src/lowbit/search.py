@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .errors import InputError
+
 Parts = dict[str, torch.Tensor]
 
 SEARCHES = ("mse", "amse", "hqq", "ahqq")
@@ -46,16 +48,16 @@ _TINY = torch.finfo(torch.float32).tiny  # divisor for all-zero blocks, as Asymm
 def check_search_name(name: str) -> str:
     """``name`` if it is a known search; else a one-line ValueError listing the known ones."""
     if name not in SEARCHES:
-        raise ValueError(f"unknown scale search {name!r}; known: {', '.join(SEARCHES)}")
+        raise InputError(f"unknown scale search {name!r}; known: {', '.join(SEARCHES)}")
     return name
 
 
 def _check_blocks(blocks: torch.Tensor, weights: torch.Tensor | None) -> None:
     if blocks.dim() != 2 or blocks.dtype != torch.float32:
         shape = tuple(blocks.shape)
-        raise ValueError(f"blocks must be a 2-D float32 tensor (n_blocks, block), got {blocks.dtype} {shape}")
+        raise InputError(f"blocks must be a 2-D float32 tensor (n_blocks, block), got {blocks.dtype} {shape}")
     if weights is not None and (weights.shape != blocks.shape or weights.dtype != torch.float32):
-        raise ValueError(
+        raise InputError(
             f"weights must be float32 of the blocks' shape {tuple(blocks.shape)}, "
             f"got {weights.dtype} {tuple(weights.shape)}"
         )
@@ -121,7 +123,7 @@ def mse_search(
     _check_blocks(blocks, weights)
     grid = [1.0] + [float(r) for r in (COARSE_RATIOS if ratios is None else ratios) if float(r) != 1.0]
     if any(not r > 0 for r in grid):
-        raise ValueError(f"ratios must be positive clipping ratios (1.0 = the format's rule), got {list(ratios)}")
+        raise InputError(f"ratios must be positive clipping ratios (1.0 = the format's rule), got {list(ratios)}")
     n = blocks.shape[0]
     state: dict = {}
 
@@ -131,9 +133,9 @@ def mse_search(
         if not state:
             bad = [k for k, v in parts.items() if v.dim() == 0 or v.shape[0] != n]
             if bad:
-                raise ValueError(f"propose returned parts {bad} whose dim 0 is not n_blocks = {n}")
+                raise InputError(f"propose returned parts {bad} whose dim 0 is not n_blocks = {n}")
             if refit and ("scales" not in parts or parts["scales"].dtype != torch.float32):
-                raise ValueError("refit=True needs a float32 parts['scales'] that multiplies the levels")
+                raise InputError("refit=True needs a float32 parts['scales'] that multiplies the levels")
         decoded = roundtrip(parts)
         err = _error(decoded, blocks, weights)
         if not state:
@@ -239,9 +241,9 @@ def hqq_search(
     """
     _check_blocks(blocks, weights)
     if not isinstance(bits, int) or not 1 <= bits <= 8:
-        raise ValueError(f"bits must be an int from 1 to 8, got {bits!r}")
+        raise InputError(f"bits must be an int from 1 to 8, got {bits!r}")
     if iters < 0 or not 0 < lp_norm <= 1 or not beta > 0 or not kappa >= 1:
-        raise ValueError(
+        raise InputError(
             f"hqq needs iters >= 0, 0 < lp_norm <= 1, beta > 0, kappa >= 1; got {iters}, {lp_norm}, {beta}, {kappa}"
         )
     qmax = 2**bits - 1

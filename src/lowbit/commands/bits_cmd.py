@@ -6,6 +6,7 @@ import re
 
 import torch
 
+from ..errors import InputError
 from ..report.bits import DEFAULT_BITS_FORMATS, bits_table, parse_value, store
 from .common import console
 
@@ -31,11 +32,11 @@ def run(args) -> int:
     scale = parse_value(args.scale)
     # a block scale is stored as a float32: a normal, positive one (torch.finfo(float32))
     if isinstance(scale, float) or not 2**-126 <= scale <= torch.finfo(torch.float32).max:
-        raise ValueError(f"--scale must be a positive number a float32 block scale can hold (1.2e-38 to 3.4e38), "
+        raise InputError(f"--scale must be a positive number a float32 block scale can hold (1.2e-38 to 3.4e38), "
                          f"got {args.scale!r}")
     names = [n.strip() for n in args.formats.split(",") if n.strip()]
     if not names:
-        raise ValueError("--formats names no format")
+        raise InputError("--formats names no format")
     negative_zero = args.value.strip().startswith("-")
     rows = [store(value, name, scale=scale, negative_zero=negative_zero) for name in names]
     con = console()

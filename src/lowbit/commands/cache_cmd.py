@@ -17,6 +17,7 @@ from pathlib import Path
 from rich.table import Table
 
 from ..cachedir import cache_root, is_entry, is_temp, last_change, remove_file, remove_tree, sweep_temps, tree_size
+from ..errors import InputError
 from ..eval.cache import DESCRIPTION_KEY, read_header
 from ..models.converted import META as MODEL_DESCRIPTION
 from .common import console
@@ -163,7 +164,7 @@ def parse_duration(text: str) -> float:
     """``"30m"``, ``"12h"``, ``"7d"``, ``"2w"``, ``"90s"`` -> seconds."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text.lower())
     if match is None:
-        raise ValueError(f"--older-than takes a number and a unit (s, m, h, d or w), e.g. 7d; got {text!r}")
+        raise InputError(f"--older-than takes a number and a unit (s, m, h, d or w), e.g. 7d; got {text!r}")
     return float(match[1]) * _UNITS[match[2]]
 
 

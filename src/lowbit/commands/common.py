@@ -15,6 +15,7 @@ import torch
 from rich.console import Console
 
 from ..cachedir import cache_root
+from ..errors import InputError
 from ..eval.protocol import DEFAULT_WINDOW, DEFAULT_WINDOWS, read_text
 from ..io.atomic import check_can_create_in, check_replaceable
 from ..models.converted import CacheWarning
@@ -52,9 +53,9 @@ def add_calibrate_arg(p) -> None:
 
 def check_calibrate_arg(args, configs) -> None:
     if args.calibrate is not None and args.calibrate < 1:
-        raise ValueError(f"--calibrate needs at least 1 window, got {args.calibrate}")
+        raise InputError(f"--calibrate needs at least 1 window, got {args.calibrate}")
     if args.calibrate is not None and not any(c.needs_calibration for c in configs):
-        raise ValueError("--calibrate is for activation-weighted searches, GPTQ and AWQ, and no format asks for one: "
+        raise InputError("--calibrate is for activation-weighted searches, GPTQ and AWQ, and no format asks for one: "
                          "add @amse or @ahqq to a format, e.g. nf4@amse, or +gptq or +awq")
 
 
@@ -83,7 +84,7 @@ def parse_configs(labels: list[str], args, *, block_size: int | None = None, dou
     for label in labels:
         config = QuantConfig.parse(label, **selection)
         if block_size is not None and config.block_size not in (None, block_size):
-            raise ValueError(f"{label!r} names block {config.block_size} but --block-size is {block_size}")
+            raise InputError(f"{label!r} names block {config.block_size} but --block-size is {block_size}")
         if block_size is not None or double_quant:
             config = replace(config, block_size=block_size if block_size is not None else config.block_size,
                              double_quant=config.double_quant or double_quant)
@@ -94,7 +95,7 @@ def parse_configs(labels: list[str], args, *, block_size: int | None = None, dou
 def check_protocol_args(args) -> None:
     """Fail before any model is loaded: bad numbers, a bad text, an unwritable JSON path."""
     if args.window < 2 or (args.windows is not None and args.windows < 1):
-        raise ValueError(f"need --window >= 2 and --windows >= 1, got {args.window} and {args.windows}")
+        raise InputError(f"need --window >= 2 and --windows >= 1, got {args.window} and {args.windows}")
     read_text(args.text)  # missing, a directory, not UTF-8, empty: all fail here, in well under a second
     cache_root()  # a LOWBIT_CACHE that is a file
     if getattr(args, "json", None):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..errors import InputError
 from ..evaluate import DEFAULT_FORMATS, compare
 from ..io.atomic import write_json
 from ..nn.keep_dtype import parse_keep_dtype
@@ -48,13 +49,13 @@ def run(args) -> int:
     formats = args.formats if args.formats is not None else "" if args.plan else ",".join(DEFAULT_FORMATS)
     labels = [label for label in formats.split(",") if label.strip()]
     if not labels and not args.plan:
-        raise ValueError("--formats names no format")
+        raise InputError("--formats names no format")
     configs = parse_configs(labels, args) + [QuantPlan.load(path) for path in args.plan or ()]
     check_calibrate_arg(args, configs)
     keep = parse_keep_dtype(args.keep_dtype) if args.keep_dtype else None
     check_protocol_args(args)
     if args.peers and not args.report:
-        raise ValueError("--peers is drawn in the --report figures: add --report FILE.html")
+        raise InputError("--peers is drawn in the --report figures: add --report FILE.html")
     peers = check_report_args(args, args.report) if args.report else None
     con = console()
     model, tokenizer, info = load(args.model, con)

@@ -27,6 +27,7 @@ from rich.table import Table
 from torch import nn
 
 from .. import __version__
+from ..errors import InputError, LowbitError
 from ..eval.calibration import DEFAULT_CALIBRATE, calibrate
 from ..eval.protocol import paragraphs, read_text, token_windows
 from ..eval.tensor import gaussian_sqnr_bound, tensor_errors
@@ -66,13 +67,13 @@ def run(args) -> int:
     """Exit 0 when every format was measured, 1 when some could not be applied (the table says why)."""
     labels = [label for label in args.formats.split(",") if label.strip()]
     if not labels:
-        raise ValueError("--formats names no format")
+        raise InputError("--formats names no format")
     # --layers selects exactly what it matches, lm_head too; without it, QuantConfig's default (all but lm_head)
     selection = SimpleNamespace(include=args.layers, exclude=[] if args.layers else None)
     configs = parse_configs(labels, selection)
     whole = next((c.label for c in configs if c.method or c.rotate or c.awq), None)
     if whole:  # quantize_weight would drop them silently
-        raise ValueError(f"{whole}: lowbit errors measures each weight tensor rounded on its own; +gptq, +had and "
+        raise InputError(f"{whole}: lowbit errors measures each weight tensor rounded on its own; +gptq, +had and "
                          "+awq change a layer against its inputs: score them with lowbit compare")
     _check_calibrate(args.calibrate, configs)
     check_protocol_args(args)  # --window/--windows/--text and the --json path, before the model loads
@@ -115,10 +116,10 @@ def measure(model: nn.Module, configs: list[QuantConfig], *, patterns=None, impo
     for config in configs:
         try:
             check_config(model, config)  # a layout the model cannot hold fails before any layer is measured
-        except ValueError as e:
+        except LowbitError as e:
             failed[config.label] = str(e)
     if len(failed) == len(configs):
-        raise ValueError(next(iter(failed.values())) if len(failed) == 1 else
+        raise InputError(next(iter(failed.values())) if len(failed) == 1 else
                          f"no format can be applied to this model: {'; '.join(failed.values())}")
     if callable(importance):
         wanted = any(c.needs_calibration for c in configs if c.label not in failed)
@@ -134,7 +135,7 @@ def measure(model: nn.Module, configs: list[QuantConfig], *, patterns=None, impo
                     continue
                 try:
                     q = _quantize_weight(weight, config, imp if config.needs_calibration else None)
-                except ValueError as e:  # a value the format cannot hold; the layer is named, as quantize_model does
+                except LowbitError as e:  # a value the format cannot hold; the layer is named, as quantize_model does
                     failed[config.label] = f"layer {names[0]!r} (weight {'x'.join(map(str, weight.shape))}): {e}"
                     continue
                 stored[config.label] += q.nbytes
@@ -167,7 +168,7 @@ def _select(model: nn.Module, config: QuantConfig, patterns) -> list:
         what = f"--layers {' '.join(map(repr, patterns))}" if patterns else "the default selection"
         example = f"; names look like {names[0]!r} (a pattern may match a dotted tail: 'q_proj', 'mlp.*')" \
             if names else ""
-        raise ValueError(f"{what} matched no nn.Linear layer of this model{example}")
+        raise InputError(f"{what} matched no nn.Linear layer of this model{example}")
     return targets
 
 
@@ -179,9 +180,9 @@ def _quantize_weight(weight: torch.Tensor, config: QuantConfig, importance: torc
 
 def _check_calibrate(count: int | None, configs: list[QuantConfig]) -> None:
     if count is not None and count < 1:
-        raise ValueError(f"--calibrate needs at least 1 window, got {count}")
+        raise InputError(f"--calibrate needs at least 1 window, got {count}")
     if count is not None and not any(c.needs_calibration for c in configs):
-        raise ValueError("--calibrate is for activation-weighted searches, and no format asks for one: "
+        raise InputError("--calibrate is for activation-weighted searches, and no format asks for one: "
                          "add @amse or @ahqq to a format, e.g. nf4@amse")
 
 

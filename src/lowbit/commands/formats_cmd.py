@@ -15,6 +15,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from ..errors import InputError
 from ..formats import formats, get_format
 from ..formats.floats import FLOATS, REFERENCE_FLOATS
 from ..formats.spec import (
@@ -51,14 +52,14 @@ def run(args) -> int:
     reference = FLOATS.get((args.label or "").strip().lower())
     if reference in REFERENCE_FLOATS and reference.name not in formats():  # fp32, tf32: no level table
         if args.plot is not None:
-            raise ValueError(f"{reference.name} has 2^{reference.bits} levels, too many to draw; --plot draws a "
+            raise InputError(f"{reference.name} has 2^{reference.bits} levels, too many to draw; --plot draws a "
                              "low-bit format's levels, e.g. `lowbit formats nf4 --plot nf4.png`")
         con.print(float_facts_table((reference,), title=f"{reference.name}: {reference.description}"))
         return 0
     config = None if args.label is None else QuantConfig.parse(args.label)
     if args.plot is not None:  # every problem with --plot before anything is printed
         if config is None:
-            raise ValueError("--plot draws one format's levels: name it, e.g. `lowbit formats nf4 --plot nf4.png`")
+            raise InputError("--plot draws one format's levels: name it, e.g. `lowbit formats nf4 --plot nf4.png`")
         from ..report import plots  # matplotlib only inside its drawing functions
 
         plots.check_suffix(args.plot)
@@ -66,10 +67,10 @@ def run(args) -> int:
         spec = get_format(config.format)
         values = levels(spec)
         if not values and spec.family == "learned":
-            raise ValueError(f"{spec.name}'s levels are learned per tensor: `lowbit plot levels --formats "
+            raise InputError(f"{spec.name}'s levels are learned per tensor: `lowbit plot levels --formats "
                              f"{spec.name}` draws those of a model's layer")
         if not values:
-            raise ValueError(f"{spec.name} has no table of levels to draw ({spec.description})")
+            raise InputError(f"{spec.name} has no table of levels to draw ({spec.description})")
     con.print(Group(format_table(), float_facts_table()) if config is None else explain(config))
     if args.plot is not None:
         fig = plots.format_levels({config.label: values}, gaussian=spec.family == "codebook"

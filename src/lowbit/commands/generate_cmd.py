@@ -6,6 +6,7 @@ import sys
 
 import torch
 
+from ..errors import InputError
 from ..generation import generate
 from ..models import CAUSAL_LM
 from ..nn.config import QuantConfig
@@ -53,7 +54,7 @@ def run(args) -> int:
     prompt = args.prompt
     if args.chat:
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(f"{what}'s tokenizer has no chat template: drop --chat")
+            raise InputError(f"{what}'s tokenizer has no chat template: drop --chat")
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                add_generation_prompt=True)
     out = sys.stdout
@@ -68,29 +69,29 @@ def run(args) -> int:
 
 def _check_kind(kind: str, what: str) -> None:
     if kind != CAUSAL_LM:
-        raise ValueError(f"{what} is not a causal language model (it is an {kind}): generate needs one")
+        raise InputError(f"{what} is not a causal language model (it is an {kind}): generate needs one")
 
 
 def _check(args) -> QuantConfig | None:
     """Every argument checked before anything loads; the --format config, if any."""
     if args.directory and (args.model or args.format):
-        raise ValueError("give a quantized DIR or --model [--format LABEL], not both")
+        raise InputError("give a quantized DIR or --model [--format LABEL], not both")
     if args.include_head and not args.format:
-        raise ValueError("--include-head goes with --format")
+        raise InputError("--include-head goes with --format")
     if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+        raise InputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.temperature < 0:
-        raise ValueError(f"--temperature must be 0 or more, got {args.temperature}")
+        raise InputError(f"--temperature must be 0 or more, got {args.temperature}")
     if args.top_k is not None and args.top_k < 1:
-        raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
+        raise InputError(f"--top-k must be at least 1, got {args.top_k}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+        raise InputError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be at least 1, got {args.threads}")
+        raise InputError(f"--threads must be at least 1, got {args.threads}")
     if not args.format:
         return None
     config = QuantConfig.parse(args.format, **({"exclude": ()} if args.include_head else {}))
     if config.needs_calibration:
-        raise ValueError(f"{args.format} needs calibration: run `lowbit quantize --format {args.format} -o DIR` "
+        raise InputError(f"{args.format} needs calibration: run `lowbit quantize --format {args.format} -o DIR` "
                          "and then `lowbit generate DIR`")
     return config

@@ -14,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .. import memory as mem
+from ..errors import InputError
 from ..io.atomic import write_json
 from ..models.loader import resolve
 from .common import check_writable_file, console, load
@@ -42,17 +43,17 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     if (args.params is None) == (args.model is None):
-        raise ValueError("give the model as --params N (e.g. 70B) or --model M, one of the two")
+        raise InputError("give the model as --params N (e.g. 70B) or --model M, one of the two")
     mem.check_reserve(args.reserve)
     shape_flags = {"--layers": args.layers, "--kv-heads": args.kv_heads, "--head-dim": args.head_dim}
     if args.context is None and (args.batch is not None or any(v is not None for v in shape_flags.values())):
-        raise ValueError("--batch, --layers, --kv-heads and --head-dim describe the KV cache: give --context too")
+        raise InputError("--batch, --layers, --kv-heads and --head-dim describe the KV cache: give --context too")
     for flag, v in {"--context": args.context, "--batch": args.batch, **shape_flags}.items():
         if v is not None and v < 1:  # before a model is loaded
-            raise ValueError(f"{flag} must be at least 1, got {v}")
+            raise InputError(f"{flag} must be at least 1, got {v}")
     missing = [flag for flag, v in shape_flags.items() if v is None]
     if args.context is not None and args.params is not None and missing:
-        raise ValueError(f"--context with --params needs the attention shape: give {', '.join(missing)} "
+        raise InputError(f"--context with --params needs the attention shape: give {', '.join(missing)} "
                          "(or --model, whose config has it)")
     if args.json:
         check_writable_file(args.json)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..errors import InputError
 from ..eval.calibration import DEFAULT_CALIBRATE, calibration_batches
 from ..eval.outliers import check_analysis_threshold, collect_outliers, outlier_report
 from ..eval.protocol import DEFAULT_WINDOWS
@@ -28,7 +29,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     check_analysis_threshold(args.threshold, "--threshold")  # before the model loads
     if args.calibrate < 1:
-        raise ValueError(f"--calibrate needs at least 1 window, got {args.calibrate}")
+        raise InputError(f"--calibrate needs at least 1 window, got {args.calibrate}")
     check_protocol_args(args)
     con = console()
     model, tokenizer, info = load(args.model, con)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 
+from ..errors import InputError
 from ..report import level_data, plots, result_json  # plots loads matplotlib only inside its drawing functions
 from .common import add_model_arg, check_writable_file, console, load
 
@@ -82,7 +83,7 @@ def run(args) -> int:
         table = (result_json.read_json(args.sensitivity, "lowbit plot plan --sensitivity", ("sensitivity",))
                  if args.sensitivity else None)
         if args.row is not None and result_json.json_kind(data) not in ("compare", "bench"):
-            raise ValueError(f"--row picks a row of a compare report; {args.plan} is {result_json.describe(data)}")
+            raise InputError(f"--row picks a row of a compare report; {args.plan} is {result_json.describe(data)}")
         fig = plots.plan_layers(data, table, args.row)
     else:
         fig = plots.outlier_counts(result_json.read_json(args.report, "lowbit plot outliers", ("outliers",)))
@@ -94,7 +95,7 @@ def run(args) -> int:
 def levels_data(args) -> dict:
     labels = [label.strip() for label in args.formats.split(",") if label.strip()]
     if not labels:
-        raise ValueError("--formats names no format")
+        raise InputError("--formats names no format")
     for label in labels:
         level_data.level_config(label)  # a bad label fails before the model loads
     model, _, _ = load(args.model, console())
@@ -114,12 +115,12 @@ def find_linear(model, wanted: str):
     if len(tails) == 1:
         return tails[0], linears[tails[0]]
     if tails:
-        raise ValueError(f"--layer {wanted} matches {len(tails)} layers ({', '.join(tails[:4])}"
+        raise InputError(f"--layer {wanted} matches {len(tails)} layers ({', '.join(tails[:4])}"
                          f"{', ...' if len(tails) > 4 else ''}): give more of the name")
     other = dict(model.named_modules()).get(wanted)
     if other is not None:
-        raise ValueError(f"--layer {wanted} is a {type(other).__name__}, not an nn.Linear")
+        raise InputError(f"--layer {wanted} is a {type(other).__name__}, not an nn.Linear")
     close = difflib.get_close_matches(wanted, list(linears), n=4, cutoff=0.4)
     if not close:
         close = [name for name in linears if name.split(".")[-1] == wanted.split(".")[-1]][:4] or list(linears)[:4]
-    raise ValueError(f"the model has no nn.Linear named {wanted}; close names: {', '.join(close)}")
+    raise InputError(f"the model has no nn.Linear named {wanted}; close names: {', '.join(close)}")

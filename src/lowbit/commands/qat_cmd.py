@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import InputError
 from ..eval.calibration import calibration_batches, calibration_windows
 from ..eval.protocol import DEFAULT_WINDOW, DEFAULT_WINDOWS, read_text
 from ..io.model_io import check_output, local_source, save_quantized
@@ -104,7 +105,7 @@ class TrainingText:
 
 def check_windows(window: int, scored: int, train_window: int) -> None:
     if train_window < 2 or window < 2 or scored < 0:
-        raise ValueError(f"need --train-window >= 2, --window >= 2 and --windows >= 0, got {train_window}, "
+        raise InputError(f"need --train-window >= 2, --window >= 2 and --windows >= 0, got {train_window}, "
                          f"{window} and {scored}")
 
 
@@ -116,7 +117,7 @@ def training_text(tokenizer, text: str | None, *, window: int = DEFAULT_WINDOW, 
     skip = math.ceil(scored * window / train_window)
     windows = calibration_windows(tokenizer, body, name, window=train_window, scored=skip, count=None)
     if len(windows) < MIN_TRAIN_WINDOWS:
-        raise ValueError(f"text {name} holds {len(windows)} windows of {train_window} tokens after the {scored} "
+        raise InputError(f"text {name} holds {len(windows)} windows of {train_window} tokens after the {scored} "
                          f"scored ones; training needs at least {MIN_TRAIN_WINDOWS}: use a longer --text or fewer "
                          "--windows")
     return TrainingText(text, name, window, scored, train_window, skip, windows)
@@ -144,7 +145,7 @@ def train_quantized(model, tokenizer, model_hash: str | None, config, settings: 
 def run(args) -> int:
     if args.plan is not None:
         if args.block_size is not None or args.include or args.exclude is not None:
-            raise ValueError("--plan says each layer's format: --block-size, --include and --exclude belong in its "
+            raise InputError("--plan says each layer's format: --block-size, --include and --exclude belong in its "
                              "rules")
         config = QuantPlan.load(args.plan)
     else:
@@ -157,13 +158,13 @@ def run(args) -> int:
     check_output(args.output, source=local_source(args.model))
     checkpoint = checkpoint_dir(args.output)
     if args.resume and not checkpoint.is_dir():
-        raise ValueError(f"--resume: no checkpoint at {checkpoint}")
+        raise InputError(f"--resume: no checkpoint at {checkpoint}")
     if not args.resume and checkpoint.exists():
         raise FileExistsError(f"{checkpoint} holds an interrupted run: add --resume to continue it, or remove it")
     con = console()
     model, tokenizer, info = load(args.model, con)
     if info.kind != CAUSAL_LM:
-        raise ValueError(f"lowbit qat trains causal language models; {info.name} is an encoder")
+        raise InputError(f"lowbit qat trains causal language models; {info.name} is an encoder")
     keep = parse_keep_dtype(args.keep_dtype) if args.keep_dtype else source_dtype(info.source)
     data = training_text(tokenizer, args.text, window=args.window, scored=args.windows, train_window=args.train_window)
     try:

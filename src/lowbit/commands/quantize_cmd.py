@@ -6,6 +6,7 @@ import math
 import time
 from dataclasses import replace
 
+from ..errors import InputError
 from ..eval.calibration import DEFAULT_CALIBRATE, calibrate, calibration_batches
 from ..eval.protocol import DEFAULT_WINDOW, DEFAULT_WINDOWS, paragraphs, read_text
 from ..evaluate import Evaluation, calibrated_layers, materialize, model_limits
@@ -75,19 +76,19 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     if args.budget is None and (args.sensitivity or args.candidates != ",".join(DEFAULT_CANDIDATES)):
-        raise ValueError("--candidates and --sensitivity choose formats under a --budget; there is no --budget")
+        raise InputError("--candidates and --sensitivity choose formats under a --budget; there is no --budget")
     if args.budget is not None:
         if args.block_size is not None or args.double_quant or args.method:
-            raise ValueError("--budget picks each layer's format from --candidates: --block-size, --double-quant "
+            raise InputError("--budget picks each layer's format from --candidates: --block-size, --double-quant "
                              "and --method belong in the candidate labels (e.g. nf4/32+dq+gptq@amse)")
         if args.sensitivity and (args.include or args.exclude is not None):
-            raise ValueError("--sensitivity's table already holds the layers to plan: --include and --exclude "
+            raise InputError("--sensitivity's table already holds the layers to plan: --include and --exclude "
                              "belong to `lowbit sensitivity`")
         return run_budget(args)
     if args.plan is not None:
         if (args.block_size is not None or args.double_quant or args.include or args.exclude is not None
                 or args.method):
-            raise ValueError("--plan says each layer's format: --block-size, --double-quant, --method, --include "
+            raise InputError("--plan says each layer's format: --block-size, --double-quant, --method, --include "
                              "and --exclude belong in its rules")
         config = QuantPlan.load(args.plan)
     else:
@@ -106,11 +107,11 @@ def run(args) -> int:
     if args.plan is not None:
         unused = config.unused(names[0] for names, _ in linears(model))
         if unused and args.strict:
-            raise ValueError(f"{unused[0]} (--strict){f'; and {len(unused) - 1} more' if len(unused) > 1 else ''}")
+            raise InputError(f"{unused[0]} (--strict){f'; and {len(unused) - 1} more' if len(unused) > 1 else ''}")
         for message in unused:
             con.print(f"warning: {message}", style="yellow")
     elif args.strict:
-        raise ValueError("--strict checks a --plan's rules; there is no --plan")
+        raise InputError("--strict checks a --plan's rules; there is no --plan")
     scored = scored_count(info.kind, args.text, args.windows) if config.needs_calibration else 0
     report = quantize_with(model, tokenizer, info, config, args, scored)
     save_quantized(model, tokenizer, info, report, config, args.output, overwrite=args.overwrite, keep_dtype=keep)
@@ -132,7 +133,7 @@ def run_budget(args) -> int:
     for label in candidates:
         candidate(label)  # a bad label fails before the model loads
     if not (args.budget > 0 and math.isfinite(args.budget)):
-        raise ValueError(f"--budget is a positive number of bits per weight, got {args.budget}")
+        raise InputError(f"--budget is a positive number of bits per weight, got {args.budget}")
     table = Sensitivity.load(args.sensitivity) if args.sensitivity else None
     # with a table, a budget it cannot meet or a candidate it lacks fails before the model loads
     chosen = plan_for_budget(None, args.budget, candidates=candidates, sensitivity=table) if table else None
@@ -142,7 +143,7 @@ def run_budget(args) -> int:
     model, tokenizer, info = load(args.model, con)
     keep = parse_keep_dtype(args.keep_dtype) if args.keep_dtype else source_dtype(info.source)
     if info.kind != CAUSAL_LM:
-        raise ValueError(f"--budget weighs formats by KL of next-token distributions; {info.name} is an encoder")
+        raise InputError(f"--budget weighs formats by KL of next-token distributions; {info.name} is an encoder")
     scored = scored_count(info.kind, args.text, args.windows)
     evaluation = Evaluation(info, tokenizer, lambda: model, text=args.text, window=args.window,
                             windows=args.windows, **model_limits(model))  # the reference, before any layer changes
@@ -196,12 +197,12 @@ def check_table(table: Sensitivity, info, model, path: str) -> None:
     """A table read with --sensitivity must be this model's: same file, every layer present."""
     made_on = table.model.get("file_hash")
     if made_on and made_on != info.file_hash:
-        raise ValueError(f"{path} was measured on another model ({table.model.get('name')}, sha256 "
+        raise InputError(f"{path} was measured on another model ({table.model.get('name')}, sha256 "
                          f"{made_on[:12]}...), not {info.name}")
     names = {n for names, _ in linears(model) for n in names}
     missing = [n for n in table.numel if n not in names]
     if missing:
-        raise ValueError(f"{path} names layer {missing[0]}, which {info.name} does not have")
+        raise InputError(f"{path} names layer {missing[0]}, which {info.name} does not have")
 
 
 def scored_count(kind: str, text: str | None, windows: int) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..errors import InputError
 from ..report.html import write_report
 from ..report.result_json import read_json
 from .common import check_writable_file, console
@@ -25,7 +26,7 @@ def add_peers_arg(p) -> None:
 def check_report_args(args, path: str) -> list[dict] | None:
     """Fail before any work: an HTML path that cannot be written, a --peers file of the wrong kind."""
     if not path.lower().endswith((".html", ".htm")):
-        raise ValueError(f"{path}: the report is HTML; name the file .html")
+        raise InputError(f"{path}: the report is HTML; name the file .html")
     check_writable_file(path)
     return read_json(args.peers, f"lowbit {args.command} --peers", ("bench",)) if args.peers else None
 
@@ -35,7 +36,7 @@ def run(args) -> int:
     report = read_json(args.results, "lowbit report", ("compare",))
     missing = [key for key in ("model", "protocol", "reference") if key not in report]
     if missing:  # a page needs what the table's title, the protocol and provenance sections read
-        raise ValueError(f"{args.results} looks like a `lowbit compare --json` report but has no {', '.join(missing)}")
+        raise InputError(f"{args.results} looks like a `lowbit compare --json` report but has no {', '.join(missing)}")
     write_report(report, args.output, peers=peers)
     console().print(f"wrote {args.output}")
     return 0

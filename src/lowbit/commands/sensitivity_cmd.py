@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..errors import InputError
 from ..eval.calibration import calibration_batches
 from ..eval.protocol import DEFAULT_WINDOWS
 from ..io.atomic import write_json
@@ -33,16 +34,16 @@ def add_parser(sub) -> None:
 def candidate_configs(args) -> list:
     labels = [label for label in args.candidates.split(",") if label.strip()]
     if not labels:
-        raise ValueError("no candidate format given")
+        raise InputError("no candidate format given")
     if args.calibrate < 1:
-        raise ValueError(f"--calibrate needs at least 1 window, got {args.calibrate}")
+        raise InputError(f"--calibrate needs at least 1 window, got {args.calibrate}")
     return list({c.label: c for c in map(candidate, labels)}.values())
 
 
 def measure(args, model, tokenizer, info, configs):
     """The sensitivity table of ``model`` on the calibration windows after the ``--windows`` scored ones."""
     if info.kind != CAUSAL_LM:
-        raise ValueError(f"sensitivity measures KL of next-token distributions; {info.name} is an encoder")
+        raise InputError(f"sensitivity measures KL of next-token distributions; {info.name} is an encoder")
     batches, _ = calibration_batches(tokenizer, info.kind, args.text, window=args.window,
                                      scored=scored_count(info.kind, args.text, args.windows or DEFAULT_WINDOWS),
                                      count=args.calibrate)

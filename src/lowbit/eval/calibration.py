@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
+from ..errors import InputError
 from ..models.loader import CAUSAL_LM, ENCODER
 from ..progress import progress_bar
 from .encoder import BATCH as ENCODER_BATCH
@@ -50,11 +51,11 @@ def calibration_windows(tokenizer, text: str, name: str, *, window: int = DEFAUL
     after = held - scored
     if after <= 0:
         asked = "" if count is None else f"; asked for {count} calibration windows"
-        raise ValueError(f"text {name} holds {held} windows of {window} tokens, none after the {scored} scored "
+        raise InputError(f"text {name} holds {held} windows of {window} tokens, none after the {scored} scored "
                          f"ones{asked}: use a longer --text or fewer --windows")
     count = after if count is None else count
     if after < count:
-        raise ValueError(f"text {name} holds {after} windows of {window} tokens after the {scored} scored ones; "
+        raise InputError(f"text {name} holds {after} windows of {window} tokens after the {scored} scored ones; "
                          f"asked for {count}: use --calibrate {after} or fewer, or a longer --text")
     return ids[scored * window: (scored + count) * window].view(count, window)
 
@@ -76,7 +77,7 @@ def calibration_paragraphs(tokenizer, text: str, name: str, *, scored: int, coun
             return rest[: i + 1]
     fits = total // window
     advice = f"use --calibrate {fits} or fewer, or a longer --text" if fits else "use a longer --text"
-    raise ValueError(f"text {name} holds {total} tokens ({fits} x {window}) in the {len(rest)} paragraphs after the "
+    raise InputError(f"text {name} holds {total} tokens ({fits} x {window}) in the {len(rest)} paragraphs after the "
                      f"{scored} scored ones; asked for {count} x {window}: {advice}")
 
 
@@ -106,7 +107,7 @@ def collect_importance(model: nn.Module, batches: Sequence, *, layers=None, prog
     forward pass never calls it).
     """
     if len(batches) == 0:
-        raise ValueError("no calibration inputs given")
+        raise InputError("no calibration inputs given")
     targets = _targets(model, layers)
     sums: dict[str, torch.Tensor | None] = dict.fromkeys(targets)
     counts = dict.fromkeys(targets, 0)
@@ -123,7 +124,7 @@ def collect_importance(model: nn.Module, batches: Sequence, *, layers=None, prog
             if not torch.isfinite(s).all():  # squares are >= 0: a NaN sum means a NaN input, an Inf sum an Inf
                 what = "NaN" if torch.isnan(s).any() else "Inf"
                 bad = int((torch.isnan(s) if what == "NaN" else torch.isinf(s)).sum())
-                raise ValueError(f"calibration activations of {name} hold {what}: in {bad} of its {s.numel()} "
+                raise InputError(f"calibration activations of {name} hold {what}: in {bad} of its {s.numel()} "
                                  f"input channels (calibration batch {state['batch'] + 1} of {len(batches)}); "
                                  "the model does not compute finite values on this text")
             sums[name] = s if sums[name] is None else sums[name] + s
@@ -136,13 +137,13 @@ def collect_importance(model: nn.Module, batches: Sequence, *, layers=None, prog
         state["input"] = state["sums"] = None
     idle = [name for name, n in counts.items() if n == 0]
     if idle:
-        raise ValueError(f"nn.Linear {idle[0]} received no input during calibration ({len(idle)} such layers): "
+        raise InputError(f"nn.Linear {idle[0]} received no input during calibration ({len(idle)} such layers): "
                          "the forward pass never calls it; leave it out of layers=")
     means = {name: (sums[name] / counts[name]).float() for name in targets}
     big = next((name for name, m in means.items() if not torch.isfinite(m).all()), None)
     if big is not None:
         peak = (sums[big] / counts[big]).max().item()
-        raise ValueError(f"the mean square of {big}'s calibration activations reaches {peak:.3g}, beyond float32 "
+        raise InputError(f"the mean square of {big}'s calibration activations reaches {peak:.3g}, beyond float32 "
                          "(3.4e38): the model's activations are out of range on this text")
     return means
 
@@ -210,7 +211,7 @@ def calibration_batches(tokenizer, info_kind: str, text=None, *, window: int = D
     if info_kind == ENCODER:
         texts = calibration_paragraphs(tokenizer, body, name, scored=scored, count=count, window=window)
         return encoder_batches(tokenizer, texts), f"calibrating on {len(texts)} paragraphs after the {scored} scored"
-    raise ValueError(f"unknown model kind {info_kind!r}: expected {CAUSAL_LM!r} or {ENCODER!r}")
+    raise InputError(f"unknown model kind {info_kind!r}: expected {CAUSAL_LM!r} or {ENCODER!r}")
 
 
 def _square_sums(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
@@ -231,7 +232,7 @@ def _square_sums(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tens
 
 def _check_counts(window: int, scored: int, count: int) -> None:
     if window < 1 or scored < 0 or count < 1:
-        raise ValueError(f"need window >= 1, scored >= 0 and --calibrate >= 1, got window={window}, "
+        raise InputError(f"need window >= 1, scored >= 0 and --calibrate >= 1, got window={window}, "
                          f"scored={scored}, calibrate={count}")
 
 
@@ -242,15 +243,15 @@ def _targets(model: nn.Module, layers) -> dict[str, nn.Linear]:
     if layers is None:
         targets = {n: m for n, m in linears.items() if not isinstance(m, NonDynamicallyQuantizableLinear)}
         if not targets:
-            raise ValueError(f"{type(model).__name__} has no nn.Linear layer to calibrate")
+            raise InputError(f"{type(model).__name__} has no nn.Linear layer to calibrate")
         return targets
     wanted = [layers] if isinstance(layers, str) else list(layers)
     if not wanted:
-        raise ValueError("layers= is empty: name at least one nn.Linear to calibrate, or pass None for all")
+        raise InputError("layers= is empty: name at least one nn.Linear to calibrate, or pass None for all")
     missing = [n for n in wanted if n not in linears]
     if missing:
         example = next(iter(linears), None)
-        raise ValueError(f"no nn.Linear named {missing[0]!r} in the model"
+        raise InputError(f"no nn.Linear named {missing[0]!r} in the model"
                          + (f" (names look like {example!r})" if example else " (it has none)"))
     return {n: linears[n] for n in dict.fromkeys(wanted)}
 

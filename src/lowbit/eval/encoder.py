@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..cachedir import writable_root
+from ..errors import InputError
 from ..progress import progress_bar
 from .cache import (
     CACHE_VERSION,
@@ -58,7 +59,7 @@ def encoder_reference(load_model: Callable[[], nn.Module], tokenizer, text: str,
     """
     texts = paragraphs(text)
     if not texts:
-        raise ValueError("the text has no paragraph longer than 40 characters to embed")
+        raise InputError("the text has no paragraph longer than 40 characters to embed")
     key = hashlib.sha256("\0".join(texts).encode()).hexdigest()
     path = cache_path(KIND, model=model_hash, paragraphs=key, max_tokens=MAX_TOKENS)
     cached = open_cached(path, lambda f: _embeddings(f, len(texts)))

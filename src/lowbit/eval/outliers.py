@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..errors import InputError
 from .calibration import _targets, forward_hooked, token_rows
 
 SYSTEMATIC_LAYERS = 0.25  # §4.1: the same feature dimension in at least 25% of the transformer layers
@@ -38,7 +39,7 @@ class LayerInput:
 def check_analysis_threshold(threshold: float, name: str = "the outlier threshold") -> float:
     """``threshold`` if it is a finite number > 0 (0 would count every value), else a ValueError saying ``name``."""
     if not threshold > 0 or threshold == float("inf"):
-        raise ValueError(f"{name} is a finite number > 0 (the paper's is 6), got {threshold}")
+        raise InputError(f"{name} is a finite number > 0 (the paper's is 6), got {threshold}")
     return threshold
 
 
@@ -61,7 +62,7 @@ def collect_outliers(model: nn.Module, batches: Sequence, threshold: float, *, p
             if x is not state["input"]:  # q/k/v read one tensor: counted once, for each of them
                 rows = token_rows(x.detach(), state["mask"]).float().abs()
                 if not torch.isfinite(rows).all():
-                    raise ValueError(f"the input of {name} holds NaN or Inf (batch {state['batch'] + 1} of "
+                    raise InputError(f"the input of {name} holds NaN or Inf (batch {state['batch'] + 1} of "
                                      f"{len(batches)}): the model does not compute finite values on this text")
                 state.update(input=x, owner=name, found=((rows >= threshold).sum(0), rows.amax(0), rows.shape[0]))
             elif state["batch"] == 0 and stats[name].positions == 0:
@@ -79,7 +80,7 @@ def collect_outliers(model: nn.Module, batches: Sequence, threshold: float, *, p
         state["input"] = state["found"] = None
     idle = [name for name, s in stats.items() if s.positions == 0]
     if idle:
-        raise ValueError(f"nn.Linear {idle[0]} received no input ({len(idle)} such layers): the forward pass "
+        raise InputError(f"nn.Linear {idle[0]} received no input ({len(idle)} such layers): the forward pass "
                          "never calls it")
     return stats
 

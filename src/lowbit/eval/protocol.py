@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import InputError
+
 DEFAULT_TEXT = "pydoc_data.topics"
 DEFAULT_WINDOW = 512
 DEFAULT_WINDOWS = 16
@@ -51,9 +53,9 @@ def read_text(path: str | Path | None) -> tuple[str, str]:
     try:
         body = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"text file is not UTF-8: {p} ({e.reason} at byte {e.start})") from e
+        raise InputError(f"text file is not UTF-8: {p} ({e.reason} at byte {e.start})") from e
     if not body.strip():
-        raise ValueError(f"text file is empty: {p}")
+        raise InputError(f"text file is empty: {p}")
     return str(p), body
 
 
@@ -66,13 +68,13 @@ def token_windows(
     explicit count the text cannot fill is an error, never a silent cap.
     """
     if window < 2 or (windows is not None and windows < 1):
-        raise ValueError(f"need window >= 2 and windows >= 1, got window={window}, windows={windows}")
+        raise InputError(f"need window >= 2 and windows >= 1, got window={window}, windows={windows}")
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
     held = ids.numel() // window
     if held == 0:
-        raise ValueError(f"text {name} holds {ids.numel()} tokens, fewer than one window of {window}")
+        raise InputError(f"text {name} holds {ids.numel()} tokens, fewer than one window of {window}")
     if windows is not None and windows > held:
-        raise ValueError(f"text {name} holds {held} windows of {window} tokens ({ids.numel()} tokens); "
+        raise InputError(f"text {name} holds {held} windows of {window} tokens ({ids.numel()} tokens); "
                          f"asked for {windows}: use --windows {held} or fewer")
     n = min(DEFAULT_WINDOWS if windows is None else windows, held)
     ids = ids[: n * window].view(n, window)

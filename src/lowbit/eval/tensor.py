@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..errors import InputError
+
 # 10·log10(2²) dB per bit: 20·log10(2) = 6.0206 (Cover & Thomas §10.3, D(R) = σ²·2^(−2R))
 DB_PER_BIT = 20 * math.log10(2)
 
@@ -78,7 +80,7 @@ def gaussian_sqnr_bound(bits_per_weight: float) -> float:
     (Cover & Thomas §10.3: D(R) = σ²·2^(−2R)). 4 bits -> 24.08 dB."""
     if isinstance(bits_per_weight, bool) or not isinstance(bits_per_weight, int | float) \
             or not math.isfinite(bits_per_weight) or bits_per_weight < 0:
-        raise ValueError(f"bits_per_weight must be a finite number >= 0, got {bits_per_weight!r}")
+        raise InputError(f"bits_per_weight must be a finite number >= 0, got {bits_per_weight!r}")
     return DB_PER_BIT * bits_per_weight
 
 
@@ -107,10 +109,10 @@ def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
     if x.shape != y.shape:
-        raise ValueError(f"x and y differ in shape: {tuple(x.shape)} vs {tuple(y.shape)}; pass the dequantized "
+        raise InputError(f"x and y differ in shape: {tuple(x.shape)} vs {tuple(y.shape)}; pass the dequantized "
                          "tensor in the original's shape")
     if x.numel() == 0:
-        raise ValueError("x is empty: an error needs at least one element")
+        raise InputError("x is empty: an error needs at least one element")
 
 
 def _check_weights(weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -118,13 +120,13 @@ def _check_weights(weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     try:
         torch.broadcast_shapes(w.shape, x.shape)
     except RuntimeError:
-        raise ValueError(f"weights of shape {tuple(w.shape)} do not broadcast to x's {tuple(x.shape)}; "
+        raise InputError(f"weights of shape {tuple(w.shape)} do not broadcast to x's {tuple(x.shape)}; "
                          "e.g. give one weight per input channel, shape (x.shape[-1],)") from None
     if torch.broadcast_shapes(w.shape, x.shape) != x.shape:
-        raise ValueError(f"weights of shape {tuple(w.shape)} would enlarge x's {tuple(x.shape)}; "
+        raise InputError(f"weights of shape {tuple(w.shape)} would enlarge x's {tuple(x.shape)}; "
                          "they must broadcast to x's shape")
     if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
-        raise ValueError("weights must be finite and nonnegative")
+        raise InputError("weights must be finite and nonnegative")
     if not bool((w > 0).any()):
-        raise ValueError("weights are all zero: nothing would be measured")
+        raise InputError("weights are all zero: nothing would be measured")
     return w

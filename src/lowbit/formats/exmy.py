@@ -27,6 +27,7 @@ from functools import cached_property
 import torch
 
 from .. import dispatch
+from ..errors import InputError
 from .rounding import midpoints, nearest_ties_even, nearest_ties_lower
 
 SPECIALS = ("none", "fn", "ieee")
@@ -41,11 +42,11 @@ class ExMy:
 
     def __post_init__(self):
         if self.specials not in SPECIALS:
-            raise ValueError(f"specials must be one of {SPECIALS}, got {self.specials!r}")
+            raise InputError(f"specials must be one of {SPECIALS}, got {self.specials!r}")
         if self.exp_bits < 0 or self.man_bits < 0 or self.exp_bits + self.man_bits == 0:
-            raise ValueError(f"bad ExMy: E{self.exp_bits}M{self.man_bits}")
+            raise InputError(f"bad ExMy: E{self.exp_bits}M{self.man_bits}")
         if self.specials != "none" and self.exp_bits == 0:
-            raise ValueError("a format without exponent bits has no Inf/NaN codes")
+            raise InputError("a format without exponent bits has no Inf/NaN codes")
 
     @property
     def bits(self) -> int:

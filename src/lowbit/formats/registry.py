@@ -7,6 +7,7 @@ from typing import ClassVar
 
 import torch
 
+from ..errors import InputError
 from .spec import FormatSpec
 from .table import fact
 
@@ -186,12 +187,12 @@ def get_format(name: str | FormatSpec) -> FormatSpec:
         return _FORMATS[key]
     close = difflib.get_close_matches(key, list(_FORMATS), n=5, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise ValueError(f"unknown format {name!r}{hint} (run `lowbit formats` for the list)")
+    raise InputError(f"unknown format {name!r}{hint} (run `lowbit formats` for the list)")
 
 
 def format_by_id(format_id: int) -> FormatSpec:
     if format_id not in _IDS:
-        raise ValueError(f"unknown format id {format_id}")
+        raise InputError(f"unknown format id {format_id}")
     return _FORMATS[_IDS[format_id]]
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
+from ..errors import InputError
+
 
 @contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
@@ -116,7 +118,7 @@ def check_replaceable(path: Path) -> None:
     if path.is_dir():
         raise IsADirectoryError(f"is a directory, not a file: {path}")
     if path.exists() and not path.is_file():
-        raise ValueError(f"not a regular file: {path} (lowbit writes files by renaming a new one over the name)")
+        raise InputError(f"not a regular file: {path} (lowbit writes files by renaming a new one over the name)")
 
 
 def check_can_create_in(directory: Path) -> None:

@@ -36,7 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import LowbitWarning, ModelLoadError
+from ..errors import InputError, LowbitWarning, ModelLoadError
 from ..formats.registry import formats, get_format
 from ..nn.linear import QuantLinear
 from ..scaling.double_quant import DQ_BLOCK, dynamic_map
@@ -176,16 +176,16 @@ def _layer(w: str, info: dict, parts: dict[str, torch.Tensor]) -> QuantizedTenso
     by_type = {get_format(f).bnb_quant_type: get_format(f) for f in BNB_FORMATS}
     fmt = by_type.get(info["quant_type"])
     if fmt is None:
-        raise ValueError(f"quant_type {info['quant_type']!r} (lowbit reads {', '.join(by_type)})")
+        raise InputError(f"quant_type {info['quant_type']!r} (lowbit reads {', '.join(by_type)})")
     quant_map = parts.get(f"{w}.quant_map")
     if quant_map is None or not torch.equal(quant_map.float(), torch.tensor(fmt.values, dtype=torch.float32)):
-        raise ValueError(f"its quant_map is not bitsandbytes' {info['quant_type']} table")
+        raise InputError(f"its quant_map is not bitsandbytes' {info['quant_type']} table")
     block, shape = int(info["blocksize"]), torch.Size(int(d) for d in info["shape"])
     double = "nested_absmax" in info or f"{w}.nested_absmax" in parts
     if double:
         if int(info["nested_blocksize"]) != DQ_BLOCK or info["nested_dtype"] != "float32" or \
                 not torch.equal(parts[f"{w}.nested_quant_map"], dynamic_map()):
-            raise ValueError(f"its double quant is not bitsandbytes' (blocks of {DQ_BLOCK}, the dynamic map)")
+            raise InputError(f"its double quant is not bitsandbytes' (blocks of {DQ_BLOCK}, the dynamic map)")
         stored = {"codes": parts["weight"].reshape(-1), "scales_q": parts[f"{w}.absmax"],
                   "scales_absmax": parts[f"{w}.nested_absmax"],
                   "scales_offset": torch.tensor([float(info["nested_offset"])], dtype=torch.float32)}

@@ -13,6 +13,7 @@ import ctypes
 import torch
 from torch import nn
 
+from ..errors import InputError
 from ..nn.linear import QuantLinear
 from . import native
 from .linear import F32, ISA, Prepared, _made, _Weights, prepare
@@ -108,5 +109,5 @@ class NativeStep:
         logits = torch.empty(self.vocab, dtype=torch.float32)
         row = self.embed[token]
         if native.lowbit_llama_step(self.ref, row.data_ptr(), pos, logits.data_ptr(), ISA):
-            raise ValueError(f"position {pos} is outside the KV cache ({self.model.max_len} tokens)")
+            raise InputError(f"position {pos} is outside the KV cache ({self.model.max_len} tokens)")
         return logits

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import InputError
 from ..progress import note, progress_bar
 from .blockwise import catch_inputs, first, hessians, transformer_blocks
 from .config import AWQ_ATTRIBUTE, QuantConfig
@@ -55,7 +56,7 @@ def scale_groups(block: nn.Module) -> list[Group]:
     attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
     if attn is not None and mlp is not None and hasattr(block, "input_layernorm"):  # Llama, Mistral, Qwen2
         if "Gemma" in type(block.input_layernorm).__name__:
-            raise ValueError("+awq cannot fold into Gemma's RMSNorm, which scales by 1 + weight")
+            raise InputError("+awq cannot fold into Gemma's RMSNorm, which scales by 1 + weight")
         groups = [Group(block.input_layernorm, (attn.q_proj, attn.k_proj, attn.v_proj))]
         if attn.v_proj.out_features == attn.o_proj.in_features:  # no grouped-query attention
             groups.append(Group(attn.v_proj, (attn.o_proj,)))
@@ -64,7 +65,7 @@ def scale_groups(block: nn.Module) -> list[Group]:
     attention = getattr(block, "attention", None)
     if attention is not None and hasattr(attention, "self") and hasattr(attention, "output"):  # BERT
         return [Group(attention.self.value, (attention.output.dense,))]
-    raise ValueError(f"+awq knows pre-norm Llama-style blocks and BERT blocks, not {type(block).__name__}: "
+    raise InputError(f"+awq knows pre-norm Llama-style blocks and BERT blocks, not {type(block).__name__}: "
                      "it would not know which op to fold the scales into")
 
 
@@ -95,7 +96,7 @@ def awq_scale(model: nn.Module, plan: QuantPlan, batches: Sequence, *, progress:
                 (a, k), before = inputs[0], outs[0]  # one batch shows a fold that is not exact
                 moved = float((first(block(*a, **k)) - before).abs().max() / before.abs().max().clamp(min=1e-12))
                 if moved > FOLD_RTOL:
-                    raise ValueError(f"+awq: folding the scales into block {index} changed its output by {moved:.2g} "
+                    raise InputError(f"+awq: folding the scales into block {index} changed its output by {moved:.2g} "
                                      "of its largest value; this architecture does not allow the fold")
             else:
                 outs = [first(block(*a, **k)) for a, k in inputs]

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..errors import InputError
+
 
 class _Caught(Exception):
     """Raised by the hook on the first block once its inputs are stored: the rest of the forward is not needed."""
@@ -22,7 +24,7 @@ def transformer_blocks(model: nn.Module) -> nn.ModuleList:
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)
              and any(isinstance(x, nn.Linear) for x in m.modules())]
     if not lists:
-        raise ValueError(f"{type(model).__name__} holds no nn.ModuleList of blocks: it cannot be run block by block")
+        raise InputError(f"{type(model).__name__} holds no nn.ModuleList of blocks: it cannot be run block by block")
     return max(lists, key=len)
 
 
@@ -68,7 +70,7 @@ def hessians(linears: dict[str, nn.Linear], run, dtype: torch.dtype = torch.floa
         def hook(module, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).to(dtype)
             if not torch.isfinite(x).all():
-                raise ValueError(f"calibration activations of {name} hold NaN or Inf: GPTQ cannot use them")
+                raise InputError(f"calibration activations of {name} hold NaN or Inf: GPTQ cannot use them")
             sums[name] += (x.T @ x).to(torch.float64)
             counts[name] += x.shape[0]
         return hook
@@ -81,5 +83,5 @@ def hessians(linears: dict[str, nn.Linear], run, dtype: torch.dtype = torch.floa
             h.remove()
     idle = [n for n, c in counts.items() if c == 0]
     if idle:
-        raise ValueError(f"nn.Linear {idle[0]} received no input during calibration: GPTQ has no Hessian for it")
+        raise InputError(f"nn.Linear {idle[0]} received no input during calibration: GPTQ has no Hessian for it")
     return {n: 2 * s / counts[n] for n, s in sums.items()}

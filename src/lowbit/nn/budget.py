@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch.nn as nn
 
+from ..errors import InputError
 from .config import QuantConfig
 from .plan import PlanRule, QuantPlan
 from .sensitivity import DEFAULT_CANDIDATES, Sensitivity, measure_sensitivity
@@ -73,15 +74,15 @@ def plan_for_budget(model: nn.Module | None, budget: float, *, candidates: Seque
     (default ``DEFAULT_CANDIDATES``).
     """
     if not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget > 0):
-        raise ValueError(f"the budget is a positive number of bits per weight, got {budget!r}")
+        raise InputError(f"the budget is a positive number of bits per weight, got {budget!r}")
     if sensitivity is None:
         if model is None or batches is None:
-            raise ValueError("plan_for_budget needs sensitivity= or both model and batches= (calibration windows)")
+            raise InputError("plan_for_budget needs sensitivity= or both model and batches= (calibration windows)")
         sensitivity = measure_sensitivity(model, candidates or DEFAULT_CANDIDATES, batches, progress=progress)
     elif candidates is not None:
         missing = [c for c in candidates if QuantConfig.parse(c).label not in sensitivity.candidates]
         if missing:
-            raise ValueError(f"candidate {missing[0]} is not in the sensitivity table (it holds "
+            raise InputError(f"candidate {missing[0]} is not in the sensitivity table (it holds "
                              f"{', '.join(sensitivity.candidates)})")
     return choose(sensitivity, budget, candidates)
 
@@ -94,14 +95,14 @@ def choose(sensitivity: Sensitivity, budget: float, candidates: Sequence[str] | 
     for name in layers:
         costs = {label: c for label, c in sensitivity.costs[name].items() if allowed is None or label in allowed}
         if not costs:
-            raise ValueError(f"no candidate can hold layer {name}")
+            raise InputError(f"no candidate can hold layer {name}")
         options.append(sorted(costs.items(), key=lambda kv: kv[1].bytes))
     numel = sum(sensitivity.numel.values())
     cap = math.floor(budget * numel / 8)
     smallest = sum(o[0][1].bytes for o in options)
     if smallest > cap:
         least = sorted({o[0][0] for o in options})
-        raise ValueError(f"a budget of {budget:g} bits per weight is below the smallest mix of the candidates: "
+        raise InputError(f"a budget of {budget:g} bits per weight is below the smallest mix of the candidates: "
                          f"{8 * smallest / numel:.4f} bits per weight with every layer at its smallest "
                          f"({', '.join(least)}); give a larger budget or a smaller candidate")
     unit = max(1, math.ceil(cap / RESOLUTION))
@@ -120,7 +121,7 @@ def choose(sensitivity: Sensitivity, budget: float, candidates: Sequence[str] | 
             new[better], picks[i, better] = shifted[better], k
         best = new
     if not np.isfinite(best[units]):  # only a rounding up of every layer can get here
-        raise ValueError(f"a budget of {budget:g} bits per weight leaves no room once bytes are rounded to "
+        raise InputError(f"a budget of {budget:g} bits per weight leaves no room once bytes are rounded to "
                          f"{unit}-byte units: give a slightly larger budget")
     chosen, c = [], units
     for i in reversed(range(len(options))):

@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..errors import InputError
 from ..tensor import QuantizedTensor
 
 PART = "tensor_codebook"
@@ -33,7 +34,7 @@ RIDGE = 1e-9  # x the system's mean diagonal: a level no element holds keeps its
 def refit_codebook(weight: torch.Tensor, hessian: torch.Tensor, qweight: QuantizedTensor) -> QuantizedTensor:
     """``qweight`` (codes and scales as they are) with the codebook that minimises ``tr(dW H dW^T)``."""
     if PART not in qweight.parts:
-        raise ValueError(f"{qweight.format.name} stores no codebook of its own to refit; +cb takes a learned "
+        raise InputError(f"{qweight.format.name} stores no codebook of its own to refit; +cb takes a learned "
                          "codebook format: lloyd2..lloyd8 or qq2..qq8")
     book = qweight.parts[PART]
     levels = book.numel()

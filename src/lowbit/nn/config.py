@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from ..checks import check_block_size
+from ..errors import InputError
 from ..formats.registry import GridCodec, codec_for, get_format
 from ..formats.spec import DQ_SUFFIX, FormatSpec, fixed_block_message, no_double_quant_message
 from ..pipeline import SEARCHES, check_search, needs_calibration
@@ -43,7 +44,7 @@ class QuantConfig:
         # Settings wrong for every layer fail here, before any layer is touched, rather
         # than as a LayerQuantizeError that would blame the first layer.
         if isinstance(self.format, str) and any(c in self.format for c in "/+@"):
-            raise ValueError(f"{self.format!r} is a format label, not a format name: use QuantConfig.parse")
+            raise InputError(f"{self.format!r} is a format label, not a format name: use QuantConfig.parse")
         if self.format == OUTLIER_FORMAT:
             object.__setattr__(self, "format", "int8")
             if self.outlier_threshold is None:
@@ -54,26 +55,26 @@ class QuantConfig:
         if self.block_size is not None:
             check_block_size(self.block_size)
             if spec.fixed_block_size and self.block_size != spec.default_block_size:
-                raise ValueError(fixed_block_message(spec, self.block_size))
+                raise InputError(fixed_block_message(spec, self.block_size))
         if self.double_quant and not spec.double_quant:
-            raise ValueError(no_double_quant_message(spec))
+            raise InputError(no_double_quant_message(spec))
         if self.search is not None:
             object.__setattr__(self, "search", check_search(spec, self.search))
         if self.method is not None:
             if self.method not in METHODS:
-                raise ValueError(f"unknown method {self.method!r}: the one method is gptq (GPTQ, arXiv 2210.17323)")
+                raise InputError(f"unknown method {self.method!r}: the one method is gptq (GPTQ, arXiv 2210.17323)")
             if not issubclass(codec_for(spec), GridCodec):
-                raise ValueError(f"GPTQ needs a format whose elements are levels on a grid; {spec.name} is a GGUF "
+                raise InputError(f"GPTQ needs a format whose elements are levels on a grid; {spec.name} is a GGUF "
                                  "block format: try int4, int4_asym, nf4 or fp4_e2m1")
         if self.rotate and needs_calibration(self.search) and not self.method:
-            raise ValueError(f"+had with @{self.search} needs +gptq: the rotated inputs' importance is the diagonal "
+            raise InputError(f"+had with @{self.search} needs +gptq: the rotated inputs' importance is the diagonal "
                              "of the rotated Hessian, which GPTQ collects")
         if self.refit_codebook:
             if self.method != "gptq":
-                raise ValueError(f"{CODEBOOK_SUFFIX} refits the codebook to the layer's output error on GPTQ's "
+                raise InputError(f"{CODEBOOK_SUFFIX} refits the codebook to the layer's output error on GPTQ's "
                                  f"Hessian: add +gptq, e.g. lloyd4/32+dq+gptq{CODEBOOK_SUFFIX}")
             if codec_for(spec).family != "learned":
-                raise ValueError(f"{CODEBOOK_SUFFIX} refits a codebook stored with the tensor; {spec.name} has "
+                raise InputError(f"{CODEBOOK_SUFFIX} refits a codebook stored with the tensor; {spec.name} has "
                                  "none: use a learned codebook format, lloyd2..lloyd8 or qq2..qq8")
         for key in ("include", "exclude"):
             value = getattr(self, key)
@@ -89,7 +90,7 @@ class QuantConfig:
                   CODEBOOK_SUFFIX: self.refit_codebook, AWQ_SUFFIX: self.awq}
         given = [what for what, present in others.items() if present]
         if given:
-            raise ValueError(f"{OUTLIER_FORMAT} (LLM.int8()) cannot take {given[0]}: its weights are int8 with one "
+            raise InputError(f"{OUTLIER_FORMAT} (LLM.int8()) cannot take {given[0]}: its weights are int8 with one "
                              f"absmax per row; write {OUTLIER_FORMAT} or {OUTLIER_FORMAT}/THRESHOLD, e.g. "
                              f"{OUTLIER_FORMAT}/3.5")
 
@@ -135,43 +136,43 @@ class QuantConfig:
         label means the same, and is refused with the same words, everywhere."""
         text = label.strip()
         if not text:
-            raise ValueError(f"empty format label: expected {LABEL_SYNTAX}")
+            raise InputError(f"empty format label: expected {LABEL_SYNTAX}")
         if text.partition("/")[0].partition("+")[0].partition("@")[0].strip() == OUTLIER_FORMAT:
             return cls(format=OUTLIER_FORMAT, outlier_threshold=_parse_threshold(label, text), **kwargs)
         text, at, search = text.partition("@")
         if at and (not search.strip() or "@" in search or "/" in search or "+" in search):
-            raise ValueError(f"{label!r}: the scale search goes last and once, e.g. nf4/64+dq@mse; "
+            raise InputError(f"{label!r}: the scale search goes last and once, e.g. nf4/64+dq@mse; "
                              f"searches: {', '.join(SEARCHES)}")
         head, *suffixes = text.split("+")
         methods = [s for s in suffixes if s in METHODS]
         if len(methods) > 1:
-            raise ValueError(f"{label!r}: +{methods[0]} given more than once")
+            raise InputError(f"{label!r}: +{methods[0]} given more than once")
         flags = {}
         for flag, suffix in FLAGS:
             given = sum(f"+{s}" == suffix for s in suffixes)
             if given > 1:
-                raise ValueError(f"{label!r}: {suffix} given more than once")
+                raise InputError(f"{label!r}: {suffix} given more than once")
             if given:
                 flags[flag] = True
         suffixes = [s for s in suffixes if s not in METHODS and f"+{s}" not in dict(FLAGS).values()]
         for suffix in suffixes:
             if "/" in suffix:
-                raise ValueError(f"{label!r}: the block size goes before {DQ_SUFFIX}, e.g. nf4/128{DQ_SUFFIX}")
+                raise InputError(f"{label!r}: the block size goes before {DQ_SUFFIX}, e.g. nf4/128{DQ_SUFFIX}")
             if not suffix:
-                raise ValueError(f"{label!r}: nothing after '+'; the only suffix is {DQ_SUFFIX}, e.g. nf4{DQ_SUFFIX}")
+                raise InputError(f"{label!r}: nothing after '+'; the only suffix is {DQ_SUFFIX}, e.g. nf4{DQ_SUFFIX}")
             if f"+{suffix}" != DQ_SUFFIX:
                 hint = f"; did you mean {head}{DQ_SUFFIX}?" if suffix.lower() == DQ_SUFFIX[1:] else ""
-                raise ValueError(f"{label!r}: unknown suffix {'+' + suffix!r}; the suffixes are {DQ_SUFFIX} "
+                raise InputError(f"{label!r}: unknown suffix {'+' + suffix!r}; the suffixes are {DQ_SUFFIX} "
                                  f"(double quantization), {AWQ_SUFFIX} (AWQ scales), {ROTATE_SUFFIX} (Hadamard "
                                  f"rotation), +gptq (GPTQ) and {CODEBOOK_SUFFIX} (codebook refit), "
                                  f"lower case{hint}")
         if len(suffixes) > 1:
-            raise ValueError(f"{label!r}: {DQ_SUFFIX} given more than once")
+            raise InputError(f"{label!r}: {DQ_SUFFIX} given more than once")
         name, slash, block = head.partition("/")
         if not name.strip():
             if slash:
-                raise ValueError(f"{label!r} names no format before the '/': expected {LABEL_SYNTAX}")
-            raise ValueError(f"{label!r} names no format: write FORMAT{DQ_SUFFIX}, e.g. nf4{DQ_SUFFIX}")
+                raise InputError(f"{label!r} names no format before the '/': expected {LABEL_SYNTAX}")
+            raise InputError(f"{label!r} names no format: write FORMAT{DQ_SUFFIX}, e.g. nf4{DQ_SUFFIX}")
         return cls(format=name, block_size=_parse_block(label, block) if slash else None,
                    double_quant=bool(suffixes), search=search.strip() if at else None,
                    **({"method": methods[0]} if methods else {}), **flags, **kwargs)
@@ -196,7 +197,7 @@ LABEL_SYNTAX = ("FORMAT[/BLOCK][+dq][+awq][+had][+gptq][+cb][@SEARCH], e.g. nf4,
 def _parse_threshold(label: str, text: str) -> float:
     """``int8_outlier`` -> 6.0, ``int8_outlier/3.5`` -> 3.5: for LLM.int8() the part after '/' is the threshold."""
     if any(c in text for c in "+@"):
-        raise ValueError(f"{label!r}: {OUTLIER_FORMAT} (LLM.int8()) takes no suffix or scale search; write "
+        raise InputError(f"{label!r}: {OUTLIER_FORMAT} (LLM.int8()) takes no suffix or scale search; write "
                          f"{OUTLIER_FORMAT} or {OUTLIER_FORMAT}/THRESHOLD, e.g. {OUTLIER_FORMAT}/3.5")
     _, slash, value = text.partition("/")
     if not slash:
@@ -204,24 +205,24 @@ def _parse_threshold(label: str, text: str) -> float:
     try:
         threshold = float(value.strip())
     except ValueError:
-        raise ValueError(f"{label!r}: after {OUTLIER_FORMAT}/ comes the outlier threshold, a number >= 0 "
+        raise InputError(f"{label!r}: after {OUTLIER_FORMAT}/ comes the outlier threshold, a number >= 0 "
                          f"(default {DEFAULT_THRESHOLD:g}; 0 turns the decomposition off), got {value!r}") from None
     try:
         return check_threshold(threshold)
     except ValueError as e:
-        raise ValueError(f"{label!r}: {e}") from None
+        raise InputError(f"{label!r}: {e}") from None
 
 
 def _parse_block(label: str, block: str) -> int:
     text = block.strip()
     if not text:
-        raise ValueError(f"{label!r}: no block size after '/'; write e.g. nf4/128, or leave out the '/'")
+        raise InputError(f"{label!r}: no block size after '/'; write e.g. nf4/128, or leave out the '/'")
     if "/" in text:
-        raise ValueError(f"{label!r}: one /BLOCK only; expected {LABEL_SYNTAX}")
+        raise InputError(f"{label!r}: one /BLOCK only; expected {LABEL_SYNTAX}")
     if not (text.isascii() and text.isdigit()):
-        raise ValueError(f"{label!r}: block size {text!r} is not a whole number of weights; expected {LABEL_SYNTAX}")
+        raise InputError(f"{label!r}: block size {text!r} is not a whole number of weights; expected {LABEL_SYNTAX}")
     if int(text) == 0:
-        raise ValueError(f"{label!r}: block size 0; a block holds at least 1 weight")
+        raise InputError(f"{label!r}: block size 0; a block holds at least 1 weight")
     return int(text)
 
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import InputError
 from ..formats.registry import GridCodec, codec_for, get_format
 from ..formats.spec import no_double_quant_message
 from ..pipeline import WEIGHTED, check_search, searched_scales
@@ -61,21 +62,21 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt, *, block_siz
     spec = get_format(fmt)
     codec = codec_for(spec)
     if not issubclass(codec, GridCodec):
-        raise ValueError(f"GPTQ needs a format whose elements are levels on a grid; {spec.name} is a GGUF block "
+        raise InputError(f"GPTQ needs a format whose elements are levels on a grid; {spec.name} is a GGUF block "
                          "format with its own layout: try int4, int4_asym, nf4 or fp4_e2m1")
     block = block_size or spec.default_block_size
     out_f, in_f = weight.shape
     if in_f % block:
-        raise ValueError(f"GPTQ lays {spec.name}'s blocks of {block} along each row; the rows hold {in_f} weights")
+        raise InputError(f"GPTQ lays {spec.name}'s blocks of {block} along each row; the rows hold {in_f} weights")
     if hessian.shape != (in_f, in_f):
-        raise ValueError(f"the Hessian must be ({in_f}, {in_f}) for a weight of {tuple(weight.shape)}, "
+        raise InputError(f"the Hessian must be ({in_f}, {in_f}) for a weight of {tuple(weight.shape)}, "
                          f"got {tuple(hessian.shape)}")
     if search is not None:
         search = check_search(spec, search)
     if double_quant and not spec.double_quant:
-        raise ValueError(no_double_quant_message(spec))
+        raise InputError(no_double_quant_message(spec))
     if not torch.isfinite(hessian).all():
-        raise ValueError("the Hessian holds NaN or Inf: the calibration activations were not finite")
+        raise InputError("the Hessian holds NaN or Inf: the calibration activations were not finite")
 
     W = weight.detach().to(torch.float64).clone()
     H = hessian.detach().to(torch.float64).clone()
@@ -152,5 +153,5 @@ def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, f
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             if int(info) == 0:
                 return U, damp, attempt > 0
-    raise ValueError(f"the Hessian is not positive definite even damped by {damp:.3g} "
+    raise InputError(f"the Hessian is not positive definite even damped by {damp:.3g} "
                      f"({10.0 ** (DAMP_TRIES - 1) * percdamp:.0e} of its mean diagonal)")

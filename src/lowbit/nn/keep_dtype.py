@@ -10,12 +10,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import InputError
+
 KEEP_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def parse_keep_dtype(name: str) -> torch.dtype:
     if name not in KEEP_DTYPES:
-        raise ValueError(f"--keep-dtype must be one of {', '.join(KEEP_DTYPES)}, got {name!r}")
+        raise InputError(f"--keep-dtype must be one of {', '.join(KEEP_DTYPES)}, got {name!r}")
     return KEEP_DTYPES[name]
 
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import dispatch
+from ..errors import InputError
 from ..tensor import QuantizedTensor
 from .rotation import hadamard_block, rotate, unrotate
 
@@ -41,15 +42,15 @@ class QuantLinear(nn.Module):
                  signs: torch.Tensor | None = None):
         super().__init__()
         if len(qweight.shape) != 2:
-            raise ValueError(f"QuantLinear needs a 2-D weight, got shape {tuple(qweight.shape)}")
+            raise InputError(f"QuantLinear needs a 2-D weight, got shape {tuple(qweight.shape)}")
         self.out_features, self.in_features = (int(d) for d in qweight.shape)
         if bias is not None and tuple(bias.shape) != (self.out_features,):
-            raise ValueError(f"bias shape {tuple(bias.shape)} does not match out_features={self.out_features}")
+            raise InputError(f"bias shape {tuple(bias.shape)} does not match out_features={self.out_features}")
         self.qweight = qweight
         self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias, False)
         self._dequantized: torch.Tensor | None = None
         if signs is not None and (signs.dtype != torch.int8 or tuple(signs.shape) != (self.in_features,)):
-            raise ValueError(f"rotation signs must be ({self.in_features},) int8, got {tuple(signs.shape)} "
+            raise InputError(f"rotation signs must be ({self.in_features},) int8, got {tuple(signs.shape)} "
                              f"{signs.dtype}")
         self.signs = signs
         self.rotation_block = hadamard_block(self.in_features) if signs is not None else None
@@ -57,7 +58,7 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, qweight: QuantizedTensor, signs: torch.Tensor | None = None) -> QuantLinear:
         if tuple(qweight.shape) != tuple(linear.weight.shape):
-            raise ValueError(f"weight shape {tuple(qweight.shape)} != layer shape {tuple(linear.weight.shape)}")
+            raise InputError(f"weight shape {tuple(qweight.shape)} != layer shape {tuple(linear.weight.shape)}")
         return cls(qweight, linear.bias, signs)
 
     @property

@@ -23,6 +23,7 @@ import math
 import torch
 from torch import nn
 
+from ..errors import InputError
 from ..fake_quant import _pieces, fake_quantize, initial_scales
 from ..formats.registry import GridCodec, codec_for, get_format
 from ..formats.spec import FormatSpec
@@ -38,13 +39,13 @@ def check_learnable(spec: FormatSpec) -> None:
     """A ValueError unless ``spec`` has block scales a gradient can train (float scale parts of a grid)."""
     codec = codec_for(spec)
     if not issubclass(codec, GridCodec):
-        raise ValueError(f"{spec.name} is a GGUF block format with its own scale search, no learnable grid: "
+        raise InputError(f"{spec.name} is a GGUF block format with its own scale search, no learnable grid: "
                          "train int2..int8, int*_asym, nf2..nf8 or fp4_e2m1 instead")
     parts = initial_scales(torch.ones(1, spec.default_block_size), spec)
     coded = [name for name, t in parts.items() if not name.startswith("tensor_") and name != "zeros"
              and not t.is_floating_point()]
     if coded:
-        raise ValueError(f"{spec.name} stores its block scales as codes ({', '.join(sorted(set(coded)))}), which a "
+        raise InputError(f"{spec.name} stores its block scales as codes ({', '.join(sorted(set(coded)))}), which a "
                          "gradient cannot move: train int2..int8, int*_asym, nf2..nf8 or fp4_e2m1 instead")
 
 
@@ -72,12 +73,12 @@ class LSQQuantizer(nn.Module):
         spec = get_format(fmt)
         check_learnable(spec)
         if init not in INITS:
-            raise ValueError(f"unknown init {init!r}: use one of {', '.join(INITS)}")
+            raise InputError(f"unknown init {init!r}: use one of {', '.join(INITS)}")
         self.spec, self.block = spec, block_size or spec.default_block_size
         w = weight.detach()
         if start is not None:  # e.g. GPTQ's rounding: its scale parts, without double quantization
             if start.format != spec or start.block_size != self.block or start.double_quant:
-                raise ValueError(f"a start of {start.format.name}/{start.block_size}"
+                raise InputError(f"a start of {start.format.name}/{start.block_size}"
                                  f"{'+dq' if start.double_quant else ''} cannot seed {spec.name}/{self.block}")
             parts = {name: t for name, t in start.parts.items() if name != "codes"}
         else:
@@ -98,7 +99,7 @@ class LSQQuantizer(nn.Module):
             return initial_scales(w, self.spec, block_size=self.block)
         if init == "lsq":
             if self.spec.family != "int":
-                raise ValueError(f"init 'lsq' (2 mean|v| / sqrt(Qp)) is for symmetric integers; {self.spec.name}: "
+                raise InputError(f"init 'lsq' (2 mean|v| / sqrt(Qp)) is for symmetric integers; {self.spec.name}: "
                                  "use init 'mse' or 'rule'")
             qp = 2 ** (self.spec.bits - 1) - 1
             flat = w.reshape(-1).float()

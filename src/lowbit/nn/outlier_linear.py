@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import InputError
 from ..quantize import quantize
 from ..tensor import QuantizedTensor
 from .linear import QuantLinear
@@ -33,7 +34,7 @@ EXACT_COLUMNS = 2**24 // QMAX**2
 def check_threshold(threshold: float) -> float:
     threshold = float(threshold)
     if not threshold >= 0 or threshold == float("inf"):
-        raise ValueError(f"the outlier threshold is a finite number >= 0 (0 turns the decomposition off), "
+        raise InputError(f"the outlier threshold is a finite number >= 0 (0 turns the decomposition off), "
                          f"got {threshold}")
     return threshold
 
@@ -97,7 +98,7 @@ class Int8OutlierLinear(QuantLinear):
                  threshold: float = DEFAULT_THRESHOLD, name: str = ""):
         if qweight.format.name != "int8" or len(qweight.shape) != 2 or qweight.block_size != qweight.shape[1] \
                 or qweight.double_quant:
-            raise ValueError("Int8OutlierLinear holds an int8 weight with one block per row "
+            raise InputError("Int8OutlierLinear holds an int8 weight with one block per row "
                              f"(block {qweight.shape[-1]}), got {qweight.format.name}/{qweight.block_size}"
                              f"{'+dq' if qweight.double_quant else ''} of shape {tuple(qweight.shape)}")
         super().__init__(qweight, bias)
@@ -114,7 +115,7 @@ class Int8OutlierLinear(QuantLinear):
         if qweight is None:
             qweight = quantize(w, "int8", block_size=w.shape[1])
         elif tuple(qweight.shape) != tuple(w.shape):
-            raise ValueError(f"weight shape {tuple(qweight.shape)} != layer shape {tuple(w.shape)}")
+            raise InputError(f"weight shape {tuple(qweight.shape)} != layer shape {tuple(w.shape)}")
         return cls(qweight, linear.bias, threshold, name)
 
     def reset_counts(self) -> None:
@@ -140,7 +141,7 @@ class Int8OutlierLinear(QuantLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() not in (2, 3) or x.shape[-1] != self.in_features:
-            raise ValueError(f"{self.name or 'Int8OutlierLinear'}: input of shape {tuple(x.shape)}; expected "
+            raise InputError(f"{self.name or 'Int8OutlierLinear'}: input of shape {tuple(x.shape)}; expected "
                              f"(tokens, {self.in_features}) or (batch, tokens, {self.in_features})")
         shape, dtype = x.shape, x.dtype
         x = x.reshape(-1, self.in_features).float()

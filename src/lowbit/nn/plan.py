@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from difflib import get_close_matches
 
+from ..errors import InputError
 from ..json_file import load_json
 from .config import QuantConfig, matches
 
@@ -34,9 +35,9 @@ class PlanRule:
 
     def __post_init__(self):
         if not isinstance(self.pattern, str) or not self.pattern.strip():
-            raise ValueError(f"a plan rule needs a non-empty module-name pattern, got {self.pattern!r}")
+            raise InputError(f"a plan rule needs a non-empty module-name pattern, got {self.pattern!r}")
         if self.config is None and self.fallback is not None:
-            raise ValueError(f"rule {self.pattern!r} keeps its layers in full precision: a fallback means nothing")
+            raise InputError(f"rule {self.pattern!r} keeps its layers in full precision: a fallback means nothing")
 
     def to_dict(self) -> dict:
         if self.config is None:
@@ -47,26 +48,26 @@ class PlanRule:
     @classmethod
     def from_dict(cls, d: dict, where: str = "rule") -> PlanRule:
         if not isinstance(d, dict):
-            raise ValueError(f"{where}: expected an object with 'pattern' and 'format' or 'keep', got {d!r}")
+            raise InputError(f"{where}: expected an object with 'pattern' and 'format' or 'keep', got {d!r}")
         unknown = sorted(set(d) - _RULE_KEYS)
         if unknown:
-            raise ValueError(f"{where}: unknown key {unknown[0]!r}; a rule has {', '.join(sorted(_RULE_KEYS))}")
+            raise InputError(f"{where}: unknown key {unknown[0]!r}; a rule has {', '.join(sorted(_RULE_KEYS))}")
         keep = d.get("keep", False)
         if keep not in (True, False):
-            raise ValueError(f"{where}: 'keep' must be true or false, got {keep!r}")
+            raise InputError(f"{where}: 'keep' must be true or false, got {keep!r}")
         if keep == ("format" in d):
-            raise ValueError(f"{where}: give either 'format' (a label such as nf4/64+dq@amse) or \"keep\": true")
+            raise InputError(f"{where}: give either 'format' (a label such as nf4/64+dq@amse) or \"keep\": true")
         try:
             config = None if keep else _parse(d["format"])
             fallback = _parse(d["fallback"]) if "fallback" in d else None
             return cls(d.get("pattern"), config, fallback)
         except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
+            raise InputError(f"{where}: {e}") from None
 
 
 def _parse(label) -> QuantConfig:
     if not isinstance(label, str):
-        raise ValueError(f"a format label is a string such as 'nf4/64+dq', got {label!r}")
+        raise InputError(f"a format label is a string such as 'nf4/64+dq', got {label!r}")
     return QuantConfig.parse(label, exclude=())  # the rule's pattern selects, not the config
 
 
@@ -78,7 +79,7 @@ class QuantPlan:
     def __post_init__(self):
         object.__setattr__(self, "rules", tuple(self.rules))
         if not self.rules:
-            raise ValueError("a plan needs at least one rule")
+            raise InputError("a plan needs at least one rule")
 
     @classmethod
     def from_config(cls, config: QuantConfig) -> QuantPlan:
@@ -128,10 +129,10 @@ class QuantPlan:
     @classmethod
     def from_dict(cls, d) -> QuantPlan:
         if not isinstance(d, dict) or not isinstance(d.get("rules"), list) or set(d) - {"rules", "name"}:
-            raise ValueError('a plan is an object {"rules": [...]} (and an optional "name") and nothing else')
+            raise InputError('a plan is an object {"rules": [...]} (and an optional "name") and nothing else')
         name = d.get("name")
         if name is not None and not (isinstance(name, str) and name.strip()):
-            raise ValueError(f"a plan's name is a non-empty string, got {name!r}")
+            raise InputError(f"a plan's name is a non-empty string, got {name!r}")
         return cls(tuple(PlanRule.from_dict(r, f"rule {i + 1}") for i, r in enumerate(d["rules"])), name)
 
     @classmethod

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
 from ..formats.registry import get_format
 from ..tensor import QuantizedTensor
 from .config import QuantConfig
@@ -65,7 +66,7 @@ def check_qat_config(config: QuantConfig) -> None:
                   config.outlier_threshold is not None}
     given = [what for what, present in others.items() if present]
     if given:
-        raise ValueError(f"{config.label}: quantization-aware training cannot take {given[0]}; give the format and "
+        raise InputError(f"{config.label}: quantization-aware training cannot take {given[0]}; give the format and "
                          "block, e.g. int3/64")
 
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..errors import InputError, LowbitError
 from ..io.atomic import atomic_dir
 from ..progress import note, progress_bar
 
@@ -40,18 +41,18 @@ class QATSettings:
 
     def __post_init__(self):
         if self.steps < 1:
-            raise ValueError(f"--steps needs at least 1 step, got {self.steps}")
+            raise InputError(f"--steps needs at least 1 step, got {self.steps}")
         for name in ("lr", "scale_lr"):
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"--{name.replace('_', '-')} is a positive number, got {value}")
+                raise InputError(f"--{name.replace('_', '-')} is a positive number, got {value}")
         if self.loss not in LOSSES:
-            raise ValueError(f"--loss is one of {', '.join(LOSSES)}, got {self.loss!r}")
+            raise InputError(f"--loss is one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.checkpoint_every < 1:
-            raise ValueError(f"checkpoint_every is at least 1, got {self.checkpoint_every}")
+            raise InputError(f"checkpoint_every is at least 1, got {self.checkpoint_every}")
 
 
-class DivergedError(ValueError):
+class DivergedError(LowbitError, ValueError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
@@ -134,16 +135,16 @@ def save_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Adam, ru
 def load_checkpoint(directory: Path | None, model: nn.Module, opt: torch.optim.Adam, run: dict) -> list[float]:
     """The losses so far; the model's trained parameters and the optimizer's moments set from the checkpoint."""
     if directory is None or not (Path(directory) / STATE_JSON).is_file():
-        raise ValueError(f"--resume: no checkpoint at {directory} (a run writes one every few steps)")
+        raise InputError(f"--resume: no checkpoint at {directory} (a run writes one every few steps)")
     meta = json.loads((Path(directory) / STATE_JSON).read_text())
     if meta.get("run") != json.loads(json.dumps(run)):
-        raise ValueError(f"--resume: the checkpoint at {directory} belongs to another run "
+        raise InputError(f"--resume: the checkpoint at {directory} belongs to another run "
                          f"({meta.get('run')}); start again without --resume, or with the same settings")
     tensors = load_file(Path(directory) / STATE_TENSORS)
     params = trained_parameters(model)
     missing = [n for n in params if f"param.{n}" not in tensors]
     if missing:
-        raise ValueError(f"--resume: the checkpoint at {directory} lacks {missing[0]}")
+        raise InputError(f"--resume: the checkpoint at {directory} lacks {missing[0]}")
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(tensors[f"param.{n}"])

@@ -19,12 +19,14 @@ import zlib
 
 import torch
 
+from ..errors import InputError
+
 
 def hadamard_block(n: int) -> int:
     """The largest power of two dividing ``n``: the size of the diagonal Hadamard blocks."""
     block = n & -n
     if block < 2:
-        raise ValueError(f"a Hadamard rotation needs an even input dimension, got {n}")
+        raise InputError(f"a Hadamard rotation needs an even input dimension, got {n}")
     return block
 
 
@@ -38,7 +40,7 @@ def fwht(x: torch.Tensor, block: int) -> torch.Tensor:
     """Walsh-Hadamard transform of each ``block`` of the last dimension, divided by sqrt(block) (orthonormal)."""
     n = x.shape[-1]
     if n % block or block & (block - 1):
-        raise ValueError(f"the last dimension {n} is not a whole number of Hadamard blocks of {block}")
+        raise InputError(f"the last dimension {n} is not a whole number of Hadamard blocks of {block}")
     shape = x.shape
     y = x.reshape(-1, n // block, block)
     h = 1

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..errors import LayerQuantizeError
+from ..errors import InputError, LayerQuantizeError, LowbitError
 from ..io.atomic import write_json
 from ..json_file import load_json
 from ..pipeline import needs_calibration
@@ -83,7 +83,7 @@ class Sensitivity:
                                                      bool(c["measured"])) for label, c in x["costs"].items()}
                         for x in layers}, float(d.get("seconds", 0.0)), dict(d.get("model", {})))
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"not a lowbit sensitivity table ({type(e).__name__}: {e})") from None
+            raise InputError(f"not a lowbit sensitivity table ({type(e).__name__}: {e})") from None
 
     def save(self, path) -> None:
         write_json(path, self.to_dict())
@@ -103,19 +103,19 @@ def measure_sensitivity(model: nn.Module, candidates: Sequence[str | QuantConfig
     ``include``/``exclude``: which layers, as ``QuantConfig``'s patterns. ``model`` is left as it was.
     """
     if measure not in MEASURES:
-        raise ValueError(f"measure must be one of {', '.join(MEASURES)}, got {measure!r}")
+        raise InputError(f"measure must be one of {', '.join(MEASURES)}, got {measure!r}")
     configs = _configs(candidates)
     if not batches:
-        raise ValueError("no calibration inputs given")
+        raise InputError("no calibration inputs given")
     start = time.perf_counter()
     selector = QuantConfig("int8", include=include, exclude=exclude)
     targets = {names[0]: linear for names, linear in linears(model) if any(selector.selects(n) for n in names)}
     if not targets:
-        raise ValueError(f"no nn.Linear layer left to measure (include={list(include)}, exclude={list(exclude)})")
+        raise InputError(f"no nn.Linear layer left to measure (include={list(include)}, exclude={list(exclude)})")
     if anchor is not None:
         anchor = QuantConfig.parse(anchor, exclude=()).label  # "nf4/64" and "nf4" name one candidate
     if anchor is not None and anchor not in configs:
-        raise ValueError(f"anchor {anchor!r} is not one of the candidates ({', '.join(configs)})")
+        raise InputError(f"anchor {anchor!r} is not one of the candidates ({', '.join(configs)})")
     runner = _Runner(model, batches)
     costs: dict[str, dict[str, LayerCost]] = {}
     anchor_bits = None
@@ -151,10 +151,10 @@ def candidate(label: str | QuantConfig) -> QuantConfig:
     """A per-layer candidate's config; ``+awq`` is refused: its fold changes the norm a group of layers shares."""
     config = label if isinstance(label, QuantConfig) else QuantConfig.parse(label, exclude=())
     if config.awq:
-        raise ValueError(f"{config.label}: +awq scales whole groups of layers through the op before them, so it "
+        raise InputError(f"{config.label}: +awq scales whole groups of layers through the op before them, so it "
                          "cannot be one layer's candidate; leave it out of the candidates")
     if config.outlier_threshold is not None:
-        raise ValueError(f"{config.label}: LLM.int8() rounds the activations at run time, which a candidate's "
+        raise InputError(f"{config.label}: LLM.int8() rounds the activations at run time, which a candidate's "
                          "sensitivity (its weights' error) does not measure; score it with lowbit compare instead")
     return config
 
@@ -165,7 +165,7 @@ def _configs(candidates) -> dict[str, QuantConfig]:
         config = candidate(c)
         configs[config.label] = config
     if not configs:
-        raise ValueError("no candidate format given")
+        raise InputError("no candidate format given")
     return configs
 
 
@@ -198,7 +198,7 @@ def _layer_costs(name: str, linear: nn.Linear, hessian: torch.Tensor,
                 q, _ = rounded_layer(name, linear.weight, config, importance)
         except LayerQuantizeError:
             raise
-        except ValueError as e:
+        except LowbitError as e:
             raise LayerQuantizeError(f"layer {name!r} ({label}): {e}") from e
         # the error in the input's own basis: a rotation is orthogonal, so it is the rotated basis' error too
         deq = effective_weight(name, q, config).view(linear.weight.shape)
@@ -238,7 +238,7 @@ class _Runner:
     def _logprobs(out) -> torch.Tensor:
         logits = getattr(out, "logits", None)
         if logits is None:
-            raise ValueError("sensitivity compares next-token distributions: it needs a causal LM (a model whose "
+            raise InputError("sensitivity compares next-token distributions: it needs a causal LM (a model whose "
                              "output has logits)")
         return logits.float().log_softmax(-1)
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-from ..errors import LayerQuantizeError
+from ..errors import InputError, LayerQuantizeError, LowbitError
 from ..progress import progress_bar
 from ..quantize import quantize
 from ..tensor import QuantizedTensor
@@ -84,17 +84,17 @@ def quantize_model(model: nn.Module, config: QuantConfig | QuantPlan | str, *, p
     targets = plan_layers(model, plan)
     unmade = [names[0] for names, _, c, _ in targets if c.method and names[0] not in (prequantized or {})]
     if unmade:
-        raise ValueError(f"{unmade[0]} is to be quantized by {plan.rule_for([unmade[0]]).config.method}, which "
+        raise InputError(f"{unmade[0]} is to be quantized by {plan.rule_for([unmade[0]]).config.method}, which "
                          "needs the whole model's calibration pass: pass prequantized= (lowbit.nn.gptq_model)")
     unscaled = [names[0] for names, _, c, _ in targets if c.awq and names[0] not in getattr(model, AWQ_ATTRIBUTE, {})]
     if unscaled:
-        raise ValueError(f"{unscaled[0]} is to be quantized with +awq, whose scales come from the whole model's "
+        raise InputError(f"{unscaled[0]} is to be quantized with +awq, whose scales come from the whole model's "
                          "calibration pass: run lowbit.nn.awq.awq_scale(model, plan, batches) first")
     missing = [names[0] for names, _, c, _ in targets if c.needs_importance
                and not any(n in (importance or {}) for n in names)]
     if missing:
         search = next(c.search for names, _, c, _ in targets if names[0] == missing[0])
-        raise ValueError(f"@{search} needs calibration activations for every layer it quantizes; none for "
+        raise InputError(f"@{search} needs calibration activations for every layer it quantizes; none for "
                          f"{missing[0]}{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}")
 
     replacements: list[tuple[list[str], QuantLinear, QuantConfig]] = []
@@ -192,9 +192,9 @@ def plan_layers(model: nn.Module, plan: QuantPlan) -> list[tuple[list[str], nn.L
     if not chosen:
         if _single(plan):
             c = plan.rules[-1].config
-            raise ValueError(f"no nn.Linear layer matched include={c.include} exclude={c.exclude}")
+            raise InputError(f"no nn.Linear layer matched include={c.include} exclude={c.exclude}")
         some = ", ".join(names[0] for names, _ in linears(model)[:3])
-        raise ValueError(f"the plan quantizes no nn.Linear layer (its patterns: "
+        raise InputError(f"the plan quantizes no nn.Linear layer (its patterns: "
                          f"{', '.join(r.pattern for r in plan.rules)}); layers are named like {some}")
     return chosen
 
@@ -224,7 +224,7 @@ def linears(model: nn.Module) -> list[tuple[list[str], nn.Linear]]:
         if not isinstance(module, nn.Linear) or isinstance(module, NonDynamicallyQuantizableLinear):
             continue
         if not name:
-            raise ValueError("the model itself is an nn.Linear: no parent to swap it in; use QuantLinear.from_linear")
+            raise InputError("the model itself is an nn.Linear: no parent to swap it in; use QuantLinear.from_linear")
         by_id.setdefault(id(module), ([], module))[0].append(name)
     return list(by_id.values())
 
@@ -274,6 +274,6 @@ def _quantize_layer(name: str, weight: torch.Tensor, config: QuantConfig, shape:
                     importance: torch.Tensor | None = None):
     try:
         return quantize_weight(weight, config, importance)
-    except ValueError as e:
+    except LowbitError as e:
         out_f, in_f = shape or weight.shape
         raise LayerQuantizeError(f"layer {name!r} (weight {out_f}x{in_f}): {e}") from e

@@ -16,6 +16,7 @@ import torch
 from rich.table import Table
 from rich.text import Text
 
+from ..errors import InputError
 from ..formats.floats import FLOATS, REFERENCE_FLOATS, SATURATE, TO_INF, FloatFormat, round_value
 from ..formats.registry import GridCodec, codec_for, get_format
 
@@ -47,7 +48,7 @@ def parse_value(text: str) -> Fraction | float:
     try:
         return Fraction(text.strip())
     except (ValueError, ZeroDivisionError):
-        raise ValueError(f"cannot read {text!r} as a number: give a decimal such as 3.1415926535, -1e-3 or 1/3, "
+        raise InputError(f"cannot read {text!r} as a number: give a decimal such as 3.1415926535, -1e-3 or 1/3, "
                          "or nan, inf, -inf") from None
 
 
@@ -63,7 +64,7 @@ def store(value: Fraction | float, name: str, *, scale: Fraction = Fraction(1), 
     spec = get_format(name)
     codec = codec_for(spec)
     if not issubclass(codec, GridCodec) or spec.values is None or codec.SCALE_PARTS != ("scales",):
-        raise ValueError(f"lowbit bits explains the float formats ({', '.join(FLOATS)}) and formats with one level "
+        raise InputError(f"lowbit bits explains the float formats ({', '.join(FLOATS)}) and formats with one level "
                          f"table and one block scale (nf4, int4, bnb_fp4, ...); {name} is not one of them")
     return _grid_row(spec, codec, value, scale)
 

@@ -7,6 +7,7 @@ import io
 import os
 from pathlib import Path
 
+from ..errors import InputError
 from . import plot_data as pd
 
 SUFFIXES = (".png", ".svg", ".pdf")
@@ -17,7 +18,7 @@ def check_suffix(path: str | os.PathLike) -> str:
     """The output format of ``path`` (png, svg or pdf, from its suffix), or a ValueError."""
     suffix = Path(path).suffix.lower()
     if suffix not in SUFFIXES:
-        raise ValueError(f"{path}: a figure is written as {', '.join(SUFFIXES)} (from the file name's suffix)")
+        raise InputError(f"{path}: a figure is written as {', '.join(SUFFIXES)} (from the file name's suffix)")
     return suffix[1:]
 
 

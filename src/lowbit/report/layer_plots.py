@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+from ..errors import InputError
 from . import plot_data as pd
 from .figure import layer_axis, legend_note, model_name, new_figure
 
@@ -73,7 +74,7 @@ def plan_layers(plan_or_result, sensitivity=None, row: str | None = None):
 
     bars = pd.plan_bars(plan_or_result, sensitivity, row)
     if not bars.layers:
-        raise ValueError("the plan quantizes no layer: nothing to plot")
+        raise InputError("the plan quantizes no layer: nothing to plot")
     labels = list(dict.fromkeys(label for _, label, _ in bars.layers))
     colors = {label: f"C{i % 10}" for i, label in enumerate(labels)}
     n = len(bars.layers)

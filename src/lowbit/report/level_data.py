@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 
+from ..errors import InputError
+
 
 def level_config(label: str):
     """``label``'s QuantConfig, if a weight can be rounded to it on its own (no calibration inputs)."""
@@ -16,9 +18,9 @@ def level_config(label: str):
     config = QuantConfig.parse(label)
     spec = get_format(config.format)
     if spec.bits > 8:
-        raise ValueError(f"{label}: {spec.description}: its {2**spec.bits} levels are too many to draw")
+        raise InputError(f"{label}: {spec.description}: its {2**spec.bits} levels are too many to draw")
     if config.method or config.rotate or config.awq or config.refit_codebook or config.needs_calibration:
-        raise ValueError(f"{label}: the levels plot rounds the weight on its own; +gptq, +had, +awq, +cb and "
+        raise InputError(f"{label}: the levels plot rounds the weight on its own; +gptq, +had, +awq, +cb and "
                          "activation-weighted searches (@amse, @ahqq) need the model's inputs")
     return config
 

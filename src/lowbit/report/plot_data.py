@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
+from ..errors import InputError
 from .result_json import describe, json_kind
 
 # --- KL (or encoder error) against bits -------------------------------------------------------------------------
@@ -36,7 +37,7 @@ def metric_for(rows: list[dict]) -> tuple[str, str, str]:
     for metric in METRICS:
         if any(r.get(metric[0]) is not None for r in rows):
             return metric
-    raise ValueError("no row holds a score (kl_mean, or cos_dist_mean for an encoder): nothing to plot")
+    raise InputError("no row holds a score (kl_mean, or cos_dist_mean for an encoder): nothing to plot")
 
 
 def result_rows(report) -> list[dict]:
@@ -113,7 +114,7 @@ def kl_points(report, peers=None) -> KLPoints:
     pts, notes = points(rows, metric[0], group="lowbit")
     peer_pts, peer_notes = points(others, metric[0])
     if not pts and not peer_pts:
-        raise ValueError(f"no row has a positive {metric[0]} and bits per weight: nothing goes on a log axis")
+        raise InputError(f"no row has a positive {metric[0]} and bits per weight: nothing goes on a log axis")
     floors, keep_notes = points(keep, metric[0], group="keep")
     return KLPoints(metric, pts, peer_pts, [(p.label, p.value) for p in floors], notes + peer_notes + keep_notes)
 
@@ -181,7 +182,7 @@ def sqnr_grid(report: dict, per_layer: bool | None = None, max_rows: int = 48) -
     ok = [f for f in report["formats"] if "error" not in f]
     notes = [f"{f['format']}: not measured" for f in report["formats"] if "error" in f]
     if not ok:
-        raise ValueError("no format of this errors report was measured: nothing to plot")
+        raise InputError("no format of this errors report was measured: nothing to plot")
     names = [layer["name"] for layer in report["layers"]]
     columns = [f"{f['format']}\n{f['bits_per_weight']:.2f} b/w\nmean {_db_text(f['mean_sqnr_db'])}" for f in ok]
     means = [_db(f["mean_sqnr_db"]) for f in ok]
@@ -274,13 +275,13 @@ def plan_bars(data: dict, sensitivity: dict | None = None, row: str | None = Non
     if kind == "row":
         counts = data.get("layer_formats")
         if not counts:
-            raise ValueError(f"row {data.get('format')!r} holds no layer_formats (it was not scored by this lowbit, "
+            raise InputError(f"row {data.get('format')!r} holds no layer_formats (it was not scored by this lowbit, "
                              "or not scored at all)")
         layers = [(f"{label} #{i + 1}", label, label_bits(label)) for label, n in counts.items() for i in range(n)]
         budget = re.fullmatch(r"budget ([0-9.]+)", str(data["format"]))
         return PlanBars(str(data["format"]), layers, False, data.get("bits_per_weight"),
                         float(budget[1]) if budget else None, [], False)
-    raise ValueError(f"this is {describe(data)}; a plan plot reads a plan, a compare report or row, or lowbit.json")
+    raise InputError(f"this is {describe(data)}; a plan plot reads a plan, a compare report or row, or lowbit.json")
 
 
 def _saved_label(layer: dict) -> str:
@@ -293,15 +294,15 @@ def plan_row(rows: list[dict], wanted: str | None = None) -> dict:
     if wanted is not None:
         found = [r for r in rows if r.get("format") == wanted]
         if not found:
-            raise ValueError(f"no row {wanted!r}; rows: {', '.join(str(r.get('format')) for r in rows)}")
+            raise InputError(f"no row {wanted!r}; rows: {', '.join(str(r.get('format')) for r in rows)}")
         return found[0]
     mixed = [r for r in scored if len(r["layer_formats"]) > 1]
     if len(mixed) == 1:
         return mixed[0]
     if not mixed:
-        raise ValueError("no row of this report mixes formats (a plan's row); name one with --row, e.g. "
+        raise InputError("no row of this report mixes formats (a plan's row); name one with --row, e.g. "
                          f"--row {scored[0]['format']!r}" if scored else "no row of this report has layer_formats")
-    raise ValueError(f"{len(mixed)} rows mix formats: name one with --row ({', '.join(r['format'] for r in mixed)})")
+    raise InputError(f"{len(mixed)} rows mix formats: name one with --row ({', '.join(r['format'] for r in mixed)})")
 
 
 # --- outliers per layer -----------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from statistics import NormalDist
 
+from ..errors import InputError
 from . import plot_data as pd
 from .figure import SUFFIXES, check_suffix, legend_note, model_name, new_figure, png_bytes, save_figure
 from .layer_plots import outlier_counts, plan_layers, sqnr_heatmap
@@ -174,7 +175,7 @@ def format_levels(label_levels, gaussian: bool = False):
     items = list(label_levels.items()) if isinstance(label_levels, dict) else list(label_levels)
     items = [(label, sorted({v for v in levels if math.isfinite(v)})) for label, levels in items]  # +0 = -0
     if not items or not all(levels for _, levels in items):
-        raise ValueError("no levels to plot (a learned codebook's levels belong to each tensor: "
+        raise InputError("no levels to plot (a learned codebook's levels belong to each tensor: "
                          "`lowbit plot levels --formats qq4` shows a layer's)")
     fig = new_figure(10, 4.5 if gaussian else 2.2 + 0.5 * len(items))
     ax = fig.add_subplot()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import InputError
+
 # kind -> what it is, in the words of an error message
 KINDS = {
     "compare": "a `lowbit compare --json` report",
@@ -50,14 +52,14 @@ def read_json(path: str, command: str, expected: tuple[str, ...]) -> dict:
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ValueError(f"{path}: no such file") from None
+        raise InputError(f"{path}: no such file") from None
     except OSError as e:
-        raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
+        raise InputError(f"cannot read {path}: {e.strerror or e}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not JSON ({e})") from None
+        raise InputError(f"{path} is not JSON ({e})") from None
     if json_kind(data) not in expected:
         wanted = " or ".join(KINDS[k] for k in expected)
-        raise ValueError(f"{path} is {describe(data)}; `{command}` reads {wanted}")
+        raise InputError(f"{path} is {describe(data)}; `{command}` reads {wanted}")
     return data
 
 

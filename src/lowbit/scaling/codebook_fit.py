@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import InputError
+
 # Sample size of the fast estimators. A p-quantile from N uniform draws has standard error
 # sqrt(p(1-p)/N) in probability: at N = 2^16 at most 0.5/256 = 0.2% of the weights, 3% of a
 # 4-bit level's 1/16 share but half of an 8-bit one's. Measured on 1M block-normalised Gaussian
@@ -48,7 +50,7 @@ def nearest(values: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     float32 midpoint (a + b) / 2 takes the LOWER level, as every lowbit codec does."""
     levels = levels.to(torch.float32)
     if levels.ndim != 1 or levels.numel() == 0 or bool((levels[1:] < levels[:-1]).any()):
-        raise ValueError("levels must be a non-empty 1-D tensor sorted ascending")
+        raise InputError("levels must be a non-empty 1-D tensor sorted ascending")
     return torch.bucketize(values.to(torch.float32), (levels[:-1] + levels[1:]) / 2, right=False)
 
 
@@ -198,7 +200,7 @@ def lloyd_iterates(
     values = _check_values(values)
     _check_bits(bits)
     if iters < 0 or not tol >= 0:
-        raise ValueError(f"iters must be >= 0 and tol >= 0, got iters={iters}, tol={tol}")
+        raise InputError(f"iters must be >= 0 and tol >= 0, got iters={iters}, tol={tol}")
     if weights is not None:
         weights = _check_weights(weights, values)
     if init is not None:
@@ -294,7 +296,7 @@ def _sorted(
     """Sorted values (and their weights, reordered alike), of all values or of a uniform sample."""
     if sample is not None:
         if isinstance(sample, bool) or not isinstance(sample, int) or sample < 1:
-            raise ValueError(f"sample must be a positive int (e.g. {DEFAULT_SAMPLE}) or None for exact, got {sample!r}")
+            raise InputError(f"sample must be a positive int (e.g. {DEFAULT_SAMPLE}) or None for exact, got {sample!r}")
         if sample < values.numel():
             gen = generator if generator is not None else torch.Generator().manual_seed(SEED)
             idx = torch.randint(values.numel(), (sample,), generator=gen)
@@ -319,34 +321,34 @@ def _sorted(
 
 def _check_values(values: torch.Tensor) -> torch.Tensor:
     if not isinstance(values, torch.Tensor) or values.ndim != 1 or not values.is_floating_point():
-        raise ValueError("values must be a 1-D floating-point tensor (flatten the block-normalised weights)")
+        raise InputError("values must be a 1-D floating-point tensor (flatten the block-normalised weights)")
     if values.numel() == 0:
-        raise ValueError("values is empty: a codebook needs at least one value to fit")
+        raise InputError("values is empty: a codebook needs at least one value to fit")
     values = values.detach().to("cpu", torch.float32).contiguous()
     if not bool(torch.isfinite(values).all()):
-        raise ValueError("values contain NaN or inf: only finite (block-normalised) values can be fitted")
+        raise InputError("values contain NaN or inf: only finite (block-normalised) values can be fitted")
     return values
 
 
 def _check_bits(bits: int) -> None:
     # Codes are bytes in lowbit's codecs: 1..8 bits, 2..256 levels.
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
-        raise ValueError(f"bits must be an int in 1..8, got {bits!r}")
+        raise InputError(f"bits must be an int in 1..8, got {bits!r}")
 
 
 def _check_weights(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     if not isinstance(weights, torch.Tensor) or weights.shape != values.shape:
-        raise ValueError(f"weights must be a tensor of the values' shape {tuple(values.shape)}")
+        raise InputError(f"weights must be a tensor of the values' shape {tuple(values.shape)}")
     weights = weights.detach().to("cpu", torch.float32).contiguous()
     if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()) or not bool((weights > 0).any()):
-        raise ValueError("weights must be finite and nonnegative, with at least one above zero")
+        raise InputError("weights must be finite and nonnegative, with at least one above zero")
     return weights
 
 
 def _check_init(init: torch.Tensor, bits: int) -> torch.Tensor:
     if not isinstance(init, torch.Tensor) or init.shape != (1 << bits,):
-        raise ValueError(f"init must be a 1-D tensor of 2^bits = {1 << bits} levels")
+        raise InputError(f"init must be a 1-D tensor of 2^bits = {1 << bits} levels")
     init = init.detach().to("cpu", torch.float32)
     if not bool(torch.isfinite(init).all()):
-        raise ValueError("init levels must be finite")
+        raise InputError("init levels must be finite")
     return init.sort().values + 0.0
