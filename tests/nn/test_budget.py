@@ -83,3 +83,27 @@ def test_a_layer_without_a_candidate_is_skipped_only_for_that_candidate():
     del s.costs[first]["int3"]  # as a GGUF layout the layer's rows cannot hold
     chosen = choose(s, 3.0 + 0.7)
     assert chosen.choices[0].label != "int3"
+
+
+def test_a_budget_of_exactly_the_smallest_mix_admits_it():
+    """Issue 25 finding 20: `--budget 3.5`, exactly the smallest mix, was refused ("leaves no room once bytes are
+    rounded to 813-byte units"): each layer's bytes were rounded up to units of cap / 100,000, so 210 layers of
+    exactly 3.5 bits overflowed a cap of exactly 3.5 bits."""
+    numel = {f"model.layers.{i // 7}.proj{i % 7}": 576 * 1536 for i in range(210)}  # SmolLM2's 210 linears
+    costs = {n: {"int3": LayerCost(n_ * 7 // 16, 0.0, 1.0, True), "int4": LayerCost(n_ // 2 + 1000, 0.0, 0.5, False)}
+             for n, n_ in numel.items()}
+    s = Sensitivity(("int3", "int4"), "int3", 2, numel, costs)
+    chosen = choose(s, 3.5)
+    assert chosen.bits_per_weight == 3.5 and {c.label for c in chosen.choices} == {"int3"}
+    # one byte more than the smallest mix is still refused; a budget a layer's upgrade above it takes that layer
+    with pytest.raises(ValueError, match="below the smallest mix"):
+        choose(s, 3.5 - 8 / sum(numel.values()))
+    upgraded = choose(s, 3.5 + 8 * (576 * 1536 // 16 + 1000) / sum(numel.values()))
+    assert sum(c.label == "int4" for c in upgraded.choices) == 1
+
+
+def test_a_decimal_budget_is_compared_in_exact_bytes():
+    # 800 weights at 0.29 bits are 29 bytes; float 0.29 * 800 / 8 is 28.999999999999996, floored to 28
+    from lowbit.nn.budget import budget_bytes
+
+    assert budget_bytes(0.29, 800) == 29 and budget_bytes(3.3, 10) == 4 and budget_bytes(3.5, 576 * 1536) == 387072

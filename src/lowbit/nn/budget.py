@@ -4,9 +4,11 @@ Each layer's candidates come from a sensitivity table (``lowbit.nn.sensitivity``
 stores for that layer (scales and per-tensor parts included) and its predicted KL when that layer alone is
 quantized. Per-layer KL changes are taken to add up (HAWQ-V3, arXiv 2011.10680, and llama.cpp's mixes rest on the
 same assumption), so the choice is a multiple-choice knapsack: minimize the sum of KL over the layers with the sum
-of bytes at most ``budget * weights / 8``. It is solved exactly by dynamic programming over bytes counted in units
-of ``cap / RESOLUTION``, each candidate's bytes rounded *up* to whole units: the plan found never stores more than
-the budget, and rounding costs at most one unit per layer of slack.
+of bytes at most ``budget * weights / 8``. It is solved exactly by dynamic programming over the bytes a plan stores
+*beyond the smallest mix* (every layer at its smallest candidate), counted in units of ``slack / RESOLUTION``, each
+candidate's extra bytes rounded *up* to whole units: the plan found never stores more than the budget, rounding costs
+at most one unit per layer of slack, and the smallest mix itself (zero extra bytes) is always admissible, so a budget
+of exactly the smallest mix is met. The budget is compared in whole bytes, from the decimal the user typed.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 import torch.nn as nn
@@ -24,7 +27,8 @@ from .plan import PlanRule, QuantPlan
 from .sensitivity import DEFAULT_CANDIDATES, Sensitivity, measure_sensitivity
 
 # Capacity units of the dynamic programme: 210 layers x 6 candidates x 100,000 units takes ~0.5 s in numpy, and
-# the rounding leaves at most (layers / RESOLUTION) of the budget unused (0.2% for SmolLM2's 210 layers).
+# the rounding leaves at most (layers / RESOLUTION) of the slack above the smallest mix unused (0.2% for SmolLM2's
+# 210 layers).
 RESOLUTION = 100_000
 
 
@@ -87,6 +91,13 @@ def plan_for_budget(model: nn.Module | None, budget: float, *, candidates: Seque
     return choose(sensitivity, budget, candidates)
 
 
+def budget_bytes(budget: float, numel: int) -> int:
+    """The most bytes ``numel`` weights may take at ``budget`` bits each, exactly: the budget is read as the shortest
+    decimal that round-trips to it (``repr``: the 3.3 a user typed, not float 3.29999...), so a budget equal to a
+    mix's bits per weight admits that mix."""
+    return math.floor(Fraction(repr(float(budget))) * numel / 8)
+
+
 def choose(sensitivity: Sensitivity, budget: float, candidates: Sequence[str] | None = None) -> BudgetPlan:
     """The dynamic programme over a sensitivity table (module docstring); ``candidates`` limits the labels."""
     allowed = None if candidates is None else {QuantConfig.parse(c).label for c in candidates}
@@ -98,21 +109,25 @@ def choose(sensitivity: Sensitivity, budget: float, candidates: Sequence[str] | 
             raise InputError(f"no candidate can hold layer {name}")
         options.append(sorted(costs.items(), key=lambda kv: kv[1].bytes))
     numel = sum(sensitivity.numel.values())
-    cap = math.floor(budget * numel / 8)
-    smallest = sum(o[0][1].bytes for o in options)
+    cap = budget_bytes(budget, numel)
+    base = [o[0][1].bytes for o in options]  # each layer's smallest candidate
+    smallest = sum(base)
     if smallest > cap:
         least = sorted({o[0][0] for o in options})
         raise InputError(f"a budget of {budget:g} bits per weight is below the smallest mix of the candidates: "
                          f"{8 * smallest / numel:.4f} bits per weight with every layer at its smallest "
                          f"({', '.join(least)}); give a larger budget or a smaller candidate")
-    unit = max(1, math.ceil(cap / RESOLUTION))
-    units = cap // unit
-    best = np.zeros(units + 1)  # best[c]: least KL of the layers so far within c units
+    # the programme runs over the bytes beyond the smallest mix: that mix costs 0 units, so rounding up can never
+    # shut it out (a budget of exactly the smallest mix was refused when whole bytes were rounded; issue 25)
+    slack = cap - smallest
+    unit = max(1, math.ceil(slack / RESOLUTION))
+    units = slack // unit
+    best = np.zeros(units + 1)  # best[c]: least KL of the layers so far within c units of extra bytes
     picks = np.zeros((len(options), units + 1), dtype=np.int8)
     for i, layer in enumerate(options):
         new = np.full(units + 1, np.inf)
         for k, (_, cost) in enumerate(layer):
-            w = math.ceil(cost.bytes / unit)
+            w = math.ceil((cost.bytes - base[i]) / unit)
             if w > units:
                 continue
             shifted = np.full(units + 1, np.inf)
@@ -120,12 +135,9 @@ def choose(sensitivity: Sensitivity, budget: float, candidates: Sequence[str] | 
             better = shifted < new
             new[better], picks[i, better] = shifted[better], k
         best = new
-    if not np.isfinite(best[units]):  # only a rounding up of every layer can get here
-        raise InputError(f"a budget of {budget:g} bits per weight leaves no room once bytes are rounded to "
-                         f"{unit}-byte units: give a slightly larger budget")
     chosen, c = [], units
     for i in reversed(range(len(options))):
         label, cost = options[i][picks[i, c]]
         chosen.append(LayerChoice(layers[i], label, sensitivity.numel[layers[i]], cost.bytes, cost.kl, cost.measured))
-        c -= math.ceil(cost.bytes / unit)
+        c -= math.ceil((cost.bytes - base[i]) / unit)
     return BudgetPlan(float(budget), tuple(reversed(chosen)))
