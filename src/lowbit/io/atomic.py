@@ -9,29 +9,49 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from safetensors import SafetensorError
 
+from ..cachedir import STALE_SECONDS, last_change
 from ..errors import InputError
+from .outputs import check_outside_cache
+
+# A temp beside an output is ".NAME.PID_XXXXXXXX.tmp" (".old": a directory being replaced), XXXXXXXX
+# mkstemp's 8 random characters (tempfile._RandomNameSequence). The writer's pid in the name lets a later
+# run remove what a killed one left (SIGKILL, a power cut: nothing of it ran) and keep a running one's.
+_RANDOM = r"[a-z0-9_]{8}"
+# numpy's ndarray.tofile (what gguf-py writes tensors with) on a short fwrite, with no errno
+_SHORT_WRITE = re.compile(r"(\d+) requested and (\d+) written")
 
 
 @contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_file(path: str | os.PathLike, *, overwrite: bool = True,
+                replaceable: Callable[[Path], bool] | None = None) -> Iterator[Path]:
     """Yields a temp path beside ``path``; on success it is renamed over ``path``, on error removed.
 
     An existing ``path`` that is not a regular file (a device such as /dev/null, a FIFO, a directory)
-    is refused: the rename would replace it, and as root that replaces /dev/null for every program."""
+    is refused: the rename would replace it, and as root that replaces /dev/null for every program.
+    Without ``overwrite`` an existing file is an error; with ``replaceable``, a file it refuses is, asked
+    at the rename (the file may have appeared or changed meanwhile)."""
     path = Path(path)
     check_replaceable(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    check_outside_cache(path)
+    sweep_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the result should look like any new file
         yield Path(tmp)
         _fsync(tmp)  # the data is on disk before the name points at it (a crash leaves old or new)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"output exists: {path} (it appeared while this run was writing)")
+        if path.exists() and replaceable is not None and not replaceable(path):
+            raise FileExistsError(f"{path} changed while this run was writing and may no longer be replaced; "
+                                  "it is left as it was")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -49,7 +69,7 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False,
     may have changed, or appeared, while the new one was being written.
     """
     path = check_output_dir(path, overwrite=overwrite)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
         yield tmp
@@ -61,7 +81,7 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False,
                 raise FileExistsError(f"output exists: {path} (it appeared while this run was writing)")
             # two renames, not one: os.replace cannot put a directory over a non-empty one.
             # The old one moves to a fresh empty name (never a fixed one that a user's file may hold).
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            old = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".old", dir=path.parent))
             os.replace(path, old)
             try:
                 if replaceable is not None and not replaceable(old):
@@ -84,13 +104,17 @@ def write_errors(target: str | os.PathLike) -> Iterator[None]:
     """Reports a failed write (disk full, quota, I/O error) as one OSError naming ``target``.
 
     safetensors raises its own ``SafetensorError`` for I/O failures, with the OS error only in
-    its text ("... (os error 28)"); it becomes the OSError it stands for.
+    its text ("... (os error 28)"); it becomes the OSError it stands for. numpy's ``tofile`` (gguf-py's
+    tensor writer) says only "N requested and M written": ENOSPC when the disk has no room for the rest.
     """
     try:
         yield
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT) and e.filename is None:
             raise OSError(e.errno, os.strerror(e.errno), str(target)) from e
+        short = _SHORT_WRITE.fullmatch(str(e)) if e.errno is None else None
+        if short is not None:
+            raise _short_write(target, int(short[1]) - int(short[2])) from e
         raise
     except SafetensorError as e:
         code = re.search(r"\(os error (\d+)\)", str(e))
@@ -99,13 +123,37 @@ def write_errors(target: str | os.PathLike) -> Iterator[None]:
         raise OSError(int(code[1]), os.strerror(int(code[1])), str(target)) from e
 
 
+def _short_write(target: str | os.PathLike, missing: int) -> OSError:
+    """The OSError a short write of ``missing`` bytes to ``target`` stands for: ENOSPC if the disk holds
+    less than that (the temp file still takes its space), else EIO (a quota or the device failed)."""
+    try:
+        free = shutil.disk_usage(Path(target).parent).free
+    except OSError:
+        free = 0
+    code = errno.ENOSPC if free < missing else errno.EIO
+    return OSError(code, os.strerror(code), str(target))
+
+
+def check_output_file(path: str | os.PathLike) -> Path:
+    """``path`` as a Path, if a file can be written there: a regular file or nothing, outside lowbit's
+    cache, in a directory where files can be created; else a one-line error."""
+    path = Path(path)
+    check_replaceable(path)
+    check_outside_cache(path)
+    check_can_create_in(path.parent)  # Path("x").parent is Path(".")
+    return path
+
+
 def check_output_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """``path`` as a Path, if a directory can be created there; else a one-line OSError."""
+    """``path`` as a Path, if a directory can be created there; else a one-line OSError.
+    Stale temps a killed run left beside it go first (``sweep_stale_temps``)."""
     given, path = path, Path(os.path.abspath(path))  # "." has no name to build temp names from
     if path.is_symlink():
         raise FileExistsError(f"output is a symbolic link: {given}; name the directory it points to")
     if path == Path.cwd() or path in Path.cwd().parents:
         raise FileExistsError(f"output {given} is the current directory or holds it; name another one")
+    check_outside_cache(path)
+    sweep_stale_temps(path)  # first: it may put back a directory a run killed mid-swap had moved aside
     if path.exists() and not (overwrite and path.is_dir()):
         raise FileExistsError(f"output exists: {path}" + (" (pass --overwrite to replace it)" if path.is_dir() else ""))
     check_can_create_in(path.parent)
@@ -132,6 +180,58 @@ def check_can_create_in(directory: Path) -> None:
         raise PermissionError(f"cannot write to directory: {directory} ({e.strerror or e})") from e
     os.close(fd)
     os.unlink(probe)
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.{os.getpid()}_"
+
+
+def sweep_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Remove the temps a killed lowbit run left beside ``path`` (``.NAME.PID_XXXXXXXX.tmp``/``.old``
+    whose PID runs no more); returns what it removed. Temps named before the pid was (``.NAME.XXXXXXXX.tmp``)
+    go once nothing in them changed for ``STALE_SECONDS``, as in the cache. A ``.old`` is the user's earlier
+    output, moved aside while a new one took its place: put back if ``path`` is missing, else removed."""
+    path = Path(os.path.abspath(path))
+    stem = re.escape(f".{path.name}.")
+    named = re.compile(stem + rf"(\d+)_{_RANDOM}\.(tmp|old)")
+    legacy = re.compile(stem + rf"{_RANDOM}\.(tmp|old)")
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return []
+    removed = []
+    for p in sorted(entries, key=lambda p: p.suffix != ".old"):  # .old first: it may become ``path`` again
+        m = named.fullmatch(p.name)
+        if m is not None:
+            dead = not _alive(int(m[1]))
+        else:
+            dead = legacy.fullmatch(p.name) is not None and time.time() - last_change(p) > STALE_SECONDS
+        if not dead:
+            continue
+        if p.suffix == ".old" and not path.exists() and p.is_dir() and any(p.iterdir()):
+            os.replace(p, path)
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists here (a reused pid reads as alive: its temp is kept, never wrongly removed)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except (OverflowError, ValueError, OSError):  # not a pid this system can have
+        return False
+    return True
 
 
 def _fsync(path: str | os.PathLike) -> None:
