@@ -54,9 +54,52 @@ def test_existing_directory_is_kept_unless_overwrite(tiny_lm_dir, tmp_path):
     assert os.listdir(tmp_path / "q") == ["keep"]
     (tmp_path / "q" / "keep").unlink()
     save_quantized(model, tokenizer, info, report, config, tmp_path / "q", overwrite=True)  # empty: replaced
-    (tmp_path / "q" / "extra").write_text("a file beside an earlier output goes with it")
-    save_quantized(model, tokenizer, info, report, config, tmp_path / "q", overwrite=True)
-    assert "extra" not in os.listdir(tmp_path / "q") and sorted(os.listdir(tmp_path)) == ["q"]
+    save_quantized(model, tokenizer, info, report, config, tmp_path / "q", overwrite=True)  # an earlier output
+    assert sorted(os.listdir(tmp_path)) == ["q"]
+
+
+def test_overwrite_keeps_a_users_file_inside_an_earlier_output(tiny_lm_dir, tmp_path):
+    """Issue 25, finding 2: D/notes.txt beside an earlier output, and a directory holding lowbit.json,
+    config.json and thesis.tex (an output of a lowbit that did not list its files), are refused in one
+    line naming the foreign entries; nothing is deleted."""
+    model, tokenizer, info, config, report = quantized(tiny_lm_dir, "int8")
+    out = save_quantized(model, tokenizer, info, report, config, tmp_path / "q")
+    assert json.loads((out / "lowbit.json").read_text())["files"] == sorted(os.listdir(out))
+    (out / "notes.txt").write_text("mine")
+    (out / "sub").mkdir()
+    before = sorted(os.listdir(out))
+    with pytest.raises(FileExistsError, match=r"holds notes.txt, sub, which lowbit did not write") as err:
+        save_quantized(model, tokenizer, info, report, config, out, overwrite=True)
+    assert "\n" not in str(err.value) and sorted(os.listdir(out)) == before
+    assert sorted(os.listdir(tmp_path)) == ["q"]
+
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "lowbit.json").write_text(json.dumps({"lowbit_layout": 1}))
+    (old / "config.json").write_text("{}")
+    (old / "thesis.tex").write_text("years of work")
+    with pytest.raises(FileExistsError, match=r"holds thesis.tex, which"):
+        save_quantized(model, tokenizer, info, report, config, old, overwrite=True)
+    assert (old / "thesis.tex").read_text() == "years of work"
+    (old / "thesis.tex").unlink()  # an older output of only lowbit's files is replaced
+    save_quantized(model, tokenizer, info, report, config, old, overwrite=True)
+    assert "files" in json.loads((old / "lowbit.json").read_text())
+
+
+def test_outputs_keep_the_umasks_permissions(tiny_lm_dir, tmp_path):
+    """Issue 25, finding 18: model.safetensors was 0600 (safetensors' temp file) beside 0644 files."""
+    model, tokenizer, info, config, report = quantized(tiny_lm_dir, "int8")
+    mask = os.umask(0o022)
+    try:
+        out = save_quantized(model, tokenizer, info, report, config, tmp_path / "q")
+        os.umask(0o002)
+        out2 = save_quantized(model, tokenizer, info, report, config, tmp_path / "q2")
+    finally:
+        os.umask(mask)
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == {p.name: 0o644 for p in out.iterdir()}
+    assert {p.stat().st_mode & 0o777 for p in out2.iterdir()} == {0o664}
+    config_json = json.loads((out / "config.json").read_text())
+    assert config_json["architectures"] == ["LlamaForCausalLM"]  # finding 8: always written
 
 
 @pytest.mark.parametrize("where", ["is", "inside", "holds"])

@@ -33,7 +33,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import InputError, LowbitWarning, ModelLoadError
@@ -43,7 +43,7 @@ from ..scaling.double_quant import DQ_BLOCK, dynamic_map
 from ..tensor import QuantizedTensor
 from .atomic import atomic_dir, write_errors
 from .gguf_export import ExportError, layer_list
-from .model_io import check_layout
+from .model_io import check_layout, save_tensors
 
 BNB_FORMATS = tuple(f for f in formats() if get_format(f).bnb_quant_type)  # formats.table's bnb_quant_type column
 BNB_BLOCKS = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes/_ops.py: the block sizes its kernels take
@@ -127,7 +127,7 @@ def export_bnb(model: nn.Module, tokenizer, out: str | Path) -> dict[str, int]:
     if isinstance(model.get_output_embeddings(), QuantLinear):
         config.tie_word_embeddings = False  # a 4-bit head cannot share the float embedding's tensor
     with write_errors(out), atomic_dir(out) as tmp:
-        save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        save_tensors(tensors, tmp / WEIGHTS_FILE)
         config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)

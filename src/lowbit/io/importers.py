@@ -26,7 +26,7 @@ from ..formats.registry import formats, get_format
 from ..models import converted
 from ..models.gguf_file import check_complete
 from ..models.hashing import files_sha256, model_files
-from ..models.loader import CAUSAL_LM, EMBEDDED, ModelInfo, as_load_error, resolve
+from ..models.loader import CAUSAL_LM, EMBEDDED, ModelInfo, as_load_error, model_kind, resolve
 from ..nn.config import QuantConfig
 from ..nn.plan import PlanRule, QuantPlan
 from ..nn.surgery import QuantizeReport, quantize_model
@@ -133,11 +133,9 @@ def import_bnb(directory: str | Path, *, progress: bool = False) -> Imported:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    from ..models.loader import _kind
-
     directory = Path(directory)
     config_dict, tensors, layers = bnb_checkpoint.read_checkpoint(directory)
-    kind = _kind(config_dict)
+    kind = model_kind(config_dict)
     with as_load_error(directory):
         config = AutoConfig.from_pretrained(directory, local_files_only=True)
         del config.quantization_config  # the layers become QuantLinear here, not bitsandbytes' Linear4bit

@@ -11,7 +11,9 @@ Layout of DIR (no pickle anywhere):
 
 from __future__ import annotations
 
+import copy
 import json
+import os
 from dataclasses import asdict
 from functools import lru_cache
 from pathlib import Path
@@ -30,7 +32,8 @@ from ..nn.plan import QuantPlan
 from ..nn.surgery import QuantConfig, QuantizeReport, as_plan
 from ..quantize import quantize
 from ..tensor import QuantizedTensor
-from .atomic import atomic_dir, check_output_dir, write_errors
+from .atomic import _umask, atomic_dir, check_output_dir, write_errors
+from .gguf_export import layer_list
 
 LAYOUT_VERSION = 1
 META_FILE, TENSOR_FILE = "lowbit.json", "model.safetensors"
@@ -99,11 +102,29 @@ def save_quantized(model, tokenizer, info: ModelInfo, report: QuantizeReport, co
     if label is not None:
         meta["config"]["label"] = label
     with write_errors(directory), atomic_dir(directory, overwrite=overwrite, replaceable=_replaceable) as tmp:
-        save_file(tensors, tmp / TENSOR_FILE, metadata={"format": "pt"})
-        model.config.save_pretrained(tmp)
+        save_tensors(tensors, tmp / TENSOR_FILE)
+        with_architectures(model).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        # the names this save wrote, the only entries a later --overwrite may replace (_foreign)
+        meta["files"] = sorted([p.name for p in tmp.iterdir()] + [META_FILE])
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return Path(directory)
+
+
+def with_architectures(model):
+    """A copy of ``model.config`` naming its class in ``architectures``, as ``PreTrainedModel.save_pretrained``
+    records it: a config.json without it (one transformers built from GGUF metadata) would leave the
+    model's kind to be guessed on the next load."""
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    return config
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """``save_file`` with the permissions of any new file: safetensors writes a 0600 temp file and
+    renames it, so model.safetensors alone would be unreadable to the group where the umask allows it."""
+    save_file(tensors, path, metadata={"format": "pt"})
+    os.chmod(path, 0o666 & ~_umask())
 
 
 def check_output(directory, *, overwrite: bool = False, source: str | Path | None = None) -> Path:
@@ -116,9 +137,10 @@ def check_output(directory, *, overwrite: bool = False, source: str | Path | Non
         src = Path(source).resolve()
         if out == src or out in src.parents or src in out.parents:
             raise FileExistsError(f"output {path} would overwrite the input model {source}; choose another directory")
-    if path.is_dir() and not _replaceable(path):
+    foreign = _foreign(path) if path.is_dir() else []
+    if foreign:
         raise FileExistsError(f"--overwrite replaces only an empty directory or an earlier lowbit output; {path} "
-                              f"holds other files (no {META_FILE} with lowbit_layout)")
+                              f"holds {layer_list(foreign)}, which lowbit did not write there")
     return path
 
 
@@ -131,16 +153,29 @@ def local_source(spec: str | None) -> str | None:
     return None if how == "hub" else target
 
 
+# What save_quantized wrote before lowbit.json listed its "files" (transformers 5's tokenizer files;
+# special_tokens_map.json from transformers 4): an output of that time may hold these and no more.
+_FILES_BEFORE_LISTING = (META_FILE, TENSOR_FILE, "config.json", "tokenizer.json", "tokenizer_config.json",
+                         "chat_template.jinja", "special_tokens_map.json")
+
+
 def _replaceable(path: Path) -> bool:
-    return not any(path.iterdir()) or _is_lowbit_output(path)
+    return not _foreign(path)
 
 
-def _is_lowbit_output(path: Path) -> bool:
+def _foreign(path: Path) -> list[str]:
+    """The entries of directory ``path`` that no lowbit save wrote (sorted; all of them when it holds no
+    lowbit.json): an --overwrite would delete a user's files with the output around them."""
+    entries = sorted(p.name for p in path.iterdir())
     try:
         meta = json.loads((path / META_FILE).read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and "lowbit_layout" in meta
+        meta = None
+    if not isinstance(meta, dict) or "lowbit_layout" not in meta:
+        return entries
+    written = meta.get("files", list(_FILES_BEFORE_LISTING))
+    written = set(written) if isinstance(written, list) and all(isinstance(n, str) for n in written) else set()
+    return [name for name in entries if name not in written or not (path / name).is_file()]
 
 
 # what commands read from lowbit.json besides the layers: (section, key), key None = the section itself

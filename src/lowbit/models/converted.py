@@ -17,7 +17,6 @@ cannot be written is a warning too, never a failed load.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -136,10 +135,10 @@ def _state_dict(model) -> dict:
 
 
 def _write(directory: Path, model, tokenizer, tensors: dict) -> None:
-    from safetensors.torch import save_file
+    from ..io.model_io import save_tensors, with_architectures
 
-    save_file(tensors, directory / WEIGHTS, metadata={"format": "pt"})
-    config = copy.deepcopy(model.config)
+    save_tensors(tensors, directory / WEIGHTS)
+    config = with_architectures(model)
     # the GGUF loader records a "gguf" quantization_config; the weights here are plain float32,
     # and a directory claiming GGUF quantization would be loaded through the GGUF quantizer
     if hasattr(config, "quantization_config"):

@@ -133,7 +133,7 @@ def _load_directory(path: Path, source: str):
     if not config.is_file():
         raise ModelLoadError(f"not a model directory (no config.json): {path}")
     with as_load_error(path):
-        kind = _kind(json.loads(config.read_text()))
+        kind = model_kind(json.loads(config.read_text()))
         model, tokenizer = _from_pretrained(str(path), kind, local_files_only=True)
         file_hash = files_sha256(model_files(path), root=path)
     return model, tokenizer, ModelInfo(kind, source, file_hash, path.name)
@@ -155,7 +155,7 @@ def _load_hub_files(repo_id: str, *, local_files_only: bool):
     from transformers import AutoConfig
     from transformers.utils import cached_file
 
-    kind = _kind(AutoConfig.from_pretrained(repo_id, local_files_only=local_files_only).to_dict())
+    kind = model_kind(AutoConfig.from_pretrained(repo_id, local_files_only=local_files_only).to_dict())
     model, tokenizer = _from_pretrained(repo_id, kind, local_files_only=local_files_only)
     snapshot = Path(cached_file(repo_id, "config.json", local_files_only=True)).parent  # where the files landed
     file_hash = files_sha256(model_files(snapshot), root=snapshot)
@@ -181,11 +181,24 @@ def _complete(cls, source, **kwargs):
     return model
 
 
-def _kind(config: dict) -> str:
-    # model_type alone is not enough: "bert" has a causal-LM head class too. The saved
-    # architectures say which head the checkpoint actually has.
+def model_kind(config: dict) -> str:
+    """CAUSAL_LM or ENCODER for a config.json's contents. The saved ``architectures`` say which head
+    the checkpoint has; without them (config.json files written by hand, or by transformers from GGUF
+    metadata) ``model_type`` decides: a type transformers' AutoModelForCausalLM maps to a class is a
+    causal LM, unless AutoModelForMaskedLM maps it too (bert, roberta: encoders whose optional decoder
+    head ``is_decoder`` turns on)."""
     archs = config.get("architectures") or ()
-    return CAUSAL_LM if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) else ENCODER
+    if isinstance(archs, list) and archs:
+        return CAUSAL_LM if any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in archs) else ENCODER
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    model_type = config.get("model_type")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return ENCODER
+    return CAUSAL_LM if model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES or config.get("is_decoder") else ENCODER
 
 
 def _float32() -> dict:
