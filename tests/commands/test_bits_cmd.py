@@ -1,6 +1,7 @@
 """`lowbit bits VALUE`: fields, stored values and errors; bad input in one line."""
 
 import re
+import time
 
 import pytest
 
@@ -71,3 +72,48 @@ def test_bad_input_is_one_line(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+# Issue 25 finding 6: `lowbit bits 1e10000000 --formats fp16` ran for over 10 minutes (exact rationals of
+# 10^10000000); 9e-99999999999 hung too. Past 10^+-1000 a value is answered as the formats handle overflow and
+# underflow, without building it.
+@pytest.mark.parametrize("value, expect, abs_error", [
+    ("1e10000000", {"fp32": "inf", "fp16": "inf", "fp8_e4m3fn": "nan", "fp8_e5m2": "inf", "fp4_e2m1": "6", "nf4": "1"},
+     "1e+10000000"),
+    ("-1e10000000", {"fp16": "-inf", "fp8_e4m3fn": "nan", "fp4_e2m1": "-6", "nf4": "-1"}, "1e+10000000"),
+    ("9e-99999999999", {"fp32": "0", "fp16": "0", "fp8_e4m3fn": "0", "fp4_e2m1": "0", "nf4": "0"}, "9e-99999999999"),
+    ("-9e-99999999999", {"fp32": "-0", "bf16": "-0", "fp4_e2m1": "-0"}, "9e-99999999999"),
+    ("1.235e1001", {"fp4_e2m1": "6"}, "1.23e+1001"),  # 1.235e1001 - 6 is just under the tie: rounds down
+    ("1e99999999999999999999", {"fp16": "inf"}, None),  # past Python's decimal exponents too
+])
+def test_values_past_every_range_are_answered_at_once(value, expect, abs_error, capsys):
+    start = time.perf_counter()
+    assert main(["bits", value]) == 0
+    assert time.perf_counter() - start < 1
+    rows = _rows(capsys.readouterr().out)
+    for name, stored in expect.items():
+        assert rows[name][6] == stored, (name, rows[name])
+    if abs_error:
+        assert rows["fp4_e2m1"][7] == abs_error and rows["fp4_e2m1"][8] == "1"
+
+
+def test_the_exact_range_still_rounds_exactly(capsys):
+    # 2^-149 (fp32's smallest subnormal) written with 105 digits is inside the exact range: stored exactly
+    exact = ("1.401298464324817070923729583289916131280261941876515771757068283889791082685860601486638188362121582"
+             "03125e-45")
+    assert main(["bits", exact, "--formats", "fp32"]) == 0
+    assert _rows(capsys.readouterr().out)["fp32"][7] == "0"
+
+
+def test_a_scale_past_every_range_is_refused_at_once(capsys):
+    start = time.perf_counter()
+    assert main(["bits", "1", "--scale", "1e10000000"]) == 2
+    assert time.perf_counter() - start < 1
+    err = capsys.readouterr().err
+    assert "--scale must be a positive number a float32 block scale can hold" in err and err.count("\n") == 1
+
+
+def test_a_value_longer_than_the_limit_is_refused(capsys):
+    assert main(["bits", "1" * 1001]) == 2
+    err = capsys.readouterr().err
+    assert "lowbit bits reads at most 1,000" in err and err.count("\n") == 1

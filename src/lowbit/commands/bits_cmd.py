@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 import torch
 
 from ..errors import InputError
+from ..limits import EXACT_EXPONENT, MAX_VALUE_CHARS
 from ..report.bits import DEFAULT_BITS_FORMATS, bits_table, parse_value, store
 from .common import console
 
@@ -14,7 +16,10 @@ from .common import console
 def add_parser(sub) -> None:
     p = sub.add_parser("bits", help="show how one number is stored in each format: sign, exponent and "
                                     "mantissa fields (or code and level), the stored value and its error")
-    p.add_argument("value", metavar="VALUE", help="a decimal (3.1415926535, -1e-3), a ratio (1/3), nan or inf")
+    p.add_argument("value", metavar="VALUE",
+                   help=f"a decimal (3.1415926535, -1e-3), a ratio (1/3), nan or inf; at most {MAX_VALUE_CHARS:,} "
+                        f"characters. Past 10^+-{EXACT_EXPONENT} (1e10000000) a value is beyond every format's range "
+                        "and is shown as the formats round it: Inf, NaN or saturation; a signed zero")
     # VALUE may be negative: argparse takes only -5 and -0.5 for numbers, and -1e-3, -1/3 and -inf for
     # options; this parser has no option that looks like a number, so every "-digit..." is the value
     p._negative_number_matcher = re.compile(r"^-(\d|\.\d|inf|nan)", re.IGNORECASE)
@@ -31,7 +36,7 @@ def run(args) -> int:
     value = parse_value(args.value)
     scale = parse_value(args.scale)
     # a block scale is stored as a float32: a normal, positive one (torch.finfo(float32))
-    if isinstance(scale, float) or not 2**-126 <= scale <= torch.finfo(torch.float32).max:
+    if not isinstance(scale, Fraction) or not 2**-126 <= scale <= torch.finfo(torch.float32).max:
         raise InputError(f"--scale must be a positive number a float32 block scale can hold (1.2e-38 to 3.4e38), "
                          f"got {args.scale!r}")
     names = [n.strip() for n in args.formats.split(",") if n.strip()]

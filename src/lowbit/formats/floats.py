@@ -134,6 +134,13 @@ def round_value(x: Fraction | float, f: FloatFormat, *, negative_zero: bool = Fa
         return Rounded(sign, 0, 0, -0.0 if sign else 0.0)
     m, emin = lay.man_bits, 1 - lay.bias
     e = a.numerator.bit_length() - a.denominator.bit_length()  # floor(log2 a) or one more
+    # far outside the range the answer needs no arithmetic on a (whose size is the caller's: 2^e below
+    # would be as large as a itself): a >= 2^(e-1) past the top binade overflows, a < 2^e under a quarter
+    # of the smallest subnormal rounds to zero
+    if e - 1 > f.max_exponent:
+        return _special(f, sign, "inf")
+    if e < emin - m - 1:
+        return Rounded(sign, 0, 0, -0.0 if sign else 0.0)
     if Fraction(2) ** e > a:
         e -= 1
     e = max(e, emin)  # below the normal range the quantum stays that of the smallest normal: subnormals

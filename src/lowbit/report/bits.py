@@ -9,7 +9,9 @@ a grid format's is its own codec's ``encode``, as the quantizer runs it (in floa
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
+from decimal import ROUND_HALF_DOWN, ROUND_HALF_EVEN, ROUND_HALF_UP, Context, Decimal
 from fractions import Fraction
 
 import torch
@@ -19,6 +21,7 @@ from rich.text import Text
 from ..errors import InputError
 from ..formats.floats import FLOATS, REFERENCE_FLOATS, SATURATE, TO_INF, FloatFormat, round_value
 from ..formats.registry import GridCodec, codec_for, get_format
+from ..limits import EXACT_EXPONENT, MAX_VALUE_CHARS
 
 DEFAULT_BITS_FORMATS = ("fp32", "tf32", "bf16", "fp16", "fp8_e4m3fn", "fp8_e5m2", "fp4_e2m1", "nf4")
 
@@ -38,23 +41,108 @@ class Stored:
     stored: bool = True  # False: the format has no code for the value (NaN or Inf in a codebook)
 
 
-def parse_value(text: str) -> Fraction | float:
-    """A decimal (``3.1415926535``, ``-1e-3``), a ratio (``1/3``), or nan / inf: exact where finite."""
-    key = text.strip().lower().lstrip("+")
+# a decimal with an exponent: sign, integer digits, fraction digits, exponent (what Fraction reads, less "_")
+_EXPONENT_FORM = re.compile(r"[+-]?([0-9]*)(?:\.([0-9]*))?[eE]([+-]?[0-9]+)")
+
+
+@dataclass(frozen=True)
+class Beyond:
+    """A decimal whose leading digit is past 10^±EXACT_EXPONENT (``1e10000000``, ``9e-99999999999``): beyond
+    every format's range at every --scale, so it is rounded as ``proxy`` (10^±EXACT_EXPONENT, same sign) is,
+    by overflow or underflow, and never built as a rational (10^10000000 took minutes). ``digits`` x
+    10^``exponent`` is its exact magnitude, for the errors."""
+
+    negative: bool
+    digits: int  # the significant digits, no trailing zeros
+    exponent: int
+
+    @property
+    def huge(self) -> bool:
+        return self.exponent > 0
+
+    @property
+    def proxy(self) -> Fraction:
+        p = Fraction(10) ** (EXACT_EXPONENT if self.huge else -EXACT_EXPONENT)
+        return -p if self.negative else p
+
+    def errors(self, stored: float) -> tuple[str, str]:
+        """(absolute, relative) error of a finite ``stored`` against this value, to 3 significant digits.
+
+        ``stored`` (a float64 within 10^±400) is so far from the value that it moves the error only below the
+        value's own digits, or the value only below ``stored``'s: it decides nothing but a tie of the rounding."""
+        mantissa = Decimal(self.digits).scaleb(1 - len(str(self.digits)))  # in [1, 10)
+        power = self.exponent + len(str(self.digits)) - 1
+        if stored == 0:  # |x - 0| = |x|, all of it
+            return _sci3(mantissa, power, 0), "1"
+        toward = (stored < 0) == self.negative  # stored on the value's side of 0: the error is less than the larger
+        if self.huge:  # |x| - stored, or |x| + |stored|; relative 1 - (or +) a 10^-600 share
+            return _sci3(mantissa, power, -1 if toward else 1), "1"
+        big = Decimal(abs(stored))  # exact; |stored| - |x|, or + |x|
+        b_mantissa, b_power = big.scaleb(-big.adjusted()), big.adjusted()
+        ratio = Context(prec=40).divide(b_mantissa, mantissa)  # |stored| / |x|, relative error to 3 digits
+        r_power = b_power - power + ratio.adjusted()
+        return _sci3(b_mantissa, b_power, -1 if toward else 1), _sci3(ratio.scaleb(-ratio.adjusted()), r_power, 0)
+
+
+def parse_value(text: str) -> Fraction | float | Beyond:
+    """A decimal (``3.1415926535``, ``-1e-3``), a ratio (``1/3``), or nan / inf: exact where finite.
+
+    At most MAX_VALUE_CHARS characters; a decimal whose exponent puts it past 10^±EXACT_EXPONENT is a ``Beyond``
+    (docs/limits.md): the time taken is bounded whatever the text says."""
+    stripped = text.strip()
+    if len(stripped) > MAX_VALUE_CHARS:
+        raise InputError(f"a number of {len(stripped):,} characters: lowbit bits reads at most {MAX_VALUE_CHARS:,} "
+                         "(a float64's exact decimal has at most 767 significant digits)")
+    key = stripped.lower().lstrip("+")
     if key in ("nan", "-nan"):
         return math.nan
     if key in ("inf", "infinity", "-inf", "-infinity"):
         return -math.inf if key.startswith("-") else math.inf
+    m = _EXPONENT_FORM.fullmatch(stripped)
+    if m and (m[1] or m[2]):
+        beyond = _beyond(stripped.startswith("-"), m[1], m[2] or "", int(m[3]))
+        if beyond is not None:
+            return beyond
     try:
-        return Fraction(text.strip())
+        return Fraction(stripped)
     except (ValueError, ZeroDivisionError):
         raise InputError(f"cannot read {text!r} as a number: give a decimal such as 3.1415926535, -1e-3 or 1/3, "
                          "or nan, inf, -inf") from None
 
 
-def store(value: Fraction | float, name: str, *, scale: Fraction = Fraction(1), negative_zero: bool = False) -> Stored:
+def _beyond(negative: bool, whole: str, fraction: str, exponent: int) -> Beyond | None:
+    """The decimal ``whole.fraction`` x 10^exponent as a Beyond when its leading digit is past
+    10^±EXACT_EXPONENT; None when it is within (or zero), to be read exactly."""
+    digits = (whole + fraction).lstrip("0")
+    if not digits:
+        return None
+    power = exponent + len(whole) - 1 - ((len(whole) + len(fraction)) - len(digits))  # of the leading digit
+    if abs(power) <= EXACT_EXPONENT:
+        return None
+    significant = digits.rstrip("0")
+    return Beyond(negative, int(significant), power - len(significant) + 1)
+
+
+def _sci3(mantissa: Decimal, power: int, nudge: int) -> str:
+    """``mantissa`` (in [1, 10)) x 10^``power`` to 3 significant digits, as ``_sci`` writes it (``1.23e+456``), for
+    any ``power``. ``nudge``: the exact value is that less (-1) or more (+1) by an amount below every digit of
+    ``mantissa``, which matters only when the mantissa is a tie of the rounding."""
+    rounding = {0: ROUND_HALF_EVEN, -1: ROUND_HALF_DOWN, 1: ROUND_HALF_UP}[nudge]
+    # a mantissa with no digit past the third is exact; less than it by a hair rounds back to it
+    rounded = mantissa.quantize(Decimal("0.01"), rounding=rounding)
+    if rounded >= 10:
+        rounded, power = rounded.scaleb(-1), power + 1
+    if abs(power) < 300:  # within float64's range: as _sci writes such a number
+        return f"{float(rounded.scaleb(power)):.3g}"
+    return f"{float(rounded):.3g}e{power:+d}"
+
+
+def store(value: Fraction | float | Beyond, name: str, *, scale: Fraction = Fraction(1),
+          negative_zero: bool = False) -> Stored:
     """``value`` as ``name`` stores it. ``scale``: the block scale a low-bit element is relative to
     (the value is divided by it, rounded, and multiplied back); the reference floats take none."""
+    if isinstance(value, Beyond):  # rounds as any value past every range does
+        value = value.proxy
     if name in FLOATS:
         f = FLOATS[name]
         reference = f in REFERENCE_FLOATS
@@ -135,8 +223,10 @@ def _exact(x: Fraction, limit: int = 12) -> str:
     return f"{whole}.{''.join(digits)}{'...' if rest else ''}" if digits else f"{whole}"
 
 
-def error_text(stored: float, value: Fraction | float) -> tuple[str, str]:
+def error_text(stored: float, value: Fraction | float | Beyond) -> tuple[str, str]:
     """(absolute, relative) error of ``stored`` against the exact ``value``."""
+    if isinstance(value, Beyond):
+        return value.errors(stored) if math.isfinite(stored) else ("-", "-")
     if isinstance(value, float) or not math.isfinite(stored):
         same = isinstance(value, float) and (stored == value or (math.isnan(stored) and math.isnan(value)))
         return ("0", "0") if same else ("-", "-")
@@ -168,7 +258,7 @@ def _to_float(x: Fraction) -> float:
         return math.inf if x > 0 else -math.inf
 
 
-def bits_table(text: str, value: Fraction | float, rows: list[Stored], scale: Fraction) -> Table:
+def bits_table(text: str, value: Fraction | float | Beyond, rows: list[Stored], scale: Fraction) -> Table:
     shown = f"{text} (= {_to_float(value):.17g})" if "/" in text and not isinstance(value, float) else text
     table = Table(title=f"{shown} in each format", caption=Text(
         "stored: what the fields decode to; errors against the exact input. Floats round to nearest, ties to even."
