@@ -1,16 +1,51 @@
-"""lowbit: quantize language-model weights to low-bit formats and measure what each costs."""
+"""lowbit: quantize language-model weights to low-bit formats and measure what each costs.
 
-from . import gguf  # noqa: F401  (registers the GGUF block formats)
-from .fake_quant import fake_quantize, initial_scales
-from .formats import FormatSpec, formats, get_format
-from .quantize import quantize
-from .tensor import QuantizedTensor
+The public names load on first use (PEP 562), so that ``import lowbit.cli`` and the commands
+that load no model (``lowbit --version``, ``formats``, ``memory``, ``cache``, ``report``, ...)
+start without importing torch: ``import torch`` alone takes about 1.3 s.
+"""
 
-__all__ = ["FormatSpec", "QuantizedTensor", "fake_quantize", "formats", "get_format", "initial_scales", "quantize"]
+from __future__ import annotations
+
+import sys
+import types
+from importlib import import_module
+
 __version__ = "0.1.0"
 
-# Model-level API (issue 3). lowbit.models imports transformers only inside load_model.
-from .models import load_model  # noqa: E402
-from .nn import QuantConfig, QuantLinear, QuantPlan, quantize_model  # noqa: E402
+# public name -> the submodule that defines it
+_PUBLIC = {
+    "FormatSpec": "formats", "formats": "formats", "get_format": "formats",
+    "fake_quantize": "fake_quant", "initial_scales": "fake_quant",
+    "quantize": "quantize", "QuantizedTensor": "tensor",
+    # model-level API (issue 3); lowbit.models imports transformers only inside load_model
+    "load_model": "models",
+    "QuantConfig": "nn", "QuantLinear": "nn", "QuantPlan": "nn", "quantize_model": "nn",
+}
+__all__ = sorted(_PUBLIC)
 
-__all__ += ["QuantConfig", "QuantLinear", "QuantPlan", "load_model", "quantize_model"]
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_PUBLIC[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+class _Package(types.ModuleType):
+    """``lowbit.quantize`` and ``lowbit.formats`` are public functions named like the submodules
+    that hold them. Importing such a submodule binds it to the package's attribute (the import
+    system's rule); here that binding is skipped, so the attribute stays the function."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, types.ModuleType) and _PUBLIC.get(name) == name:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import signal
 import sys
@@ -12,24 +13,6 @@ import traceback
 from contextlib import contextmanager
 
 from . import __version__
-from .commands import (
-    bits_cmd,
-    cache_cmd,
-    compare_cmd,
-    errors_cmd,
-    eval_cmd,
-    export_cmd,
-    formats_cmd,
-    generate_cmd,
-    import_cmd,
-    memory_cmd,
-    outliers_cmd,
-    plot_cmd,
-    qat_cmd,
-    quantize_cmd,
-    report_cmd,
-    sensitivity_cmd,
-)
 from .errors import LowbitError
 
 
@@ -39,22 +22,71 @@ class Terminated(BaseException):
     files, temp directories) runs on the way out and no ``except Exception`` swallows it."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Every subcommand: (name, module under lowbit.commands, one-line help for `lowbit --help`), in the
+# order `lowbit --help` lists them. Only the chosen command's module is imported: most of them
+# import torch (about 1.3 s), which `lowbit --version`, `formats`, `memory` or `report` never need.
+COMMANDS: tuple[tuple[str, str, str], ...] = (
+    ("compare", "compare_cmd", "quantize a model to several formats and measure the loss of each"),
+    ("quantize", "quantize_cmd", "quantize a model's linear layers and save it"),
+    ("qat", "qat_cmd", "quantization-aware training (LSQ): train the weights and their steps, then save"),
+    ("eval", "eval_cmd", "score a saved quantized model against the original"),
+    ("generate", "generate_cmd", "generate text with a quantized model, printing tokens as they come"),
+    ("export", "export_cmd", "write a saved quantized model as a GGUF file (llama.cpp) or a bitsandbytes 4-bit "
+                             "checkpoint (transformers)"),
+    ("import", "import_cmd", "read a GGUF file or a bitsandbytes 4-bit checkpoint into a lowbit model directory, "
+                             "its quantized bytes unchanged"),
+    ("sensitivity", "sensitivity_cmd", "measure what quantizing each layer alone costs in KL, per format"),
+    ("outliers", "outliers_cmd", "find the input features of each layer with |x| >= a threshold (LLM.int8()'s "
+                                 "outliers) and the systematic ones"),
+    ("errors", "errors_cmd", "per-layer weight SQNR (dB) of several formats, without running the model"),
+    ("formats", "formats_cmd", "list formats, or explain one label: its block layout and element levels"),
+    ("bits", "bits_cmd", "show how one number is stored in each format: sign, exponent and mantissa fields (or "
+                         "code and level), the stored value and its error"),
+    ("plot", "plot_cmd", "draw a figure: a layer's weights and levels, KL against bits, SQNR per layer, a plan's "
+                         "formats, outliers per layer"),
+    ("report", "report_cmd", "write the self-contained HTML report of saved `lowbit compare --json` results"),
+    ("memory", "memory_cmd", "weight memory at each format, and which accelerators hold it"),
+    ("cache", "cache_cmd", "list the cached references and converted models, or clear them"),
+)
+
+
+class _Subcommands:
+    """What a command module's ``add_parser(sub)`` is given: ``sub.add_parser(name, ...)`` with the
+    one-line help of ``COMMANDS`` (one place for it, listed without importing the modules)."""
+
+    def __init__(self, sub, helps: dict[str, str]):
+        self._sub, self._helps = sub, helps
+
+    def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
+        return self._sub.add_parser(name, **{**kwargs, "help": self._helps[name]})
+
+
+def chosen_command(argv: list[str]) -> str | None:
+    """The subcommand ``argv`` names: its first word that is not an option (lowbit's own options,
+    -h and --version, take no value), or None."""
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of ``lowbit``: every subcommand listed with its help, and ``command``'s own
+    arguments (only its module is imported; None: no module, enough for --help and --version)."""
     parser = argparse.ArgumentParser(
         prog="lowbit", description="Quantize language-model weights to low-bit formats and measure the cost."
     )
     parser.add_argument("--version", action="version", version=f"lowbit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (compare_cmd, quantize_cmd, qat_cmd, eval_cmd, generate_cmd, export_cmd, import_cmd,
-                    sensitivity_cmd, outliers_cmd, errors_cmd, formats_cmd, bits_cmd, plot_cmd, report_cmd,
-                    memory_cmd, cache_cmd):
-        command.add_parser(sub)
+    helps = {name: help for name, _, help in COMMANDS}
+    for name, module, help in COMMANDS:
+        if name == command:
+            importlib.import_module(f".commands.{module}", __package__).add_parser(_Subcommands(sub, helps))
+        else:  # listed only: argparse never reaches it on this command line
+            sub.add_parser(name, help=help, add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(chosen_command(argv)).parse_args(argv)
     try:
         with _sigterm_raises():
             return args.run(args) or 0

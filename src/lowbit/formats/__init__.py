@@ -6,3 +6,7 @@ from .registry import Codec, format_by_id, formats, get_format
 from .spec import FormatSpec
 
 __all__ = ["Codec", "FormatSpec", "format_by_id", "formats", "get_format"]
+
+# The GGUF block formats register on import of lowbit.gguf, which builds on this package: imported
+# last, so that every user of the registry sees them (lowbit's own __init__ imports nothing eagerly).
+from .. import gguf  # noqa: E402, F401
