@@ -204,3 +204,103 @@ def test_a_checkpoint_lowbit_cannot_read_is_refused(tiny_lm_dir, tmp_path):
     with pytest.raises(ModelLoadError, match="up_proj.weight is not a bitsandbytes 4-bit layer lowbit reads: its "
                                              "quant_map is not bitsandbytes' nf4 table"):
         import_model(tmp_path / "bnb")
+
+
+@pytest.fixture(scope="module")
+def tiny_bnb(tiny_lm_dir, tmp_path_factory):
+    """tiny_lm_dir in nf4+dq (blocks of 64), written in bitsandbytes' layout."""
+    model, tokenizer, _ = load_model(str(tiny_lm_dir))
+    quantize_model(model, QuantConfig("nf4", double_quant=True), progress=False)
+    out = tmp_path_factory.mktemp("tiny-bnb") / "bnb"
+    export_bnb(model, tokenizer, out)
+    return out
+
+
+LAYER = "model.layers.0.mlp.up_proj.weight"  # 128 x 64
+
+
+@pytest.mark.parametrize("edit,message", [
+    ({"dtype": "bogus"}, "quant_state dtype 'bogus' (lowbit reads float32, float16, bfloat16)"),  # was AttributeError
+    ({"shape": [-128, 64]}, "quant_state shape [-128, 64]"),  # was RuntimeError
+    ({"shape": [10**6, 10**6]}, "cannot hold a nf4 tensor of shape (1000000, 1000000)"),  # nothing of that size made
+    ({"shape": [64, 128]}, "is (64, 128) in the file and (128, 64) in the architecture"),
+    ({"shape": "128x64"}, "quant_state shape '128x64'"),
+    ({"blocksize": 3}, "quant_state blocksize 3"),
+    ({"blocksize": True}, "quant_state blocksize True"),
+    ({"quant_type": "fp4"}, "quant_type 'fp4' differs from its key's 'nf4'"),
+    ({"quant_type": ["nf4"]}, "quant_type ['nf4']"),
+    ({"nested_offset": "x"}, "its double quant is not bitsandbytes'"),
+    ({"nested_dtype": "float16"}, "its double quant is not bitsandbytes'"),
+    ({"compress": True}, "has unknown field(s) compress"),
+    ({"nested_offset": None}, "lacks field(s) nested_offset"),
+])
+def test_an_edited_quant_state_is_one_line_naming_the_field(tiny_bnb, tmp_path, edit, message):
+    """Issue 25, findings 11 and 14: every field of a layer's quant_state is checked."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_bnb, bad)
+    tensors = load_file(bad / "model.safetensors")
+    key = f"{LAYER}.{STATE_KEY}nf4"
+    info = json.loads(bytes(tensors[key].numpy()).decode())
+    info |= edit
+    info = {k: v for k, v in info.items() if v is not None}
+    tensors[key] = torch.frombuffer(bytearray(json.dumps(info).encode()), dtype=torch.uint8)
+    save_file(tensors, bad / "model.safetensors")
+    with pytest.raises(ModelLoadError) as err:
+        import_model(bad)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_edited_state_tensors_are_refused(tiny_bnb, tmp_path):
+    """A double-quantized layer missing its nested absmax, and one with a tensor bitsandbytes never writes."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    for edit, message in [(lambda t: t.pop(f"{LAYER}.nested_absmax"), f"no {LAYER}.nested_absmax"),
+                          (lambda t: t.update({f"{LAYER}.extra": torch.zeros(1)}), f"{LAYER}.extra is unexpected"),
+                          (lambda t: t.update({f"{LAYER}.absmax": t[f"{LAYER}.absmax"][:-1].clone()}),
+                           "stored parts")]:
+        bad = tmp_path / "bad"
+        shutil.rmtree(bad, ignore_errors=True)
+        shutil.copytree(tiny_bnb, bad)
+        tensors = load_file(bad / "model.safetensors")
+        edit(tensors)
+        save_file(tensors, bad / "model.safetensors")
+        with pytest.raises(ModelLoadError, match="is not a bitsandbytes 4-bit layer lowbit reads") as err:
+            import_model(bad)
+        assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_import_of_a_bogus_dtype_is_one_line_and_writes_nothing(tiny_bnb, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_bnb, bad)
+    tensors = load_file(bad / "model.safetensors")
+    key = f"{LAYER}.{STATE_KEY}nf4"
+    info = json.loads(bytes(tensors[key].numpy()).decode()) | {"dtype": "bogus"}
+    tensors[key] = torch.frombuffer(bytearray(json.dumps(info).encode()), dtype=torch.uint8)
+    save_file(tensors, bad / "model.safetensors")
+    r = subprocess.run([sys.executable, "-m", "lowbit.cli", "import", str(bad), "-o", str(tmp_path / "out")],
+                       capture_output=True, text=True)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and "Traceback" not in r.stderr and last.startswith("lowbit import: error:"), r.stderr
+    assert "quant_state dtype 'bogus'" in last
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
+
+
+def test_bnb_export_keeps_the_umasks_permissions(tiny_bnb):
+    """Issue 25, finding 18 (the test runs under the default umask, 022 here)."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {p.stat().st_mode & 0o777 for p in tiny_bnb.iterdir()} == {0o666 & ~mask}

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -158,42 +159,97 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def read_layers(tensors: dict[str, torch.Tensor], where: str) -> dict[str, QuantizedTensor]:
     """The 4-bit layers of a bitsandbytes state dict as lowbit tensors (layer name -> weight),
     their entries removed from ``tensors``. Anything lowbit would not have written the same
-    way (another code table, nested block or map) is refused rather than reinterpreted."""
+    way (another code table, nested block or map, a field it does not know) is refused rather
+    than reinterpreted, in one line naming the layer and the field."""
     layers = {}
     for key in [k for k in tensors if STATE_KEY in k]:
-        name = key.split(f".weight.{STATE_KEY}")[0]
+        name, _, suffix = key.partition(f".weight.{STATE_KEY}")
         w = f"{name}.weight"
         try:
-            info = json.loads(bytes(tensors.pop(key).numpy()).decode())
-            layers[name] = _layer(w, info, {p: tensors.pop(p) for p in list(tensors) if p.startswith(w + ".")} |
-                                  {"weight": tensors.pop(w)})
-        except (KeyError, ValueError, TypeError) as e:
+            state = tensors.pop(key)
+            if state.dtype != torch.uint8 or state.dim() != 1:
+                raise InputError(f"its {STATE_KEY}{suffix} is not the uint8 bytes of a JSON object")
+            try:
+                info = json.loads(bytes(state.numpy()).decode())
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise InputError(f"its {STATE_KEY}{suffix} is not JSON") from None
+            parts = {p: tensors.pop(p) for p in list(tensors) if p.startswith(w + ".")}
+            if w not in tensors:
+                raise InputError(f"the file has no tensor {w}")
+            layers[name] = _layer(w, _checked_state(info, suffix), parts | {"weight": tensors.pop(w)})
+        except InputError as e:
             raise ModelLoadError(f"{where}: {w} is not a bitsandbytes 4-bit layer lowbit reads: {e}") from None
     return layers
 
 
-def _layer(w: str, info: dict, parts: dict[str, torch.Tensor]) -> QuantizedTensor:
+_STATE_FIELDS = ("quant_type", "blocksize", "dtype", "shape")  # QuantState.as_dict(packed=True)'s non-tensors
+_NESTED_FIELDS = ("nested_blocksize", "nested_dtype", "nested_offset")  # and with double quant
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # a layer's compute dtype
+
+
+def _checked_state(info, suffix: str) -> dict:
+    """The quant_state JSON, each field checked for type and value (InputError naming the first wrong one)."""
+    if not isinstance(info, dict):
+        raise InputError("its quant_state is not a JSON object")
+    unknown = sorted(set(info) - set(_STATE_FIELDS) - set(_NESTED_FIELDS))
+    missing = [f for f in _STATE_FIELDS if f not in info]
+    nested = [f for f in _NESTED_FIELDS if f in info]
+    if unknown or missing or len(nested) not in (0, len(_NESTED_FIELDS)):
+        what = unknown or missing or sorted(set(_NESTED_FIELDS) - set(nested))
+        raise InputError(f"its quant_state {'has unknown' if unknown else 'lacks'} field(s) {', '.join(what)}")
     by_type = {get_format(f).bnb_quant_type: get_format(f) for f in BNB_FORMATS}
-    fmt = by_type.get(info["quant_type"])
-    if fmt is None:
-        raise InputError(f"quant_type {info['quant_type']!r} (lowbit reads {', '.join(by_type)})")
+    if not isinstance(info["quant_type"], str) or info["quant_type"] not in by_type:
+        raise InputError(f"quant_state quant_type {info['quant_type']!r} (lowbit reads {', '.join(by_type)})")
+    if info["quant_type"] != suffix:
+        raise InputError(f"quant_state quant_type {info['quant_type']!r} differs from its key's {suffix!r}")
+    if not _whole(info["blocksize"]) or info["blocksize"] not in BNB_BLOCKS:
+        raise InputError(f"quant_state blocksize {info['blocksize']!r} (bitsandbytes' are "
+                         f"{', '.join(map(str, BNB_BLOCKS))})")
+    if info["dtype"] not in _DTYPES:
+        raise InputError(f"quant_state dtype {info['dtype']!r} (lowbit reads {', '.join(_DTYPES)})")
+    shape = info["shape"]
+    if not (isinstance(shape, list) and len(shape) == 2 and all(_whole(d) and d > 0 for d in shape)):
+        raise InputError(f"quant_state shape {shape!r} (a linear weight's [rows, columns], each at least 1)")
+    if nested:
+        offset = info["nested_offset"]
+        if info["nested_blocksize"] != DQ_BLOCK or not _whole(info["nested_blocksize"]) or \
+                info["nested_dtype"] != "float32" or not isinstance(offset, int | float) or \
+                isinstance(offset, bool) or not math.isfinite(offset):
+            raise InputError(f"its double quant is not bitsandbytes' (nested_blocksize {DQ_BLOCK}, nested_dtype "
+                             "float32, a finite nested_offset)")
+    return info
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _layer(w: str, info: dict, parts: dict[str, torch.Tensor]) -> QuantizedTensor:
+    fmt = {get_format(f).bnb_quant_type: get_format(f) for f in BNB_FORMATS}[info["quant_type"]]
     quant_map = parts.get(f"{w}.quant_map")
     if quant_map is None or not torch.equal(quant_map.float(), torch.tensor(fmt.values, dtype=torch.float32)):
         raise InputError(f"its quant_map is not bitsandbytes' {info['quant_type']} table")
-    block, shape = int(info["blocksize"]), torch.Size(int(d) for d in info["shape"])
-    double = "nested_absmax" in info or f"{w}.nested_absmax" in parts
+    double = "nested_offset" in info
+    needed = [f"{w}.absmax"] + ([f"{w}.nested_absmax", f"{w}.nested_quant_map"] if double else [])
+    extra = sorted(set(parts) - {"weight", f"{w}.quant_map", *needed})
+    if [n for n in needed if n not in parts] or extra:
+        raise InputError(f"its tensors are not those of a {'double-quantized ' if double else ''}layer: "
+                         + (f"{extra[0]} is unexpected" if extra else
+                            f"no {next(n for n in needed if n not in parts)}"))
     if double:
-        if int(info["nested_blocksize"]) != DQ_BLOCK or info["nested_dtype"] != "float32" or \
-                not torch.equal(parts[f"{w}.nested_quant_map"], dynamic_map()):
+        if not torch.equal(parts[f"{w}.nested_quant_map"], dynamic_map()):
             raise InputError(f"its double quant is not bitsandbytes' (blocks of {DQ_BLOCK}, the dynamic map)")
         stored = {"codes": parts["weight"].reshape(-1), "scales_q": parts[f"{w}.absmax"],
                   "scales_absmax": parts[f"{w}.nested_absmax"],
                   "scales_offset": torch.tensor([float(info["nested_offset"])], dtype=torch.float32)}
     else:
         stored = {"codes": parts["weight"].reshape(-1), "scales": parts[f"{w}.absmax"]}
-    dtype = getattr(torch, info["dtype"])
-    q = QuantizedTensor(format=fmt, shape=shape, dtype=dtype, block_size=block, parts=stored, double_quant=double)
-    return check_layout(q, w)
+    q = QuantizedTensor(format=fmt, shape=torch.Size(info["shape"]), dtype=_DTYPES[info["dtype"]],
+                        block_size=info["blocksize"], parts=stored, double_quant=double)
+    try:
+        return check_layout(q, w)
+    except ModelLoadError as e:
+        raise InputError(str(e).removeprefix(f"{w}: ")) from None
 
 
 def read_checkpoint(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, QuantizedTensor]]:

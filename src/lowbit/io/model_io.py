@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import ModelLoadError
 from ..formats.registry import format_by_id, get_format
-from ..models.loader import CAUSAL_LM, ModelInfo, as_load_error, resolve
+from ..models.loader import CAUSAL_LM, ModelInfo, as_load_error, model_kind, resolve
 from ..nn.hf_quantizer import refuse_save_pretrained
 from ..nn.keep_dtype import round_state
 from ..nn.linear import QuantLinear
@@ -34,6 +34,7 @@ from ..quantize import quantize
 from ..tensor import QuantizedTensor
 from .atomic import _umask, atomic_dir, check_output_dir, write_errors
 from .gguf_export import layer_list
+from .meta_checks import check_meta
 
 LAYOUT_VERSION = 1
 META_FILE, TENSOR_FILE = "lowbit.json", "model.safetensors"
@@ -178,11 +179,6 @@ def _foreign(path: Path) -> list[str]:
     return [name for name in entries if name not in written or not (path / name).is_file()]
 
 
-# what commands read from lowbit.json besides the layers: (section, key), key None = the section itself
-_REQUIRED = (("model", None), ("layers", None), ("tied", None), ("config", "label"), ("config", "double_quant"),
-             ("quantize", "bits_per_weight"), ("quantize", "model_bytes_before"), ("quantize", "seconds"))
-
-
 def read_meta(directory) -> dict:
     path = Path(directory) / META_FILE
     if not path.is_file():
@@ -194,14 +190,7 @@ def read_meta(directory) -> dict:
     if not isinstance(meta, dict) or meta.get("lowbit_layout") != LAYOUT_VERSION:
         found = meta.get("lowbit_layout") if isinstance(meta, dict) else None
         raise ModelLoadError(f"{path}: layout version {found!r}; this lowbit reads {LAYOUT_VERSION}")
-    missing = [f"{section}.{key}" if key else section for section, key in _REQUIRED
-               if not isinstance(meta.get(section), dict) or (key and key not in meta[section])]
-    if missing:
-        raise ModelLoadError(f"corrupt {path}: missing or malformed {', '.join(missing)}")
-    try:
-        ModelInfo(**meta["model"])
-    except TypeError as e:
-        raise ModelLoadError(f"corrupt {path}: model: {e}") from e
+    check_meta(meta, path)
     return meta
 
 
@@ -216,7 +205,11 @@ def load_quantized(directory):
         tensors = load_file(directory / TENSOR_FILE)
         config = AutoConfig.from_pretrained(directory, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-        cls = AutoModelForCausalLM if meta["model"]["kind"] == CAUSAL_LM else AutoModel
+        kind = meta["model"]["kind"]
+        if model_kind(config.to_dict()) != kind:  # e.g. a Llama an older lowbit took for an encoder
+            raise ModelLoadError(f"{directory}: {META_FILE} says model.kind {kind!r}, but config.json describes "
+                                 f"a {model_kind(config.to_dict())} ({config.model_type}); quantize it again")
+        cls = AutoModelForCausalLM if kind == CAUSAL_LM else AutoModel
         # Parameters on the meta device: the stored tensors are assigned below, so no float32 copy
         # of the whole model is ever allocated (buffers such as RoPE's inv_freq are built as usual).
         with init_empty_weights(include_buffers=False):
@@ -228,6 +221,8 @@ def load_quantized(directory):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, _stored_module(name, layer, q, signs, model))
         for alias, target in meta["tied"].items():
+            if target not in tensors:
+                raise ModelLoadError(f"{META_FILE}: tied.{alias} names {target!r}, which {TENSOR_FILE} does not hold")
             tensors[alias] = tensors[target]
         # assign=True keeps each tensor's dtype: the model is float32 (a --keep-dtype save stored bf16/fp16)
         tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
@@ -295,6 +290,12 @@ def check_layout(q: QuantizedTensor, name: str) -> QuantizedTensor:
     whose parts do not match is refused here rather than read out of bounds."""
     # a float zero point (float16, chosen by @hqq) instead of the uint8 code: docs/formats.md#zero-point-integers
     hqq = "zeros" in q.parts and q.parts["zeros"].is_floating_point()
+    # first a bound that allocates nothing: every format stores at least format.bits a weight (checked
+    # for all in tests/io/test_model_validation.py), and _layout below quantizes zeros of the stated shape
+    stored = sum(t.numel() * t.element_size() for t in q.parts.values())
+    if q.shape.numel() * q.format.bits > 8 * stored:
+        raise ModelLoadError(f"{name}: {stored} stored bytes cannot hold a {q.format.name} tensor of shape "
+                             f"{tuple(q.shape)} ({q.format.bits} bits a weight at least)")
     expected = _layout(q.format.name, tuple(q.shape), q.block_size, q.double_quant, hqq)
     found = {p: (tuple(t.shape), t.dtype) for p, t in q.parts.items()}
     if found != expected:
@@ -306,6 +307,9 @@ def check_layout(q: QuantizedTensor, name: str) -> QuantizedTensor:
 def _stored_qweight(name: str, layer: dict, tensors: dict) -> QuantizedTensor:
     """Layer ``name``'s QuantizedTensor from the file, its parts checked (check_layout)."""
     fmt, shape = format_by_id(int(layer["format_id"])), torch.Size(int(d) for d in layer["shape"])
+    missing = [f"{name}{_QW}{p}" for p in layer["parts"] if f"{name}{_QW}{p}" not in tensors]
+    if missing:
+        raise ModelLoadError(f"{name}: {TENSOR_FILE} has no tensor {missing[0]}, a part {META_FILE} names")
     parts = {p: tensors.pop(f"{name}{_QW}{p}") for p in layer["parts"]}
     return check_layout(QuantizedTensor(format=fmt, shape=shape, dtype=_DTYPES[layer["dtype"]],
                                         block_size=int(layer["block_size"]), parts=parts,
