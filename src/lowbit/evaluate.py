@@ -104,7 +104,7 @@ def compare(model: nn.Module, tokenizer, info: ModelInfo, configs: list[QuantCon
                          f"no format can be applied to this model: {'; '.join(failed.values())}")
     evaluation = Evaluation(info, tokenizer, lambda: model, text=text, window=window, windows=windows,
                             **model_limits(model), progress=progress)
-    report = _report(info, evaluation, model_weight_bytes(model), [])
+    report = _report(info, evaluation, reference_weight_bytes(model), [])
     importance, calibration_seconds, gptq_inputs = None, 0.0, None
     if any(_uses(c, 'method') or _uses(c, 'awq') for c in configs if c.label not in failed):  # a short text fails now
         gptq_inputs = gptq_batches(tokenizer, info, evaluation, text=text, window=window, count=calibrate)
@@ -225,12 +225,53 @@ def evaluate_saved(directory, *, text=None, window: int = DEFAULT_WINDOW, window
 
     evaluation = Evaluation(info, tokenizer, original, text=text, window=window, windows=windows,
                             **model_limits(model), progress=progress)
+    reference = reference_weight_bytes(model)  # before _score materializes fp32 copies
     config, stored = meta["config"], meta["quantize"]
     labels = Counter(layer.get("label", layer["format"]) for layer in meta["layers"].values())
     fallbacks = {name: layer["fallback_from"] for name, layer in meta["layers"].items() if "fallback_from" in layer}
     result = _score(evaluation, model, config["label"], config["double_quant"], stored["bits_per_weight"],
                     stored["seconds"], layers=(dict(labels.most_common()), fallbacks))
-    return _report(info, evaluation, stored["model_bytes_before"], [result])
+    # not lowbit.json's model_bytes_before: an import counted only the tensors it did not quantize (113 MB of
+    # SmolLM2's 538 MB); the loaded model's tensors are exactly those the row's weight_bytes counts
+    return _report(info, evaluation, reference, [result])
+
+
+def reference_weight_bytes(model: nn.Module) -> int:
+    """Bytes of the float32 reference of ``model``: the tensors ``model_weight_bytes`` counts, each float tensor at
+    4 bytes an element and each QuantLinear at its dequantized weight's (the reference is always float32:
+    ``lowbit.models.loader``), each tensor once. A quantized output head that the config ties to the input
+    embedding is that embedding in the reference (quantizing a tied head stores it twice; the original held it
+    once), so a saved model's reference is its original's size, as ``compare`` measured it; an untied head (a GGUF
+    file with its own output.weight) is a tensor of its own, as when ``compare`` loads that file."""
+    head, counted = _tied_quantized_head(model), set()
+    seen: set[tuple] = set()
+    total = 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear) and module is not head and id(module) not in counted:
+            counted.add(id(module))
+            total += module.qweight.numel * 4
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.device.type == "meta":  # holds no memory
+            continue
+        key = (t.device, t.data_ptr(), t.numel() * t.element_size())  # tied tensors share data_ptr and size
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * (4 if t.is_floating_point() else t.element_size())
+    return total
+
+
+def _tied_quantized_head(model: nn.Module) -> nn.Module | None:
+    """The output head if it is a QuantLinear and the config ties it to the (unquantized) input embedding."""
+    if not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        return None
+    try:
+        head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    weight = getattr(embedding, "weight", None)
+    if isinstance(head, QuantLinear) and weight is not None and tuple(weight.shape) == tuple(head.qweight.shape):
+        return head
+    return None
 
 
 def _score(evaluation: Evaluation, quantized: nn.Module, label: str, double_quant: bool, bits_per_weight: float,
