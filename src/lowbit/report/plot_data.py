@@ -184,6 +184,9 @@ def sqnr_grid(report: dict, per_layer: bool | None = None, max_rows: int = 48) -
     if not ok:
         raise InputError("no format of this errors report was measured: nothing to plot")
     names = [layer["name"] for layer in report["layers"]]
+    uneven = next((f["format"] for f in ok if len(f["layers"]) != len(names)), None)
+    if uneven is not None:
+        raise InputError(f"format {uneven!r} of this errors report has not one entry per layer of its {len(names)}")
     columns = [f"{f['format']}\n{f['bits_per_weight']:.2f} b/w\nmean {_db_text(f['mean_sqnr_db'])}" for f in ok]
     means = [_db(f["mean_sqnr_db"]) for f in ok]
     per_layer = len(names) <= max_rows if per_layer is None else per_layer

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from ..errors import InputError
+from .result_schema import validate
 
 # kind -> what it is, in the words of an error message
 KINDS = {
@@ -57,9 +58,11 @@ def read_json(path: str, command: str, expected: tuple[str, ...]) -> dict:
         raise InputError(f"cannot read {path}: {e.strerror or e}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{path} is not JSON ({e})") from None
-    if json_kind(data) not in expected:
+    kind = json_kind(data)
+    if kind not in expected:
         wanted = " or ".join(KINDS[k] for k in expected)
         raise InputError(f"{path} is {describe(data)}; `{command}` reads {wanted}")
+    validate(data, kind, str(path))  # a wrong-typed field: one line naming it, not a TypeError in a figure
     return data
 
 
