@@ -324,3 +324,27 @@ def test_spread_keeps_order_spacing_and_bounds():
     assert ys[3] == 50.0  # a label with room stays at its point
     assert sum(ys[:3]) / 3 == pytest.approx(11.0)  # a crowded group is centred on its points
     assert ys[0] >= 0.0 and ys[-1] <= 100.0
+
+
+@pytest.mark.parametrize("blocks", [2, 30])  # 14 and 210 layers: issue 25 finding 21
+def test_plan_layout_keeps_title_and_labels_inside_and_apart(blocks):
+    """The legend covered a 14-layer plan's title, which ran off the figure's left edge, and the y label was cut
+    at the top: every text box is inside the figure and the legend overlaps neither the title nor the axes."""
+    kinds = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+             "mlp.up_proj", "mlp.down_proj")
+    labels = ("int3", "int6", "int5", "nf4")
+    saved = {"lowbit_layout": 1, "config": {"label": "budget 5"}, "quantize": {"bits_per_weight": 5.0},
+             "layers": {f"model.layers.{b}.{k}": {"format": labels[(b + i) % 4], "block_size": 64,
+                                                   "label": labels[(b + i) % 4]}
+                        for b in range(blocks) for i, k in enumerate(kinds)}}
+    fig = plots.plan_layers(saved)  # a saved model's lowbit.json: its legend has the mean and the budget too
+    check(fig)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    page = fig.bbox
+    ax = fig.axes[0]
+    title, ylabel = ax.title.get_window_extent(renderer), ax.yaxis.label.get_window_extent(renderer)
+    legend = fig.legends[0].get_window_extent(renderer)
+    for box in (title, ylabel, legend):
+        assert page.x0 - 1 <= box.x0 and box.x1 <= page.x1 + 1 and page.y0 - 1 <= box.y0 and box.y1 <= page.y1 + 1
+    assert not legend.overlaps(title) and not legend.overlaps(ax.get_window_extent(renderer))

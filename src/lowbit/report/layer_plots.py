@@ -78,7 +78,7 @@ def plan_layers(plan_or_result, sensitivity=None, row: str | None = None):
     labels = list(dict.fromkeys(label for _, label, _ in bars.layers))
     colors = {label: f"C{i % 10}" for i, label in enumerate(labels)}
     n = len(bars.layers)
-    fig = new_figure(min(16.0, max(8.0, 0.2 * n + 3)) if n <= 40 else 13.0, 6.0)
+    fig = new_figure(min(16.0, max(9.0, 0.2 * n + 3)) if n <= 40 else 13.0, 6.5)
     ax = fig.add_subplot()
     heights = [b for _, _, b in bars.layers]
     ax.bar(range(n), heights, width=0.8, color=[colors[lab] for _, lab, _ in bars.layers],
@@ -101,10 +101,13 @@ def plan_layers(plan_or_result, sensitivity=None, row: str | None = None):
         ax.set_xlabel("layers, grouped by format (a compare row records how many layers took each format, "
                       "not which)")
     ax.set_ylim(0, max(heights + [bars.budget or 0, bars.mean_bits or 0]) * 1.12)
-    ax.set_ylabel("bits per weight (stored" + (", this layer's bytes)" if bars.exact else
-                                                 "; the format's rate on a 64×4096 tensor)"))
-    ax.set_title(f"{bars.title}: format and bits per weight of each layer")
-    fig.legend(handles=handles, loc="outside right upper", fontsize=8)
+    # two lines: one line of this label is taller than the axes of a short figure, and was cut at the top
+    ax.set_ylabel("bits per weight\n(stored" + (", this layer's bytes)" if bars.exact else
+                                                "; the format's rate on a 64×4096 tensor)"))
+    ax.set_title(f"{bars.title}: format and bits per weight of each layer", wrap=True)
+    # below the axes, not beside them: beside, a long legend took the width the axes and their title need (the
+    # title of a 14-layer plan ran under it and off the figure's left edge)
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(3, len(handles)), fontsize=8, frameon=False)
     return fig
 
 
