@@ -39,6 +39,8 @@ from torch import nn
 
 from ..errors import InputError, LowbitWarning, ModelLoadError
 from ..formats.registry import formats, get_format
+from ..models.header_checks import check_safetensors
+from ..models.loader import as_load_error
 from ..nn.linear import QuantLinear
 from ..scaling.double_quant import DQ_BLOCK, dynamic_map
 from ..tensor import QuantizedTensor
@@ -268,5 +270,7 @@ def read_checkpoint(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor
         raise ModelLoadError(f"{directory}: no .safetensors files (lowbit never loads pickled .bin checkpoints)")
     tensors = {}
     for f in files:
-        tensors |= load_file(f)
+        check_safetensors(f)  # from its header alone, before safetensors maps it
+        with as_load_error(f):
+            tensors |= load_file(f)
     return config, tensors, read_layers(tensors, str(directory))

@@ -69,12 +69,12 @@ def import_gguf(path: str | Path, *, spec: str | None = None, progress: bool = F
     meta device: no float32 copy of a quantized layer is ever made. Every other tensor is
     dequantized by gguf-py, as transformers' GGUF loader does (tested equal to it).
     """
+    path = Path(path)
+    check_complete(path)  # first: a crafted header is refused before seconds of imports
     import gguf
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(path)
-    check_complete(path)
     with as_load_error(path):
         reader = gguf.GGUFReader(path)  # an unknown type number fails here (gguf-py's enum)
     arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
@@ -130,11 +130,11 @@ def _gguf_layer(t, name: str, linear: nn.Linear, config) -> QuantizedTensor:
 
 
 def import_bnb(directory: str | Path, *, progress: bool = False) -> Imported:
+    directory = Path(directory)
+    config_dict, tensors, layers = bnb_checkpoint.read_checkpoint(directory)  # checked before seconds of imports
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    directory = Path(directory)
-    config_dict, tensors, layers = bnb_checkpoint.read_checkpoint(directory)
     kind = model_kind(config_dict)
     with as_load_error(directory):
         config = AutoConfig.from_pretrained(directory, local_files_only=True)

