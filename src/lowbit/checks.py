@@ -10,6 +10,7 @@ import torch
 from .errors import InputError, LowbitWarning
 from .formats.registry import codec_for
 from .formats.spec import DQ_BLOCK, FormatSpec
+from .limits import BLOCK_SIZE
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -39,6 +40,7 @@ def check_float_tensor(x: torch.Tensor, *, allow_nonfinite: bool = False) -> Non
 def check_block_size(block: int) -> None:
     if not isinstance(block, int) or isinstance(block, bool) or block <= 0:
         raise InputError(f"block_size must be a positive integer, got {block!r}")
+    BLOCK_SIZE.check(block, "block_size")  # past it blocks x rows overflowed int64 in torch (docs/limits.md)
 
 
 def check_block_overhead(spec: FormatSpec, block: int, dtype: torch.dtype, *, double_quant: bool = False) -> None:

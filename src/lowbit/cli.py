@@ -14,6 +14,7 @@ from contextlib import contextmanager
 
 from . import __version__
 from .errors import LowbitError
+from .limits import OneLineParser
 
 
 class Terminated(BaseException):
@@ -70,7 +71,7 @@ def chosen_command(argv: list[str]) -> str | None:
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser of ``lowbit``: every subcommand listed with its help, and ``command``'s own
     arguments (only its module is imported; None: no module, enough for --help and --version)."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(  # usage errors in one line, like every other error
         prog="lowbit", description="Quantize language-model weights to low-bit formats and measure the cost."
     )
     parser.add_argument("--version", action="version", version=f"lowbit {__version__}")

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
+from . import limits as L
 from .errors import InputError
 
 LLAMA_TYPES = ("llama",)  # architectures LlamaStepper reproduces (transformers' modeling_llama.py)
@@ -176,12 +177,36 @@ def next_token(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int | N
     return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
 
 
+def check_prompt(prompt: str) -> None:
+    """A prompt the tokenizer can take: argv bytes that are not UTF-8 arrive as lone surrogates (Python's
+    surrogateescape), which tokenizers refuses with a TypeError."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        byte = ord(prompt[e.start]) - 0xDC00 if 0xDC80 <= ord(prompt[e.start]) <= 0xDCFF else None
+        what = f"byte 0x{byte:02x}" if byte is not None else f"character U+{ord(prompt[e.start]):04X}"
+        raise InputError(f"--prompt is not valid UTF-8 ({what} at character {e.start}): give the prompt as UTF-8 "
+                         "text") from None
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None, seed: int | None) -> None:
+    """The sampling numbers within their ranges (a NaN temperature made torch.multinomial raise, a seed past
+    2**64 overflowed torch's)."""
+    L.TEMPERATURE.check(temperature, "temperature")
+    for r, name, value in ((L.TOP_K, "top_k", top_k), (L.TOP_P, "top_p", top_p), (L.SEED, "seed", seed)):
+        if value is not None:
+            r.check(value, name)
+
+
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, *, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              on_text: Callable[[str], None] | None = None, stop_at_eos: bool = True) -> Generation:
-    """Generate up to ``max_new_tokens`` after ``prompt``; ``on_text`` gets each new piece of text."""
+    """Generate up to ``max_new_tokens`` after ``prompt``; ``on_text`` gets each new piece of text.
+    The numbers' ranges are lowbit.limits' (docs/limits.md), checked before any token is computed."""
     if max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    check_sampling(temperature, top_k, top_p, seed)
+    check_prompt(prompt)
     prompt_ids = tokenizer(prompt, return_tensors="pt").input_ids[0]
     if prompt_ids.numel() == 0:
         raise InputError("the prompt encodes to no tokens")
@@ -190,6 +215,7 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, *, tempera
     if limit is not None and max_len > limit:
         raise InputError(f"prompt ({prompt_ids.numel()} tokens) + {max_new_tokens} new tokens exceeds the model's "
                          f"{limit} positions")
+    L.MAX_NEW_TOKENS.check(max_new_tokens, "max_new_tokens")  # a model without a stated limit: lowbit's
     step = stepper_for(model, max_len)
     gen = Generation(prompt_ids.tolist(), stepper=step.name)
     generator = None if seed is None else torch.Generator().manual_seed(seed)

@@ -58,7 +58,8 @@ class Range:
     def message(self, flag: str, given) -> str:
         kind = "a whole number" if self.kind is int else "a number"  # the flag names what it counts
         why = f" ({self.why})" if self.why else ""
-        return f"{flag} must be {kind} {self.text()}{why}, got {given!r}"
+        shown = repr(given) if len(repr(given)) <= 60 else f"{repr(given)[:40]}... ({len(str(given)):,} characters)"
+        return f"{flag} must be {kind} {self.text()}{why}, got {shown}"
 
     def parse(self, text: str, flag: str):
         """``text`` read as this range's kind and checked; ``InputError`` naming ``flag`` otherwise."""
@@ -148,3 +149,12 @@ MAX_TEXT_BYTES = 2**30
 MAX_VALUE_CHARS = 1000
 EXACT_EXPONENT = 1000
 
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's parser with its errors in one line, as every other lowbit error: ``lowbit CMD: error: ...``
+    and exit 2, the usage left to ``--help`` (argparse prints the whole usage first, a dozen lines for some
+    commands). Subparsers take the root parser's class, so this one class covers every command."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")

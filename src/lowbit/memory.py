@@ -13,8 +13,10 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from decimal import Context, Decimal
 from functools import cache
 
+from . import limits as L
 from .errors import InputError
 
 GB = 1e9  # decimal; vendors' HBM "GB" are often GiB, so a fit here is conservative (docs/hardware.md#memory)
@@ -42,19 +44,21 @@ DEFAULT_RESERVE = 0.2  # share of device memory held back for activations (and t
 
 @cache
 def bits_per_weight(label: str) -> float:
-    """Stored bits per weight of ``label``, measured on a zero tensor (scales included)."""
-    import torch
+    """Stored bits per weight of ``label`` (FORMAT or FORMAT+dq), scales included: the bytes the codecs
+    store for a large tensor (lowbit.nn.probe), counted from the format facts without importing torch."""
+    from .formats.facts import FP32_BITS
+    from .formats.facts import bits_per_weight as stored_bits_per_weight
+    from .formats.spec import DQ_SUFFIX
 
     if label == "fp32":
-        return float(torch.finfo(torch.float32).bits)  # an unquantized float32 tensor: no scales
-    from .nn.probe import measured_bits_per_weight  # the stored-bytes probe `lowbit formats` prints
-
-    return measured_bits_per_weight(label)
+        return float(FP32_BITS)  # an unquantized float32 tensor: no scales
+    name = label.removesuffix(DQ_SUFFIX)
+    return stored_bits_per_weight(name, double_quant=name != label)
 
 
 # --- parameter counts -------------------------------------------------------------------------
 
-_SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
+_SUFFIX = {"": 0, "k": 3, "m": 6, "b": 9, "t": 12}  # powers of ten
 # digits (with an optional fraction and exponent) and an optional K/M/B/T; float() alone would
 # also take "nan", "inf" and "1_000"
 _PARAMS = re.compile(r"([0-9]+\.?[0-9]*|\.[0-9]+)(e[+-]?[0-9]+)?([kmbt]?)", re.IGNORECASE)
@@ -62,14 +66,25 @@ PARAMS_FORMS = "70B, 7b, 1.5B, 350M, 1.2T, 8e9 or 70000000000 (suffixes K, M, B,
 
 
 def parse_params(text: str) -> int:
-    """``"70B"`` -> 70_000_000_000. A positive, finite count of at least one parameter."""
-    m = _PARAMS.fullmatch(text.strip())
-    value = float(m[1] + (m[2] or "")) * _SUFFIX[m[3].lower()] if m else math.nan
-    if not (math.isfinite(value) and value >= 1):
+    """``"70B"`` -> 70_000_000_000: a whole count from 1 to MAX_PARAMS (docs/limits.md), read exactly as a decimal
+    (float read 1e30 as 1,000,000,000,000,000,019,884,624,838,656)."""
+    s = text.strip()
+    m = _PARAMS.fullmatch(s) if len(s) <= 40 else None  # 40 characters: 10^15 needs 16 digits
+    if not m:
         raise InputError(f"--params {text!r} is not a parameter count: give a positive number such as {PARAMS_FORMS}")
-    if value != round(value):
+    given = Decimal(m[1] + (m[2] or ""))  # exact: Decimal keeps every digit given, whatever the exponent
+    shift = _SUFFIX[m[3].lower()]
+    # the order of magnitude first, so 1e999999999 builds no number of a billion digits
+    if given.is_zero() or not 0 <= given.adjusted() + shift <= 15:
+        value = None
+    else:
+        value = given.scaleb(shift, context=Context(prec=60))  # exact: at most 40 digits were given
+    if value is None or not L.PARAMS.low <= value <= L.PARAMS.high:
+        raise InputError(f"--params {text!r} is not a parameter count {L.PARAMS.text()} (10^15 is 500x the "
+                         f"largest models announced): give a positive number such as {PARAMS_FORMS}")
+    if value != value.to_integral_value():
         raise InputError(f"--params {text!r} is not a whole number of parameters: give a count such as {PARAMS_FORMS}")
-    return round(value)
+    return int(value)
 
 
 # --- KV cache -----------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ def test_generate_quantizes_the_embedded_model_in_memory(capsys):
 @pytest.mark.parametrize("args,message", [
     (["DIR", "--model", "minilm"], "not both"),
     (["--include-head"], "goes with --format"),
-    (["--max-new-tokens", "0"], "at least 1"),
+    (["--max-new-tokens", "0"], "must be a whole number from 1 to 131,072"),
     (["--top-p", "1.5"], "(0, 1]"),
     (["--model", "minilm"], "not a causal language model"),
     (["--format", "nf4+gptq"], "needs calibration"),

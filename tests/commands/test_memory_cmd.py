@@ -92,12 +92,22 @@ def test_reserve_changes_the_fit(tmp_path):
     (["--params", "7B", "--layers", "32"], "give --context too"),
     (["--params", "7B", "--json", "/dev/null"], "not a regular file"),  # write_json would replace the device
     (["--params", "7B", "--context", "0", "--layers", "1", "--kv-heads", "1", "--head-dim", "1"],
-     "--context must be at least 1"),
+     "--context: must be a whole number from 1 to 16,777,216"),
     (["--params", "7B", "--context", "8", "--batch", "0", "--layers", "1", "--kv-heads", "1", "--head-dim", "1"],
-     "--batch must be at least 1"),
+     "--batch: must be a whole number from 1 to 1,048,576"),
+    # issue 25 finding 19: 1e30 printed 1,000,000,000,000,000,019,884,624,838,656 parameters (float noise)
+    (["--params", "1e30"], "'1e30' is not a parameter count from 1 to 1,000,000,000,000,000"),
+    (["--params", "1e999999999"], "'1e999999999' is not a parameter count from 1 to"),
+    (["--params", "1.0000000000000001e9"], "not a whole number of parameters"),  # float() rounds it to 1e9
+    (["--params", "7B", "--context", "99999999999999999999", "--layers", "1", "--kv-heads", "1", "--head-dim", "1"],
+     "--context: must be a whole number from 1 to 16,777,216"),
 ])
 def test_bad_input_is_one_line_exit_2(argv, message, capsys):
-    assert main(["memory", *argv]) == 2
+    try:
+        code = main(["memory", *argv])
+    except SystemExit as e:  # a range argparse checks as it reads the flag (lowbit.limits)
+        code = e.code
+    assert code == 2
     captured = capsys.readouterr()
     err = captured.err
     assert err.startswith("lowbit memory: error: ") and err.strip().count("\n") == 0
@@ -138,3 +148,10 @@ def test_model_config_without_attention_shape(tiny_lm_dir, capsys, monkeypatch):
     assert main(["memory", "--model", str(tiny_lm_dir), "--context", "8", "--layers", "1", "--kv-heads", "1",
                  "--head-dim", "1"]) == 0
     assert "2 (K, V) x 1 layers x 1 KV heads x 1 head dim x 8 tokens" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize(("text", "count"), [("1e15", 10**15), ("0.001T", 10**9), ("123456789012345", 123456789012345),
+                                             ("1.5B", 1_500_000_000)])
+def test_counts_are_read_exactly(text, count, capsys):
+    assert main(["memory", "--params", text]) == 0
+    assert f"{count:,} parameters (--params {text})" in " ".join(capsys.readouterr().out.split())

@@ -61,5 +61,5 @@ def test_search_refusals_are_one_line(tiny_lm_dir, tmp_path):
     assert_one_line_error(lowbit("compare", "--model", tiny_lm_dir, "--formats", "nf4@mse", "--calibrate", "4",
                                  *TINY), "no format asks")
     assert_one_line_error(lowbit("compare", "--model", tiny_lm_dir, "--formats", "nf4@amse", "--calibrate", "0",
-                                 *TINY), "at least 1")
+                                 *TINY), "--calibrate: must be a whole number from 1")
     assert not (tmp_path / "q").exists()

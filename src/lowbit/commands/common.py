@@ -10,18 +10,21 @@ import sys
 import warnings
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from rich.console import Console
 
+from .. import limits as L
 from ..cachedir import cache_root
 from ..errors import InputError
-from ..eval.protocol import DEFAULT_WINDOW, DEFAULT_WINDOWS, read_text
 from ..io.atomic import check_output_file
 from ..models.converted import CacheWarning
-from ..models.loader import resolve
-from ..nn.surgery import QuantConfig
 from ..progress import note
+
+# torch, the model loader and the protocol (which imports torch) are imported inside the functions that
+# use them: `lowbit plot`, `report` and `cache` import this module and must start without torch (issue 25)
+if TYPE_CHECKING:
+    import torch
 
 
 def console() -> Console:
@@ -36,24 +39,28 @@ def add_model_arg(p) -> None:
 
 
 def add_protocol_args(p) -> None:
-    p.add_argument("--text", metavar="FILE", help="UTF-8 text to score on (default: Python's pydoc topics)")
-    p.add_argument("--window", type=int, default=DEFAULT_WINDOW, help=f"tokens per window (default {DEFAULT_WINDOW})")
-    p.add_argument("--windows", type=int,
+    from ..eval.protocol import DEFAULT_WINDOW, DEFAULT_WINDOWS
+
+    p.add_argument("--text", metavar="FILE", help="UTF-8 text to score on, a regular file of at most "
+                   f"{L.MAX_TEXT_BYTES >> 30} GiB (default: Python's pydoc topics)")
+    p.add_argument("--window", type=L.WINDOW.arg("--window"), default=DEFAULT_WINDOW,
+                   help=f"tokens per window (default {DEFAULT_WINDOW}; {L.WINDOW.text()})")
+    p.add_argument("--windows", type=L.WINDOWS.arg("--windows"),
                    help=f"windows scored, from the start of the text (default {DEFAULT_WINDOWS}, or as many as the "
-                        "text holds if fewer; more than it holds is an error)")
+                        f"text holds if fewer; more than it holds is an error; {L.WINDOWS.text()})")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
 
 
 def add_calibrate_arg(p) -> None:
-    p.add_argument("--calibrate", type=int, metavar="N",
+    p.add_argument("--calibrate", type=L.CALIBRATE.arg("--calibrate"), metavar="N",
                    help="calibration windows of --window tokens for activation-weighted searches (@amse, @ahqq; "
                         "default 16: tokens 8,192-16,383 of the default text), GPTQ and AWQ (default 64), taken from "
-                        "the text right after the scored windows, never overlapping them")
+                        f"the text right after the scored windows, never overlapping them ({L.CALIBRATE.text()})")
 
 
 def check_calibrate_arg(args, configs) -> None:
-    if args.calibrate is not None and args.calibrate < 1:
-        raise InputError(f"--calibrate needs at least 1 window, got {args.calibrate}")
+    if args.calibrate is not None:  # a command whose parser did not read it with L.CALIBRATE.arg
+        L.CALIBRATE.check(args.calibrate, "--calibrate")
     if args.calibrate is not None and not any(c.needs_calibration for c in configs):
         raise InputError("--calibrate is for activation-weighted searches, GPTQ and AWQ, and no format asks for one: "
                          "add @amse or @ahqq to a format, e.g. nf4@amse, or +gptq or +awq")
@@ -77,6 +84,8 @@ def add_keep_dtype_arg(p) -> None:
 def parse_configs(labels: list[str], args, *, block_size: int | None = None, double_quant: bool = False):
     """``FORMAT[/BLOCK][+dq][@SEARCH]`` labels -> QuantConfigs, each setting once (a repeated label runs once);
     ``--include``/``--exclude`` apply to all. ``block_size``/``double_quant`` are the long-form flags."""
+    from ..nn.surgery import QuantConfig
+
     selection = {"include": tuple(args.include or ())}
     if args.exclude is not None:
         selection["exclude"] = tuple(args.exclude)
@@ -94,8 +103,11 @@ def parse_configs(labels: list[str], args, *, block_size: int | None = None, dou
 
 def check_protocol_args(args) -> None:
     """Fail before any model is loaded: bad numbers, a bad text, an unwritable JSON path."""
-    if args.window < 2 or (args.windows is not None and args.windows < 1):
-        raise InputError(f"need --window >= 2 and --windows >= 1, got {args.window} and {args.windows}")
+    from ..eval.protocol import read_text
+
+    L.WINDOW.check(args.window, "--window")  # again for the commands whose parsers read them as plain ints
+    if args.windows is not None:
+        L.WINDOWS.check(args.windows, "--windows")
     read_text(args.text)  # missing, a directory, not UTF-8, empty: all fail here, in well under a second
     cache_root()  # a LOWBIT_CACHE that is a file
     if getattr(args, "json", None):
@@ -135,6 +147,10 @@ def source_dtype(source: str | None) -> torch.dtype:
     """The dtype a local HF checkpoint (``ModelInfo.source``) declares in its config.json;
     float32 for anything else (GGUF files are dequantized to float32 on load, and hub ids are
     not looked up). An embedded name ("minilm") resolves to its directory first."""
+    import torch
+
+    from ..models.loader import resolve
+
     try:
         how, target = resolve(source)
     except ValueError:

@@ -27,6 +27,7 @@ from rich.table import Table
 from torch import nn
 
 from .. import __version__
+from .. import limits as L
 from ..errors import InputError, LowbitError
 from ..eval.calibration import DEFAULT_CALIBRATE, calibrate
 from ..eval.protocol import paragraphs, read_text, token_windows
@@ -57,9 +58,9 @@ def add_parser(sub) -> None:
                         "but lm_head)")
     p.add_argument("--all", action="store_true", help="one row per layer instead of one per layer kind")
     add_protocol_args(p)  # --text/--window/--windows place the calibration windows as lowbit compare does
-    p.add_argument("--calibrate", type=int, metavar="N",
+    p.add_argument("--calibrate", type=L.CALIBRATE.arg("--calibrate"), metavar="N",
                    help="calibration windows for activation-weighted searches (@amse, @ahqq): the N windows of "
-                        "--window tokens right after those lowbit compare scores (default 16)")
+                        f"--window tokens right after those lowbit compare scores (default 16; {L.CALIBRATE.text()})")
     p.set_defaults(run=run)
 
 

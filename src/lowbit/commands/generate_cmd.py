@@ -6,8 +6,9 @@ import sys
 
 import torch
 
+from .. import limits as L
 from ..errors import InputError
-from ..generation import generate
+from ..generation import check_prompt, generate
 from ..models import CAUSAL_LM
 from ..nn.config import QuantConfig
 from .common import add_model_arg, console, load
@@ -23,12 +24,18 @@ def add_parser(sub) -> None:
                    help="with --format: quantize the output head (lm_head) too, as llama.cpp does")
     p.add_argument("--prompt", required=True, help="the text to continue")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to generate (default 64)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above 0: sample")
-    p.add_argument("--top-k", type=int, metavar="K", help="sample from the K likeliest tokens")
-    p.add_argument("--top-p", type=float, metavar="P", help="sample from the likeliest tokens holding P of the mass")
-    p.add_argument("--seed", type=int, help="seed for sampling")
-    p.add_argument("--threads", type=int, metavar="N", help="threads for torch and the kernels (default: torch's)")
+    p.add_argument("--max-new-tokens", type=L.MAX_NEW_TOKENS.arg("--max-new-tokens"), default=64, metavar="N",
+                   help=f"tokens to generate (default 64; {L.MAX_NEW_TOKENS.text()})")
+    p.add_argument("--temperature", type=L.TEMPERATURE.arg("--temperature"), default=0.0,
+                   help=f"0 (default): greedy; above 0: sample ({L.TEMPERATURE.text()})")
+    p.add_argument("--top-k", type=L.TOP_K.arg("--top-k"), metavar="K",
+                   help=f"sample from the K likeliest tokens ({L.TOP_K.text()})")
+    p.add_argument("--top-p", type=L.TOP_P.arg("--top-p"), metavar="P",
+                   help=f"sample from the likeliest tokens holding P of the mass ({L.TOP_P.text()})")
+    p.add_argument("--seed", type=L.SEED.arg("--seed"), help=f"seed for sampling ({L.SEED.text()})")
+    p.add_argument("--threads", type=L.THREADS.arg("--threads"), metavar="N",
+                   help=f"threads for torch and the kernels (default: torch's; {L.THREADS.text()}: "
+                        f"{L.THREADS_PER_CPU} x the {L.usable_cpus()} CPUs this process may use)")
     p.set_defaults(run=run)
 
 
@@ -78,16 +85,8 @@ def _check(args) -> QuantConfig | None:
         raise InputError("give a quantized DIR or --model [--format LABEL], not both")
     if args.include_head and not args.format:
         raise InputError("--include-head goes with --format")
-    if args.max_new_tokens < 1:
-        raise InputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise InputError(f"--temperature must be 0 or more, got {args.temperature}")
-    if args.top_k is not None and args.top_k < 1:
-        raise InputError(f"--top-k must be at least 1, got {args.top_k}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise InputError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.threads is not None and args.threads < 1:
-        raise InputError(f"--threads must be at least 1, got {args.threads}")
+    # the numbers' ranges were checked as they were read (lowbit.limits); the prompt's text is checked here
+    check_prompt(args.prompt)
     if not args.format:
         return None
     config = QuantConfig.parse(args.format, **({"exclude": ()} if args.include_head else {}))

@@ -13,29 +13,35 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from .. import limits as L
 from .. import memory as mem
 from ..errors import InputError
 from ..io.atomic import write_json
-from ..models.loader import resolve
 from .common import check_writable_file, console, load
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("memory", help="weight memory at each format, and which accelerators hold it")
     what = p.add_argument_group("the model (one of)")
-    what.add_argument("--params", metavar="N", help=f"parameter count: {mem.PARAMS_FORMS}")
+    what.add_argument("--params", metavar="N",
+                      help=f"parameter count: {mem.PARAMS_FORMS}; a whole count {L.PARAMS.text()}")
     what.add_argument("--model", metavar="M", help="count a model's parameters: 'smollm2' (embedded), 'minilm', "
                                                    "a local HF directory, a .gguf file, or a hub id")
     p.add_argument("--reserve", type=float, default=mem.DEFAULT_RESERVE, metavar="SHARE",
                    help="share of each device's memory held back for activations (and the KV cache unless "
                         f"--context counts it), in [0, 1); default {mem.DEFAULT_RESERVE}")
     kv = p.add_argument_group("KV cache (counted only with --context)")
-    kv.add_argument("--context", type=int, metavar="TOKENS", help="tokens per sequence held in the KV cache")
-    kv.add_argument("--batch", type=int, metavar="N", help="sequences held at once (default 1)")
+    kv.add_argument("--context", type=L.CONTEXT.arg("--context"), metavar="TOKENS",
+                    help=f"tokens per sequence held in the KV cache ({L.CONTEXT.text()})")
+    kv.add_argument("--batch", type=L.BATCH.arg("--batch"), metavar="N",
+                    help=f"sequences held at once (default 1; {L.BATCH.text()})")
     kv.add_argument("--kv-dtype", choices=tuple(mem.KV_BYTES), default="bf16", help="KV-cache element type")
-    kv.add_argument("--layers", type=int, metavar="N", help="decoder layers (default: the --model config's)")
-    kv.add_argument("--kv-heads", type=int, metavar="H", help="key/value heads (default: the --model config's)")
-    kv.add_argument("--head-dim", type=int, metavar="D", help="dimension per head (default: the --model config's)")
+    kv.add_argument("--layers", type=L.LAYERS.arg("--layers"), metavar="N",
+                    help=f"decoder layers (default: the --model config's; {L.LAYERS.text()})")
+    kv.add_argument("--kv-heads", type=L.KV_HEADS.arg("--kv-heads"), metavar="H",
+                    help=f"key/value heads (default: the --model config's; {L.KV_HEADS.text()})")
+    kv.add_argument("--head-dim", type=L.HEAD_DIM.arg("--head-dim"), metavar="D",
+                    help=f"dimension per head (default: the --model config's; {L.HEAD_DIM.text()})")
     p.add_argument("--apple", action="store_true", help="also show Apple M3 Max and M2 Ultra (unified memory)")
     p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
     p.set_defaults(run=run)
@@ -48,19 +54,16 @@ def run(args) -> int:
     shape_flags = {"--layers": args.layers, "--kv-heads": args.kv_heads, "--head-dim": args.head_dim}
     if args.context is None and (args.batch is not None or any(v is not None for v in shape_flags.values())):
         raise InputError("--batch, --layers, --kv-heads and --head-dim describe the KV cache: give --context too")
-    for flag, v in {"--context": args.context, "--batch": args.batch, **shape_flags}.items():
-        if v is not None and v < 1:  # before a model is loaded
-            raise InputError(f"{flag} must be at least 1, got {v}")
     missing = [flag for flag, v in shape_flags.items() if v is None]
     if args.context is not None and args.params is not None and missing:
         raise InputError(f"--context with --params needs the attention shape: give {', '.join(missing)} "
                          "(or --model, whose config has it)")
     if args.json:
         check_writable_file(args.json)
+    params = None if args.params is None else mem.parse_params(args.params)  # before a --model loads, too
 
     con = console()
-    if args.params is not None:
-        params = mem.parse_params(args.params)
+    if params is not None:
         counted = f"--params {args.params.strip()}"
         config = None
     else:
@@ -89,6 +92,8 @@ def _count_model(spec: str, con):
     A local directory of safetensors files is counted from the files' headers, so a 70B checkpoint
     needs no memory; a GGUF file or a hub id is loaded."""
     from torch import nn
+
+    from ..models.loader import resolve  # imports torch: not for --params (issue 25, fast start)
 
     how, target = resolve(spec)
     shards = sorted(Path(target).glob("*.safetensors")) if how == "directory" else []

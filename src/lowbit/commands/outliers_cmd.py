@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import InputError
+from .. import limits as L
 from ..eval.calibration import DEFAULT_CALIBRATE, calibration_batches
 from ..eval.outliers import check_analysis_threshold, collect_outliers, outlier_report
 from ..eval.protocol import DEFAULT_WINDOWS
@@ -19,17 +19,16 @@ def add_parser(sub) -> None:
     add_model_arg(p)
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                    help=f"outlier magnitude (default {DEFAULT_THRESHOLD:g}, the paper's)")
-    p.add_argument("--calibrate", type=int, default=DEFAULT_CALIBRATE, metavar="N",
+    p.add_argument("--calibrate", type=L.CALIBRATE.arg("--calibrate"), default=DEFAULT_CALIBRATE, metavar="N",
                    help=f"windows of --window tokens read, right after the --windows scored ones "
-                        f"(default {DEFAULT_CALIBRATE}; an encoder reads paragraphs holding as many tokens)")
+                        f"(default {DEFAULT_CALIBRATE}; an encoder reads paragraphs holding as many tokens; "
+                        f"{L.CALIBRATE.text()})")
     add_protocol_args(p)
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
     check_analysis_threshold(args.threshold, "--threshold")  # before the model loads
-    if args.calibrate < 1:
-        raise InputError(f"--calibrate needs at least 1 window, got {args.calibrate}")
     check_protocol_args(args)
     con = console()
     model, tokenizer, info = load(args.model, con)

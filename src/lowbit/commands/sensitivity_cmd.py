@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .. import limits as L
 from ..errors import InputError
 from ..eval.calibration import calibration_batches
 from ..eval.protocol import DEFAULT_WINDOWS
@@ -19,9 +20,9 @@ def add_parser(sub) -> None:
     p.add_argument("--formats", dest="candidates", default=",".join(DEFAULT_CANDIDATES), metavar="LABELS",
                    help="comma-separated candidate formats (FORMAT[/BLOCK][+dq][+had][+gptq][+cb][@SEARCH]; not +awq) "
                         "(default: %(default)s)")
-    p.add_argument("--calibrate", type=int, default=SENSITIVITY_CALIBRATE, metavar="N",
+    p.add_argument("--calibrate", type=L.CALIBRATE.arg("--calibrate"), default=SENSITIVITY_CALIBRATE, metavar="N",
                    help="calibration windows each layer is measured on, right after the scored ones "
-                        f"(default {SENSITIVITY_CALIBRATE})")
+                        f"(default {SENSITIVITY_CALIBRATE}; {L.CALIBRATE.text()})")
     p.add_argument("--measure", choices=MEASURES, default="anchor",
                    help="anchor: measure one candidate per layer and predict the others from the layer's output "
                         "error (default); all: measure every candidate (slower by the number of candidates)")
@@ -35,8 +36,6 @@ def candidate_configs(args) -> list:
     labels = [label for label in args.candidates.split(",") if label.strip()]
     if not labels:
         raise InputError("no candidate format given")
-    if args.calibrate < 1:
-        raise InputError(f"--calibrate needs at least 1 window, got {args.calibrate}")
     return list({c.label: c for c in map(candidate, labels)}.values())
 
 

@@ -9,12 +9,14 @@ start at token 0; within a window of W tokens the W-1 next-token predictions are
 from __future__ import annotations
 
 import hashlib
+import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import InputError
+from ..limits import MAX_TEXT_BYTES
 
 DEFAULT_TEXT = "pydoc_data.topics"
 DEFAULT_WINDOW = 512
@@ -42,21 +44,42 @@ def default_text() -> str:
 
 
 def read_text(path: str | Path | None) -> tuple[str, str]:
-    """``(name, text)``: the default text for None, else the UTF-8 file at ``path``."""
+    """``(name, text)``: the default text for None, else the UTF-8 file at ``path``: a regular file of at most
+    MAX_TEXT_BYTES (docs/limits.md). A device, a FIFO or a socket is refused by what it is, before anything is read
+    from it: /dev/zero and /dev/urandom never end, and a FIFO blocks until a writer comes."""
     if path is None:
         return DEFAULT_TEXT, default_text()
     p = Path(path)
-    if p.is_dir():
-        raise IsADirectoryError(f"--text names a directory, not a text file: {p}")
-    if not p.is_file():
-        raise FileNotFoundError(f"text file does not exist: {p}")
     try:
-        body = p.read_text(encoding="utf-8")
+        mode = p.stat().st_mode  # follows symlinks: a link to a regular file is one
+    except FileNotFoundError:
+        raise FileNotFoundError(f"text file does not exist: {p}") from None
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(f"--text names a directory, not a text file: {p}")
+    if not stat.S_ISREG(mode):
+        raise InputError(f"--text names {_kind(mode)}, not a regular file: {p} (lowbit reads a text file whole, "
+                         "and a device or pipe may never end)")
+    with p.open("rb") as f:
+        data = f.read(MAX_TEXT_BYTES + 1)  # bounded even if the file grows while it is read
+    if len(data) > MAX_TEXT_BYTES:
+        raise InputError(f"text file is larger than {MAX_TEXT_BYTES >> 30} GiB: {p} (the whole text is tokenized; "
+                         "give the part to score)")
+    try:
+        body = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise InputError(f"text file is not UTF-8: {p} ({e.reason} at byte {e.start})") from e
     if not body.strip():
         raise InputError(f"text file is empty: {p}")
-    return str(p), body
+    return str(p), body.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _kind(mode: int) -> str:
+    """What a non-regular, non-directory file is, as a sentence names it."""
+    for test, name in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "a special file"
 
 
 def token_windows(
