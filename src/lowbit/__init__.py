@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import sys
 import types
-from importlib import import_module
+
+from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -23,18 +24,7 @@ _PUBLIC = {
     "QuantConfig": "nn", "QuantLinear": "nn", "QuantPlan": "nn", "quantize_model": "nn",
 }
 __all__ = sorted(_PUBLIC)
-
-
-def __getattr__(name: str):
-    if name not in _PUBLIC:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f".{_PUBLIC[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, _PUBLIC)
 
 
 class _Package(types.ModuleType):

@@ -18,7 +18,7 @@ from rich.table import Table
 
 from ..cachedir import cache_root, is_entry, is_temp, last_change, remove_file, remove_tree, sweep_temps, tree_size
 from ..errors import InputError
-from ..eval.cache import DESCRIPTION_KEY, read_header
+from ..eval.cache_header import DESCRIPTION_KEY, read_header  # not eval.cache: that imports torch
 from ..models.converted import META as MODEL_DESCRIPTION
 from .common import console
 

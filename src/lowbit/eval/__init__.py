@@ -1,9 +1,17 @@
 """lowbit.eval: the evaluation protocol, cached references, and scores against them."""
 
-from .causal import score_causal
-from .encoder import encoder_reference, score_encoder
-from .protocol import Protocol, read_text, token_windows
-from .reference import Reference, causal_reference
+from .._lazy import lazy_exports
 
-__all__ = ["Protocol", "Reference", "causal_reference", "encoder_reference", "read_text",
-           "score_causal", "score_encoder", "token_windows"]
+# public name -> its submodule, imported on first use (lowbit._lazy: no torch for a sibling's sake)
+_WHERE = {
+    "score_causal": "causal",
+    "encoder_reference": "encoder",
+    "score_encoder": "encoder",
+    "Protocol": "protocol",
+    "read_text": "protocol",
+    "token_windows": "protocol",
+    "Reference": "reference",
+    "causal_reference": "reference",
+}
+__all__ = sorted(_WHERE)
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)

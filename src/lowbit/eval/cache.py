@@ -33,25 +33,19 @@ import torch
 from safetensors.torch import save_file
 
 from ..cachedir import CacheSpaceError, cache_root, lock_shared, writing
-from ..errors import LowbitError
 from ..io.atomic import atomic_file, write_errors
+from .cache_header import CHECKSUM_KEY, DESCRIPTION_KEY, CacheIntegrityError, read_header
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Bump when what a cache file holds, or how it is computed, changes: old files are then ignored.
 CACHE_VERSION = 1
-DESCRIPTION_KEY, CHECKSUM_KEY = "lowbit-cache", "lowbit-sha256"
 ROW_HASH_BYTES = 1 << 24  # tensors larger than this get one sha256 per row
-_MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
 # safetensors dtype names (its format spec, README "Format")
 _DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
-
-
-class CacheIntegrityError(LowbitError, ValueError):
-    """A cache file does not hold what its header and checksums say (truncated, altered, foreign)."""
 
 
 def cache_path(kind: str, **key) -> Path:
@@ -119,23 +113,6 @@ def _bytes(t: torch.Tensor) -> memoryview:
 
 
 # ---- reading
-
-
-def read_header(fd: int) -> tuple[dict, dict, int]:
-    """``(tensors, metadata, data_start)`` from a safetensors file's header, reading nothing else."""
-    head = os.pread(fd, 8, 0)
-    if len(head) < 8:
-        raise CacheIntegrityError("it is shorter than a safetensors header")
-    n = int.from_bytes(head, "little")
-    if n > _MAX_HEADER:
-        raise CacheIntegrityError("its header length is implausible")
-    raw = os.pread(fd, n, 8)
-    try:
-        header = json.loads(raw)
-        metadata = header.pop("__metadata__", None) or {}
-    except (ValueError, AttributeError) as e:
-        raise CacheIntegrityError("its header is not safetensors JSON") from e
-    return header, metadata, 8 + n
 
 
 class CacheFile:

@@ -1,12 +1,16 @@
-"""Number formats. Importing this package registers every grid format once (``lowbit``'s own
-__init__ also imports ``lowbit.gguf``, which registers the GGUF block formats)."""
+"""Number formats. The registry (``formats``, ``get_format``, ...) registers every format, the
+GGUF block formats of ``lowbit.gguf`` included, on its first lookup; this package's names load on
+first use, so that ``lowbit.formats.table`` and ``lowbit.formats.facts`` import without torch."""
 
-from . import cast, codebooks, int, learned, minifloat, mx, ternary  # noqa: F401  (registration)
-from .registry import Codec, format_by_id, formats, get_format
-from .spec import FormatSpec
+from .._lazy import lazy_exports
 
-__all__ = ["Codec", "FormatSpec", "format_by_id", "formats", "get_format"]
-
-# The GGUF block formats register on import of lowbit.gguf, which builds on this package: imported
-# last, so that every user of the registry sees them (lowbit's own __init__ imports nothing eagerly).
-from .. import gguf  # noqa: E402, F401
+# public name -> its submodule (lowbit._lazy)
+_WHERE = {
+    "Codec": "registry",
+    "FormatSpec": "spec",
+    "format_by_id": "registry",
+    "formats": "registry",
+    "get_format": "registry",
+}
+__all__ = sorted(_WHERE)
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)

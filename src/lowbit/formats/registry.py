@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+from importlib import import_module
 from typing import ClassVar
 
 import torch
@@ -174,14 +175,31 @@ def register(spec: FormatSpec) -> FormatSpec:
     return spec
 
 
+# The codec modules that register formats by importing: imported on the first lookup, so that
+# importing a module of this package (say formats.table, for `lowbit memory`) does not import torch.
+_CODEC_MODULES = ("cast", "codebooks", "int", "learned", "minifloat", "mx", "ternary", "lowbit.gguf")
+_loading = False
+
+
+def _register_all() -> None:
+    global _loading
+    if _loading:  # done, or a codec module being imported looked a format up
+        return
+    _loading = True
+    for name in _CODEC_MODULES:
+        import_module(name if name.startswith("lowbit.") else f"{__package__}.{name}")
+
+
 def formats() -> list[str]:
     """Names of every registered format, in id order."""
+    _register_all()
     return [_IDS[i] for i in sorted(_IDS)]
 
 
 def get_format(name: str | FormatSpec) -> FormatSpec:
     if isinstance(name, FormatSpec):
         return name
+    _register_all()
     key = str(name).strip().lower().replace("-", "_")
     if key in _FORMATS:
         return _FORMATS[key]
@@ -191,10 +209,12 @@ def get_format(name: str | FormatSpec) -> FormatSpec:
 
 
 def format_by_id(format_id: int) -> FormatSpec:
+    _register_all()
     if format_id not in _IDS:
         raise InputError(f"unknown format id {format_id}")
     return _FORMATS[_IDS[format_id]]
 
 
 def codec_for(spec: FormatSpec) -> type[Codec]:
+    _register_all()
     return Codec.registry[spec.family]

@@ -6,7 +6,7 @@ import math
 import struct
 from dataclasses import dataclass, field
 
-from ..scaling.double_quant import DQ_BLOCK
+from ..scaling.dq_layout import DQ_BLOCK
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,15 @@
 """lowbit.io: atomic writes; save and load quantized models (safetensors + JSON, never pickle)."""
 
-from .atomic import atomic_dir, atomic_file, write_json
-from .model_io import load_quantized, read_meta, save_quantized
+from .._lazy import lazy_exports
 
-__all__ = ["atomic_dir", "atomic_file", "load_quantized", "read_meta", "save_quantized", "write_json"]
+# public name -> its submodule, imported on first use (lowbit._lazy: no torch for a sibling's sake)
+_WHERE = {
+    "atomic_dir": "atomic",
+    "atomic_file": "atomic",
+    "write_json": "atomic",
+    "load_quantized": "model_io",
+    "read_meta": "model_io",
+    "save_quantized": "model_io",
+}
+__all__ = sorted(_WHERE)
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)

@@ -8,16 +8,11 @@ from __future__ import annotations
 
 import torch
 
+from ..formats.facts import PROBE_SHAPE, probe_shape
 from ..formats.registry import get_format
 from ..quantize import quantize
 from ..tensor import QuantizedTensor
 from .config import QuantConfig
-
-# 64 rows of 4096 hold whole blocks of every format, so no partial-block overhead.
-PROBE_SHAPE = (64, 4096)
-# A label with a large block is measured on at least this many of its blocks (when that
-# stays under _PROBE_MAX weights), so one partial block does not distort its bits.
-_PROBE_BLOCKS, _PROBE_MAX = 16, 2**24
 
 
 def probe(config: QuantConfig) -> QuantizedTensor:
@@ -26,10 +21,7 @@ def probe(config: QuantConfig) -> QuantizedTensor:
     block = config.block_size or spec.default_block_size
     if config.outlier_threshold is not None:  # LLM.int8(): one scale per row
         block = PROBE_SHAPE[1]
-    rows = PROBE_SHAPE[0]
-    if block * _PROBE_BLOCKS > rows * PROBE_SHAPE[1]:
-        rows = max(rows, min(_PROBE_MAX, block * _PROBE_BLOCKS) // PROBE_SHAPE[1])
-    return quantize(torch.zeros(rows, PROBE_SHAPE[1]), spec, block_size=block, double_quant=config.double_quant)
+    return quantize(torch.zeros(*probe_shape(block)), spec, block_size=block, double_quant=config.double_quant)
 
 
 def measured_bits_per_weight(label: str) -> float:

@@ -13,8 +13,7 @@ from functools import cache
 import torch
 
 from .blocks import split_blocks
-
-DQ_BLOCK = 256  # bitsandbytes quantize_4bit(compress_statistics=True) second-level block
+from .dq_layout import DQ_BLOCK
 
 
 @cache
