@@ -112,6 +112,7 @@ MAX_NEW_TOKENS = Range("tokens to generate", 1, LONGEST_CONTEXT)
 # Windows of text: each is a forward pass (~1 s for SmolLM2 on 2 CPU threads), so 100,000 is more than a day of
 # compute; the text must hold them as well (checked once it is tokenized).
 WINDOWS = Range("windows", 1, 100_000)
+QAT_SKIPPED_WINDOWS = Range("scored windows training skips", 0, 100_000)  # qat --windows: 0 trains from token 0
 CALIBRATE = Range("calibration windows", 1, 100_000)
 STEPS = Range("training steps", 1, 1_000_000)
 # A block past a row's length is one scale per row; 2**20 is 16x the longest rows of released LLMs (Llama 3.1
@@ -119,7 +120,8 @@ STEPS = Range("training steps", 1, 1_000_000)
 BLOCK_SIZE = Range("weights per block", 1, 2**20)
 # Bits per weight: fp32, the widest stored format, is 32 bits; a budget above it leaves every layer at its largest
 # candidate anyway.
-BUDGET = Range("bits per weight", 0, 32, kind=float, low_open=True)
+BUDGET = Range("bits per weight", 0, 32, kind=float, low_open=True,
+               why="a positive number of bits per weight; fp32 stores 32")
 # Sampling. top-k past the vocabulary keeps every token; 2**20 is 4x the largest vocabularies (Gemma 3: 262,144).
 TOP_K = Range("tokens kept", 1, 2**20)
 TOP_P = Range("probability mass kept", 0, 1, kind=float, low_open=True)

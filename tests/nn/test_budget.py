@@ -107,3 +107,9 @@ def test_a_decimal_budget_is_compared_in_exact_bytes():
     from lowbit.nn.budget import budget_bytes
 
     assert budget_bytes(0.29, 800) == 29 and budget_bytes(3.3, 10) == 4 and budget_bytes(3.5, 576 * 1536) == 387072
+
+
+def test_a_budget_past_fp32_is_refused():
+    with pytest.raises(ValueError, match=r"the budget must be a number in \(0, 32\]"):
+        plan_for_budget(None, 33.0, sensitivity=table(0))
+    assert choose(table(0), 32.0).bits_per_weight <= 32

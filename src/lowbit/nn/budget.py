@@ -22,6 +22,7 @@ import numpy as np
 import torch.nn as nn
 
 from ..errors import InputError
+from ..limits import BUDGET
 from .config import QuantConfig
 from .plan import PlanRule, QuantPlan
 from .sensitivity import DEFAULT_CANDIDATES, Sensitivity, measure_sensitivity
@@ -79,6 +80,7 @@ def plan_for_budget(model: nn.Module | None, budget: float, *, candidates: Seque
     """
     if not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget > 0):
         raise InputError(f"the budget is a positive number of bits per weight, got {budget!r}")
+    BUDGET.check(budget, "the budget")  # at most fp32's 32 bits (docs/limits.md)
     if sensitivity is None:
         if model is None or batches is None:
             raise InputError("plan_for_budget needs sensitivity= or both model and batches= (calibration windows)")
