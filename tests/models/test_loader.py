@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 import shutil
 from pathlib import Path
 
@@ -164,3 +165,28 @@ def test_gguf_path_loads_like_the_default(smollm2):
     info = smollm2[2]
     _, _, by_path = load_model(resolve(info.source)[1])
     assert by_path == dataclasses.replace(info, source=resolve(info.source)[1])
+
+
+def test_a_transposed_tensor_is_named_with_both_shapes(tmp_path, tiny_lm_dir):
+    """Issue 25, finding 13: transformers' error ended at "LlamaForCausalLM:" (now: "look at the above
+    report!"), its detail only in a log."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_lm_dir, bad)
+    tensors = load_file(bad / "model.safetensors")
+    vocab = tensors["model.embed_tokens.weight"].shape[0]
+    tensors["model.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].T.contiguous()
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    expected = (f"tensor model.embed_tokens.weight in model.safetensors has shape [64, {vocab}]; the architecture "
+                f"config.json describes has [{vocab}, 64]")
+    with pytest.raises(ModelLoadError, match=re.escape(expected)) as err:
+        load_model(bad)
+    assert "\n" not in str(err.value)
+    r = subprocess.run([sys.executable, "-m", "lowbit.cli", "quantize", "--model", str(bad), "--format", "nf4",
+                        "-o", str(tmp_path / "q")], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(expected), r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]

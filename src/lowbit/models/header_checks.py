@@ -25,10 +25,10 @@ DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0"
               "C64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
 
 
-def check_safetensors(path: str | Path) -> None:
-    """Raise ModelLoadError (one line naming the file and the problem) unless ``path``'s header is
-    sound: its length within the file and the cap, valid JSON, each tensor's dtype known, its shape
-    of whole numbers whose bytes equal its offsets' span, and the spans tiling the data exactly."""
+def check_safetensors(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape, by name, if ``path``'s header is sound: its length within the file and the cap,
+    valid JSON, each tensor's dtype known, its shape of whole numbers whose bytes equal its offsets'
+    span, and the spans tiling the data exactly. Else ModelLoadError, one line naming the file and the problem."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -41,7 +41,7 @@ def check_safetensors(path: str | Path) -> None:
                 raise _Bad(f"its header declares {n:,} bytes; the file holds {size - 8:,} after the length field"
                            + (f" and safetensors reads at most {MAX_HEADER_BYTES:,}" if n > MAX_HEADER_BYTES else ""))
             header = f.read(n)
-        _check_header(header, size - 8 - n)
+        return _check_header(header, size - 8 - n)
     except _Bad as e:
         raise ModelLoadError(f"not a valid safetensors file: {path}: {e}") from None
     except OSError as e:
@@ -52,7 +52,7 @@ class _Bad(Exception):
     """What is wrong with the file (the message's tail)."""
 
 
-def _check_header(header: bytes, data_bytes: int) -> None:
+def _check_header(header: bytes, data_bytes: int) -> dict[str, tuple[int, ...]]:
     try:
         entries = json.loads(header.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -73,6 +73,7 @@ def _check_header(header: bytes, data_bytes: int) -> None:
         at = end
     if at != data_bytes:
         raise _Bad(f"its tensors span {at:,} data bytes; the file holds {data_bytes:,}")
+    return {name: tuple(entry["shape"]) for name, entry in entries.items()}
 
 
 def _span(name: str, entry) -> tuple[int, int]:

@@ -176,12 +176,37 @@ def _from_pretrained(source: str, kind: str, **kwargs):
 def _complete(cls, source, **kwargs):
     """``cls.from_pretrained``, refusing a checkpoint that lacks weights: transformers would
     fill them with random values and only log a warning, and we would score noise."""
-    model, loading = cls.from_pretrained(source, output_loading_info=True, **kwargs, **_float32())
+    try:
+        model, loading = cls.from_pretrained(source, output_loading_info=True, **kwargs, **_float32())
+    except RuntimeError as exc:  # transformers names a tensor of the wrong shape only in a logged report
+        mismatch = _shape_mismatch(cls, source) if Path(source).is_dir() else None
+        if mismatch:
+            raise ModelLoadError(f"cannot load model from {source}: {mismatch}") from exc
+        raise
     missing = loading.get("missing_keys") or []
     if missing:
         raise ModelLoadError(f"cannot load model from {source}: {len(missing)} weights missing from the checkpoint, "
                              f"e.g. {sorted(missing)[0]}")
     return model
+
+
+def _shape_mismatch(cls, directory: str) -> str | None:
+    """The first tensor of ``directory``'s safetensors files whose shape is not the one the architecture in
+    its config.json has (built on the meta device: nothing allocated), with both shapes; None if none."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    with init_empty_weights(include_buffers=False):
+        model = cls.from_config(AutoConfig.from_pretrained(directory, local_files_only=True))
+    expected = {key: tuple(t.shape) for key, t in model.state_dict().items()}
+    wrong = [(name, shape, expected[name], f.name) for f in sorted(Path(directory).glob("*.safetensors"))
+             for name, shape in sorted(check_safetensors(f).items()) if expected.get(name, shape) != shape]
+    if not wrong:
+        return None
+    name, found, want, file = wrong[0]
+    more = f" (and {len(wrong) - 1} more tensors)" if len(wrong) > 1 else ""
+    return (f"tensor {name} in {file} has shape {list(found)}; the architecture config.json describes has "
+            f"{list(want)}{more}")
 
 
 def model_kind(config: dict) -> str:
