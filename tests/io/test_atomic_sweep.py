@@ -99,19 +99,20 @@ def test_sigkill_during_quantize_then_the_same_output_again(tiny_lm_dir, tmp_pat
     removed. Here a process is killed inside atomic_dir, then `lowbit quantize -o out` runs."""
     script = textwrap.dedent(f"""
         import sys, time
-        from lowbit.cli import main
-from lowbit.io.atomic import atomic_dir
+        from lowbit.io.atomic import atomic_dir
         with atomic_dir({str(tmp_path / 'out')!r}) as tmp:
             (tmp / "model.safetensors").write_bytes(b"x" * 4096)
             print("writing", flush=True)
             time.sleep(60)
     """)
-    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    assert child.stdout.readline() == "writing\n"
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    assert child.stdout.readline() == "writing\n", child.stderr.read()
     left = [p.name for p in tmp_path.iterdir()]
     assert len(left) == 1 and left[0].startswith(f".out.{child.pid}_")
     child.send_signal(signal.SIGKILL)
     child.wait()
     child.stdout.close()
+    child.stderr.close()
     assert main(["quantize", "--model", str(tiny_lm_dir), "--format", "int8", "-o", str(tmp_path / "out")]) == 0
     assert os.listdir(tmp_path) == ["out"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 from ..errors import InputError
 from ..evaluate import DEFAULT_FORMATS, compare
 from ..io.atomic import write_json
+from ..io.model_io import local_source
+from ..io.outputs import check_outputs
 from ..nn.keep_dtype import parse_keep_dtype
 from ..nn.plan import QuantPlan
 from ..report.html import write_report
@@ -57,6 +59,7 @@ def run(args) -> int:
     if args.peers and not args.report:
         raise InputError("--peers is drawn in the --report figures: add --report FILE.html")
     peers = check_report_args(args, args.report) if args.report else None
+    check_outputs([args.json, args.report], [args.text, *(args.plan or ()), args.peers, local_source(args.model)])
     con = console()
     model, tokenizer, info = load(args.model, con)
     if keep is None:

@@ -34,6 +34,8 @@ from ..eval.protocol import paragraphs, read_text, token_windows
 from ..eval.tensor import gaussian_sqnr_bound, tensor_errors
 from ..evaluate import DEFAULT_FORMATS
 from ..io.atomic import write_json
+from ..io.model_io import local_source
+from ..io.outputs import check_outputs
 from ..models.loader import CAUSAL_LM
 from ..nn.surgery import QuantConfig, check_config, quantize_weight, select_linears
 from ..progress import progress_bar
@@ -78,6 +80,7 @@ def run(args) -> int:
                          "+awq change a layer against its inputs: score them with lowbit compare")
     _check_calibrate(args.calibrate, configs)
     check_protocol_args(args)  # --window/--windows/--text and the --json path, before the model loads
+    check_outputs([args.json], [args.text, local_source(args.model)])
     con = console()
     model, tokenizer, info = load(args.model, con)
 

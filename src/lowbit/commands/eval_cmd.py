@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..evaluate import evaluate_saved
 from ..io.atomic import write_json
 from ..io.model_io import read_meta
+from ..io.outputs import check_outputs
 from ..report.table import compare_table, layer_notes
 from .common import add_protocol_args, check_protocol_args, console, load
 
@@ -19,6 +20,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     read_meta(args.directory)  # a one-line error for a wrong DIR before anything else
     check_protocol_args(args)
+    check_outputs([args.json], [args.text, args.directory])
     con = console()
     report = evaluate_saved(args.directory, text=args.text, window=args.window, windows=args.windows,
                             load=lambda source: load(source, con))

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import InputError
 from ..io.atomic import check_output_dir
 from ..io.bnb_checkpoint import export_bnb
-from ..io.gguf_export import export_gguf
-from ..io.model_io import load_quantized, read_meta
+from ..io.gguf_export import check_gguf_output, export_gguf
+from ..io.model_io import load_quantized, local_source, read_meta
+from ..io.outputs import check_not_input
 from .common import check_writable_file, console
 
 TARGETS = {"gguf": "a GGUF file (llama.cpp)", "bnb": "a directory in bitsandbytes' 4-bit layout (transformers)"}
@@ -21,23 +23,33 @@ def add_parser(sub) -> None:
                    help="; ".join(f"{k}: {v}" for k, v in TARGETS.items()))
     p.add_argument("-o", "--output", required=True, metavar="OUT",
                    help="the file (gguf) or the new directory (bnb) to write")
+    p.add_argument("--overwrite", action="store_true",
+                   help="gguf: replace an existing OUT if it is a GGUF file lowbit wrote (never any other file, "
+                        "never one of DIR or of the model DIR was quantized from)")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
     meta = read_meta(args.directory)  # a one-line error for a wrong DIR before anything loads
+    model_info = meta["model"] if isinstance(meta["model"], dict) else {}
+    inputs = (args.directory, local_source(model_info.get("source")))  # the GGUF export reads the source too
     if args.to == "gguf":
         check_writable_file(args.output)
-    elif Path(args.output).exists():  # check_output_dir's hint names --overwrite, which export does not take
+        check_not_input(args.output, inputs)
+        check_gguf_output(args.output, overwrite=args.overwrite)
+    elif args.overwrite:
+        raise InputError("--overwrite replaces an earlier GGUF export; bnb export writes a new directory")
+    elif Path(args.output).exists():  # check_output_dir's hint names --overwrite, which bnb export does not take
         raise FileExistsError(f"output exists: {args.output}; bnb export writes a new directory")
     else:
         check_output_dir(args.output)
+        check_not_input(args.output, inputs)
     con = console()
     with con.status(f"loading {args.directory}", spinner="dots"):
         model, tokenizer, meta = load_quantized(args.directory)
     with con.status(f"writing {args.output}", spinner="dots"):
         if args.to == "gguf":
-            counts = export_gguf(model, meta["model"]["source"], args.output)
+            counts = export_gguf(model, meta["model"]["source"], args.output, overwrite=args.overwrite)
             what = "tensors"
         else:
             counts = export_bnb(model, tokenizer, args.output)

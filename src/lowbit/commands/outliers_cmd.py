@@ -7,6 +7,8 @@ from ..eval.calibration import DEFAULT_CALIBRATE, calibration_batches
 from ..eval.outliers import check_analysis_threshold, collect_outliers, outlier_report
 from ..eval.protocol import DEFAULT_WINDOWS
 from ..io.atomic import write_json
+from ..io.model_io import local_source
+from ..io.outputs import check_outputs
 from ..nn.outlier_linear import DEFAULT_THRESHOLD
 from ..report.outliers import feature_table, layer_outlier_table
 from .common import add_model_arg, add_protocol_args, check_protocol_args, console, load
@@ -30,6 +32,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     check_analysis_threshold(args.threshold, "--threshold")  # before the model loads
     check_protocol_args(args)
+    check_outputs([args.json], [args.text, local_source(args.model)])
     con = console()
     model, tokenizer, info = load(args.model, con)
     batches, label = calibration_batches(tokenizer, info.kind, args.text, window=args.window,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 
 from ..errors import InputError
+from ..io.outputs import check_outputs
 from ..report import level_data, plots, result_json  # plots loads matplotlib only inside its drawing functions
 from .common import add_model_arg, check_writable_file, console, load
 
@@ -69,6 +70,8 @@ def _output(p, default: str) -> None:
 def run(args) -> int:
     plots.check_suffix(args.output)
     check_writable_file(args.output)
+    read = [getattr(args, name, None) for name in ("results", "peers", "report", "plan", "sensitivity")]
+    check_outputs([args.output], read)  # levels' model: in levels_data, which loads it
     if args.figure == "levels":
         fig = plots.layer_levels(levels_data(args))
     elif args.figure == "kl":
@@ -98,6 +101,9 @@ def levels_data(args) -> dict:
         raise InputError("--formats names no format")
     for label in labels:
         level_data.level_config(label)  # a bad label fails before the model loads
+    from ..io.model_io import local_source  # here: the other figures load no model code
+
+    check_outputs([args.output], [local_source(args.model)])
     model, _, _ = load(args.model, console())
     name, linear = find_linear(model, args.layer)
     return level_data.layer_levels_data(linear.weight, labels, layer=name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..errors import InputError
+from ..io.outputs import check_outputs
 from ..report.html import write_report
 from ..report.result_json import read_json
 from .common import check_writable_file, console
@@ -33,6 +34,7 @@ def check_report_args(args, path: str) -> list[dict] | None:
 
 def run(args) -> int:
     peers = check_report_args(args, args.output)
+    check_outputs([args.output], [args.results, args.peers])
     report = read_json(args.results, "lowbit report", ("compare",))
     missing = [key for key in ("model", "protocol", "reference") if key not in report]
     if missing:  # a page needs what the table's title, the protocol and provenance sections read

@@ -7,6 +7,8 @@ from ..errors import InputError
 from ..eval.calibration import calibration_batches
 from ..eval.protocol import DEFAULT_WINDOWS
 from ..io.atomic import write_json
+from ..io.model_io import local_source
+from ..io.outputs import check_outputs
 from ..models.loader import CAUSAL_LM
 from ..nn.sensitivity import DEFAULT_CANDIDATES, MEASURES, SENSITIVITY_CALIBRATE, candidate, measure_sensitivity
 from ..report.layers import sensitivity_table
@@ -54,6 +56,7 @@ def measure(args, model, tokenizer, info, configs):
 def run(args) -> int:
     configs = candidate_configs(args)
     check_protocol_args(args)
+    check_outputs([args.json], [args.text, local_source(args.model)])
     con = console()
     model, tokenizer, info = load(args.model, con)
     s = measure(args, model, tokenizer, info, configs)

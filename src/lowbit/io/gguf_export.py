@@ -26,10 +26,14 @@ from ..formats.registry import formats, get_format
 from ..formats.spec import FormatSpec
 from ..models.loader import resolve
 from ..nn.linear import QuantLinear
-from .atomic import atomic_file
+from .atomic import atomic_file, write_errors
 
 GGUF_TYPES = tuple(f for f in formats() if get_format(f).gguf_type)  # formats.table's gguf_type column
 SUPPORTED_ARCHS = ("llama",)
+# gguf-py's Keys.General.QUANTIZED_BY: set to "lowbit" in every file export_gguf writes, so that --overwrite
+# can tell an earlier export from any other file
+QUANTIZED_BY, LOWBIT = "general.quantized_by", "lowbit"
+GGUF_MAGIC = b"GGUF"  # the first 4 bytes of every GGUF file (gguf-py constants.GGUF_MAGIC, little-endian)
 
 
 class ExportError(LowbitError, ValueError):
@@ -71,10 +75,38 @@ def source_gguf(source: str) -> Path:
     return Path(target)
 
 
-def export_gguf(model: nn.Module, source: str, out: str | Path) -> dict:
-    """Write ``model`` (loaded from the GGUF ``source``) to ``out``; returns counts per tensor type."""
+def is_lowbit_gguf(path: str | Path) -> bool:
+    """Whether ``path`` is a GGUF file ``export_gguf`` wrote: its metadata says ``general.quantized_by = lowbit``."""
     import gguf
 
+    try:
+        with open(path, "rb") as f:
+            if f.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
+                return False
+        field = gguf.GGUFReader(path).fields.get(QUANTIZED_BY)
+        return field is not None and field.contents() == LOWBIT
+    except Exception:  # noqa: BLE001 - whatever a damaged or foreign file makes the reader raise, it is not ours
+        return False
+
+
+def check_gguf_output(out: str | Path, *, overwrite: bool = False) -> None:
+    """A one-line error if ``out`` exists, unless ``overwrite`` and it is an earlier lowbit export."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not overwrite:
+        raise FileExistsError(f"output exists: {out} (pass --overwrite to replace a GGUF file lowbit wrote)")
+    if not is_lowbit_gguf(out):
+        raise FileExistsError(f"--overwrite replaces only a GGUF file lowbit wrote ({QUANTIZED_BY} = {LOWBIT}); "
+                              f"{out} is not one")
+
+
+def export_gguf(model: nn.Module, source: str, out: str | Path, *, overwrite: bool = False) -> dict:
+    """Write ``model`` (loaded from the GGUF ``source``) to ``out``; returns counts per tensor type.
+    An existing ``out`` is replaced only with ``overwrite`` and only if lowbit wrote it (``check_gguf_output``)."""
+    import gguf
+
+    check_gguf_output(out, overwrite=overwrite)
     check_exportable(model)
     reader = gguf.GGUFReader(source_gguf(source))
     arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
@@ -84,10 +116,11 @@ def export_gguf(model: nn.Module, source: str, out: str | Path) -> dict:
     tensors = _tensors(model, gguf_tensor_names(model), cfg)
     counts: dict[str, int] = {}
     out = Path(out)
-    with atomic_file(out) as tmp:
+    # write_errors inside atomic_file: a short write is judged while the temp file still holds its space
+    with atomic_file(out, overwrite=overwrite, replaceable=is_lowbit_gguf) as tmp, write_errors(out):
         writer = gguf.GGUFWriter(tmp, arch)
         _copy_metadata(reader, writer)
-        writer.add_string("general.quantized_by", "lowbit")
+        writer.add_string(QUANTIZED_BY, LOWBIT)
         for name, (array, raw_type) in tensors.items():
             writer.add_tensor(name, array, raw_dtype=raw_type)
             key = raw_type.name if raw_type is not None else "F32"
@@ -102,7 +135,8 @@ def export_gguf(model: nn.Module, source: str, out: str | Path) -> dict:
 def _copy_metadata(reader, writer) -> None:
     import gguf
 
-    skip = {gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.FILE_TYPE}  # the writer adds one; types differ now
+    # the writer adds the architecture; types differ now; export_gguf says who quantized it
+    skip = {gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.FILE_TYPE, QUANTIZED_BY}
     for field in reader.fields.values():
         if field.name in skip or field.name.startswith("GGUF."):
             continue
