@@ -16,6 +16,7 @@ from ..errors import InputError
 from ..eval.calibration import calibration_batches, calibration_windows
 from ..eval.protocol import DEFAULT_WINDOW, DEFAULT_WINDOWS, read_text
 from ..io.model_io import check_output, local_source, save_quantized
+from ..io.outputs import check_outputs
 from ..models.loader import CAUSAL_LM
 from ..nn.gptq_model import GPTQ_CALIBRATE, gptq_weights
 from ..nn.keep_dtype import parse_keep_dtype
@@ -69,6 +70,8 @@ def add_parser(sub) -> None:
     add_selection_args(p)
     add_keep_dtype_arg(p)
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="directory to create")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace DIR if it is an earlier lowbit output, as `lowbit quantize --overwrite`")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its checkpoint (DIR.qat-checkpoint), same arguments")
     p.set_defaults(run=run)
@@ -128,8 +131,11 @@ def train_quantized(model, tokenizer, model_hash: str | None, config, settings: 
     """Train ``model`` in place (fake quantization, then ``convert``): ``(QuantizeReport, the run's record)``."""
     teacher = copy.deepcopy(model) if settings.loss == "kl" else None
     start = time.perf_counter()
-    seeds = gptq_start(model, tokenizer, config, data.text, data.window, data.scored) if init == "gptq" else None
-    prepare(model, config, init="mse" if seeds else init, start=seeds)
+    if resume:  # the checkpoint holds the start and every value training changed: the quick rule gives the
+        prepare(model, config, init="rule")  # layers their shapes, and load_checkpoint overwrites all of it
+    else:
+        seeds = gptq_start(model, tokenizer, config, data.text, data.window, data.scored) if init == "gptq" else None
+        prepare(model, config, init="mse" if seeds else init, start=seeds)
     run_id = {"model": model_hash, "config": as_plan(config).to_dict(), "init": init, "text": data.name,
               "train_window": data.train_window, "skip": data.skip}
     losses = train(model, teacher, data.windows, settings, checkpoint=checkpoint, resume=resume, run=run_id)
@@ -155,8 +161,9 @@ def run(args) -> int:
     settings = QATSettings(steps=args.steps, lr=args.lr, scale_lr=args.scale_lr, loss=args.loss)
     check_windows(args.window, args.windows, args.train_window)
     read_text(args.text)  # a missing or unreadable text fails before the model loads
-    check_output(args.output, source=local_source(args.model))
+    check_output(args.output, overwrite=args.overwrite, source=local_source(args.model))
     checkpoint = checkpoint_dir(args.output)
+    check_outputs([args.output, checkpoint], [args.text, args.plan, local_source(args.model)])
     if args.resume and not checkpoint.is_dir():
         raise InputError(f"--resume: no checkpoint at {checkpoint}")
     if not args.resume and checkpoint.exists():
@@ -177,7 +184,7 @@ def run(args) -> int:
         raise
     label = f"{config.label} qat"
     save_quantized(model, tokenizer, info, report, config, args.output, keep_dtype=keep, extra={"qat": record},
-                   label=label)
+                   label=label, overwrite=args.overwrite)
     shutil.rmtree(checkpoint, ignore_errors=True)
     con.print(f"{label}: {len(report.layers)} layers, {report.bits_per_weight:.3f} bits/weight; {settings.steps} "
               f"steps in {record['seconds'] / 60:.1f} min, loss {record['first_loss']:.4f} -> "

@@ -2,9 +2,11 @@
 checkpoints an interrupted run resumes from, and a stop with the last good checkpoint kept when the loss diverges.
 
 A checkpoint is a directory written atomically (``lowbit.io.atomic``): ``state.safetensors`` (every trained
-parameter and its Adam moments; no pickle) and ``state.json`` (the step, the losses so far, and what the run
-was started with, which a resumed run must match). Step ``i`` trains on window ``i mod n``, so a resumed run
-sees the windows an uninterrupted one would.
+parameter, the quantizers' fixed parts and the Adam moments; no pickle) and ``state.json`` (the step, the losses
+so far, and what the run was started with, which a resumed run must match; the learning rates may differ, so a
+run that diverged can go on with lower ones). The first is written before step 1: the start (GPTQ's, minutes
+of work) survives an interruption from then on. Step ``i`` trains on window ``i mod n``, so a resumed run sees
+the windows an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -84,10 +86,12 @@ def train(student: nn.Module, teacher: nn.Module | None, windows: torch.Tensor, 
     loss of every step. ``checkpoint``: the directory written every ``checkpoint_every`` steps and at the end;
     ``resume``: continue from it (``run``, what identifies this run, must equal what it was started with)."""
     opt = optimizer(student, settings)
-    run = {"settings": asdict(settings)} | (run or {})
+    run = {"settings": run_settings(settings)} | (run or {})
     losses: list[float] = []
     if resume:
         losses = load_checkpoint(checkpoint, student, opt, run)
+    elif checkpoint is not None:
+        save_checkpoint(checkpoint, student, opt, run, losses)  # the start, before any step
     student.train()
     if teacher is not None:
         teacher.eval()
@@ -98,8 +102,9 @@ def train(student: nn.Module, teacher: nn.Module | None, windows: torch.Tensor, 
             opt.zero_grad(set_to_none=True)
             loss = step_loss(student, teacher, windows[step % len(windows)], settings.loss)
             if not torch.isfinite(loss):
-                kept = f"the last good checkpoint (step {done}) is kept in {checkpoint}: --resume it with a lower " \
-                       "--lr" if checkpoint is not None and done else "lower --lr"
+                good = f"the last good checkpoint (step {done})" if done else "the start"
+                kept = f"{good} is kept in {checkpoint}: --resume it with a lower --lr" if checkpoint is not None \
+                    else "lower --lr"
                 raise DivergedError(f"the training loss became {loss.item()} at step {step + 1}; {kept}")
             loss.backward()
             opt.step()
@@ -116,9 +121,21 @@ def train(student: nn.Module, teacher: nn.Module | None, windows: torch.Tensor, 
     return losses
 
 
+def run_settings(settings: QATSettings) -> dict:
+    """What of ``settings`` a resumed run must repeat: all but the learning rates."""
+    return {k: v for k, v in asdict(settings).items() if k not in ("lr", "scale_lr")}
+
+
+def fixed_parts(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The quantizers' untrained parts (a per-tensor scale, a codebook): a start sets them, and a resumed run,
+    which does not compute the start again, takes them from the checkpoint."""
+    return {name: b for name, b in model.named_buffers() if ".quantizer." in name}
+
+
 def save_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Adam, run: dict, losses: list[float]) -> None:
     params = trained_parameters(model)
     tensors = {f"param.{n}": p.detach().contiguous() for n, p in params.items()}
+    tensors |= {f"fixed.{n}": b.detach().contiguous() for n, b in fixed_parts(model).items()}
     steps = {}
     for n, p in params.items():
         state = opt.state.get(p, {})
@@ -148,6 +165,9 @@ def load_checkpoint(directory: Path | None, model: nn.Module, opt: torch.optim.A
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(tensors[f"param.{n}"])
+        for n, b in fixed_parts(model).items():
+            if f"fixed.{n}" in tensors:  # a checkpoint written before they were saved has none
+                b.copy_(tensors[f"fixed.{n}"])
     for n, p in params.items():
         if n in meta["adam_steps"]:
             opt.state[p] = {"step": torch.tensor(meta["adam_steps"][n]),
