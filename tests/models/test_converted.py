@@ -186,3 +186,30 @@ def test_a_failed_write_leaves_no_partial_directory(fake_gguf, monkeypatch, tmp_
     with pytest.warns(CacheWarning, match="No space left on device"):
         load_model(path)
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_a_conversion_without_a_terminal_prints_progress(fake_gguf, monkeypatch):
+    """Issue 25, finding 23: the first run without a terminal showed one line for a 30 s conversion.
+    Now: a line as it starts, one every few seconds, one with its time at the end (to the real stderr,
+    which commands.common.load does not hold)."""
+    import io
+    import time
+
+    from lowbit.models import converted
+
+    path, _ = fake_gguf
+    log = io.StringIO()  # no terminal
+    monkeypatch.setattr("sys.__stderr__", log)
+    monkeypatch.setattr(converted, "_EVERY", 0.05)
+    slow = loader._convert_gguf
+    monkeypatch.setattr(loader, "_convert_gguf", lambda p: (time.sleep(0.3), slow(p))[1])
+    load_model(path)
+    lines = log.getvalue().splitlines()
+    assert lines[0] == "lowbit: converting tiny.gguf to float32 (the first load only; later ones read the cache) ..."
+    writing = lines.index("lowbit: writing the converted-model cache ...")
+    assert lines[1].endswith(" s so far") and lines[writing - 1].startswith("lowbit: converting tiny.gguf")
+    assert " done in " in lines[writing - 1]
+    assert lines[-1].startswith("lowbit: writing the converted-model cache: done in ")
+    log.truncate(0)
+    load_model(path)  # from the cache: nothing to announce
+    assert log.getvalue() == ""

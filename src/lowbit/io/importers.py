@@ -14,6 +14,7 @@ Tensors lowbit keeps in full precision (embeddings, norms) are loaded as float32
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,8 +95,9 @@ def import_gguf(path: str | Path, *, spec: str | None = None, progress: bool = F
         # the tokenizer); a file lowbit has loaded before has both in its converted-model cache.
         cached = converted.lookup(file_hash, quiet=True)
         where, kwargs = (cached, {}) if cached else (path.parent, {"gguf_file": path.name})
-        config = AutoConfig.from_pretrained(where, local_files_only=True, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True, **kwargs)
+        with converted.announced(f"reading the config and tokenizer of {path.name}") if not cached else nullcontext():
+            config = AutoConfig.from_pretrained(where, local_files_only=True, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True, **kwargs)
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
         names = gguf_tensor_names(model)

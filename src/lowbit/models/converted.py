@@ -20,8 +20,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
+import threading
+import time
 import warnings
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -31,6 +35,41 @@ from .hashing import file_sha256
 META = "lowbit-cache.json"
 WEIGHTS = "model.safetensors"
 _SPARE_BYTES = 256 << 20  # leave the disk this much beyond the cache itself
+
+
+_EVERY = 10.0  # seconds between "still converting" lines: a log shows the run is alive (SmolLM2 takes ~20 s)
+
+
+@contextmanager
+def announced(what: str) -> Iterator[None]:
+    """Progress lines for a long step when stderr is no terminal (a log, a pipe): one as it starts,
+    one every ``_EVERY`` seconds, one with its time when it ends. A terminal shows the caller's spinner."""
+    # sys.__stderr__, not sys.stderr: commands.common.load holds sys.stderr during a load to hide
+    # transformers' tqdm bar, and these lines are the ones the log should keep
+    stream = sys.__stderr__
+    if stream is None or stream.isatty():
+        yield
+        return
+
+    def say(line: str) -> None:
+        stream.write(f"lowbit: {line}\n")  # the prefix of lowbit.progress.note's lines
+        stream.flush()
+
+    start, done = time.monotonic(), threading.Event()
+
+    def beat() -> None:
+        while not done.wait(_EVERY):
+            say(f"{what}: {time.monotonic() - start:.0f} s so far")
+
+    say(f"{what} ...")
+    ticker = threading.Thread(target=beat, daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        done.set()
+        ticker.join()
+    say(f"{what}: done in {time.monotonic() - start:.1f} s")
 
 
 class CacheWarning(UserWarning):

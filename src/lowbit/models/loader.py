@@ -113,8 +113,10 @@ def _load_gguf(path: Path, source: str):
             converted.notice(f"converted-model cache {cached} does not load ({type(exc).__name__}); "
                              "converting the GGUF file again")
     check_complete(path)
-    model, tokenizer = _convert_gguf(path)
-    converted.store(model, tokenizer, source=path.absolute(), sha256=file_hash, name=info.name)
+    with converted.announced(f"converting {path.name} to float32 (the first load only; later ones read the cache)"):
+        model, tokenizer = _convert_gguf(path)
+    with converted.announced("writing the converted-model cache"):
+        converted.store(model, tokenizer, source=path.absolute(), sha256=file_hash, name=info.name)
     return model, tokenizer, info
 
 
