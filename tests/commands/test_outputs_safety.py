@@ -153,9 +153,11 @@ def test_no_command_writes_over_its_input(tiny_lm_dir, quantized, tmp_path, caps
     page.write_text("<html>my report</html>")
     results = tmp_path / "c.png"  # a compare JSON under a figure's name
     results.write_text("{}")
+    counted = foreign_gguf(tmp_path / "m.gguf")
     model = ["--model", tiny_lm_dir]
     cases = [
         (["compare", *model, "--plan", plan, "--json", plan, *TINY], "is the input"),
+        (["memory", "--model", counted, "--json", counted], "is the input"),
         (["compare", *model, "--plan", plan, "--json", tmp_path / "sym.json", *TINY], "is the input"),
         (["compare", *model, "--formats", "int8", "--text", text, "--json", text, *TINY], "is the input"),
         (["compare", *model, "--formats", "int8", "--text", text, "--json", tmp_path / "hard.txt", *TINY],
