@@ -221,7 +221,7 @@ def sweep_stale_temps(path: str | os.PathLike) -> list[Path]:
 
 def _alive(pid: int) -> bool:
     """Whether process ``pid`` exists here (a reused pid reads as alive: its temp is kept, never wrongly removed)."""
-    if pid == os.getpid():
+    if pid == os.getpid() or os.name == "nt":  # Windows' os.kill terminates the process whatever the signal
         return True
     try:
         os.kill(pid, 0)  # signal 0: only asks whether the process exists
