@@ -65,3 +65,20 @@ def test_current_directory_and_symlinks_are_refused_before_any_work(tmp_path, mo
         with pytest.raises(FileExistsError, match=match), atomic_dir(target, overwrite=True):
             pytest.fail("must not start")
     assert sorted(os.listdir(tmp_path)) == ["link", "real"] and os.listdir(tmp_path / "real") == []
+
+
+def test_a_file_is_replaced_only_as_allowed_at_the_rename(tmp_path):
+    """export --to gguf's rule: no existing file without overwrite, and with it only one ``replaceable`` accepts,
+    asked after the new file is written (a file may appear or change meanwhile); the temp never stays."""
+    target = tmp_path / "m.gguf"
+    with pytest.raises(FileExistsError, match="appeared while"), atomic_file(target, overwrite=False) as tmp:
+        tmp.write_text("new")
+        target.write_text("theirs")
+    with pytest.raises(FileExistsError, match="changed while"), \
+            atomic_file(target, replaceable=lambda p: p.read_text() == "ours") as tmp:
+        tmp.write_text("new")
+    assert os.listdir(tmp_path) == ["m.gguf"] and target.read_text() == "theirs"
+    target.write_text("ours")
+    with atomic_file(target, replaceable=lambda p: p.read_text() == "ours") as tmp:
+        tmp.write_text("new")
+    assert os.listdir(tmp_path) == ["m.gguf"] and target.read_text() == "new"
