@@ -27,6 +27,7 @@ from .eval.causal import score_causal
 from .eval.encoder import encoder_reference, score_encoder
 from .eval.protocol import DEFAULT_WINDOW, read_text, token_windows
 from .eval.reference import causal_reference
+from .eval.tensor import sqnr_db
 from .io.model_io import load_quantized
 from .models.loader import CAUSAL_LM, ModelInfo, load_model
 from .nn.awq import awq_scale, scaled_importance
@@ -133,20 +134,35 @@ def compare(model: nn.Module, tokenizer, info: ModelInfo, configs: list[QuantCon
             scales = awq_scale(quantized, plan, gptq_inputs, progress=progress) if _uses(plan, "awq") else {}
             prequantized = gptq_prequantized(quantized, plan, gptq_inputs, progress) if _uses(plan, "method") else None
             gptq_seconds = time.perf_counter() - start
+            rounded_from = {name: m.weight for name, m in quantized.named_modules() if isinstance(m, nn.Linear)}
             qreport = quantize_model(quantized, config, progress=progress, prequantized=prequantized,
                                      importance=scaled_importance(importance, scales)
                                      if _uses(config, 'needs_importance') else None)
         except LowbitError as e:  # e.g. a value the format cannot hold (LayerQuantizeError names the layer)
             _add(report, {"format": config.label, "error": str(e)}, on_result, progress)
             continue
+        sqnr = layer_sqnr(quantized, rounded_from)
+        del rounded_from  # the float weights the layers replaced: freed before scoring materializes fp32 copies
         saved = round_state(quantized, keep) if keep is not None else 0
         seconds = qreport.seconds + (calibration_seconds if _uses(config, 'needs_importance') else 0.0)
         seconds += gptq_seconds
-        _add(report, _score(evaluation, quantized, config.label, _uses(config, 'double_quant'), qreport.bits_per_weight,
-                            seconds, saved, layers=(qreport.format_counts, dict(qreport.fallbacks))),
-             on_result, progress)
+        row = _score(evaluation, quantized, config.label, _uses(config, 'double_quant'), qreport.bits_per_weight,
+                     seconds, saved, layers=(qreport.format_counts, dict(qreport.fallbacks)))
+        _add(report, row | {"layer_sqnr": sqnr}, on_result, progress)
         del quantized
     return report
+
+
+def layer_sqnr(quantized: nn.Module, rounded_from: dict[str, torch.Tensor]) -> dict:
+    """Per quantized layer, in model order, the SQNR (dB) of the weight it computes with (``effective_weight``:
+    a ``+had`` layer's unrotated) against the float weight it was rounded from (``+awq``: the scaled one), as
+    ``lowbit errors`` measures a weight: ``{"layers": names, "sqnr_db": values}`` (inf for an exact layer)."""
+    names, values = [], []
+    for name, module in quantized.named_modules():
+        if isinstance(module, QuantLinear) and name in rounded_from:
+            names.append(name)
+            values.append(sqnr_db(rounded_from[name], module.effective_weight()))
+    return {"layers": names, "sqnr_db": values}
 
 
 def _uses(config: QuantConfig | QuantPlan, what: str) -> bool:

@@ -18,11 +18,18 @@ MODEL = {"name": "SmolLM2-135M-Instruct.Q4_1", "source": "smollm2", "kind": "cau
          "file_hash": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"}
 
 
+LEVELS = [0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999, 1.0]
+LAYERS = [f"model.layers.{b}.{k}" for b in range(30) for k in ("self_attn.q_proj", "mlp.down_proj")]
+
+
 def _row(label, bits, kl, top1, **extra):
+    # quantiles from 0.02 to 15 times the mean, as lowbit.eval.causal.kl_quantiles keeps them; SQNR ~6 dB a bit
+    quantiles = {"q": LEVELS, "kl": [kl * (0.02 + 15 * q ** 8) for q in LEVELS]}
+    sqnr = {"layers": LAYERS, "sqnr_db": [6.02 * bits - 6 + (i % 7) / 3 for i in range(len(LAYERS))]}
     return {"format": label, "block_size": 64, "double_quant": False, "bits_per_weight": bits,
             "weight_bytes": int(bits * 1e6), "quantized_layers": 210, "quantize_seconds": 0.5, "ppl": 15 + 20 * kl,
             "kl_mean": kl, "kl_median": kl * 0.8, "kl_p99": kl * 4, "kl_max": kl * 15, "top1": top1,
-            "eval_seconds": 10.0, **extra}
+            "eval_seconds": 10.0, "tokens": 8176, "kl_quantiles": quantiles, "layer_sqnr": sqnr, **extra}
 
 
 REPORT = {
@@ -47,11 +54,28 @@ def test_page_is_self_contained_and_holds_the_provenance():
     for text in (MODEL["file_hash"], "2026-11-25T02:00:00+00:00", "torch", "2.13.0", "pydoc_data.topics",
                  "0.25876", "needs each row to hold whole blocks", "120 q4_k"):
         assert text in page
-    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
-    assert len(images) == 2  # KL against bits, and the plan row's layers
-    for data in images:
+    images = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,([^"]+)"', page)
+    # KL against bits, the per-token KL distribution, SQNR per layer, and the plan row's layers
+    assert [alt for alt, _ in images] == FIGURES
+    for _, data in images:
         pixels = matplotlib.image.imread(io.BytesIO(base64.b64decode(data)), format="png")
         assert pixels.shape[0] > 200 and pixels.shape[1] > 200
+
+
+FIGURES = ["quality against size", "distribution of per-token KL", "weight error per layer",
+           "layers of plan[q4_k|q8_0]"]
+
+
+def test_a_report_before_the_distribution_and_layer_figures_still_renders():
+    """A compare JSON written before rows held kl_quantiles and layer_sqnr: those figures are a note instead."""
+    report = json.loads(json.dumps(REPORT))
+    for row in report["results"]:
+        row.pop("kl_quantiles", None)
+        row.pop("layer_sqnr", None)
+    page = render(report, report_figures(report))
+    assert re.findall(r'<img alt="([^"]+)"', page) == [FIGURES[0], FIGURES[3]]
+    assert "distribution of per-token KL: Not drawn: no row holds per-token KL quantiles" in page
+    assert "weight error per layer: Not drawn: no row holds layer_sqnr" in page
 
 
 def test_text_is_escaped():
@@ -111,15 +135,20 @@ def test_headless_chromium_renders_the_report(tmp_path):
     r = _chromium(tmp_path, "--virtual-time-budget=5000", "--dump-dom", checked.as_uri())
     found = re.search(r'<pre id="lowbit-check">([^<]*)</pre>', r.stdout)
     assert found, r.stderr[-2000:]
-    assert json.loads(found.group(1)) == [True, True]  # both figures decoded
+    assert json.loads(found.group(1)) == [True] * len(FIGURES)  # every figure decoded
+    alts = re.findall(r'<img alt="([^"]+)"', r.stdout)
+    assert alts == FIGURES  # each figure is there, in order
 
 
 def test_a_report_without_plottable_rows_is_still_written(tmp_path):
     # every format failed but the keep row, or every row is exact: no point for a log axis, no KL figure
     report = json.loads(json.dumps(REPORT))
-    report["results"] = [_row("keep bfloat16", 32.0, 0.0001, 0.99), {"format": "q4_k", "error": "no whole blocks"}]
+    keep = _row("keep bfloat16", 32.0, 0.0001, 0.99)
+    del keep["layer_sqnr"]  # a keep row quantizes no layer
+    report["results"] = [keep, {"format": "q4_k", "error": "no whole blocks"}]
     page = write_report(report, tmp_path / "r.html").read_text()
-    assert "no whole blocks" in page and "data:image/png" not in page and "Shaded" not in page
+    assert "no whole blocks" in page and "Shaded" not in page
+    assert re.findall(r'<img alt="([^"]+)"', page) == ["distribution of per-token KL"]  # the keep row's tokens
 
 
 def test_keep_row_is_not_on_the_pareto_front():
@@ -136,3 +165,27 @@ def test_results_without_model_or_protocol_is_one_line(tmp_path, capsys):
     assert main(["report", str(bad), "-o", str(tmp_path / "r.html")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "has no model, protocol, reference" in err
+
+
+def test_compare_rows_hold_what_the_figures_draw(tiny_lm_dir):
+    """compare keeps per-token KL quantiles (the table's median, p99 and max among them, the same numbers) and
+    each quantized layer's weight SQNR, as lowbit errors measures it."""
+    from lowbit import load_model
+    from lowbit.eval.tensor import tensor_errors
+    from lowbit.evaluate import compare
+    from lowbit.nn.surgery import QuantConfig, quantize_weight
+
+    model, tokenizer, info = load_model(str(tiny_lm_dir))
+    configs = [QuantConfig.parse("nf4"), QuantConfig.parse("int4/32+had")]
+    report = compare(model, tokenizer, info, configs, windows=1, window=64, progress=False)
+    for row in report["results"]:
+        q = dict(zip(row["kl_quantiles"]["q"], row["kl_quantiles"]["kl"], strict=True))
+        assert (q[0.5], q[0.99], q[1.0]) == (row["kl_median"], row["kl_p99"], row["kl_max"])
+        assert q[0.0] <= q[0.01] <= q[0.999] <= q[1.0]
+        assert len(row["layer_sqnr"]["layers"]) == row["quantized_layers"] == 14
+    nf4 = report["results"][0]["layer_sqnr"]
+    for name, db in zip(nf4["layers"], nf4["sqnr_db"], strict=True):
+        weight = model.get_submodule(name).weight
+        expected = tensor_errors(weight, quantize_weight(weight, configs[0]).dequantize()).sqnr_db
+        assert db == pytest.approx(expected, rel=1e-9)
+    assert all(10 < db < 40 for db in report["results"][1]["layer_sqnr"]["sqnr_db"])  # +had: unrotated weights

@@ -10,6 +10,7 @@ from itertools import pairwise
 import pytest
 import torch
 
+from lowbit.errors import InputError
 from lowbit.formats import get_format
 from lowbit.formats.codebooks import NF_DELTA
 from lowbit.report import level_data as ld
@@ -348,3 +349,40 @@ def test_plan_layout_keeps_title_and_labels_inside_and_apart(blocks):
     for box in (title, ylabel, legend):
         assert page.x0 - 1 <= box.x0 and box.x1 <= page.x1 + 1 and page.y0 - 1 <= box.y0 and box.y1 <= page.y1 + 1
     assert not legend.overlaps(title) and not legend.overlaps(ax.get_window_extent(renderer))
+
+
+def _tail_row(label, bits, kl, tokens=1000):
+    levels = [0.0, 0.5, 0.99, 0.999, 1.0]
+    return {"format": label, "bits_per_weight": bits, "kl_mean": kl, "tokens": tokens,
+            "kl_quantiles": {"q": levels, "kl": [0.0, kl, 4 * kl, 8 * kl, 15 * kl]},
+            "layer_sqnr": {"layers": ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"],
+                           "sqnr_db": [6 * bits - 6, None]}}
+
+
+def test_kl_tail_is_a_survival_curve_ending_at_the_worst_token():
+    report = {"model": MODEL, "protocol": {"kind": "causal-lm"},
+              "results": [_tail_row("nf4", 4.5, 0.25), _tail_row("int8", 8.5, 0.0014, tokens=500),
+                          {"format": "q4_k", "error": "no"}, {"format": "old", "bits_per_weight": 4.0, "kl_mean": 1}]}
+    tails, notes = pd.kl_tails(report)
+    assert [t.label for t in tails] == ["nf4", "int8"]
+    assert tails[0].kl == [0.25, 1.0, 2.0, 3.75] and tails[0].share_above == pytest.approx([0.5, 0.01, 0.001, 0.001])
+    # 500 tokens: the 99.9% level lies between the two largest tokens, so the curve ends at the maximum's 1/500
+    assert tails[1].share_above == pytest.approx([0.5, 0.01, 0.002])
+    assert notes == ["q4_k: not scored", "old: no kl_quantiles"]
+    fig = plots.kl_tail(report)
+    check(fig)
+    assert "not shown: old: no kl_quantiles" in legend_texts(fig)
+    with pytest.raises(InputError, match="no row holds per-token KL quantiles"):
+        plots.kl_tail(COMPARE)
+
+
+def test_compare_errors_feeds_the_sqnr_heatmap():
+    report = {"model": MODEL, "results": [_tail_row("nf4", 4.5, 0.25), _tail_row("int8", 8.5, 0.0014),
+                                          {"format": "keep bfloat16", "bits_per_weight": 32.0, "kl_mean": 1e-4}]}
+    errors = pd.compare_errors(report)
+    assert [f["format"] for f in errors["formats"]] == ["nf4", "int8"]
+    nf4 = errors["formats"][0]
+    assert nf4["mean_sqnr_db"] == 21.0 and nf4["min_layer"] == "model.layers.0.mlp.down_proj"
+    check(plots.sqnr_heatmap(errors))
+    with pytest.raises(InputError, match="no row holds layer_sqnr"):
+        pd.compare_errors(COMPARE)

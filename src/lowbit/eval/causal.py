@@ -16,7 +16,8 @@ def score_causal(model, reference: Reference, *, label: str = "evaluating", prog
     """Per scored token: KL(p_ref || p_model) over the full vocabulary, NLL, top-token agreement.
 
     Returns ``ppl``, ``kl_mean``, ``kl_median``, ``kl_p99``, ``kl_max``, ``top1`` (fraction of
-    tokens whose most likely next token is the reference's) and ``tokens`` (how many were scored).
+    tokens whose most likely next token is the reference's), ``tokens`` (how many were scored) and ``kl_quantiles``
+    (the distribution's shape, for the report).
     """
     kl, nll, same = [], [], []
     with progress_bar(len(reference.ids), label, enabled=progress) as advance:
@@ -32,7 +33,19 @@ def score_causal(model, reference: Reference, *, label: str = "evaluating", prog
         **kl_summary(kl_all),
         "top1": float(torch.cat(same).double().mean()),
         "tokens": int(kl_all.size),
+        "kl_quantiles": kl_quantiles(kl_all),
     }
+
+
+# Quantile levels of per-token KL kept in each row for the report's distribution figure: llama.cpp's
+# `perplexity --kl-divergence` prints the minimum, 1%, 5%, 10%, median, 90%, 95%, 99%, 99.9% and maximum
+# (tools/perplexity/perplexity.cpp); the quartiles and 98%, 99.5%, 99.8% fill in the curve and its tail.
+KL_QUANTILES = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999, 1.0)
+
+
+def kl_quantiles(kl: np.ndarray) -> dict:
+    """Per-token KL at ``KL_QUANTILES`` (linear interpolation, as ``kl_p99``): ``{"q": levels, "kl": values}``."""
+    return {"q": list(KL_QUANTILES), "kl": [float(v) for v in np.quantile(kl, KL_QUANTILES)]}
 
 
 def kl_summary(kl: np.ndarray) -> dict:

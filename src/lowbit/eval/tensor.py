@@ -75,6 +75,20 @@ def tensor_errors(x: torch.Tensor, y: torch.Tensor, *, weights: torch.Tensor | N
     return TensorErrors(**result)
 
 
+def sqnr_db(x: torch.Tensor, y: torch.Tensor, rows: int = 1024) -> float:
+    """``tensor_errors(x, y).sqnr_db``, summed ``rows`` rows at a time: a float64 copy of a whole 128k x 4k
+    output head would take 4 GB (``lowbit compare`` measures every layer of every format so)."""
+    _check_pair(x, y)
+    x2, y2 = (t.detach().flatten(1) if t.dim() > 1 else t.detach()[None] for t in (x, y))  # (rows, columns)
+    signal = noise = 0.0
+    for start in range(0, x2.shape[0], rows):
+        xd = _f64(x2[start:start + rows]).reshape(-1)
+        diff = _f64(y2[start:start + rows]).to(xd.device).reshape(-1) - xd
+        signal += float(torch.dot(xd, xd))
+        noise += float(torch.dot(diff, diff))
+    return _sqnr_db(signal, noise)
+
+
 def gaussian_sqnr_bound(bits_per_weight: float) -> float:
     """Highest SQNR (dB) any quantizer reaches on i.i.d. Gaussian data at this rate: 6.02·R dB
     (Cover & Thomas §10.3: D(R) = σ²·2^(−2R)). 4 bits -> 24.08 dB."""

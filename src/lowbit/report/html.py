@@ -17,8 +17,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .. import __version__
+from ..errors import InputError
 from ..io.atomic import atomic_file
-from .plot_data import Point, is_keep_row, pareto_front
+from .plot_data import Point, compare_errors, is_keep_row, pareto_front
 from .table import cell, layer_notes, scope, table_data
 
 _STYLE = """
@@ -39,11 +40,13 @@ figcaption { color: #56606b; font-size: .92em; } ul.notes { color: #56606b; }
 """
 
 
-def render(report: dict, figures: list[tuple[str, str, bytes]] | None = None, *, created: str | None = None) -> str:
+def render(report: dict, figures: list[tuple[str, str, bytes | None]] | None = None, *,
+           created: str | None = None) -> str:
     """The page for ``report`` (``lowbit.evaluate.compare``'s dict, or its JSON file loaded).
 
-    ``figures``: (title, caption, PNG bytes) each, shown in order. ``created``: when the page was
-    written (default now, UTC); the date the results were measured is the report's own ``date``."""
+    ``figures``: (title, caption, PNG bytes) each, shown in order; bytes None: the caption is a note instead.
+    ``created``: when the page was written (default now, UTC); the date the results were measured is the
+    report's own ``date``."""
     model, protocol = report["model"], report["protocol"]
     source = model.get("source") or ""
     title = f"lowbit compare: {model['name']}" + (f" ({source})" if source and source != model["name"] else "")
@@ -53,6 +56,9 @@ def render(report: dict, figures: list[tuple[str, str, bytes]] | None = None, *,
     if notes:
         parts.append("<ul class=notes>" + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>")
     for fig_title, caption, png in figures or ():
+        if png is None:  # no data for it in this report: say so where it would be
+            parts.append(f"<p class=sub>{_e(fig_title)}: {_e(caption)}</p>")
+            continue
         data = base64.b64encode(png).decode("ascii")
         parts.append(f"<figure><img alt=\"{_e(fig_title)}\" src=\"data:image/png;base64,{data}\">"
                      f"<figcaption>{_e(caption)}</figcaption></figure>")
@@ -127,9 +133,11 @@ def _e(text) -> str:
     return html.escape(str(text), quote=True)
 
 
-def report_figures(report: dict, peers: list[dict] | None = None) -> list[tuple[str, str, bytes]]:
-    """The figures a compare report can show: KL against bits (with peers, from a benchmark JSON), and
-    the per-layer formats of each row quantized with more than one format."""
+def report_figures(report: dict, peers: list[dict] | None = None) -> list[tuple[str, str, bytes | None]]:
+    """The figures a compare report can show: KL against bits (with peers, from a benchmark JSON), the
+    distribution of per-token KL per format, the weight SQNR per layer and format, and the per-layer formats of
+    each row quantized with more than one format. A figure the report holds no data for (one written by an older
+    lowbit) is (title, a note saying why, None)."""
     from . import plots  # matplotlib only when a page is drawn
 
     out = []
@@ -141,10 +149,33 @@ def report_figures(report: dict, peers: list[dict] | None = None) -> list[tuple[
         out.append(("quality against size", "Each configuration's mean error against the bits per weight it "
                     "stores; the line joins the Pareto front (nothing else is both smaller and better).",
                     plots.png_bytes(kl)))
+    out += _more_figures(report, plots)
     for row in report["results"]:
         if len(row.get("layer_formats") or {}) > 1:
             out.append((f"layers of {row['format']}", f"How the layers of {row['format']} are stored.",
                         plots.png_bytes(plots.plan_layers(report, row=row["format"]))))
+    return out
+
+
+def _more_figures(report: dict, plots) -> list[tuple[str, str, bytes | None]]:
+    """The per-token KL distribution (causal LMs) and the per-layer SQNR heatmap, or a note where the report has
+    no data for them."""
+    out = []
+    if report["protocol"].get("kind") == "causal-lm":
+        try:
+            png = plots.png_bytes(plots.kl_tail(report))
+            out.append(("distribution of per-token KL", "For each format, the share of scored tokens whose KL "
+                        "divergence exceeds x: a curve further right has more tokens predicted badly; its last "
+                        "point is the worst token (the table's KL max).", png))
+        except InputError as e:
+            out.append(("distribution of per-token KL", f"Not drawn: {e}.", None))
+    try:
+        png = plots.png_bytes(plots.sqnr_heatmap(compare_errors(report)))
+        out.append(("weight error per layer", "Each quantized layer's weight SQNR (dB, higher is better): the "
+                    "weight it computes with against the float weight it was rounded from; colour is a layer "
+                    "against its format's mean, so the layers each format rounds worst stand out.", png))
+    except InputError as e:
+        out.append(("weight error per layer", f"Not drawn: {e}.", None))
     return out
 
 

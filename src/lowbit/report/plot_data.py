@@ -343,3 +343,55 @@ def block_ticks(names: list[str]) -> tuple[list[int], list[str]]:
             labels.append(str(block))
         last = block
     return ticks, labels
+
+
+# --- the distribution of per-token KL, and per-layer SQNR, of a compare report ---------------------------------
+
+@dataclass(frozen=True)
+class Tail:
+    label: str
+    kl: list[float]  # per-token KL at the quantile levels below, those > 0 only (a log axis)
+    share_above: list[float]  # the share of tokens with a larger KL: 1 - level; the maximum's is 1 / tokens
+    kl_mean: float | None
+
+
+def kl_tails(report: dict) -> tuple[list[Tail], list[str]]:
+    """Each causal row's per-token KL quantiles (``kl_quantiles``, ``lowbit.eval.causal``) as a survival curve,
+    and a note for each row that has none (a failed row, an encoder's, a report written before lowbit kept them)."""
+    tails, notes = [], []
+    for row in result_rows(report):
+        quantiles, label = row.get("kl_quantiles"), str(row.get("format", "?"))
+        if "error" in row or not quantiles:
+            notes.append(f"{label}: {'not scored' if 'error' in row else 'no kl_quantiles'}")
+            continue
+        tokens = row.get("tokens") if isinstance(row.get("tokens"), int) and row["tokens"] > 0 else None
+        # the maximum is one token: a share of 1 / tokens; a level above 1 - 1/tokens only interpolates between
+        # the largest few tokens, and would put the curve's end below the maximum's point
+        least = 1 / tokens if tokens else 0.0
+        pairs = [(kl, 1 - q if q < 1 else least) for q, kl in zip(quantiles["q"], quantiles["kl"], strict=True)
+                 if kl is not None and kl > 0 and (q == 1 and tokens or q < 1 and 1 - q >= least)]
+        if not pairs:
+            notes.append(f"{label}: every token's KL is 0 (not on a log axis)")
+            continue
+        tails.append(Tail(label, [k for k, _ in pairs], [s for _, s in pairs], row.get("kl_mean")))
+    return tails, notes
+
+
+def compare_errors(report: dict) -> dict:
+    """A compare report's per-layer weight SQNR (each row's ``layer_sqnr``) in the shape of ``lowbit errors
+    --json``, which ``sqnr_grid`` and the heatmap read: the layers in model order, per row its stored bits, mean
+    and worst SQNR. Rows without ``layer_sqnr`` (failed, keep rows, older reports) are left out."""
+    rows = [r for r in result_rows(report) if r.get("layer_sqnr") and "error" not in r]
+    if not rows:
+        raise InputError("no row holds layer_sqnr (each layer's weight SQNR: a compare report of this lowbit has it)")
+    names = list(dict.fromkeys(n for r in rows for n in r["layer_sqnr"]["layers"]))
+    formats = []
+    for r in rows:
+        found = dict(zip(r["layer_sqnr"]["layers"], r["layer_sqnr"]["sqnr_db"], strict=True))
+        values = [_db(found.get(n)) for n in names]
+        finite = [(v, n) for v, n in zip(values, names, strict=True) if math.isfinite(v)]
+        worst = min(finite) if finite else (math.nan, None)
+        formats.append({"format": str(r["format"]), "bits_per_weight": r.get("bits_per_weight", math.nan),
+                        "mean_sqnr_db": _mean(values), "min_sqnr_db": worst[0], "min_layer": worst[1],
+                        "layers": [{"sqnr_db": v} for v in values]})
+    return {"model": report.get("model"), "layers": [{"name": n} for n in names], "formats": formats}

@@ -15,8 +15,8 @@ from . import plot_data as pd
 from .figure import SUFFIXES, check_suffix, legend_note, model_name, new_figure, png_bytes, save_figure
 from .layer_plots import outlier_counts, plan_layers, sqnr_heatmap
 
-__all__ = ["SUFFIXES", "check_suffix", "format_levels", "kl_vs_bits", "layer_levels", "outlier_counts", "plan_layers",
-           "png_bytes", "save_figure", "sqnr_heatmap"]
+__all__ = ["SUFFIXES", "check_suffix", "format_levels", "kl_tail", "kl_vs_bits", "layer_levels", "outlier_counts",
+           "plan_layers", "png_bytes", "save_figure", "sqnr_heatmap"]
 
 MARKERS = {"bitsandbytes": "s", "hqq": "D", "gguf-py": "^", "llama.cpp": "P", "peer": "X"}
 
@@ -131,6 +131,40 @@ def _bbox(x0, y0, x1, y1):
     from matplotlib.transforms import Bbox
 
     return Bbox([[x0, y0], [x1, y1]])
+
+
+# --- 1b. the distribution of per-token KL -----------------------------------------------------------------------
+
+def kl_tail(report):
+    """Per row of a compare report, the share of scored tokens whose KL exceeds x, against x (log-log, a survival
+    curve from the row's ``kl_quantiles``): a mean can hide a few tokens the format gets badly wrong, which the
+    curve's right end shows (llama.cpp reports the 99th percentile and the maximum for the same reason)."""
+    tails, notes = pd.kl_tails(report)
+    if not tails:
+        raise InputError("no row holds per-token KL quantiles (kl_quantiles: a compare report of this lowbit has them)")
+    fig = new_figure(11, 6.5)
+    ax = fig.add_subplot()
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    styles = ("-", "--", "-.", ":")
+    order = sorted(tails, key=lambda t: t.kl_mean if isinstance(t.kl_mean, (int, float)) else math.inf)
+    for i, t in enumerate(order):
+        mean = f", mean {t.kl_mean:.3g}" if isinstance(t.kl_mean, (int, float)) else ""
+        ax.plot(t.kl, t.share_above, color=f"C{i % 10}", ls=styles[i // 10 % 4], marker=".", markersize=5, lw=1.3,
+                label=f"{t.label} (max {t.kl[-1]:.3g}{mean})")
+    for share, name in ((0.01, "p99"), (0.001, "p99.9")):
+        ax.axhline(share, color="grey", ls=":", lw=0.8)
+        ax.annotate(name, (0, share), xycoords=("axes fraction", "data"), xytext=(3, 2), textcoords="offset points",
+                    fontsize=7.5, color="grey")
+    ax.set_xlabel("per-token KL divergence to the original, x (nats, log scale)")
+    ax.set_ylabel("share of scored tokens with KL above x (log scale)")
+    ax.set_title(f"{model_name(report)}: distribution of per-token KL divergence (the tail is on the right)")
+    ax.grid(True, which="major", alpha=0.3)
+    handles, _ = ax.get_legend_handles_labels()
+    handles += [legend_note("each curve's last point: its one worst token (1 / tokens scored)")]
+    handles += [legend_note(f"not shown: {note}") for note in notes]
+    fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=8, frameon=False)
+    return fig
 
 
 # --- 5. a layer's weights and the levels of one block -----------------------------------------------------------
