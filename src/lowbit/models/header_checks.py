@@ -43,7 +43,7 @@ def check_safetensors(path: str | Path) -> dict[str, tuple[int, ...]]:
             header = f.read(n)
         return _check_header(header, size - 8 - n)
     except _Bad as e:
-        raise ModelLoadError(f"not a valid safetensors file: {path}: {e}") from None
+        raise ModelLoadError(f"cannot load model from {path}: not a valid safetensors file: {e}") from None
     except OSError as e:
         raise ModelLoadError(f"cannot read {path}: {e.strerror or e}") from None
 
