@@ -118,6 +118,15 @@ STEPS = Range("training steps", 1, 1_000_000)
 # A block past a row's length is one scale per row; 2**20 is 16x the longest rows of released LLMs (Llama 3.1
 # 405B's MLP: 53,248 inputs) and keeps blocks x rows well inside int64 (2**70 overflowed torch's view()).
 BLOCK_SIZE = Range("weights per block", 1, 2**20)
+
+
+def check_block_size(block: int) -> None:
+    """A block size given in code (labels are read by QuantConfig.parse): a positive int within BLOCK_SIZE."""
+    if not isinstance(block, int) or isinstance(block, bool) or block <= 0:
+        raise InputError(f"block_size must be a positive integer, got {block!r}")
+    BLOCK_SIZE.check(block, "block_size")  # past it blocks x rows overflowed int64 in torch (docs/limits.md)
+
+
 # Bits per weight: fp32, the widest stored format, is 32 bits; a budget above it leaves every layer at its largest
 # candidate anyway.
 BUDGET = Range("bits per weight", 0, 32, kind=float, low_open=True,
@@ -134,6 +143,9 @@ SEED = Range("seed", 0, 2**64 - 1)
 # oversubscription; --threads 10000 took 88 s for 2 tokens and 100,000 crashed mapping thread stacks.
 THREADS_PER_CPU = 4
 THREADS = Range("threads", 1, THREADS_PER_CPU * usable_cpus(), why=f"{THREADS_PER_CPU} x the usable CPUs")
+# Adam's step for QAT (--lr, --scale-lr): positive; 1 is far above any step that trains (LSQ, arXiv 1902.08153 §3,
+# uses 0.01 and less) and keeps a typo such as 1e5 from diverging at once.
+LEARNING_RATE = Range("learning rate", 0, 1, kind=float, low_open=True)
 # Parameter counts for `lowbit memory`: 10**15 is 500x the largest dense models announced (~2T parameters).
 MAX_PARAMS = 10**15
 PARAMS = Range("parameters", 1, MAX_PARAMS)

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from lowbit.cli import main
@@ -33,12 +34,23 @@ def test_qat_refusals_are_one_line_and_write_nothing(tiny_lm_dir, tmp_path, caps
         (["--format", "nvfp4", *ARGS], "as codes"),
         (["--format", "int4", "--text", str(short), *ARGS], "training needs at least 4"),
         (["--format", "int4", "--resume", *ARGS], "--resume: no checkpoint"),
-        (["--format", "int4", "--steps", "0"], "--steps needs at least 1"),
-        (["--format", "int4", "--lr", "nan"], "--lr is a positive number"),
+        (["--format", "int4/99999999999999999999", *ARGS], "block size must be a whole number from 1"),
     ]
     for extra, message in cases:
         assert main(["qat", *model, *extra, "-o", str(tmp_path / "out")]) == 2, extra
         assert message in capsys.readouterr().err, extra
+    ranged = [  # read with limits.Range: refused while the arguments are read, before any model loads
+        (["--format", "int4", "--steps", "0"], "--steps: must be a whole number from 1"),
+        (["--format", "int4", "--lr", "nan"], "--lr: must be a number in (0, 1]"),
+        (["--format", "int4", "--scale-lr", "1e5"], "--scale-lr: must be a number in (0, 1]"),
+        (["--format", "int4", "--train-window", "1"], "--train-window: must be a whole number from 2"),
+        (["--format", "int4", "--block-size", "0"], "--block-size: must be a whole number from 1"),
+    ]
+    for extra, message in ranged:
+        with pytest.raises(SystemExit) as exit_:
+            main(["qat", *model, *extra, "-o", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, (extra, err)
     (tmp_path / "exists").mkdir()
     assert main(["qat", *model, "--format", "int4", *ARGS, "-o", str(tmp_path / "exists")]) == 2
     assert "exists" in capsys.readouterr().err

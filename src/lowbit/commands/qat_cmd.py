@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .. import limits as L
 from ..errors import InputError
 from ..eval.calibration import calibration_batches, calibration_windows
 from ..eval.protocol import DEFAULT_WINDOW, DEFAULT_WINDOWS, read_text
@@ -47,26 +48,31 @@ def add_parser(sub) -> None:
                       help="a format with a learnable grid, e.g. int3, int4/64, int4/64+had (Hadamard-rotated), int2, "
                            "nf4, int4_asym (LSQ+)")
     what.add_argument("--plan", metavar="PLAN.json", help="per-layer rules, as `lowbit quantize --plan`")
-    p.add_argument("--block-size", type=int, help="weights per block (default: the format's); same as FORMAT/BLOCK")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+    p.add_argument("--block-size", type=L.BLOCK_SIZE.arg("--block-size"),
+                   help=f"weights per block (default: the format's; {L.BLOCK_SIZE.text()}); same as FORMAT/BLOCK")
+    p.add_argument("--steps", type=L.STEPS.arg("--steps"), default=DEFAULT_STEPS,
                    help=f"training steps of --train-window tokens (default {DEFAULT_STEPS}: with --init gptq about 25 "
-                        "minutes for SmolLM2 on 2 cores)")
-    p.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"Adam step of the weights (default {DEFAULT_LR:g})")
-    p.add_argument("--scale-lr", type=float, default=DEFAULT_SCALE_LR,
-                   help=f"Adam step of the quantizers' steps and offsets (default {DEFAULT_SCALE_LR:g})")
+                        f"minutes for SmolLM2 on 2 cores; {L.STEPS.text()})")
+    p.add_argument("--lr", type=L.LEARNING_RATE.arg("--lr"), default=DEFAULT_LR,
+                   help=f"Adam step of the weights (default {DEFAULT_LR:g}; {L.LEARNING_RATE.text()})")
+    p.add_argument("--scale-lr", type=L.LEARNING_RATE.arg("--scale-lr"), default=DEFAULT_SCALE_LR,
+                   help=f"Adam step of the quantizers' steps and offsets (default {DEFAULT_SCALE_LR:g}; "
+                        f"{L.LEARNING_RATE.text()})")
     p.add_argument("--loss", choices=LOSSES, default="kl",
                    help="kl: distil the original model's next-token distribution (default); ce: the text's tokens")
     p.add_argument("--init", choices=INIT_CHOICES, default=DEFAULT_INIT,
                    help=f"where training starts (default {DEFAULT_INIT}): gptq (GPTQ's rounding with @amse on "
                         f"{GPTQ_CALIBRATE} windows after the scored ones: weights and steps), mse (searched steps), "
                         "rule (the format's own steps), lsq (2 mean|w| / sqrt(Qp))")
-    p.add_argument("--train-window", type=int, default=TRAIN_WINDOW,
-                   help=f"tokens per training step (default {TRAIN_WINDOW})")
+    p.add_argument("--train-window", type=L.TRAIN_WINDOW.arg("--train-window"), default=TRAIN_WINDOW,
+                   help=f"tokens per training step (default {TRAIN_WINDOW}; {L.TRAIN_WINDOW.text()})")
     p.add_argument("--text", metavar="FILE", help="the evaluation text; training reads only its tokens after the "
                    "scored windows (default: Python's pydoc topics)")
-    p.add_argument("--window", type=int, default=DEFAULT_WINDOW, help=f"scored window (default {DEFAULT_WINDOW})")
-    p.add_argument("--windows", type=int, default=DEFAULT_WINDOWS,
-                   help=f"scored windows training skips (default {DEFAULT_WINDOWS}, as `lowbit compare`)")
+    p.add_argument("--window", type=L.WINDOW.arg("--window"), default=DEFAULT_WINDOW,
+                   help=f"scored window (default {DEFAULT_WINDOW}; {L.WINDOW.text()})")
+    p.add_argument("--windows", type=L.QAT_SKIPPED_WINDOWS.arg("--windows"), default=DEFAULT_WINDOWS,
+                   help=f"scored windows training skips (default {DEFAULT_WINDOWS}, as `lowbit compare`; "
+                        f"{L.QAT_SKIPPED_WINDOWS.text()})")
     add_selection_args(p)
     add_keep_dtype_arg(p)
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="directory to create")
