@@ -149,8 +149,8 @@ def _edit_meta(directory, edit):
 
 @pytest.mark.parametrize("edit, message", [
     (lambda m: [m], "layout version None"),
-    (lambda m: m.pop("quantize") and None, "missing or malformed quantize.bits_per_weight"),
-    (lambda m: m.update(model={"kind": "causal-lm"}), "model:"),
+    (lambda m: m.pop("quantize") and None, "quantize must be an object"),
+    (lambda m: m.update(model={"kind": "causal-lm"}), "model must be an object of kind, source, file_hash and name"),
 ])
 def test_malformed_meta_is_a_load_error(saved_int4, edit, message):
     _edit_meta(saved_int4, edit)
