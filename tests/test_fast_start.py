@@ -70,9 +70,13 @@ def test_command_imports_no_torch(argv, results):
     assert heavy == [], f"lowbit {' '.join(argv)} imported {heavy}"
 
 
-@pytest.mark.xfail(strict=True, reason="formats and bits still quantize with the torch codecs (issue 25 #23, "
-                                       "not done: lowbit.formats.facts holds bits per weight only)")
-@pytest.mark.parametrize("argv", [["formats"], ["formats", "nf4"], ["bits", "3.14"]])
+# formats and bits read the format facts (formats.catalog, .facts, .levels, .one_value; tests/commands/
+# test_fast_commands_golden.py: the same output as when they quantized with the torch codecs)
+@pytest.mark.parametrize("argv", [["formats"], ["formats", "nf4"], ["formats", "q4_0"], ["formats", "int4/128+dq"],
+                                  ["formats", "mxfp4"], ["formats", "nvfp4"], ["formats", "fp8_e4m3fn"],
+                                  ["formats", "qq4"], ["formats", "fp16"], ["formats", "tf32"], ["bits", "3.14"],
+                                  ["bits", "3.1415926535", "--formats", "fp16"], ["bits", "-0", "--formats",
+                                  "int4,nf2,bnb_fp4,fp4_e3m0,ternary,bf16"], ["bits", "1e10000000"]])
 def test_format_commands_import_no_torch(argv, tmp_path):
     code, heavy, output = run_lowbit(*argv, cwd=tmp_path)
     assert code == 0, output

@@ -10,7 +10,7 @@ import torch
 from .errors import InputError, LowbitWarning
 from .formats.registry import codec_for
 from .formats.spec import DQ_BLOCK, FormatSpec
-from .limits import BLOCK_SIZE
+from .limits import check_block_size as check_block_size  # re-exported: it moved to limits (no torch there)
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -35,12 +35,6 @@ def check_float_tensor(x: torch.Tensor, *, allow_nonfinite: bool = False) -> Non
             f"input holds {x.reshape(-1)[flat].item()} at index {index}; "
             "quantization needs finite values (pass allow_nonfinite=True to quantize anyway)"
         )
-
-
-def check_block_size(block: int) -> None:
-    if not isinstance(block, int) or isinstance(block, bool) or block <= 0:
-        raise InputError(f"block_size must be a positive integer, got {block!r}")
-    BLOCK_SIZE.check(block, "block_size")  # past it blocks x rows overflowed int64 in torch (docs/limits.md)
 
 
 def check_block_overhead(spec: FormatSpec, block: int, dtype: torch.dtype, *, double_quant: bool = False) -> None:

@@ -8,7 +8,9 @@ import lowbit
 from lowbit import QuantConfig, get_format, quantize
 from lowbit.cli import main
 from lowbit.commands.formats_cmd import bits_by_role, layout, layout_table, level_table, levels, probe
-from lowbit.formats.spec import CODES, SCALE, SECOND_LEVEL, TENSOR_SCALE, anatomy
+from lowbit.formats.spec import CODES, DOUBLE_QUANT_FIELDS, SCALE, SECOND_LEVEL, TENSOR_SCALE, anatomy
+from lowbit.nn import probe as codec_probe
+from lowbit.tensor import QuantizedTensor
 
 
 def test_formats_lists_every_format(capsys):
@@ -89,12 +91,65 @@ GGUF_LEVELS = {
 }
 
 
+def decoded_levels(spec) -> list[float]:
+    """What the codec's own decoder makes of one block whose every code is q, scales 1, minimums 0."""
+    a, out = anatomy(spec), []
+    for code in range(2**spec.bits):
+        data = torch.frombuffer(bytearray(b"".join(f.probe_bytes(code) for f in a.fields)), dtype=torch.uint8)
+        shape = torch.Size([spec.default_block_size])
+        w = QuantizedTensor(spec, shape, torch.float32, spec.default_block_size, {"data": data.view(1, -1)})
+        w = w.dequantize()
+        assert bool((w == w[0]).all()), f"{spec.name}: code {code} decodes unevenly"
+        out.append(float(w[0]))
+    return out
+
+
 def test_gguf_levels_come_from_the_decoder():
     gguf = [n for n in lowbit.formats() if get_format(n).values is None
             and get_format(n).family not in ("learned", "cast")]
     assert sorted(gguf) == sorted(GGUF_LEVELS)
     for name, expected in GGUF_LEVELS.items():
-        assert levels(get_format(name)) == expected, name
+        assert levels(get_format(name)) == expected == decoded_levels(get_format(name)), name
+
+
+def _labels():
+    for name in lowbit.formats():
+        spec = get_format(name)
+        yield name
+        if spec.double_quant:
+            yield f"{name}+dq"
+        if not spec.fixed_block_size:
+            yield f"{name}/32"
+            yield f"{name}/4096" + ("+dq" if spec.double_quant else "")
+    yield from ("int8_outlier", "int4_asym/100@hqq")
+
+
+def measured_layout(q: QuantizedTensor) -> list[tuple]:
+    """(field, role, size of a scale part, bits/weight) of each part a codec stored, as `lowbit formats` printed
+    them when it quantized the probe tensor."""
+    if anatomy(q.format).gguf_block:
+        assert q.parts["data"].shape[1] == q.format.block_bytes
+        return [(f.name, f.role, None, 8 * f.nbytes / q.block_size) for f in anatomy(q.format).fields]
+    described = {f.name: f for f in (*anatomy(q.format).fields, *DOUBLE_QUANT_FIELDS)}
+    rows = []
+    for name, t in q.parts.items():
+        f = described[name]
+        size = None if f.role == CODES else f"{str(t.dtype).removeprefix('torch.')} ({t.element_size()} B) per {f.per}"
+        rows.append((name, f.role, size, 8 * t.numel() * t.element_size() / q.numel))
+    return rows
+
+
+@pytest.mark.parametrize("label", list(_labels()))
+def test_layout_from_the_facts_is_what_the_codec_stores(label):
+    """The layout rows `lowbit formats LABEL` counts from the facts (no torch) against the parts of the probe
+    tensor quantized by the codecs: the same fields, in the same order, dtypes and bits per weight."""
+    config = QuantConfig.parse(label)
+    q, facts = codec_probe.probe(config), probe(config)
+    assert (facts.shape, facts.block_size, facts.numel) == (tuple(q.shape), q.block_size, q.numel)
+    assert facts.bits_per_weight == q.bits_per_weight
+    gguf = anatomy(q.format).gguf_block  # a GGUF field's size is its byte range in the block, the same text
+    rows = [(r.field, r.role, None if gguf or r.role == CODES else r.size, r.bits_per_weight) for r in layout(facts)]
+    assert rows == measured_layout(q), label
 
 
 def test_q4_0_explained(capsys):

@@ -5,9 +5,8 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-import torch
-
 from ..errors import InputError
+from ..formats.floats import FLOATS
 from ..limits import EXACT_EXPONENT, MAX_VALUE_CHARS
 from ..report.bits import DEFAULT_BITS_FORMATS, bits_table, parse_value, store
 from .common import console
@@ -35,8 +34,9 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     value = parse_value(args.value)
     scale = parse_value(args.scale)
-    # a block scale is stored as a float32: a normal, positive one (torch.finfo(float32))
-    if not isinstance(scale, Fraction) or not 2**-126 <= scale <= torch.finfo(torch.float32).max:
+    # a block scale is stored as a float32: a normal, positive one
+    fp32 = FLOATS["fp32"]
+    if not isinstance(scale, Fraction) or not fp32.smallest_normal <= scale <= fp32.max_finite:
         raise InputError(f"--scale must be a positive number a float32 block scale can hold (1.2e-38 to 3.4e38), "
                          f"got {args.scale!r}")
     names = [n.strip() for n in args.formats.split(",") if n.strip()]

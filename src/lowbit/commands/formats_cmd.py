@@ -1,39 +1,41 @@
 """`lowbit formats [LABEL]`: the format table, or what one label stores and how it decodes.
 
 Everything printed for a label is read from the format's facts (``FormatSpec``, its
-``Anatomy``) and from a tensor actually quantized to it: bits per weight are the bytes
-stored, the layout rows are the stored parts, and a GGUF format's levels are what its own
-decoder makes of a block whose codes are all q.
+``Anatomy``, ``formats.facts``), without torch (1.3 s to import): bits per weight and the layout
+rows are the bytes a codec stores for the probe tensor (``lowbit.nn.probe``), and a GGUF format's
+levels are what its decoder makes of a block whose codes are all q, with scales 1 and minimums 0.
+tests/commands/test_formats_cmd.py checks each against a tensor quantized by the codecs.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-import torch
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
 from ..errors import InputError
 from ..formats import formats, get_format
+from ..formats.facts import PROBE_SHAPE, bits_per_weight, probe_shape
 from ..formats.floats import FLOATS, REFERENCE_FLOATS
 from ..formats.spec import (
     CODES,
     DOUBLE_QUANT,
     DOUBLE_QUANT_FIELDS,
+    DQ_BLOCK,
     DQ_SUFFIX,
     SCALE,
     SECOND_LEVEL,
     TENSOR_SCALE,
+    Field,
     FormatSpec,
     anatomy,
     no_double_quant_message,
 )
-from ..nn.probe import measured_bits_per_weight, probe
-from ..nn.surgery import QuantConfig
+from ..nn.config import QuantConfig
 from ..report.bits import float_facts_table
-from ..tensor import QuantizedTensor
 from .common import check_writable_file, console
 
 
@@ -92,8 +94,36 @@ def format_table() -> Table:
         spec = get_format(name)
         block = f"{spec.default_block_size}{' fixed' if spec.fixed_block_size else ''}"
         table.add_row(name, str(spec.id), str(spec.bits), block, "yes" if spec.double_quant else "",
-                      f"{measured_bits_per_weight(name):.5g}", Text(spec.description))
+                      f"{bits_per_weight(name):.5g}", Text(spec.description))
     return table
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What a label stores for the probe tensor (``lowbit.nn.probe``), counted from the facts."""
+
+    format: FormatSpec
+    block_size: int
+    double_quant: bool
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return probe_shape(self.block_size)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return bits_per_weight(self.format.name, self.block_size, double_quant=self.double_quant)
+
+
+def probe(config: QuantConfig) -> Probe:
+    """``config``'s probe: its format, block (LLM.int8(): one row) and double quantization."""
+    spec = get_format(config.format)
+    block = PROBE_SHAPE[1] if config.outlier_threshold is not None else config.block_size or spec.default_block_size
+    return Probe(spec, block, config.double_quant)
 
 
 @dataclass(frozen=True)
@@ -107,30 +137,46 @@ class Row:
     holds: str
 
 
-def layout(q: QuantizedTensor) -> list[Row]:
+def stored_fields(spec: FormatSpec, double_quant: bool) -> list[Field]:
+    """The parts a codec stores, in its order: per-tensor constants (computed before blocking), the codes,
+    the per-block scales, the fp32 scales replaced by their second level under double quantization."""
+    fields = anatomy(spec).fields
+    order = [f for f in fields if f.role == TENSOR_SCALE] + [f for f in fields if f.role != TENSOR_SCALE]
+    if not double_quant:
+        return order
+    at = next(i for i, f in enumerate(order) if f.name == "scales")
+    return [*order[:at], *DOUBLE_QUANT_FIELDS, *order[at + 1:]]
+
+
+_ENTRY_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "uint8": 1}
+
+
+def layout(q: Probe) -> list[Row]:
     """The stored fields of ``q``, in stored order; their bits per weight sum to ``q.bits_per_weight``."""
     a, block = anatomy(q.format), q.block_size
     if a.gguf_block:
-        (data,) = q.parts.values()
-        if data.shape[1] != a.block_bytes:  # the field table must describe the bytes actually stored
-            raise RuntimeError(f"{q.format.name}: fields hold {a.block_bytes} bytes, blocks store {data.shape[1]}")
+        if a.block_bytes != q.format.block_bytes:  # the field table must describe the bytes stored (formats.table)
+            raise RuntimeError(f"{q.format.name}: fields hold {a.block_bytes} bytes, blocks store "
+                               f"{q.format.block_bytes}")
         rows, at = [], 0
         for f in a.fields:
             size = f"bytes {at}-{at + f.nbytes - 1} ({f.nbytes} B)"
             rows.append(Row(f.name, f.role, size, 8 * f.nbytes / block, f.holds))
             at += f.nbytes
         return rows
-    described = {f.name: f for f in (*a.fields, *DOUBLE_QUANT_FIELDS)}
+    n_blocks = math.ceil(q.numel / block)
+    units = {"element": q.numel, "block": n_blocks, "tensor": 1, f"{DQ_BLOCK} blocks": math.ceil(n_blocks / DQ_BLOCK)}
     rows = []
-    for name, t in q.parts.items():
-        f = described[name]
-        if f.role == CODES:
+    for f in stored_fields(q.format, q.double_quant):
+        if f.role == CODES:  # packed across the tensor
             bits = q.format.bits * block
             size = f"{q.format.bits} bits x {block} = " + (f"{bits // 8} B" if bits % 8 == 0 else f"{bits} bits")
             size += " per block"
+            nbytes = math.ceil(q.format.bits * q.numel / 8)
         else:
-            size = f"{str(t.dtype).removeprefix('torch.')} ({t.element_size()} B) per {f.per}"
-        rows.append(Row(name, f.role, size, 8 * t.numel() * t.element_size() / q.numel, f.holds))
+            size = f"{f.dtype} ({_ENTRY_BYTES[f.dtype]} B) per {f.per}"
+            nbytes = int(f.entries) * units[f.per] * _ENTRY_BYTES[f.dtype]
+        rows.append(Row(f.name, f.role, size, 8 * nbytes / q.numel, f.holds))
     return rows
 
 
@@ -145,23 +191,21 @@ def bits_by_role(rows: list[Row]) -> dict[str, float]:
 def levels(spec: FormatSpec) -> list[float]:
     """What each element code means before scaling, in code order.
 
-    Formats with a value table give it; a GGUF block format's levels are decoded by its own
-    codec from one block whose every code is q, with scales 1 and minimums 0."""
+    Formats with a value table give it; a GGUF block format's levels are what its decoder makes of
+    one block whose every code is q, with scales 1 and minimums 0 (ggml-quants.c dequantize_row_*:
+    q8_0's code byte is an int8, the symmetric types subtract half the code range, q4_1, q5_1 and
+    q4_k add the minimum 0, q6_k subtracts 32); tests/commands/test_formats_cmd.py decodes such
+    blocks with the codecs and compares."""
     if spec.values is not None:
         return list(spec.values)
-    a = anatomy(spec)
-    if not a.gguf_block:  # a learned codebook's levels belong to each tensor; a cast's are every 16-bit float
+    if not anatomy(spec).gguf_block:  # a learned codebook's levels belong to each tensor; a cast's are every float
         return []
-    out = []
-    for code in range(2**spec.bits):
-        raw = bytearray(b"".join(f.probe_bytes(code) for f in a.fields))
-        data = torch.frombuffer(raw, dtype=torch.uint8).view(1, -1)
-        shape = torch.Size([spec.default_block_size])
-        w = QuantizedTensor(spec, shape, torch.float32, spec.default_block_size, {"data": data}).dequantize()
-        if not bool((w == w[0]).all()):
-            raise RuntimeError(f"{spec.name}: the level probe for code {code} decodes unevenly")
-        out.append(float(w[0]))
-    return out
+    codes = range(2**spec.bits)
+    kind = dict(spec.params).get("kind")
+    if kind == "q8":
+        return [float(q - 256 if q > 127 else q) for q in codes]
+    offset = 2 ** (spec.bits - 1) if kind == "sym" or spec.name == "q6_k" else 0
+    return [float(q - offset) for q in codes]
 
 
 def level_table(spec: FormatSpec) -> Table:
@@ -180,7 +224,7 @@ def level_table(spec: FormatSpec) -> Table:
     return table
 
 
-def layout_table(q: QuantizedTensor) -> Table:
+def layout_table(q: Probe) -> Table:
     a = anatomy(q.format)
     what = f"one block of {a.block_bytes} bytes per {q.block_size} weights" if a.gguf_block else "stored parts"
     table = Table(title=f"where the bits go: {what}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .registry import Codec, define
+from .registry import Codec
 
 
 class Cast(Codec, family="cast"):
@@ -26,9 +26,3 @@ class Cast(Codec, family="cast"):
     @classmethod
     def peak(cls, spec, parts):
         return parts["values"].reshape(-1).abs().to(torch.float32)
-
-
-FP16 = define("fp16", params=(("dtype", "float16"),), fixed_block_size=True,
-              description="IEEE 754 half precision: a plain cast, 16 bits per weight, no scales")
-BF16 = define("bf16", params=(("dtype", "bfloat16"),), fixed_block_size=True,
-              description="bfloat16: a plain cast (fp32's exponent, 8 bits of precision), 16 bits per weight")

@@ -23,12 +23,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
-import torch
-
-from .. import dispatch
 from ..errors import InputError
-from .rounding import midpoints, nearest_ties_even, nearest_ties_lower
+
+if TYPE_CHECKING:
+    import torch
 
 SPECIALS = ("none", "fn", "ieee")
 
@@ -86,18 +86,35 @@ class ExMy:
         return self.values[self.n_finite - 1]
 
     @cached_property
-    def _table(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(sorted distinct finite magnitudes, their midpoints, the code of each) as tensors."""
+    def magnitude_table(self) -> tuple[tuple[float, ...], tuple[int, ...]]:
+        """(sorted distinct finite magnitudes, the code of each): what ``encode`` rounds to."""
         codes, mags = [], []
         for c in range(self.n_finite):  # magnitudes never decrease with the code
             if not mags or self.values[c] != mags[-1]:
                 codes.append(c)
                 mags.append(self.values[c])
+        return tuple(mags), tuple(codes)
+
+    # The tensor methods below import torch where they run: the value facts above are read by
+    # `lowbit formats` and `lowbit bits`, which must start without it (formats.catalog).
+    @cached_property
+    def _table(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sorted distinct finite magnitudes, their midpoints, the code of each) as tensors."""
+        import torch
+
+        from .rounding import midpoints
+
+        mags, codes = self.magnitude_table
         t = torch.tensor(mags, dtype=torch.float32)
         return t, midpoints(t), torch.tensor(codes, dtype=torch.int32)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """float32 values -> uint8 codes: nearest, ties to even, saturating, +0 for zero."""
+        import torch
+
+        from .. import dispatch
+        from .rounding import nearest_ties_even, nearest_ties_lower
+
         fast = dispatch.lookup("round", "exmy")
         if fast is not None:
             return fast(self, x)
@@ -118,16 +135,22 @@ class ExMy:
     def round_table(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The same rule as ``encode``, as flat tables for a table-rounding kernel:
         (midpoints, code of each sorted slot, 1 where a tie leaves the slot's odd code)."""
+        import torch
+
         _, mids, codes = self._table
         tie_up = (codes % 2 == 1).to(torch.uint8)  # on a midpoint, leave an odd code: ties to even
         return mids.contiguous(), codes.to(torch.uint8), tie_up
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """uint8 codes -> float32 values (table look-up)."""
+        import torch
+
         return self.value_tensor[codes.to(torch.int64)]
 
     @cached_property
     def value_tensor(self) -> torch.Tensor:
+        import torch
+
         return torch.tensor(self.values, dtype=torch.float32)
 
 

@@ -20,8 +20,6 @@ import math
 from dataclasses import dataclass
 from fractions import Fraction
 
-import torch
-
 from .exmy import E2M1, E4M3FN, E5M2, ExMy
 
 # overflow rules of a cast (OCP OFP8 v1.0 §5 calls these non-saturating; ml_dtypes does the same)
@@ -32,7 +30,7 @@ TO_INF, TO_NAN, SATURATE = "inf", "nan", "saturate"
 class FloatFormat:
     name: str
     layout: ExMy
-    dtype: torch.dtype | None  # the torch dtype that stores it, where torch has one
+    dtype: str | None  # the name of the torch dtype that stores it, where torch has one (no torch import here)
     description: str
 
     @property
@@ -71,15 +69,15 @@ class FloatFormat:
 
 
 REFERENCE_FLOATS = (
-    FloatFormat("fp32", ExMy(8, 23, "ieee"), torch.float32, "IEEE 754 binary32"),
+    FloatFormat("fp32", ExMy(8, 23, "ieee"), "float32", "IEEE 754 binary32"),
     FloatFormat("tf32", ExMy(8, 10, "ieee"), None,
                 "TensorFloat-32: fp32's range and fp16's 10 mantissa bits (19 bits; tensor cores)"),
-    FloatFormat("bf16", ExMy(8, 7, "ieee"), torch.bfloat16, "bfloat16: fp32's range, 8 bits of precision"),
-    FloatFormat("fp16", ExMy(5, 10, "ieee"), torch.float16, "IEEE 754 binary16"),
+    FloatFormat("bf16", ExMy(8, 7, "ieee"), "bfloat16", "bfloat16: fp32's range, 8 bits of precision"),
+    FloatFormat("fp16", ExMy(5, 10, "ieee"), "float16", "IEEE 754 binary16"),
 )
 ELEMENT_FLOATS = (
-    FloatFormat("fp8_e4m3fn", E4M3FN, torch.float8_e4m3fn, "OCP OFP8 E4M3: no Inf, one NaN per sign"),
-    FloatFormat("fp8_e5m2", E5M2, torch.float8_e5m2, "OCP OFP8 E5M2: IEEE-style Inf and NaN"),
+    FloatFormat("fp8_e4m3fn", E4M3FN, "float8_e4m3fn", "OCP OFP8 E4M3: no Inf, one NaN per sign"),
+    FloatFormat("fp8_e5m2", E5M2, "float8_e5m2", "OCP OFP8 E5M2: IEEE-style Inf and NaN"),
     FloatFormat("fp4_e2m1", E2M1, None, "OCP MX FP4 element: no Inf, no NaN"),
 )
 FLOATS = {f.name: f for f in (*REFERENCE_FLOATS, *ELEMENT_FLOATS)}

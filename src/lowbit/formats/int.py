@@ -1,13 +1,13 @@
 """Integer formats: symmetric absmax (int2..int8) and zero-point (int2_asym..int8_asym).
 
-Rules: docs/formats.md#symmetric-integers and #zero-point-integers.
+Rules: docs/formats.md#symmetric-integers and #zero-point-integers. The formats: ``formats.catalog``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .registry import GridCodec, define
+from .registry import GridCodec
 
 _TINY = torch.finfo(torch.float32).tiny  # divisor for all-zero blocks: 0 / tiny = 0, no NaN
 
@@ -119,11 +119,3 @@ class AsymmetricInt(GridCodec, family="int_asym"):
         """
         z, s = parts["zeros"].to(torch.float32), parts["scales"]
         return torch.maximum((((2**spec.bits - 1) - z) * s).abs(), ((0 - z) * s).abs())
-
-
-for _b in range(2, 9):
-    _qp = 2 ** (_b - 1) - 1
-    define(f"int{_b}", values=tuple(float(v) for v in range(-_qp, _qp + 1)), double_quant=True,
-           description=f"symmetric absmax int{_b}, narrow range [-{_qp}, {_qp}], fp32 scale per block")
-    define(f"int{_b}_asym", values=tuple(float(v) for v in range(2**_b)),
-           description=f"zero-point uint{_b}, fp32 scale + uint8 zero point per block")

@@ -16,7 +16,7 @@ import torch
 from ..scaling.blocks import split_blocks
 from ..scaling.codebook_fit import lloyd_levels, quantile_levels
 from .codebooks import encode_levels
-from .registry import GridCodec, define
+from .registry import GridCodec
 from .rounding import midpoints
 
 
@@ -69,10 +69,3 @@ class LearnedCodebook(GridCodec, family="learned"):
     def peak(cls, spec, parts):
         """Largest decoded |value| per block: a bound, the scale times the largest |level|."""
         return parts["scales"].abs() * parts["tensor_codebook"].abs().amax()
-
-
-for _b in range(2, 9):
-    define(f"qq{_b}", params=(("fit", "quantile"),), double_quant=True,
-           description=f"quantile codebook of {2**_b} levels per tensor (fp32), fp32 absmax per block")
-    define(f"lloyd{_b}", params=(("fit", "lloyd"),), double_quant=True,
-           description=f"Lloyd-Max codebook of {2**_b} levels per tensor (fp32), fp32 absmax per block")

@@ -1,6 +1,6 @@
 """Minifloat formats ExMy: fp4_e2m1, fp4_e3m0, fp4_e1m2, fp4_e0m3, fp8_e4m3fn, fp8_e5m2.
 
-Rules: docs/formats.md#minifloats-exmy.
+Rules: docs/formats.md#minifloats-exmy. The formats and their params: ``formats.catalog``.
 
 Per block (default 64): ``scale = absmax / max_finite`` (fp32, part ``scales``), codes are
 ``x / scale`` rounded to the nearest representable value, ties to even (ml_dtypes' rule),
@@ -17,8 +17,8 @@ from functools import cache
 import torch
 
 from .. import dispatch
-from .exmy import E0M3, E1M2, E2M1, E3M0, E4M3FN, E5M2, ExMy
-from .registry import GridCodec, define
+from .exmy import ExMy
+from .registry import GridCodec
 from .spec import FormatSpec
 
 
@@ -62,18 +62,3 @@ def decode_table(family: str, codes: torch.Tensor, table: torch.Tensor, factor: 
     if fast is not None:
         return fast(codes, table, factor)
     return table[codes.to(torch.int64)] * factor[:, None]
-
-
-def _register(name: str, fmt: ExMy, aliases: tuple[str, ...], note: str) -> None:
-    define(name, values=fmt.values, double_quant=True, aliases=aliases,
-           params=(("exp_bits", fmt.exp_bits), ("man_bits", fmt.man_bits), ("specials", fmt.specials),
-                   ("subnormals", fmt.subnormals)),
-           description=f"{note}, max {fmt.max_finite:g}, fp32 absmax scale per block, saturating")
-
-
-_register("fp4_e2m1", E2M1, ("float4_e2m1fn",), "FP4 E2M1 (OCP MXFP4 element), no Inf/NaN")
-_register("fp4_e3m0", E3M0, (), "FP4 E3M0, powers of two, no Inf/NaN")
-_register("fp4_e1m2", E1M2, (), "FP4 E1M2, uniform, no Inf/NaN")
-_register("fp4_e0m3", E0M3, (), "FP4 E0M3, uniform (sign-magnitude int), no Inf/NaN")
-_register("fp8_e4m3fn", E4M3FN, ("float8_e4m3fn",), "FP8 E4M3FN (OCP OFP8), NaN only")
-_register("fp8_e5m2", E5M2, ("float8_e5m2",), "FP8 E5M2 (OCP OFP8), IEEE-like Inf/NaN")

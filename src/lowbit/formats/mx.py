@@ -34,9 +34,11 @@ from functools import cache
 
 import torch
 
+from .catalog import MX_ELEMENTS
 from .exmy import E2M1, E2M3, E3M2, E4M3FN, ExMy
+from .levels import MXINT8_FRAC_BITS, MXINT8_VALUES
 from .minifloat import decode_table
-from .registry import GridCodec, define
+from .registry import GridCodec
 from .scale_encodings import (
     e4m3_decode,
     e4m3_encode,
@@ -47,7 +49,6 @@ from .scale_encodings import (
 )
 from .spec import FormatSpec
 
-MX_BLOCK = 32  # OCP MX v1.0 §5: k = 32 for every concrete MX format
 NVFP4_BLOCK = 16  # NVIDIA NVFP4: 16 elements per E4M3 scale
 E2M1_MAX = 6.0  # largest E2M1 value (OCP MX v1.0 Table 5)
 E4M3_MAX = 448.0  # largest E4M3FN value (OCP OFP8 v1.0)
@@ -63,9 +64,9 @@ class Int8Element:
     """
 
     bits = 8
-    frac_bits = 6
+    frac_bits = MXINT8_FRAC_BITS
     max_finite = 127 / 64  # the largest magnitude the quantizer produces (-2.0 never is)
-    values = tuple((k if k < 128 else k - 256) / 64 for k in range(256))  # code order
+    values = MXINT8_VALUES  # code order
     value_tensor = torch.tensor(values, dtype=torch.float32)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,14 +78,9 @@ class Int8Element:
 
 
 INT8 = Int8Element()
-# element name -> (element codec, emax_elem): OCP MX v1.0 Table 1 / §5.3, docs/formats.md#microscaling-mx
-ELEMENTS: dict[str, tuple[ExMy | Int8Element, int]] = {
-    "e2m1": (E2M1, 2),
-    "e2m3": (E2M3, 2),
-    "e3m2": (E3M2, 4),
-    "e4m3": (E4M3FN, 8),
-    "int8": (INT8, 0),
-}
+# element name -> (element codec, emax_elem), emax from formats.catalog (OCP MX v1.0 Table 1 / §5.3)
+_CODECS: dict[str, ExMy | Int8Element] = {"e2m1": E2M1, "e2m3": E2M3, "e3m2": E3M2, "e4m3": E4M3FN, "int8": INT8}
+ELEMENTS: dict[str, tuple[ExMy | Int8Element, int]] = {k: (_CODECS[k], emax) for k, (_, _, emax) in MX_ELEMENTS.items()}
 
 
 @cache
@@ -179,18 +175,3 @@ class NVFP4(GridCodec, family="nvfp4"):
         """Bound on the decoded |value| per block, 6 * g * s; attained by every block whose s is
         448, the tensor's largest (their absmax element scales to >= 432 * 6 / 448 > 5: code 6)."""
         return E2M1_MAX * (parts["tensor_scale"] * e4m3_decode(parts["scales_e4m3"]))
-
-
-def _register_mx(name: str, element: str, note: str) -> None:
-    elem, emax = ELEMENTS[element]
-    define(name, values=elem.values, params=(("element", element), ("emax", emax)), fixed_block_size=True,
-           description=f"OCP MX {note} elements, block 32, E8M0 scale ({elem.bits + 8 / MX_BLOCK:g} bits/weight)")
-
-
-_register_mx("mxfp4", "e2m1", "FP4 E2M1")
-_register_mx("mxfp6_e2m3", "e2m3", "FP6 E2M3")
-_register_mx("mxfp6_e3m2", "e3m2", "FP6 E3M2")
-_register_mx("mxfp8_e4m3", "e4m3", "FP8 E4M3")
-_register_mx("mxint8", "int8", "INT8 (two's complement, 2^-6)")
-define("nvfp4", values=E2M1.values, fixed_block_size=True,
-       description="NVIDIA NVFP4: E2M1 elements, block 16, E4M3 scale + fp32 per-tensor scale (4.5 bits/weight)")

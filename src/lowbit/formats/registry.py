@@ -1,16 +1,21 @@
-"""The registered formats: name -> FormatSpec (facts from ``formats.table``), and family -> Codec."""
+"""The registered formats: name -> FormatSpec (facts from ``formats.table``), and family -> Codec.
+
+Looking a format up imports no torch (``formats.catalog`` registers every format), so that `lowbit
+formats` and `lowbit bits` start in a fraction of a second; asking for a codec imports the codec
+modules, and torch with them. The codec classes import torch in the methods that use it."""
 
 from __future__ import annotations
 
 import difflib
 from importlib import import_module
-from typing import ClassVar
-
-import torch
+from typing import TYPE_CHECKING, ClassVar
 
 from ..errors import InputError
 from .spec import FormatSpec
 from .table import fact
+
+if TYPE_CHECKING:
+    import torch
 
 _FORMATS: dict[str, FormatSpec] = {}
 _IDS: dict[int, str] = {}
@@ -128,6 +133,8 @@ class GridCodec(Codec):
         This default serves every grid whose decode is ``level[code] * multiplier`` with a
         multiplier differentiable in the scale parts (``multiplier``); int_asym overrides it.
         """
+        import torch
+
         levels, lo, hi = cls.levels(spec, scales)
         m = cls.multiplier(spec, scales)[:, None]
         y = blocks / m
@@ -137,6 +144,8 @@ class GridCodec(Codec):
     @classmethod
     def levels(cls, spec, scales) -> tuple[torch.Tensor, float, float]:
         """(level of each code, lowest level, highest finite level) before the multiplier."""
+        import torch
+
         values = torch.tensor(spec.values, dtype=torch.float32)
         finite = values[values.isfinite()]
         return values, float(finite.min()), float(finite.max())
@@ -145,6 +154,8 @@ class GridCodec(Codec):
     def search_levels(cls, spec, tensor_parts) -> torch.Tensor:
         """Sorted finite levels in units of the ``scales`` part (LINEAR_SCALE formats): what a
         fast scale search (``dispatch`` op "search") rounds to."""
+        import torch
+
         values = torch.tensor(spec.values, dtype=torch.float32)
         return values[values.isfinite()].sort().values
 
@@ -175,19 +186,21 @@ def register(spec: FormatSpec) -> FormatSpec:
     return spec
 
 
-# The codec modules that register formats by importing: imported on the first lookup, so that
-# importing a module of this package (say formats.table, for `lowbit memory`) does not import torch.
+# formats.catalog registers every format on the first lookup (no torch); the codec modules, which
+# register their families by importing, on the first codec asked for.
 _CODEC_MODULES = ("cast", "codebooks", "int", "learned", "minifloat", "mx", "ternary", "lowbit.gguf")
-_loading = False
+_loaded: set[str] = set()
+
+
+def _load(*modules: str) -> None:
+    for name in modules:
+        if name not in _loaded:
+            _loaded.add(name)  # first: a module being imported may look a format up
+            import_module(name if name.startswith("lowbit.") else f"{__package__}.{name}")
 
 
 def _register_all() -> None:
-    global _loading
-    if _loading:  # done, or a codec module being imported looked a format up
-        return
-    _loading = True
-    for name in _CODEC_MODULES:
-        import_module(name if name.startswith("lowbit.") else f"{__package__}.{name}")
+    _load("catalog")
 
 
 def formats() -> list[str]:
@@ -217,4 +230,5 @@ def format_by_id(format_id: int) -> FormatSpec:
 
 def codec_for(spec: FormatSpec) -> type[Codec]:
     _register_all()
+    _load(*_CODEC_MODULES)
     return Codec.registry[spec.family]

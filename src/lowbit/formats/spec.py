@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..scaling.dq_layout import DQ_BLOCK
 
@@ -63,8 +63,10 @@ class Field:
     """One stored field: a part of a QuantizedTensor, or a byte range of a GGUF block.
 
     ``per``: what one entry covers ("element", "block", "256 blocks", "tensor"); ``nbytes``:
-    the field's bytes inside a GGUF block (0 for parts, which are measured); ``fill``: a
-    ``_FILLS`` key, how the level probe writes code q into a GGUF field.
+    the field's bytes inside a GGUF block (0 for parts); ``fill``: a ``_FILLS`` key, how the
+    level probe writes code q into a GGUF field. A part other than the codes stores ``entries``
+    entries of ``dtype`` per ``per`` (`lowbit formats` counts its bits from these;
+    tests/commands/test_formats_cmd.py checks them against the parts a codec stores).
     """
 
     name: str
@@ -73,6 +75,8 @@ class Field:
     per: str = "block"
     nbytes: int = 0
     fill: str = ""
+    dtype: str = "float32"
+    entries: str = "1"
 
     def probe_bytes(self, code: int) -> bytes:
         one = _FILLS[self.fill](code)
@@ -101,7 +105,8 @@ class Anatomy:
 _PACKED = "{bits} bits each, packed across the tensor, first element in the high bits"
 # lowbit.scaling.double_quant (bitsandbytes' compress_statistics layout, docs/formats.md#double-quantization)
 DOUBLE_QUANT_FIELDS = (
-    Field("scales_q", SECOND_LEVEL, "8-bit code (bitsandbytes' dynamic map) of (scale - offset) / group absmax"),
+    Field("scales_q", SECOND_LEVEL, "8-bit code (bitsandbytes' dynamic map) of (scale - offset) / group absmax",
+          dtype="uint8"),
     Field("scales_absmax", SECOND_LEVEL, f"fp32 absmax of (scale - offset) over a group of {DQ_BLOCK} block scales",
           per=f"{DQ_BLOCK} blocks"),
     Field("scales_offset", SECOND_LEVEL, "fp32 mean of all block scales", per="tensor"),
@@ -123,7 +128,7 @@ _ANATOMY: dict[str, Anatomy] = {
         (Field("codes", CODES, "q = round(w / s) + z, clamped to 0..{qmax}, " + _PACKED, per="element"),
          Field("scales", SCALE, "fp32 s = (max - min) / {qmax}, the range widened to include 0"),
          Field("zeros", SCALE, "uint8 zero point z = round(-min / s): the code of 0 (with @hqq: a float16 z, "
-                               "q = round(w / s + z), as hqq stores it)")),
+                               "q = round(w / s + z), as hqq stores it)", dtype="uint8")),
         no_double_quant="double quantization (bitsandbytes) compresses the absmax of symmetric formats, not a "
                         "scale paired with a zero point"),
     "codebook": Anatomy(
@@ -136,7 +141,7 @@ _ANATOMY: dict[str, Anatomy] = {
         (Field("codes", CODES, "index q of the codebook level nearest w / absmax (ties to the lower), " + _PACKED,
                per="element"),
          Field("tensor_codebook", TENSOR_SCALE, "2^{bits} fp32 levels learned from the tensor's block-normalised "
-               "weights", per="tensor"),
+               "weights", per="tensor", entries="{levels}"),
          Field("scales", SCALE, "fp32 absmax = max|w|"))),
     "minifloat": Anatomy(
         "an fp32 scale s = max|w| / {vmax} per block", "w = level[q] * s",
@@ -157,14 +162,15 @@ _ANATOMY: dict[str, Anatomy] = {
         "one 8-bit E8M0 power-of-two scale X per block", "w = level[q] * X",
         (Field("codes", CODES, "{element} code q of w / X, nearest, ties to even, saturating; " + _PACKED,
                per="element"),
-         Field("scales_e8m0", SCALE, "E8M0 byte e, X = 2^(e - 127) = 2^(floor(log2 max|w|) - {emax})")),
+         Field("scales_e8m0", SCALE, "E8M0 byte e, X = 2^(e - 127) = 2^(floor(log2 max|w|) - {emax})",
+               dtype="uint8")),
         fixed_by="OCP MX v1.0", no_double_quant=_EIGHT_BIT_NO_DQ),
     "nvfp4": Anatomy(
         "one 8-bit E4M3 scale s per block and one fp32 scale g per tensor", "w = level[q] * s * g",
         (Field("codes", CODES, "E2M1 code q of w / (s * g), nearest, ties to even, saturating; " + _PACKED,
                per="element"),
          Field("tensor_scale", TENSOR_SCALE, "fp32 g = max|w| / (448 * 6) over the tensor", per="tensor"),
-         Field("scales_e4m3", SCALE, "E4M3 byte s = E4M3(max|w| / 6 / g)")),
+         Field("scales_e4m3", SCALE, "E4M3 byte s = E4M3(max|w| / 6 / g)", dtype="uint8")),
         fixed_by="NVFP4", no_double_quant=_EIGHT_BIT_NO_DQ),
     "q8_0": Anatomy(
         "an fp16 scale d inside each {bytes}-byte block", "w = q * d, q the code byte read as int8",
@@ -226,13 +232,13 @@ def anatomy(spec: FormatSpec) -> Anatomy:
     """``spec``'s Anatomy with its numbers filled in (looked up by name, else by family)."""
     raw = _ANATOMY.get(spec.name) or _ANATOMY[spec.family]
     finite = [abs(v) for v in spec.values or () if math.isfinite(v)]
-    facts = {"bits": spec.bits, "qp": 2 ** (spec.bits - 1) - 1, "qmax": 2**spec.bits - 1,
+    facts = {"bits": spec.bits, "levels": 2**spec.bits, "qp": 2 ** (spec.bits - 1) - 1, "qmax": 2**spec.bits - 1,
              "vmax": f"{max(finite):g}" if finite else "?", "bytes": raw.block_bytes, **dict(spec.params)}
 
     def fill(text: str) -> str:
         return text.format(**facts)
 
-    fields = tuple(Field(f.name, f.role, fill(f.holds), f.per, f.nbytes, f.fill) for f in raw.fields)
+    fields = tuple(replace(f, holds=fill(f.holds), dtype=fill(f.dtype), entries=fill(f.entries)) for f in raw.fields)
     return Anatomy(fill(raw.scales), fill(raw.rule), fields, raw.fixed_by, fill(raw.no_double_quant))
 
 

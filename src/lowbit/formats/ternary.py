@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .registry import GridCodec, define
+from .registry import GridCodec
 
 _TINY = torch.finfo(torch.float32).tiny  # all-zero block: gamma 0, codes 0, no NaN
 
@@ -37,7 +37,3 @@ class Ternary(GridCodec, family="ternary"):
     def peak(cls, spec, parts):
         """Largest decoded |value| per block (code +-1; gamma is a float32 mean, which can overflow)."""
         return parts["scales"].abs()
-
-
-define("ternary", values=(-1.0, 0.0, 1.0), double_quant=True,
-       description="BitNet b1.58 ternary {-1, 0, 1}, fp32 absmean per block")

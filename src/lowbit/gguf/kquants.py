@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..formats.registry import Codec, define
+from ..formats.registry import Codec
 from .legacy import _fp16_bytes, _fp16_read
 
 QK_K = 256  # ggml-common.h: weights per super-block
@@ -184,7 +184,4 @@ class Q6K(Codec, family="gguf_q6_k"):
         return ((d * sc)[:, :, None] * q).view(n_blocks, QK_K)
 
 
-define("q4_k", fixed_block_size=True, row_blocks=True,
-       description="GGUF Q4_K: 144 bytes per 256 weights (8 sub-blocks, 6-bit scales)")
-define("q6_k", fixed_block_size=True, row_blocks=True,
-       description="GGUF Q6_K: 210 bytes per 256 weights (16 sub-blocks, int8 scales)")
+# the formats q4_k and q6_k: lowbit.formats.catalog

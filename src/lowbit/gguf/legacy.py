@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..formats.registry import Codec, define
-from ..formats.table import fact
+from ..formats.registry import Codec
 
 QK = 32  # weights per block: ggml-common.h QK4_0 = QK4_1 = QK5_0 = QK5_1 = QK8_0 = 32
 
@@ -149,8 +148,4 @@ class GGUFLegacy(Codec, family="gguf_legacy"):
         return top * (127 if kind == "q8" else 2 ** (spec.bits - 1))
 
 
-# kind of each (ggml-quants.c quantize_row_*_ref); ids, bits and bytes: lowbit.formats.table
-for _name, _kind in [("q8_0", "q8"), ("q4_0", "sym"), ("q4_1", "asym"), ("q5_0", "sym"), ("q5_1", "asym")]:
-    _bytes = fact(_name).block_bytes
-    define(_name, params=(("kind", _kind), ("bytes", _bytes)), fixed_block_size=True, row_blocks=True,
-           description=f"GGUF {_name.upper()}: {_bytes} bytes per {QK} weights")
+# the formats, with the kind of each (spec.param("kind")): lowbit.formats.catalog

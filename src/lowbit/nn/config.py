@@ -5,13 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from ..checks import check_block_size
 from ..errors import InputError
 from ..formats.registry import GridCodec, codec_for, get_format
 from ..formats.spec import DQ_SUFFIX, FormatSpec, fixed_block_message, no_double_quant_message
-from ..limits import BLOCK_SIZE
-from ..pipeline import SEARCHES, check_search, needs_calibration
-from .outlier_linear import DEFAULT_THRESHOLD, check_threshold
+from ..limits import BLOCK_SIZE, check_block_size
+
+# Reading a plain label imports no torch (`lowbit formats LABEL` answers in a fraction of a second):
+# the scale searches (lowbit.pipeline) and LLM.int8() (lowbit.nn.outlier_linear) are imported where
+# a label uses them.
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class QuantConfig:
         if isinstance(self.format, str) and any(c in self.format for c in "/+@"):
             raise InputError(f"{self.format!r} is a format label, not a format name: use QuantConfig.parse")
         if self.format == OUTLIER_FORMAT:
+            from .outlier_linear import DEFAULT_THRESHOLD
+
             object.__setattr__(self, "format", "int8")
             if self.outlier_threshold is None:
                 object.__setattr__(self, "outlier_threshold", DEFAULT_THRESHOLD)
@@ -60,6 +63,8 @@ class QuantConfig:
         if self.double_quant and not spec.double_quant:
             raise InputError(no_double_quant_message(spec))
         if self.search is not None:
+            from ..pipeline import check_search
+
             object.__setattr__(self, "search", check_search(spec, self.search))
         if self.method is not None:
             if self.method not in METHODS:
@@ -67,7 +72,7 @@ class QuantConfig:
             if not issubclass(codec_for(spec), GridCodec):
                 raise InputError(f"GPTQ needs a format whose elements are levels on a grid; {spec.name} is a GGUF "
                                  "block format: try int4, int4_asym, nf4 or fp4_e2m1")
-        if self.rotate and needs_calibration(self.search) and not self.method:
+        if self.rotate and self.search is not None and self.needs_importance:
             raise InputError(f"+had with @{self.search} needs +gptq: the rotated inputs' importance is the diagonal "
                              "of the rotated Hessian, which GPTQ collects")
         if self.refit_codebook:
@@ -83,6 +88,8 @@ class QuantConfig:
             object.__setattr__(self, key, (value,) if isinstance(value, str) else tuple(value))
 
     def _check_outlier(self) -> None:
+        from .outlier_linear import check_threshold
+
         object.__setattr__(self, "outlier_threshold", check_threshold(self.outlier_threshold))
         others = {"a format other than int8": get_format(self.format).name != "int8",
                   "a block size (the weights have one scale per row)": self.block_size is not None,
@@ -105,6 +112,8 @@ class QuantConfig:
         """``FORMAT[/BLOCK][+dq][+awq][+had][+gptq][+cb][@SEARCH]``, the name reports and ``--formats`` use
         (block only if not the default); ``int8_outlier[/THRESHOLD]`` (threshold only if not 6)."""
         if self.outlier_threshold is not None:
+            from .outlier_linear import DEFAULT_THRESHOLD
+
             t = self.outlier_threshold
             text = format(t, "g") if float(format(t, "g")) == t else repr(t)
             return OUTLIER_FORMAT + ("" if t == DEFAULT_THRESHOLD else f"/{text}")
@@ -120,12 +129,16 @@ class QuantConfig:
     @property
     def needs_calibration(self) -> bool:
         """Whether quantizing needs calibration activations (an activation-weighted search, GPTQ, or AWQ)."""
+        from ..pipeline import needs_calibration
+
         return needs_calibration(self.search) or self.method is not None or self.awq
 
     @property
     def needs_importance(self) -> bool:
         """Whether quantizing needs the calibration importance (mean x^2 per input channel): an activation-weighted
         search rounding on its own. GPTQ weighs a search by its own Hessian's diagonal instead."""
+        from ..pipeline import needs_calibration
+
         return needs_calibration(self.search) and not self.method
 
     @classmethod
@@ -142,6 +155,8 @@ class QuantConfig:
             return cls(format=OUTLIER_FORMAT, outlier_threshold=_parse_threshold(label, text), **kwargs)
         text, at, search = text.partition("@")
         if at and (not search.strip() or "@" in search or "/" in search or "+" in search):
+            from ..pipeline import SEARCHES
+
             raise InputError(f"{label!r}: the scale search goes last and once, e.g. nf4/64+dq@mse; "
                              f"searches: {', '.join(SEARCHES)}")
         head, *suffixes = text.split("+")
@@ -197,6 +212,8 @@ LABEL_SYNTAX = ("FORMAT[/BLOCK][+dq][+awq][+had][+gptq][+cb][@SEARCH], e.g. nf4,
 
 def _parse_threshold(label: str, text: str) -> float:
     """``int8_outlier`` -> 6.0, ``int8_outlier/3.5`` -> 3.5: for LLM.int8() the part after '/' is the threshold."""
+    from .outlier_linear import DEFAULT_THRESHOLD, check_threshold
+
     if any(c in text for c in "+@"):
         raise InputError(f"{label!r}: {OUTLIER_FORMAT} (LLM.int8()) takes no suffix or scale search; write "
                          f"{OUTLIER_FORMAT} or {OUTLIER_FORMAT}/THRESHOLD, e.g. {OUTLIER_FORMAT}/3.5")

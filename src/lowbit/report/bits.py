@@ -3,7 +3,8 @@
 A float format's row shows its sign, exponent and mantissa fields as bits, what they decode
 to, the stored value and its error; a codebook or integer format's row shows the code and
 the level it picks. The rounding of floats is ``lowbit.formats.floats.round_value`` (exact);
-a grid format's is its own codec's ``encode``, as the quantizer runs it (in float32).
+a grid format's is its codec's ``encode`` in float32, as the quantizer runs it, done without torch
+by ``lowbit.formats.one_value`` (checked against the codecs in tests/formats/test_one_value.py).
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ from dataclasses import dataclass
 from decimal import ROUND_HALF_DOWN, ROUND_HALF_EVEN, ROUND_HALF_UP, Context, Decimal
 from fractions import Fraction
 
-import torch
 from rich.table import Table
 from rich.text import Text
 
 from ..errors import InputError
 from ..formats.floats import FLOATS, REFERENCE_FLOATS, SATURATE, TO_INF, FloatFormat, round_value
-from ..formats.registry import GridCodec, codec_for, get_format
+from ..formats.one_value import encode_one, explains, float32_of
+from ..formats.registry import get_format
 from ..limits import EXACT_EXPONENT, MAX_VALUE_CHARS
 
 DEFAULT_BITS_FORMATS = ("fp32", "tf32", "bf16", "fp16", "fp8_e4m3fn", "fp8_e5m2", "fp4_e2m1", "nf4")
@@ -150,11 +151,10 @@ def store(value: Fraction | float | Beyond, name: str, *, scale: Fraction = Frac
         x = value if isinstance(value, float) else value / s
         return _float_row(f, x, s, negative_zero)
     spec = get_format(name)
-    codec = codec_for(spec)
-    if not issubclass(codec, GridCodec) or spec.values is None or codec.SCALE_PARTS != ("scales",):
+    if not explains(spec):
         raise InputError(f"lowbit bits explains the float formats ({', '.join(FLOATS)}) and formats with one level "
                          f"table and one block scale (nf4, int4, bnb_fp4, ...); {name} is not one of them")
-    return _grid_row(spec, codec, value, scale)
+    return _grid_row(spec, value, scale)
 
 
 def _float_row(f: FloatFormat, x: Fraction | float, scale: Fraction, negative_zero: bool) -> Stored:
@@ -193,7 +193,7 @@ def _overflow_note(f: FloatFormat, scale: Fraction) -> str:
             "(torch's cast, lowbit's block quantizer)")
 
 
-def _grid_row(spec, codec, value: Fraction | float, scale: Fraction) -> Stored:
+def _grid_row(spec, value: Fraction | float, scale: Fraction) -> Stored:
     if isinstance(value, float):  # nan or inf
         return Stored(spec.name, "", "", "", "-", "-", math.nan,
                       f"{spec.name} has no code for {value}: the quantizer refuses non-finite weights", stored=False)
@@ -201,10 +201,8 @@ def _grid_row(spec, codec, value: Fraction | float, scale: Fraction) -> Stored:
     # (clamped to float32's range first: past it every format is at its top level anyway)
     ratio = value / scale
     top = max(abs(v) for v in spec.values if math.isfinite(v))
-    big = Fraction(torch.finfo(torch.float32).max)
-    block = torch.tensor([[float(max(-big, min(big, ratio)))]], dtype=torch.float32)
-    one = torch.ones(1, dtype=torch.float32)
-    c = int(codec.encode(spec, block, {"scales": one})[0, 0])
+    big = FLOATS["fp32"].max_finite
+    c = encode_one(spec, float32_of(float(max(-big, min(big, ratio)))))
     level = spec.values[c]
     stored = _to_float(Fraction(level) * scale)
     note = f"past the largest level {top:g} x scale: clamped" if abs(ratio) > top else ""
