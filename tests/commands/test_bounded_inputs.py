@@ -134,3 +134,16 @@ def test_text_larger_than_the_limit_is_refused_without_reading_it_all(tmp_path, 
 def test_a_missing_text_still_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="text file does not exist"):
         protocol.read_text(tmp_path / "nope.txt")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--budget", "0"], "--budget: must be a number in (0, 32]"),
+    (["--budget", "1e400"], "--budget: must be a number in (0, 32]"),
+    (["--format", "nf4", "--block-size", "0"], "--block-size: must be a whole number from 1"),
+    (["--format", "nf4@amse", "--window", "1"], "--window: must be a whole number from 2"),
+    (["--format", "nf4@amse", "--windows", "0"], "--windows: must be a whole number from 1"),
+])
+def test_quantize_numbers_are_checked_before_the_model_loads(args, needle, tmp_path, capsys):
+    r = run_main(capsys, "quantize", "--model", NO_MODEL, *args, "-o", str(tmp_path / "q"))
+    one_line(r, needle)
+    assert list(tmp_path.iterdir()) == []

@@ -6,6 +6,7 @@ import math
 import time
 from dataclasses import replace
 
+from .. import limits as L
 from ..errors import InputError
 from ..eval.calibration import DEFAULT_CALIBRATE, calibrate, calibration_batches
 from ..eval.protocol import DEFAULT_WINDOW, DEFAULT_WINDOWS, paragraphs, read_text
@@ -45,15 +46,17 @@ def add_parser(sub) -> None:
     what.add_argument("--plan", metavar="PLAN.json",
                       help='per-layer rules, first match wins: {"rules": [{"pattern": "lm_head", "keep": true}, '
                            '{"pattern": "*", "format": "q4_k", "fallback": "q8_0"}]} (README: per-layer plans)')
-    what.add_argument("--budget", type=float, metavar="BITS",
+    what.add_argument("--budget", type=L.BUDGET.arg("--budget"), metavar="BITS",
                       help="mixed precision: a format per layer from --candidates minimizing the predicted KL at no "
-                           "more than BITS bits per weight (stored bytes); the result is scored after")
+                           f"more than BITS bits per weight (stored bytes; {L.BUDGET.text()}); the result is scored "
+                           "after")
     p.add_argument("--candidates", metavar="LABELS", default=",".join(DEFAULT_CANDIDATES),
                    help="with --budget: the formats a layer may take (default: %(default)s)")
     p.add_argument("--sensitivity", metavar="FILE.json",
                    help="with --budget: a table from `lowbit sensitivity --json` instead of measuring one "
                         f"({SENSITIVITY_CALIBRATE} calibration windows, KL of each layer's median candidate)")
-    p.add_argument("--block-size", type=int, help="weights per block (default: the format's); same as FORMAT/BLOCK")
+    p.add_argument("--block-size", type=L.BLOCK_SIZE.arg("--block-size"),
+                   help=f"weights per block (default: the format's; {L.BLOCK_SIZE.text()}); same as FORMAT/BLOCK")
     p.add_argument("--method", choices=["gptq"],
                    help="gptq: GPTQ (arXiv 2210.17323) on the calibration windows (default 64); same as FORMAT+gptq")
     p.add_argument("--double-quant", action="store_true", help="compress the per-block scales (bitsandbytes); "
@@ -63,9 +66,11 @@ def add_parser(sub) -> None:
     add_calibrate_arg(p)
     p.add_argument("--text", metavar="FILE", help="with --calibrate or @amse: the evaluation text whose tokens after "
                    "the scored windows calibrate (default: Python's pydoc topics)")
-    p.add_argument("--window", type=int, default=DEFAULT_WINDOW, help=f"tokens per window (default {DEFAULT_WINDOW})")
-    p.add_argument("--windows", type=int, default=DEFAULT_WINDOWS,
-                   help=f"scored windows that calibration skips (default {DEFAULT_WINDOWS}, as `lowbit compare`)")
+    p.add_argument("--window", type=L.WINDOW.arg("--window"), default=DEFAULT_WINDOW,
+                   help=f"tokens per window (default {DEFAULT_WINDOW}; {L.WINDOW.text()})")
+    p.add_argument("--windows", type=L.WINDOWS.arg("--windows"), default=DEFAULT_WINDOWS,
+                   help=f"scored windows that calibration skips (default {DEFAULT_WINDOWS}, as `lowbit compare`; "
+                        f"{L.WINDOWS.text()})")
     p.add_argument("--strict", action="store_true",
                    help="with --plan: a rule that matches no layer is an error, not a warning")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="directory to create")
