@@ -117,3 +117,31 @@ def test_training_can_start_from_a_quantized_weight(tiny):
             assert torch.equal(layer.quantizer(layer.weight), start[name].dequantize())
     with pytest.raises(ValueError, match="cannot seed"):
         prepare(other, "int4/64", start=start)
+
+
+def test_a_checkpoint_directory_holding_a_users_file_is_not_replaced(tmp_path):
+    """Issue 25 #2 for the QAT checkpoint: it is replaced only while it holds just what save_checkpoint wrote."""
+    import os
+
+    from lowbit.nn.qat_train import STATE_JSON, STATE_TENSORS, _only_a_checkpoint, save_checkpoint
+
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.Adam(model.parameters())
+    ckpt = tmp_path / "out.qat-checkpoint"
+    save_checkpoint(ckpt, model, opt, {"format": "int4"}, [1.0])
+    assert sorted(p.name for p in ckpt.iterdir()) == sorted([STATE_JSON, STATE_TENSORS])
+    assert oct(os.stat(ckpt / STATE_TENSORS).st_mode & 0o777) == oct(0o666 & ~_umask_now())
+    assert _only_a_checkpoint(ckpt)
+    (ckpt / "notes.txt").write_text("mine")
+    assert not _only_a_checkpoint(ckpt)
+    with pytest.raises(FileExistsError):
+        save_checkpoint(ckpt, model, opt, {"format": "int4"}, [1.0, 0.5])
+    assert (ckpt / "notes.txt").read_text() == "mine"
+
+
+def _umask_now() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import InputError, LowbitError
-from ..io.atomic import atomic_dir
+from ..io.atomic import _umask, atomic_dir
 from ..progress import note, progress_bar
 
 LOSSES = ("kl", "ce")
@@ -144,9 +145,16 @@ def save_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Adam, ru
             tensors[f"adam.{n}.exp_avg_sq"] = state["exp_avg_sq"].contiguous()
             steps[n] = float(state["step"])
     meta = {"run": run, "step": len(losses), "losses": losses, "adam_steps": steps}
-    with atomic_dir(directory, overwrite=True, replaceable=lambda path: (path / STATE_JSON).is_file()) as tmp:
+    with atomic_dir(directory, overwrite=True, replaceable=_only_a_checkpoint) as tmp:
         save_file(tensors, tmp / STATE_TENSORS)
+        os.chmod(tmp / STATE_TENSORS, 0o666 & ~_umask())  # safetensors writes 0600; keep the umask's permissions
         (tmp / STATE_JSON).write_text(json.dumps(meta) + "\n")
+
+
+def _only_a_checkpoint(path: Path) -> bool:
+    """A checkpoint directory may be replaced only while it holds nothing but what ``save_checkpoint`` writes
+    (a user's file put there survives: the run stops with a one-line error instead)."""
+    return (path / STATE_JSON).is_file() and {p.name for p in path.iterdir()} <= {STATE_TENSORS, STATE_JSON}
 
 
 def load_checkpoint(directory: Path | None, model: nn.Module, opt: torch.optim.Adam, run: dict) -> list[float]:
