@@ -74,7 +74,8 @@ def test_command_imports_no_torch(argv, results):
 # test_fast_commands_golden.py: the same output as when they quantized with the torch codecs)
 @pytest.mark.parametrize("argv", [["formats"], ["formats", "nf4"], ["formats", "q4_0"], ["formats", "int4/128+dq"],
                                   ["formats", "mxfp4"], ["formats", "nvfp4"], ["formats", "fp8_e4m3fn"],
-                                  ["formats", "qq4"], ["formats", "fp16"], ["formats", "tf32"], ["bits", "3.14"],
+                                  ["formats", "qq4"], ["formats", "fp16"], ["formats", "tf32"],
+                                  ["formats", "int8_outlier/3.5"], ["bits", "3.14"],
                                   ["bits", "3.1415926535", "--formats", "fp16"], ["bits", "-0", "--formats",
                                   "int4,nf2,bnb_fp4,fp4_e3m0,ternary,bf16"], ["bits", "1e10000000"]])
 def test_format_commands_import_no_torch(argv, tmp_path):

@@ -10,9 +10,8 @@ from ..formats.registry import GridCodec, codec_for, get_format
 from ..formats.spec import DQ_SUFFIX, FormatSpec, fixed_block_message, no_double_quant_message
 from ..limits import BLOCK_SIZE, check_block_size
 
-# Reading a plain label imports no torch (`lowbit formats LABEL` answers in a fraction of a second):
-# the scale searches (lowbit.pipeline) and LLM.int8() (lowbit.nn.outlier_linear) are imported where
-# a label uses them.
+# Reading a label imports no torch (`lowbit formats LABEL` answers in a fraction of a second): the
+# scale searches (lowbit.pipeline) are imported where a label names one.
 
 
 @dataclass(frozen=True)
@@ -48,8 +47,6 @@ class QuantConfig:
         if isinstance(self.format, str) and any(c in self.format for c in "/+@"):
             raise InputError(f"{self.format!r} is a format label, not a format name: use QuantConfig.parse")
         if self.format == OUTLIER_FORMAT:
-            from .outlier_linear import DEFAULT_THRESHOLD
-
             object.__setattr__(self, "format", "int8")
             if self.outlier_threshold is None:
                 object.__setattr__(self, "outlier_threshold", DEFAULT_THRESHOLD)
@@ -88,8 +85,6 @@ class QuantConfig:
             object.__setattr__(self, key, (value,) if isinstance(value, str) else tuple(value))
 
     def _check_outlier(self) -> None:
-        from .outlier_linear import check_threshold
-
         object.__setattr__(self, "outlier_threshold", check_threshold(self.outlier_threshold))
         others = {"a format other than int8": get_format(self.format).name != "int8",
                   "a block size (the weights have one scale per row)": self.block_size is not None,
@@ -112,8 +107,6 @@ class QuantConfig:
         """``FORMAT[/BLOCK][+dq][+awq][+had][+gptq][+cb][@SEARCH]``, the name reports and ``--formats`` use
         (block only if not the default); ``int8_outlier[/THRESHOLD]`` (threshold only if not 6)."""
         if self.outlier_threshold is not None:
-            from .outlier_linear import DEFAULT_THRESHOLD
-
             t = self.outlier_threshold
             text = format(t, "g") if float(format(t, "g")) == t else repr(t)
             return OUTLIER_FORMAT + ("" if t == DEFAULT_THRESHOLD else f"/{text}")
@@ -204,16 +197,24 @@ CODEBOOK_SUFFIX = "+cb"
 AWQ_SUFFIX = "+awq"
 FLAGS = (("rotate", ROTATE_SUFFIX), ("refit_codebook", CODEBOOK_SUFFIX), ("awq", AWQ_SUFFIX))  # QuantConfig fields
 OUTLIER_FORMAT = "int8_outlier"  # LLM.int8()'s label (lowbit.nn.outlier_linear)
+DEFAULT_THRESHOLD = 6.0  # the paper's outlier magnitude (§3.2) and bitsandbytes' llm_int8_threshold default
 AWQ_ATTRIBUTE = "lowbit_awq"  # set on a model lowbit.nn.awq.awq_scale has scaled: {layer name: s}
 LABEL_SYNTAX = ("FORMAT[/BLOCK][+dq][+awq][+had][+gptq][+cb][@SEARCH], e.g. nf4, int4/128, nf4/64+dq, int4+gptq, "
                 "nf4/32+dq+had+gptq@amse, lloyd4/32+dq+gptq+cb, int4_asym/64@hqq; LLM.int8(): int8_outlier[/THRESHOLD] "
                 "(`lowbit formats` lists the formats)")
 
 
+def check_threshold(threshold: float) -> float:
+    """LLM.int8()'s outlier threshold: a finite number >= 0 (0 turns the decomposition off)."""
+    threshold = float(threshold)
+    if not threshold >= 0 or threshold == float("inf"):
+        raise InputError(f"the outlier threshold is a finite number >= 0 (0 turns the decomposition off), "
+                         f"got {threshold}")
+    return threshold
+
+
 def _parse_threshold(label: str, text: str) -> float:
     """``int8_outlier`` -> 6.0, ``int8_outlier/3.5`` -> 3.5: for LLM.int8() the part after '/' is the threshold."""
-    from .outlier_linear import DEFAULT_THRESHOLD, check_threshold
-
     if any(c in text for c in "+@"):
         raise InputError(f"{label!r}: {OUTLIER_FORMAT} (LLM.int8()) takes no suffix or scale search; write "
                          f"{OUTLIER_FORMAT} or {OUTLIER_FORMAT}/THRESHOLD, e.g. {OUTLIER_FORMAT}/3.5")

@@ -23,20 +23,12 @@ from torch import nn
 from ..errors import InputError
 from ..quantize import quantize
 from ..tensor import QuantizedTensor
+from .config import DEFAULT_THRESHOLD, check_threshold  # the label's facts, read without torch (re-exported)
 from .linear import QuantLinear
 
-DEFAULT_THRESHOLD = 6.0  # the paper's outlier magnitude (§3.2) and bitsandbytes' llm_int8_threshold default
 QMAX = 127  # narrow int8 range, as the paper's and bitsandbytes' vector-wise quantization
 # fp32 sums of int8 products are exact integers while |sum| < 2^24: K <= 2^24 / 127^2 columns at a time
 EXACT_COLUMNS = 2**24 // QMAX**2
-
-
-def check_threshold(threshold: float) -> float:
-    threshold = float(threshold)
-    if not threshold >= 0 or threshold == float("inf"):
-        raise InputError(f"the outlier threshold is a finite number >= 0 (0 turns the decomposition off), "
-                         f"got {threshold}")
-    return threshold
 
 
 def native_int_mm(device: torch.device) -> bool:
