@@ -36,7 +36,15 @@ from .nn.keep_dtype import dtype_name, round_state
 from .nn.linear import QuantLinear
 from .nn.outlier_linear import Int8OutlierLinear, float_path_share
 from .nn.plan import QuantPlan
-from .nn.surgery import QuantConfig, as_plan, check_config, model_weight_bytes, plan_layers, quantize_model
+from .nn.surgery import (
+    QuantConfig,
+    as_plan,
+    check_config,
+    model_weight_bytes,
+    plan_layers,
+    quantize_model,
+    reference_weight_bytes,
+)
 from .progress import note
 
 DEFAULT_FORMATS = ("int8", "q8_0", "nf4", "nf4+dq", "bnb_fp4", "fp4_e2m1", "int4/64", "q4_0", "mxfp4", "nvfp4")
@@ -250,44 +258,6 @@ def evaluate_saved(directory, *, text=None, window: int = DEFAULT_WINDOW, window
     # not lowbit.json's model_bytes_before: an import counted only the tensors it did not quantize (113 MB of
     # SmolLM2's 538 MB); the loaded model's tensors are exactly those the row's weight_bytes counts
     return _report(info, evaluation, reference, [result])
-
-
-def reference_weight_bytes(model: nn.Module) -> int:
-    """Bytes of the float32 reference of ``model``: the tensors ``model_weight_bytes`` counts, each float tensor at
-    4 bytes an element and each QuantLinear at its dequantized weight's (the reference is always float32:
-    ``lowbit.models.loader``), each tensor once. A quantized output head that the config ties to the input
-    embedding is that embedding in the reference (quantizing a tied head stores it twice; the original held it
-    once), so a saved model's reference is its original's size, as ``compare`` measured it; an untied head (a GGUF
-    file with its own output.weight) is a tensor of its own, as when ``compare`` loads that file."""
-    head, counted = _tied_quantized_head(model), set()
-    seen: set[tuple] = set()
-    total = 0
-    for module in model.modules():
-        if isinstance(module, QuantLinear) and module is not head and id(module) not in counted:
-            counted.add(id(module))
-            total += module.qweight.numel * 4
-    for t in [*model.parameters(), *model.buffers()]:
-        if t.device.type == "meta":  # holds no memory
-            continue
-        key = (t.device, t.data_ptr(), t.numel() * t.element_size())  # tied tensors share data_ptr and size
-        if key not in seen:
-            seen.add(key)
-            total += t.numel() * (4 if t.is_floating_point() else t.element_size())
-    return total
-
-
-def _tied_quantized_head(model: nn.Module) -> nn.Module | None:
-    """The output head if it is a QuantLinear and the config ties it to the (unquantized) input embedding."""
-    if not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
-        return None
-    try:
-        head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
-    except (AttributeError, NotImplementedError):
-        return None
-    weight = getattr(embedding, "weight", None)
-    if isinstance(head, QuantLinear) and weight is not None and tuple(weight.shape) == tuple(head.qweight.shape):
-        return head
-    return None
 
 
 def _score(evaluation: Evaluation, quantized: nn.Module, label: str, double_quant: bool, bits_per_weight: float,

@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowbit.evaluate import reference_weight_bytes
 from lowbit.nn.config import QuantConfig
 from lowbit.nn.linear import QuantLinear
-from lowbit.nn.surgery import model_weight_bytes, quantize_model
+from lowbit.nn.surgery import model_weight_bytes, quantize_model, reference_weight_bytes
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "commands"))
 from test_model_cmds import run_main  # noqa: E402
@@ -51,7 +50,8 @@ def test_reference_is_the_original_float32_model(tied, head):
 
 def test_eval_of_an_imported_model_reports_the_reference_compare_reports(tiny_lm_dir, tmp_path, capsys):
     """quantize -> export --to bnb -> import -> eval: the reference is the tiny model's 12.9 MB, as compare says,
-    not the 12.6 MB of its embedding and norms that the import recorded as model_bytes_before."""
+    not the 12.6 MB of its embedding and norms that the import used to record as model_bytes_before (it now
+    records the reference too)."""
     from lowbit import load_model
 
     original = fp32_bytes(load_model(str(tiny_lm_dir))[0])
@@ -63,6 +63,6 @@ def test_eval_of_an_imported_model_reports_the_reference_compare_reports(tiny_lm
         assert r.returncode == 0, r.stderr
     stored = json.loads((tmp_path / "imported" / "lowbit.json").read_text())["quantize"]["model_bytes_before"]
     report = json.loads((tmp_path / "e.json").read_text())
-    assert report["reference"]["weight_bytes"] == original != stored
+    assert report["reference"]["weight_bytes"] == original == stored
     assert report["results"][0]["weight_bytes"] < original
     assert f"{original / 1e6:.1f}" in r.stdout

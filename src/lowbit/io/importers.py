@@ -15,7 +15,7 @@ Tensors lowbit keeps in full precision (embeddings, norms) are loaded as float32
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,7 @@ from ..models.hashing import files_sha256, model_files
 from ..models.loader import CAUSAL_LM, EMBEDDED, ModelInfo, as_load_error, model_kind, resolve
 from ..nn.config import QuantConfig
 from ..nn.plan import PlanRule, QuantPlan
-from ..nn.surgery import QuantizeReport, quantize_model
+from ..nn.surgery import QuantizeReport, quantize_model, reference_weight_bytes
 from ..tensor import QuantizedTensor
 from . import bnb_checkpoint
 from .gguf_export import SUPPORTED_ARCHS, from_gguf_rows, gguf_tensor_names, layer_list
@@ -193,4 +193,7 @@ def _install(model, tokenizer, info: ModelInfo, layers: dict[str, QuantizedTenso
              for layer, q in layers.items()]
     plan = QuantPlan(tuple(rules), name=name)
     report = quantize_model(model, plan, progress=progress, prequantized=layers)
+    # quantize_model counted the model before its layers held their imported weights (only the rest): the
+    # reference is the float model those weights stand for, as compare and eval count it
+    report = replace(report, model_bytes_before=reference_weight_bytes(model))
     return Imported(model, tokenizer, info, plan, report)

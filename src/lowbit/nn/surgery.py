@@ -277,3 +277,41 @@ def _quantize_layer(name: str, weight: torch.Tensor, config: QuantConfig, shape:
     except LowbitError as e:
         out_f, in_f = shape or weight.shape
         raise LayerQuantizeError(f"layer {name!r} (weight {out_f}x{in_f}): {e}") from e
+
+
+def reference_weight_bytes(model: nn.Module) -> int:
+    """Bytes of the float32 reference of ``model``: the tensors ``model_weight_bytes`` counts, each float tensor at
+    4 bytes an element and each QuantLinear at its dequantized weight's (the reference is always float32:
+    ``lowbit.models.loader``), each tensor once. A quantized output head that the config ties to the input
+    embedding is that embedding in the reference (quantizing a tied head stores it twice; the original held it
+    once), so a saved model's reference is its original's size, as ``compare`` measured it; an untied head (a GGUF
+    file with its own output.weight) is a tensor of its own, as when ``compare`` loads that file."""
+    head, counted = _tied_quantized_head(model), set()
+    seen: set[tuple] = set()
+    total = 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear) and module is not head and id(module) not in counted:
+            counted.add(id(module))
+            total += module.qweight.numel * 4
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.device.type == "meta":  # holds no memory
+            continue
+        key = (t.device, t.data_ptr(), t.numel() * t.element_size())  # tied tensors share data_ptr and size
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * (4 if t.is_floating_point() else t.element_size())
+    return total
+
+
+def _tied_quantized_head(model: nn.Module) -> nn.Module | None:
+    """The output head if it is a QuantLinear and the config ties it to the (unquantized) input embedding."""
+    if not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        return None
+    try:
+        head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    weight = getattr(embedding, "weight", None)
+    if isinstance(head, QuantLinear) and weight is not None and tuple(weight.shape) == tuple(head.qweight.shape):
+        return head
+    return None
