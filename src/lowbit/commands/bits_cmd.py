@@ -13,8 +13,7 @@ from .common import console
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("bits", help="show how one number is stored in each format: sign, exponent and "
-                                    "mantissa fields (or code and level), the stored value and its error")
+    p = sub.add_parser("bits")
     p.add_argument("value", metavar="VALUE",
                    help=f"a decimal (3.1415926535, -1e-3), a ratio (1/3), nan or inf; at most {MAX_VALUE_CHARS:,} "
                         f"characters. Past 10^+-{EXACT_EXPONENT} (1e10000000) a value is beyond every format's range "

@@ -26,7 +26,7 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("cache", help="list the cached references and converted models, or clear them")
+    p = sub.add_parser("cache")
     actions = p.add_subparsers(dest="action", metavar="{list,clear}")
     actions.add_parser("list", help="list what is cached, with sizes and ages (the default)")
     clear = actions.add_parser("clear", help="remove cached entries and the temp files of killed runs")

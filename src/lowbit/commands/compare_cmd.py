@@ -28,7 +28,7 @@ from .report_cmd import add_peers_arg, check_report_args
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("compare", help="quantize a model to several formats and measure the loss of each")
+    p = sub.add_parser("compare")
     add_model_arg(p)
     p.add_argument("--formats",
                    help="comma-separated FORMAT[/BLOCK][+dq][+awq][+had][+gptq][+cb][@SEARCH], e.g. nf4,int4/128,"

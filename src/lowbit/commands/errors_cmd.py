@@ -44,7 +44,7 @@ from .common import add_model_arg, add_protocol_args, check_protocol_args, conso
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("errors", help="per-layer weight SQNR (dB) of several formats, without running the model",
+    p = sub.add_parser("errors",
                        description="Quantize every selected nn.Linear weight to each format and print its SQNR "
                                    "(signal to quantization noise, dB; higher is better): one row per layer kind "
                                    "(mean over its layers; --all: one per layer), the mean over all layers, the "

@@ -11,7 +11,7 @@ from .common import add_protocol_args, check_protocol_args, console, load
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("eval", help="score a saved quantized model against the original")
+    p = sub.add_parser("eval")
     p.add_argument("directory", metavar="DIR", help="a directory written by `lowbit quantize`")
     add_protocol_args(p)
     p.set_defaults(run=run)

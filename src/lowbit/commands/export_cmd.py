@@ -16,8 +16,7 @@ TARGETS = {"gguf": "a GGUF file (llama.cpp)", "bnb": "a directory in bitsandbyte
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("export", help="write a saved quantized model as a GGUF file (llama.cpp) or a "
-                                      "bitsandbytes 4-bit checkpoint (transformers)")
+    p = sub.add_parser("export")
     p.add_argument("directory", metavar="DIR", help="a directory written by `lowbit quantize`")
     p.add_argument("--to", required=True, choices=TARGETS,
                    help="; ".join(f"{k}: {v}" for k, v in TARGETS.items()))

@@ -40,7 +40,7 @@ from .common import check_writable_file, console
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("formats", help="list formats, or explain one label: its block layout and element levels")
+    p = sub.add_parser("formats")
     p.add_argument("label", nargs="?", metavar="FORMAT[/BLOCK][+dq]",
                    help="a format label, e.g. nf4, q4_0 or nf4/128+dq")
     p.add_argument("--plot", metavar="F.png",

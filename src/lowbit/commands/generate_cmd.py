@@ -15,7 +15,7 @@ from .common import add_model_arg, console, load
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("generate", help="generate text with a quantized model, printing tokens as they come")
+    p = sub.add_parser("generate")
     p.add_argument("directory", metavar="DIR", nargs="?", help="a directory written by `lowbit quantize`")
     add_model_arg(p)
     p.add_argument("--format", metavar="LABEL",

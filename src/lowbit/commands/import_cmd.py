@@ -8,8 +8,7 @@ from .common import console, load, source_dtype
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("import", help="read a GGUF file or a bitsandbytes 4-bit checkpoint into a lowbit model "
-                                      "directory, its quantized bytes unchanged")
+    p = sub.add_parser("import")
     p.add_argument("source", metavar="SRC", help="a .gguf file, or a directory a transformers load_in_4bit "
                                                  "model was saved to (safetensors)")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="directory to create")

@@ -21,7 +21,7 @@ from .common import check_writable_file, console, load
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("memory", help="weight memory at each format, and which accelerators hold it")
+    p = sub.add_parser("memory")
     what = p.add_argument_group("the model (one of)")
     what.add_argument("--params", metavar="N",
                       help=f"parameter count: {mem.PARAMS_FORMS}; a whole count {L.PARAMS.text()}")

@@ -16,8 +16,7 @@ from .quantize_cmd import scored_count
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("outliers", help="find the input features of each layer with |x| >= a threshold "
-                                        "(LLM.int8()'s outliers) and the systematic ones")
+    p = sub.add_parser("outliers")
     add_model_arg(p)
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                    help=f"outlier magnitude (default {DEFAULT_THRESHOLD:g}, the paper's)")

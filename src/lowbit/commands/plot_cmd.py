@@ -18,8 +18,7 @@ DEFAULT_LEVEL_FORMATS = "int4,nf4,fp4_e2m1,qq4"
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("plot", help="draw a figure: a layer's weights and levels, KL against bits, SQNR per layer, "
-                                    "a plan's formats, outliers per layer",
+    p = sub.add_parser("plot",
                        description="Draw a figure as PNG, SVG or PDF (from the -o file's suffix). `levels` quantizes "
                                    "one layer of a model; the others read what another lowbit command wrote with "
                                    "--json.")

@@ -41,7 +41,7 @@ MIN_TRAIN_WINDOWS = 4  # fewer windows after the scored ones is too little text 
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("qat", help="quantization-aware training (LSQ): train the weights and their steps, then save")
+    p = sub.add_parser("qat")
     add_model_arg(p)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--format", metavar="FORMAT[/BLOCK]",

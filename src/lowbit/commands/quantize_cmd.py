@@ -37,7 +37,7 @@ from .common import (
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("quantize", help="quantize a model's linear layers and save it")
+    p = sub.add_parser("quantize")
     add_model_arg(p)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--format", metavar="FORMAT[/BLOCK][+dq][+awq][+had][+gptq][+cb][@SEARCH]",

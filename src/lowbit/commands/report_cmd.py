@@ -10,7 +10,7 @@ from .common import check_writable_file, console
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("report", help="write the self-contained HTML report of saved `lowbit compare --json` results")
+    p = sub.add_parser("report")
     p.add_argument("results", metavar="RESULTS.json", help="a `lowbit compare --json` (or `lowbit eval --json`) file")
     p.add_argument("-o", "--output", default="report.html", metavar="FILE",
                    help="the HTML file to write (default %(default)s)")

@@ -17,7 +17,7 @@ from .quantize_cmd import scored_count
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("sensitivity", help="measure what quantizing each layer alone costs in KL, per format")
+    p = sub.add_parser("sensitivity")
     add_model_arg(p)
     p.add_argument("--formats", dest="candidates", default=",".join(DEFAULT_CANDIDATES), metavar="LABELS",
                    help="comma-separated candidate formats (FORMAT[/BLOCK][+dq][+had][+gptq][+cb][@SEARCH]; not +awq) "
