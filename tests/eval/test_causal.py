@@ -6,7 +6,7 @@ import bitsandbytes.functional as F
 import pytest
 import torch
 
-from lowbit import QuantConfig, quantize_model
+from lowbit import QuantConfig, dispatch, quantize_model
 from lowbit.eval import causal_reference, read_text, score_causal, token_windows
 from lowbit.evaluate import materialize
 
@@ -89,10 +89,16 @@ def test_kl_matches_float64_definition(setup, int8_model):
 
 
 def test_materialized_weights_give_the_packed_logits(setup, int8_model):
+    """Materialized equals the packed reference path (decode, then F.linear) to the bit; the fused
+    kernel sums in its own order (QuantLinear's docstring), so it matches to float32 rounding only:
+    on some CPUs its sums equal torch's bit for bit, on others they differ in the last digit."""
     _, ids, _, _, _ = setup
     fast = materialize(copy.deepcopy(int8_model))
     with torch.inference_mode():
-        assert torch.equal(int8_model(ids[:1]).logits, fast(ids[:1]).logits)
+        with dispatch.use("reference"):
+            packed = int8_model(ids[:1]).logits
+        assert torch.equal(packed, fast(ids[:1]).logits)
+        torch.testing.assert_close(int8_model(ids[:1]).logits, packed, rtol=1e-4, atol=1e-4)
 
 
 def _with_weights_from(model, roundtrip):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit import QuantLinear, quantize
+from lowbit import QuantLinear, dispatch, quantize
 
 
 def _layer(bias=True, fmt="nf4", shape=(24, 64)):
@@ -31,10 +31,12 @@ def test_forward_is_linear_on_the_dequantized_weight(bias, fmt):
 def test_materialized_weights_give_bitwise_equal_outputs():
     _, q = _layer()
     x = torch.randn(4, 64)
-    packed = q(x)
+    with dispatch.use("reference"):  # the fused kernel matches to float32 rounding, not the bit
+        packed = q(x)
     q.materialize()
     assert q.materialized and torch.equal(q(x), packed)
-    assert torch.equal(q.release()(x), packed) and not q.materialized
+    with dispatch.use("reference"):
+        assert torch.equal(q.release()(x), packed) and not q.materialized
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

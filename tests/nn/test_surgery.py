@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lowbit import QuantConfig, QuantLinear, get_format, quantize_model
+from lowbit import QuantConfig, QuantLinear, dispatch, get_format, quantize_model
 from lowbit.errors import LayerQuantizeError
 from lowbit.nn import model_weight_bytes
 
@@ -96,7 +96,8 @@ def test_materialized_model_gives_bitwise_equal_output():
     quantize_model(packed, "nf4", progress=False)
     report = quantize_model(cached, QuantConfig("nf4", dequantized_weights=True), progress=False)
     assert all(m.materialized for m in cached.modules() if isinstance(m, QuantLinear))
-    assert torch.equal(packed(ids), cached(ids))
+    with dispatch.use("reference"):  # the fused kernel matches to float32 rounding, not the bit
+        assert torch.equal(packed(ids), cached(ids))
     assert report.model_bytes_after > report.model_bytes_before  # the cached fp32 copies are counted
 
 
