@@ -22,7 +22,9 @@ def test_forward_is_linear_on_the_dequantized_weight(bias, fmt):
     linear, q = _layer(bias, fmt)
     x = torch.randn(3, 5, 64)
     expected = F.linear(x, q.qweight.dequantize(), linear.bias)
-    assert torch.equal(q(x), expected)
+    with dispatch.use("reference"):  # the fused kernel sums in its own order (tests/kernels)
+        assert torch.equal(q(x), expected)
+    torch.testing.assert_close(q(x), expected)
     assert (q.in_features, q.out_features) == (64, 24)
     assert not hasattr(q, "weight")  # no fp32 weight left behind to be read by mistake
     assert [n for n, _ in q.named_parameters()] == (["bias"] if bias else [])
