@@ -104,7 +104,7 @@ def _settle():
 
 def _lowbit(row, model, tokenizer, long_ids, args) -> dict:
     from lowbit.generation import LlamaStepper, generate
-    from lowbit.nn.surgery import model_weight_bytes
+    from lowbit.layers.surgery import model_weight_bytes
 
     _settle()
     prefill = []
@@ -124,7 +124,7 @@ def _lowbit(row, model, tokenizer, long_ids, args) -> dict:
 
 
 def _transformers(model, tokenizer, long_ids, args) -> dict:
-    from lowbit.nn.surgery import model_weight_bytes
+    from lowbit.layers.surgery import model_weight_bytes
 
     _settle()
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
@@ -305,7 +305,7 @@ def main() -> int:
             results.append(run_row(row, args, Path(tmp)))
     report(results, args)
     if args.json:
-        from lowbit.io.atomic import write_json
+        from lowbit.files.atomic import write_json
 
         write_json(args.json, {"threads": args.threads, "new_tokens": args.new_tokens, "repeat": args.repeat,
                                "head": args.head, "rows": results})

@@ -34,8 +34,8 @@ from rich.table import Table
 from lowbit.commands.common import console as make_console
 from lowbit.commands.common import load
 from lowbit.evaluate import Evaluation, materialize
-from lowbit.nn.linear import QuantLinear
-from lowbit.nn.surgery import QuantConfig, quantize_model
+from lowbit.layers.linear import QuantLinear
+from lowbit.layers.surgery import QuantConfig, quantize_model
 
 
 def rss_mb(field: str) -> float:

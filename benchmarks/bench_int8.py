@@ -36,8 +36,8 @@ from rich.table import Table
 from lowbit.commands.common import console as make_console
 from lowbit.commands.common import load
 from lowbit.evaluate import Evaluation, materialize
-from lowbit.nn.outlier_linear import Int8OutlierLinear, native_int_mm
-from lowbit.nn.surgery import linears, quantize_model
+from lowbit.layers.outlier_linear import Int8OutlierLinear, native_int_mm
+from lowbit.layers.surgery import linears, quantize_model
 
 BIG = (4096, 4096)  # (in, out) of a 7B model's attention projection, the size the paper's speed figures use
 

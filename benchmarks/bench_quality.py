@@ -13,7 +13,7 @@ The reference is computed once and cached (``lowbit.evaluate.Evaluation``), so e
 scored against the same reference log-probs on the same token windows.
 
 Peers (``--no-peers`` leaves them out): every ``nn.Linear`` except ``lm_head`` (the layers lowbit
-quantizes, ``lowbit.nn.surgery.select_linears``) gets the peer's dequantized weight in a copy of the
+quantizes, ``lowbit.layers.surgery.select_linears``) gets the peer's dequantized weight in a copy of the
 fp32 model, which ``Evaluation.score`` then scores exactly as it scores lowbit's rows:
 
 - bitsandbytes nf4, block 64: ``bitsandbytes.functional.quantize_4bit(w, blocksize=64, quant_type="nf4")``
@@ -65,19 +65,19 @@ from functools import partial
 import torch
 from rich.table import Table
 
+from lowbit.calibration.importance import calibration_batches
 from lowbit.commands import qat_cmd
 from lowbit.commands.common import check_protocol_args, load
 from lowbit.commands.common import console as make_console
-from lowbit.eval.calibration import calibration_batches
 from lowbit.eval.protocol import DEFAULT_WINDOW, DEFAULT_WINDOWS
 from lowbit.evaluate import Evaluation, compare, materialize, model_limits
-from lowbit.io.atomic import write_json
+from lowbit.files.atomic import write_json
+from lowbit.layers.surgery import QuantConfig, select_linears
+from lowbit.methods.qat import check_qat_config
+from lowbit.methods.qat_train import QATSettings
 from lowbit.models.loader import CAUSAL_LM
-from lowbit.nn.budget import choose
-from lowbit.nn.qat import check_qat_config
-from lowbit.nn.qat_train import QATSettings
-from lowbit.nn.sensitivity import SENSITIVITY_CALIBRATE, Sensitivity, measure_sensitivity
-from lowbit.nn.surgery import QuantConfig, select_linears
+from lowbit.planning.budget import choose
+from lowbit.planning.sensitivity import SENSITIVITY_CALIBRATE, Sensitivity, measure_sensitivity
 from lowbit.progress import progress_bar
 
 # Labels of formats being added: only those QuantConfig.parse accepts in this checkout are run.

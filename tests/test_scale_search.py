@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import lowbit
-from lowbit.nn.surgery import QuantConfig
+from lowbit.layers.surgery import QuantConfig
 
 
 def weighted_error(x, q, w=None):

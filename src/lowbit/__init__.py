@@ -21,7 +21,7 @@ _PUBLIC = {
     "quantize": "quantize", "QuantizedTensor": "tensor",
     # model-level API (issue 3); lowbit.models imports transformers only inside load_model
     "load_model": "models",
-    "QuantConfig": "nn", "QuantLinear": "nn", "QuantPlan": "nn", "quantize_model": "nn",
+    "QuantConfig": "planning", "QuantLinear": "layers", "QuantPlan": "planning", "quantize_model": "layers",
 }
 __all__ = sorted(_PUBLIC)
 __getattr__, __dir__ = lazy_exports(__name__, _PUBLIC)

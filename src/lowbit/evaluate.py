@@ -21,22 +21,18 @@ import torch
 from torch import nn
 
 from . import __version__
+from .calibration.importance import DEFAULT_CALIBRATE, calibrate, calibration_batches
 from .errors import InputError, LowbitError, ModelLoadError
-from .eval.calibration import DEFAULT_CALIBRATE, calibrate, calibration_batches
 from .eval.causal import score_causal
 from .eval.encoder import encoder_reference, score_encoder
 from .eval.protocol import DEFAULT_WINDOW, read_text, token_windows
 from .eval.reference import causal_reference
 from .eval.tensor import sqnr_db
 from .io.model_io import load_quantized
-from .models.loader import CAUSAL_LM, ModelInfo, load_model
-from .nn.awq import awq_scale, scaled_importance
-from .nn.gptq_model import GPTQ_CALIBRATE, gptq_weights
-from .nn.keep_dtype import dtype_name, round_state
-from .nn.linear import QuantLinear
-from .nn.outlier_linear import Int8OutlierLinear, float_path_share
-from .nn.plan import QuantPlan
-from .nn.surgery import (
+from .layers.keep_dtype import dtype_name, round_state
+from .layers.linear import QuantLinear
+from .layers.outlier_linear import Int8OutlierLinear, float_path_share
+from .layers.surgery import (
     QuantConfig,
     as_plan,
     check_config,
@@ -45,6 +41,10 @@ from .nn.surgery import (
     quantize_model,
     reference_weight_bytes,
 )
+from .methods.awq import awq_scale, scaled_importance
+from .methods.gptq_model import GPTQ_CALIBRATE, gptq_weights
+from .models.loader import CAUSAL_LM, ModelInfo, load_model
+from .planning.plan import QuantPlan
 from .progress import note
 
 DEFAULT_FORMATS = ("int8", "q8_0", "nf4", "nf4+dq", "bnb_fp4", "fp4_e2m1", "int4/64", "q4_0", "mxfp4", "nvfp4")
@@ -99,7 +99,7 @@ def compare(model: nn.Module, tokenizer, info: ModelInfo, configs: list[QuantCon
     ``keep_dtype``: the unquantized tensors are rounded through it first, as ``save_quantized``
     stores them; a first row ``keep <dtype>`` then shows what that alone costs.
     ``calibrate``: calibration windows for activation-weighted searches (``@amse``), taken from
-    the text after the scored windows (``lowbit.eval.calibration``); collected once, only if a
+    the text after the scored windows (``lowbit.calibration.importance``); collected once, only if a
     config needs them, and their time is counted in each such row's ``quantize_seconds``.
     """
     failed = {}

@@ -2,7 +2,7 @@
 
 Pure arithmetic and data tables; ``lowbit memory`` (commands/memory_cmd.py) prints them.
 Bits per weight are measured, not nominal: a zero tensor is quantized to the label and its
-stored bytes counted (``lowbit.nn.probe``), so block scales and second-level scales are in.
+stored bytes counted (``lowbit.formats.probe``), so block scales and second-level scales are in.
 Sizes are decimal GB (1 GB = 1e9 bytes); a device's memory is the vendor's figure read in the same
 unit, which for HBM parts (binary GB) errs on the safe side by up to 7% (docs/hardware.md#memory).
 The hardware facts below are sourced in docs/hardware.md.
@@ -45,7 +45,7 @@ DEFAULT_RESERVE = 0.2  # share of device memory held back for activations (and t
 @cache
 def bits_per_weight(label: str) -> float:
     """Stored bits per weight of ``label`` (FORMAT or FORMAT+dq), scales included: the bytes the codecs
-    store for a large tensor (lowbit.nn.probe), counted from the format facts without importing torch."""
+    store for a large tensor (lowbit.formats.probe), counted from the format facts without importing torch."""
     from .formats.facts import FP32_BITS
     from .formats.facts import bits_per_weight as stored_bits_per_weight
     from .formats.spec import DQ_SUFFIX

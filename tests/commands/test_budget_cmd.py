@@ -5,8 +5,8 @@ from test_model_cmds import assert_one_line_error
 from test_model_cmds import run_main as run
 
 from lowbit.io import load_quantized
-from lowbit.nn import QuantLinear
-from lowbit.nn.sensitivity import Sensitivity
+from lowbit.layers import QuantLinear
+from lowbit.planning.sensitivity import Sensitivity
 
 TINY = ["--window", "64", "--windows", "1"]
 
@@ -37,9 +37,9 @@ def test_sensitivity_then_a_budget_plan_saved_reloaded_and_scored(tiny_lm_dir, t
 
 def made_up_table(tiny_lm_dir, path, file_hash=None):
     """A sensitivity table naming the tiny model's layers (KL made up): refusals need no measurement."""
+    from lowbit.layers.surgery import linears
     from lowbit.models import load_model
-    from lowbit.nn.sensitivity import LayerCost
-    from lowbit.nn.surgery import linears
+    from lowbit.planning.sensitivity import LayerCost
 
     model, _, info = load_model(str(tiny_lm_dir))
     numel = {names[0]: m.weight.numel() for names, m in linears(model) if "lm_head" not in names[0]}

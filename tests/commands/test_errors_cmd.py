@@ -15,7 +15,7 @@ from torch import nn
 
 import lowbit
 from lowbit.commands import errors_cmd
-from lowbit.nn import QuantConfig
+from lowbit.planning import QuantConfig
 
 KINDS = ["model.layers.*.self_attn.q_proj", "model.layers.*.self_attn.k_proj", "model.layers.*.self_attn.v_proj",
          "model.layers.*.self_attn.o_proj", "model.layers.*.mlp.gate_proj", "model.layers.*.mlp.up_proj",
@@ -130,7 +130,7 @@ def test_pattern_matching_no_layer_writes_nothing(tiny_lm_dir, tmp_path):
 def test_activation_weighted_search_calibrates_as_compare_does(tiny_lm_dir, tmp_path):
     """nf4@amse quantizes with the mean squared inputs of the windows after those compare scores (here
     --windows 1: window 2 onwards), and every format then gets an activation-weighted SQNR."""
-    from lowbit.eval.calibration import calibrate
+    from lowbit.calibration.importance import calibrate
 
     out = tmp_path / "e.json"
     assert errors("--model", tiny_lm_dir, "--formats", "nf4,nf4@amse", "--layers", "mlp.*", "--window", 64,

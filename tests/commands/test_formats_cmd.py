@@ -8,8 +8,8 @@ import lowbit
 from lowbit import QuantConfig, get_format, quantize
 from lowbit.cli import main
 from lowbit.commands.formats_cmd import bits_by_role, layout, layout_table, level_table, levels, probe
+from lowbit.formats import probe as codec_probe
 from lowbit.formats.spec import CODES, DOUBLE_QUANT_FIELDS, SCALE, SECOND_LEVEL, TENSOR_SCALE, anatomy
-from lowbit.nn import probe as codec_probe
 from lowbit.tensor import QuantizedTensor
 
 

@@ -9,8 +9,8 @@ from test_model_cmds import run_main as run
 
 from lowbit import quantize as quantize_tensor
 from lowbit.io import load_quantized
+from lowbit.layers.linear import QuantLinear
 from lowbit.models.loader import load_model
-from lowbit.nn.linear import QuantLinear
 
 TINY = ["--window", "64", "--windows", "1"]
 
@@ -65,7 +65,7 @@ def test_an_interrupted_gptq_run_writes_nothing(tiny_lm_dir, tmp_path, monkeypat
     """Ctrl-C on the third layer of GPTQ: exit 130, no output directory, no temp directory beside it."""
     import os
 
-    import lowbit.nn.gptq_model as gptq_model
+    import lowbit.methods.gptq_model as gptq_model
     from lowbit.cli import main
 
     real, calls = gptq_model.gptq_quantize, []

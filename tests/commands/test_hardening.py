@@ -42,7 +42,7 @@ def test_overwrite_refuses_the_input_model_and_unrelated_directories(tiny_lm_dir
 def test_sigterm_during_a_write_leaves_no_temp_files(tiny_lm_dir, tmp_path, monkeypatch):
     """SIGTERM arriving while a file is being written (here: just before the atomic rename)
     is handled like Ctrl-C: the temp directory goes, exit 143. Same for the JSON of compare."""
-    import lowbit.io.atomic as atomic
+    import lowbit.files.atomic as atomic
 
     real_fsync = atomic._fsync
 

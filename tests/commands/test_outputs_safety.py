@@ -124,7 +124,7 @@ def test_a_short_write_in_gguf_export_is_the_os_error(quantized, gguf_source, tm
                                                       message):
     """gguf-py writes tensors with numpy's tofile, which reports a short fwrite as '15925248 requested and 1409120
     written' with no errno; with less room on the disk than the rest, that is ENOSPC, else EIO."""
-    import lowbit.io.atomic as atomic
+    import lowbit.files.atomic as atomic
 
     def short(self, *args, **kwargs):
         self.fout[0].write(b"\0" * 1409120)
@@ -250,7 +250,7 @@ def test_qat_interrupted_before_the_first_checkpoint_resumes_from_its_gptq_start
     """Ctrl-C at step 2 of 28 (the first regular checkpoint is at step 25): the GPTQ start is kept, and --resume
     goes on from it without computing it again, to the model an uninterrupted run writes, bit for bit."""
     import lowbit.commands.qat_cmd as qat_cmd
-    import lowbit.nn.qat_train as qat_train
+    import lowbit.methods.qat_train as qat_train
 
     args = ["qat", "--model", tiny_lm_dir, "--format", "int3/32", "--steps", "4", "--train-window", "32", *TINY]
     assert run_main(capsys, *args, "-o", tmp_path / "straight").returncode == 0
@@ -283,7 +283,7 @@ def test_qat_interrupted_before_the_first_checkpoint_resumes_from_its_gptq_start
 
 
 def test_a_qat_run_diverging_at_once_keeps_its_start_for_a_lower_lr(tiny_lm_dir, tmp_path, capsys, monkeypatch):
-    import lowbit.nn.qat_train as qat_train
+    import lowbit.methods.qat_train as qat_train
 
     args = ["qat", "--model", tiny_lm_dir, "--format", "int4/32", "--init", "rule", "--steps", "2",
             "--train-window", "32", *TINY, "-o", tmp_path / "q"]
@@ -297,7 +297,7 @@ def test_a_qat_run_diverging_at_once_keeps_its_start_for_a_lower_lr(tiny_lm_dir,
 
 
 def test_enospc_keeps_its_errno(tmp_path):
-    from lowbit.io.atomic import write_errors
+    from lowbit.files.atomic import write_errors
 
     with pytest.raises(OSError) as e, write_errors(tmp_path / "x"):
         raise OSError(errno.ENOSPC, "No space left on device")

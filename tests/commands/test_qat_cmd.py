@@ -78,7 +78,7 @@ def test_an_interrupted_qat_resumes_to_the_uninterrupted_model(tiny_lm_dir, tmp_
     model an uninterrupted run writes, bit for bit, and removes the checkpoint."""
     from safetensors.torch import load_file
 
-    import lowbit.nn.qat_train as qat_train
+    import lowbit.methods.qat_train as qat_train
 
     args = ["qat", "--model", str(tiny_lm_dir), "--format", "int3/32", "--init", "mse", "--steps", "28",
             "--train-window", "32", "--window", "64", "--windows", "1"]

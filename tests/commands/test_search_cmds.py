@@ -7,7 +7,7 @@ import torch
 from test_model_cmds import assert_one_line_error, lowbit, run_main
 
 from lowbit.io import load_quantized
-from lowbit.nn import QuantLinear
+from lowbit.layers import QuantLinear
 
 TINY = ["--window", "64", "--windows", "1"]
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowbit.nn.config import QuantConfig
-from lowbit.nn.linear import QuantLinear
-from lowbit.nn.surgery import model_weight_bytes, quantize_model, reference_weight_bytes
+from lowbit.layers.linear import QuantLinear
+from lowbit.layers.surgery import model_weight_bytes, quantize_model, reference_weight_bytes
+from lowbit.planning.config import QuantConfig
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "commands"))
 from test_model_cmds import run_main  # noqa: E402

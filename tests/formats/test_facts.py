@@ -4,7 +4,7 @@ import pytest
 
 from lowbit.formats import formats, get_format
 from lowbit.formats.facts import bits_per_weight
-from lowbit.nn.probe import measured_bits_per_weight
+from lowbit.formats.probe import measured_bits_per_weight
 
 
 def _labels():

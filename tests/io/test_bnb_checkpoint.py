@@ -15,7 +15,7 @@ from lowbit.io.bnb_checkpoint import STATE_KEY, export_bnb, quant_state
 from lowbit.io.gguf_export import ExportError
 from lowbit.io.importers import import_model
 from lowbit.models import load_model
-from lowbit.nn.plan import QuantPlan
+from lowbit.planning.plan import QuantPlan
 from lowbit.quantize import quantize
 
 PROMPT = "The capital of France is Paris. The capital of Germany is"

@@ -10,7 +10,7 @@ import torch
 from lowbit import QuantConfig, QuantLinear, dispatch, quantize_model
 from lowbit.io.gguf_export import ExportError, _permute, export_gguf
 from lowbit.models import load_model
-from lowbit.nn.plan import QuantPlan
+from lowbit.planning.plan import QuantPlan
 
 PROMPT = "The capital of France is Paris. The capital of Germany is"
 

@@ -8,7 +8,8 @@ import torch
 
 from lowbit import QuantConfig, QuantLinear, load_model, quantize_model
 from lowbit.errors import ModelLoadError
-from lowbit.io import atomic_dir, load_quantized, save_quantized
+from lowbit.files.atomic import atomic_dir
+from lowbit.io import load_quantized, save_quantized
 
 
 def quantized(path, label):
@@ -179,7 +180,7 @@ def test_parts_that_do_not_match_the_stated_shape_are_refused(saved_int4):
 
 
 def test_a_loaded_model_refuses_save_pretrained_too(tiny_lm_dir, tmp_path):
-    from lowbit.nn import SavePretrainedError
+    from lowbit.layers import SavePretrainedError
 
     model, tokenizer, info, config, report = quantized(tiny_lm_dir, "nf4")
     loaded, _, _ = load_quantized(save_quantized(model, tokenizer, info, report, config, tmp_path / "q"))
@@ -202,7 +203,7 @@ def test_keep_dtype_rounds_the_model_in_memory_as_saved(tiny_lm_dir, tmp_path):
 
 
 def test_llm_int8_layers_save_and_reload_with_their_threshold(tiny_lm_dir, tmp_path):
-    from lowbit.nn.outlier_linear import Int8OutlierLinear
+    from lowbit.layers.outlier_linear import Int8OutlierLinear
 
     model, tokenizer, info, config, report = quantized(tiny_lm_dir, "int8_outlier/0.5")
     out = save_quantized(model, tokenizer, info, report, config, tmp_path / "q")

@@ -173,7 +173,7 @@ def test_compare_rows_hold_what_the_figures_draw(tiny_lm_dir):
     from lowbit import load_model
     from lowbit.eval.tensor import tensor_errors
     from lowbit.evaluate import compare
-    from lowbit.nn.surgery import QuantConfig, quantize_weight
+    from lowbit.layers.surgery import QuantConfig, quantize_weight
 
     model, tokenizer, info = load_model(str(tiny_lm_dir))
     configs = [QuantConfig.parse("nf4"), QuantConfig.parse("int4/32+had")]

@@ -17,7 +17,7 @@ from rich.console import Console
 from .. import limits as L
 from ..cachedir import cache_root
 from ..errors import InputError
-from ..io.atomic import check_output_file
+from ..files.atomic import check_output_file
 from ..models.converted import CacheWarning
 from ..progress import note
 
@@ -84,7 +84,7 @@ def add_keep_dtype_arg(p) -> None:
 def parse_configs(labels: list[str], args, *, block_size: int | None = None, double_quant: bool = False):
     """``FORMAT[/BLOCK][+dq][@SEARCH]`` labels -> QuantConfigs, each setting once (a repeated label runs once);
     ``--include``/``--exclude`` apply to all. ``block_size``/``double_quant`` are the long-form flags."""
-    from ..nn.surgery import QuantConfig
+    from ..layers.surgery import QuantConfig
 
     selection = {"include": tuple(args.include or ())}
     if args.exclude is not None:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from ..errors import InputError
 from ..evaluate import DEFAULT_FORMATS, compare
-from ..io.atomic import write_json
+from ..files.atomic import write_json
+from ..files.outputs import check_outputs
 from ..io.model_io import local_source
-from ..io.outputs import check_outputs
-from ..nn.keep_dtype import parse_keep_dtype
-from ..nn.plan import QuantPlan
+from ..layers.keep_dtype import parse_keep_dtype
+from ..planning.plan import QuantPlan
 from ..report.html import write_report
 from ..report.table import compare_table, layer_notes
 from .common import (

@@ -9,7 +9,7 @@ rate for comparison (``lowbit.eval.tensor.gaussian_sqnr_bound``). ``--all``: one
 Means are of the dB figures, every layer counting once. ``--json`` holds every layer's errors.
 
 Activation-weighted searches (``@amse``, ``@ahqq``) need each layer's mean squared input activations
-(``lowbit.eval.calibration``): they are collected from the ``--calibrate`` windows right after the ones
+(``lowbit.calibration.importance``): they are collected from the ``--calibrate`` windows right after the ones
 ``lowbit compare`` scores with the same ``--text/--window/--windows``, so such a format quantizes here
 exactly as it does there. Every format then also gets an activation-weighted SQNR
 (``tensor_errors(..., weights=importance)``), the diagonal approximation of each layer's output SQNR.
@@ -28,16 +28,16 @@ from torch import nn
 
 from .. import __version__
 from .. import limits as L
+from ..calibration.importance import DEFAULT_CALIBRATE, calibrate
 from ..errors import InputError, LowbitError
-from ..eval.calibration import DEFAULT_CALIBRATE, calibrate
 from ..eval.protocol import paragraphs, read_text, token_windows
 from ..eval.tensor import gaussian_sqnr_bound, tensor_errors
 from ..evaluate import DEFAULT_FORMATS
-from ..io.atomic import write_json
+from ..files.atomic import write_json
+from ..files.outputs import check_outputs
 from ..io.model_io import local_source
-from ..io.outputs import check_outputs
+from ..layers.surgery import QuantConfig, check_config, quantize_weight, select_linears
 from ..models.loader import CAUSAL_LM
-from ..nn.surgery import QuantConfig, check_config, quantize_weight, select_linears
 from ..progress import progress_bar
 from ..tensor import QuantizedTensor
 from .common import add_model_arg, add_protocol_args, check_protocol_args, console, load, parse_configs

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from ..evaluate import evaluate_saved
-from ..io.atomic import write_json
+from ..files.atomic import write_json
+from ..files.outputs import check_outputs
 from ..io.model_io import read_meta
-from ..io.outputs import check_outputs
 from ..report.table import compare_table, layer_notes
 from .common import add_protocol_args, check_protocol_args, console, load
 

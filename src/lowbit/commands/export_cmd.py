@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import InputError
-from ..io.atomic import check_output_dir
+from ..files.atomic import check_output_dir
+from ..files.outputs import check_not_input
 from ..io.bnb_checkpoint import export_bnb
 from ..io.gguf_export import check_gguf_output, export_gguf
 from ..io.model_io import load_quantized, local_source, read_meta
-from ..io.outputs import check_not_input
 from .common import check_writable_file, console
 
 TARGETS = {"gguf": "a GGUF file (llama.cpp)", "bnb": "a directory in bitsandbytes' 4-bit layout (transformers)"}

@@ -2,7 +2,7 @@
 
 Everything printed for a label is read from the format's facts (``FormatSpec``, its
 ``Anatomy``, ``formats.facts``), without torch (1.3 s to import): bits per weight and the layout
-rows are the bytes a codec stores for the probe tensor (``lowbit.nn.probe``), and a GGUF format's
+rows are the bytes a codec stores for the probe tensor (``lowbit.formats.probe``), and a GGUF format's
 levels are what its decoder makes of a block whose codes are all q, with scales 1 and minimums 0.
 tests/commands/test_formats_cmd.py checks each against a tensor quantized by the codecs.
 """
@@ -34,7 +34,7 @@ from ..formats.spec import (
     anatomy,
     no_double_quant_message,
 )
-from ..nn.config import QuantConfig
+from ..planning.config import QuantConfig
 from ..report.bits import float_facts_table
 from .common import check_writable_file, console
 
@@ -100,7 +100,7 @@ def format_table() -> Table:
 
 @dataclass(frozen=True)
 class Probe:
-    """What a label stores for the probe tensor (``lowbit.nn.probe``), counted from the facts."""
+    """What a label stores for the probe tensor (``lowbit.formats.probe``), counted from the facts."""
 
     format: FormatSpec
     block_size: int

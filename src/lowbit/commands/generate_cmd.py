@@ -10,7 +10,7 @@ from .. import limits as L
 from ..errors import InputError
 from ..generation import check_prompt, generate
 from ..models import CAUSAL_LM
-from ..nn.config import QuantConfig
+from ..planning.config import QuantConfig
 from .common import add_model_arg, console, load
 
 
@@ -54,7 +54,7 @@ def run(args) -> int:
         kind, what = info.kind, info.source
         _check_kind(kind, what)
         if config is not None:
-            from ..nn.surgery import quantize_model
+            from ..layers.surgery import quantize_model
 
             quantize_model(model, config, progress=con.is_terminal)
     _check_kind(kind, what)

@@ -16,7 +16,7 @@ from rich.text import Text
 from .. import limits as L
 from .. import memory as mem
 from ..errors import InputError
-from ..io.atomic import write_json
+from ..files.atomic import write_json
 from .common import check_writable_file, console, load
 
 
@@ -62,7 +62,7 @@ def run(args) -> int:
         check_writable_file(args.json)
     if args.json and args.model is not None:  # never over the model it counts (imported here: --params loads no torch)
         from ..io.model_io import local_source
-        from ..io.outputs import check_outputs
+        from ..files.outputs import check_outputs
 
         check_outputs([args.json], [local_source(args.model)])
     params = None if args.params is None else mem.parse_params(args.params)  # before a --model loads, too

@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 
 from ..errors import InputError
-from ..io.outputs import check_outputs
+from ..files.outputs import check_outputs
 from ..report import level_data, plots, result_json  # plots loads matplotlib only inside its drawing functions
 from .common import add_model_arg, check_writable_file, console, load
 

@@ -13,19 +13,19 @@ from pathlib import Path
 import torch
 
 from .. import limits as L
+from ..calibration.importance import calibration_batches, calibration_windows
 from ..errors import InputError
-from ..eval.calibration import calibration_batches, calibration_windows
 from ..eval.protocol import DEFAULT_WINDOW, DEFAULT_WINDOWS, read_text
+from ..files.outputs import check_outputs
 from ..io.model_io import check_output, local_source, save_quantized
-from ..io.outputs import check_outputs
+from ..layers.keep_dtype import parse_keep_dtype
+from ..layers.surgery import as_plan
+from ..methods.gptq_model import GPTQ_CALIBRATE, gptq_weights
+from ..methods.lsq import INITS
+from ..methods.qat import check_qat_config, convert, prepare
+from ..methods.qat_train import LOSSES, QATSettings, train
 from ..models.loader import CAUSAL_LM
-from ..nn.gptq_model import GPTQ_CALIBRATE, gptq_weights
-from ..nn.keep_dtype import parse_keep_dtype
-from ..nn.lsq import INITS
-from ..nn.plan import QuantPlan
-from ..nn.qat import check_qat_config, convert, prepare
-from ..nn.qat_train import LOSSES, QATSettings, train
-from ..nn.surgery import as_plan
+from ..planning.plan import QuantPlan
 from .common import add_keep_dtype_arg, add_model_arg, add_selection_args, console, load, parse_configs, source_dtype
 
 # The default run: GPTQ's rounding as the start (5.8 minutes for SmolLM2 on 2 cores), then 250 steps of 256

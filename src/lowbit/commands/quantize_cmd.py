@@ -7,19 +7,25 @@ import time
 from dataclasses import replace
 
 from .. import limits as L
+from ..calibration.importance import DEFAULT_CALIBRATE, calibrate, calibration_batches
 from ..errors import InputError
-from ..eval.calibration import DEFAULT_CALIBRATE, calibrate, calibration_batches
 from ..eval.protocol import DEFAULT_WINDOW, DEFAULT_WINDOWS, paragraphs, read_text
 from ..evaluate import Evaluation, calibrated_layers, materialize, model_limits
 from ..io.model_io import check_output, local_source, read_meta, save_quantized
+from ..layers.keep_dtype import parse_keep_dtype
+from ..layers.surgery import as_plan, linears, quantize_model
+from ..methods.awq import awq_scale
+from ..methods.gptq_model import GPTQ_CALIBRATE, gptq_weights
 from ..models.loader import CAUSAL_LM
-from ..nn.awq import awq_scale
-from ..nn.budget import plan_for_budget
-from ..nn.gptq_model import GPTQ_CALIBRATE, gptq_weights
-from ..nn.keep_dtype import parse_keep_dtype
-from ..nn.plan import QuantPlan
-from ..nn.sensitivity import DEFAULT_CANDIDATES, SENSITIVITY_CALIBRATE, Sensitivity, candidate, measure_sensitivity
-from ..nn.surgery import as_plan, linears, quantize_model
+from ..planning.budget import plan_for_budget
+from ..planning.plan import QuantPlan
+from ..planning.sensitivity import (
+    DEFAULT_CANDIDATES,
+    SENSITIVITY_CALIBRATE,
+    Sensitivity,
+    candidate,
+    measure_sensitivity,
+)
 from ..report.layers import budget_table
 from ..report.table import layer_notes
 from .common import (

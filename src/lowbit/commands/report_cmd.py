@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import InputError
-from ..io.outputs import check_outputs
+from ..files.outputs import check_outputs
 from ..report.html import write_report
 from ..report.result_json import read_json
 from .common import check_writable_file, console

@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..cachedir import CacheSpaceError, cache_root, lock_shared, writing
-from ..io.atomic import atomic_file, write_errors
+from ..files.atomic import atomic_file, write_errors
 from .cache_header import CHECKSUM_KEY, DESCRIPTION_KEY, CacheIntegrityError, read_header
 
 log = logging.getLogger(__name__)

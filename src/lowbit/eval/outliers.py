@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..calibration.importance import _targets, forward_hooked, token_rows
 from ..errors import InputError
-from .calibration import _targets, forward_hooked, token_rows
 
 SYSTEMATIC_LAYERS = 0.25  # §4.1: the same feature dimension in at least 25% of the transformer layers
 SYSTEMATIC_POSITIONS = 0.06  # §4.1: and in at least 6% of the sequence positions

@@ -43,7 +43,7 @@ class TensorErrors:
     weighted_sqnr_db: float | None = None
 
     def to_dict(self) -> dict:
-        """Plain floats (``inf`` stays ``inf``; ``lowbit.io.atomic.write_json`` writes it as null)."""
+        """Plain floats (``inf`` stays ``inf``; ``lowbit.files.atomic.write_json`` writes it as null)."""
         return asdict(self)
 
 

@@ -1,7 +1,7 @@
 """Bits per weight of a label from the format facts alone, without torch.
 
 `lowbit memory` and the `lowbit formats` table print what the codecs store for a large tensor
-(``lowbit.nn.probe``); quantizing one needs torch (1.3 s to import), so these commands count the
+(``lowbit.formats.probe``); quantizing one needs torch (1.3 s to import), so these commands count the
 same bytes from the facts: the element codes packed across the tensor, what each family stores
 per block (docs/formats.md; ``formats.spec`` describes the same fields in words) and per tensor.
 tests/formats/test_facts.py checks every registered format against the probe, so the two agree.
@@ -22,7 +22,7 @@ _BLOCK_SCALE_BITS = {"int": 32, "int_asym": 32 + 8, "codebook": 32, "minifloat":
 # Bits stored once per tensor: NVFP4's fp32 tensor scale g; a learned codebook's 2^bits fp32 levels.
 _TENSOR_BITS = {"nvfp4": lambda bits: FP32_BITS, "learned": lambda bits: 2**bits * FP32_BITS}
 
-# The probe tensor (lowbit.nn.probe): 64 rows of 4096 hold whole blocks of every format, so no
+# The probe tensor (lowbit.formats.probe): 64 rows of 4096 hold whole blocks of every format, so no
 # partial-block overhead; a label with a large block is measured on at least _PROBE_BLOCKS of its
 # blocks, while that stays under _PROBE_MAX weights, so one partial block does not distort its bits.
 PROBE_SHAPE = (64, 4096)
@@ -53,7 +53,7 @@ def stored_bits(name: str, numel: int, block: int, *, double_quant: bool = False
 
 def bits_per_weight(name: str, block: int | None = None, *, double_quant: bool = False) -> float:
     """Stored bits per weight of format ``name`` (blocks of ``block``, default the format's) on the
-    probe tensor: what ``lowbit.nn.probe.measured_bits_per_weight`` measures for the same label."""
+    probe tensor: what ``lowbit.formats.probe.measured_bits_per_weight`` measures for the same label."""
     block = block or fact(name).block
     rows, cols = probe_shape(block)
     return stored_bits(name, rows * cols, block, double_quant=double_quant) / (rows * cols)

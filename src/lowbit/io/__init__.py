@@ -1,12 +1,9 @@
-"""lowbit.io: atomic writes; save and load quantized models (safetensors + JSON, never pickle)."""
+"""lowbit.io: save and load quantized models (safetensors + JSON, never pickle)."""
 
 from .._lazy import lazy_exports
 
 # public name -> its submodule, imported on first use (lowbit._lazy: no torch for a sibling's sake)
 _WHERE = {
-    "atomic_dir": "atomic",
-    "atomic_file": "atomic",
-    "write_json": "atomic",
     "load_quantized": "model_io",
     "read_meta": "model_io",
     "save_quantized": "model_io",

@@ -38,13 +38,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import InputError, LowbitWarning, ModelLoadError
+from ..files.atomic import atomic_dir, write_errors
 from ..formats.registry import formats, get_format
+from ..layers.linear import QuantLinear
 from ..models.header_checks import check_safetensors
 from ..models.loader import as_load_error
-from ..nn.linear import QuantLinear
 from ..scaling.double_quant import DQ_BLOCK, dynamic_map
 from ..tensor import QuantizedTensor
-from .atomic import atomic_dir, write_errors
 from .gguf_export import ExportError, layer_list
 from .model_io import check_layout, save_tensors
 

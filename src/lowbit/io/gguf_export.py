@@ -22,11 +22,11 @@ import torch
 from torch import nn
 
 from ..errors import LowbitError
+from ..files.atomic import atomic_file, write_errors
 from ..formats.registry import formats, get_format
 from ..formats.spec import FormatSpec
+from ..layers.linear import QuantLinear
 from ..models.loader import resolve
-from ..nn.linear import QuantLinear
-from .atomic import atomic_file, write_errors
 
 GGUF_TYPES = tuple(f for f in formats() if get_format(f).gguf_type)  # formats.table's gguf_type column
 SUPPORTED_ARCHS = ("llama",)

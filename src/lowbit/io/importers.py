@@ -24,13 +24,13 @@ from torch import nn
 
 from ..errors import ModelLoadError
 from ..formats.registry import formats, get_format
+from ..layers.surgery import QuantizeReport, quantize_model, reference_weight_bytes
 from ..models import converted
 from ..models.gguf_file import check_complete
 from ..models.hashing import files_sha256, model_files
 from ..models.loader import CAUSAL_LM, EMBEDDED, ModelInfo, as_load_error, model_kind, resolve
-from ..nn.config import QuantConfig
-from ..nn.plan import PlanRule, QuantPlan
-from ..nn.surgery import QuantizeReport, quantize_model, reference_weight_bytes
+from ..planning.config import QuantConfig
+from ..planning.plan import PlanRule, QuantPlan
 from ..tensor import QuantizedTensor
 from . import bnb_checkpoint
 from .gguf_export import SUPPORTED_ARCHS, from_gguf_rows, gguf_tensor_names, layer_list

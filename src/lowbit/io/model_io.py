@@ -22,18 +22,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import ModelLoadError
+from ..files.atomic import _umask, atomic_dir, check_output_dir, write_errors
 from ..formats.registry import format_by_id, get_format
+from ..layers.hf_quantizer import refuse_save_pretrained
+from ..layers.keep_dtype import round_state
+from ..layers.linear import QuantLinear
+from ..layers.outlier_linear import Int8OutlierLinear, check_threshold
+from ..layers.surgery import QuantConfig, QuantizeReport, as_plan
 from ..models.header_checks import check_safetensors
 from ..models.loader import CAUSAL_LM, ModelInfo, as_load_error, model_kind, resolve
-from ..nn.hf_quantizer import refuse_save_pretrained
-from ..nn.keep_dtype import round_state
-from ..nn.linear import QuantLinear
-from ..nn.outlier_linear import Int8OutlierLinear, check_threshold
-from ..nn.plan import QuantPlan
-from ..nn.surgery import QuantConfig, QuantizeReport, as_plan
+from ..planning.plan import QuantPlan
 from ..quantize import quantize
 from ..tensor import QuantizedTensor
-from .atomic import _umask, atomic_dir, check_output_dir, write_errors
 from .gguf_export import layer_list
 from .meta_checks import check_meta
 
@@ -70,7 +70,7 @@ def save_quantized(model, tokenizer, info: ModelInfo, report: QuantizeReport, co
             tensors.update({f"{name}{_QW}{part}": t.contiguous() for part, t in q.parts.items()})
             if isinstance(module, Int8OutlierLinear):  # LLM.int8(): the activations are split at run time
                 layers[name]["outlier_threshold"] = module.threshold
-            if module.signs is not None:  # +had: the stored weight is W Q (lowbit.nn.rotation)
+            if module.signs is not None:  # +had: the stored weight is W Q (lowbit.layers.rotation)
                 layers[name]["rotation"] = "hadamard"
                 tensors[f"{name}{_SIGNS}"] = module.signs.contiguous()
     tied = {}

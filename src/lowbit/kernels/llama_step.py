@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..nn.linear import QuantLinear
+from ..layers.linear import QuantLinear
 from . import native
 from .linear import F32, ISA, Prepared, _made, _Weights, prepare
 

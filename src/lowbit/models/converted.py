@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..cachedir import cache_dir, writable_root, writing
+from ..files.atomic import atomic_dir
 from .hashing import file_sha256
 
 META = "lowbit-cache.json"
@@ -134,9 +135,6 @@ def _problem(path: Path, sha256: str) -> str | None:
 def store(model, tokenizer, *, source: Path, sha256: str, name: str) -> None:
     """Write ``model`` (converted from the GGUF file ``source``) and ``tokenizer`` to the cache,
     atomically; on any failure, a notice, and the next run converts again."""
-    # imported here: lowbit.io's package imports the model loader, so a top-level import is a cycle
-    from ..io.atomic import atomic_dir
-
     path = cache_path(sha256)
     try:
         tensors = _state_dict(model)

@@ -1,4 +1,4 @@
-"""Reports of a comparison: a rich table for the terminal; JSON is written by lowbit.io.atomic."""
+"""Reports of a comparison: a rich table for the terminal; JSON is written by lowbit.files.atomic."""
 
 from .table import compare_table
 

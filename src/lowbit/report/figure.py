@@ -30,7 +30,7 @@ def png_bytes(fig) -> bytes:
 
 def save_figure(fig, path: str | os.PathLike) -> Path:
     """``fig`` written to ``path`` atomically, in the format its suffix names; the figure is cleared after."""
-    from ..io.atomic import atomic_file
+    from ..files.atomic import atomic_file
 
     kind = check_suffix(path)
     with atomic_file(path) as tmp:

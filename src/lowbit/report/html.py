@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import InputError
-from ..io.atomic import atomic_file
+from ..files.atomic import atomic_file
 from .plot_data import Point, compare_errors, is_keep_row, pareto_front
 from .table import cell, layer_notes, scope, table_data
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from ..nn.budget import BudgetPlan
-from ..nn.sensitivity import Sensitivity
+from ..planning.budget import BudgetPlan
+from ..planning.sensitivity import Sensitivity
 
 
 def sensitivity_table(s: Sensitivity) -> Table:

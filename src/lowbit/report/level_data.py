@@ -13,7 +13,7 @@ from ..errors import InputError
 def level_config(label: str):
     """``label``'s QuantConfig, if a weight can be rounded to it on its own (no calibration inputs)."""
     from ..formats import get_format
-    from ..nn.config import QuantConfig
+    from ..planning.config import QuantConfig
 
     config = QuantConfig.parse(label)
     spec = get_format(config.format)
@@ -30,7 +30,7 @@ def block_levels(weight, label: str) -> dict:
     (every code decoded with the block's own scale parts, as the format decodes it; sorted, distinct)."""
     import torch
 
-    from ..nn.surgery import quantize_weight
+    from ..layers.surgery import quantize_weight
 
     config = level_config(label)
     weight = weight.detach().to(torch.float32)

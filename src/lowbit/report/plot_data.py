@@ -232,7 +232,7 @@ def label_bits(label: str) -> float:
     """Stored bits per weight of a format label, measured on a 64 x 4096 tensor of zeros (as `lowbit formats`)."""
     import torch
 
-    from ..nn.config import QuantConfig
+    from ..planning.config import QuantConfig
     from ..quantize import quantize
 
     config = QuantConfig.parse(label)

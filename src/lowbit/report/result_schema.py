@@ -113,7 +113,7 @@ def _found(value) -> str:
 
 # --- the schemas, by result_json.KINDS --------------------------------------------------------------------------
 
-_SCORE = "number|null"  # JSON's null: a non-finite score (lowbit.io.atomic.write_json)
+_SCORE = "number|null"  # JSON's null: a non-finite score (lowbit.files.atomic.write_json)
 ROW = Obj({
     "format": "string", "error": "string", "bits_per_weight": "number", "weight_bytes": "number",
     "block_size": "integer|null", "double_quant": "boolean", "quantized_layers": "integer", "tokens": "integer",

@@ -1,0 +1,317 @@
+"""Model surgery: replace a model's nn.Linear layers by QuantLinear, in place."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+
+from ..errors import InputError, LayerQuantizeError, LowbitError
+from ..planning.config import AWQ_ATTRIBUTE, LABEL_SYNTAX, QuantConfig, matches  # noqa: F401  (re-exported: lowbit.layers.surgery.QuantConfig)
+from ..planning.plan import QuantPlan
+from ..progress import progress_bar
+from ..quantize import quantize
+from ..tensor import QuantizedTensor
+from .hf_quantizer import refuse_save_pretrained
+from .linear import QuantLinear
+from .outlier_linear import Int8OutlierLinear
+from .rotation import layer_signs, rotate
+
+
+@dataclass(frozen=True)
+class QuantizeReport:
+    """What ``quantize_model`` did. Bytes are measured from stored tensors, never estimated.
+
+    ``layer_bytes_*``: the replaced layers' weights only (fp32 ``numel * element_size``
+    before, ``QuantizedTensor.nbytes`` after). ``model_bytes_*``: every tensor the model
+    holds (parameters, buffers, packed parts, cached dequantized weights), shared or tied
+    tensors counted once.
+    """
+
+    format: str
+    layers: tuple[str, ...]
+    layer_numel: int
+    layer_bytes_before: int
+    layer_bytes_after: int
+    model_bytes_before: int
+    model_bytes_after: int
+    seconds: float
+    layer_configs: tuple[tuple[str, str], ...] = ()  # (layer, the label it was quantized with)
+    fallbacks: tuple[tuple[str, str], ...] = ()  # (layer, the label its rule named but its shape cannot hold)
+
+    @property
+    def format_counts(self) -> dict[str, int]:
+        """Layers per label, most first: ``{"nf4/32+dq@amse": 180, "q8_0": 30}``."""
+        counts = Counter(label for _, label in self.layer_configs)
+        return dict(counts.most_common())
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Stored bits per weight of the replaced layers, scales and metadata included."""
+        return 8 * self.layer_bytes_after / self.layer_numel if self.layer_numel else 0.0
+
+    @property
+    def layer_ratio(self) -> float:
+        return self.layer_bytes_after / self.layer_bytes_before if self.layer_bytes_before else 1.0
+
+    @property
+    def model_ratio(self) -> float:
+        return self.model_bytes_after / self.model_bytes_before if self.model_bytes_before else 1.0
+
+
+def quantize_model(model: nn.Module, config: QuantConfig | QuantPlan | str, *, progress: bool = True,
+                   importance: dict[str, torch.Tensor] | None = None,
+                   prequantized: dict[str, QuantizedTensor] | None = None) -> QuantizeReport:
+    """Replace the selected ``nn.Linear`` layers of ``model`` by ``QuantLinear``, in place.
+
+    ``config``: one ``QuantConfig`` for every selected layer, a label (``QuantConfig.parse``: ``"nf4"``,
+    ``"int4/128"``, ``"nf4+dq"``), or a ``QuantPlan`` of per-layer rules (``lowbit.planning.plan``).
+    Every layer is quantized before any is swapped, so a layer that cannot be stored in
+    its format (``LayerQuantizeError``, naming it) leaves the model untouched.
+    ``importance``: layer name -> ``(in_features,)`` mean squared input activation
+    (``lowbit.calibration.importance``), which an activation-weighted search (``@amse``) needs.
+    ``prequantized``: layer name -> its weight already quantized, used as it is: required for the layers
+    whose config has a method (``+gptq``: ``lowbit.methods.gptq_model.gptq_weights``, which needs the whole
+    model's calibration pass), and how imported bytes become layers (``lowbit.io.importers``).
+    """
+    plan = as_plan(config)
+    start = time.perf_counter()
+    before = model_weight_bytes(model)
+    targets = plan_layers(model, plan)
+    unmade = [names[0] for names, _, c, _ in targets if c.method and names[0] not in (prequantized or {})]
+    if unmade:
+        raise InputError(f"{unmade[0]} is to be quantized by {plan.rule_for([unmade[0]]).config.method}, which "
+                         "needs the whole model's calibration pass: pass prequantized= (lowbit.methods.gptq_model)")
+    unscaled = [names[0] for names, _, c, _ in targets if c.awq and names[0] not in getattr(model, AWQ_ATTRIBUTE, {})]
+    if unscaled:
+        raise InputError(f"{unscaled[0]} is to be quantized with +awq, whose scales come from the whole model's "
+                         "calibration pass: run lowbit.methods.awq.awq_scale(model, plan, batches) first")
+    missing = [names[0] for names, _, c, _ in targets if c.needs_importance
+               and not any(n in (importance or {}) for n in names)]
+    if missing:
+        search = next(c.search for names, _, c, _ in targets if names[0] == missing[0])
+        raise InputError(f"@{search} needs calibration activations for every layer it quantizes; none for "
+                         f"{missing[0]}{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}")
+
+    replacements: list[tuple[list[str], QuantLinear, QuantConfig]] = []
+    what = plan.rules[-1].config.format_name if _single(plan) else plan.label
+    with progress_bar(len(targets), f"quantizing to {what}", enabled=progress) as advance:
+        for names, linear, layer_config, _ in targets:
+            weights = next((importance[n] for n in names if n in (importance or {})), None)
+            if names[0] in (prequantized or {}):
+                qweight = prequantized[names[0]]
+                signs = layer_signs(names[0], linear.in_features) if layer_config.rotate else None
+            else:
+                qweight, signs = rounded_layer(names[0], linear.weight, layer_config,
+                                               weights if layer_config.needs_calibration else None)
+            replacements.append((names, layer_module(names[0], linear, qweight, signs, layer_config), layer_config))
+            advance()
+
+    layer_numel = layer_before = layer_after = 0
+    for names, qlinear, layer_config in replacements:
+        for name in names:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, qlinear)
+        if layer_config.dequantized_weights:
+            qlinear.materialize()
+        layer_numel += qlinear.qweight.numel
+        layer_before += qlinear.qweight.numel * qlinear.qweight.dtype.itemsize
+        layer_after += qlinear.nbytes
+    refuse_save_pretrained(model)  # transformers' save_pretrained would silently drop every QuantLinear
+    return QuantizeReport(
+        format=what,
+        layers=tuple(name for names, _, _ in replacements for name in names),
+        layer_numel=layer_numel,
+        layer_bytes_before=layer_before,
+        layer_bytes_after=layer_after,
+        model_bytes_before=before,
+        model_bytes_after=model_weight_bytes(model),
+        seconds=time.perf_counter() - start,
+        layer_configs=tuple((names[0], c.label) for names, _, c, _ in targets),
+        fallbacks=tuple((names[0], wanted) for names, _, _, wanted in targets if wanted),
+    )
+
+
+def layer_module(name: str, linear: nn.Linear, qweight: QuantizedTensor, signs: torch.Tensor | None,
+                 config: QuantConfig) -> QuantLinear:
+    """The module that replaces ``linear``: LLM.int8()'s ``Int8OutlierLinear`` where the config has an
+    outlier threshold (its forward depends on the input), else ``QuantLinear``."""
+    if config.outlier_threshold is not None:
+        return Int8OutlierLinear.from_linear(linear, qweight, threshold=config.outlier_threshold, name=name)
+    return QuantLinear.from_linear(linear, qweight, signs)
+
+
+def as_plan(config: QuantConfig | QuantPlan | str) -> QuantPlan:
+    if isinstance(config, str):
+        config = QuantConfig.parse(config)
+    return QuantPlan.from_config(config) if isinstance(config, QuantConfig) else config
+
+
+def _single(plan: QuantPlan) -> bool:
+    """Whether the plan is one config's (``QuantPlan.from_config``): reports then name its format as before."""
+    configs = plan.configs
+    return len(configs) == 1 and plan == QuantPlan.from_config(configs[0])
+
+
+def check_config(model: nn.Module, config: QuantConfig | QuantPlan) -> None:
+    """Raise what ``quantize_model(model, config)`` would for its layout, without quantizing:
+    no layer selected, or a layer whose shape the format cannot hold (``LayerQuantizeError``).
+    Lets ``compare`` refuse a bad format list before minutes of scoring, not halfway through."""
+    plan_layers(model, as_plan(config))
+
+
+def plan_layers(model: nn.Module, plan: QuantPlan) -> list[tuple[list[str], nn.Linear, QuantConfig, str | None]]:
+    """``(names, linear, config, fallen_back_from)`` for each layer the plan quantizes, in model order.
+
+    A layer whose shape its rule's format cannot hold takes the rule's fallback (the label it fell back
+    from is returned); without one it is a ``LayerQuantizeError`` naming the layer.
+    """
+    chosen, checked = [], {}
+
+    def holds(names, linear, config) -> LayerQuantizeError | None:
+        key = (config.label, linear.in_features)
+        if key not in checked:
+            checked[key] = layout_error(names[0], linear, config)
+        return checked[key]
+
+    for names, linear in linears(model):
+        rule = plan.rule_for(names)
+        if rule is None or rule.config is None:
+            continue
+        error = holds(names, linear, rule.config)
+        if error is None:
+            chosen.append((names, linear, rule.config, None))
+        elif rule.fallback is not None and holds(names, linear, rule.fallback) is None:
+            chosen.append((names, linear, rule.fallback, rule.config.label))
+        else:
+            raise error
+    if not chosen:
+        if _single(plan):
+            c = plan.rules[-1].config
+            raise InputError(f"no nn.Linear layer matched include={c.include} exclude={c.exclude}")
+        some = ", ".join(names[0] for names, _ in linears(model)[:3])
+        raise InputError(f"the plan quantizes no nn.Linear layer (its patterns: "
+                         f"{', '.join(r.pattern for r in plan.rules)}); layers are named like {some}")
+    return chosen
+
+
+def layout_error(name: str, linear: nn.Linear, config: QuantConfig) -> LayerQuantizeError | None:
+    """Why ``config``'s layout cannot hold the layer's weight (GGUF rows of whole blocks), or None. The layout
+    rules depend on the row length only, so one row of zeros is quantized to find out."""
+    try:
+        _quantize_layer(name, torch.zeros(1, linear.in_features), replace(config, search=None),
+                        shape=linear.weight.shape)
+    except LayerQuantizeError as e:
+        return e
+    return None
+
+
+def select_linears(model: nn.Module, config: QuantConfig) -> list[tuple[list[str], nn.Linear]]:
+    """The layers ``config`` selects, each once, with every name it is reachable under."""
+    return [(names, m) for names, m in linears(model) if any(config.selects(n) for n in names)]
+
+
+def linears(model: nn.Module) -> list[tuple[list[str], nn.Linear]]:
+    """Every swappable nn.Linear, each once, with every name it is reachable under."""
+    by_id: dict[int, tuple[list[str], nn.Linear]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        # nn.MultiheadAttention reads out_proj.weight directly instead of calling it, so
+        # its NonDynamicallyQuantizableLinear cannot be swapped (torch.ao skips it too).
+        if not isinstance(module, nn.Linear) or isinstance(module, NonDynamicallyQuantizableLinear):
+            continue
+        if not name:
+            raise InputError("the model itself is an nn.Linear: no parent to swap it in; use QuantLinear.from_linear")
+        by_id.setdefault(id(module), ([], module))[0].append(name)
+    return list(by_id.values())
+
+
+def model_weight_bytes(model: nn.Module) -> int:
+    """Bytes of every tensor the model holds, each storage region counted once."""
+    tensors: list[torch.Tensor] = [*model.parameters(), *model.buffers()]
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            tensors.extend(module.qweight.parts.values())
+            if module.signs is not None:
+                tensors.append(module.signs)
+            if module._dequantized is not None:
+                tensors.append(module._dequantized)
+    seen: set[tuple] = set()
+    total = 0
+    for t in tensors:
+        if t.device.type == "meta":  # holds no memory
+            continue
+        nbytes = t.numel() * t.element_size()
+        key = (t.device, t.data_ptr(), nbytes)  # tied weights share data_ptr and size
+        if key not in seen:
+            seen.add(key)
+            total += nbytes
+    return total
+
+
+def quantize_weight(weight: torch.Tensor, config: QuantConfig, importance: torch.Tensor | None = None):
+    """One weight tensor quantized as ``config`` says (format, block, double quant, search); LLM.int8()'s
+    weights (``int8_outlier``) have one block per row."""
+    block = weight.shape[-1] if config.outlier_threshold is not None else config.block_size
+    return quantize(weight, config.format, block_size=block, double_quant=config.double_quant,
+                    search=config.search, importance=importance)
+
+
+def rounded_layer(name: str, weight: torch.Tensor, config: QuantConfig, importance: torch.Tensor | None = None):
+    """``(qweight, signs)``: one layer's weight rounded on its own as ``config`` says; with ``+had`` the weight
+    is ``W Q`` and ``signs`` the rotation's (``lowbit.layers.rotation``), else None."""
+    weight, signs = weight.detach(), None
+    if config.rotate:
+        signs = layer_signs(name, weight.shape[1])
+        weight = rotate(weight, signs)
+    return _quantize_layer(name, weight, config, importance=importance), signs
+
+
+def _quantize_layer(name: str, weight: torch.Tensor, config: QuantConfig, shape: torch.Size | None = None,
+                    importance: torch.Tensor | None = None):
+    try:
+        return quantize_weight(weight, config, importance)
+    except LowbitError as e:
+        out_f, in_f = shape or weight.shape
+        raise LayerQuantizeError(f"layer {name!r} (weight {out_f}x{in_f}): {e}") from e
+
+
+def reference_weight_bytes(model: nn.Module) -> int:
+    """Bytes of the float32 reference of ``model``: the tensors ``model_weight_bytes`` counts, each float tensor at
+    4 bytes an element and each QuantLinear at its dequantized weight's (the reference is always float32:
+    ``lowbit.models.loader``), each tensor once. A quantized output head that the config ties to the input
+    embedding is that embedding in the reference (quantizing a tied head stores it twice; the original held it
+    once), so a saved model's reference is its original's size, as ``compare`` measured it; an untied head (a GGUF
+    file with its own output.weight) is a tensor of its own, as when ``compare`` loads that file."""
+    head, counted = _tied_quantized_head(model), set()
+    seen: set[tuple] = set()
+    total = 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear) and module is not head and id(module) not in counted:
+            counted.add(id(module))
+            total += module.qweight.numel * 4
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.device.type == "meta":  # holds no memory
+            continue
+        key = (t.device, t.data_ptr(), t.numel() * t.element_size())  # tied tensors share data_ptr and size
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * (4 if t.is_floating_point() else t.element_size())
+    return total
+
+
+def _tied_quantized_head(model: nn.Module) -> nn.Module | None:
+    """The output head if it is a QuantLinear and the config ties it to the (unquantized) input embedding."""
+    if not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        return None
+    try:
+        head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    weight = getattr(embedding, "weight", None)
+    if isinstance(head, QuantLinear) and weight is not None and tuple(weight.shape) == tuple(head.qweight.shape):
+        return head
+    return None
