@@ -35,7 +35,8 @@ from lowbit.commands.common import console as make_console
 from lowbit.commands.common import load
 from lowbit.evaluate import Evaluation, materialize
 from lowbit.layers.linear import QuantLinear
-from lowbit.layers.surgery import QuantConfig, quantize_model
+from lowbit.layers.surgery import quantize_model
+from lowbit.planning import QuantPlan
 
 
 def rss_mb(field: str) -> float:
@@ -77,7 +78,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
-    config = QuantConfig.parse(args.format)
+    plan = QuantPlan.uniform(args.format)
     console = make_console()
     model, tokenizer, info = load(args.model, console)
     with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as cache:
@@ -90,13 +91,13 @@ def main() -> None:
         rows = {"reference (first run only)": (time.perf_counter() - t0, rss_mb("VmHWM"))}
         ids = evaluation.reference.ids
         rows["transformers forward (fp32 original)"] = timed(partial(forward, model, ids), args.repeat)
-        quantize_model(model, config, progress=False)  # in place: the original's weights are freed
+        quantize_model(model, plan, progress=False)  # in place: the original's weights are freed
         materialize(model)
-        rows[f"lowbit score {config.label}"] = timed(lambda: evaluation.score(model), args.repeat)
+        rows[f"lowbit score {plan.label}"] = timed(lambda: evaluation.score(model), args.repeat)
         for m in model.modules():
             if isinstance(m, QuantLinear):
                 m.release()
-        rows[f"lowbit score {config.label}, packed"] = timed(lambda: evaluation.score(model), args.repeat)
+        rows[f"lowbit score {plan.label}, packed"] = timed(lambda: evaluation.score(model), args.repeat)
 
     tokens = ids.numel()
     table = Table(title=f"{info.name}: {len(ids)} windows x {args.window} tokens, {torch.get_num_threads()} threads")
@@ -106,7 +107,7 @@ def main() -> None:
     for name, (seconds, peak) in rows.items():
         table.add_row(name, f"{seconds:.2f}", f"{tokens / seconds:,.0f}", f"{seconds / base:.2f}x", f"{peak:,.0f}")
     console.print(table)
-    ratio = rows[f"lowbit score {config.label}"][0] / base
+    ratio = rows[f"lowbit score {plan.label}"][0] / base
     console.print(f"lowbit score / transformers forward: {ratio:.2f}x" + ("" if ratio <= 1.3 else
                                                                           "  (target 1.3x: MISSED)"))
 

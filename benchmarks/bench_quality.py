@@ -72,10 +72,11 @@ from lowbit.commands.common import console as make_console
 from lowbit.eval.protocol import DEFAULT_WINDOW, DEFAULT_WINDOWS
 from lowbit.evaluate import Evaluation, compare, materialize, model_limits
 from lowbit.files.atomic import write_json
-from lowbit.layers.surgery import QuantConfig, select_linears
+from lowbit.layers.surgery import select_linears
 from lowbit.methods.qat import check_qat_config
 from lowbit.methods.qat_train import QATSettings
 from lowbit.models.loader import CAUSAL_LM
+from lowbit.planning import QuantConfig, QuantPlan
 from lowbit.planning.budget import choose
 from lowbit.planning.sensitivity import SENSITIVITY_CALIBRATE, Sensitivity, measure_sensitivity
 from lowbit.progress import progress_bar
@@ -170,7 +171,7 @@ def peer_row(evaluation: Evaluation, model: torch.nn.Module, name: str, progress
     """Score ``model`` with each selected layer's weight replaced by the peer's dequantized one."""
     quantize, dequantize, nbytes = PEERS[name]()
     quantized = copy.deepcopy(model)
-    targets = select_linears(quantized, QuantConfig("nf4"))  # the layers every lowbit row quantizes
+    targets = select_linears(quantized, QuantPlan.uniform("nf4"))  # the layers every lowbit row quantizes
     numel = stored = 0
     seconds = 0.0
     with progress_bar(len(targets), f"quantizing to {name}", enabled=progress) as advance:
@@ -211,7 +212,7 @@ def run(args) -> int:
     qat_configs = [QuantConfig.parse(label.strip()) for label in args.qat.split(",") if label.strip()]
     for config in qat_configs:
         check_qat_config(config)  # a label QAT cannot train fails now
-    configs = list({c.label: c for c in map(QuantConfig.parse, labels)}.values())  # a bad label fails now
+    configs = list({c.label: QuantPlan.uniform(c) for c in map(QuantConfig.parse, labels)}.values())  # fails now
     if not configs and args.no_peers and not qat_configs:
         raise ValueError("nothing to score: --no-peers and --formats names no format")
     args.window = DEFAULT_WINDOW
@@ -238,7 +239,7 @@ def run(args) -> int:
     budgets = budget_plans(args, model, tokenizer, info, con) if causal else {}
     configs += [chosen.plan for chosen in budgets.values()]
     qat_configs = qat_configs if causal else []  # lowbit qat trains causal LMs
-    compared = [QuantConfig.parse(c.label + suffix) for c in qat_configs for suffix in ("", PTQ_BEST)]
+    compared = [QuantPlan.uniform(c.label + suffix) for c in qat_configs for suffix in ("", PTQ_BEST)]
     configs = list({c.label: c for c in configs + compared}.values())  # the rows QAT is measured against
     predicted = {chosen.plan.label: chosen.predicted_kl for chosen in budgets.values()}
 
@@ -283,7 +284,8 @@ def qat_row(evaluation: Evaluation, model, tokenizer, info, config: QuantConfig,
             init: str) -> dict:
     """``lowbit qat``'s training of a copy of ``model`` to ``config``, scored on the protocol's windows."""
     student = copy.deepcopy(model)
-    quantized, record = qat_cmd.train_quantized(student, tokenizer, info.file_hash, config, settings, data, init=init)
+    quantized, record = qat_cmd.train_quantized(student, tokenizer, info.file_hash, QuantPlan.uniform(config), settings,
+                                                data, init=init)
     materialize(student)
     label = f"{config.label} qat"
     row = {"format": label, "qat": record, "bits_per_weight": quantized.bits_per_weight,

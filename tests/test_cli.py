@@ -77,3 +77,30 @@ def test_user_errors_are_one_line_with_exit_2(monkeypatch, tmp_path, capsys, err
     assert err == f"lowbit formats: error: {error}\n"
     assert "internal error" not in err
     assert list(Path(tmp_path).iterdir()) == []  # no traceback file for a user error
+
+
+@pytest.mark.parametrize("command", ["quantize", "compare"])
+def test_a_bug_inside_a_quantization_step_is_exit_3_and_writes_nothing(command, tiny_lm_dir, monkeypatch, tmp_path,
+                                                                      capsys):
+    """Not a failed row of compare, not a 'bad input' line: a non-lowbit exception raised while a layer is rounded
+    ends the command with exit 3 and the traceback's file, and no output is left behind."""
+    from lowbit.layers import surgery
+
+    def shape_bug(*args, **kwargs):
+        raise IndexError("index 64 is out of bounds for dimension 0 with size 64")
+
+    monkeypatch.setattr(surgery, "quantize_weight", shape_bug)
+    traces = tmp_path / "traces"
+    traces.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(traces))
+    monkeypatch.delenv("LOWBIT_DEBUG", raising=False)
+    out = tmp_path / "out"
+    argv = {"quantize": ["quantize", "--model", str(tiny_lm_dir), "--format", "nf4", "-o", str(out)],
+            "compare": ["compare", "--model", str(tiny_lm_dir), "--formats", "nf4", "--windows", "1", "--window",
+                        "64", "--json", str(out)]}[command]
+    assert cli.main(argv) == 3
+    err = capsys.readouterr().err
+    assert f"lowbit {command}: internal error (a bug in lowbit, not your input): IndexError: index 64" in err
+    (written,) = traces.glob(f"lowbit-{command}-*.traceback.txt")
+    assert "shape_bug" in written.read_text()
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["traces"]

@@ -7,6 +7,7 @@ import torch
 
 from lowbit import QuantConfig, QuantLinear, dispatch, kernels, quantize_model
 from lowbit.generation import HFStepper, LlamaStepper, generate, next_token
+from lowbit.planning import QuantPlan
 
 PROMPT = "The capital of France is"
 
@@ -41,7 +42,7 @@ def test_native_step_on_a_quantized_model_with_a_quantized_head(smollm2):
     q = copy.deepcopy(model)
     q.lm_head = torch.nn.Linear(576, q.lm_head.out_features, bias=False)
     q.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
-    quantize_model(q, QuantConfig("q4_0", exclude=()), progress=False)
+    quantize_model(q, QuantPlan.uniform(QuantConfig("q4_0"), exclude=()), progress=False)
     assert isinstance(q.lm_head, QuantLinear)
     check_steps(q, tokenizer)
 
@@ -101,7 +102,7 @@ def test_rotated_layers_keep_the_pytorch_loop(tiny_lm_dir):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
-    quantize_model(model, QuantConfig.parse("int4+had"), progress=False)
+    quantize_model(model, QuantPlan.uniform(QuantConfig.parse("int4+had")), progress=False)
     ids = torch.arange(100, 120)
     step = LlamaStepper(model, 32)
     assert step.native is None and step.name == "lowbit llama loop"

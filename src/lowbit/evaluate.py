@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .calibration.importance import DEFAULT_CALIBRATE, calibrate, calibration_batches
+from .calibration.importance import DEFAULT_CALIBRATE
 from .errors import InputError, LowbitError, ModelLoadError
 from .eval.causal import score_causal
 from .eval.encoder import encoder_reference, score_encoder
@@ -32,20 +32,12 @@ from .io.model_io import load_quantized
 from .layers.keep_dtype import dtype_name, round_state
 from .layers.linear import QuantLinear
 from .layers.outlier_linear import Int8OutlierLinear, float_path_share
-from .layers.surgery import (
-    QuantConfig,
-    as_plan,
-    check_config,
-    model_weight_bytes,
-    plan_layers,
-    quantize_model,
-    reference_weight_bytes,
-)
-from .methods.awq import awq_scale, scaled_importance
-from .methods.gptq_model import GPTQ_CALIBRATE, gptq_weights
+from .layers.surgery import check_plan, model_weight_bytes, reference_weight_bytes
+from .methods.gptq_model import GPTQ_CALIBRATE
 from .models.loader import CAUSAL_LM, ModelInfo, load_model
 from .planning.plan import QuantPlan
 from .progress import note
+from .workflows.run import Calibration, importance_layers, run
 
 DEFAULT_FORMATS = ("int8", "q8_0", "nf4", "nf4+dq", "bnb_fp4", "fp4_e2m1", "int4/64", "q4_0", "mxfp4", "nvfp4")
 
@@ -87,43 +79,43 @@ class Evaluation:
         return score_encoder(model, self.tokenizer, self.texts, self.embeddings, label=label, progress=self.progress)
 
 
-def compare(model: nn.Module, tokenizer, info: ModelInfo, configs: list[QuantConfig | QuantPlan], *, text=None,
+def compare(model: nn.Module, tokenizer, info: ModelInfo, plans: list[QuantPlan], *, text=None,
             window: int = DEFAULT_WINDOW, windows: int | None = None, keep_dtype: torch.dtype | None = None,
             progress: bool = True, on_result: Callable[[dict], None] | None = None,
             calibrate: int | None = None) -> dict:
-    """Quantize a copy of ``model`` to each config (or per-layer plan) and score it; returns the JSON report.
+    """Quantize a copy of ``model`` as each plan says (``workflows.run``) and score it; returns the JSON report.
 
-    A config the model cannot hold (a layer shape, a value out of range) becomes a row with
+    A plan the model cannot hold (a layer shape, a value out of range) becomes a row with
     an ``error`` and the others are still scored; only if none can be applied is it raised.
     ``on_result(report)`` is called after each row, so a caller can save what is finished.
     ``keep_dtype``: the unquantized tensors are rounded through it first, as ``save_quantized``
     stores them; a first row ``keep <dtype>`` then shows what that alone costs.
-    ``calibrate``: calibration windows for activation-weighted searches (``@amse``), taken from
-    the text after the scored windows (``lowbit.calibration.importance``); collected once, only if a
-    config needs them, and their time is counted in each such row's ``quantize_seconds``.
+    ``calibrate``: calibration windows, taken from the text after the scored windows
+    (``lowbit.calibration.importance``); the importance of the original model is collected once for
+    every row that needs it, and its time is counted in each such row's ``quantize_seconds``.
     """
     failed = {}
-    for config in configs:
+    for plan in plans:
         try:
-            check_config(model, config)  # a layout the model cannot hold fails now, before any scoring
+            check_plan(model, plan)  # a layout the model cannot hold fails now, before any scoring
         except LowbitError as e:
-            failed[config.label] = str(e)
-    if len(failed) == len(configs):
+            failed[plan.label] = str(e)
+    if len(failed) == len(plans):
         raise InputError(next(iter(failed.values())) if len(failed) == 1 else
                          f"no format can be applied to this model: {'; '.join(failed.values())}")
     evaluation = Evaluation(info, tokenizer, lambda: model, text=text, window=window, windows=windows,
                             **model_limits(model), progress=progress)
     report = _report(info, evaluation, reference_weight_bytes(model), [])
-    importance, calibration_seconds, gptq_inputs = None, 0.0, None
-    if any(_uses(c, 'method') or _uses(c, 'awq') for c in configs if c.label not in failed):  # a short text fails now
-        gptq_inputs = gptq_batches(tokenizer, info, evaluation, text=text, window=window, count=calibrate)
-    if any(_uses(c, 'needs_importance') for c in configs if c.label not in failed):
-        start = time.perf_counter()
-        wanted = [c for c in configs if _uses(c, 'needs_importance') and c.label not in failed]
-        importance = calibration_for(model, tokenizer, info, evaluation, text=text, window=window,
-                                     count=calibrate, progress=progress, layers=calibrated_layers(model, wanted))
-        calibration_seconds = time.perf_counter() - start
-        report["calibration"] = {"windows": calibrate or DEFAULT_CALIBRATE, "seconds": calibration_seconds}
+    scored = evaluation.protocol.windows if info.kind == CAUSAL_LM else len(evaluation.texts)
+    calibration = Calibration(tokenizer, info.kind, text, window=window, scored=scored, count=calibrate,
+                              progress=progress)
+    usable = [p for p in plans if p.label not in failed]
+    if any(c.method or c.awq for p in usable for c in p.configs):  # a short text fails now
+        calibration.batches(GPTQ_CALIBRATE)
+    shared = [n for p in usable if not any(c.awq for c in p.configs) for n in importance_layers(model, p)]
+    if shared:
+        calibration.shared_importance(model, list(dict.fromkeys(shared)))
+        report["calibration"] = {"windows": calibrate or DEFAULT_CALIBRATE, "seconds": calibration.seconds}
     keep = keep_dtype if keep_dtype not in (None, torch.float32) else None
     if keep is not None:
         report["keep_dtype"] = dtype_name(keep)
@@ -131,34 +123,31 @@ def compare(model: nn.Module, tokenizer, info: ModelInfo, configs: list[QuantCon
         saved = round_state(kept, keep)
         _add(report, _score(evaluation, kept, f"keep {dtype_name(keep)}", False, 32.0, 0.0, saved), on_result, progress)
         del kept
-    for config in configs:
-        if config.label in failed:
-            _add(report, {"format": config.label, "error": failed[config.label]}, on_result, progress)
+    for plan in plans:
+        if plan.label in failed:
+            _add(report, {"format": plan.label, "error": failed[plan.label]}, on_result, progress)
             continue
         quantized = copy.deepcopy(model)
+        rounded_from = float_weights(quantized)  # +awq's fold scales these tensors in place
         try:
-            start = time.perf_counter()
-            plan = as_plan(config)
-            scales = awq_scale(quantized, plan, gptq_inputs, progress=progress) if _uses(plan, "awq") else {}
-            prequantized = gptq_prequantized(quantized, plan, gptq_inputs, progress) if _uses(plan, "method") else None
-            gptq_seconds = time.perf_counter() - start
-            rounded_from = {name: m.weight for name, m in quantized.named_modules() if isinstance(m, nn.Linear)}
-            qreport = quantize_model(quantized, config, progress=progress, prequantized=prequantized,
-                                     importance=scaled_importance(importance, scales)
-                                     if _uses(config, 'needs_importance') else None)
+            qreport = run(quantized, plan, calibration, progress=progress, shared=True)
         except LowbitError as e:  # e.g. a value the format cannot hold (LayerQuantizeError names the layer)
-            _add(report, {"format": config.label, "error": str(e)}, on_result, progress)
+            _add(report, {"format": plan.label, "error": str(e)}, on_result, progress)
             continue
         sqnr = layer_sqnr(quantized, rounded_from)
         del rounded_from  # the float weights the layers replaced: freed before scoring materializes fp32 copies
         saved = round_state(quantized, keep) if keep is not None else 0
-        seconds = qreport.seconds + (calibration_seconds if _uses(config, 'needs_importance') else 0.0)
-        seconds += gptq_seconds
-        row = _score(evaluation, quantized, config.label, _uses(config, 'double_quant'), qreport.bits_per_weight,
-                     seconds, saved, layers=(qreport.format_counts, dict(qreport.fallbacks)))
+        double_quant = any(c.double_quant for c in plan.configs)
+        row = _score(evaluation, quantized, plan.label, double_quant, qreport.bits_per_weight, qreport.seconds, saved,
+                     layers=(qreport.format_counts, dict(qreport.fallbacks)))
         _add(report, row | {"layer_sqnr": sqnr}, on_result, progress)
         del quantized
     return report
+
+
+def float_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every nn.Linear's weight by name: what the layers are rounded from (after ``+awq``'s fold)."""
+    return {name: m.weight for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
 def layer_sqnr(quantized: nn.Module, rounded_from: dict[str, torch.Tensor]) -> dict:
@@ -171,45 +160,6 @@ def layer_sqnr(quantized: nn.Module, rounded_from: dict[str, torch.Tensor]) -> d
             names.append(name)
             values.append(sqnr_db(rounded_from[name], module.effective_weight()))
     return {"layers": names, "sqnr_db": values}
-
-
-def _uses(config: QuantConfig | QuantPlan, what: str) -> bool:
-    """Whether a config, or any config of a plan, has ``what`` (``method``, ``needs_importance``, ``double_quant``)."""
-    return any(getattr(c, what) for c in as_plan(config).configs)
-
-
-def calibration_for(model: nn.Module, tokenizer, info: ModelInfo, evaluation: Evaluation, *, text=None,
-                    window: int = DEFAULT_WINDOW, count: int | None = None, progress: bool = True,
-                    layers: list[str] | None = None) -> dict:
-    """Per-layer mean squared input activations from the text after ``evaluation``'s scored part."""
-    scored = evaluation.protocol.windows if info.kind == CAUSAL_LM else len(evaluation.texts)
-    return calibrate(model, tokenizer, info.kind, text, window=window, scored=scored,
-                     count=count or DEFAULT_CALIBRATE, progress=progress, layers=layers)
-
-
-def gptq_batches(tokenizer, info: ModelInfo, evaluation: Evaluation, *, text=None, window: int = DEFAULT_WINDOW,
-                 count: int | None = None) -> list:
-    """The calibration inputs GPTQ and AWQ run through the model (default ``GPTQ_CALIBRATE`` windows)."""
-    scored = evaluation.protocol.windows if info.kind == CAUSAL_LM else len(evaluation.texts)
-    return calibration_batches(tokenizer, info.kind, text, window=window, scored=scored,
-                               count=count or GPTQ_CALIBRATE)[0]
-
-
-def gptq_prequantized(model: nn.Module, config, batches, progress: bool = True) -> dict:
-    """``quantize_model``'s ``prequantized`` for the layers ``config`` (or a plan) gives ``+gptq``."""
-    results = gptq_weights(model, as_plan(config), batches, progress=progress)
-    return {name: r.qweight for name, r in results.items()}
-
-
-def calibrated_layers(model: nn.Module, configs: list[QuantConfig | QuantPlan]) -> list[str]:
-    """The layers the configs quantize, each by its first name (as ``named_modules()`` gives it):
-    only these are calibrated, so an excluded lm_head is never computed over the calibration windows."""
-    names = {}
-    for config in configs:
-        for layer_names, _, layer_config, _ in plan_layers(model, as_plan(config)):
-            if layer_config.needs_importance:
-                names[layer_names[0]] = None
-    return list(names)
 
 
 def _add(report: dict, result: dict, on_result: Callable[[dict], None] | None, progress: bool) -> None:

@@ -45,8 +45,8 @@ def no_hooks(model: nn.Module) -> bool:
 
 def test_the_documented_default_span_is_the_default():
     """--calibrate's help and the module docstring name the tokens the default reads: they must be these."""
+    from lowbit.calibration import importance as calibration
     from lowbit.commands import common
-    from lowbit.eval import calibration
 
     first, end = DEFAULT_WINDOWS * 512, (DEFAULT_WINDOWS + DEFAULT_CALIBRATE) * 512
     span = f"tokens {first:,}-{end - 1:,}"

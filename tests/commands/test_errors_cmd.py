@@ -15,7 +15,7 @@ from torch import nn
 
 import lowbit
 from lowbit.commands import errors_cmd
-from lowbit.planning import QuantConfig
+from lowbit.planning import QuantPlan
 
 KINDS = ["model.layers.*.self_attn.q_proj", "model.layers.*.self_attn.k_proj", "model.layers.*.self_attn.v_proj",
          "model.layers.*.self_attn.o_proj", "model.layers.*.mlp.gate_proj", "model.layers.*.mlp.up_proj",
@@ -98,7 +98,7 @@ def test_value_a_format_cannot_hold_names_the_layer():
     model = Two()
     with torch.no_grad():
         model.b.weight[2, 37] = 6e5  # q4_0's fp16 scale would be -75000: past fp16 (tests/test_overflow.py)
-    report = errors_cmd.measure(model, [QuantConfig.parse("nf4"), QuantConfig.parse("q4_0")], progress=False)
+    report = errors_cmd.measure(model, [QuantPlan.uniform("nf4"), QuantPlan.uniform("q4_0")], progress=False)
     nf4, q4_0 = report["formats"]
     assert len(nf4["layers"]) == 2 and math.isfinite(nf4["mean_sqnr_db"])
     assert q4_0["error"].startswith("layer 'b' (weight 4x64): q4_0 cannot hold block")
@@ -197,8 +197,8 @@ def test_layer_kind():
 def test_embedded_smollm2_blocks_match_tensor_errors(smollm2):
     """Real weights: block 0 of the embedded SmolLM2, nf4 and int4, against numpy."""
     model = smollm2[0]
-    configs = [QuantConfig.parse(label, include=("model.layers.0.*",)) for label in ("nf4", "int4")]
-    report = errors_cmd.measure(model, configs, progress=False)
+    plans = [QuantPlan.uniform(label, include=("model.layers.0.*",)) for label in ("nf4", "int4")]
+    report = errors_cmd.measure(model, plans, progress=False)
     assert len(report["layers"]) == 7
     modules = dict(model.named_modules())
     for f in report["formats"]:

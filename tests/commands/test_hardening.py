@@ -113,13 +113,13 @@ def test_disk_full_while_saving_is_one_line(tiny_lm_dir, tmp_path, monkeypatch):
 
 
 def model_io_save(model_dir, out):
-    from lowbit import QuantConfig, load_model, quantize_model
+    from lowbit import QuantPlan, load_model, quantize_model
     from lowbit.io import save_quantized
 
     model, tokenizer, info = load_model(model_dir)
-    config = QuantConfig("int8")
-    report = quantize_model(model, config, progress=False)
-    return save_quantized(model, tokenizer, info, report, config, out)
+    plan = QuantPlan.uniform("int8")
+    report = quantize_model(model, plan, progress=False)
+    return save_quantized(model, tokenizer, info, report, plan, out)
 
 
 def test_reshaped_layer_in_lowbit_json_is_refused(tiny_lm_dir, tmp_path):

@@ -9,6 +9,7 @@ import torch
 from lowbit import QuantConfig, dispatch, quantize_model
 from lowbit.eval import causal_reference, read_text, score_causal, token_windows
 from lowbit.evaluate import materialize
+from lowbit.planning import QuantPlan
 
 WINDOWS = 2
 
@@ -75,7 +76,7 @@ def test_model_against_its_own_reference(setup):
 @pytest.fixture(scope="module")
 def int8_model(smollm2):
     model = copy.deepcopy(smollm2[0])
-    quantize_model(model, QuantConfig("int8"), progress=False)
+    quantize_model(model, QuantPlan.uniform(QuantConfig("int8")), progress=False)
     return model
 
 
@@ -130,7 +131,7 @@ def test_kl_equals_the_reference_library_quantized_model(setup, label, roundtrip
     quantize_4bit / gguf-py's Q4_0 quantizer: KL within 1% (the weights are bitwise equal)."""
     model, _, _, _, ref = setup
     ours = copy.deepcopy(model)
-    quantize_model(ours, QuantConfig.parse(label), progress=False)
+    quantize_model(ours, QuantPlan.uniform(QuantConfig.parse(label)), progress=False)
     a = score_causal(materialize(ours), ref, progress=False)
     b = score_causal(_with_weights_from(model, roundtrip), ref, progress=False)
     assert a["kl_mean"] == pytest.approx(b["kl_mean"], rel=0.01)

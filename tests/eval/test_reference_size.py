@@ -16,6 +16,7 @@ import torch
 
 from lowbit.layers.linear import QuantLinear
 from lowbit.layers.surgery import model_weight_bytes, quantize_model, reference_weight_bytes
+from lowbit.planning import QuantPlan
 from lowbit.planning.config import QuantConfig
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "commands"))
@@ -42,7 +43,8 @@ def test_reference_is_the_original_float32_model(tied, head):
     reference, held it once; an untied head is a tensor of its own in both."""
     original = tiny_llama(tied)
     quantized = copy.deepcopy(original)
-    quantize_model(quantized, QuantConfig("q4_0", exclude=() if head else ("lm_head",)), progress=False)
+    plan = QuantPlan.uniform(QuantConfig("q4_0"), exclude=() if head else ("lm_head",))
+    quantize_model(quantized, plan, progress=False)
     assert any(isinstance(m, QuantLinear) for m in quantized.modules())
     assert reference_weight_bytes(original) == fp32_bytes(original)
     assert reference_weight_bytes(quantized) == fp32_bytes(original)

@@ -5,6 +5,7 @@ import torch
 
 import lowbit
 from lowbit.errors import UnrepresentableError
+from lowbit.planning import QuantPlan
 
 
 @pytest.mark.parametrize("name, dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
@@ -36,7 +37,7 @@ def test_cast_formats_in_a_model():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(48, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
     w = model[0].weight.detach().clone()
-    report = quantize_model(model, QuantConfig.parse("bf16", exclude=()))
+    report = quantize_model(model, QuantPlan.uniform(QuantConfig.parse("bf16"), exclude=()))
     assert report.bits_per_weight == 16
     assert isinstance(model[0], lowbit.QuantLinear)
     assert torch.equal(model[0].qweight.dequantize(), w.to(torch.bfloat16).float())

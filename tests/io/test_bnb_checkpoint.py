@@ -180,7 +180,8 @@ def test_layers_bitsandbytes_cannot_hold_are_named_and_nothing_is_written(smollm
                                           r".* and 10 more"):
         export_bnb(model, tokenizer, out)
     model, _ = copy.deepcopy(smollm2[0]), None
-    quantize_model(model, QuantConfig("nf4", block_size=48, include=("layers.4.mlp.up_proj",)), progress=False)
+    plan = QuantPlan.uniform(QuantConfig("nf4", block_size=48), include=("layers.4.mlp.up_proj",))
+    quantize_model(model, plan, progress=False)
     with pytest.raises(ExportError, match=r"model.layers.4.mlp.up_proj \(nf4/48: bitsandbytes blocks are 32, 64"):
         export_bnb(model, tokenizer, out)
     with pytest.raises(ExportError, match="no 4-bit layer"):
@@ -192,7 +193,7 @@ def test_a_checkpoint_lowbit_cannot_read_is_refused(tiny_lm_dir, tmp_path):
     with pytest.raises(ModelLoadError, match="no bitsandbytes 4-bit quantization_config"):
         import_model(tiny_lm_dir)
     model, tokenizer, _ = load_model(str(tiny_lm_dir))
-    quantize_model(model, QuantConfig("nf4"), progress=False)
+    quantize_model(model, QuantPlan.uniform(QuantConfig("nf4")), progress=False)
     export_bnb(model, tokenizer, tmp_path / "bnb")
     path = tmp_path / "bnb" / "model.safetensors"
     from safetensors.torch import load_file, save_file
@@ -210,7 +211,7 @@ def test_a_checkpoint_lowbit_cannot_read_is_refused(tiny_lm_dir, tmp_path):
 def tiny_bnb(tiny_lm_dir, tmp_path_factory):
     """tiny_lm_dir in nf4+dq (blocks of 64), written in bitsandbytes' layout."""
     model, tokenizer, _ = load_model(str(tiny_lm_dir))
-    quantize_model(model, QuantConfig("nf4", double_quant=True), progress=False)
+    quantize_model(model, QuantPlan.uniform(QuantConfig("nf4", double_quant=True)), progress=False)
     out = tmp_path_factory.mktemp("tiny-bnb") / "bnb"
     export_bnb(model, tokenizer, out)
     return out

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from lowbit import QuantConfig, QuantLinear, dispatch, quantize_model
+from lowbit import QuantLinear, dispatch, quantize_model
 from lowbit.io.gguf_export import ExportError, _permute, export_gguf
 from lowbit.models import load_model
 from lowbit.planning.plan import QuantPlan
@@ -87,14 +87,14 @@ def test_import_reads_every_type_back_byte_for_byte(exported):
 
 
 def test_refusals_write_nothing(tmp_path, tiny_lm_dir):
-    model, _ = quantized(QuantConfig("nf4", include=("layers.0.*",)))
+    model, _ = quantized(QuantPlan.uniform("nf4", include=("layers.0.*",)))
     out = tmp_path / "x.gguf"
     with pytest.raises(ExportError, match=r"q4_0, q4_1.*7 layer\(s\).*model.layers.0.self_attn.q_proj \(nf4\)"):
         export_gguf(model, "smollm2", out)
-    model, _ = quantized(QuantConfig.parse("q4_0+had", include=("layers.0.*",)))
+    model, _ = quantized(QuantPlan.uniform("q4_0+had", include=("layers.0.*",)))
     with pytest.raises(ExportError, match="rotation has no GGUF form"):
         export_gguf(model, "smollm2", out)
-    model, _ = quantized(QuantConfig("q4_0"))
+    model, _ = quantized(QuantPlan.uniform("q4_0"))
     export_gguf(model, "smollm2", out)
     assert "output.weight" not in {t.name for t in gguf.GGUFReader(out).tensors}  # tied to token_embd, as in the source
     out.unlink()
@@ -114,7 +114,7 @@ def test_llama_cpp_runs_it_close_to_lowbit(tmp_path):
 
     from lowbit.eval.protocol import default_text
 
-    model, tokenizer = quantized(QuantConfig("q4_0"))
+    model, tokenizer = quantized(QuantPlan.uniform("q4_0"))
     path = tmp_path / "q4_0.gguf"
     export_gguf(model, "smollm2", path)
     llm = Llama(str(path), n_ctx=512, n_threads=2, logits_all=True, verbose=False)

@@ -6,16 +6,17 @@ import os
 import pytest
 import torch
 
-from lowbit import QuantConfig, QuantLinear, load_model, quantize_model
+from lowbit import QuantLinear, load_model, quantize_model
 from lowbit.errors import ModelLoadError
 from lowbit.files.atomic import atomic_dir
 from lowbit.io import load_quantized, save_quantized
+from lowbit.planning import QuantPlan
 
 
 def quantized(path, label):
     model, tokenizer, info = load_model(path)
-    config = QuantConfig.parse(label)
-    return model, tokenizer, info, config, quantize_model(model, config, progress=False)
+    plan = QuantPlan.uniform(label)
+    return model, tokenizer, info, plan, quantize_model(model, plan, progress=False)
 
 
 @pytest.mark.parametrize("label", ["nf4+dq", "q4_0", "nvfp4", "int3_asym/128"])

@@ -10,10 +10,11 @@ import sys
 import pytest
 import torch
 
-from lowbit import QuantConfig, load_model, quantize_model
+from lowbit import load_model, quantize_model
 from lowbit.errors import ModelLoadError
 from lowbit.formats.registry import formats, get_format
 from lowbit.io import load_quantized, save_quantized
+from lowbit.planning import QuantPlan
 from lowbit.quantize import quantize
 
 LAYER = "model.layers.0.self_attn.q_proj"
@@ -22,9 +23,9 @@ LAYER = "model.layers.0.self_attn.q_proj"
 @pytest.fixture(scope="module")
 def saved(tiny_lm_dir, tmp_path_factory):
     model, tokenizer, info = load_model(tiny_lm_dir)
-    config = QuantConfig.parse("nf4")
-    report = quantize_model(model, config, progress=False)
-    return save_quantized(model, tokenizer, info, report, config, tmp_path_factory.mktemp("saved") / "q")
+    plan = QuantPlan.uniform("nf4")
+    report = quantize_model(model, plan, progress=False)
+    return save_quantized(model, tokenizer, info, report, plan, tmp_path_factory.mktemp("saved") / "q")
 
 
 def edited(saved, tmp_path, edit):

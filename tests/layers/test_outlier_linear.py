@@ -9,6 +9,7 @@ import torch
 
 from lowbit import QuantConfig, quantize_model
 from lowbit.layers.outlier_linear import EXACT_COLUMNS, QMAX, Int8OutlierLinear, float_path_share, int8_matmul
+from lowbit.planning import QuantPlan
 
 
 def fp16_exact_linear(k: int, n: int, seed: int) -> torch.nn.Linear:
@@ -148,7 +149,7 @@ def test_bad_labels_are_refused(label, message):
 
 def test_quantize_model_swaps_in_the_outlier_layer_with_honest_bytes(smollm2):
     model = copy.deepcopy(smollm2[0])
-    report = quantize_model(model, "int8_outlier/3.5", progress=False)
+    report = quantize_model(model, QuantPlan.uniform("int8_outlier/3.5"), progress=False)
     layers = [m for m in model.modules() if isinstance(m, Int8OutlierLinear)]
     assert len(layers) == len(report.layers) == 210 and report.format == "int8_outlier"
     assert {m.threshold for m in layers} == {3.5} and layers[0].name == report.layers[0]

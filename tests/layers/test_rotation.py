@@ -5,7 +5,7 @@ import torch
 from scipy.linalg import hadamard
 
 from lowbit.layers.rotation import fwht, hadamard_block, layer_signs, rotate, rotate_hessian, unrotate
-from lowbit.planning import QuantConfig
+from lowbit.planning import QuantConfig, QuantPlan
 
 
 @pytest.mark.parametrize(("n", "block"), [(576, 64), (1536, 512), (96, 32), (8, 8)])
@@ -65,18 +65,16 @@ def test_a_rotated_model_computes_with_its_effective_weights(tiny, label):
     import copy
 
     from lowbit.layers import QuantLinear, quantize_model
-    from lowbit.layers.surgery import as_plan
     from lowbit.methods.gptq_model import gptq_weights
-    from lowbit.planning import QuantConfig
 
     model, ids = tiny
     q = copy.deepcopy(model)
     config = QuantConfig.parse(label)
     pre = None
     if config.method:
-        found = gptq_weights(model, as_plan(config), [ids[:1], ids[1:]], progress=False)
+        found = gptq_weights(model, QuantPlan.uniform(config), [ids[:1], ids[1:]], progress=False)
         pre = {n: r.qweight for n, r in found.items()}
-    report = quantize_model(q, config, prequantized=pre, progress=False)
+    report = quantize_model(q, QuantPlan.uniform(config), prequantized=pre, progress=False)
     layers = [m for m in q.modules() if isinstance(m, QuantLinear)]
     assert len(layers) == 14 and all(m.signs is not None for m in layers)
     assert report.layer_bytes_after == sum(m.qweight.nbytes + m.in_features for m in layers)  # signs counted
@@ -92,8 +90,8 @@ def test_a_rotated_model_is_saved_and_loaded_exactly(tiny_lm_dir, tmp_path):
     from lowbit.models import load_model
 
     model, tokenizer, info = load_model(str(tiny_lm_dir))
-    report = quantize_model(model, "nf4/32+had", progress=False)
-    save_quantized(model, tokenizer, info, report, QuantConfig.parse("nf4/32+had"), tmp_path / "m")
+    report = quantize_model(model, QuantPlan.uniform("nf4/32+had"), progress=False)
+    save_quantized(model, tokenizer, info, report, QuantPlan.uniform("nf4/32+had"), tmp_path / "m")
     loaded, _, meta = load_quantized(tmp_path / "m")
     assert all(layer["rotation"] == "hadamard" for layer in meta["layers"].values())
     ids = torch.randint(0, 1000, (1, 16))

@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from lowbit import QuantLinear, quantize_model
 from lowbit.errors import LowbitError
 from lowbit.layers import SavePretrainedError
+from lowbit.planning import QuantPlan
 
 REFUSED = r"lowbit QuantLinear layers, which transformers' save_pretrained cannot save.*lowbit\.io\.save_quantized"
 
@@ -26,7 +27,7 @@ def tiny_llama() -> LlamaForCausalLM:
 @pytest.fixture
 def quantized_llama():
     model = tiny_llama()
-    report = quantize_model(model, "nf4", progress=False)
+    report = quantize_model(model, QuantPlan.uniform("nf4"), progress=False)
     assert len(report.layers) == 14
     return model
 

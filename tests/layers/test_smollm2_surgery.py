@@ -10,7 +10,8 @@ import torch
 import lowbit
 from lowbit import QuantConfig, QuantLinear, dispatch, quantize_model
 from lowbit.errors import LayerQuantizeError
-from lowbit.layers.surgery import check_config
+from lowbit.layers.surgery import check_plan
+from lowbit.planning import QuantPlan
 
 # SmolLM2-135M: 30 decoder layers x (q, k, v, o, gate, up, down); lm_head is excluded
 N_LINEAR = 30 * 7
@@ -20,7 +21,7 @@ PROMPT = "The capital of France is"
 @pytest.fixture(scope="module")
 def nf4_model(smollm2):
     model = copy.deepcopy(smollm2[0])
-    report = quantize_model(model, QuantConfig("nf4"), progress=False)
+    report = quantize_model(model, QuantPlan.uniform(QuantConfig("nf4")), progress=False)
     return model, report
 
 
@@ -72,7 +73,7 @@ def test_four_bit_layers_hold_at_most_30_percent_of_fp32(fmt, smollm2, nf4_model
         report = nf4_model[1]
     else:
         model = copy.deepcopy(smollm2[0])
-        report = quantize_model(model, QuantConfig(fmt), progress=False)
+        report = quantize_model(model, QuantPlan.uniform(QuantConfig(fmt)), progress=False)
         del model
     assert report.layer_bytes_after <= 0.30 * report.layer_bytes_before
     assert report.model_bytes_after < report.model_bytes_before
@@ -81,7 +82,7 @@ def test_four_bit_layers_hold_at_most_30_percent_of_fp32(fmt, smollm2, nf4_model
 def _error_for(smollm2, config):
     model = smollm2[0]  # quantize_model checks every layer before swapping any: safe to share
     with pytest.raises(LayerQuantizeError) as err:
-        quantize_model(model, config, progress=False)
+        quantize_model(model, QuantPlan.uniform(config), progress=False)
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
     return str(err.value)
 
@@ -91,9 +92,9 @@ def test_q4_k_names_the_first_576_wide_layer(smollm2):
     msg = _error_for(smollm2, QuantConfig("q4_k"))
     assert "model.layers.0.self_attn.q_proj" in msg and "576" in msg
     with pytest.raises(LayerQuantizeError) as err:  # the same verdict without quantizing anything
-        check_config(smollm2[0], QuantConfig("q4_k"))
+        check_plan(smollm2[0], QuantPlan.uniform("q4_k"))
     assert str(err.value) == msg
-    check_config(smollm2[0], QuantConfig("q4_0"))
+    check_plan(smollm2[0], QuantPlan.uniform("q4_0"))
 
 
 def test_row_block_rule_names_the_layer(smollm2):

@@ -26,7 +26,7 @@ def batches(vocab=300, n=2):
 
 
 def plan(label):
-    return QuantPlan.from_config(QuantConfig.parse(label))
+    return QuantPlan.uniform(QuantConfig.parse(label))
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])  # with grouped-query attention v_proj -> o_proj cannot be folded
@@ -100,7 +100,7 @@ def test_refusals():
     model = tiny_llama(4)
     with pytest.raises(ValueError, match=r"\+awq, whose scales come from the whole model's calibration pass: run "
                                          r"lowbit\.nn\.awq\.awq_scale"):
-        quantize_model(model, "int4/32+awq", progress=False)
+        quantize_model(model, QuantPlan.uniform("int4/32+awq"), progress=False)
     with pytest.raises(ValueError, match=r"int4\+awq: \+awq scales whole groups .* cannot be one layer's candidate"):
         measure_sensitivity(model, ["int4", "int4+awq"], batches(), progress=False)
     mlp = nn.Sequential(nn.ModuleList([nn.Sequential(nn.Linear(8, 8)) for _ in range(2)]))

@@ -10,6 +10,7 @@ from lowbit import QuantConfig, QuantLinear, load_model
 from lowbit.evaluate import materialize
 from lowbit.methods.qat import QATLinear, convert, prepare
 from lowbit.methods.qat_train import DivergedError, QATSettings, train
+from lowbit.planning import QuantPlan
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,7 @@ def tiny(_tiny):
 @pytest.mark.parametrize("label", ["int3/32", "int2_asym/64", "nf4/32", "int4/32+had"])
 def test_converted_model_computes_what_was_trained(tiny, label):
     teacher = copy.deepcopy(tiny)
-    layers = prepare(tiny, label)
+    layers = prepare(tiny, QuantPlan.uniform(label))
     assert len(layers) == 14 and all(isinstance(m, QATLinear) for m in layers.values())
     assert not any(p.requires_grad for n, p in tiny.named_parameters() if "embed" in n or "norm" in n)
     windows = torch.randint(0, 1000, (3, 32), generator=torch.Generator().manual_seed(0))
@@ -38,7 +39,7 @@ def test_converted_model_computes_what_was_trained(tiny, label):
     ids = windows[:1]
     with torch.no_grad():
         trained = tiny(ids).logits
-    report = convert(tiny, label)
+    report = convert(tiny, QuantPlan.uniform(label))
     assert sum(isinstance(m, QuantLinear) for m in tiny.modules()) == 14 == len(report.layers)
     materialize(tiny)
     with torch.no_grad():
@@ -50,7 +51,7 @@ def test_refusals():
     for label, message in [("q4_k", "GGUF block format"), ("mxfp4", "as codes"), ("nf4+dq", r"\+dq"),
                            ("int4@mse", "scale search"), ("int8_outlier", "LLM.int8")]:
         with pytest.raises(ValueError, match=message):
-            prepare(copy.deepcopy(model), label)
+            prepare(copy.deepcopy(model), QuantPlan.uniform(label))
     for kwargs, message in [({"steps": 0}, "--steps"), ({"lr": -1.0}, "--lr"), ({"loss": "mse"}, "--loss")]:
         with pytest.raises(ValueError, match=message):
             QATSettings(**({"steps": 1, "lr": 1e-5, "scale_lr": 1e-4} | kwargs))
@@ -58,7 +59,7 @@ def test_refusals():
 
 def test_a_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path):
     teacher = copy.deepcopy(tiny)
-    prepare(tiny, "int4/32")
+    prepare(tiny, QuantPlan.uniform("int4/32"))
     windows = torch.randint(0, 1000, (2, 16))
     settings = QATSettings(steps=6, lr=1e-3, scale_lr=1e-3, checkpoint_every=2)
     calls = {"n": 0}
@@ -79,9 +80,9 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_one(tiny, tmp_path):
     windows = torch.randint(0, 1000, (3, 16), generator=torch.Generator().manual_seed(1))
     settings = QATSettings(steps=4, lr=1e-3, scale_lr=1e-3, checkpoint_every=2)
     straight, teacher = copy.deepcopy(tiny), copy.deepcopy(tiny)
-    prepare(straight, "int3/32")
+    prepare(straight, QuantPlan.uniform("int3/32"))
     expected = train(straight, teacher, windows, settings, progress=False)
-    prepare(tiny, "int3/32")
+    prepare(tiny, QuantPlan.uniform("int3/32"))
     calls = {"n": 0}
 
     def interrupt(module, args):
@@ -111,12 +112,12 @@ def test_training_can_start_from_a_quantized_weight(tiny):
     start = {names[0]: quantize_weight(m.weight, replace(config, search="mse")) for names, m in linears(tiny)
              if "lm_head" not in names[0]}
     other = copy.deepcopy(tiny)
-    layers = prepare(tiny, config, start=start)
+    layers = prepare(tiny, QuantPlan.uniform(config), start=start)
     for name, layer in layers.items():
         with torch.no_grad():
             assert torch.equal(layer.quantizer(layer.weight), start[name].dequantize())
     with pytest.raises(ValueError, match="cannot seed"):
-        prepare(other, "int4/64", start=start)
+        prepare(other, QuantPlan.uniform("int4/64"), start=start)
 
 
 def test_a_checkpoint_directory_holding_a_users_file_is_not_replaced(tmp_path):

@@ -10,7 +10,7 @@ from torch import nn
 
 from lowbit.errors import LayerQuantizeError
 from lowbit.layers import QuantLinear, quantize_model
-from lowbit.planning import QuantConfig, QuantPlan
+from lowbit.planning import PlanRule, QuantConfig, QuantPlan
 
 PLAN = {"rules": [{"pattern": "head", "keep": True},
                   {"pattern": "mlp.*", "format": "q4_k", "fallback": "q8_0"},
@@ -45,11 +45,11 @@ def test_first_match_wins_keep_and_fallback():
 
 
 def test_a_config_and_its_plan_store_the_same_bytes():
-    config = QuantConfig.parse("int4/32", exclude=("head",))
+    config = QuantConfig.parse("int4/32")
     a, b = model(), model()
-    ra = quantize_model(a, config, progress=False)
-    rb = quantize_model(b, QuantPlan.from_config(config), progress=False)
-    assert ra.format == rb.format == "int4" and ra.layers == rb.layers
+    ra = quantize_model(a, QuantPlan.uniform(config, exclude=("head",)), progress=False)
+    rb = quantize_model(b, QuantPlan((PlanRule("head", None), PlanRule("*", config))), progress=False)
+    assert ra.format == "int4" and rb.format == "plan[int4/32]" and ra.layers == rb.layers
     for x, y in zip(a.modules(), b.modules(), strict=True):
         if isinstance(x, QuantLinear):
             assert all(torch.equal(x.qweight.parts[k], y.qweight.parts[k]) for k in x.qweight.parts)

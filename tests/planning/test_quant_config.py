@@ -8,6 +8,7 @@ from torch import nn
 
 import lowbit
 from lowbit import QuantConfig, QuantLinear, get_format, quantize_model
+from lowbit.planning import QuantPlan
 
 
 @pytest.mark.parametrize(
@@ -96,7 +97,7 @@ def test_the_constructor_checks_as_parse_does():
 def test_quantize_model_reads_a_label():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 8))
-    report = quantize_model(model, "nf4/32+dq", progress=False)
+    report = quantize_model(model, QuantPlan.uniform("nf4/32+dq"), progress=False)
     assert report.format == "nf4"
     q = [m.qweight for m in model.modules() if isinstance(m, QuantLinear)]
     assert len(q) == 2 and all(t.block_size == 32 and t.double_quant for t in q)

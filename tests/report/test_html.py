@@ -173,11 +173,12 @@ def test_compare_rows_hold_what_the_figures_draw(tiny_lm_dir):
     from lowbit import load_model
     from lowbit.eval.tensor import tensor_errors
     from lowbit.evaluate import compare
-    from lowbit.layers.surgery import QuantConfig, quantize_weight
+    from lowbit.layers.surgery import quantize_weight
+    from lowbit.planning import QuantPlan
 
     model, tokenizer, info = load_model(str(tiny_lm_dir))
-    configs = [QuantConfig.parse("nf4"), QuantConfig.parse("int4/32+had")]
-    report = compare(model, tokenizer, info, configs, windows=1, window=64, progress=False)
+    plans = [QuantPlan.uniform("nf4"), QuantPlan.uniform("int4/32+had")]
+    report = compare(model, tokenizer, info, plans, windows=1, window=64, progress=False)
     for row in report["results"]:
         q = dict(zip(row["kl_quantiles"]["q"], row["kl_quantiles"]["kl"], strict=True))
         assert (q[0.5], q[0.99], q[1.0]) == (row["kl_median"], row["kl_p99"], row["kl_max"])
@@ -186,6 +187,6 @@ def test_compare_rows_hold_what_the_figures_draw(tiny_lm_dir):
     nf4 = report["results"][0]["layer_sqnr"]
     for name, db in zip(nf4["layers"], nf4["sqnr_db"], strict=True):
         weight = model.get_submodule(name).weight
-        expected = tensor_errors(weight, quantize_weight(weight, configs[0]).dequantize()).sqnr_db
+        expected = tensor_errors(weight, quantize_weight(weight, plans[0].uniform_config).dequantize()).sqnr_db
         assert db == pytest.approx(expected, rel=1e-9)
     assert all(10 < db < 40 for db in report["results"][1]["layer_sqnr"]["sqnr_db"])  # +had: unrotated weights

@@ -58,10 +58,10 @@ def add_calibrate_arg(p) -> None:
                         f"the text right after the scored windows, never overlapping them ({L.CALIBRATE.text()})")
 
 
-def check_calibrate_arg(args, configs) -> None:
+def check_calibrate_arg(args, plans) -> None:
     if args.calibrate is not None:  # a command whose parser did not read it with L.CALIBRATE.arg
         L.CALIBRATE.check(args.calibrate, "--calibrate")
-    if args.calibrate is not None and not any(c.needs_calibration for c in configs):
+    if args.calibrate is not None and not any(p.needs_calibration for p in plans):
         raise InputError("--calibrate is for activation-weighted searches, GPTQ and AWQ, and no format asks for one: "
                          "add @amse or @ahqq to a format, e.g. nf4@amse, or +gptq or +awq")
 
@@ -81,24 +81,27 @@ def add_keep_dtype_arg(p) -> None:
                         "local checkpoint's config.json declares; fp32 for GGUF files and hub ids")
 
 
-def parse_configs(labels: list[str], args, *, block_size: int | None = None, double_quant: bool = False):
-    """``FORMAT[/BLOCK][+dq][@SEARCH]`` labels -> QuantConfigs, each setting once (a repeated label runs once);
-    ``--include``/``--exclude`` apply to all. ``block_size``/``double_quant`` are the long-form flags."""
-    from ..layers.surgery import QuantConfig
+def parse_plans(labels: list[str], args, *, block_size: int | None = None, double_quant: bool = False,
+                method: str | None = None):
+    """``FORMAT[/BLOCK][+dq][@SEARCH]`` labels -> uniform QuantPlans, each once (a repeated label runs once), every
+    one selecting the layers ``--include``/``--exclude`` name. ``block_size``/``double_quant``/``method`` are the
+    long-form flags."""
+    from ..planning.config import QuantConfig
+    from ..planning.plan import DEFAULT_EXCLUDE, QuantPlan
 
-    selection = {"include": tuple(args.include or ())}
-    if args.exclude is not None:
-        selection["exclude"] = tuple(args.exclude)
+    include, exclude = tuple(args.include or ()), DEFAULT_EXCLUDE if args.exclude is None else tuple(args.exclude)
     configs = {}
     for label in labels:
-        config = QuantConfig.parse(label, **selection)
+        config = QuantConfig.parse(label)
         if block_size is not None and config.block_size not in (None, block_size):
             raise InputError(f"{label!r} names block {config.block_size} but --block-size is {block_size}")
         if block_size is not None or double_quant:
             config = replace(config, block_size=block_size if block_size is not None else config.block_size,
                              double_quant=config.double_quant or double_quant)
+        if method:
+            config = replace(config, method=method)
         configs.setdefault(config.label, config)
-    return list(configs.values())
+    return [QuantPlan.uniform(c, include, exclude) for c in configs.values()]
 
 
 def check_protocol_args(args) -> None:

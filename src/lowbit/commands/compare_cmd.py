@@ -21,7 +21,7 @@ from .common import (
     check_protocol_args,
     console,
     load,
-    parse_configs,
+    parse_plans,
     source_dtype,
 )
 from .report_cmd import add_peers_arg, check_report_args
@@ -52,8 +52,8 @@ def run(args) -> int:
     labels = [label for label in formats.split(",") if label.strip()]
     if not labels and not args.plan:
         raise InputError("--formats names no format")
-    configs = parse_configs(labels, args) + [QuantPlan.load(path) for path in args.plan or ()]
-    check_calibrate_arg(args, configs)
+    plans = parse_plans(labels, args) + [QuantPlan.load(path) for path in args.plan or ()]
+    check_calibrate_arg(args, plans)
     keep = parse_keep_dtype(args.keep_dtype) if args.keep_dtype else None
     check_protocol_args(args)
     if args.peers and not args.report:
@@ -66,7 +66,7 @@ def run(args) -> int:
         keep = source_dtype(info.source)
     # each finished row is saved at once: an interrupted run keeps what it measured
     save = (lambda report: write_json(args.json, report)) if args.json else None
-    report = compare(model, tokenizer, info, configs, text=args.text, window=args.window, windows=args.windows,
+    report = compare(model, tokenizer, info, plans, text=args.text, window=args.window, windows=args.windows,
                      keep_dtype=keep, on_result=save, calibrate=args.calibrate)
     con.print(compare_table(report, width=con.width))
     for line in layer_notes(report):

@@ -36,11 +36,13 @@ from ..evaluate import DEFAULT_FORMATS
 from ..files.atomic import write_json
 from ..files.outputs import check_outputs
 from ..io.model_io import local_source
-from ..layers.surgery import QuantConfig, check_config, quantize_weight, select_linears
+from ..layers.surgery import check_plan, quantize_weight, select_linears
 from ..models.loader import CAUSAL_LM
+from ..planning.config import QuantConfig
+from ..planning.plan import QuantPlan
 from ..progress import progress_bar
 from ..tensor import QuantizedTensor
-from .common import add_model_arg, add_protocol_args, check_protocol_args, console, load, parse_configs
+from .common import add_model_arg, add_protocol_args, check_protocol_args, console, load, parse_plans
 
 
 def add_parser(sub) -> None:
@@ -71,14 +73,15 @@ def run(args) -> int:
     labels = [label for label in args.formats.split(",") if label.strip()]
     if not labels:
         raise InputError("--formats names no format")
-    # --layers selects exactly what it matches, lm_head too; without it, QuantConfig's default (all but lm_head)
+    # --layers selects exactly what it matches, lm_head too; without it, QuantPlan.uniform's default (all but lm_head)
     selection = SimpleNamespace(include=args.layers, exclude=[] if args.layers else None)
-    configs = parse_configs(labels, selection)
-    whole = next((c.label for c in configs if c.method or c.rotate or c.awq), None)
+    plans = parse_plans(labels, selection)
+    whole = next((p.label for p in plans if p.uniform_config.method or p.uniform_config.rotate
+                  or p.uniform_config.awq), None)
     if whole:  # quantize_weight would drop them silently
         raise InputError(f"{whole}: lowbit errors measures each weight tensor rounded on its own; +gptq, +had and "
                          "+awq change a layer against its inputs: score them with lowbit compare")
-    _check_calibrate(args.calibrate, configs)
+    _check_calibrate(args.calibrate, plans)
     check_protocol_args(args)  # --window/--windows/--text and the --json path, before the model loads
     check_outputs([args.json], [args.text, local_source(args.model)])
     con = console()
@@ -95,7 +98,7 @@ def run(args) -> int:
         calibration["seconds"] = time.perf_counter() - start
         return found
 
-    measured = measure(model, configs, patterns=args.layers, importance=importance)
+    measured = measure(model, plans, patterns=args.layers, importance=importance)
     report = {"lowbit_version": __version__, "model": asdict(info), **measured,
               **({"calibration": calibration} if calibration else {})}
     con.print(errors_table(report, per_layer=args.all))
@@ -105,21 +108,22 @@ def run(args) -> int:
     return 1 if any("error" in f for f in report["formats"]) else 0
 
 
-def measure(model: nn.Module, configs: list[QuantConfig], *, patterns=None, importance=None,
+def measure(model: nn.Module, plans: list[QuantPlan], *, patterns=None, importance=None,
             progress: bool = True) -> dict:
     """``{"layers": [{name, shape}], "formats": [...]}``: per format its label, stored bits per weight, mean
     and worst SQNR and every layer's ``TensorErrors.to_dict()`` (same order as ``layers``), or an ``error``
-    when the format cannot hold some layer. All configs share one selection (``parse_configs`` gives them
-    the same ``include``/``exclude``); ``patterns`` only words the error when it selects nothing.
+    when the format cannot hold some layer. ``plans`` are uniform and share one selection (``parse_plans`` gives
+    them the same ``include``/``exclude``); ``patterns`` only words the error when it selects nothing.
 
     ``importance``: ``{layer name: (in_features,) mean squared input}``, or a callable taking the selected
     layer names and returning it, called only if a format that can be applied needs calibration. Given,
     every layer's errors also hold the activation-weighted MSE and SQNR."""
-    targets = _select(model, configs[0], patterns)
+    targets = _select(model, plans[0], patterns)
+    configs = [p.uniform_config for p in plans]
     failed = {}
-    for config in configs:
+    for plan, config in zip(plans, configs, strict=True):
         try:
-            check_config(model, config)  # a layout the model cannot hold fails before any layer is measured
+            check_plan(model, plan)  # a layout the model cannot hold fails before any layer is measured
         except LowbitError as e:
             failed[config.label] = str(e)
     if len(failed) == len(configs):
@@ -165,8 +169,8 @@ def measure(model: nn.Module, configs: list[QuantConfig], *, patterns=None, impo
     return {"layers": layers, "formats": formats}
 
 
-def _select(model: nn.Module, config: QuantConfig, patterns) -> list:
-    targets = select_linears(model, config)
+def _select(model: nn.Module, plan: QuantPlan, patterns) -> list:
+    targets = select_linears(model, plan)
     if not targets:
         names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         what = f"--layers {' '.join(map(repr, patterns))}" if patterns else "the default selection"
@@ -182,10 +186,10 @@ def _quantize_weight(weight: torch.Tensor, config: QuantConfig, importance: torc
     return quantize_weight(weight, config, importance)
 
 
-def _check_calibrate(count: int | None, configs: list[QuantConfig]) -> None:
+def _check_calibrate(count: int | None, plans: list[QuantPlan]) -> None:
     if count is not None and count < 1:
         raise InputError(f"--calibrate needs at least 1 window, got {count}")
-    if count is not None and not any(c.needs_calibration for c in configs):
+    if count is not None and not any(p.needs_calibration for p in plans):
         raise InputError("--calibrate is for activation-weighted searches, and no format asks for one: "
                          "add @amse or @ahqq to a format, e.g. nf4@amse")
 

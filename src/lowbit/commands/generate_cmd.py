@@ -10,7 +10,7 @@ from .. import limits as L
 from ..errors import InputError
 from ..generation import check_prompt, generate
 from ..models import CAUSAL_LM
-from ..planning.config import QuantConfig
+from ..planning.plan import DEFAULT_EXCLUDE, QuantPlan
 from .common import add_model_arg, console, load
 
 
@@ -40,7 +40,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    config = _check(args)
+    plan = _check(args)
     con = console()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -53,10 +53,10 @@ def run(args) -> int:
         model, tokenizer, info = load(args.model, con)
         kind, what = info.kind, info.source
         _check_kind(kind, what)
-        if config is not None:
+        if plan is not None:
             from ..layers.surgery import quantize_model
 
-            quantize_model(model, config, progress=con.is_terminal)
+            quantize_model(model, plan, progress=con.is_terminal)
     _check_kind(kind, what)
     prompt = args.prompt
     if args.chat:
@@ -79,8 +79,8 @@ def _check_kind(kind: str, what: str) -> None:
         raise InputError(f"{what} is not a causal language model (it is an {kind}): generate needs one")
 
 
-def _check(args) -> QuantConfig | None:
-    """Every argument checked before anything loads; the --format config, if any."""
+def _check(args) -> QuantPlan | None:
+    """Every argument checked before anything loads; the --format plan, if any."""
     if args.directory and (args.model or args.format):
         raise InputError("give a quantized DIR or --model [--format LABEL], not both")
     if args.include_head and not args.format:
@@ -89,8 +89,8 @@ def _check(args) -> QuantConfig | None:
     check_prompt(args.prompt)
     if not args.format:
         return None
-    config = QuantConfig.parse(args.format, **({"exclude": ()} if args.include_head else {}))
-    if config.needs_calibration:
+    plan = QuantPlan.uniform(args.format, exclude=() if args.include_head else DEFAULT_EXCLUDE)
+    if plan.needs_calibration:
         raise InputError(f"{args.format} needs calibration: run `lowbit quantize --format {args.format} -o DIR` "
                          "and then `lowbit generate DIR`")
-    return config
+    return plan

@@ -61,8 +61,8 @@ def run(args) -> int:
     if args.json:
         check_writable_file(args.json)
     if args.json and args.model is not None:  # never over the model it counts (imported here: --params loads no torch)
-        from ..io.model_io import local_source
         from ..files.outputs import check_outputs
+        from ..io.model_io import local_source
 
         check_outputs([args.json], [local_source(args.model)])
     params = None if args.params is None else mem.parse_params(args.params)  # before a --model loads, too

@@ -19,14 +19,13 @@ from ..eval.protocol import DEFAULT_WINDOW, DEFAULT_WINDOWS, read_text
 from ..files.outputs import check_outputs
 from ..io.model_io import check_output, local_source, save_quantized
 from ..layers.keep_dtype import parse_keep_dtype
-from ..layers.surgery import as_plan
 from ..methods.gptq_model import GPTQ_CALIBRATE, gptq_weights
 from ..methods.lsq import INITS
 from ..methods.qat import check_qat_config, convert, prepare
 from ..methods.qat_train import LOSSES, QATSettings, train
 from ..models.loader import CAUSAL_LM
 from ..planning.plan import QuantPlan
-from .common import add_keep_dtype_arg, add_model_arg, add_selection_args, console, load, parse_configs, source_dtype
+from .common import add_keep_dtype_arg, add_model_arg, add_selection_args, console, load, parse_plans, source_dtype
 
 # The default run: GPTQ's rounding as the start (5.8 minutes for SmolLM2 on 2 cores), then 250 steps of 256
 # tokens (64,000 tokens, the text after the scored windows read ~0.6 times) at 4.5 s a step (the original's
@@ -88,9 +87,8 @@ def checkpoint_dir(output) -> Path:
     return path.with_name(path.name + ".qat-checkpoint")
 
 
-def gptq_start(model, tokenizer, config, text: str | None, window: int, scored: int) -> dict:
-    """GPTQ's rounding (``+gptq@amse``) of every layer the config trains, on the windows after the scored ones."""
-    plan = as_plan(config)
+def gptq_start(model, tokenizer, plan, text: str | None, window: int, scored: int) -> dict:
+    """GPTQ's rounding (``+gptq@amse``) of every layer the plan trains, on the windows after the scored ones."""
     gplan = QuantPlan(tuple(replace(r, config=None if r.config is None else
                                     replace(r.config, method="gptq", search="amse"), fallback=None)
                             for r in plan.rules), plan.name)
@@ -132,20 +130,20 @@ def training_text(tokenizer, text: str | None, *, window: int = DEFAULT_WINDOW, 
     return TrainingText(text, name, window, scored, train_window, skip, windows)
 
 
-def train_quantized(model, tokenizer, model_hash: str | None, config, settings: QATSettings, data: TrainingText, *,
+def train_quantized(model, tokenizer, model_hash: str | None, plan, settings: QATSettings, data: TrainingText, *,
                     init: str = "mse", checkpoint: Path | None = None, resume: bool = False) -> tuple:
     """Train ``model`` in place (fake quantization, then ``convert``): ``(QuantizeReport, the run's record)``."""
     teacher = copy.deepcopy(model) if settings.loss == "kl" else None
     start = time.perf_counter()
     if resume:  # the checkpoint holds the start and every value training changed: the quick rule gives the
-        prepare(model, config, init="rule")  # layers their shapes, and load_checkpoint overwrites all of it
+        prepare(model, plan, init="rule")  # layers their shapes, and load_checkpoint overwrites all of it
     else:
-        seeds = gptq_start(model, tokenizer, config, data.text, data.window, data.scored) if init == "gptq" else None
-        prepare(model, config, init="mse" if seeds else init, start=seeds)
-    run_id = {"model": model_hash, "config": as_plan(config).to_dict(), "init": init, "text": data.name,
+        seeds = gptq_start(model, tokenizer, plan, data.text, data.window, data.scored) if init == "gptq" else None
+        prepare(model, plan, init="mse" if seeds else init, start=seeds)
+    run_id = {"model": model_hash, "config": plan.to_dict(), "init": init, "text": data.name,
               "train_window": data.train_window, "skip": data.skip}
     losses = train(model, teacher, data.windows, settings, checkpoint=checkpoint, resume=resume, run=run_id)
-    report = convert(model, config)
+    report = convert(model, plan)
     seconds = time.perf_counter() - start
     report = replace(report, seconds=seconds)  # the run's cost: GPTQ, training and the conversion
     record = {"steps": settings.steps, "lr": settings.lr, "scale_lr": settings.scale_lr, "loss": settings.loss,
@@ -159,10 +157,10 @@ def run(args) -> int:
         if args.block_size is not None or args.include or args.exclude is not None:
             raise InputError("--plan says each layer's format: --block-size, --include and --exclude belong in its "
                              "rules")
-        config = QuantPlan.load(args.plan)
+        plan = QuantPlan.load(args.plan)
     else:
-        (config,) = parse_configs([args.format], args, block_size=args.block_size)
-    for c in as_plan(config).configs:
+        (plan,) = parse_plans([args.format], args, block_size=args.block_size)
+    for c in plan.configs:
         check_qat_config(c)
     settings = QATSettings(steps=args.steps, lr=args.lr, scale_lr=args.scale_lr, loss=args.loss)
     check_windows(args.window, args.windows, args.train_window)
@@ -181,15 +179,15 @@ def run(args) -> int:
     keep = parse_keep_dtype(args.keep_dtype) if args.keep_dtype else source_dtype(info.source)
     data = training_text(tokenizer, args.text, window=args.window, scored=args.windows, train_window=args.train_window)
     try:
-        report, record = train_quantized(model, tokenizer, info.file_hash, config, settings, data, init=args.init,
+        report, record = train_quantized(model, tokenizer, info.file_hash, plan, settings, data, init=args.init,
                                          checkpoint=checkpoint, resume=args.resume)
     except KeyboardInterrupt:
         if checkpoint.is_dir():
             print(f"lowbit qat: the checkpoint {checkpoint} is kept: the same command with --resume continues it",
                   file=sys.stderr)
         raise
-    label = f"{config.label} qat"
-    save_quantized(model, tokenizer, info, report, config, args.output, keep_dtype=keep, extra={"qat": record},
+    label = f"{plan.label} qat"
+    save_quantized(model, tokenizer, info, report, plan, args.output, keep_dtype=keep, extra={"qat": record},
                    label=label, overwrite=args.overwrite)
     shutil.rmtree(checkpoint, ignore_errors=True)
     con.print(f"{label}: {len(report.layers)} layers, {report.bits_per_weight:.3f} bits/weight; {settings.steps} "

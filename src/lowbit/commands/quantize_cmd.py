@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import replace
 
 from .. import limits as L
-from ..calibration.importance import DEFAULT_CALIBRATE, calibrate, calibration_batches
+from ..calibration.importance import calibration_batches
 from ..errors import InputError
 from ..eval.protocol import DEFAULT_WINDOW, DEFAULT_WINDOWS, paragraphs, read_text
-from ..evaluate import Evaluation, calibrated_layers, materialize, model_limits
+from ..evaluate import Evaluation, materialize, model_limits
 from ..io.model_io import check_output, local_source, read_meta, save_quantized
 from ..layers.keep_dtype import parse_keep_dtype
-from ..layers.surgery import as_plan, linears, quantize_model
-from ..methods.awq import awq_scale
-from ..methods.gptq_model import GPTQ_CALIBRATE, gptq_weights
+from ..layers.surgery import linears
 from ..models.loader import CAUSAL_LM
 from ..planning.budget import plan_for_budget
-from ..planning.plan import QuantPlan
+from ..planning.plan import DEFAULT_EXCLUDE, QuantPlan
 from ..planning.sensitivity import (
     DEFAULT_CANDIDATES,
     SENSITIVITY_CALIBRATE,
@@ -28,6 +24,7 @@ from ..planning.sensitivity import (
 )
 from ..report.layers import budget_table
 from ..report.table import layer_notes
+from ..workflows import run as workflow
 from .common import (
     add_calibrate_arg,
     add_keep_dtype_arg,
@@ -37,7 +34,7 @@ from .common import (
     check_protocol_args,
     console,
     load,
-    parse_configs,
+    parse_plans,
     source_dtype,
 )
 
@@ -101,14 +98,13 @@ def run(args) -> int:
                 or args.method):
             raise InputError("--plan says each layer's format: --block-size, --double-quant, --method, --include "
                              "and --exclude belong in its rules")
-        config = QuantPlan.load(args.plan)
+        plan = QuantPlan.load(args.plan)
     else:
-        (config,) = parse_configs([args.format], args, block_size=args.block_size, double_quant=args.double_quant)
-        if args.method:
-            config = replace(config, method=args.method)
-    check_calibrate_arg(args, [config])
+        (plan,) = parse_plans([args.format], args, block_size=args.block_size, double_quant=args.double_quant,
+                              method=args.method)
+    check_calibrate_arg(args, [plan])
     keep = parse_keep_dtype(args.keep_dtype) if args.keep_dtype else None
-    if config.needs_calibration:
+    if plan.needs_calibration:
         check_protocol_args(args)
     # before minutes of work, not after
     check_output(args.output, overwrite=args.overwrite, source=local_source(args.model))
@@ -116,22 +112,21 @@ def run(args) -> int:
     model, tokenizer, info = load(args.model, con)
     keep = keep or source_dtype(info.source)
     if args.plan is not None:
-        unused = config.unused(names[0] for names, _ in linears(model))
+        unused = plan.unused(names[0] for names, _ in linears(model))
         if unused and args.strict:
             raise InputError(f"{unused[0]} (--strict){f'; and {len(unused) - 1} more' if len(unused) > 1 else ''}")
         for message in unused:
             con.print(f"warning: {message}", style="yellow")
     elif args.strict:
         raise InputError("--strict checks a --plan's rules; there is no --plan")
-    scored = scored_count(info.kind, args.text, args.windows) if config.needs_calibration else 0
-    report = quantize_with(model, tokenizer, info, config, args, scored)
-    save_quantized(model, tokenizer, info, report, config, args.output, overwrite=args.overwrite, keep_dtype=keep)
+    report = workflow.run(model, plan, calibration_of(args, tokenizer, info) if plan.needs_calibration else None)
+    save_quantized(model, tokenizer, info, report, plan, args.output, overwrite=args.overwrite, keep_dtype=keep)
     after = read_meta(args.output)["quantize"]["model_bytes_after"]  # the unquantized tensors at --keep-dtype
-    row = {"format": config.label, "layer_formats": report.format_counts, "fallbacks": dict(report.fallbacks)}
+    row = {"format": plan.label, "layer_formats": report.format_counts, "fallbacks": dict(report.fallbacks)}
     for line in layer_notes({"results": [row]}):
         con.print(line)
     con.print(
-        f"{config.label}: {len(report.layers)} layers, {report.bits_per_weight:.3f} bits/weight; model "
+        f"{plan.label}: {len(report.layers)} layers, {report.bits_per_weight:.3f} bits/weight; model "
         f"{report.model_bytes_before / 1e6:.1f} MB -> {after / 1e6:.1f} MB "
         f"in {report.seconds:.1f} s; wrote {args.output}"
     )
@@ -155,20 +150,20 @@ def run_budget(args) -> int:
     keep = parse_keep_dtype(args.keep_dtype) if args.keep_dtype else source_dtype(info.source)
     if info.kind != CAUSAL_LM:
         raise InputError(f"--budget weighs formats by KL of next-token distributions; {info.name} is an encoder")
-    scored = scored_count(info.kind, args.text, args.windows)
+    calibration = calibration_of(args, tokenizer, info)
     evaluation = Evaluation(info, tokenizer, lambda: model, text=args.text, window=args.window,
                             windows=args.windows, **model_limits(model))  # the reference, before any layer changes
     if table is None:
-        batches, _ = calibration_batches(tokenizer, info.kind, args.text, window=args.window, scored=scored,
-                                         count=SENSITIVITY_CALIBRATE)
-        exclude = tuple(args.exclude) if args.exclude is not None else ("lm_head",)
+        batches, _ = calibration_batches(tokenizer, info.kind, args.text, window=args.window,
+                                         scored=calibration.scored, count=SENSITIVITY_CALIBRATE)
+        exclude = tuple(args.exclude) if args.exclude is not None else DEFAULT_EXCLUDE
         table = measure_sensitivity(model, candidates, batches, include=tuple(args.include or ()), exclude=exclude)
         chosen = plan_for_budget(model, args.budget, candidates=candidates, sensitivity=table)
     else:
         check_table(table, info, model, args.sensitivity)
     con.print(budget_table(chosen))
     plan = chosen.plan
-    report = quantize_with(model, tokenizer, info, plan, args, scored)
+    report = workflow.run(model, plan, calibration)
     save_quantized(model, tokenizer, info, report, plan, args.output, overwrite=args.overwrite, keep_dtype=keep)
     con.print(f"{plan.label}: {len(report.layers)} layers, {report.bits_per_weight:.4f} bits/weight "
               f"(budget {args.budget:g}) in {report.seconds:.1f} s; wrote {args.output}")
@@ -178,30 +173,11 @@ def run_budget(args) -> int:
     return 0
 
 
-def quantize_with(model, tokenizer, info, config, args, scored: int):
-    """``quantize_model`` with what ``config`` needs first: AWQ scales folded in, calibration importance (@amse),
-    GPTQ weights."""
-    importance, seconds, prequantized = None, 0.0, None
-    plan = as_plan(config)
-    if any(c.method or c.awq for c in plan.configs):  # a text too short for GPTQ fails before any calibration
-        batches, _ = calibration_batches(tokenizer, info.kind, args.text, window=args.window, scored=scored,
-                                         count=args.calibrate or GPTQ_CALIBRATE)
-    if any(c.awq for c in plan.configs):  # first: the importance and GPTQ's Hessians are then the scaled inputs'
-        start = time.perf_counter()
-        awq_scale(model, plan, batches)
-        seconds += time.perf_counter() - start
-    if any(c.needs_importance for c in plan.configs):
-        start = time.perf_counter()
-        importance = calibrate(model, tokenizer, info.kind, args.text, window=args.window, scored=scored,
-                               count=args.calibrate or DEFAULT_CALIBRATE, layers=calibrated_layers(model, [config]))
-        seconds += time.perf_counter() - start
-    if any(c.method for c in plan.configs):
-        start = time.perf_counter()
-        prequantized = {name: r.qweight for name, r in gptq_weights(model, plan, batches).items()}
-        seconds += time.perf_counter() - start
-    report = quantize_model(model, config, importance=importance, prequantized=prequantized)
-    report = replace(report, seconds=report.seconds + seconds)
-    return report
+def calibration_of(args, tokenizer, info) -> workflow.Calibration:
+    """The calibration inputs the arguments name: ``--calibrate`` windows of ``--text`` after what
+    `lowbit compare` scores with ``--windows``."""
+    return workflow.Calibration(tokenizer, info.kind, args.text, window=args.window,
+                       scored=scored_count(info.kind, args.text, args.windows), count=args.calibrate)
 
 
 def check_table(table: Sensitivity, info, model, path: str) -> None:

@@ -28,7 +28,7 @@ from ..layers.hf_quantizer import refuse_save_pretrained
 from ..layers.keep_dtype import round_state
 from ..layers.linear import QuantLinear
 from ..layers.outlier_linear import Int8OutlierLinear, check_threshold
-from ..layers.surgery import QuantConfig, QuantizeReport, as_plan
+from ..layers.surgery import QuantizeReport
 from ..models.header_checks import check_safetensors
 from ..models.loader import CAUSAL_LM, ModelInfo, as_load_error, model_kind, resolve
 from ..planning.plan import QuantPlan
@@ -43,8 +43,7 @@ _QW = ".qweight."  # infix of packed-part keys: "<layer>.qweight.<part>"
 _SIGNS = ".rotation_signs"  # a +had layer's int8 signs: "<layer>.rotation_signs"
 
 
-def save_quantized(model, tokenizer, info: ModelInfo, report: QuantizeReport, config: QuantConfig | QuantPlan,
-                   directory, *,
+def save_quantized(model, tokenizer, info: ModelInfo, report: QuantizeReport, plan: QuantPlan, directory, *,
                    overwrite=False, keep_dtype: torch.dtype = torch.float32, extra: dict | None = None,
                    label: str | None = None) -> Path:
     """Write ``model`` (already through ``quantize_model``, which gave ``report``) to ``directory``, atomically.
@@ -53,7 +52,7 @@ def save_quantized(model, tokenizer, info: ModelInfo, report: QuantizeReport, co
     and rounded through it in ``model`` too, so the model in memory computes what the saved one
     will; ``model_bytes_after`` in ``lowbit.json`` counts them at that dtype. ``extra``: more sections for
     ``lowbit.json`` (``lowbit qat`` records its training); ``label``: the name reports give the model
-    instead of the config's label (``int3/64 qat``).
+    instead of the plan's label (``int3/64 qat``).
     """
     check_output(directory, overwrite=overwrite, source=local_source(info.source))
     saved = round_state(model, keep_dtype)  # after the checks: a refused save leaves the model as it was
@@ -83,14 +82,14 @@ def save_quantized(model, tokenizer, info: ModelInfo, report: QuantizeReport, co
             first_of[where] = key
             t = t.detach()
             tensors[key] = (t.to(keep_dtype) if t.is_floating_point() else t).contiguous()
-    plan = as_plan(config)
-    if isinstance(config, QuantPlan):  # a mixed model: the plan says what each layer is; "config" names it
+    config = plan.uniform_config
+    if config is None:  # a mixed model: the plan says what each layer is; "config" names it
         config_meta = {"label": plan.label, "format": None, "block_size": None, "double_quant": False,
                        "search": None, "include": [], "exclude": []}
     else:
         config_meta = {"label": config.label, "format": get_format(config.format).name,
                        "block_size": config.block_size, "double_quant": config.double_quant, "search": config.search,
-                       "include": list(config.include), "exclude": list(config.exclude)}
+                       "include": list(plan.include), "exclude": list(plan.exclude)}
     meta = {
         "lowbit_layout": LAYOUT_VERSION,
         "config": config_meta | {"keep_dtype": str(keep_dtype).removeprefix("torch.")},

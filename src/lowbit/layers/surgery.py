@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from ..errors import InputError, LayerQuantizeError, LowbitError
-from ..planning.config import AWQ_ATTRIBUTE, LABEL_SYNTAX, QuantConfig, matches  # noqa: F401  (re-exported: lowbit.layers.surgery.QuantConfig)
+from ..planning.config import AWQ_ATTRIBUTE, QuantConfig
 from ..planning.plan import QuantPlan
 from ..progress import progress_bar
 from ..quantize import quantize
@@ -63,13 +63,12 @@ class QuantizeReport:
         return self.model_bytes_after / self.model_bytes_before if self.model_bytes_before else 1.0
 
 
-def quantize_model(model: nn.Module, config: QuantConfig | QuantPlan | str, *, progress: bool = True,
+def quantize_model(model: nn.Module, plan: QuantPlan, *, progress: bool = True,
                    importance: dict[str, torch.Tensor] | None = None,
                    prequantized: dict[str, QuantizedTensor] | None = None) -> QuantizeReport:
-    """Replace the selected ``nn.Linear`` layers of ``model`` by ``QuantLinear``, in place.
+    """Replace the ``nn.Linear`` layers ``plan`` selects by ``QuantLinear``, in place.
 
-    ``config``: one ``QuantConfig`` for every selected layer, a label (``QuantConfig.parse``: ``"nf4"``,
-    ``"int4/128"``, ``"nf4+dq"``), or a ``QuantPlan`` of per-layer rules (``lowbit.planning.plan``).
+    ``plan``: per-layer rules (``lowbit.planning.plan``); one format for all is ``QuantPlan.uniform("nf4")``.
     Every layer is quantized before any is swapped, so a layer that cannot be stored in
     its format (``LayerQuantizeError``, naming it) leaves the model untouched.
     ``importance``: layer name -> ``(in_features,)`` mean squared input activation
@@ -78,7 +77,9 @@ def quantize_model(model: nn.Module, config: QuantConfig | QuantPlan | str, *, p
     whose config has a method (``+gptq``: ``lowbit.methods.gptq_model.gptq_weights``, which needs the whole
     model's calibration pass), and how imported bytes become layers (``lowbit.io.importers``).
     """
-    plan = as_plan(config)
+    if not isinstance(plan, QuantPlan):
+        raise InputError(f"quantize_model takes a QuantPlan, got {type(plan).__name__}: for one format on every "
+                         "layer, QuantPlan.uniform(label, include, exclude)")
     start = time.perf_counter()
     before = model_weight_bytes(model)
     targets = plan_layers(model, plan)
@@ -97,8 +98,9 @@ def quantize_model(model: nn.Module, config: QuantConfig | QuantPlan | str, *, p
         raise InputError(f"@{search} needs calibration activations for every layer it quantizes; none for "
                          f"{missing[0]}{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}")
 
-    replacements: list[tuple[list[str], QuantLinear, QuantConfig]] = []
-    what = plan.rules[-1].config.format_name if _single(plan) else plan.label
+    replacements: list[tuple[list[str], QuantLinear]] = []
+    uniform = plan.uniform_config
+    what = uniform.format_name if uniform is not None else plan.label
     with progress_bar(len(targets), f"quantizing to {what}", enabled=progress) as advance:
         for names, linear, layer_config, _ in targets:
             weights = next((importance[n] for n in names if n in (importance or {})), None)
@@ -108,23 +110,21 @@ def quantize_model(model: nn.Module, config: QuantConfig | QuantPlan | str, *, p
             else:
                 qweight, signs = rounded_layer(names[0], linear.weight, layer_config,
                                                weights if layer_config.needs_calibration else None)
-            replacements.append((names, layer_module(names[0], linear, qweight, signs, layer_config), layer_config))
+            replacements.append((names, layer_module(names[0], linear, qweight, signs, layer_config)))
             advance()
 
     layer_numel = layer_before = layer_after = 0
-    for names, qlinear, layer_config in replacements:
+    for names, qlinear in replacements:
         for name in names:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, qlinear)
-        if layer_config.dequantized_weights:
-            qlinear.materialize()
         layer_numel += qlinear.qweight.numel
         layer_before += qlinear.qweight.numel * qlinear.qweight.dtype.itemsize
         layer_after += qlinear.nbytes
     refuse_save_pretrained(model)  # transformers' save_pretrained would silently drop every QuantLinear
     return QuantizeReport(
         format=what,
-        layers=tuple(name for names, _, _ in replacements for name in names),
+        layers=tuple(name for names, _ in replacements for name in names),
         layer_numel=layer_numel,
         layer_bytes_before=layer_before,
         layer_bytes_after=layer_after,
@@ -145,23 +145,11 @@ def layer_module(name: str, linear: nn.Linear, qweight: QuantizedTensor, signs: 
     return QuantLinear.from_linear(linear, qweight, signs)
 
 
-def as_plan(config: QuantConfig | QuantPlan | str) -> QuantPlan:
-    if isinstance(config, str):
-        config = QuantConfig.parse(config)
-    return QuantPlan.from_config(config) if isinstance(config, QuantConfig) else config
-
-
-def _single(plan: QuantPlan) -> bool:
-    """Whether the plan is one config's (``QuantPlan.from_config``): reports then name its format as before."""
-    configs = plan.configs
-    return len(configs) == 1 and plan == QuantPlan.from_config(configs[0])
-
-
-def check_config(model: nn.Module, config: QuantConfig | QuantPlan) -> None:
-    """Raise what ``quantize_model(model, config)`` would for its layout, without quantizing:
+def check_plan(model: nn.Module, plan: QuantPlan) -> None:
+    """Raise what ``quantize_model(model, plan)`` would for its layout, without quantizing:
     no layer selected, or a layer whose shape the format cannot hold (``LayerQuantizeError``).
     Lets ``compare`` refuse a bad format list before minutes of scoring, not halfway through."""
-    plan_layers(model, as_plan(config))
+    plan_layers(model, plan)
 
 
 def plan_layers(model: nn.Module, plan: QuantPlan) -> list[tuple[list[str], nn.Linear, QuantConfig, str | None]]:
@@ -190,9 +178,8 @@ def plan_layers(model: nn.Module, plan: QuantPlan) -> list[tuple[list[str], nn.L
         else:
             raise error
     if not chosen:
-        if _single(plan):
-            c = plan.rules[-1].config
-            raise InputError(f"no nn.Linear layer matched include={c.include} exclude={c.exclude}")
+        if plan.uniform_config is not None:
+            raise InputError(f"no nn.Linear layer matched include={plan.include} exclude={plan.exclude}")
         some = ", ".join(names[0] for names, _ in linears(model)[:3])
         raise InputError(f"the plan quantizes no nn.Linear layer (its patterns: "
                          f"{', '.join(r.pattern for r in plan.rules)}); layers are named like {some}")
@@ -210,9 +197,9 @@ def layout_error(name: str, linear: nn.Linear, config: QuantConfig) -> LayerQuan
     return None
 
 
-def select_linears(model: nn.Module, config: QuantConfig) -> list[tuple[list[str], nn.Linear]]:
-    """The layers ``config`` selects, each once, with every name it is reachable under."""
-    return [(names, m) for names, m in linears(model) if any(config.selects(n) for n in names)]
+def select_linears(model: nn.Module, plan: QuantPlan) -> list[tuple[list[str], nn.Linear]]:
+    """The layers ``plan`` selects, each once, with every name it is reachable under."""
+    return [(names, m) for names, m in linears(model) if plan.selects(names)]
 
 
 def linears(model: nn.Module) -> list[tuple[list[str], nn.Linear]]:

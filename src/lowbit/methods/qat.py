@@ -16,7 +16,7 @@ from torch import nn
 from ..errors import InputError
 from ..formats.registry import get_format
 from ..layers.rotation import hadamard_block, layer_signs, rotate
-from ..layers.surgery import QuantizeReport, as_plan, plan_layers, quantize_model
+from ..layers.surgery import QuantizeReport, plan_layers, quantize_model
 from ..planning.config import QuantConfig
 from ..planning.plan import QuantPlan
 from ..tensor import QuantizedTensor
@@ -70,11 +70,10 @@ def check_qat_config(config: QuantConfig) -> None:
                          "block, e.g. int3/64")
 
 
-def prepare(model: nn.Module, config: QuantConfig | QuantPlan | str, *, init: str = "mse",
+def prepare(model: nn.Module, plan: QuantPlan, *, init: str = "mse",
             start: dict[str, QuantizedTensor] | None = None) -> dict[str, QATLinear]:
-    """Swap every layer the config (or plan) selects for a ``QATLinear``, in place; freeze everything else.
+    """Swap every layer the plan selects for a ``QATLinear``, in place; freeze everything else.
     ``start``: layer name -> a quantized weight (GPTQ's) to begin from. Returns ``{first name: layer}``."""
-    plan = as_plan(config)
     for c in plan.configs:
         check_qat_config(c)
     targets = plan_layers(model, plan)
@@ -90,10 +89,9 @@ def prepare(model: nn.Module, config: QuantConfig | QuantPlan | str, *, init: st
     return layers
 
 
-def convert(model: nn.Module, config: QuantConfig | QuantPlan | str) -> QuantizeReport:
+def convert(model: nn.Module, plan: QuantPlan) -> QuantizeReport:
     """Replace every ``QATLinear`` by a ``QuantLinear`` holding its trained weight as the quantizer stores it,
     in place (``quantize_model`` with those bytes prequantized): the model then computes what it trained."""
-    plan = as_plan(config)
     qweights, linears = {}, {}
     for name, module in list(model.named_modules(remove_duplicate=False)):
         if not isinstance(module, QATLinear):

@@ -65,7 +65,7 @@ class BudgetPlan:
     @property
     def plan(self) -> QuantPlan:
         """One rule per layer, its full name as the pattern (a name holds no fnmatch wildcard)."""
-        return QuantPlan(tuple(PlanRule(c.layer, QuantConfig.parse(c.label, exclude=())) for c in self.choices),
+        return QuantPlan(tuple(PlanRule(c.layer, QuantConfig.parse(c.label)) for c in self.choices),
                          name=f"budget {self.budget:g}")
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 
 from ..errors import InputError
 from ..formats.registry import GridCodec, codec_for, get_format
@@ -16,22 +15,13 @@ from ..limits import BLOCK_SIZE, check_block_size
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """What to quantize and how (one entry point, torchao ``quantize_``-style).
-
-    ``include``/``exclude`` are fnmatch patterns on module names. A pattern matches the
-    full dotted name or any dotted tail of it, so ``"lm_head"`` also matches
-    ``"model.lm_head"`` and ``"q_proj"`` matches every ``"...self_attn.q_proj"``. Empty
-    ``include`` means every ``nn.Linear``; ``exclude`` wins over ``include``.
-    ``dequantized_weights`` keeps each dequantized weight cached (fast evaluation, same
-    numbers, but the model then holds full-precision bytes again).
+    """How to quantize a layer: its tensor format (format, block, double quant, scale search) and the methods
+    its label names. Which layers take it is a ``QuantPlan``'s business (``QuantPlan.uniform``).
     """
 
     format: str | FormatSpec
     block_size: int | None = None
     double_quant: bool = False
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ("lm_head",)
-    dequantized_weights: bool = False
     search: str | None = None  # scale search (lowbit.pipeline.SEARCHES); None: the format's own rule
     method: str | None = None  # "gptq" (lowbit.methods.gptq); None: each weight rounded on its own
     rotate: bool = False  # "+had": a randomized Hadamard rotation of the input dimension (lowbit.layers.rotation)
@@ -79,10 +69,6 @@ class QuantConfig:
             if codec_for(spec).family != "learned":
                 raise InputError(f"{CODEBOOK_SUFFIX} refits a codebook stored with the tensor; {spec.name} has "
                                  "none: use a learned codebook format, lloyd2..lloyd8 or qq2..qq8")
-        for key in ("include", "exclude"):
-            value = getattr(self, key)
-            # a bare string would otherwise be read as one pattern per character
-            object.__setattr__(self, key, (value,) if isinstance(value, str) else tuple(value))
 
     def _check_outlier(self) -> None:
         object.__setattr__(self, "outlier_threshold", check_threshold(self.outlier_threshold))
@@ -135,9 +121,8 @@ class QuantConfig:
         return needs_calibration(self.search) and not self.method
 
     @classmethod
-    def parse(cls, label: str, **kwargs) -> QuantConfig:
-        """``"nf4"``, ``"int4/128"``, ``"nf4+dq"``, ``"nf4/64+dq"``, ``"int4_asym/64@hqq"`` -> QuantConfig
-        (``kwargs`` for the rest).
+    def parse(cls, label: str) -> QuantConfig:
+        """``"nf4"``, ``"int4/128"``, ``"nf4+dq"``, ``"nf4/64+dq"``, ``"int4_asym/64@hqq"`` -> QuantConfig.
 
         The one reader of a format label: every command that takes one calls this, so a
         label means the same, and is refused with the same words, everywhere."""
@@ -145,7 +130,7 @@ class QuantConfig:
         if not text:
             raise InputError(f"empty format label: expected {LABEL_SYNTAX}")
         if text.partition("/")[0].partition("+")[0].partition("@")[0].strip() == OUTLIER_FORMAT:
-            return cls(format=OUTLIER_FORMAT, outlier_threshold=_parse_threshold(label, text), **kwargs)
+            return cls(format=OUTLIER_FORMAT, outlier_threshold=_parse_threshold(label, text))
         text, at, search = text.partition("@")
         if at and (not search.strip() or "@" in search or "/" in search or "+" in search):
             from ..pipeline import SEARCHES
@@ -184,12 +169,7 @@ class QuantConfig:
             raise InputError(f"{label!r} names no format: write FORMAT{DQ_SUFFIX}, e.g. nf4{DQ_SUFFIX}")
         return cls(format=name, block_size=_parse_block(label, block) if slash else None,
                    double_quant=bool(suffixes), search=search.strip() if at else None,
-                   **({"method": methods[0]} if methods else {}), **flags, **kwargs)
-
-    def selects(self, name: str) -> bool:
-        included = not self.include or any(matches(name, p) for p in self.include)
-        return included and not any(matches(name, p) for p in self.exclude)
-
+                   **({"method": methods[0]} if methods else {}), **flags)
 
 METHODS = ("gptq",)  # rounding methods beyond round-to-nearest (lowbit.methods.gptq)
 ROTATE_SUFFIX = "+had"
@@ -243,8 +223,3 @@ def _parse_block(label: str, block: str) -> int:
     if int(text[:40]) == 0:  # [:40]: int() of thousands of digits is slow, and any 40 are past the range
         raise InputError(f"{label!r}: block size 0; a block holds at least 1 weight")
     return BLOCK_SIZE.parse(text, f"{label!r}: the block size")
-
-
-def matches(name: str, pattern: str) -> bool:
-    parts = name.split(".")
-    return any(fnmatchcase(".".join(parts[i:]), pattern) for i in range(len(parts)))

@@ -1,8 +1,9 @@
 """Per-layer quantization plans: ordered rules from module-name patterns to a config, first match wins.
 
 A plan is data (torchao's ``FqnToConfig``): it is written as JSON, saved with the model, and read back
-exactly. Patterns match as ``QuantConfig``'s include/exclude do (fnmatch on the full dotted name or any
-dotted tail of it), so ``"lm_head"``, ``"mlp.*"`` and ``"model.layers.0.*"`` all work. A rule either names
+exactly. It is the only thing that selects layers: one format for every layer is ``QuantPlan.uniform(label,
+include, exclude)``. Patterns match with fnmatch on the full dotted name or any dotted tail of it, so
+``"lm_head"``, ``"mlp.*"`` and ``"model.layers.0.*"`` all work. A rule either names
 a format label (``FORMAT[/BLOCK][+dq][@SEARCH]``) or keeps the layer in full precision, and may name a
 ``fallback`` label for layers whose shape its format cannot hold: llama.cpp falls back from ``q4_k`` to
 ``q5_0`` for rows that do not hold whole 256-weight blocks (src/llama-quant.cpp, ``llama_tensor_get_type``).
@@ -17,12 +18,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from difflib import get_close_matches
+from fnmatch import fnmatchcase
 
 from ..errors import InputError
 from ..json_file import load_json
-from .config import QuantConfig, matches
+from .config import QuantConfig
 
 _RULE_KEYS = {"pattern", "format", "keep", "fallback"}
+DEFAULT_EXCLUDE = ("lm_head",)  # the output head stays in full precision unless asked (README: --exclude)
 
 
 @dataclass(frozen=True)
@@ -68,13 +71,15 @@ class PlanRule:
 def _parse(label) -> QuantConfig:
     if not isinstance(label, str):
         raise InputError(f"a format label is a string such as 'nf4/64+dq', got {label!r}")
-    return QuantConfig.parse(label, exclude=())  # the rule's pattern selects, not the config
+    return QuantConfig.parse(label)
 
 
 @dataclass(frozen=True)
 class QuantPlan:
     rules: tuple[PlanRule, ...]
     name: str | None = None  # what reports call it instead of the formats it names (e.g. "budget 4.5")
+    # set by ``uniform`` only: the plan is one label's, and reports call it by that label
+    uniform_config: QuantConfig | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "rules", tuple(self.rules))
@@ -82,10 +87,29 @@ class QuantPlan:
             raise InputError("a plan needs at least one rule")
 
     @classmethod
-    def from_config(cls, config: QuantConfig) -> QuantPlan:
-        """The plan that selects what ``config`` selects: its excludes kept, then its includes (or all)."""
-        keep = [PlanRule(p, None) for p in config.exclude]
-        return cls((*keep, *(PlanRule(p, config) for p in config.include or ("*",))))
+    def uniform(cls, config: QuantConfig | str, include: Iterable[str] = (), exclude: Iterable[str] = DEFAULT_EXCLUDE
+                ) -> QuantPlan:
+        """One format for every selected ``nn.Linear``: the layers matching ``exclude`` kept, then those matching
+        ``include`` (empty: every layer) given ``config`` (a ``QuantConfig`` or a label). ``exclude`` wins."""
+        config = QuantConfig.parse(config) if isinstance(config, str) else config
+        include, exclude = (_patterns(p) for p in (include, exclude))
+        rules = (*(PlanRule(p, None) for p in exclude), *(PlanRule(p, config) for p in include or ("*",)))
+        return cls(rules, uniform_config=config)
+
+    @property
+    def include(self) -> tuple[str, ...]:
+        """A uniform plan's include patterns (empty: every layer); what ``--include`` said."""
+        patterns = tuple(r.pattern for r in self.rules if r.config is not None)
+        return () if patterns == ("*",) else patterns
+
+    @property
+    def exclude(self) -> tuple[str, ...]:
+        return tuple(r.pattern for r in self.rules if r.config is None)
+
+    def selects(self, names: Iterable[str]) -> bool:
+        """Whether a layer (by its names) is quantized: its first matching rule names a format."""
+        rule = self.rule_for(names)
+        return rule is not None and rule.config is not None
 
     def rule_for(self, names: Iterable[str]) -> PlanRule | None:
         """The first rule matching any of a layer's names; None when none does (the layer is left alone)."""
@@ -117,9 +141,11 @@ class QuantPlan:
 
     @property
     def label(self) -> str:
-        """``plan[nf4/32+dq@amse, q6_k|q8_0]``: the formats the rules name (``|``: fallback)."""
+        """``plan[nf4/32+dq@amse, q6_k|q8_0]``: the formats the rules name (``|``: fallback); a uniform plan's label."""
         if self.name:
             return self.name
+        if self.uniform_config is not None:
+            return self.uniform_config.label
         names = [f"{r.config.label}{'|' + r.fallback.label if r.fallback else ''}" for r in self.rules if r.config]
         return f"plan[{', '.join(dict.fromkeys(names))}]"
 
@@ -139,3 +165,24 @@ class QuantPlan:
     def load(cls, path) -> QuantPlan:
         """A plan from a JSON file; every problem is one ValueError naming the file."""
         return load_json(path, "plan", cls.from_dict)
+
+
+def selected(names: Iterable[str], include: Iterable[str] = (), exclude: Iterable[str] = DEFAULT_EXCLUDE) -> bool:
+    """Whether a layer (by its names) is one ``QuantPlan.uniform(..., include, exclude)`` quantizes: no name
+    matches ``exclude``, and some name matches ``include`` (empty: every layer)."""
+    names, include = list(names), _patterns(include)
+    if any(matches(n, p) for n in names for p in _patterns(exclude)):
+        return False
+    return not include or any(matches(n, p) for n in names for p in include)
+
+
+def matches(name: str, pattern: str) -> bool:
+    """``pattern`` (fnmatch) matches the dotted ``name`` or any dotted tail of it: ``"q_proj"`` matches
+    ``"model.layers.0.self_attn.q_proj"``."""
+    parts = name.split(".")
+    return any(fnmatchcase(".".join(parts[i:]), pattern) for i in range(len(parts)))
+
+
+def _patterns(value) -> tuple[str, ...]:
+    # a bare string would otherwise be read as one pattern per character
+    return (value,) if isinstance(value, str) else tuple(value)

@@ -33,6 +33,7 @@ from ..methods.gptq_model import effective_weight, gptq_layer
 from ..pipeline import needs_calibration
 from ..progress import progress_bar
 from .config import QuantConfig
+from .plan import DEFAULT_EXCLUDE, selected
 
 # Calibration windows of 512 tokens each measurement runs: 1,024 tokens. A measurement costs the forward from
 # the layer's block on plus the full-vocabulary log-softmax (~1 s a window for SmolLM2 on 2 CPU threads), and
@@ -95,12 +96,12 @@ class Sensitivity:
 
 def measure_sensitivity(model: nn.Module, candidates: Sequence[str | QuantConfig], batches: Sequence, *,
                         measure: str = "anchor", anchor: str | None = None, include: tuple[str, ...] = (),
-                        exclude: tuple[str, ...] = ("lm_head",), progress: bool = True) -> Sensitivity:
+                        exclude: tuple[str, ...] = DEFAULT_EXCLUDE, progress: bool = True) -> Sensitivity:
     """Each selected layer's cost per candidate on the calibration ``batches`` (input-id tensors of a causal LM).
 
     ``measure="anchor"`` measures each layer's KL for one candidate (``anchor``; default the lower median of the
     candidates' bits per weight) and predicts the others from the output error; ``"all"`` measures every one.
-    ``include``/``exclude``: which layers, as ``QuantConfig``'s patterns. ``model`` is left as it was.
+    ``include``/``exclude``: which layers, as ``QuantPlan.uniform``'s patterns. ``model`` is left as it was.
     """
     if measure not in MEASURES:
         raise InputError(f"measure must be one of {', '.join(MEASURES)}, got {measure!r}")
@@ -108,12 +109,11 @@ def measure_sensitivity(model: nn.Module, candidates: Sequence[str | QuantConfig
     if not batches:
         raise InputError("no calibration inputs given")
     start = time.perf_counter()
-    selector = QuantConfig("int8", include=include, exclude=exclude)
-    targets = {names[0]: linear for names, linear in linears(model) if any(selector.selects(n) for n in names)}
+    targets = {names[0]: linear for names, linear in linears(model) if selected(names, include, exclude)}
     if not targets:
         raise InputError(f"no nn.Linear layer left to measure (include={list(include)}, exclude={list(exclude)})")
     if anchor is not None:
-        anchor = QuantConfig.parse(anchor, exclude=()).label  # "nf4/64" and "nf4" name one candidate
+        anchor = QuantConfig.parse(anchor).label  # "nf4/64" and "nf4" name one candidate
     if anchor is not None and anchor not in configs:
         raise InputError(f"anchor {anchor!r} is not one of the candidates ({', '.join(configs)})")
     runner = _Runner(model, batches)
@@ -149,7 +149,7 @@ def _ratio(error: float, anchor_error: float) -> float:
 
 def candidate(label: str | QuantConfig) -> QuantConfig:
     """A per-layer candidate's config; ``+awq`` is refused: its fold changes the norm a group of layers shares."""
-    config = label if isinstance(label, QuantConfig) else QuantConfig.parse(label, exclude=())
+    config = label if isinstance(label, QuantConfig) else QuantConfig.parse(label)
     if config.awq:
         raise InputError(f"{config.label}: +awq scales whole groups of layers through the op before them, so it "
                          "cannot be one layer's candidate; leave it out of the candidates")

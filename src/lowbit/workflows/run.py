@@ -1,0 +1,107 @@
+"""One way through for every plan: the methods its labels name, fed by calibration, then the layers swapped.
+
+``run(model, plan, calibration)`` is what ``lowbit quantize``, ``lowbit compare`` (once per row, on a copy of the
+model), ``--budget`` and the benchmarks call, so a label means the same bytes everywhere. Its steps, in order:
+AWQ's scales folded into the model (``+awq``: the importance and GPTQ's Hessians are then the scaled inputs'),
+the calibration importance of the layers an activation-weighted search rounds on its own (``@amse``), GPTQ's
+weights (``+gptq``), and ``quantize_model``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from ..calibration.importance import DEFAULT_CALIBRATE, calibration_batches, collect_importance
+from ..errors import InputError
+from ..eval.protocol import DEFAULT_WINDOW
+from ..layers.surgery import QuantizeReport, plan_layers, quantize_model
+from ..methods.awq import awq_scale
+from ..methods.gptq_model import GPTQ_CALIBRATE, gptq_weights
+from ..planning.plan import QuantPlan
+
+
+@dataclass
+class Calibration:
+    """Where calibration inputs come from: the evaluation text's windows (causal LM) or paragraphs (encoder) after
+    the ``scored`` ones (``lowbit.calibration.importance``). ``count``: windows asked for (``--calibrate``); None:
+    each use's default (``DEFAULT_CALIBRATE`` for the importance, ``GPTQ_CALIBRATE`` for GPTQ and AWQ).
+
+    Inputs are built on first use and kept; so is the importance of the unchanged model, which every plan without
+    ``+awq`` shares (``compare`` collects it once for all its rows)."""
+
+    tokenizer: object
+    kind: str
+    text: str | None = None
+    window: int = DEFAULT_WINDOW
+    scored: int = 0
+    count: int | None = None
+    progress: bool = True
+    _batches: dict = field(default_factory=dict, repr=False)
+    _importance: dict = field(default_factory=dict, repr=False)
+    seconds: float = 0.0  # spent collecting the shared importance
+
+    def batches(self, default: int) -> tuple[list, str]:
+        """``(forward inputs, what they are)`` of ``count`` (else ``default``) calibration windows."""
+        count = self.count or default
+        if count not in self._batches:
+            self._batches[count] = calibration_batches(self.tokenizer, self.kind, self.text, window=self.window,
+                                                       scored=self.scored, count=count)
+        return self._batches[count]
+
+    def importance(self, model: nn.Module, layers: list[str]) -> dict[str, torch.Tensor]:
+        """Mean squared input activation per channel of ``layers`` in ``model`` as it is now."""
+        batches, label = self.batches(DEFAULT_CALIBRATE)
+        return collect_importance(model, batches, layers=layers, progress=self.progress, label=label)
+
+    def shared_importance(self, model: nn.Module, layers: list[str]) -> dict[str, torch.Tensor]:
+        """``importance`` of the unchanged original ``model``, collected once for every layer any caller asks for
+        (the first call must name them all: ``compare`` passes the union over its plans)."""
+        missing = [n for n in layers if n not in self._importance]
+        if missing:
+            start = time.perf_counter()
+            self._importance.update(self.importance(model, missing))
+            self.seconds += time.perf_counter() - start
+        return {n: self._importance[n] for n in layers}
+
+
+def importance_layers(model: nn.Module, plan: QuantPlan) -> list[str]:
+    """The layers whose config rounds them on their own with an activation-weighted search, each by its first
+    name (as ``named_modules()`` gives it): only these are calibrated, so an excluded lm_head is never computed."""
+    return list(dict.fromkeys(names[0] for names, _, config, _ in plan_layers(model, plan) if config.needs_importance))
+
+
+def run(model: nn.Module, plan: QuantPlan, calibration: Calibration | None = None, *, progress: bool = True,
+        shared: bool = False) -> QuantizeReport:
+    """Quantize ``model`` in place as ``plan`` says, every method its labels name run first; the report's
+    ``seconds`` include the calibration. ``shared``: ``model`` is an unchanged copy of the original the
+    calibration's shared importance was collected on (``compare``), so a plan without ``+awq`` reuses it."""
+    configs = plan.configs
+    if calibration is None and plan.needs_calibration:
+        raise InputError(f"{plan.label} needs calibration inputs: pass a Calibration")
+    seconds, importance, prequantized = 0.0, None, None
+    if any(c.method or c.awq for c in configs):  # a text too short for GPTQ fails before any calibration
+        batches, _ = calibration.batches(GPTQ_CALIBRATE)
+    awq = any(c.awq for c in configs)
+    if awq:  # first: the importance and GPTQ's Hessians are then the scaled inputs'
+        start = time.perf_counter()
+        awq_scale(model, plan, batches, progress=progress)
+        seconds += time.perf_counter() - start
+    if any(c.needs_importance for c in configs):
+        layers = importance_layers(model, plan)
+        if shared and not awq:
+            importance = calibration.shared_importance(model, layers)
+            seconds += calibration.seconds
+        else:
+            start = time.perf_counter()
+            importance = calibration.importance(model, layers)
+            seconds += time.perf_counter() - start
+    if any(c.method for c in configs):
+        start = time.perf_counter()
+        prequantized = {name: r.qweight for name, r in gptq_weights(model, plan, batches, progress=progress).items()}
+        seconds += time.perf_counter() - start
+    report = quantize_model(model, plan, progress=progress, importance=importance, prequantized=prequantized)
+    return replace(report, seconds=report.seconds + seconds)
