@@ -1,0 +1,85 @@
+"""The methods a label names after its format (``+awq``, ``+had``, ``+gptq``, ``+cb``), registered by suffix.
+
+A method is a class with one interface (``Method``): the calibration it needs, the label combinations it refuses
+(``check``, called by ``planning.config`` while a label is read) and how it changes the model or a layer's
+weight. Looking a method up imports no torch, as looking a format up does not (``formats.registry``): the
+label facts (suffix, order, what calibration) are the classes' own, and each method's module imports torch only
+in the functions that compute. Adding a method is one module holding its ``Method`` subclass decorated with
+``register``; a built-in one also has its line in ``MODULES``, so that it is found without being imported first.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, ClassVar
+
+from ..errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..planning.config import QuantConfig
+
+# What calibration a method needs, served by the block-by-block engine (lowbit.calibration.engine)
+NOTHING = "nothing"
+IMPORTANCE = "importance"  # mean x^2 per input channel of each layer it rounds
+HESSIAN = "hessian"  # each layer's 2/n X^T X
+BLOCK = "block"  # a block's inputs and outputs (statistics of the layers inside, and a check of the block)
+TRAINING = "training"  # training batches (LSQ: lowbit qat)
+NEEDS = (NOTHING, IMPORTANCE, HESSIAN, BLOCK, TRAINING)
+
+# the built-in methods: suffix -> the module that registers its class, in label order
+# (FORMAT[/BLOCK][+dq][+awq][+had][+gptq][+cb]); a method registered from elsewhere comes after them
+MODULES = {"+awq": "lowbit.methods.awq_method", "+had": "lowbit.methods.hadamard",
+           "+gptq": "lowbit.methods.gptq_method", "+cb": "lowbit.methods.codebook_method"}
+
+_REGISTERED: dict[str, type[Method]] = {}
+
+
+class Method:
+    """One method of a label. Class attributes are the label facts; the class methods are the behaviour."""
+
+    suffix: ClassVar[str]  # "+awq": how a label names it
+    needs: ClassVar[str] = NOTHING  # one of NEEDS
+    # the method makes the layer's quantized weight itself (GPTQ): quantize_model takes it as prequantized=
+    prequantizes: ClassVar[bool] = False
+
+    @classmethod
+    def check(cls, config: QuantConfig) -> None:
+        """Refuse (InputError) a label this method cannot run with; called once per label, before any model loads."""
+
+    @classmethod
+    def layer_signs(cls, name: str, in_features: int) -> torch.Tensor | None:
+        """The signs of the input rotation the layer stores (``+had``), else None."""
+        return None
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: ``cls`` becomes the method its ``suffix`` names."""
+    if not (cls.suffix.startswith("+") and cls.suffix[1:].isalnum() and cls.suffix[1:].islower()):
+        raise RuntimeError(f"a method's suffix is '+' and lower-case letters or digits, got {cls.suffix!r}")
+    if cls.needs not in NEEDS:
+        raise RuntimeError(f"method {cls.suffix!r} needs {cls.needs!r}, not one of {NEEDS}")
+    if _REGISTERED.get(cls.suffix, cls) is not cls:
+        raise RuntimeError(f"method {cls.suffix!r} registered twice")
+    _REGISTERED[cls.suffix] = cls
+    return cls
+
+
+def suffixes() -> tuple[str, ...]:
+    """Every method's suffix, in label order."""
+    return (*MODULES, *(s for s in _REGISTERED if s not in MODULES))
+
+
+def method_for(suffix: str) -> type[Method]:
+    """The method a label suffix names (``"+gptq"``); an unknown suffix is an InputError."""
+    if suffix not in _REGISTERED:
+        if suffix not in MODULES:
+            raise InputError(f"unknown method {suffix!r}: the methods are {', '.join(suffixes())}")
+        import_module(MODULES[suffix])
+    return _REGISTERED[suffix]
+
+
+def ordered(given) -> tuple[str, ...]:
+    """``given`` suffixes in label order (how ``QuantConfig.methods`` holds them)."""
+    return tuple(s for s in suffixes() if s in given)
