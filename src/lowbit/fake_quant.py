@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import InputError
-from .formats.registry import GridCodec, codec_for, get_format
+from .formats.registry import GridCodec, codec_for, get_format, require_grid
 from .formats.spec import FormatSpec
 from .pipeline import quantize_flat
 
@@ -31,9 +30,7 @@ def initial_scales(x: torch.Tensor, fmt: str | FormatSpec, *, block_size: int | 
 def fake_quantize(x: torch.Tensor, fmt: str | FormatSpec, scales: Parts, *, block_size: int | None = None):
     """``x`` rounded to ``fmt``'s grid with ``scales`` and decoded, in ``x``'s shape and dtype."""
     spec = get_format(fmt)
-    codec = codec_for(spec)
-    if not issubclass(codec, GridCodec):
-        raise InputError(f"fake_quantize needs a grid format; {spec.name} is a GGUF block format")
+    require_grid(spec, "fake_quantize needs a grid format")
     block = block_size or spec.default_block_size
     names = sorted(scales)
     return _FakeQuantize.apply(x, spec, block, names, *(scales[n] for n in names))

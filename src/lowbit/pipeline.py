@@ -12,7 +12,7 @@ import torch
 
 from . import dispatch
 from .errors import InputError
-from .formats.registry import Codec, GridCodec, codec_for
+from .formats.registry import Codec, codec_for, require_grid
 from .formats.spec import FormatSpec
 from .scaling.blocks import split_blocks
 from .search import HQQ, SEARCHES, WEIGHTED, hqq_search, mse_search  # names: docs/formats.md#scale-search
@@ -29,10 +29,8 @@ def check_search(spec: FormatSpec, search: str) -> str:
     if key not in SEARCHES:
         raise InputError(f"unknown scale search {search!r}: use one of {', '.join(SEARCHES)} "
                          "(mse/amse: clipping grid search, plain or activation-weighted; hqq/ahqq: half-quadratic)")
-    codec = codec_for(spec)
-    if not issubclass(codec, GridCodec):
-        raise InputError(f"@{key} needs a format whose elements are levels on a grid; {spec.name} is a GGUF block "
-                         "format with its own scale search: try nf4, int4, int4_asym, fp4_e2m1, mxfp4 or qq4")
+    codec = require_grid(spec, f"@{key} needs a format whose elements are levels on a grid, such as nf4, int4, "
+                               "int4_asym, fp4_e2m1, mxfp4 or qq4")
     if key in HQQ and "zeros" not in codec.SCALE_PARTS:
         raise InputError(f"@{key} optimizes a zero point, and {spec.name} has none: use a zero-point format "
                          f"such as int{spec.bits}_asym, or @mse for {spec.name}")

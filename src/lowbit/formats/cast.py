@@ -15,6 +15,8 @@ from .registry import Codec
 
 
 class Cast(Codec, family="cast"):
+    KIND = "a plain cast: every weight is stored alone, with no scale"
+
     @classmethod
     def quantize_blocks(cls, spec, blocks, *, partial, tensor_parts):
         return {"values": blocks.to(getattr(torch, spec.param("dtype")))}  # (n, 1)

@@ -34,6 +34,8 @@ class Codec:
 
     family: ClassVar[str]
     registry: ClassVar[dict[str, type[Codec]]] = {}
+    # What the family stores, in a few words: what ``require_grid`` says a format is instead of a grid.
+    KIND: ClassVar[str] = "levels on a grid, scaled per block"
 
     def __init_subclass__(cls, family: str | None = None, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -163,6 +165,15 @@ class GridCodec(Codec):
     def multiplier(cls, spec, scales) -> torch.Tensor:
         """(n_blocks,) the factor decode multiplies each level by."""
         return scales["scales"]
+
+
+def require_grid(spec: FormatSpec, why: str) -> type[GridCodec]:
+    """``spec``'s codec, where its elements are levels on a grid; else an InputError: ``why`` (what
+    needs the grid, and which formats have one), then what ``spec`` is instead."""
+    codec = codec_for(spec)
+    if not issubclass(codec, GridCodec):
+        raise InputError(f"{why}; {spec.name} is {codec.KIND}")
+    return codec
 
 
 def define(name: str, **extras) -> FormatSpec:

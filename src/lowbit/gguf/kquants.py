@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..formats.registry import Codec
-from .legacy import _fp16_bytes, _fp16_read
+from .legacy import KIND, _fp16_bytes, _fp16_read
 
 QK_K = 256  # ggml-common.h: weights per super-block
 
@@ -92,6 +92,8 @@ class Q4K(Codec, family="gguf_q4_k"):
     """block_q4_K: fp16 d, fp16 dmin, 12 bytes of 6-bit scales and mins for 8 sub-blocks
     of 32, 128 bytes of nibbles (64 weights per 32 bytes: low nibbles first 32, high next)."""
 
+    KIND = KIND
+
     @classmethod
     def quantize_blocks(cls, spec, blocks, *, partial, tensor_parts):
         nb = blocks.shape[0]
@@ -145,6 +147,8 @@ def _unpack_scales_k4(s: torch.Tensor):
 class Q6K(Codec, family="gguf_q6_k"):
     """block_q6_K: 128 bytes low nibbles, 64 bytes high 2-bit pairs, 16 int8 sub-block
     scales (16 weights each), fp16 d. Codes l + 32, l in [-32, 31]."""
+
+    KIND = KIND
 
     @classmethod
     def quantize_blocks(cls, spec, blocks, *, partial, tensor_parts):

@@ -13,6 +13,7 @@ import torch
 
 from ..formats.registry import Codec
 
+KIND = "a GGUF block format, with its own layout and scale search"  # Codec.KIND of every GGUF family
 QK = 32  # weights per block: ggml-common.h QK4_0 = QK4_1 = QK5_0 = QK5_1 = QK8_0 = 32
 
 
@@ -76,6 +77,8 @@ def _read_high_bits(qh: torch.Tensor) -> torch.Tensor:
 class GGUFLegacy(Codec, family="gguf_legacy"):
     """params: kind "sym" (d = signed max / -2^(b-1), codes offset by 2^(b-1)), "asym"
     (d = (max - min) / (2^b - 1), m = min), or "q8" (d = amax / 127, roundf)."""
+
+    KIND = KIND
 
     @classmethod
     def quantize_blocks(cls, spec, blocks, *, partial, tensor_parts):

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InputError
-from ..formats.registry import GridCodec, codec_for, get_format
+from ..formats.registry import get_format, require_grid
 from ..formats.spec import no_double_quant_message
 from ..pipeline import WEIGHTED, check_search, searched_scales
 from ..quantize import zero_code
@@ -53,6 +53,10 @@ class GPTQResult:
     damp_raised: bool
 
 
+# What GPTQ needs of a format (planning.config refuses a +gptq label without it before any model loads).
+NEEDS_GRID = "GPTQ needs a format whose elements are levels on a grid, such as int4, int4_asym, nf4 or fp4_e2m1"
+
+
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt, *, block_size: int | None = None,
                   search: str | None = None, act_order: bool = False, double_quant: bool = False,
                   percdamp: float = DAMP, lazy: int = LAZY, tensor_parts: dict | None = None) -> GPTQResult:
@@ -60,10 +64,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt, *, block_siz
     ``tensor_parts``: the per-tensor parts to round against (a learned codebook: ``lowbit.methods.codebook_refit``);
     by default the format's own, fitted to ``weight``."""
     spec = get_format(fmt)
-    codec = codec_for(spec)
-    if not issubclass(codec, GridCodec):
-        raise InputError(f"GPTQ needs a format whose elements are levels on a grid; {spec.name} is a GGUF block "
-                         "format with its own layout: try int4, int4_asym, nf4 or fp4_e2m1")
+    codec = require_grid(spec, NEEDS_GRID)
     block = block_size or spec.default_block_size
     out_f, in_f = weight.shape
     if in_f % block:

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..fake_quant import _pieces, fake_quantize, initial_scales
-from ..formats.registry import GridCodec, codec_for, get_format
+from ..formats.registry import codec_for, get_format, require_grid
 from ..formats.spec import FormatSpec
 from ..quantize import quantize, zero_code
 from ..scaling.packing import pack_codes
@@ -37,10 +37,7 @@ _TINY = torch.finfo(torch.float32).tiny
 
 def check_learnable(spec: FormatSpec) -> None:
     """A ValueError unless ``spec`` has block scales a gradient can train (float scale parts of a grid)."""
-    codec = codec_for(spec)
-    if not issubclass(codec, GridCodec):
-        raise InputError(f"{spec.name} is a GGUF block format with its own scale search, no learnable grid: "
-                         "train int2..int8, int*_asym, nf2..nf8 or fp4_e2m1 instead")
+    require_grid(spec, "LSQ trains the scales of a grid format, such as int2..int8, int*_asym, nf2..nf8 or fp4_e2m1")
     parts = initial_scales(torch.ones(1, spec.default_block_size), spec)
     coded = [name for name, t in parts.items() if not name.startswith("tensor_") and name != "zeros"
              and not t.is_floating_point()]
