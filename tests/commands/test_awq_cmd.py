@@ -1,11 +1,11 @@
 """+awq through the commands: the folded norms are saved with the model, reloaded, and the model scores."""
 
 import torch
-from test_model_cmds import assert_one_line_error
-from test_model_cmds import run_main as run
 
 from lowbit.io import load_quantized
 from lowbit.models.loader import load_model
+from tests.commands.test_model_cmds import assert_one_line_error
+from tests.commands.test_model_cmds import run_main as run
 
 TINY = ["--window", "64", "--windows", "1"]
 

@@ -11,11 +11,11 @@ import sys
 import time
 
 import pytest
-from test_model_cmds import assert_one_line_error, run_main
 
 from lowbit import limits as L
 from lowbit.cli import main
 from lowbit.eval import protocol
+from tests.commands.test_model_cmds import assert_one_line_error, run_main
 
 NO_MODEL = "/nonexistent/model"
 

@@ -1,12 +1,11 @@
 """`lowbit sensitivity` and `lowbit quantize --budget`: the table, the plan under the budget, saved and scored."""
 
 
-from test_model_cmds import assert_one_line_error
-from test_model_cmds import run_main as run
-
 from lowbit.io import load_quantized
 from lowbit.layers import QuantLinear
 from lowbit.planning.sensitivity import Sensitivity
+from tests.commands.test_model_cmds import assert_one_line_error
+from tests.commands.test_model_cmds import run_main as run
 
 TINY = ["--window", "64", "--windows", "1"]
 

@@ -5,7 +5,8 @@ import gguf
 import numpy as np
 import pytest
 from safetensors.torch import load_file
-from test_model_cmds import run_main
+
+from tests.commands.test_model_cmds import run_main
 
 
 def quantize(tiny_lm_dir, out, fmt, capsys):

@@ -1,9 +1,9 @@
 """lowbit generate: a saved quantized model or one quantized in memory, and its one-line errors."""
 
 import pytest
-from test_model_cmds import run_main
 
 from lowbit.cli import main
+from tests.commands.test_model_cmds import run_main
 
 
 def test_generate_from_a_saved_directory(tiny_lm_dir, tmp_path, capsys):

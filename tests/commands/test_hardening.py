@@ -8,10 +8,10 @@ import pytest
 import torch
 from rich.console import Console
 from safetensors import SafetensorError, safe_open
-from test_model_cmds import assert_one_line_error, lowbit
 
 from lowbit.cli import main
 from lowbit.io import load_quantized
+from tests.commands.test_model_cmds import assert_one_line_error, lowbit
 
 TINY = ["--window", "64", "--windows", "1"]
 

@@ -5,9 +5,9 @@ import json
 import shutil
 
 import pytest
-from test_model_cmds import run_main
 
 from lowbit.models.loader import CAUSAL_LM, ENCODER, load_model, model_kind
+from tests.commands.test_model_cmds import run_main
 
 
 @pytest.mark.parametrize("config,kind", [

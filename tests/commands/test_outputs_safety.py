@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_model_cmds import assert_one_line_error, run_main
 
 import lowbit.io.gguf_export as gguf_export
+from tests.commands.test_model_cmds import assert_one_line_error, run_main
 
 TINY = ["--window", "64", "--windows", "1"]
 

@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
-from test_model_cmds import assert_one_line_error, lowbit, run_main
 
 from lowbit.io import load_quantized
 from lowbit.layers import QuantLinear
+from tests.commands.test_model_cmds import assert_one_line_error, lowbit, run_main
 
 TINY = ["--window", "64", "--windows", "1"]
 

@@ -8,8 +8,6 @@ dequantized size, as `compare` measures it on the same model.
 
 import copy
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,9 +16,7 @@ from lowbit.layers.linear import QuantLinear
 from lowbit.layers.surgery import model_weight_bytes, quantize_model, reference_weight_bytes
 from lowbit.planning import QuantPlan
 from lowbit.planning.config import QuantConfig
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "commands"))
-from test_model_cmds import run_main  # noqa: E402
+from tests.commands.test_model_cmds import run_main
 
 
 def tiny_llama(tied: bool):
