@@ -5,14 +5,13 @@ from __future__ import annotations
 from .. import limits as L
 from ..calibration.importance import DEFAULT_CALIBRATE, calibration_batches
 from ..eval.outliers import check_analysis_threshold, collect_outliers, outlier_report
-from ..eval.protocol import DEFAULT_WINDOWS
+from ..eval.protocol import DEFAULT_WINDOWS, scored_count
 from ..files.atomic import write_json
 from ..files.outputs import check_outputs
 from ..io.model_io import local_source
 from ..layers.outlier_linear import DEFAULT_THRESHOLD
 from ..report.outliers import feature_table, layer_outlier_table
 from .common import add_model_arg, add_protocol_args, check_protocol_args, console, load
-from .quantize_cmd import scored_count
 
 
 def add_parser(sub) -> None:

@@ -7,13 +7,13 @@ import math
 from .. import limits as L
 from ..calibration.importance import calibration_batches
 from ..errors import InputError
-from ..eval.protocol import DEFAULT_WINDOW, DEFAULT_WINDOWS, paragraphs, read_text
+from ..eval.protocol import DEFAULT_WINDOW, DEFAULT_WINDOWS, scored_count
 from ..evaluate import Evaluation, materialize, model_limits
 from ..io.model_io import check_output, local_source, read_meta, save_quantized
 from ..layers.keep_dtype import parse_keep_dtype
 from ..layers.surgery import linears
 from ..models.loader import CAUSAL_LM
-from ..planning.budget import plan_for_budget
+from ..planning.budget import check_table, plan_for_budget
 from ..planning.plan import DEFAULT_EXCLUDE, QuantPlan
 from ..planning.sensitivity import (
     DEFAULT_CANDIDATES,
@@ -178,21 +178,3 @@ def calibration_of(args, tokenizer, info) -> workflow.Calibration:
     `lowbit compare` scores with ``--windows``."""
     return workflow.Calibration(tokenizer, info.kind, args.text, window=args.window,
                        scored=scored_count(info.kind, args.text, args.windows), count=args.calibrate)
-
-
-def check_table(table: Sensitivity, info, model, path: str) -> None:
-    """A table read with --sensitivity must be this model's: same file, every layer present."""
-    made_on = table.model.get("file_hash")
-    if made_on and made_on != info.file_hash:
-        raise InputError(f"{path} was measured on another model ({table.model.get('name')}, sha256 "
-                         f"{made_on[:12]}...), not {info.name}")
-    names = {n for names, _ in linears(model) for n in names}
-    missing = [n for n in table.numel if n not in names]
-    if missing:
-        raise InputError(f"{path} names layer {missing[0]}, which {info.name} does not have")
-
-
-def scored_count(kind: str, text: str | None, windows: int) -> int:
-    """What `lowbit compare` scores, so calibration starts after it: ``windows`` windows of a causal
-    LM's text, or the encoder protocol's paragraphs."""
-    return windows if kind == CAUSAL_LM else len(paragraphs(read_text(text)[1]))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from .. import limits as L
 from ..calibration.importance import calibration_batches
 from ..errors import InputError
-from ..eval.protocol import DEFAULT_WINDOWS
+from ..eval.protocol import DEFAULT_WINDOWS, scored_count
 from ..files.atomic import write_json
 from ..files.outputs import check_outputs
 from ..io.model_io import local_source
@@ -13,7 +13,6 @@ from ..models.loader import CAUSAL_LM
 from ..planning.sensitivity import DEFAULT_CANDIDATES, MEASURES, SENSITIVITY_CALIBRATE, candidate, measure_sensitivity
 from ..report.layers import sensitivity_table
 from .common import add_model_arg, add_protocol_args, add_selection_args, check_protocol_args, console, load
-from .quantize_cmd import scored_count
 
 
 def add_parser(sub) -> None:

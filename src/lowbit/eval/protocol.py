@@ -17,6 +17,7 @@ import torch
 
 from ..errors import InputError
 from ..limits import MAX_TEXT_BYTES
+from ..models.loader import CAUSAL_LM
 
 DEFAULT_TEXT = "pydoc_data.topics"
 DEFAULT_WINDOW = 512
@@ -115,3 +116,9 @@ def paragraphs(text: str, *, min_chars: int = 40, limit: int = 512) -> list[str]
     """The encoder protocol's sentences: blocks between blank lines longer than ``min_chars``."""
     blocks = (b.strip() for b in text.replace("\r\n", "\n").split("\n\n"))
     return [b for b in blocks if len(b) > min_chars][:limit]
+
+
+def scored_count(kind: str, text: str | None, windows: int) -> int:
+    """What `lowbit compare` scores, so calibration starts after it: ``windows`` windows of a causal
+    LM's text (``kind`` ``ModelInfo.kind``), or the encoder protocol's paragraphs."""
+    return windows if kind == CAUSAL_LM else len(paragraphs(read_text(text)[1]))

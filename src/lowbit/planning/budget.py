@@ -22,6 +22,7 @@ import numpy as np
 import torch.nn as nn
 
 from ..errors import InputError
+from ..layers.surgery import linears
 from ..limits import BUDGET
 from .config import QuantConfig
 from .plan import PlanRule, QuantPlan
@@ -143,3 +144,15 @@ def choose(sensitivity: Sensitivity, budget: float, candidates: Sequence[str] | 
         chosen.append(LayerChoice(layers[i], label, sensitivity.numel[layers[i]], cost.bytes, cost.kl, cost.measured))
         c -= math.ceil((cost.bytes - base[i]) / unit)
     return BudgetPlan(float(budget), tuple(reversed(chosen)))
+
+
+def check_table(table: Sensitivity, info, model: nn.Module, path: str) -> None:
+    """A table read with --sensitivity must be this model's: same file, every layer present."""
+    made_on = table.model.get("file_hash")
+    if made_on and made_on != info.file_hash:
+        raise InputError(f"{path} was measured on another model ({table.model.get('name')}, sha256 "
+                         f"{made_on[:12]}...), not {info.name}")
+    names = {n for names, _ in linears(model) for n in names}
+    missing = [n for n in table.numel if n not in names]
+    if missing:
+        raise InputError(f"{path} names layer {missing[0]}, which {info.name} does not have")
