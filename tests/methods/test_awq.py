@@ -99,7 +99,7 @@ def test_bert_folds_only_value_into_the_attention_output():
 def test_refusals():
     model = tiny_llama(4)
     with pytest.raises(ValueError, match=r"\+awq, whose scales come from the whole model's calibration pass: run "
-                                         r"lowbit\.nn\.awq\.awq_scale"):
+                                         r"lowbit\.methods\.awq\.awq_scale"):
         quantize_model(model, QuantPlan.uniform("int4/32+awq"), progress=False)
     with pytest.raises(ValueError, match=r"int4\+awq: \+awq scales whole groups .* cannot be one layer's candidate"):
         measure_sensitivity(model, ["int4", "int4+awq"], batches(), progress=False)
