@@ -86,6 +86,7 @@ def parse_plans(labels: list[str], args, *, block_size: int | None = None, doubl
     """``FORMAT[/BLOCK][+dq][@SEARCH]`` labels -> uniform QuantPlans, each once (a repeated label runs once), every
     one selecting the layers ``--include``/``--exclude`` name. ``block_size``/``double_quant``/``method`` are the
     long-form flags."""
+    from ..methods.registry import ordered
     from ..planning.config import QuantConfig
     from ..planning.plan import DEFAULT_EXCLUDE, QuantPlan
 
@@ -99,7 +100,7 @@ def parse_plans(labels: list[str], args, *, block_size: int | None = None, doubl
             config = replace(config, block_size=block_size if block_size is not None else config.block_size,
                              double_quant=config.double_quant or double_quant)
         if method:
-            config = replace(config, method=method)
+            config = replace(config, methods=ordered((*config.methods, f"+{method}")))
         configs.setdefault(config.label, config)
     return [QuantPlan.uniform(c, include, exclude) for c in configs.values()]
 

@@ -23,6 +23,7 @@ from ..methods.gptq_model import GPTQ_CALIBRATE, gptq_weights
 from ..methods.lsq import INITS
 from ..methods.qat import check_qat_config, convert, prepare
 from ..methods.qat_train import LOSSES, QATSettings, train
+from ..methods.registry import ordered
 from ..models.loader import CAUSAL_LM
 from ..planning.plan import QuantPlan
 from .common import add_keep_dtype_arg, add_model_arg, add_selection_args, console, load, parse_plans, source_dtype
@@ -90,7 +91,8 @@ def checkpoint_dir(output) -> Path:
 def gptq_start(model, tokenizer, plan, text: str | None, window: int, scored: int) -> dict:
     """GPTQ's rounding (``+gptq@amse``) of every layer the plan trains, on the windows after the scored ones."""
     gplan = QuantPlan(tuple(replace(r, config=None if r.config is None else
-                                    replace(r.config, method="gptq", search="amse"), fallback=None)
+                                    replace(r.config, methods=ordered((*r.config.methods, "+gptq")), search="amse"),
+                                    fallback=None)
                             for r in plan.rules), plan.name)
     batches, _ = calibration_batches(tokenizer, CAUSAL_LM, text, window=window, scored=scored, count=GPTQ_CALIBRATE)
     return {name: r.qweight for name, r in gptq_weights(model, gplan, batches).items()}

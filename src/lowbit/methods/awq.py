@@ -152,7 +152,7 @@ def best_scales(members: list[tuple[str, nn.Linear, QuantConfig | None]], hessia
 def output_error(name: str, weight: torch.Tensor, config: QuantConfig, s: torch.Tensor, h: torch.Tensor) -> float:
     """``tr(dW H dW^T)`` of the layer rounded with its input scaled by ``s``: ``dW = Q(W diag(s)) / s - W``."""
     plain = QuantConfig(config.format, block_size=config.block_size, double_quant=config.double_quant,
-                        rotate=config.rotate)
+                        methods=tuple(m for m in config.methods if m == "+had"))
     q, _ = rounded_layer(name, weight * s, plain)
     delta = effective_weight(name, q, plain) / s - weight.float()
     return float(((delta @ h) * delta).sum())

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import InputError
-from ..formats.registry import GridCodec, codec_for, get_format
+from ..formats.registry import get_format
 from ..formats.spec import DQ_SUFFIX, FormatSpec, fixed_block_message, no_double_quant_message
 from ..limits import BLOCK_SIZE, check_block_size
+from ..methods import registry
 
 # Reading a label imports no torch (`lowbit formats LABEL` answers in a fraction of a second): the
 # scale searches (lowbit.pipeline) are imported where a label names one.
@@ -23,10 +24,9 @@ class QuantConfig:
     block_size: int | None = None
     double_quant: bool = False
     search: str | None = None  # scale search (lowbit.pipeline.SEARCHES); None: the format's own rule
-    method: str | None = None  # "gptq" (lowbit.methods.gptq); None: each weight rounded on its own
-    rotate: bool = False  # "+had": a randomized Hadamard rotation of the input dimension (lowbit.layers.rotation)
-    refit_codebook: bool = False  # "+cb": the learned codebook refit to the output error (methods.codebook_refit)
-    awq: bool = False  # "+awq": activation-aware input-channel scales folded into the op before (lowbit.methods.awq)
+    # the label's methods (lowbit.methods.registry), as suffixes in label order: ("+awq", "+gptq"); none: each
+    # weight rounded to the nearest level on its own
+    methods: tuple[str, ...] = ()
     # LLM.int8() (label int8_outlier[/THRESHOLD], lowbit.layers.outlier_linear): int8 weights with one scale per row,
     # int8 activations, the input columns with |x| >= threshold in float; 0 turns the decomposition off
     outlier_threshold: float | None = None
@@ -53,30 +53,21 @@ class QuantConfig:
             from ..pipeline import check_search
 
             object.__setattr__(self, "search", check_search(spec, self.search))
-        if self.method is not None:
-            if self.method not in METHODS:
-                raise InputError(f"unknown method {self.method!r}: the one method is gptq (GPTQ, arXiv 2210.17323)")
-            if not issubclass(codec_for(spec), GridCodec):
-                raise InputError(f"GPTQ needs a format whose elements are levels on a grid; {spec.name} is a GGUF "
-                                 "block format: try int4, int4_asym, nf4 or fp4_e2m1")
-        if self.rotate and self.search is not None and self.needs_importance:
-            raise InputError(f"+had with @{self.search} needs +gptq: the rotated inputs' importance is the diagonal "
-                             "of the rotated Hessian, which GPTQ collects")
-        if self.refit_codebook:
-            if self.method != "gptq":
-                raise InputError(f"{CODEBOOK_SUFFIX} refits the codebook to the layer's output error on GPTQ's "
-                                 f"Hessian: add +gptq, e.g. lloyd4/32+dq+gptq{CODEBOOK_SUFFIX}")
-            if codec_for(spec).family != "learned":
-                raise InputError(f"{CODEBOOK_SUFFIX} refits a codebook stored with the tensor; {spec.name} has "
-                                 "none: use a learned codebook format, lloyd2..lloyd8 or qq2..qq8")
+        methods = tuple(self.methods)
+        if methods != registry.ordered(methods) or len(set(methods)) != len(methods):
+            for suffix in methods:
+                registry.method_for(suffix)  # an unknown one is named
+            raise InputError(f"methods {methods} are not once each in label order ({', '.join(registry.suffixes())})")
+        object.__setattr__(self, "methods", methods)
+        for suffix in methods:
+            registry.method_for(suffix).check(self)
 
     def _check_outlier(self) -> None:
         object.__setattr__(self, "outlier_threshold", check_threshold(self.outlier_threshold))
         others = {"a format other than int8": get_format(self.format).name != "int8",
                   "a block size (the weights have one scale per row)": self.block_size is not None,
                   DQ_SUFFIX: self.double_quant, "a scale search": self.search is not None,
-                  f"+{self.method}": self.method is not None, ROTATE_SUFFIX: self.rotate,
-                  CODEBOOK_SUFFIX: self.refit_codebook, AWQ_SUFFIX: self.awq}
+                  **{suffix: True for suffix in self.methods}}
         given = [what for what, present in others.items() if present]
         if given:
             raise InputError(f"{OUTLIER_FORMAT} (LLM.int8()) cannot take {given[0]}: its weights are int8 with one "
@@ -99,26 +90,49 @@ class QuantConfig:
         spec = get_format(self.format)
         block = "" if self.block_size in (None, spec.default_block_size) else f"/{self.block_size}"
         search = f"@{self.search}" if self.search else ""
-        method = f"+{self.method}" if self.method else ""
-        rotate = ROTATE_SUFFIX if self.rotate else ""
-        refit = CODEBOOK_SUFFIX if self.refit_codebook else ""
-        awq = AWQ_SUFFIX if self.awq else ""
-        return f"{spec.name}{block}{DQ_SUFFIX if self.double_quant else ''}{awq}{rotate}{method}{refit}{search}"
+        return f"{spec.name}{block}{DQ_SUFFIX if self.double_quant else ''}{''.join(self.methods)}{search}"
 
     @property
     def needs_calibration(self) -> bool:
-        """Whether quantizing needs calibration activations (an activation-weighted search, GPTQ, or AWQ)."""
+        """Whether quantizing needs calibration activations: an activation-weighted search, or a method that does."""
         from ..pipeline import needs_calibration
 
-        return needs_calibration(self.search) or self.method is not None or self.awq
+        return needs_calibration(self.search) or any(m.needs != registry.NOTHING for m in self._method_classes)
 
     @property
     def needs_importance(self) -> bool:
         """Whether quantizing needs the calibration importance (mean x^2 per input channel): an activation-weighted
-        search rounding on its own. GPTQ weighs a search by its own Hessian's diagonal instead."""
+        search rounding on its own. A method that makes the weight itself (GPTQ) weighs a search by its own
+        Hessian's diagonal instead."""
         from ..pipeline import needs_calibration
 
-        return needs_calibration(self.search) and not self.method
+        return needs_calibration(self.search) and not self.prequantized
+
+    @property
+    def prequantized(self) -> bool:
+        """Whether a method makes the layers' quantized weights (``quantize_model``'s ``prequantized=``)."""
+        return any(m.prequantizes for m in self._method_classes)
+
+    @property
+    def _method_classes(self) -> list:
+        return [registry.method_for(s) for s in self.methods]
+
+    # read by the methods' modules until each runs through its registered class (issue 26)
+    @property
+    def method(self) -> str | None:
+        return "gptq" if "+gptq" in self.methods else None
+
+    @property
+    def rotate(self) -> bool:
+        return "+had" in self.methods
+
+    @property
+    def refit_codebook(self) -> bool:
+        return "+cb" in self.methods
+
+    @property
+    def awq(self) -> bool:
+        return "+awq" in self.methods
 
     @classmethod
     def parse(cls, label: str) -> QuantConfig:
@@ -138,17 +152,12 @@ class QuantConfig:
             raise InputError(f"{label!r}: the scale search goes last and once, e.g. nf4/64+dq@mse; "
                              f"searches: {', '.join(SEARCHES)}")
         head, *suffixes = text.split("+")
-        methods = [s for s in suffixes if s in METHODS]
-        if len(methods) > 1:
-            raise InputError(f"{label!r}: +{methods[0]} given more than once")
-        flags = {}
-        for flag, suffix in FLAGS:
-            given = sum(f"+{s}" == suffix for s in suffixes)
-            if given > 1:
-                raise InputError(f"{label!r}: {suffix} given more than once")
-            if given:
-                flags[flag] = True
-        suffixes = [s for s in suffixes if s not in METHODS and f"+{s}" not in dict(FLAGS).values()]
+        known = registry.suffixes()
+        methods = [f"+{s}" for s in suffixes if f"+{s}" in known]
+        twice = next((m for m in methods if methods.count(m) > 1), None)
+        if twice:
+            raise InputError(f"{label!r}: {twice} given more than once")
+        suffixes = [s for s in suffixes if f"+{s}" not in known]
         for suffix in suffixes:
             if "/" in suffix:
                 raise InputError(f"{label!r}: the block size goes before {DQ_SUFFIX}, e.g. nf4/128{DQ_SUFFIX}")
@@ -157,8 +166,7 @@ class QuantConfig:
             if f"+{suffix}" != DQ_SUFFIX:
                 hint = f"; did you mean {head}{DQ_SUFFIX}?" if suffix.lower() == DQ_SUFFIX[1:] else ""
                 raise InputError(f"{label!r}: unknown suffix {'+' + suffix!r}; the suffixes are {DQ_SUFFIX} "
-                                 f"(double quantization), {AWQ_SUFFIX} (AWQ scales), {ROTATE_SUFFIX} (Hadamard "
-                                 f"rotation), +gptq (GPTQ) and {CODEBOOK_SUFFIX} (codebook refit), "
+                                 f"(double quantization) and the methods {', '.join(known)} (lowbit.methods), "
                                  f"lower case{hint}")
         if len(suffixes) > 1:
             raise InputError(f"{label!r}: {DQ_SUFFIX} given more than once")
@@ -169,13 +177,8 @@ class QuantConfig:
             raise InputError(f"{label!r} names no format: write FORMAT{DQ_SUFFIX}, e.g. nf4{DQ_SUFFIX}")
         return cls(format=name, block_size=_parse_block(label, block) if slash else None,
                    double_quant=bool(suffixes), search=search.strip() if at else None,
-                   **({"method": methods[0]} if methods else {}), **flags)
+                   methods=registry.ordered(methods))
 
-METHODS = ("gptq",)  # rounding methods beyond round-to-nearest (lowbit.methods.gptq)
-ROTATE_SUFFIX = "+had"
-CODEBOOK_SUFFIX = "+cb"
-AWQ_SUFFIX = "+awq"
-FLAGS = (("rotate", ROTATE_SUFFIX), ("refit_codebook", CODEBOOK_SUFFIX), ("awq", AWQ_SUFFIX))  # QuantConfig fields
 OUTLIER_FORMAT = "int8_outlier"  # LLM.int8()'s label (lowbit.layers.outlier_linear)
 DEFAULT_THRESHOLD = 6.0  # the paper's outlier magnitude (§3.2) and bitsandbytes' llm_int8_threshold default
 AWQ_ATTRIBUTE = "lowbit_awq"  # set on a model lowbit.methods.awq.awq_scale has scaled: {layer name: s}
