@@ -7,8 +7,9 @@ import torch
 import lowbit
 from lowbit import QuantConfig, get_format, quantize
 from lowbit.cli import main
-from lowbit.commands.formats_cmd import bits_by_role, layout, layout_table, level_table, levels, probe
-from lowbit.formats import probe as codec_probe
+from lowbit.commands.formats_cmd import bits_by_role, layout, layout_table, level_table, levels
+from lowbit.formats.facts import probe
+from lowbit.formats.probe import stored
 from lowbit.formats.spec import CODES, DOUBLE_QUANT_FIELDS, SCALE, SECOND_LEVEL, TENSOR_SCALE, anatomy
 from lowbit.tensor import QuantizedTensor
 
@@ -144,7 +145,7 @@ def test_layout_from_the_facts_is_what_the_codec_stores(label):
     """The layout rows `lowbit formats LABEL` counts from the facts (no torch) against the parts of the probe
     tensor quantized by the codecs: the same fields, in the same order, dtypes and bits per weight."""
     config = QuantConfig.parse(label)
-    q, facts = codec_probe.probe(config), probe(config)
+    q, facts = stored(probe(config)), probe(config)
     assert (facts.shape, facts.block_size, facts.numel) == (tuple(q.shape), q.block_size, q.numel)
     assert facts.bits_per_weight == q.bits_per_weight
     gguf = anatomy(q.format).gguf_block  # a GGUF field's size is its byte range in the block, the same text

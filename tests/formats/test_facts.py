@@ -3,8 +3,9 @@
 import pytest
 
 from lowbit.formats import formats, get_format
-from lowbit.formats.facts import bits_per_weight
-from lowbit.formats.probe import measured_bits_per_weight
+from lowbit.formats.facts import bits_per_weight, probe
+from lowbit.formats.probe import stored
+from lowbit.planning.config import QuantConfig
 
 
 def _labels():
@@ -21,4 +22,5 @@ def _labels():
 @pytest.mark.parametrize(("name", "block", "dq"), list(_labels()))
 def test_facts_count_what_the_codec_stores(name, block, dq):
     label = name + (f"/{block}" if block else "") + ("+dq" if dq else "")
-    assert bits_per_weight(name, block, double_quant=dq) == measured_bits_per_weight(label), label
+    measured = stored(probe(QuantConfig.parse(label))).bits_per_weight
+    assert bits_per_weight(name, block, double_quant=dq) == measured, label

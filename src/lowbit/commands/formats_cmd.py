@@ -18,7 +18,7 @@ from rich.text import Text
 
 from ..errors import InputError
 from ..formats import formats, get_format
-from ..formats.facts import PROBE_SHAPE, bits_per_weight, probe_shape
+from ..formats.facts import Probe, bits_per_weight, probe
 from ..formats.floats import FLOATS, REFERENCE_FLOATS
 from ..formats.spec import (
     CODES,
@@ -96,34 +96,6 @@ def format_table() -> Table:
         table.add_row(name, str(spec.id), str(spec.bits), block, "yes" if spec.double_quant else "",
                       f"{bits_per_weight(name):.5g}", Text(spec.description))
     return table
-
-
-@dataclass(frozen=True)
-class Probe:
-    """What a label stores for the probe tensor (``lowbit.formats.probe``), counted from the facts."""
-
-    format: FormatSpec
-    block_size: int
-    double_quant: bool
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return probe_shape(self.block_size)
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def bits_per_weight(self) -> float:
-        return bits_per_weight(self.format.name, self.block_size, double_quant=self.double_quant)
-
-
-def probe(config: QuantConfig) -> Probe:
-    """``config``'s probe: its format, block (LLM.int8(): one row) and double quantization."""
-    spec = get_format(config.format)
-    block = PROBE_SHAPE[1] if config.outlier_threshold is not None else config.block_size or spec.default_block_size
-    return Probe(spec, block, config.double_quant)
 
 
 @dataclass(frozen=True)

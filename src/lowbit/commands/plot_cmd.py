@@ -10,7 +10,8 @@ import difflib
 
 from ..errors import InputError
 from ..files.outputs import check_outputs
-from ..report import level_data, plots, result_json  # plots loads matplotlib only inside its drawing functions
+from ..report import plots, result_json  # plots loads matplotlib only inside its drawing functions
+from ..workflows.levels import layer_levels_data, level_config
 from .common import add_model_arg, check_writable_file, console, load
 
 DEFAULT_LAYER = "model.layers.0.mlp.down_proj"
@@ -99,13 +100,13 @@ def levels_data(args) -> dict:
     if not labels:
         raise InputError("--formats names no format")
     for label in labels:
-        level_data.level_config(label)  # a bad label fails before the model loads
+        level_config(label)  # a bad label fails before the model loads
     from ..io.model_io import local_source  # here: the other figures load no model code
 
     check_outputs([args.output], [local_source(args.model)])
     model, _, _ = load(args.model, console())
     name, linear = find_linear(model, args.layer)
-    return level_data.layer_levels_data(linear.weight, labels, layer=name)
+    return layer_levels_data(linear.weight, labels, layer=name)
 
 
 def find_linear(model, wanted: str):

@@ -10,9 +10,16 @@ tests/formats/test_facts.py checks every registered format against the probe, so
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..scaling.dq_layout import DQ_BLOCK
+from .registry import get_format
+from .spec import FormatSpec
 from .table import fact
+
+if TYPE_CHECKING:
+    from ..planning.config import QuantConfig
 
 FP32_BITS = 32
 # Bits stored per block besides the codes, where the table gives no block_bytes: an fp32 scale,
@@ -53,7 +60,36 @@ def stored_bits(name: str, numel: int, block: int, *, double_quant: bool = False
 
 def bits_per_weight(name: str, block: int | None = None, *, double_quant: bool = False) -> float:
     """Stored bits per weight of format ``name`` (blocks of ``block``, default the format's) on the
-    probe tensor: what ``lowbit.formats.probe.measured_bits_per_weight`` measures for the same label."""
+    probe tensor: what ``lowbit.formats.probe.stored`` stores for the same label."""
     block = block or fact(name).block
     rows, cols = probe_shape(block)
     return stored_bits(name, rows * cols, block, double_quant=double_quant) / (rows * cols)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What a label stores for the probe tensor (``lowbit.formats.probe`` quantizes it), counted from the facts."""
+
+    format: FormatSpec
+    block_size: int
+    double_quant: bool
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return probe_shape(self.block_size)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return bits_per_weight(self.format.name, self.block_size, double_quant=self.double_quant)
+
+
+def probe(config: QuantConfig) -> Probe:
+    """``config``'s probe: its format, block (LLM.int8(): one row) and double quantization. What `lowbit
+    formats`, the plots and the tables give as a label's bits per weight."""
+    spec = get_format(config.format)
+    block = PROBE_SHAPE[1] if config.outlier_threshold is not None else config.block_size or spec.default_block_size
+    return Probe(spec, block, config.double_quant)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.table import Table
 
-from ..planning.budget import BudgetPlan
-from ..planning.sensitivity import Sensitivity
+if TYPE_CHECKING:
+    from ..planning.budget import BudgetPlan
+    from ..planning.sensitivity import Sensitivity
 
 
 def sensitivity_table(s: Sensitivity) -> Table:

@@ -2,7 +2,7 @@
 
 No matplotlib here: these functions turn what the commands write (``lowbit compare/errors/outliers --json``, a
 plan, ``benchmarks/bench_quality.py --json``) into plain lists. A layer's levels, drawn from a weight tensor,
-are ``lowbit.report.level_data``'s.
+are computed by ``lowbit.workflows.levels``.
 """
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from functools import lru_cache
 
 from ..errors import InputError
+from ..formats.facts import probe
+from ..planning.config import QuantConfig
 from .result_json import describe, json_kind
 
 # --- KL (or encoder error) against bits -------------------------------------------------------------------------
@@ -227,18 +228,9 @@ class PlanBars:
     axis: str = "layer (or plan rule pattern), in plan order"
 
 
-@lru_cache(maxsize=256)
 def label_bits(label: str) -> float:
-    """Stored bits per weight of a format label, measured on a 64 x 4096 tensor of zeros (as `lowbit formats`)."""
-    import torch
-
-    from ..planning.config import QuantConfig
-    from ..quantize import quantize
-
-    config = QuantConfig.parse(label)
-    block = 4096 if config.outlier_threshold is not None else config.block_size
-    return quantize(torch.zeros(64, 4096), config.format, block_size=block,
-                    double_quant=config.double_quant).bits_per_weight
+    """Stored bits per weight of a format label: what `lowbit formats` gives (``formats.facts.probe``)."""
+    return probe(QuantConfig.parse(label)).bits_per_weight
 
 
 def plan_bars(data: dict, sensitivity: dict | None = None, row: str | None = None) -> PlanBars:

@@ -11,6 +11,7 @@ import math
 from statistics import NormalDist
 
 from ..errors import InputError
+from ..formats.levels import NF_DELTA
 from . import plot_data as pd
 from .figure import SUFFIXES, check_suffix, legend_note, model_name, new_figure, png_bytes, save_figure
 from .layer_plots import outlier_counts, plan_layers, sqnr_heatmap
@@ -170,8 +171,8 @@ def kl_tail(report):
 # --- 5. a layer's weights and the levels of one block -----------------------------------------------------------
 
 def layer_levels(data: dict):
-    """``level_data.layer_levels_data``'s histogram of a layer's weights, under it a row of level ticks per format:
-    the levels of the block with the median absmax, as the format decodes that block."""
+    """``lowbit.workflows.levels.layer_levels_data``'s histogram of a layer's weights, under it a row of level
+    ticks per format: the levels of the block with the median absmax, as the format decodes that block."""
     formats = data["formats"]
     fig = new_figure(11, 5.0 + 0.6 * len(formats))
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, max(1.0, 0.45 * len(formats))])
@@ -204,8 +205,6 @@ def format_levels(label_levels, gaussian: bool = False):
     """Levels before scaling of one or more formats (``{label: levels}``, e.g. ``formats_cmd.levels(spec)``) on
     the number line; ``gaussian``: with the N(0, 1) density the NF levels are quantiles of, scaled as they are
     (``lowbit.formats.codebooks``: the largest level is the quantile at NF_DELTA)."""
-    from ..formats.codebooks import NF_DELTA
-
     items = list(label_levels.items()) if isinstance(label_levels, dict) else list(label_levels)
     items = [(label, sorted({v for v in levels if math.isfinite(v)})) for label, levels in items]  # +0 = -0
     if not items or not all(levels for _, levels in items):

@@ -1,4 +1,5 @@
-"""A layer's weight histogram and, per format, the levels of one block: what ``plots.layer_levels`` draws.
+"""A layer's weight histogram and, per format, the levels of one block: the data ``report.plots.layer_levels``
+draws, computed here (the weight is quantized) so that the report only draws it.
 
 Taken from a weight tensor (``lowbit plot levels`` finds it in the model), never from a model itself.
 """
