@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import lowbit
-from lowbit import kernels
+from lowbit import dispatch
 from lowbit.checks import block_bits_per_weight
 from lowbit.errors import LowbitWarning, UnrepresentableError
 from lowbit.representable import largest_magnitude, overflow_threshold, probe_units
@@ -26,7 +26,7 @@ FP16_OVERFLOW = 65520.0  # IEEE binary16: max 65504 + ulp 32 / 2
 
 def run(path, fn):
     if path == "reference":
-        with kernels.reference():
+        with dispatch.use("reference"):
             return fn()
     return fn()
 

@@ -1,11 +1,14 @@
 """The one place that chooses between the plain-PyTorch reference path and a fast kernel.
 
-Fast paths register here per (operation, family) (``lowbit.kernels.paths`` does so for
-the C kernels); the code that runs an operation asks ``lookup(op, family)`` and runs the
-reference path when it gets None. Formats never import a kernel module: they are the
-reference. The preference is ``native`` (use a registered kernel where one applies) unless
-the environment says ``LOWBIT_KERNELS=reference``, ``use("reference")`` is in effect, or
-an operation is given ``kernels="reference"`` (``lowbit.quantize``, ``dequantize``).
+Fast paths register here per (operation, family) (``lowbit.kernels`` does so for the C
+kernels when it is imported); the code that runs an operation asks ``lookup(op, family)`` and
+runs the reference path when it gets None. This module imports no kernel: it sits below them,
+and the modules that run formats on tensors (``lowbit.tensor``, ``pipeline``, ``quantize``)
+import ``lowbit.kernels`` so that its paths are registered before they are asked for. Formats
+never import a kernel module: they are the reference. The preference is ``native`` (use a
+registered kernel where one applies) unless the environment says ``LOWBIT_KERNELS=reference``,
+``use("reference")`` is in effect, or an operation is given ``kernels="reference"``
+(``lowbit.quantize``, ``dequantize``).
 Every registered kernel is tested against the reference path (tests/kernels): to the bit,
 except ``linear``, which sums in its own order (to float32 rounding, a stated bound).
 
@@ -71,22 +74,8 @@ def lookup(op: str, family: str) -> Callable | None:
     """The registered fast path, or None: none registered, or the reference path preferred."""
     if preference() == "reference":
         return None
-    _load_kernels()
     return _PATHS.get((op, family))
 
 
 def registered() -> list[tuple[str, str]]:
-    _load_kernels()
     return sorted(_PATHS)
-
-
-_loaded = False
-
-
-def _load_kernels() -> None:
-    """Import lowbit.kernels once: it registers its paths when the C library loads."""
-    global _loaded
-    if not _loaded:  # a flag, not the import statement: lookup runs on every QuantLinear call
-        from . import kernels  # noqa: F401
-
-        _loaded = True

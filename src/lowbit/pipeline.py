@@ -3,7 +3,8 @@
 ``lowbit.quantize`` flattens and checks the input; here it is cut into full blocks and
 one trailing partial block (which gets its own scale), and each piece goes through its
 codec: ``choose_scales`` (the format's rule, or a search from ``lowbit.search``), then
-``encode``. GGUF codecs run their own search inside ``quantize_blocks``.
+``encode``. GGUF codecs run their own search inside ``quantize_blocks``. ``encode_parts``
+packs the codes, or runs a registered kernel where one applies.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from __future__ import annotations
 import torch
 
 from . import dispatch
+from . import kernels as _kernels  # noqa: F401  (registers the fast paths that dispatch looks up)
 from .errors import InputError
 from .formats.registry import Codec, codec_for, require_grid
 from .formats.spec import FormatSpec
 from .scaling.blocks import split_blocks
+from .scaling.packing import pack_codes
 from .search import HQQ, SEARCHES, WEIGHTED, hqq_search, mse_search  # names: docs/formats.md#scale-search
 
 # The fast path's ratio scan: 1.0 (the format's rule) first, then 1.1 down to 0.3 in steps of 0.025,
@@ -65,6 +68,24 @@ def quantize_flat(spec: FormatSpec, flat: torch.Tensor, block: int, *, search: s
         ts = [p[name].reshape(-1) if name == "codes" else p[name] for p in pieces]
         parts[name] = ts[0] if len(ts) == 1 else torch.cat(ts)
     return parts
+
+
+def encode_parts(spec: FormatSpec, flat: torch.Tensor, block: int, *, search: str | None = None,
+                 weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """(n,) float32, n > 0 -> the stored parts, codes packed: a registered kernel where one applies."""
+    fast = dispatch.lookup("quantize", codec_for(spec).family) if search is None else None
+    parts = fast(spec, flat, block) if fast is not None else None
+    if parts is None:
+        parts = quantize_flat(spec, flat, block, search=search, weights=weights)
+        if "codes" in parts:
+            parts["codes"] = pack_codes(parts["codes"], spec.bits, pad_code=zero_code(spec))
+    return parts
+
+
+def zero_code(spec: FormatSpec) -> int:
+    """Code of +0.0 where the format has one: what bitsandbytes writes into a padding nibble."""
+    values = spec.values or ()
+    return next((i for i, v in enumerate(values) if v == 0.0), 0)
 
 
 def searched_scales(codec: type[Codec], spec: FormatSpec, blocks: torch.Tensor, tensor_parts: dict, search: str,

@@ -7,12 +7,11 @@ import torch
 from . import dispatch
 from .checks import check_block_overhead, check_block_size, check_float_tensor
 from .errors import InputError
-from .formats.registry import codec_for, get_format
+from .formats.registry import get_format
 from .formats.spec import FormatSpec, fixed_block_message, no_double_quant_message
-from .pipeline import check_search, quantize_flat
+from .pipeline import check_search, encode_parts, needs_calibration
 from .representable import check_representable
 from .scaling import double_quant as dq
-from .scaling.packing import pack_codes
 from .tensor import QuantizedTensor
 
 
@@ -84,22 +83,8 @@ def quantize(
     )
 
 
-def encode_parts(spec: FormatSpec, flat: torch.Tensor, block: int, *, search: str | None = None,
-                 weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """(n,) float32, n > 0 -> the stored parts, codes packed: a registered kernel where one applies."""
-    fast = dispatch.lookup("quantize", codec_for(spec).family) if search is None else None
-    parts = fast(spec, flat, block) if fast is not None else None
-    if parts is None:
-        parts = quantize_flat(spec, flat, block, search=search, weights=weights)
-        if "codes" in parts:
-            parts["codes"] = pack_codes(parts["codes"], spec.bits, pad_code=zero_code(spec))
-    return parts
-
-
 def _search_weights(spec: FormatSpec, x: torch.Tensor, search: str, importance) -> torch.Tensor | None:
     """The flat per-element weights a weighted search needs (None for the others)."""
-    from .pipeline import needs_calibration
-
     if not needs_calibration(search):
         if importance is not None:
             raise InputError(f"@{search} does not use importance weights; use @a{search} for the weighted search")
@@ -115,9 +100,3 @@ def _search_weights(spec: FormatSpec, x: torch.Tensor, search: str, importance) 
     except RuntimeError:
         raise InputError(f"@{search}: importance of shape {tuple(imp.shape)} does not broadcast to the tensor's "
                          f"shape {tuple(x.shape)} (per input channel: ({x.shape[-1] if x.dim() else 1},))") from None
-
-
-def zero_code(spec: FormatSpec) -> int:
-    """Code of +0.0 where the format has one: what bitsandbytes writes into a padding nibble."""
-    values = spec.values or ()
-    return next((i for i, v in enumerate(values) if v == 0.0), 0)

@@ -22,6 +22,7 @@ import torch
 from .errors import UnrepresentableError
 from .formats.registry import codec_for
 from .formats.spec import FormatSpec
+from .pipeline import encode_parts
 from .tensor import QuantizedTensor
 
 _BITS_AS_INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
@@ -126,8 +127,6 @@ def largest_magnitude(spec: FormatSpec, dtype: torch.dtype, block: int | None = 
     search. Bisects over the dtype's bit patterns (positive floats order like their bits),
     so it costs ~31 small quantizations: call it on the error path only.
     """
-    from .quantize import encode_parts  # quantize imports this module
-
     block = spec.default_block_size if block is None else block
     units = probe_units(block)  # (k, block) float64, max |x| 1 per row
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import dispatch
+from . import kernels as _kernels  # noqa: F401  (registers the fast paths that dispatch looks up)
 from .formats.registry import codec_for
 from .formats.spec import FormatSpec
 from .scaling import double_quant

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import lowbit
-from lowbit import kernels
+from lowbit import dispatch
 from lowbit.errors import UnrepresentableError
 from lowbit.gguf.legacy import QK
 from lowbit.representable import largest_magnitude, probe_units
@@ -55,7 +55,7 @@ def test_bytes_and_values_equal_gguf(name, reference_path):
     block_bytes = lowbit.get_format(name).param("bytes")
     for label, x in cases().items():
         if reference_path:
-            with kernels.reference():
+            with dispatch.use("reference"):
                 q = lowbit.quantize(x, name)
                 out = q.dequantize(torch.float32)
         else:
@@ -89,7 +89,7 @@ def test_just_inside_the_range_equals_gguf_and_past_it_raises(name, dtype):
     m = largest_magnitude(spec, dtype)
     x = (probe_units(QK) * m).to(dtype)  # (k, 32): lone +-m, a +-m pair, all m, random blocks with max |x| = m
     for reference_path in (False, True):
-        with kernels.reference() if reference_path else contextlib.nullcontext():
+        with dispatch.use("reference") if reference_path else contextlib.nullcontext():
             q = lowbit.quantize(x, name)
             out = q.dequantize()
         ref = quantize(x.float().numpy(), qtype)

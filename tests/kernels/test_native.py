@@ -6,14 +6,14 @@ import pytest
 import torch
 
 import lowbit
-from lowbit import kernels
+from lowbit import dispatch, kernels
 
 pytestmark = pytest.mark.skipif(not kernels.enabled(), reason="C kernels not built")
 
 
 def both(x, fmt, **kw):
     fast = lowbit.quantize(x, fmt, **kw)
-    with kernels.reference():
+    with dispatch.use("reference"):
         ref = lowbit.quantize(x, fmt, **kw)
         ref_out = ref.dequantize()
     return fast, ref, ref_out

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING
 
+from .. import dispatch
 from ..errors import InputError
 
 if TYPE_CHECKING:
@@ -112,7 +113,6 @@ class ExMy:
         """float32 values -> uint8 codes: nearest, ties to even, saturating, +0 for zero."""
         import torch
 
-        from .. import dispatch
         from .rounding import nearest_ties_even, nearest_ties_lower
 
         fast = dispatch.lookup("round", "exmy")

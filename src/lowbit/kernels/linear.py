@@ -18,14 +18,17 @@ from __future__ import annotations
 import ctypes
 import weakref
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..dispatch import register
 from ..formats.registry import GridCodec, codec_for
 from ..scaling import double_quant
-from ..tensor import QuantizedTensor
-from . import native
+from .library import native
+
+if TYPE_CHECKING:
+    from ..tensor import QuantizedTensor
 
 # kinds of stored weight, as in linear.h (F32: a dense float32 weight, for the decode step)
 LUT4, AFFINE4, LUT8, AFFINE8, Q4_0, Q8_0, F32 = range(7)

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..layers.linear import QuantLinear
-from . import native
+from .library import native
 from .linear import F32, ISA, Prepared, _made, _Weights, prepare
 
 _P = ctypes.c_void_p

@@ -7,14 +7,18 @@ Imported by ``lowbit.kernels`` only when the C library loaded.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ..dispatch import register
 from ..formats.codebooks import codebook_table
-from ..formats.exmy import ExMy
 from ..gguf.legacy import QK, _fp16_read
 from ..scaling.packing import pack_codes, unpack_codes
-from . import empty, native
+from .library import empty, native
+
+if TYPE_CHECKING:
+    from ..formats.exmy import ExMy
 
 
 @register("quantize", "int")

@@ -35,8 +35,7 @@ import torch
 from ..errors import InputError
 from ..formats.registry import get_format, require_grid
 from ..formats.spec import no_double_quant_message
-from ..pipeline import WEIGHTED, check_search, searched_scales
-from ..quantize import zero_code
+from ..pipeline import WEIGHTED, check_search, searched_scales, zero_code
 from ..scaling import double_quant as dq
 from ..scaling.packing import pack_codes
 from ..tensor import QuantizedTensor

@@ -27,7 +27,8 @@ from ..errors import InputError
 from ..fake_quant import _pieces, fake_quantize, initial_scales
 from ..formats.registry import codec_for, get_format, require_grid
 from ..formats.spec import FormatSpec
-from ..quantize import quantize, zero_code
+from ..pipeline import zero_code
+from ..quantize import quantize
 from ..scaling.packing import pack_codes
 from ..tensor import QuantizedTensor
 
