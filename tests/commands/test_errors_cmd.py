@@ -6,16 +6,13 @@ so ``run`` raises what ``lowbit.cli.main`` turns into its one-line errors (Value
 
 import argparse
 import json
-import math
 
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import lowbit
 from lowbit.commands import errors_cmd
-from lowbit.planning import QuantPlan
 
 KINDS = ["model.layers.*.self_attn.q_proj", "model.layers.*.self_attn.k_proj", "model.layers.*.self_attn.v_proj",
          "model.layers.*.self_attn.o_proj", "model.layers.*.mlp.gate_proj", "model.layers.*.mlp.up_proj",
@@ -87,21 +84,6 @@ def test_format_a_layer_shape_cannot_hold_is_a_row_error(tiny_lm_dir, tmp_path, 
     q4_k = json.loads(out.read_text())["formats"][1]
     assert q4_k.keys() == {"format", "error"} and "256" in q4_k["error"]
     assert "q4_k: not measured" in capsys.readouterr().out
-
-
-def test_value_a_format_cannot_hold_names_the_layer():
-    class Two(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(64, 4), nn.Linear(64, 4)
-
-    model = Two()
-    with torch.no_grad():
-        model.b.weight[2, 37] = 6e5  # q4_0's fp16 scale would be -75000: past fp16 (tests/test_overflow.py)
-    report = errors_cmd.measure(model, [QuantPlan.uniform("nf4"), QuantPlan.uniform("q4_0")], progress=False)
-    nf4, q4_0 = report["formats"]
-    assert len(nf4["layers"]) == 2 and math.isfinite(nf4["mean_sqnr_db"])
-    assert q4_0["error"].startswith("layer 'b' (weight 4x64): q4_0 cannot hold block")
 
 
 @pytest.mark.parametrize("argv, error, needle", [
@@ -192,16 +174,3 @@ def test_layer_kind():
     assert errors_cmd.layer_kind("encoder.layer.3.attention.self.query") == "encoder.layer.*.attention.self.query"
     assert errors_cmd.layer_kind("lm_head") == "lm_head"
     assert errors_cmd.layer_kind("h.0.proj_2") == "h.*.proj_2"  # only whole-number parts
-
-
-def test_embedded_smollm2_blocks_match_tensor_errors(smollm2):
-    """Real weights: block 0 of the embedded SmolLM2, nf4 and int4, against numpy."""
-    model = smollm2[0]
-    plans = [QuantPlan.uniform(label, include=("model.layers.0.*",)) for label in ("nf4", "int4")]
-    report = errors_cmd.measure(model, plans, progress=False)
-    assert len(report["layers"]) == 7
-    modules = dict(model.named_modules())
-    for f in report["formats"]:
-        for layer, errs in zip(report["layers"], f["layers"], strict=True):
-            assert errs["sqnr_db"] == pytest.approx(sqnr_db(modules[layer["name"]].weight, f["format"]), abs=1e-9)
-    print({f["format"]: round(f["mean_sqnr_db"], 2) for f in report["formats"]})

@@ -18,30 +18,20 @@ exactly as it does there. Every format then also gets an activation-weighted SQN
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import asdict
 from types import SimpleNamespace
 
-import torch
 from rich.table import Table
-from torch import nn
 
 from .. import __version__
 from .. import limits as L
-from ..calibration.importance import DEFAULT_CALIBRATE, calibrate
-from ..errors import InputError, LowbitError
-from ..eval.protocol import paragraphs, read_text, token_windows
-from ..eval.tensor import gaussian_sqnr_bound, tensor_errors
+from ..errors import InputError
 from ..evaluate import DEFAULT_FORMATS
 from ..files.atomic import write_json
 from ..files.outputs import check_outputs
 from ..io.model_io import local_source
-from ..layers.surgery import check_plan, quantize_weight, select_linears
-from ..models.loader import CAUSAL_LM
-from ..planning.config import QuantConfig
 from ..planning.plan import QuantPlan
-from ..progress import progress_bar
-from ..tensor import QuantizedTensor
+from ..workflows import errors as workflow
 from .common import add_model_arg, add_protocol_args, check_protocol_args, console, load, parse_plans
 
 
@@ -76,29 +66,15 @@ def run(args) -> int:
     # --layers selects exactly what it matches, lm_head too; without it, QuantPlan.uniform's default (all but lm_head)
     selection = SimpleNamespace(include=args.layers, exclude=[] if args.layers else None)
     plans = parse_plans(labels, selection)
-    whole = next((p.label for p in plans if p.uniform_config.method or p.uniform_config.rotate
-                  or p.uniform_config.awq), None)
-    if whole:  # quantize_weight would drop them silently
-        raise InputError(f"{whole}: lowbit errors measures each weight tensor rounded on its own; +gptq, +had and "
-                         "+awq change a layer against its inputs: score them with lowbit compare")
+    workflow.check_measurable(plans)  # before the model loads
     _check_calibrate(args.calibrate, plans)
     check_protocol_args(args)  # --window/--windows/--text and the --json path, before the model loads
     check_outputs([args.json], [args.text, local_source(args.model)])
     con = console()
     model, tokenizer, info = load(args.model, con)
-
-    calibration = {}
-
-    def importance(names: list[str]) -> dict:
-        calibration.update(text=read_text(args.text)[0], window=args.window, scored=_scored(tokenizer, info, args),
-                           windows=args.calibrate or DEFAULT_CALIBRATE)
-        start = time.perf_counter()
-        found = calibrate(model, tokenizer, info.kind, args.text, window=args.window, scored=calibration["scored"],
-                          count=calibration["windows"], layers=names)
-        calibration["seconds"] = time.perf_counter() - start
-        return found
-
-    measured = measure(model, plans, patterns=args.layers, importance=importance)
+    importance, calibration = workflow.calibration(model, tokenizer, info, args.text, window=args.window,
+                                                   windows=args.windows, count=args.calibrate)
+    measured = workflow.measure(model, plans, patterns=args.layers, importance=importance)
     report = {"lowbit_version": __version__, "model": asdict(info), **measured,
               **({"calibration": calibration} if calibration else {})}
     con.print(errors_table(report, per_layer=args.all))
@@ -108,103 +84,12 @@ def run(args) -> int:
     return 1 if any("error" in f for f in report["formats"]) else 0
 
 
-def measure(model: nn.Module, plans: list[QuantPlan], *, patterns=None, importance=None,
-            progress: bool = True) -> dict:
-    """``{"layers": [{name, shape}], "formats": [...]}``: per format its label, stored bits per weight, mean
-    and worst SQNR and every layer's ``TensorErrors.to_dict()`` (same order as ``layers``), or an ``error``
-    when the format cannot hold some layer. ``plans`` are uniform and share one selection (``parse_plans`` gives
-    them the same ``include``/``exclude``); ``patterns`` only words the error when it selects nothing.
-
-    ``importance``: ``{layer name: (in_features,) mean squared input}``, or a callable taking the selected
-    layer names and returning it, called only if a format that can be applied needs calibration. Given,
-    every layer's errors also hold the activation-weighted MSE and SQNR."""
-    targets = _select(model, plans[0], patterns)
-    configs = [p.uniform_config for p in plans]
-    failed = {}
-    for plan, config in zip(plans, configs, strict=True):
-        try:
-            check_plan(model, plan)  # a layout the model cannot hold fails before any layer is measured
-        except LowbitError as e:
-            failed[config.label] = str(e)
-    if len(failed) == len(configs):
-        raise InputError(next(iter(failed.values())) if len(failed) == 1 else
-                         f"no format can be applied to this model: {'; '.join(failed.values())}")
-    if callable(importance):
-        wanted = any(c.needs_calibration for c in configs if c.label not in failed)
-        importance = importance([names[0] for names, _ in targets]) if wanted else None
-    per_format = {c.label: [] for c in configs if c.label not in failed}
-    stored = dict.fromkeys(per_format, 0)
-    with progress_bar(len(targets), "measuring layers", enabled=progress) as advance:
-        for names, linear in targets:
-            weight = linear.weight.detach()
-            imp = None if importance is None else importance[names[0]]
-            for config in configs:
-                if config.label in failed:
-                    continue
-                try:
-                    q = _quantize_weight(weight, config, imp if config.needs_calibration else None)
-                except LowbitError as e:  # a value the format cannot hold; the layer is named, as quantize_model does
-                    failed[config.label] = f"layer {names[0]!r} (weight {'x'.join(map(str, weight.shape))}): {e}"
-                    continue
-                stored[config.label] += q.nbytes
-                per_format[config.label].append(tensor_errors(weight, q.dequantize(), weights=imp).to_dict())
-            advance()
-    layers = [{"name": names[0], "shape": list(linear.weight.shape)} for names, linear in targets]
-    numel = sum(linear.weight.numel() for _, linear in targets)
-    formats = []
-    for config in configs:
-        if config.label in failed:
-            formats.append({"format": config.label, "error": failed[config.label]})
-            continue
-        errors = per_format[config.label]
-        sqnr = [e["sqnr_db"] for e in errors]
-        worst = min(range(len(sqnr)), key=sqnr.__getitem__)
-        bits = 8 * stored[config.label] / numel
-        summary = {"format": config.label, "bits_per_weight": bits, "mean_sqnr_db": _mean(sqnr),
-                   "min_sqnr_db": sqnr[worst], "min_layer": layers[worst]["name"],
-                   "gaussian_bound_db": gaussian_sqnr_bound(bits)}
-        if importance is not None:
-            summary["mean_weighted_sqnr_db"] = _mean([e["weighted_sqnr_db"] for e in errors])
-        formats.append({**summary, "layers": errors})
-    return {"layers": layers, "formats": formats}
-
-
-def _select(model: nn.Module, plan: QuantPlan, patterns) -> list:
-    targets = select_linears(model, plan)
-    if not targets:
-        names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        what = f"--layers {' '.join(map(repr, patterns))}" if patterns else "the default selection"
-        example = f"; names look like {names[0]!r} (a pattern may match a dotted tail: 'q_proj', 'mlp.*')" \
-            if names else ""
-        raise InputError(f"{what} matched no nn.Linear layer of this model{example}")
-    return targets
-
-
-def _quantize_weight(weight: torch.Tensor, config: QuantConfig, importance: torch.Tensor | None) -> QuantizedTensor:
-    """The one place a config becomes a quantized weight: as ``quantize_model`` does it (format, block,
-    double quant, scale search; ``importance`` for the activation-weighted searches)."""
-    return quantize_weight(weight, config, importance)
-
-
 def _check_calibrate(count: int | None, plans: list[QuantPlan]) -> None:
     if count is not None and count < 1:
         raise InputError(f"--calibrate needs at least 1 window, got {count}")
     if count is not None and not any(p.needs_calibration for p in plans):
         raise InputError("--calibrate is for activation-weighted searches, and no format asks for one: "
                          "add @amse or @ahqq to a format, e.g. nf4@amse")
-
-
-def _scored(tokenizer, info, args) -> int:
-    """How many windows (causal LM) or paragraphs (encoder) lowbit compare scores with these arguments:
-    calibration starts after them (``evaluate.calibration_for``)."""
-    name, body = read_text(args.text)
-    if info.kind == CAUSAL_LM:
-        return token_windows(tokenizer, body, name, window=args.window, windows=args.windows)[1].windows
-    return len(paragraphs(body))  # what encoder_reference scores
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
 
 
 def errors_table(report: dict, *, per_layer: bool = False) -> Table:
