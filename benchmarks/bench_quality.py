@@ -42,7 +42,7 @@ over ``--candidates``, chosen from a sensitivity table measured here on the cali
 the row shows the plan's predicted KL too.
 
 QAT rows (causal LMs; ``--qat ''`` leaves them out): for each ``--qat`` format, ``lowbit qat``'s training
-(``lowbit.commands.qat_cmd.train_quantized``, ``--qat-steps`` steps from ``--qat-init``, default settings otherwise)
+(``lowbit.workflows.qat.train_quantized``, ``--qat-steps`` steps from ``--qat-init``, default settings otherwise)
 on a copy of the model, scored like any row, and printed in a second table beside the same format's round-to-nearest
 and ``+gptq@amse`` rows (added to the formats scored): format, method, steps, minutes, KL, perplexity, same top-1.
 
@@ -66,7 +66,6 @@ import torch
 from rich.table import Table
 
 from lowbit.calibration.importance import calibration_batches
-from lowbit.commands import qat_cmd
 from lowbit.commands.common import check_protocol_args, load
 from lowbit.commands.common import console as make_console
 from lowbit.eval.protocol import DEFAULT_WINDOW, DEFAULT_WINDOWS
@@ -80,6 +79,7 @@ from lowbit.planning import QuantConfig, QuantPlan
 from lowbit.planning.budget import choose
 from lowbit.planning.sensitivity import SENSITIVITY_CALIBRATE, Sensitivity, measure_sensitivity
 from lowbit.progress import progress_bar
+from lowbit.workflows import qat as qat_workflow
 
 # Labels of formats being added: only those QuantConfig.parse accepts in this checkout are run.
 DEFAULT_LOWBIT = ("nf4", "nf4@mse", "nf4@amse", "nf4/32+dq@amse", "nf4/20+dq@amse", "int4_asym/64",
@@ -265,8 +265,8 @@ def run(args) -> int:
             report["rows"] = peer_rows + [r for r in report["rows"] if not r.get("peer")]
             save()
     if qat_configs:
-        data = qat_cmd.training_text(tokenizer, args.text, scored=args.windows or DEFAULT_WINDOWS)
-        settings = QATSettings(steps=args.qat_steps, lr=qat_cmd.DEFAULT_LR, scale_lr=qat_cmd.DEFAULT_SCALE_LR)
+        data = qat_workflow.training_text(tokenizer, args.text, scored=args.windows or DEFAULT_WINDOWS)
+        settings = QATSettings(steps=args.qat_steps, lr=qat_workflow.DEFAULT_LR, scale_lr=qat_workflow.DEFAULT_SCALE_LR)
         for config in qat_configs:
             report["rows"].append(qat_row(evaluation, model, tokenizer, info, config, settings, data, args.qat_init))
             save()
@@ -284,8 +284,8 @@ def qat_row(evaluation: Evaluation, model, tokenizer, info, config: QuantConfig,
             init: str) -> dict:
     """``lowbit qat``'s training of a copy of ``model`` to ``config``, scored on the protocol's windows."""
     student = copy.deepcopy(model)
-    quantized, record = qat_cmd.train_quantized(student, tokenizer, info.file_hash, QuantPlan.uniform(config), settings,
-                                                data, init=init)
+    quantized, record = qat_workflow.train_quantized(student, tokenizer, info.file_hash, QuantPlan.uniform(config),
+                                                     settings, data, init=init)
     materialize(student)
     label = f"{config.label} qat"
     row = {"format": label, "qat": record, "bits_per_weight": quantized.bits_per_weight,
@@ -419,9 +419,9 @@ def main() -> int:
                     "candidates, instead of measuring one")
     ap.add_argument("--qat", default=",".join(DEFAULT_QAT),
                     help="formats to train with lowbit qat and score ('' for none; default %(default)s)")
-    ap.add_argument("--qat-steps", type=int, default=qat_cmd.DEFAULT_STEPS, help="training steps of each QAT row "
+    ap.add_argument("--qat-steps", type=int, default=qat_workflow.DEFAULT_STEPS, help="training steps of each QAT row "
                     "(default %(default)s, lowbit qat's)")
-    ap.add_argument("--qat-init", default=qat_cmd.DEFAULT_INIT, choices=qat_cmd.INIT_CHOICES,
+    ap.add_argument("--qat-init", default=qat_workflow.DEFAULT_INIT, choices=qat_workflow.INIT_CHOICES,
                     help="lowbit qat --init of each QAT row (default %(default)s)")
     args = ap.parse_args()
     try:

@@ -249,8 +249,8 @@ def test_qat_interrupted_before_the_first_checkpoint_resumes_from_its_gptq_start
                                                                                  monkeypatch):
     """Ctrl-C at step 2 of 28 (the first regular checkpoint is at step 25): the GPTQ start is kept, and --resume
     goes on from it without computing it again, to the model an uninterrupted run writes, bit for bit."""
-    import lowbit.commands.qat_cmd as qat_cmd
     import lowbit.methods.qat_train as qat_train
+    import lowbit.workflows.qat as qat_workflow
 
     args = ["qat", "--model", tiny_lm_dir, "--format", "int3/32", "--steps", "4", "--train-window", "32", *TINY]
     assert run_main(capsys, *args, "-o", tmp_path / "straight").returncode == 0
@@ -274,7 +274,7 @@ def test_qat_interrupted_before_the_first_checkpoint_resumes_from_its_gptq_start
     def no_second_gptq(*a, **k):
         raise AssertionError("--resume computed the GPTQ start again")
 
-    monkeypatch.setattr(qat_cmd, "gptq_start", no_second_gptq)
+    monkeypatch.setattr(qat_workflow, "gptq_start", no_second_gptq)
     r = run_main(capsys, *args, "-o", out, "--resume")
     assert r.returncode == 0, r.stderr
     assert not checkpoint.exists()
