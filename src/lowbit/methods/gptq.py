@@ -52,7 +52,7 @@ class GPTQResult:
     damp_raised: bool
 
 
-# What GPTQ needs of a format (planning.config refuses a +gptq label without it before any model loads).
+# What GPTQ needs of a format (the +gptq method's check refuses a label without it before any model loads).
 NEEDS_GRID = "GPTQ needs a format whose elements are levels on a grid, such as int4, int4_asym, nf4 or fp4_e2m1"
 
 
