@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from ..errors import InputError, LayerQuantizeError, LowbitError
-from ..planning.config import AWQ_ATTRIBUTE, QuantConfig
+from ..planning.config import QuantConfig
 from ..planning.plan import QuantPlan
 from ..progress import progress_bar
 from ..quantize import quantize
@@ -19,7 +19,6 @@ from ..tensor import QuantizedTensor
 from .hf_quantizer import refuse_save_pretrained
 from .linear import QuantLinear
 from .outlier_linear import Int8OutlierLinear
-from .rotation import layer_signs, rotate
 
 
 @dataclass(frozen=True)
@@ -83,14 +82,16 @@ def quantize_model(model: nn.Module, plan: QuantPlan, *, progress: bool = True,
     start = time.perf_counter()
     before = model_weight_bytes(model)
     targets = plan_layers(model, plan)
-    unmade = [names[0] for names, _, c, _ in targets if c.method and names[0] not in (prequantized or {})]
+    unmade = [(names[0], c) for names, _, c, _ in targets if c.prequantized and names[0] not in (prequantized or {})]
     if unmade:
-        raise InputError(f"{unmade[0]} is to be quantized by {plan.rule_for([unmade[0]]).config.method}, which "
-                         "needs the whole model's calibration pass: pass prequantized= (lowbit.methods.gptq_model)")
-    unscaled = [names[0] for names, _, c, _ in targets if c.awq and names[0] not in getattr(model, AWQ_ATTRIBUTE, {})]
-    if unscaled:
-        raise InputError(f"{unscaled[0]} is to be quantized with +awq, whose scales come from the whole model's "
-                         "calibration pass: run lowbit.methods.awq.awq_scale(model, plan, batches) first")
+        name, config = unmade[0]
+        by = next(m.suffix for m in config.method_classes if m.prequantizes)
+        raise InputError(f"{name} is to be quantized by {by}, which needs the whole model's calibration pass: pass "
+                         "prequantized= (lowbit.workflows.run does)")
+    unmet = next((why for names, _, c, _ in targets for m in c.method_classes
+                  if (why := m.unmet(model, names[0])) is not None), None)
+    if unmet is not None:
+        raise InputError(unmet)
     missing = [names[0] for names, _, c, _ in targets if c.needs_importance
                and not any(n in (importance or {}) for n in names)]
     if missing:
@@ -106,7 +107,7 @@ def quantize_model(model: nn.Module, plan: QuantPlan, *, progress: bool = True,
             weights = next((importance[n] for n in names if n in (importance or {})), None)
             if names[0] in (prequantized or {}):
                 qweight = prequantized[names[0]]
-                signs = layer_signs(names[0], linear.in_features) if layer_config.rotate else None
+                signs = _signs(names[0], linear.in_features, layer_config)
             else:
                 qweight, signs = rounded_layer(names[0], linear.weight, layer_config,
                                                weights if layer_config.needs_calibration else None)
@@ -250,11 +251,16 @@ def quantize_weight(weight: torch.Tensor, config: QuantConfig, importance: torch
 def rounded_layer(name: str, weight: torch.Tensor, config: QuantConfig, importance: torch.Tensor | None = None):
     """``(qweight, signs)``: one layer's weight rounded on its own as ``config`` says; with ``+had`` the weight
     is ``W Q`` and ``signs`` the rotation's (``lowbit.layers.rotation``), else None."""
-    weight, signs = weight.detach(), None
-    if config.rotate:
-        signs = layer_signs(name, weight.shape[1])
-        weight = rotate(weight, signs)
+    signs = _signs(name, weight.shape[1], config)
+    weight = weight.detach()
+    for method in config.method_classes:
+        weight = method.prepare_weight(name, weight)
     return _quantize_layer(name, weight, config, importance=importance), signs
+
+
+def _signs(name: str, in_features: int, config: QuantConfig) -> torch.Tensor | None:
+    """The input rotation's signs the layer stores, if a method of ``config`` rotates it (``+had``)."""
+    return next((s for m in config.method_classes if (s := m.layer_signs(name, in_features)) is not None), None)
 
 
 def _quantize_layer(name: str, weight: torch.Tensor, config: QuantConfig, shape: torch.Size | None = None,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from ..planning.config import AWQ_ATTRIBUTE
 from .registry import BLOCK, Method, register
 
 
@@ -10,3 +11,10 @@ from .registry import BLOCK, Method, register
 class AWQ(Method):
     suffix = "+awq"
     needs = BLOCK  # the block's inputs: mean |x| and each group's Hessian, and its outputs to check the fold
+
+    @classmethod
+    def unmet(cls, model, name: str) -> str | None:
+        if name in getattr(model, AWQ_ATTRIBUTE, {}):
+            return None
+        return (f"{name} is to be quantized with +awq, whose scales come from the whole model's calibration pass: "
+                "run lowbit.methods.awq.awq_scale(model, plan, batches) first")

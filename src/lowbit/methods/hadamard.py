@@ -32,3 +32,9 @@ class Hadamard(Method):
         from ..layers.rotation import layer_signs
 
         return layer_signs(name, in_features)
+
+    @classmethod
+    def prepare_weight(cls, name: str, weight: torch.Tensor) -> torch.Tensor:
+        from ..layers.rotation import rotate
+
+        return rotate(weight, cls.layer_signs(name, weight.shape[1]))

@@ -53,6 +53,17 @@ class Method:
         """The signs of the input rotation the layer stores (``+had``), else None."""
         return None
 
+    @classmethod
+    def prepare_weight(cls, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """The weight as layer ``name`` stores it, before it is rounded on its own (``+had``: ``W Q``)."""
+        return weight
+
+    @classmethod
+    def unmet(cls, model, name: str) -> str | None:
+        """Why layer ``name`` of ``model`` cannot be rounded yet (a whole-model step of this method has not run on
+        it: ``+awq``'s scales), or None; ``quantize_model`` refuses the model with it."""
+        return None
+
 
 def register(cls: type[Method]) -> type[Method]:
     """Class decorator: ``cls`` becomes the method its ``suffix`` names."""

@@ -97,7 +97,7 @@ class QuantConfig:
         """Whether quantizing needs calibration activations: an activation-weighted search, or a method that does."""
         from ..pipeline import needs_calibration
 
-        return needs_calibration(self.search) or any(m.needs != registry.NOTHING for m in self._method_classes)
+        return needs_calibration(self.search) or any(m.needs != registry.NOTHING for m in self.method_classes)
 
     @property
     def needs_importance(self) -> bool:
@@ -111,11 +111,12 @@ class QuantConfig:
     @property
     def prequantized(self) -> bool:
         """Whether a method makes the layers' quantized weights (``quantize_model``'s ``prequantized=``)."""
-        return any(m.prequantizes for m in self._method_classes)
+        return any(m.prequantizes for m in self.method_classes)
 
     @property
-    def _method_classes(self) -> list:
-        return [registry.method_for(s) for s in self.methods]
+    def method_classes(self) -> tuple:
+        """The ``lowbit.methods.registry.Method`` classes of ``methods``, in label order."""
+        return tuple(registry.method_for(s) for s in self.methods)
 
     # read by the methods' modules until each runs through its registered class (issue 26)
     @property
