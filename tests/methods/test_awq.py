@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
-from lowbit.calibration.blockwise import transformer_blocks
+from lowbit.calibration.engine import transformer_blocks
 from lowbit.calibration.importance import calibration_batches
 from lowbit.layers import quantize_model
 from lowbit.methods.awq import awq_scale, best_scales, output_error, scale_groups

@@ -12,7 +12,6 @@ truncated as the protocol truncates them (``encoder.MAX_TOKENS``), as many as fi
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -25,6 +24,11 @@ from ..eval.encoder import MAX_TOKENS
 from ..eval.protocol import DEFAULT_WINDOW, paragraphs, read_text
 from ..models.loader import CAUSAL_LM, ENCODER
 from ..progress import progress_bar
+from .engine import Block, BlockPass, Consumer, rows, serve, skip_head
+from .statistics import (
+    IMPORTANCE,
+    token_rows,  # noqa: F401 (eval/outliers.py imports it from here; its import line is to move)
+)
 
 # 16 windows of 512 tokens = 8,192 tokens. Each window is one forward pass, ~1.2 s for SmolLM2 on 2 CPU threads,
 # and the mean of x^2 per channel settles fast: on the embedded SmolLM2 (default protocol, mean KL) nf4@amse
@@ -100,52 +104,34 @@ def collect_importance(model: nn.Module, batches: Sequence, *, layers=None, prog
     forward keyword arguments. A mapping's ``attention_mask`` marks padding: a layer input shaped ``(B, T, in)`` like
     the mask counts only its unpadded tokens (inputs of another shape, such as BERT's pooler, count every row).
     ``layers``: qualified names (as ``model.named_modules()`` gives them) to collect, default every nn.Linear.
-    Each forward call's sums are float32 and are added up in float64 (see ``_square_sums``); only the running sums
-    are kept, never the activations. The means are returned as float32: one below its range (~1e-45) reads 0, as
-    in llama.cpp's float imatrix (all-MiniLM-L6-v2 has [CLS] channels of ~1e-32): allow zero importance.
-    A NaN or Inf in an activation is a ValueError naming the layer; so is a layer that received no input (the
-    forward pass never calls it).
+    The model is run block by block (``lowbit.calibration.engine``); the sums are ``statistics.IMPORTANCE``'s.
+    The means are returned as float32: one below its range (~1e-45) reads 0, as in llama.cpp's float imatrix
+    (all-MiniLM-L6-v2 has [CLS] channels of ~1e-32): allow zero importance. A NaN or Inf in an activation is an
+    InputError naming the layer; so is a layer that received no input (the forward pass never calls it).
     """
     if len(batches) == 0:
         raise InputError("no calibration inputs given")
-    targets = _targets(model, layers)
-    sums: dict[str, torch.Tensor | None] = dict.fromkeys(targets)
-    counts = dict.fromkeys(targets, 0)
-    state = {"mask": None, "batch": 0, "input": None, "sums": None}
+    consumer = Importance(_targets(model, layers))
+    serve(model, batches, [consumer], progress=progress, label=label)
+    return {name: consumer.found[name] for name in consumer.layers}
 
-    def hook_for(name: str):
-        def hook(module, args, kwargs):
-            x = args[0] if args else kwargs["input"]
-            # q/k/v (and gate/up) projections read one tensor: its sums are computed once. Holding that tensor
-            # until the next hook keeps its id from being reused by another.
-            if x is not state["input"]:
-                state["input"], state["sums"] = x, _square_sums(x.detach(), state["mask"])
-            s, n = state["sums"]
-            if not torch.isfinite(s).all():  # squares are >= 0: a NaN sum means a NaN input, an Inf sum an Inf
-                what = "NaN" if torch.isnan(s).any() else "Inf"
-                bad = int((torch.isnan(s) if what == "NaN" else torch.isinf(s)).sum())
-                raise InputError(f"calibration activations of {name} hold {what}: in {bad} of its {s.numel()} "
-                                 f"input channels (calibration batch {state['batch'] + 1} of {len(batches)}); "
-                                 "the model does not compute finite values on this text")
-            sums[name] = s if sums[name] is None else sums[name] + s
-            counts[name] += n
-        return hook
 
-    try:
-        forward_hooked(model, batches, targets, hook_for, state, progress=progress, label=label)
-    finally:
-        state["input"] = state["sums"] = None
-    idle = [name for name, n in counts.items() if n == 0]
-    if idle:
-        raise InputError(f"nn.Linear {idle[0]} received no input during calibration ({len(idle)} such layers): "
-                         "the forward pass never calls it; leave it out of layers=")
-    means = {name: (sums[name] / counts[name]).float() for name in targets}
-    big = next((name for name, m in means.items() if not torch.isfinite(m).all()), None)
-    if big is not None:
-        peak = (sums[big] / counts[big]).max().item()
-        raise InputError(f"the mean square of {big}'s calibration activations reaches {peak:.3g}, beyond float32 "
-                         "(3.4e38): the model's activations are out of range on this text")
-    return means
+class Importance(Consumer):
+    """``IMPORTANCE`` of ``layers`` (names) on the model as the walk finds it (after the consumers before it have
+    changed each block), in ``found``; ``count``: on the first ``count`` batches only (default all)."""
+
+    def __init__(self, layers, count: int | None = None):
+        self.layers, self.count, self.found, self._stream = tuple(layers), count, {}, None
+
+    def block(self, engine: BlockPass, block: Block) -> None:
+        if self._stream is None:
+            self._stream = engine.stream(self.count)
+        found, outputs = block.statistics(self._stream, block.layers(self.layers), [IMPORTANCE])
+        self.found.update(found[IMPORTANCE])
+        self._stream.advance(outputs)
+
+    def tail(self, engine: BlockPass, layers: dict[str, nn.Module]) -> None:
+        self.found.update(engine.tail(layers, [IMPORTANCE], replay=self._stream, count=self.count)[IMPORTANCE])
 
 
 def forward_hooked(model: nn.Module, batches: Sequence, targets: dict[str, nn.Module], hook_for, state: dict, *,
@@ -153,8 +139,8 @@ def forward_hooked(model: nn.Module, batches: Sequence, targets: dict[str, nn.Mo
     """Run ``batches`` (``collect_importance``'s docstring) through ``model`` in inference mode with the forward
     pre-hook ``hook_for(name)`` (``with_kwargs``) on each of ``targets``; the hooks are always removed again.
     While a batch runs, ``state["batch"]`` is its index and ``state["mask"]`` its ``attention_mask`` as bool, or
-    None (``token_rows`` drops the padded rows with it)."""
-    extra = _skip_head(model, targets)
+    None (``token_rows`` drops the padded rows with it). Full forwards: what ``lowbit.eval.outliers`` counts on."""
+    extra = skip_head(model, targets)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     was_training = model.training
     handles = []
@@ -162,8 +148,8 @@ def forward_hooked(model: nn.Module, batches: Sequence, targets: dict[str, nn.Mo
         for name, module in targets.items():  # appended one by one: a failure halfway still removes the first ones
             handles.append(module.register_forward_pre_hook(hook_for(name), with_kwargs=True))
         model.eval()
-        rows = sum(_rows(b) for b in batches)
-        with torch.inference_mode(), progress_bar(rows, label, enabled=progress) as advance:
+        total = sum(rows(b) for b in batches)
+        with torch.inference_mode(), progress_bar(total, label, enabled=progress) as advance:
             for i, batch in enumerate(batches):
                 state["batch"] = i
                 if isinstance(batch, Mapping):
@@ -174,20 +160,12 @@ def forward_hooked(model: nn.Module, batches: Sequence, targets: dict[str, nn.Mo
                 else:
                     state["mask"] = None
                     model(batch.to(device), **extra)
-                for _ in range(_rows(batch)):
+                for _ in range(rows(batch)):
                     advance()
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
-
-
-def token_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """A layer input as ``(tokens, features)``, the padded tokens (``mask`` False) left out. Only an input
-    shaped ``(B, T, features)`` like the mask is masked; others (BERT's pooler) keep every row."""
-    if mask is not None and x.dim() == mask.dim() + 1 and x.shape[:-1] == mask.shape:
-        x = x[mask]
-    return x.reshape(-1, x.shape[-1])
 
 
 def calibrate(model: nn.Module, tokenizer, info_kind: str, text=None, *, window: int = DEFAULT_WINDOW, scored: int,
@@ -214,22 +192,6 @@ def calibration_batches(tokenizer, info_kind: str, text=None, *, window: int = D
     raise InputError(f"unknown model kind {info_kind!r}: expected {CAUSAL_LM!r} or {ENCODER!r}")
 
 
-def _square_sums(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
-    """``(sum over tokens of x^2 per channel as float64, tokens)``, padding (``mask`` False) left out.
-
-    One call's sum runs in float32 (torch sums in blocks, so its error stays near float32's 6e-8 for the few
-    thousand tokens of a batch) and calls are added up in float64. Summing in float64 took 1.9 ms for a 512 x 576
-    input against 0.11 ms in float32 and 6.2 ms for that input's q_proj matmul (best of 15 runs, 2 CPU threads).
-    A square beyond float32's range (|x| > 1.8e19) is summed again in float64, so only a true NaN or Inf input
-    gives a non-finite sum.
-    """
-    x = token_rows(x, mask)
-    s = (x * x).sum(0)
-    if not torch.isfinite(s).all():
-        s = x.double().square().sum(0)
-    return s.double(), x.shape[0]
-
-
 def _check_counts(window: int, scored: int, count: int) -> None:
     if window < 1 or scored < 0 or count < 1:
         raise InputError(f"need window >= 1, scored >= 0 and --calibrate >= 1, got window={window}, "
@@ -254,27 +216,3 @@ def _targets(model: nn.Module, layers) -> dict[str, nn.Linear]:
         raise InputError(f"no nn.Linear named {missing[0]!r} in the model"
                          + (f" (names look like {example!r})" if example else " (it has none)"))
     return {n: linears[n] for n in dict.fromkeys(wanted)}
-
-
-def _skip_head(model: nn.Module, targets: dict[str, nn.Linear]) -> dict:
-    """``{"logits_to_keep": 1}`` when the model's output head is not calibrated and transformers can skip it.
-
-    The LM head of a causal LM is a large matmul (576 x 49152 for SmolLM2) computed for every token; with it out
-    of ``targets`` only the last position's logits are made (llama-imatrix skips the output tensor by default too:
-    tools/imatrix README, ``--process-output``). Hidden states, and so every other layer's input, are unchanged.
-    """
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    if head is None or any(m is head for m in targets.values()):
-        return {}
-    try:
-        accepts = "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        accepts = False
-    return {"logits_to_keep": 1} if accepts else {}
-
-
-def _rows(batch) -> int:
-    """Windows, paragraphs or rows in one batch: what the progress bar counts."""
-    first = next(iter(batch.values())) if isinstance(batch, Mapping) else batch
-    return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() > 1 else 1

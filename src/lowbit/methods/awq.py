@@ -30,12 +30,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..calibration.blockwise import catch_inputs, first, hessians, transformer_blocks
+from ..calibration.engine import Block, BlockPass, Consumer, first, serve, transformer_blocks
+from ..calibration.statistics import ABS_MEAN, HESSIAN32
 from ..errors import InputError
 from ..layers.surgery import plan_layers, rounded_layer
 from ..planning.config import AWQ_ATTRIBUTE, QuantConfig
 from ..planning.plan import QuantPlan
-from ..progress import note, progress_bar
+from ..progress import note
 from .gptq_model import effective_weight
 
 GRID = 20  # ratios 0, 1/20, ..., 19/20 (llm-awq auto_scale.py, n_grid = 20)
@@ -74,64 +75,63 @@ def awq_scale(model: nn.Module, plan: QuantPlan, batches: Sequence, *, progress:
     returns ``{layer name: s}`` for every layer whose input was divided by ``s``. ``model.lowbit_awq`` (which
     ``quantize_model`` checks) holds every ``+awq`` layer, with None for one no op can fold into (``o_proj``
     under grouped-query attention, a BERT layer's ``query``): those are rounded unscaled, and said so."""
-    configs = {id(linear): (names[0], config) for names, linear, config, _ in plan_layers(model, plan)}
-    names = {id(m): n for n, m in model.named_modules()}
-    blocks = transformer_blocks(model)
-    inputs = catch_inputs(model, blocks[0], batches)
-    applied: dict[str, torch.Tensor] = {}
-    with progress_bar(len(blocks), "AWQ scales", enabled=progress) as advance, torch.inference_mode():
-        for index, block in enumerate(blocks):
-            groups = [g for g in scale_groups(block)
-                      if any(configs.get(id(m), (None, None))[1] is not None and configs[id(m)][1].awq
-                             for m in g.layers)]
-            if groups:
-                heads = {names[id(g.layers[0])]: g.layers[0] for g in groups}
-                found, magnitude, outs = _statistics(block, inputs, heads)
-                for group in groups:
-                    head = names[id(group.layers[0])]
-                    members = [(names[id(m)], m, configs.get(id(m), (None, None))[1]) for m in group.layers]
-                    s = best_scales(members, found[head], magnitude[head])
-                    fold(group, s)
-                    applied.update({name: s for name, _, _ in members})
-                (a, k), before = inputs[0], outs[0]  # one batch shows a fold that is not exact
-                moved = float((first(block(*a, **k)) - before).abs().max() / before.abs().max().clamp(min=1e-12))
-                if moved > FOLD_RTOL:
-                    raise InputError(f"+awq: folding the scales into block {index} changed its output by {moved:.2g} "
-                                     "of its largest value; this architecture does not allow the fold")
-            else:
-                outs = [first(block(*a, **k)) for a, k in inputs]
-            inputs = [((out, *a[1:]), k) for out, (a, k) in zip(outs, inputs, strict=True)]
-            advance()
-    wanted = {name: None for name, config in configs.values() if config.awq}
-    unfolded = [name for name in wanted if name not in applied]
-    if unfolded:
-        kinds = sorted({".".join(name.split(".")[-2:]) for name in unfolded})
-        note(f"+awq: {len(unfolded)} layers ({', '.join(kinds)}) have no op before them to fold scales into; "
-             "they are rounded without", enabled=progress)
-    setattr(model, AWQ_ATTRIBUTE, {**getattr(model, AWQ_ATTRIBUTE, {}), **wanted, **applied})
-    return applied
+    consumer = AWQ(model, plan)
+    serve(model, batches, [consumer], progress=progress, label="AWQ scales")
+    consumer.finish(model, progress=progress)
+    return consumer.applied
 
 
-def _statistics(block: nn.Module, inputs: list, heads: dict[str, nn.Linear]):
-    """``(Hessians, mean |x| per channel, block outputs)`` of the block run on ``inputs``, per head layer."""
-    sums = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in heads.items()}
-    counts = dict.fromkeys(heads, 0)
+class AWQ(Consumer):
+    """AWQ's part in a walk: at each block holding a ``+awq`` layer, mean |x| and each group's Hessian on the
+    block's inputs, the scales chosen and folded in, the fold checked on the first batch; the block's outputs
+    caught before the fold are passed on (scaling is exact in full precision). Every block is walked (the fold
+    check needs the blocks to be ones it knows). ``applied``: ``{layer name: s}``."""
 
-    def hook_for(name):
-        def hook(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1])
-            sums[name] += x.abs().sum(0, dtype=torch.float64)
-            counts[name] += x.shape[0]
-        return hook
+    def __init__(self, model: nn.Module, plan: QuantPlan):
+        self.configs = {id(linear): (names[0], config) for names, linear, config, _ in plan_layers(model, plan)}
+        self.names = {id(m): n for n, m in model.named_modules()}
+        blocks = transformer_blocks(model)
+        # the last block's layers: the walk goes through every block, as the fold check always has
+        self.layers = tuple(self.names[id(m)] for m in blocks[-1].modules() if isinstance(m, nn.Linear))
+        self.applied: dict[str, torch.Tensor] = {}
+        self._stream = None
 
-    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in heads.items()]
-    outs = []
-    try:
-        found = hessians(heads, lambda: outs.extend(first(block(*a, **k)) for a, k in inputs), torch.float32)
-    finally:
-        for h in handles:
-            h.remove()
-    return found, {n: (sums[n] / counts[n]).float() for n in heads}, outs
+    def _config(self, module: nn.Module) -> QuantConfig | None:
+        return self.configs.get(id(module), (None, None))[1]
+
+    def block(self, engine: BlockPass, block: Block) -> None:
+        if self._stream is None:
+            self._stream = engine.stream()
+        groups = [g for g in scale_groups(block.module)
+                  if any(self._config(m) is not None and self._config(m).awq for m in g.layers)]
+        if not groups:
+            self._stream.advance(block.run(self._stream))
+            return
+        heads = {self.names[id(g.layers[0])]: g.layers[0] for g in groups}
+        found, outs = block.statistics(self._stream, heads, [HESSIAN32, ABS_MEAN])
+        for group in groups:
+            head = self.names[id(group.layers[0])]
+            members = [(self.names[id(m)], m, self._config(m)) for m in group.layers]
+            s = best_scales(members, found[HESSIAN32][head], found[ABS_MEAN][head])
+            fold(group, s)
+            self.applied.update({name: s for name, _, _ in members})
+        (a, k), before = self._stream.inputs[0], first(outs[0])  # one batch shows a fold that is not exact
+        with torch.inference_mode():
+            moved = float((first(block.module(*a, **k)) - before).abs().max() / before.abs().max().clamp(min=1e-12))
+        if moved > FOLD_RTOL:
+            raise InputError(f"+awq: folding the scales into block {block.index} changed its output by {moved:.2g} "
+                             "of its largest value; this architecture does not allow the fold")
+        self._stream.advance(outs)
+
+    def finish(self, model: nn.Module, *, progress: bool = True) -> None:
+        """Say which ``+awq`` layers had no op to fold into, and record every one on the model."""
+        wanted = {name: None for name, config in self.configs.values() if config.awq}
+        unfolded = [name for name in wanted if name not in self.applied]
+        if unfolded:
+            kinds = sorted({".".join(name.split(".")[-2:]) for name in unfolded})
+            note(f"+awq: {len(unfolded)} layers ({', '.join(kinds)}) have no op before them to fold scales into; "
+                 "they are rounded without", enabled=progress)
+        setattr(model, AWQ_ATTRIBUTE, {**getattr(model, AWQ_ATTRIBUTE, {}), **wanted, **self.applied})
 
 
 def best_scales(members: list[tuple[str, nn.Linear, QuantConfig | None]], hessian: torch.Tensor,

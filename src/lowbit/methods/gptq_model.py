@@ -1,11 +1,11 @@
 """GPTQ over a whole model: Hessians collected block by block, each block fed what the quantized blocks
 before it produce (the reference code's ``llama_sequential``, github.com/IST-DASLab/gptq ``llama.py``).
 
-The inputs of the first transformer block are caught once for every calibration batch; then for each block:
-its linear layers' ``H = 2/n sum x^T x`` are summed over those inputs, its layers quantized with
-``gptq_quantize``, and the block run again with the quantized weights to give the next block's inputs.
-Layers outside the blocks (a pooler, an unexcluded lm_head) are quantized from the activations that reach
-them after the last block.
+The calibration engine (``lowbit.calibration.engine``) catches the first block's inputs once for every batch;
+then for each block: its linear layers' ``H = 2/n sum x^T x`` are summed over those inputs, its layers quantized
+with ``gptq_quantize``, and the block run again with the quantized weights to give the next block's inputs.
+Layers outside the blocks (a pooler, an unexcluded lm_head) are quantized from full forwards after the last
+block, the model's weights as they were.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..calibration.blockwise import call, catch_inputs, first, hessians, transformer_blocks
+from ..calibration.engine import Block, BlockPass, Consumer, serve, transformer_blocks
+from ..calibration.statistics import HESSIAN
 from ..layers.rotation import layer_signs, rotate, rotate_hessian, unrotate
 from ..layers.surgery import plan_layers
 from ..planning.config import QuantConfig
 from ..planning.plan import QuantPlan
-from ..progress import progress_bar
 from .codebook_refit import refit_rounds
 from .gptq import GPTQResult, gptq_quantize
 
@@ -34,47 +34,54 @@ def gptq_weights(model: nn.Module, plan: QuantPlan, batches: Sequence, *, act_or
                  progress: bool = True) -> dict[str, GPTQResult]:
     """``{layer name: GPTQResult}`` for every layer whose plan config has ``method="gptq"``; ``model`` is not
     changed. ``batches``: input-id tensors (or mappings of forward keyword arguments), as calibration feeds."""
-    targets = {names[0]: (linear, config) for names, linear, config, _ in plan_layers(model, plan)
-               if config.method == "gptq"}
-    if not targets:
+    consumer = GPTQ(model, plan, act_order=act_order)
+    if not consumer.layers:
         return {}
-    blocks = transformer_blocks(model)
-    inputs = catch_inputs(model, blocks[0], batches)
-    results: dict[str, GPTQResult] = {}
+    transformer_blocks(model)  # GPTQ feeds each block the quantized blocks' outputs: a model without blocks is refused
+    serve(model, batches, [consumer], progress=progress, label=f"GPTQ of {len(consumer.layers)} layers")
+    return consumer.results
 
-    def quantize(name: str, hessian: torch.Tensor) -> GPTQResult:
-        linear, config = targets[name]
-        return gptq_layer(name, linear.weight, hessian, config, act_order=act_order)
 
-    def computed(name: str) -> torch.Tensor:
-        """The weight layer ``name`` now computes with, in its input's own basis."""
-        linear, config = targets[name]
-        return effective_weight(name, results[name].qweight, config).to(linear.weight.dtype)
+class GPTQ(Consumer):
+    """GPTQ's part in a walk: at each block, its layers' Hessians on what the quantized blocks before produce, the
+    layers quantized, and the block run again with the quantized weights to give the next block's inputs. Layers
+    outside the blocks are quantized from full forwards of the model as it is (earlier blocks unquantized).
+    ``results``: ``{layer name: GPTQResult}``."""
 
-    names = {id(m): n for n, m in model.named_modules()}
-    with progress_bar(len(targets), "GPTQ", enabled=progress) as advance, torch.inference_mode():
-        for block in blocks:
-            mine = {names[id(m)]: m for m in block.modules() if names.get(id(m)) in targets}
-            found = hessians(mine, lambda block=block, inputs=inputs: [block(*a, **k) for a, k in inputs])
-            saved = {}
+    def __init__(self, model: nn.Module, plan: QuantPlan, *, act_order: bool = False):
+        self.targets = {names[0]: (linear, config) for names, linear, config, _ in plan_layers(model, plan)
+                        if config.method == "gptq"}
+        self.layers, self.act_order = tuple(self.targets), act_order
+        self.results: dict[str, GPTQResult] = {}
+        self._stream = None
+
+    def _quantize(self, name: str, hessian: torch.Tensor) -> None:
+        linear, config = self.targets[name]
+        self.results[name] = gptq_layer(name, linear.weight, hessian, config, act_order=self.act_order)
+
+    def block(self, engine: BlockPass, block: Block) -> None:
+        if self._stream is None:
+            self._stream = engine.stream()
+        mine = block.layers(self.layers)
+        saved = {}
+        if mine:
+            found, _ = block.statistics(self._stream, mine, [HESSIAN], outputs=False)
             for name, linear in mine.items():
-                results[name] = quantize(name, found[name])
-                saved[name] = linear.weight.data
-                linear.weight.data = computed(name)
-                advance()
-            try:
-                outs = [first(block(*a, **k)) for a, k in inputs]  # what the quantized block passes on
-            finally:
-                for name, weight in saved.items():
-                    mine[name].weight.data = weight
-            inputs = [((out, *a[1:]), k) for out, (a, k) in zip(outs, inputs, strict=True)]
-        rest = {n: targets[n][0] for n in targets if n not in results}
-        if rest:  # outside the blocks: their inputs from full forwards (earlier blocks' weights unchanged)
-            found = hessians(rest, lambda: [call(model, b) for b in batches])
-            for name in rest:
-                results[name] = quantize(name, found[name])
-                advance()
-    return results
+                self._quantize(name, found[HESSIAN][name])
+                config = self.targets[name][1]
+                saved[name] = linear.weight.data  # the weight the layer now computes with, in its input's basis
+                linear.weight.data = effective_weight(name, self.results[name].qweight, config).to(linear.weight.dtype)
+        try:
+            outputs = block.run(self._stream)  # what the quantized block passes on
+        finally:
+            for name, weight in saved.items():
+                mine[name].weight.data = weight
+        self._stream.advance(outputs)
+
+    def tail(self, engine: BlockPass, layers: dict[str, nn.Module]) -> None:
+        found = engine.tail(layers, [HESSIAN])[HESSIAN]
+        for name in layers:
+            self._quantize(name, found[name])
 
 
 def gptq_layer(name: str, weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig, *,

@@ -1,0 +1,292 @@
+"""The calibration engine: the model run block by block on the calibration batches, serving what methods ask for.
+
+The inputs of the first transformer block are caught once for every batch (one forward that stops there); then
+each block is run on them and its outputs become the next block's inputs, as the GPTQ reference code does
+(github.com/IST-DASLab/gptq, ``llama.py``, ``llama_sequential``). A block run on caught inputs computes the
+same floats as inside a full forward: same module, same arguments (tests/calibration/test_engine.py holds it to
+the bit on SmolLM2 and all-MiniLM-L6-v2). Only one block's inputs (for every batch) and the statistics of its
+layers are alive at a time, so memory follows one block, not the depth.
+
+A method's use of the walk is a ``Consumer``: at each block (``Block``) it asks for its layers' statistics on its
+own ``Stream`` of inputs (``Block.statistics``: explicit inputs and outputs, the unit of work a scheduler may
+move), may change the block's weights, and advances its stream with what the block passes on. Consumers whose
+streams differ (GPTQ feeds each block what the quantized blocks before it produce; the importance reads the model
+as it is) each keep their own, of one block each. Layers outside the blocks (an unexcluded lm_head, BERT's
+pooler) are served after the last block (``BlockPass.tail``): by a forward in which every block replays the
+outputs a consumer's stream reached (only what follows the blocks is computed), or by full forwards of the model
+as it then is where that stream is not the one the layers see (GPTQ's tail reads the unquantized model).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from ..progress import progress_bar
+from .statistics import Statistics
+
+
+class _Caught(Exception):
+    """Raised by the hook on the first block once its inputs are stored: the rest of the forward is not needed."""
+
+
+def transformer_blocks(model: nn.Module) -> nn.ModuleList:
+    """The transformer blocks: the longest nn.ModuleList holding linear layers."""
+    blocks = _blocks(model)
+    if blocks is None:
+        raise InputError(f"{type(model).__name__} holds no nn.ModuleList of blocks: it cannot be run block by block")
+    return blocks
+
+
+def _blocks(model: nn.Module) -> nn.ModuleList | None:
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)
+             and any(isinstance(x, nn.Linear) for x in m.modules())]
+    return max(lists, key=len) if lists else None
+
+
+def call(model: nn.Module, batch, **extra):
+    """One forward of ``batch`` (input ids, or a mapping of keyword arguments) as calibration runs it: a causal
+    LM without its key/value cache (a cache passed to a replayed block would grow)."""
+    if isinstance(batch, Mapping):
+        return model(**batch, use_cache=False, **extra) if "input_ids" in batch and causal(model) else \
+            model(**batch, **extra)
+    return model(batch, use_cache=False, **extra) if causal(model) else model(batch, **extra)
+
+
+def causal(model: nn.Module) -> bool:
+    return hasattr(model, "generation_config") or hasattr(model, "lm_head")
+
+
+def first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def rows(batch) -> int:
+    """Windows, paragraphs or rows in one batch: what a progress bar counts."""
+    head = next(iter(batch.values())) if isinstance(batch, Mapping) else batch
+    return int(head.shape[0]) if isinstance(head, torch.Tensor) and head.dim() > 1 else 1
+
+
+class Stream:
+    """One chain of block inputs, ``(args, kwargs)`` per batch: what the block being walked receives.
+    ``previous``: the raw outputs of the block before (None at the first), which a replay stands in with."""
+
+    def __init__(self, inputs: list[tuple[tuple, dict]]):
+        self.inputs, self.previous = inputs, None
+
+    def advance(self, outputs: list) -> None:
+        """The next block's inputs: ``outputs`` (one per batch, as the block returned them) in place of the first
+        argument."""
+        self.inputs = [((first(out), *a[1:]), k) for out, (a, k) in zip(outputs, self.inputs, strict=True)]
+        self.previous = outputs
+
+
+class Block:
+    """One transformer block of a walk: ``index`` in the model's blocks, ``module``, and the batch masks."""
+
+    def __init__(self, index: int, module: nn.Module, masks: list, names: dict[int, str]):
+        self.index, self.module, self._masks, self._names = index, module, masks, names
+
+    def layers(self, wanted: Iterable[str]) -> dict[str, nn.Module]:
+        """The layers of ``wanted`` (qualified names) inside this block, in the block's order."""
+        wanted = set(wanted)
+        return {self._names[id(m)]: m for m in self.module.modules() if self._names.get(id(m)) in wanted}
+
+    def statistics(self, stream: Stream, layers: Mapping[str, nn.Module] = (), wants: Iterable[str] = (), *,
+                   outputs: bool = True) -> tuple[dict[str, dict[str, torch.Tensor]], list | None]:
+        """``({statistic: {layer: tensor}}, outputs)``: the block run on every input of ``stream`` with ``wants``
+        (``lowbit.calibration.statistics``) collected for ``layers``; ``outputs``: keep what it returns, per batch
+        (else None)."""
+        stats = Statistics(dict(layers), wants, len(stream.inputs))
+        outs = [] if outputs else None
+        with stats.hooked(), torch.inference_mode():
+            for b, (a, k) in enumerate(stream.inputs):
+                stats.batch, stats.mask = b, self._masks[b]
+                out = self.module(*a, **k)
+                if outs is not None:
+                    outs.append(out)
+        return stats.result(), outs
+
+    def run(self, stream: Stream) -> list:
+        """What the block, as it now is, returns for each input of ``stream``."""
+        return self.statistics(stream)[1]
+
+
+class BlockPass:
+    """``model`` on ``batches`` (input-id tensors, or mappings of forward keyword arguments such as an encoder's
+    ``attention_mask``), block by block. The first block's inputs are caught when it is made; ``on_output(b, out)``:
+    run each batch's forward to the end instead and hand over its output (sensitivity's reference logits)."""
+
+    def __init__(self, model: nn.Module, batches: Sequence, *,
+                 on_output: Callable[[int, object], None] | None = None):
+        if len(batches) == 0:
+            raise InputError("no calibration inputs given")
+        self.model = model
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        self.batches = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+                        if isinstance(b, Mapping) else b.to(device) for b in batches]
+        self.masks = [b["attention_mask"].bool() if isinstance(b, Mapping) and b.get("attention_mask") is not None
+                      else None for b in self.batches]
+        self.blocks = _blocks(model)
+        self._names = {id(m): n for n, m in model.named_modules()}
+        self._caught = self._catch(on_output)
+
+    def _catch(self, on_output) -> list[tuple[tuple, dict]]:
+        caught = []
+
+        def hook(module, args, kwargs):
+            caught.append((args, kwargs))
+            if on_output is None:
+                raise _Caught
+
+        handle = self.blocks[0].register_forward_pre_hook(hook, with_kwargs=True) if self.blocks else None
+        try:
+            with torch.inference_mode():
+                for b, batch in enumerate(self.batches):
+                    with contextlib.suppress(_Caught):
+                        out = call(self.model, batch) if handle is not None or on_output is not None else None
+                        if on_output is not None:
+                            on_output(b, out)
+        finally:
+            if handle is not None:
+                handle.remove()
+        return caught
+
+    def stream(self, count: int | None = None) -> Stream:
+        """A new chain starting at the first block's caught inputs (the tensors are shared, never written);
+        ``count``: of the first ``count`` batches only."""
+        return Stream(list(self._caught[:count]))
+
+    def block_of(self, names: Iterable[str]) -> dict[str, int | None]:
+        """Each layer's block index; None for a layer outside the blocks."""
+        where = {}
+        for i, block in enumerate(self.blocks or ()):
+            for m in block.modules():
+                where.setdefault(id(m), i)
+        modules = dict(self.model.named_modules())
+        return {n: where.get(id(modules[n])) for n in names}
+
+    def walk(self, last: int | None = None) -> Iterable[Block]:
+        """The blocks in order, through block ``last`` (default every one)."""
+        blocks = list(self.blocks or ())
+        for i, module in enumerate(blocks[: len(blocks) if last is None else last + 1]):
+            yield Block(i, module, self.masks, self._names)
+
+    def tail(self, layers: Mapping[str, nn.Module], wants: Iterable[str], replay: Stream | None = None, *,
+             count: int | None = None) -> dict[str, dict[str, torch.Tensor]]:
+        """``wants`` of ``layers`` (outside the blocks) from forwards of the model as it now is, on the first
+        ``count`` batches (default all). ``replay``: a stream of as many batches walked through the last block,
+        whose outputs then stand in for every block (only what follows the blocks is computed); None: full
+        forwards. An output head that is not asked for is skipped where transformers can (``logits_to_keep=1``)."""
+        batches = self.batches[:count]
+        stats = Statistics(dict(layers), wants, len(batches))
+        extra = skip_head(self.model, layers)
+        with stats.hooked(), torch.inference_mode(), self.replaying(len(self.blocks or ()), replay) as state:
+            for b, batch in enumerate(batches):
+                stats.batch, stats.mask, state["batch"] = b, self.masks[b], b
+                call(self.model, batch, **extra)
+        return stats.result()
+
+    @contextlib.contextmanager
+    def replaying(self, count: int, stream: Stream | None):
+        """Blocks ``0 .. count-1`` replaced by ``stream.previous`` (the outputs of block ``count-1``, one per
+        batch) while open; yields the state whose ``"batch"`` says which batch runs. ``stream`` None or ``count``
+        0: nothing replaced."""
+        state = {"batch": 0}
+        blocks = self.blocks if stream is not None and count else []
+        originals = {i: blocks[i] for i in range(count if blocks else 0)}
+        try:
+            for i in originals:
+                blocks[i] = _Replay(stream.previous, state)
+            yield state
+        finally:
+            for i, block in originals.items():
+                blocks[i] = block
+
+
+class _Replay(nn.Module):
+    """Stands in for a block: returns what the block before the first one computed returned on the current batch,
+    computing nothing (every replayed block returns it: only the last one's output is read on)."""
+
+    def __init__(self, outputs: list, state: dict):
+        super().__init__()
+        self._outputs, self._state = outputs, state
+
+    def forward(self, *args, **kwargs):
+        return self._outputs[self._state["batch"]]
+
+
+class Consumer:
+    """A method's part in a walk. ``layers``: the qualified names of the layers it asks about (the walk runs as
+    far as the last block holding one, and ``tail`` gets the others)."""
+
+    layers: tuple[str, ...] = ()
+
+    def block(self, engine: BlockPass, block: Block) -> None:
+        """Its work at one block: statistics on its stream, changes to the block, the stream advanced."""
+
+    def tail(self, engine: BlockPass, layers: dict[str, nn.Module]) -> None:
+        """Its work on ``layers`` (of its own) outside the blocks, after the last block."""
+
+
+def serve(model: nn.Module, batches: Sequence, consumers: Sequence[Consumer], *, progress: bool = True,
+          label: str = "calibrating", on_output: Callable[[int, object], None] | None = None) -> BlockPass:
+    """One block-by-block pass of ``model`` on ``batches`` serving every consumer, in their order at each block
+    (a consumer that changes a block, such as AWQ's fold, comes before those that read the changed block). The
+    model runs in eval mode and is left in the mode it was in; everything runs in inference mode (the consumers
+    change weights in place)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            return _serve(model, batches, consumers, progress=progress, label=label, on_output=on_output)
+    finally:
+        model.train(was_training)
+
+
+def _serve(model, batches, consumers, *, progress, label, on_output) -> BlockPass:
+    engine = BlockPass(model, batches, on_output=on_output)
+    modules = dict(model.named_modules())
+    where = engine.block_of({n for c in consumers for n in c.layers})
+    outside = [{n: modules[n] for n in c.layers if where[n] is None} for c in consumers]
+    # each consumer walks through the last block holding one of its layers, and no further; one with layers outside
+    # the blocks through every block (its tail may replay the last one's outputs)
+    final = len(engine.blocks or ()) - 1
+    lasts = [final if out else max((where[n] for n in c.layers if where[n] is not None), default=-1)
+             for c, out in zip(consumers, outside, strict=True)]
+    last = max(lasts, default=-1)
+    with progress_bar(last + 1 + any(outside), label, enabled=progress) as advance:
+        for block in engine.walk(last):
+            for consumer, mine in zip(consumers, lasts, strict=True):
+                if block.index <= mine:
+                    consumer.block(engine, block)
+            advance()
+        if any(outside):
+            for consumer, layers in zip(consumers, outside, strict=True):
+                if layers:
+                    consumer.tail(engine, layers)
+            advance()
+    return engine
+
+
+def skip_head(model: nn.Module, targets: Mapping[str, nn.Module]) -> dict:
+    """``{"logits_to_keep": 1}`` when the model's output head is not calibrated and transformers can skip it.
+
+    The LM head of a causal LM is a large matmul (576 x 49152 for SmolLM2) computed for every token; with it out
+    of ``targets`` only the last position's logits are made (llama-imatrix skips the output tensor by default too:
+    tools/imatrix README, ``--process-output``). Hidden states, and so every other layer's input, are unchanged.
+    """
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is None or any(m is head for m in targets.values()):
+        return {}
+    try:
+        accepts = "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        accepts = False
+    return {"logits_to_keep": 1} if accepts else {}
