@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from lowbit.files.atomic import atomic_dir, atomic_file, write_json
+from lowbit.files.atomic import atomic_dir, atomic_file, save_tensors, write_json
 
 
 def test_write_json_is_strict_json(tmp_path):
@@ -81,3 +81,20 @@ def test_a_file_is_replaced_only_as_allowed_at_the_rename(tmp_path):
     with atomic_file(target, replaceable=lambda p: p.read_text() == "ours") as tmp:
         tmp.write_text("new")
     assert os.listdir(tmp_path) == ["m.gguf"] and target.read_text() == "new"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_tensors_have_the_permissions_of_any_new_file(tmp_path, umask):
+    """safetensors writes 0600; save_tensors gives the file what the umask gives a new one, and marks it
+    as torch's ("format": "pt", what transformers' from_pretrained asks of a model.safetensors)."""
+    import torch
+    from safetensors import safe_open
+
+    before = os.umask(umask)
+    try:
+        save_tensors({"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}, tmp_path / "m.safetensors")
+    finally:
+        os.umask(before)
+    assert oct(os.stat(tmp_path / "m.safetensors").st_mode & 0o777) == oct(0o666 & ~umask)
+    with safe_open(tmp_path / "m.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt"} and f.get_tensor("w").tolist() == [[0, 1, 2], [3, 4, 5]]

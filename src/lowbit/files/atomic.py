@@ -1,4 +1,5 @@
-"""Atomic writes: a reader sees the old file or the whole new one, never half of it."""
+"""Writing files: atomically (a reader sees the old file or the whole new one, never half of it), with the
+permissions of any new file."""
 
 from __future__ import annotations
 
@@ -13,12 +14,16 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError
 
 from ..cachedir import STALE_SECONDS, last_change
 from ..errors import InputError
 from .outputs import check_outside_cache
+
+if TYPE_CHECKING:
+    import torch
 
 # A temp beside an output is ".NAME.PID_XXXXXXXX.tmp" (".old": a directory being replaced), XXXXXXXX
 # mkstemp's 8 random characters (tempfile._RandomNameSequence). The writer's pid in the name lets a later
@@ -255,6 +260,15 @@ def write_json(path: str | os.PathLike, data: object) -> Path:
         json.dump(_finite(data), f, indent=2, allow_nan=False)
         f.write("\n")
     return Path(path)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """``save_file`` with the permissions of any new file: safetensors writes a 0600 temp file and
+    renames it, so model.safetensors alone would be unreadable to the group where the umask allows it."""
+    from safetensors.torch import save_file  # imports torch: not for the commands that load no model
+
+    save_file(tensors, path, metadata={"format": "pt"})
+    os.chmod(path, 0o666 & ~_umask())
 
 
 def _finite(data):

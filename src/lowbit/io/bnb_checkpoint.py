@@ -27,7 +27,6 @@ wrote it; export_bnb warns naming such layers (the file itself is what bitsandby
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import warnings
@@ -38,15 +37,16 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import InputError, LowbitWarning, ModelLoadError
-from ..files.atomic import atomic_dir, write_errors
+from ..files.atomic import atomic_dir, save_tensors, write_errors
 from ..formats.registry import formats, get_format
 from ..layers.linear import QuantLinear
+from ..models.architectures import with_architectures
 from ..models.header_checks import check_safetensors
 from ..models.loader import as_load_error
 from ..scaling.double_quant import DQ_BLOCK, dynamic_map
 from ..tensor import QuantizedTensor
 from .gguf_export import ExportError, layer_list
-from .model_io import check_layout, save_tensors
+from .model_io import check_layout
 
 BNB_FORMATS = tuple(f for f in formats() if get_format(f).bnb_quant_type)  # formats.table's bnb_quant_type column
 BNB_BLOCKS = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes/_ops.py: the block sizes its kernels take
@@ -124,9 +124,8 @@ def export_bnb(model: nn.Module, tokenizer, out: str | Path) -> dict[str, int]:
             seen.add(where)
             tensors[key] = t.detach()
     tensors = {k: v.contiguous() for k, v in tensors.items()}
-    config = copy.deepcopy(model.config)
+    config = with_architectures(model)
     config.quantization_config = _quantization_config(model, skip)
-    config.architectures = [type(model).__name__]  # as PreTrainedModel.save_pretrained records it
     if isinstance(model.get_output_embeddings(), QuantLinear):
         config.tie_word_embeddings = False  # a 4-bit head cannot share the float embedding's tensor
     with write_errors(out), atomic_dir(out) as tmp:

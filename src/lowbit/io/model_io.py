@@ -11,24 +11,23 @@ Layout of DIR (no pickle anywhere):
 
 from __future__ import annotations
 
-import copy
 import json
-import os
 from dataclasses import asdict
 from functools import lru_cache
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..errors import ModelLoadError
-from ..files.atomic import _umask, atomic_dir, check_output_dir, write_errors
+from ..files.atomic import atomic_dir, check_output_dir, save_tensors, write_errors
 from ..formats.registry import format_by_id, get_format
 from ..layers.hf_quantizer import refuse_save_pretrained
 from ..layers.keep_dtype import round_state
 from ..layers.linear import QuantLinear
 from ..layers.outlier_linear import Int8OutlierLinear, check_threshold
 from ..layers.surgery import QuantizeReport
+from ..models.architectures import with_architectures
 from ..models.header_checks import check_safetensors
 from ..models.loader import CAUSAL_LM, ModelInfo, as_load_error, model_kind, resolve
 from ..planning.plan import QuantPlan
@@ -110,22 +109,6 @@ def save_quantized(model, tokenizer, info: ModelInfo, report: QuantizeReport, pl
         meta["files"] = sorted([p.name for p in tmp.iterdir()] + [META_FILE])
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return Path(directory)
-
-
-def with_architectures(model):
-    """A copy of ``model.config`` naming its class in ``architectures``, as ``PreTrainedModel.save_pretrained``
-    records it: a config.json without it (one transformers built from GGUF metadata) would leave the
-    model's kind to be guessed on the next load."""
-    config = copy.deepcopy(model.config)
-    config.architectures = [type(model).__name__]
-    return config
-
-
-def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """``save_file`` with the permissions of any new file: safetensors writes a 0600 temp file and
-    renames it, so model.safetensors alone would be unreadable to the group where the umask allows it."""
-    save_file(tensors, path, metadata={"format": "pt"})
-    os.chmod(path, 0o666 & ~_umask())
 
 
 def check_output(directory, *, overwrite: bool = False, source: str | Path | None = None) -> Path:

@@ -30,7 +30,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..cachedir import cache_dir, writable_root, writing
-from ..files.atomic import atomic_dir
+from ..files.atomic import atomic_dir, save_tensors
+from .architectures import with_architectures
 from .hashing import file_sha256
 
 META = "lowbit-cache.json"
@@ -172,8 +173,6 @@ def _state_dict(model) -> dict:
 
 
 def _write(directory: Path, model, tokenizer, tensors: dict) -> None:
-    from ..io.model_io import save_tensors, with_architectures
-
     save_tensors(tensors, directory / WEIGHTS)
     config = with_architectures(model)
     # the GGUF loader records a "gguf" quantization_config; the weights here are plain float32,
