@@ -20,7 +20,7 @@ def test_value_a_format_cannot_hold_names_the_layer():
 
     model = Two()
     with torch.no_grad():
-        model.b.weight[2, 37] = 6e5  # q4_0's fp16 scale would be -75000: past fp16 (tests/test_overflow.py)
+        model.b.weight[2, 37] = 6e5  # q4_0's fp16 scale would be -75000: past fp16 (tests/test_representable.py)
     report = measure(model, [QuantPlan.uniform("nf4"), QuantPlan.uniform("q4_0")], progress=False)
     nf4, q4_0 = report["formats"]
     assert len(nf4["layers"]) == 2 and math.isfinite(nf4["mean_sqnr_db"])

@@ -275,7 +275,7 @@ def check_layout(q: QuantizedTensor, name: str) -> QuantizedTensor:
     # a float zero point (float16, chosen by @hqq) instead of the uint8 code: docs/formats.md#zero-point-integers
     hqq = "zeros" in q.parts and q.parts["zeros"].is_floating_point()
     # first a bound that allocates nothing: every format stores at least format.bits a weight (checked
-    # for all in tests/io/test_model_validation.py), and _layout below quantizes zeros of the stated shape
+    # for all in tests/io/test_meta_checks.py), and _layout below quantizes zeros of the stated shape
     stored = sum(t.numel() * t.element_size() for t in q.parts.values())
     if q.shape.numel() * q.format.bits > 8 * stored:
         raise ModelLoadError(f"{name}: {stored} stored bytes cannot hold a {q.format.name} tensor of shape "

@@ -1,7 +1,7 @@
 """The C kernels' fast paths, registered with ``lowbit.dispatch`` per (operation, family).
 
 Each returns None where its kernel does not apply (the reference path then runs) and
-otherwise exactly what the reference path returns (tests/kernels/test_native.py).
+otherwise exactly what the reference path returns (tests/kernels/test_paths.py).
 Imported by ``lowbit.kernels`` only when the C library loaded.
 """
 
