@@ -37,6 +37,7 @@ from ..layers.surgery import plan_layers, rounded_layer
 from ..planning.config import AWQ_ATTRIBUTE, QuantConfig
 from ..planning.plan import QuantPlan
 from ..progress import note
+from .awq_method import AWQ
 from .gptq_model import effective_weight
 
 GRID = 20  # ratios 0, 1/20, ..., 19/20 (llm-awq auto_scale.py, n_grid = 20)
@@ -75,13 +76,13 @@ def awq_scale(model: nn.Module, plan: QuantPlan, batches: Sequence, *, progress:
     returns ``{layer name: s}`` for every layer whose input was divided by ``s``. ``model.lowbit_awq`` (which
     ``quantize_model`` checks) holds every ``+awq`` layer, with None for one no op can fold into (``o_proj``
     under grouped-query attention, a BERT layer's ``query``): those are rounded unscaled, and said so."""
-    consumer = AWQ(model, plan)
+    consumer = AWQScales(model, plan)
     serve(model, batches, [consumer], progress=progress, label="AWQ scales")
     consumer.finish(model, progress=progress)
     return consumer.applied
 
 
-class AWQ(Consumer):
+class AWQScales(Consumer):
     """AWQ's part in a walk: at each block holding a ``+awq`` layer, mean |x| and each group's Hessian on the
     block's inputs, the scales chosen and folded in, the fold checked on the first batch; the block's outputs
     caught before the fold are passed on (scaling is exact in full precision). Every block is walked (the fold
@@ -103,7 +104,7 @@ class AWQ(Consumer):
         if self._stream is None:
             self._stream = engine.stream()
         groups = [g for g in scale_groups(block.module)
-                  if any(self._config(m) is not None and self._config(m).awq for m in g.layers)]
+                  if any(_scaled(self._config(m)) for m in g.layers)]
         if not groups:
             self._stream.advance(block.run(self._stream))
             return
@@ -125,13 +126,17 @@ class AWQ(Consumer):
 
     def finish(self, model: nn.Module, *, progress: bool = True) -> None:
         """Say which ``+awq`` layers had no op to fold into, and record every one on the model."""
-        wanted = {name: None for name, config in self.configs.values() if config.awq}
+        wanted = {name: None for name, config in self.configs.values() if _scaled(config)}
         unfolded = [name for name in wanted if name not in self.applied]
         if unfolded:
             kinds = sorted({".".join(name.split(".")[-2:]) for name in unfolded})
             note(f"+awq: {len(unfolded)} layers ({', '.join(kinds)}) have no op before them to fold scales into; "
                  "they are rounded without", enabled=progress)
         setattr(model, AWQ_ATTRIBUTE, {**getattr(model, AWQ_ATTRIBUTE, {}), **wanted, **self.applied})
+
+
+def _scaled(config: QuantConfig | None) -> bool:
+    return config is not None and AWQ.suffix in config.methods
 
 
 def best_scales(members: list[tuple[str, nn.Linear, QuantConfig | None]], hessian: torch.Tensor,

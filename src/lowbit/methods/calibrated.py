@@ -21,8 +21,10 @@ from ..calibration.importance import Importance, collect_importance
 from ..layers.surgery import plan_layers
 from ..planning.plan import QuantPlan
 from ..tensor import QuantizedTensor
-from .awq import AWQ
-from .gptq_model import GPTQ
+from .awq import AWQScales
+from .awq_method import AWQ
+from .gptq_method import GPTQ
+from .gptq_model import GPTQWeights
 
 
 @dataclass
@@ -42,8 +44,8 @@ def calibrate_methods(model: nn.Module, plan: QuantPlan, batches: Sequence, *, i
     in the same pass when they are the first of ``batches`` (a causal LM's windows: the default 16 are the first 16
     of GPTQ's 64), else by a pass of their own after the fold."""
     configs = [config for _, _, config, _ in plan_layers(model, plan)]
-    awq = AWQ(model, plan) if any(c.awq for c in configs) else None
-    gptq = GPTQ(model, plan) if any(c.method == "gptq" for c in configs) else None
+    awq = AWQScales(model, plan) if any(AWQ.suffix in c.methods for c in configs) else None
+    gptq = GPTQWeights(model, plan) if any(GPTQ.suffix in c.methods for c in configs) else None
     importance_batches = batches if importance_batches is None else importance_batches
     shared = importance_layers and _leads(importance_batches, batches)
     importance = Importance(importance_layers, len(importance_batches)) if shared else None

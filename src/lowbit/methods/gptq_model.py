@@ -17,12 +17,14 @@ from torch import nn
 
 from ..calibration.engine import Block, BlockPass, Consumer, serve, transformer_blocks
 from ..calibration.statistics import HESSIAN
-from ..layers.rotation import layer_signs, rotate, rotate_hessian, unrotate
+from ..layers.rotation import rotate, rotate_hessian, unrotate
 from ..layers.surgery import plan_layers
 from ..planning.config import QuantConfig
 from ..planning.plan import QuantPlan
+from .codebook_method import CodebookRefit
 from .codebook_refit import refit_rounds
 from .gptq import GPTQResult, gptq_quantize
+from .gptq_method import GPTQ
 
 # Calibration windows of 512 tokens GPTQ runs by default: 32,768 tokens. The reference code takes 128 random
 # 2048-token segments of C4 (github.com/IST-DASLab/gptq, datautils.py, nsamples=128); this model's protocol
@@ -34,7 +36,7 @@ def gptq_weights(model: nn.Module, plan: QuantPlan, batches: Sequence, *, act_or
                  progress: bool = True) -> dict[str, GPTQResult]:
     """``{layer name: GPTQResult}`` for every layer whose plan config has ``method="gptq"``; ``model`` is not
     changed. ``batches``: input-id tensors (or mappings of forward keyword arguments), as calibration feeds."""
-    consumer = GPTQ(model, plan, act_order=act_order)
+    consumer = GPTQWeights(model, plan, act_order=act_order)
     if not consumer.layers:
         return {}
     transformer_blocks(model)  # GPTQ feeds each block the quantized blocks' outputs: a model without blocks is refused
@@ -42,7 +44,7 @@ def gptq_weights(model: nn.Module, plan: QuantPlan, batches: Sequence, *, act_or
     return consumer.results
 
 
-class GPTQ(Consumer):
+class GPTQWeights(Consumer):
     """GPTQ's part in a walk: at each block, its layers' Hessians on what the quantized blocks before produce, the
     layers quantized, and the block run again with the quantized weights to give the next block's inputs. Layers
     outside the blocks are quantized from full forwards of the model as it is (earlier blocks unquantized).
@@ -50,7 +52,7 @@ class GPTQ(Consumer):
 
     def __init__(self, model: nn.Module, plan: QuantPlan, *, act_order: bool = False):
         self.targets = {names[0]: (linear, config) for names, linear, config, _ in plan_layers(model, plan)
-                        if config.method == "gptq"}
+                        if GPTQ.suffix in config.methods}
         self.layers, self.act_order = tuple(self.targets), act_order
         self.results: dict[str, GPTQResult] = {}
         self._stream = None
@@ -90,12 +92,12 @@ def gptq_layer(name: str, weight: torch.Tensor, hessian: torch.Tensor, config: Q
     Hessian ``Q^T H Q`` (``lowbit.layers.rotation``), the signs drawn from the layer's name; with ``+cb`` the codebook
     refit to the output error between GPTQ rounds (``lowbit.methods.codebook_refit``)."""
     weight = weight.detach()
-    if config.rotate:
-        signs = layer_signs(name, weight.shape[1])
+    signs = stored_signs(name, config, weight.shape[1])
+    if signs is not None:
         weight, hessian = rotate(weight, signs), rotate_hessian(hessian, signs)
     result = gptq_quantize(weight, hessian, config.format, block_size=config.block_size, search=config.search,
                            act_order=act_order, double_quant=config.double_quant)
-    if config.refit_codebook:
+    if CodebookRefit.suffix in config.methods:
         result = refit_rounds(weight, hessian, result, lambda parts: gptq_quantize(
             weight, hessian, config.format, block_size=config.block_size, search=config.search, act_order=act_order,
             double_quant=config.double_quant, tensor_parts=parts))
@@ -105,4 +107,11 @@ def gptq_layer(name: str, weight: torch.Tensor, hessian: torch.Tensor, config: Q
 def effective_weight(name: str, qweight, config: QuantConfig) -> torch.Tensor:
     """A quantized weight as its layer computes with it, float32 in the input's own basis (``+had`` undone)."""
     w = qweight.dequantize().float()
-    return unrotate(w, layer_signs(name, w.shape[1])) if config.rotate else w
+    signs = stored_signs(name, config, w.shape[1])
+    return w if signs is None else unrotate(w, signs)
+
+
+def stored_signs(name: str, config: QuantConfig, in_features: int) -> torch.Tensor | None:
+    """The signs of the input rotation layer ``name`` stores where one of ``config``'s methods rotates it
+    (``+had``), else None."""
+    return next((s for m in config.method_classes if (s := m.layer_signs(name, in_features)) is not None), None)

@@ -31,7 +31,9 @@ from ..errors import InputError, LayerQuantizeError, LowbitError
 from ..files.atomic import write_json
 from ..json_file import load_json
 from ..layers.surgery import layout_error, linears, rounded_layer
-from ..methods.gptq_model import effective_weight, gptq_layer
+from ..methods.awq_method import AWQ
+from ..methods.gptq_method import GPTQ
+from ..methods.gptq_model import effective_weight, gptq_layer, stored_signs
 from ..pipeline import needs_calibration
 from .config import QuantConfig
 from .plan import DEFAULT_EXCLUDE, selected
@@ -133,7 +135,7 @@ def _ratio(error: float, anchor_error: float) -> float:
 def candidate(label: str | QuantConfig) -> QuantConfig:
     """A per-layer candidate's config; ``+awq`` is refused: its fold changes the norm a group of layers shares."""
     config = label if isinstance(label, QuantConfig) else QuantConfig.parse(label)
-    if config.awq:
+    if AWQ.suffix in config.methods:
         raise InputError(f"{config.label}: +awq scales whole groups of layers through the op before them, so it "
                          "cannot be one layer's candidate; leave it out of the candidates")
     if config.outlier_threshold is not None:
@@ -174,7 +176,7 @@ def _layer_costs(name: str, linear: nn.Linear, hessian: torch.Tensor,
         if layout_error(name, linear, config) is not None:
             continue  # not a candidate for this layer; plan_for_budget picks among the others
         try:
-            if config.method:
+            if GPTQ.suffix in config.methods:
                 q = gptq_layer(name, linear.weight, hessian, config).qweight
             else:  # @amse's importance: the calibration mean of x^2, H's diagonal / 2 (+had with it needs +gptq)
                 importance = (hessian.diagonal() / 2).float() if needs_calibration(config.search) else None
@@ -188,7 +190,8 @@ def _layer_costs(name: str, linear: nn.Linear, hessian: torch.Tensor,
         delta = (deq - linear.weight.detach().float()).double()
         error = float(((delta @ hessian.double()) * delta).sum()) / 2
         dequantized[label] = deq
-        out[label] = LayerCost(q.nbytes + (linear.in_features if config.rotate else 0), max(error, 0.0), math.nan,
+        signs = stored_signs(name, config, linear.in_features)
+        out[label] = LayerCost(q.nbytes + (0 if signs is None else linear.in_features), max(error, 0.0), math.nan,
                                False)
     if not out:
         raise LayerQuantizeError(f"layer {name!r} (weight {tuple(linear.weight.shape)}): no candidate can hold it")
