@@ -6,90 +6,19 @@ import logging
 import math
 import os
 import time
-from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
-from torch import nn
 
 from lowbit import cachedir
 from lowbit.eval import cache
-from lowbit.eval.cache import CacheFile, CacheIntegrityError, CacheSpaceError, read_header
+from lowbit.eval.cache import CacheFile, CacheIntegrityError, CacheSpaceError
 from lowbit.eval.causal import score_causal
-from lowbit.eval.encoder import encoder_reference
-from lowbit.eval.protocol import Protocol
-from lowbit.eval.reference import Reference, causal_reference
+from lowbit.eval.reference import Reference
 
-VOCAB, WINDOW, WINDOWS = 300, 16, 3
-
-
-class TinyLM(nn.Module):
-    """A causal LM in miniature: embedding -> tanh -> vocabulary head, logits as transformers returns them."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed, self.head = nn.Embedding(VOCAB, 16), nn.Linear(16, VOCAB)
-
-    def forward(self, ids):
-        return SimpleNamespace(logits=self.head(torch.tanh(self.embed(ids))))
-
-
-class Loads:
-    """A ``load_model`` that counts how often the reference had to be computed."""
-
-    def __init__(self, model):
-        self.model, self.calls = model, 0
-
-    def __call__(self):
-        self.calls += 1
-        return self.model
-
-
-def never():
-    raise AssertionError("the model was loaded although it must not be")
-
-
-@pytest.fixture(scope="module")
-def lm():
-    torch.manual_seed(0)
-    ids = torch.randint(0, VOCAB, (WINDOWS, WINDOW))
-    return TinyLM(), ids, Protocol("tiny text", "t" * 64, WINDOW, WINDOWS, "k" * 64)
-
-
-@pytest.fixture
-def root(tmp_path, monkeypatch):
-    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
-def reference(lm, load=None, **kwargs) -> Reference:
-    model, ids, protocol = lm
-    return causal_reference(load or (lambda: model), ids, protocol, "tiny-sha", progress=False, **kwargs)
-
-
-def overwrite(path, tensor, data=b"\xff\xff", at=None):
-    """Bytes inside one tensor's data replaced in place: the file keeps its size and its header."""
-    fd = os.open(path, os.O_RDWR)
-    try:
-        tensors, _, start = read_header(fd)
-        begin, end = tensors[tensor]["data_offsets"]
-        at = (end - begin) // 2 if at is None else at  # the middle: the second of three rows
-        os.pwrite(fd, data, start + begin + at)
-    finally:
-        os.close(fd)
-
-
-def test_reference_round_trip_with_description(lm, root):
-    first = reference(lm, model_name="tiny", model_source="/models/tiny")
-    again = reference(lm, never)
-    assert torch.equal(again.lse, first.lse) and torch.equal(again.ids, lm[1])
-    assert score_causal(lm[0], again, progress=False)["kl_mean"] < 1e-5
-    d = CacheFile(first.path).description
-    assert (d["kind"], d["model"], d["source"], d["model_sha256"], d["vocab"]) == (
-        "ref-causal", "tiny", "/models/tiny", "tiny-sha", VOCAB)
-    assert d["protocol"] == lm[2].to_dict() and d["created"].endswith("Z")
+from .helpers import Loads, never, overwrite, reference
 
 
 @pytest.mark.parametrize("per_row", [False, True], ids=["one-sha256-per-tensor", "one-sha256-per-row"])
@@ -151,48 +80,6 @@ def test_damaged_file_is_recomputed_with_one_notice(lm, root, caplog, damage):
         again = reference(lm, loads)
     assert loads.calls == 1 and len(caplog.records) == 1 and "recomputing" in caplog.records[0].getMessage()
     assert torch.equal(again.lse, expected.lse) and torch.equal(again.ids, lm[1])
-
-
-def _tiny_disk(monkeypatch, free=1000):
-    monkeypatch.setattr(cachedir, "free_disk", lambda directory: free)
-
-
-def test_too_little_disk_is_refused_before_the_model_loads(lm, root, monkeypatch):
-    _tiny_disk(monkeypatch)
-    with pytest.raises(CacheSpaceError) as info:
-        reference(lm, never, vocab_size=VOCAB)
-    message = str(info.value)
-    assert info.value.errno == errno.ENOSPC and "\n" not in message
-    needed = WINDOWS * (WINDOW - 1) * VOCAB * 2 + WINDOWS * WINDOW * 8 + WINDOWS * (WINDOW - 1) * 16
-    assert message == (f"the reference (3 windows × 15 positions × 300 log-probs, fp16) needs "
-                       f"{needed / 1e6:.1f} MB of disk; 0.0 MB free in {root}; use fewer or shorter windows")
-    assert os.listdir(root) == []
-
-
-def test_without_vocab_size_the_check_runs_after_the_first_window(lm, root, monkeypatch):
-    _tiny_disk(monkeypatch)
-    loads = Loads(lm[0])
-    with pytest.raises(CacheSpaceError, match="needs .* of disk; .* free"):
-        reference(lm, loads)
-    assert loads.calls == 1 and os.listdir(root) == []
-
-
-def test_too_little_memory_is_refused(lm, root, monkeypatch):
-    monkeypatch.setattr(cachedir, "free_memory", lambda: 10_000)
-    with pytest.raises(CacheSpaceError, match=r"needs .* of memory; 0\.0 MB available; use fewer") as info:
-        reference(lm, never, vocab_size=VOCAB)
-    assert info.value.errno == errno.ENOMEM
-
-
-def test_a_huge_protocol_is_refused_by_the_real_probes(lm, root):
-    # 3 windows x 15 positions x 10^13 log-probs x 2 bytes = 900 TB: no disk holds it; nothing is allocated
-    with pytest.raises(CacheSpaceError, match=r"needs 900000\.0 GB of disk"):
-        reference(lm, never, vocab_size=10**13)
-
-
-def test_free_memory_probe():
-    available = cachedir.free_memory()
-    assert available is None or available > 0
 
 
 def test_lowbit_cache_naming_a_file_fails_before_any_work(lm, tmp_path, monkeypatch):
@@ -297,39 +184,6 @@ def test_a_reference_in_use_is_not_removed(lm, root):
     del ref
     gc.collect()
     assert cachedir.remove_file(path) and not path.exists()
-
-
-class CharTokenizer:
-    def __call__(self, texts, truncation, max_length, padding, return_tensors):
-        rows = [[ord(c) % 50 for c in text[:max_length]] for text in texts]
-        width = max(map(len, rows))
-        return {"input_ids": torch.tensor([r + [0] * (width - len(r)) for r in rows]),
-                "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])}
-
-
-class TinyEncoder(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(50, 8)
-
-    def forward(self, input_ids, attention_mask):
-        return SimpleNamespace(last_hidden_state=self.embed(input_ids))
-
-
-def test_encoder_reference_is_checked_too(root, caplog):
-    torch.manual_seed(0)
-    encoder, text = TinyEncoder(), "\n\n".join(f"paragraph {i}: " + "some words to embed " * 3 for i in range(5))
-    texts, emb = encoder_reference(lambda: encoder, CharTokenizer(), text, "enc-sha", text_name="t.txt",
-                                   progress=False)
-    assert torch.equal(encoder_reference(never, CharTokenizer(), text, "enc-sha", progress=False)[1], emb)
-    [path] = root.glob("ref-encoder-*.safetensors")
-    assert CacheFile(path).description["paragraphs"] == len(texts) == 5
-    overwrite(path, "embeddings", b"\x00\x00\xc0\x7f")  # a float32 NaN
-    loads = Loads(encoder)
-    with caplog.at_level(logging.WARNING, logger="lowbit.eval.cache"):
-        again = encoder_reference(loads, CharTokenizer(), text, "enc-sha", progress=False)[1]
-    assert loads.calls == 1 and "embeddings fails its sha256 check" in caplog.records[0].getMessage()
-    assert torch.equal(again, emb)
 
 
 def test_an_unreadable_reference_is_an_error_and_kept(lm, root, monkeypatch):

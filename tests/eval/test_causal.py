@@ -7,20 +7,11 @@ import pytest
 import torch
 
 from lowbit import QuantConfig, dispatch, quantize_model
-from lowbit.eval import causal_reference, read_text, score_causal, token_windows
+from lowbit.eval import score_causal
 from lowbit.evaluate import materialize
 from lowbit.planning import QuantPlan
 
-WINDOWS = 2
-
-
-@pytest.fixture(scope="module")
-def setup(smollm2):
-    model, tokenizer, info, _ = smollm2
-    name, text = read_text(None)
-    ids, protocol = token_windows(tokenizer, text, name, windows=WINDOWS)
-    ref = causal_reference(lambda: model, ids, protocol, info.file_hash, progress=False)
-    return model, ids, protocol, info, ref
+from .helpers import SMOLLM2_WINDOWS
 
 
 def float64_kl(ref_model, model, ids) -> torch.Tensor:
@@ -34,41 +25,10 @@ def float64_kl(ref_model, model, ids) -> torch.Tensor:
     return torch.cat(out)
 
 
-def test_reference_is_cached_and_not_recomputed(setup):
-    model, ids, protocol, info, ref = setup
-
-    def must_not_load():
-        raise AssertionError("the reference model was loaded although the reference is cached")
-
-    again = causal_reference(must_not_load, ids, protocol, info.file_hash, progress=False)
-    assert again.path == ref.path and torch.equal(again.nll, ref.nll) and torch.equal(again.top1, ref.top1)
-
-
-def test_damaged_cache_is_recomputed(setup, tmp_path, monkeypatch):
-    model, ids, protocol, info, ref = setup
-    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))
-    first = causal_reference(lambda: model, ids[:1], protocol, "damaged", progress=False)
-    first.path.write_bytes(b"not safetensors")
-    again = causal_reference(lambda: model, ids[:1], protocol, "damaged", progress=False)
-    assert torch.equal(again.nll, first.nll)
-
-
-def test_unwritable_cache_fails_before_the_model_runs(setup, tmp_path, monkeypatch):
-    _, ids, protocol, _, _ = setup
-    (tmp_path / "file").write_text("")
-    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "file" / "cache"))
-
-    def must_not_load():
-        raise AssertionError("the model ran although its result could not be stored")
-
-    with pytest.raises(OSError, match="cannot create the cache directory .*LOWBIT_CACHE"):
-        causal_reference(must_not_load, ids[:1], protocol, "unwritable", progress=False)
-
-
 def test_model_against_its_own_reference(setup):
     model, ids, _, _, ref = setup
     s = score_causal(model, ref, progress=False)
-    assert s["tokens"] == WINDOWS * 511
+    assert s["tokens"] == SMOLLM2_WINDOWS * 511
     assert s["top1"] == 1.0 and s["ppl"] == pytest.approx(ref.ppl, rel=1e-6)
     assert 0 <= s["kl_mean"] < 1e-5 and s["kl_max"] < 1e-4  # only the fp16 storage of the reference
 
