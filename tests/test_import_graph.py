@@ -1,5 +1,6 @@
 """lowbit's modules import one another without cycles, and its packages layer one way (docs/architecture.md):
-formats and scaling know no models, and report draws what it is given, importing nothing that quantizes.
+formats and scaling know no models (formats no gguf nor kernels, scaling no formats), and report draws what it is
+given, importing nothing that quantizes.
 
 The graph is read from the source with ast, not by importing it: an edge is every ``import`` a module runs,
 at its top or inside a function (``if TYPE_CHECKING:`` blocks run never and are left out), and neither kind
@@ -144,6 +145,16 @@ def test_report_imports_nothing_that_quantizes():
     for module in MODULES:
         if _in(module, "lowbit.report"):
             assert not [m for m in imports(module, functions=True) if _in(m, *QUANTIZES)], module
+
+
+def test_package_layering():
+    """formats never imports gguf or the kernels; scaling never imports formats."""
+    for module in MODULES:
+        found = imports(module, functions=True)
+        if _in(module, "lowbit.formats"):
+            assert not [m for m in found if _in(m, "lowbit.gguf", "lowbit.kernels")], module
+        if _in(module, "lowbit.scaling"):
+            assert not [m for m in found if _in(m, "lowbit.formats")], module
 
 
 if __name__ == "__main__":

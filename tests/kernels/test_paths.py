@@ -8,6 +8,8 @@ import torch
 import lowbit
 from lowbit import dispatch, kernels
 
+from ..test_fake_quant import bits
+
 pytestmark = pytest.mark.skipif(not kernels.enabled(), reason="C kernels not built")
 
 
@@ -67,3 +69,31 @@ def test_minifloat_rounding_kernel_matches_reference(fmt):
     for name in ref.parts:
         assert torch.equal(fast.parts[name], ref.parts[name]), name
     assert torch.equal(fast.dequantize().view(torch.int32), ref_out.view(torch.int32))
+
+
+@pytest.mark.skipif(kernels.native is None, reason="the C library did not build")
+@pytest.mark.parametrize("op_family", sorted(dispatch.registered()), ids=lambda k: "-".join(k))
+def test_every_fast_path_matches_the_reference(op_family):
+    op, family = op_family
+    names = [n for n in lowbit.formats() if lowbit.get_format(n).family == family] or ["fp4_e2m1"]
+    if op == "search":  # picks a scale, not bits: it must reach the reference search's error
+        torch.manual_seed(4)
+        x = torch.randn(96, 256) * torch.rand(256) ** 2
+        imp = torch.rand(256) ** 3
+        for name in names[:3]:
+            errors = []
+            for path in ("native", "reference"):
+                q = lowbit.quantize(x, name, search="amse", importance=imp, kernels=path)
+                errors.append(float(((q.dequantize() - x) ** 2 * imp).sum()))
+            assert errors[0] <= errors[1] * 1.03, (name, errors)  # two heuristic scans: within 3%
+        return
+    if op in ("round", "lut_scale"):  # element-level paths, reached through these families
+        names = {"exmy": ["fp4_e2m1", "fp8_e4m3fn", "mxfp4", "nvfp4"], "minifloat": ["fp8_e5m2"],
+                 "mx": ["mxfp6_e3m2"], "nvfp4": ["nvfp4"]}[family]
+    torch.manual_seed(3)
+    x = torch.randn(64, 256) * 3
+    for name in names:
+        native = lowbit.quantize(x, name, kernels="native")
+        reference = lowbit.quantize(x, name, kernels="reference")
+        assert native.tobytes() == reference.tobytes(), name
+        assert torch.equal(bits(native.dequantize(kernels="native")), bits(reference.dequantize(kernels="reference")))

@@ -113,7 +113,7 @@ class GridCodec(Codec):
         """``(table, factor, zero)`` such that decode is ``(table[code] - zero[b]) * factor[b]``
         with those float32 operations (``zero`` None: ``table[code] * factor[b]``), for the
         fused kernels (lowbit.kernels.linear), which then decode exactly as ``decode`` does
-        (tests/formats/test_table.py); None where decode is not of that form."""
+        (tests/formats/test_registry.py); None where decode is not of that form."""
         return None
 
     @classmethod
