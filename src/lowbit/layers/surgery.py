@@ -107,7 +107,7 @@ def quantize_model(model: nn.Module, plan: QuantPlan, *, progress: bool = True,
             weights = next((importance[n] for n in names if n in (importance or {})), None)
             if names[0] in (prequantized or {}):
                 qweight = prequantized[names[0]]
-                signs = _signs(names[0], linear.in_features, layer_config)
+                signs = layer_config.layer_signs(names[0], linear.in_features)
             else:
                 qweight, signs = rounded_layer(names[0], linear.weight, layer_config,
                                                weights if layer_config.needs_calibration else None)
@@ -251,16 +251,11 @@ def quantize_weight(weight: torch.Tensor, config: QuantConfig, importance: torch
 def rounded_layer(name: str, weight: torch.Tensor, config: QuantConfig, importance: torch.Tensor | None = None):
     """``(qweight, signs)``: one layer's weight rounded on its own as ``config`` says; with ``+had`` the weight
     is ``W Q`` and ``signs`` the rotation's (``lowbit.layers.rotation``), else None."""
-    signs = _signs(name, weight.shape[1], config)
+    signs = config.layer_signs(name, weight.shape[1])
     weight = weight.detach()
     for method in config.method_classes:
         weight = method.prepare_weight(name, weight)
     return _quantize_layer(name, weight, config, importance=importance), signs
-
-
-def _signs(name: str, in_features: int, config: QuantConfig) -> torch.Tensor | None:
-    """The input rotation's signs the layer stores, if a method of ``config`` rotates it (``+had``)."""
-    return next((s for m in config.method_classes if (s := m.layer_signs(name, in_features)) is not None), None)
 
 
 def _quantize_layer(name: str, weight: torch.Tensor, config: QuantConfig, shape: torch.Size | None = None,

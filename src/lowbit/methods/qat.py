@@ -15,12 +15,13 @@ from torch import nn
 
 from ..errors import InputError
 from ..formats.registry import get_format
-from ..layers.rotation import hadamard_block, layer_signs, rotate
+from ..layers.rotation import hadamard_block, rotate
 from ..layers.surgery import QuantizeReport, plan_layers, quantize_model
 from ..planning.config import QuantConfig
 from ..planning.plan import QuantPlan
 from ..tensor import QuantizedTensor
 from .lsq import LSQQuantizer, check_learnable
+from .registry import NOTHING
 
 
 class QATLinear(nn.Module):
@@ -33,9 +34,9 @@ class QATLinear(nn.Module):
                  start: QuantizedTensor | None = None, name: str = ""):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        signs = layer_signs(name, linear.in_features) if config.rotate else None
+        signs = config.layer_signs(name, linear.in_features)
         self.register_buffer("signs", signs, persistent=False)
-        self.rotation_block = hadamard_block(linear.in_features) if config.rotate else None
+        self.rotation_block = None if signs is None else hadamard_block(linear.in_features)
         weight = linear.weight.detach().float()
         if start is not None:  # from a quantized start (GPTQ's, rotated with +had), training begins at what it computes
             weight = start.dequantize(torch.float32)
@@ -61,8 +62,9 @@ def check_qat_config(config: QuantConfig) -> None:
     check_learnable(get_format(config.format))
     others = {"+dq (it would re-round the trained scales)": config.double_quant,
               "a scale search (training chooses the scales)": config.search is not None,
-              f"+{config.method}": config.method is not None, "+cb": config.refit_codebook,
-              "+awq": config.awq, "LLM.int8() (its activations are rounded at run time)":
+              # a method that needs calibration changes the weights against the model's inputs
+              **{m.suffix: m.needs != NOTHING for m in config.method_classes},
+              "LLM.int8() (its activations are rounded at run time)":
                   config.outlier_threshold is not None}
     given = [what for what, present in others.items() if present]
     if given:

@@ -118,6 +118,10 @@ class QuantConfig:
         """The ``lowbit.methods.registry.Method`` classes of ``methods``, in label order."""
         return tuple(registry.method_for(s) for s in self.methods)
 
+    def layer_signs(self, name: str, in_features: int):
+        """The signs of the input rotation layer ``name`` stores, where a method rotates it (``+had``), else None."""
+        return next((s for m in self.method_classes if (s := m.layer_signs(name, in_features)) is not None), None)
+
     # read by the methods' modules until each runs through its registered class (issue 26)
     @property
     def method(self) -> str | None:

@@ -26,11 +26,11 @@ from ..progress import progress_bar
 def check_measurable(plans: list[QuantPlan]) -> None:
     """An InputError for a plan whose methods change a layer against its inputs: each weight here is rounded
     on its own (``quantize_weight`` would drop them silently)."""
-    whole = next((p.label for p in plans if p.uniform_config.method or p.uniform_config.rotate
-                  or p.uniform_config.awq), None)
+    whole = next((p for p in plans if p.uniform_config.methods), None)
     if whole:
-        raise InputError(f"{whole}: lowbit errors measures each weight tensor rounded on its own; +gptq, +had and "
-                         "+awq change a layer against its inputs: score them with lowbit compare")
+        raise InputError(f"{whole.label}: lowbit errors measures each weight tensor rounded on its own; "
+                         f"{', '.join(whole.uniform_config.methods)} change a layer against its inputs or its "
+                         "basis: score them with lowbit compare")
 
 
 def calibration(model: nn.Module, tokenizer, info, text: str | None, *, window: int, windows: int,

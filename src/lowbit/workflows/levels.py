@@ -20,9 +20,10 @@ def level_config(label: str):
     spec = get_format(config.format)
     if spec.bits > 8:
         raise InputError(f"{label}: {spec.description}: its {2**spec.bits} levels are too many to draw")
-    if config.method or config.rotate or config.awq or config.refit_codebook or config.needs_calibration:
-        raise InputError(f"{label}: the levels plot rounds the weight on its own; +gptq, +had, +awq, +cb and "
-                         "activation-weighted searches (@amse, @ahqq) need the model's inputs")
+    if config.methods or config.needs_calibration:
+        raise InputError(f"{label}: the levels plot rounds the weight on its own; methods "
+                         f"({', '.join(config.methods) or 'none here'}) and activation-weighted searches (@amse, "
+                         "@ahqq) need the model or its inputs")
     return config
 
 
