@@ -39,7 +39,6 @@ NOT_MIRRORED = {
     "evaluate.py": "workflows/test_run.py, layers/test_surgery.py, eval/test_causal.py (materialize)",
     "files/outputs.py": "commands/test_outputs_safety.py",
     "formats/catalog.py": "the tests over every format (formats/test_facts.py, test_levels.py, test_one_value.py)",
-    "formats/exmy.py": "formats/test_minifloat.py",
     "formats/learned.py": "scaling/test_codebook_fit.py",
     "formats/probe.py": "formats/test_facts.py",
     "formats/rounding.py": "formats/test_floats.py, scaling/test_codebook_fit.py",
