@@ -55,7 +55,6 @@ NOT_MIRRORED = {
     "methods/gptq_model.py": "methods/test_gptq.py, methods/test_calibrated.py, layers/test_rotation.py",
     "methods/hadamard.py": "layers/test_rotation.py (a rotated model computes, saves and loads)",
     "methods/qat_train.py": "methods/test_qat.py, commands/test_qat_cmd.py",
-    "models/hashing.py": "models/test_loader.py, models/test_converted.py, models/test_hub.py",
     "pipeline.py": "test_quantize.py and every test that quantizes (no test of its own steps)",
     "progress.py": "none",
     "report/bits.py": "commands/test_bits_cmd.py",

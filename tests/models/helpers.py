@@ -1,7 +1,9 @@
-"""What the models tests share: a refusal that must come from a file's header alone."""
+"""What the models tests share: a refusal that must come from a file's header alone, a file's sha256 by hashlib."""
 
+import hashlib
 import resource
 import time
+from pathlib import Path
 
 import pytest
 
@@ -20,3 +22,7 @@ def refused_cheaply(call, *needles) -> str:
     message = str(err.value)
     assert "\n" not in message and all(n in message for n in needles), message
     return message
+
+
+def sha256_of(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

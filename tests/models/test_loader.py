@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import re
 import shutil
 from pathlib import Path
@@ -13,11 +12,9 @@ import torch
 
 from lowbit import load_model
 from lowbit.errors import LowbitError, ModelLoadError
-from lowbit.models import CAUSAL_LM, ENCODER, file_sha256, files_sha256, loader, resolve
+from lowbit.models import CAUSAL_LM, ENCODER, loader, resolve
 
-
-def _sha256(path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+from .helpers import sha256_of
 
 
 def test_embedded_default_is_float32_eval_causal_lm(smollm2):
@@ -35,7 +32,7 @@ def test_embedded_default_is_float32_eval_causal_lm(smollm2):
 
 def test_embedded_hash_is_the_file_sha256(smollm2):
     info = smollm2[2]
-    assert info.file_hash == _sha256(resolve(info.source)[1])
+    assert info.file_hash == sha256_of(resolve(info.source)[1])
     with pytest.raises(dataclasses.FrozenInstanceError):
         info.kind = "encoder"
 
@@ -140,24 +137,6 @@ def test_directory_without_config_and_non_model_file(tmp_path):
     text.write_text("hello")
     with pytest.raises(ModelLoadError, match="neither a directory nor a .gguf"):
         load_model(text)
-
-
-def test_file_hash_follows_content_changes(tmp_path):
-    f = tmp_path / "w.bin"
-    f.write_bytes(b"a" * 10)
-    first = file_sha256(f)
-    assert first == _sha256(f) == files_sha256([f])
-    f.write_bytes(b"b" * 11)  # new size (and mtime): the cache must not answer with the old hash
-    assert file_sha256(f) == _sha256(f) != first
-
-
-def test_directory_hash_covers_names_and_contents(tmp_path):
-    (tmp_path / "a.safetensors").write_bytes(b"1")
-    (tmp_path / "b.safetensors").write_bytes(b"2")
-    files = sorted(tmp_path.iterdir())
-    h = files_sha256(files, root=tmp_path)
-    (tmp_path / "b.safetensors").write_bytes(b"3")
-    assert files_sha256(files, root=tmp_path) != h
 
 
 @pytest.mark.slow
