@@ -4,8 +4,9 @@ import torch
 
 from lowbit.io import load_quantized
 from lowbit.models.loader import load_model
-from tests.commands.test_model_cmds import assert_one_line_error
-from tests.commands.test_model_cmds import run_main as run
+
+from .helpers import assert_one_line_error
+from .helpers import run_main as run
 
 TINY = ["--window", "64", "--windows", "1"]
 

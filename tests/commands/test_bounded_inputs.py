@@ -15,7 +15,8 @@ import pytest
 from lowbit import limits as L
 from lowbit.cli import main
 from lowbit.eval import protocol
-from tests.commands.test_model_cmds import assert_one_line_error, run_main
+
+from .helpers import assert_one_line_error, run_main
 
 NO_MODEL = "/nonexistent/model"
 

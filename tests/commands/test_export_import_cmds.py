@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from tests.commands.test_model_cmds import run_main
+from .helpers import run_main
 
 
 def quantize(tiny_lm_dir, out, fmt, capsys):

@@ -3,7 +3,8 @@
 import pytest
 
 from lowbit.cli import main
-from tests.commands.test_model_cmds import run_main
+
+from .helpers import run_main
 
 
 def test_generate_from_a_saved_directory(tiny_lm_dir, tmp_path, capsys):

@@ -9,8 +9,9 @@ from lowbit import quantize as quantize_tensor
 from lowbit.io import load_quantized
 from lowbit.layers.linear import QuantLinear
 from lowbit.models.loader import load_model
-from tests.commands.test_model_cmds import assert_one_line_error, lowbit
-from tests.commands.test_model_cmds import run_main as run
+
+from .helpers import assert_one_line_error, lowbit
+from .helpers import run_main as run
 
 TINY = ["--window", "64", "--windows", "1"]
 

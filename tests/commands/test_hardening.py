@@ -11,7 +11,8 @@ from safetensors import SafetensorError, safe_open
 
 from lowbit.cli import main
 from lowbit.io import load_quantized
-from tests.commands.test_model_cmds import assert_one_line_error, lowbit
+
+from .helpers import assert_one_line_error, lowbit
 
 TINY = ["--window", "64", "--windows", "1"]
 

@@ -7,7 +7,8 @@ import shutil
 import pytest
 
 from lowbit.models.loader import CAUSAL_LM, ENCODER, load_model, model_kind
-from tests.commands.test_model_cmds import run_main
+
+from .helpers import run_main
 
 
 @pytest.mark.parametrize("config,kind", [

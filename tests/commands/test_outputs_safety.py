@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 import lowbit.io.gguf_export as gguf_export
-from tests.commands.test_model_cmds import assert_one_line_error, run_main
+
+from .helpers import assert_one_line_error, run_main
 
 TINY = ["--window", "64", "--windows", "1"]
 

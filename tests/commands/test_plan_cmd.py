@@ -6,8 +6,9 @@ import pytest
 
 from lowbit.io import load_quantized
 from lowbit.layers import QuantLinear
-from tests.commands.test_model_cmds import assert_one_line_error, lowbit
-from tests.commands.test_model_cmds import run_main as run
+
+from .helpers import assert_one_line_error, lowbit
+from .helpers import run_main as run
 
 TINY = ["--window", "64", "--windows", "1"]
 # the tiny Llama's rows hold 64 or 128 weights: never a whole 256-weight q4_k block, so q4_k falls back

@@ -7,7 +7,8 @@ import torch
 
 from lowbit.io import load_quantized
 from lowbit.layers import QuantLinear
-from tests.commands.test_model_cmds import assert_one_line_error, lowbit, run_main
+
+from .helpers import assert_one_line_error, lowbit, run_main
 
 TINY = ["--window", "64", "--windows", "1"]
 

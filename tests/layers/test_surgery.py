@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -12,6 +13,7 @@ from lowbit import QuantConfig, QuantLinear, dispatch, get_format, quantize_mode
 from lowbit.errors import LayerQuantizeError
 from lowbit.evaluate import materialize
 from lowbit.layers import model_weight_bytes
+from lowbit.layers.surgery import reference_weight_bytes
 from lowbit.planning import QuantPlan
 
 
@@ -155,3 +157,30 @@ def test_double_quant_layers():
     plain = quantize_model(Toy(), QuantPlan.uniform("nf4"), progress=False)
     assert report.layer_bytes_after < plain.layer_bytes_after
     assert all(m.qweight.double_quant for m in model.modules() if isinstance(m, QuantLinear))
+
+
+def tiny_llama(tied: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+def fp32_bytes(model) -> int:
+    return model_weight_bytes(model)  # a float32 model: its bytes are its reference's
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("head", [True, False])
+def test_reference_is_the_original_float32_model(tied, head):
+    """Quantizing a tied head stores it twice (a packed head and the float embedding), yet the original, the
+    reference, held it once; an untied head is a tensor of its own in both."""
+    original = tiny_llama(tied)
+    quantized = copy.deepcopy(original)
+    plan = QuantPlan.uniform(QuantConfig("q4_0"), exclude=() if head else ("lm_head",))
+    quantize_model(quantized, plan, progress=False)
+    assert any(isinstance(m, QuantLinear) for m in quantized.modules())
+    assert reference_weight_bytes(original) == fp32_bytes(original)
+    assert reference_weight_bytes(quantized) == fp32_bytes(original)
