@@ -40,7 +40,6 @@ NOT_MIRRORED = {
     "formats/learned.py": "scaling/test_codebook_fit.py",
     "formats/probe.py": "formats/test_facts.py",
     "formats/rounding.py": "formats/test_floats.py, scaling/test_codebook_fit.py",
-    "formats/spec.py": "commands/test_formats_cmd.py",
     "formats/ternary.py": "formats/test_codebooks.py, formats/test_levels.py, the tests over every format",
     "json_file.py": "planning/test_plan.py, commands/test_plan_cmd.py (a plan file that is not JSON)",
     "kernels/library.py": "kernels/test_linear.py, kernels/test_paths.py (through the kernels it loads)",
