@@ -50,7 +50,6 @@ NOT_MIRRORED = {
     "methods/codebook_method.py": "methods/test_codebook_refit.py, methods/test_registry.py",
     "methods/gptq_method.py": "methods/test_gptq.py, methods/test_registry.py",
     "methods/gptq_model.py": "methods/test_gptq.py, methods/test_calibrated.py, layers/test_rotation.py",
-    "methods/qat_train.py": "methods/test_qat.py, commands/test_qat_cmd.py",
     "pipeline.py": "test_quantize.py and every test that quantizes (no test of its own steps)",
     "progress.py": "none",
     "report/bits.py": "commands/test_bits_cmd.py",
