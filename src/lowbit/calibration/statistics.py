@@ -44,7 +44,7 @@ class Statistics:
         self.layers, self.wants = dict(layers), tuple(dict.fromkeys(wants))
         unknown = [w for w in self.wants if w not in KINDS]
         if unknown:
-            raise ValueError(f"unknown statistic {unknown[0]!r}: one of {KINDS}")
+            raise InputError(f"unknown statistic {unknown[0]!r}: one of {KINDS}")
         self.sums: dict[str, dict[str, torch.Tensor | None]] = {w: dict.fromkeys(self.layers) for w in self.wants}
         self.counts: dict[str, dict[str, int]] = {w: dict.fromkeys(self.layers, 0) for w in self.wants}
         self.mask: torch.Tensor | None = None
