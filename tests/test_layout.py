@@ -25,11 +25,10 @@ WITHOUT_LOGIC = {
 # Move them into the mirror file (or write them) and take the module off this list.
 NOT_MIRRORED = {
     "_lazy.py": "test_fast_start.py (no torch for a sibling's sake), through every package's lazy names",
-    "calibration/statistics.py": "calibration/test_engine.py",
     "commands/common.py": "test_cli.py (exit 3 and the bug report), commands/test_hardening.py",
     "commands/export_cmd.py": "commands/test_export_import_cmds.py",
     "commands/import_cmd.py": "commands/test_export_import_cmds.py",
-    "commands/outliers_cmd.py": "eval/test_outliers.py, commands/test_bounded_inputs.py, commands/test_plot_cmd.py",
+    "commands/outliers_cmd.py": "eval/test_outliers.py, test_limits.py, commands/test_plot_cmd.py",
     "commands/quantize_cmd.py": "commands/test_model_cmds.py, commands/test_budget_cmd.py, commands/test_awq_cmd.py",
     "commands/report_cmd.py": "report/test_html.py, test_fast_start.py",
     "commands/sensitivity_cmd.py": "planning/test_sensitivity.py, commands/test_budget_cmd.py",
@@ -45,7 +44,6 @@ NOT_MIRRORED = {
     "kernels/library.py": "kernels/test_linear.py, kernels/test_paths.py (through the kernels it loads)",
     "kernels/llama_step.py": "test_generation.py",
     "layers/keep_dtype.py": "io/test_model_io.py",
-    "limits.py": "commands/test_bounded_inputs.py",
     "methods/awq_method.py": "methods/test_awq.py, methods/test_registry.py",
     "methods/codebook_method.py": "methods/test_codebook_refit.py, methods/test_registry.py",
     "methods/gptq_method.py": "methods/test_gptq.py, methods/test_registry.py",

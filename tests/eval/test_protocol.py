@@ -4,6 +4,7 @@ from pydoc_data.topics import topics
 
 import pytest
 
+from lowbit.eval import protocol
 from lowbit.eval.protocol import default_text, paragraphs, read_text, token_windows
 
 
@@ -66,3 +67,18 @@ def test_paragraphs():
     text = "short\n\n" + "x" * 41 + "\n\n  " + "y" * 50 + "  \n\n" + "z" * 40
     assert paragraphs(text) == ["x" * 41, "y" * 50]
     assert len(paragraphs(default_text())) == 512
+
+
+def test_text_larger_than_the_limit_is_refused_without_reading_it_all(tmp_path, monkeypatch):
+    monkeypatch.setattr(protocol, "MAX_TEXT_BYTES", 100)
+    big = tmp_path / "big.txt"
+    big.write_text("x" * 101)
+    with pytest.raises(ValueError, match="text file is larger than"):
+        protocol.read_text(big)
+    big.write_text("a\r\nb\rc" + "x" * 94)  # 100 bytes: read, with universal newlines as before
+    assert protocol.read_text(big)[1].startswith("a\nb\nc")
+
+
+def test_a_missing_text_still_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="text file does not exist"):
+        protocol.read_text(tmp_path / "nope.txt")

@@ -14,9 +14,8 @@ import pytest
 
 from lowbit import limits as L
 from lowbit.cli import main
-from lowbit.eval import protocol
 
-from .helpers import assert_one_line_error, run_main
+from .commands.helpers import assert_one_line_error, run_main
 
 NO_MODEL = "/nonexistent/model"
 
@@ -120,21 +119,6 @@ def test_text_from_a_device_or_fifo_is_refused(special, tmp_path, capsys):
     kind = "a FIFO (named pipe)" if special != "/dev/urandom" else "a character device"
     r = run_main(capsys, "compare", "--model", NO_MODEL, "--text", special)
     one_line(r, f"--text names {kind}, not a regular file")
-
-
-def test_text_larger_than_the_limit_is_refused_without_reading_it_all(tmp_path, monkeypatch):
-    monkeypatch.setattr(protocol, "MAX_TEXT_BYTES", 100)
-    big = tmp_path / "big.txt"
-    big.write_text("x" * 101)
-    with pytest.raises(ValueError, match="text file is larger than"):
-        protocol.read_text(big)
-    big.write_text("a\r\nb\rc" + "x" * 94)  # 100 bytes: read, with universal newlines as before
-    assert protocol.read_text(big)[1].startswith("a\nb\nc")
-
-
-def test_a_missing_text_still_says_so(tmp_path):
-    with pytest.raises(FileNotFoundError, match="text file does not exist"):
-        protocol.read_text(tmp_path / "nope.txt")
 
 
 @pytest.mark.parametrize("args, needle", [
