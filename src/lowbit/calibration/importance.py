@@ -25,10 +25,7 @@ from ..eval.protocol import DEFAULT_WINDOW, paragraphs, read_text
 from ..models.loader import CAUSAL_LM, ENCODER
 from ..progress import progress_bar
 from .engine import Block, BlockPass, Consumer, rows, serve, skip_head
-from .statistics import (
-    IMPORTANCE,
-    token_rows,  # noqa: F401 (eval/outliers.py imports it from here; its import line is to move)
-)
+from .statistics import IMPORTANCE
 
 # 16 windows of 512 tokens = 8,192 tokens. Each window is one forward pass, ~1.2 s for SmolLM2 on 2 CPU threads,
 # and the mean of x^2 per channel settles fast: on the embedded SmolLM2 (default protocol, mean KL) nf4@amse

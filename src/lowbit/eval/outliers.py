@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..calibration.importance import _targets, forward_hooked, token_rows
+from ..calibration.importance import _targets, forward_hooked
+from ..calibration.statistics import token_rows
 from ..errors import InputError
 
 SYSTEMATIC_LAYERS = 0.25  # §4.1: the same feature dimension in at least 25% of the transformer layers

@@ -2,9 +2,10 @@
 
 ``run(model, plan, calibration)`` is what ``lowbit quantize``, ``lowbit compare`` (once per row, on a copy of the
 model), ``--budget`` and the benchmarks call, so a label means the same bytes everywhere. Its steps, in order:
-AWQ's scales folded into the model (``+awq``: the importance and GPTQ's Hessians are then the scaled inputs'),
-the calibration importance of the layers an activation-weighted search rounds on its own (``@amse``), GPTQ's
-weights (``+gptq``), and ``quantize_model``.
+the methods that need calibration, in one block-by-block pass of the calibration engine
+(``methods.calibrated.calibrate_methods``: AWQ's scales folded into the model first, so that the importance and
+GPTQ's Hessians are the scaled inputs'; the importance of the layers an activation-weighted search rounds on its
+own; GPTQ's weights), then ``quantize_model``.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from ..calibration.importance import DEFAULT_CALIBRATE, calibration_batches, col
 from ..errors import InputError
 from ..eval.protocol import DEFAULT_WINDOW
 from ..layers.surgery import QuantizeReport, plan_layers, quantize_model
-from ..methods.awq import awq_scale
-from ..methods.gptq_model import GPTQ_CALIBRATE, gptq_weights
+from ..methods.calibrated import calibrate_methods
+from ..methods.gptq_model import GPTQ_CALIBRATE
+from ..methods.registry import BLOCK
 from ..planning.plan import QuantPlan
 
 
@@ -83,25 +85,22 @@ def run(model: nn.Module, plan: QuantPlan, calibration: Calibration | None = Non
     if calibration is None and plan.needs_calibration:
         raise InputError(f"{plan.label} needs calibration inputs: pass a Calibration")
     seconds, importance, prequantized = 0.0, None, None
-    if any(c.method or c.awq for c in configs):  # a text too short for GPTQ fails before any calibration
-        batches, _ = calibration.batches(GPTQ_CALIBRATE)
-    awq = any(c.awq for c in configs)
-    if awq:  # first: the importance and GPTQ's Hessians are then the scaled inputs'
+    folds = any(m.needs == BLOCK for c in configs for m in c.method_classes)  # +awq changes the model first
+    layers = importance_layers(model, plan) if any(c.needs_importance for c in configs) else []
+    if layers and shared and not folds:  # the unchanged model's importance, collected once for every plan
+        importance, layers = calibration.shared_importance(model, layers), []
+        seconds += calibration.seconds
+    if folds or any(c.prequantized for c in configs):
+        batches, _ = calibration.batches(GPTQ_CALIBRATE)  # a text too short for GPTQ fails before any calibration
         start = time.perf_counter()
-        awq_scale(model, plan, batches, progress=progress)
+        found = calibrate_methods(model, plan, batches, importance_layers=layers, progress=progress,
+                                  importance_batches=calibration.batches(DEFAULT_CALIBRATE)[0] if layers else None)
         seconds += time.perf_counter() - start
-    if any(c.needs_importance for c in configs):
-        layers = importance_layers(model, plan)
-        if shared and not awq:
-            importance = calibration.shared_importance(model, layers)
-            seconds += calibration.seconds
-        else:
-            start = time.perf_counter()
-            importance = calibration.importance(model, layers)
-            seconds += time.perf_counter() - start
-    if any(c.method for c in configs):
+        importance = found.importance if layers else importance
+        prequantized = found.prequantized or None
+    elif layers:
         start = time.perf_counter()
-        prequantized = {name: r.qweight for name, r in gptq_weights(model, plan, batches, progress=progress).items()}
+        importance = calibration.importance(model, layers)
         seconds += time.perf_counter() - start
     report = quantize_model(model, plan, progress=progress, importance=importance, prequantized=prequantized)
     return replace(report, seconds=report.seconds + seconds)
