@@ -97,7 +97,7 @@ def test_bad_paths_fail_before_the_model_loads(tmp_path, monkeypatch, case):
 
 
 def test_disk_full_while_saving_is_one_line(tiny_lm_dir, tmp_path, monkeypatch):
-    import lowbit.io.model_io as model_io
+    import safetensors.torch
 
     def full(tensors, path, metadata=None):
         with open(path, "wb") as f:
@@ -105,7 +105,7 @@ def test_disk_full_while_saving_is_one_line(tiny_lm_dir, tmp_path, monkeypatch):
         # what safetensors raises when write() fails with ENOSPC
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(model_io, "save_file", full)
+    monkeypatch.setattr(safetensors.torch, "save_file", full)  # what files.atomic.save_tensors calls
     with pytest.raises(OSError, match="No space left on device") as e:
         model_io_save(tiny_lm_dir, tmp_path / "q")
     assert e.value.errno == 28 and os.listdir(tmp_path) == []
