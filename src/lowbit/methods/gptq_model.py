@@ -92,7 +92,7 @@ def gptq_layer(name: str, weight: torch.Tensor, hessian: torch.Tensor, config: Q
     Hessian ``Q^T H Q`` (``lowbit.layers.rotation``), the signs drawn from the layer's name; with ``+cb`` the codebook
     refit to the output error between GPTQ rounds (``lowbit.methods.codebook_refit``)."""
     weight = weight.detach()
-    signs = stored_signs(name, config, weight.shape[1])
+    signs = config.layer_signs(name, weight.shape[1])
     if signs is not None:
         weight, hessian = rotate(weight, signs), rotate_hessian(hessian, signs)
     result = gptq_quantize(weight, hessian, config.format, block_size=config.block_size, search=config.search,
@@ -107,11 +107,5 @@ def gptq_layer(name: str, weight: torch.Tensor, hessian: torch.Tensor, config: Q
 def effective_weight(name: str, qweight, config: QuantConfig) -> torch.Tensor:
     """A quantized weight as its layer computes with it, float32 in the input's own basis (``+had`` undone)."""
     w = qweight.dequantize().float()
-    signs = stored_signs(name, config, w.shape[1])
+    signs = config.layer_signs(name, w.shape[1])
     return w if signs is None else unrotate(w, signs)
-
-
-def stored_signs(name: str, config: QuantConfig, in_features: int) -> torch.Tensor | None:
-    """The signs of the input rotation layer ``name`` stores where one of ``config``'s methods rotates it
-    (``+had``), else None."""
-    return next((s for m in config.method_classes if (s := m.layer_signs(name, in_features)) is not None), None)

@@ -33,7 +33,7 @@ from ..json_file import load_json
 from ..layers.surgery import layout_error, linears, rounded_layer
 from ..methods.awq_method import AWQ
 from ..methods.gptq_method import GPTQ
-from ..methods.gptq_model import effective_weight, gptq_layer, stored_signs
+from ..methods.gptq_model import effective_weight, gptq_layer
 from ..pipeline import needs_calibration
 from .config import QuantConfig
 from .plan import DEFAULT_EXCLUDE, selected
@@ -190,7 +190,7 @@ def _layer_costs(name: str, linear: nn.Linear, hessian: torch.Tensor,
         delta = (deq - linear.weight.detach().float()).double()
         error = float(((delta @ hessian.double()) * delta).sum()) / 2
         dequantized[label] = deq
-        signs = stored_signs(name, config, linear.in_features)
+        signs = config.layer_signs(name, linear.in_features)
         out[label] = LayerCost(q.nbytes + (0 if signs is None else linear.in_features), max(error, 0.0), math.nan,
                                False)
     if not out:
