@@ -37,7 +37,7 @@ from .methods.gptq_model import GPTQ_CALIBRATE
 from .models.loader import CAUSAL_LM, ModelInfo, load_model
 from .planning.plan import QuantPlan
 from .progress import note
-from .workflows.run import Calibration, importance_layers, run
+from .workflows.run import Calibration, changes_model, importance_layers, run, walks_blocks
 
 DEFAULT_FORMATS = ("int8", "q8_0", "nf4", "nf4+dq", "bnb_fp4", "fp4_e2m1", "int4/64", "q4_0", "mxfp4", "nvfp4")
 
@@ -110,9 +110,9 @@ def compare(model: nn.Module, tokenizer, info: ModelInfo, plans: list[QuantPlan]
     calibration = Calibration(tokenizer, info.kind, text, window=window, scored=scored, count=calibrate,
                               progress=progress)
     usable = [p for p in plans if p.label not in failed]
-    if any(c.method or c.awq for p in usable for c in p.configs):  # a short text fails now
+    if any(walks_blocks(p) for p in usable):  # a short text fails now
         calibration.batches(GPTQ_CALIBRATE)
-    shared = [n for p in usable if not any(c.awq for c in p.configs) for n in importance_layers(model, p)]
+    shared = [n for p in usable if not changes_model(p) for n in importance_layers(model, p)]
     if shared:
         calibration.shared_importance(model, list(dict.fromkeys(shared)))
         report["calibration"] = {"windows": calibrate or DEFAULT_CALIBRATE, "seconds": calibration.seconds}

@@ -45,7 +45,7 @@ def test_a_rotated_model_computes_with_its_effective_weights(tiny, label):
     q = copy.deepcopy(model)
     config = QuantConfig.parse(label)
     pre = None
-    if config.method:
+    if config.prequantized:
         found = gptq_weights(model, QuantPlan.uniform(config), [ids[:1], ids[1:]], progress=False)
         pre = {n: r.qweight for n, r in found.items()}
     report = quantize_model(q, QuantPlan.uniform(config), prequantized=pre, progress=False)

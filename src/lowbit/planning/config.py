@@ -122,23 +122,6 @@ class QuantConfig:
         """The signs of the input rotation layer ``name`` stores, where a method rotates it (``+had``), else None."""
         return next((s for m in self.method_classes if (s := m.layer_signs(name, in_features)) is not None), None)
 
-    # read by the methods' modules until each runs through its registered class (issue 26)
-    @property
-    def method(self) -> str | None:
-        return "gptq" if "+gptq" in self.methods else None
-
-    @property
-    def rotate(self) -> bool:
-        return "+had" in self.methods
-
-    @property
-    def refit_codebook(self) -> bool:
-        return "+cb" in self.methods
-
-    @property
-    def awq(self) -> bool:
-        return "+awq" in self.methods
-
     @classmethod
     def parse(cls, label: str) -> QuantConfig:
         """``"nf4"``, ``"int4/128"``, ``"nf4+dq"``, ``"nf4/64+dq"``, ``"int4_asym/64@hqq"`` -> QuantConfig.

@@ -76,6 +76,17 @@ def importance_layers(model: nn.Module, plan: QuantPlan) -> list[str]:
     return list(dict.fromkeys(names[0] for names, _, config, _ in plan_layers(model, plan) if config.needs_importance))
 
 
+def changes_model(plan: QuantPlan) -> bool:
+    """Whether a method of the plan changes the model before its layers are rounded (``+awq`` folds its scales:
+    it needs each block's inputs), so the unchanged model's importance is not the one its layers see."""
+    return any(m.needs == BLOCK for c in plan.configs for m in c.method_classes)
+
+
+def walks_blocks(plan: QuantPlan) -> bool:
+    """Whether the plan's methods need the block-by-block pass on ``GPTQ_CALIBRATE`` windows."""
+    return changes_model(plan) or any(c.prequantized for c in plan.configs)
+
+
 def run(model: nn.Module, plan: QuantPlan, calibration: Calibration | None = None, *, progress: bool = True,
         shared: bool = False) -> QuantizeReport:
     """Quantize ``model`` in place as ``plan`` says, every method its labels name run first; the report's
@@ -85,12 +96,11 @@ def run(model: nn.Module, plan: QuantPlan, calibration: Calibration | None = Non
     if calibration is None and plan.needs_calibration:
         raise InputError(f"{plan.label} needs calibration inputs: pass a Calibration")
     seconds, importance, prequantized = 0.0, None, None
-    folds = any(m.needs == BLOCK for c in configs for m in c.method_classes)  # +awq changes the model first
     layers = importance_layers(model, plan) if any(c.needs_importance for c in configs) else []
-    if layers and shared and not folds:  # the unchanged model's importance, collected once for every plan
+    if layers and shared and not changes_model(plan):  # the unchanged model's importance, collected once
         importance, layers = calibration.shared_importance(model, layers), []
         seconds += calibration.seconds
-    if folds or any(c.prequantized for c in configs):
+    if walks_blocks(plan):
         batches, _ = calibration.batches(GPTQ_CALIBRATE)  # a text too short for GPTQ fails before any calibration
         start = time.perf_counter()
         found = calibrate_methods(model, plan, batches, importance_layers=layers, progress=progress,
