@@ -1,2 +1,3 @@
-"""lowbit.calibration: the calibration inputs (windows after the scored ones) and the engine that runs the model on
-them block by block, serving the statistics methods ask for (importance, Hessians, block inputs)."""
+"""lowbit.calibration: the calibration inputs (``importance``: the windows or paragraphs after the scored ones) and
+the engine that runs the model on them block by block (``engine``: one block's inputs alive at a time), serving the
+statistics methods ask for (``statistics``: importance, mean |x|, Hessians) and each block's inputs and outputs."""
