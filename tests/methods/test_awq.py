@@ -9,7 +9,8 @@ from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 from lowbit.calibration.engine import transformer_blocks
 from lowbit.calibration.importance import calibration_batches
 from lowbit.layers import quantize_model
-from lowbit.methods.awq import awq_scale, best_scales, output_error, scale_groups
+from lowbit.methods.awq import best_scales, output_error, scale_groups
+from lowbit.methods.calibrated import calibrate_methods
 from lowbit.planning import QuantConfig, QuantPlan
 from lowbit.planning.sensitivity import measure_sensitivity
 
@@ -29,13 +30,19 @@ def plan(label):
     return QuantPlan.uniform(QuantConfig.parse(label))
 
 
+def awq_scale(model, plan, data) -> dict:
+    """AWQ's pass: ``{layer: s}`` where it folded scales into the model."""
+    calibrate_methods(model, plan, data, progress=False)
+    return {name: s for name, s in model.lowbit_awq.items() if s is not None}
+
+
 @pytest.mark.parametrize("kv_heads", [4, 2])  # with grouped-query attention v_proj -> o_proj cannot be folded
 def test_the_fold_leaves_the_full_precision_model_as_it_was(kv_heads):
     model, data = tiny_llama(kv_heads), batches()
     with torch.inference_mode():
         before = [model(b).logits for b in data]
     norm = model.model.layers[0].input_layernorm.weight.detach().clone()
-    scales = awq_scale(model, plan("int4/32+awq"), data, progress=False)
+    scales = awq_scale(model, plan("int4/32+awq"), data)
     with torch.inference_mode():
         after = [model(b).logits for b in data]
     for x, y in zip(before, after, strict=True):
@@ -89,7 +96,7 @@ def test_bert_folds_only_value_into_the_attention_output():
     data = batches(200)
     with torch.inference_mode():
         before = [model(b).last_hidden_state for b in data]
-    scales = awq_scale(model, plan("int4/32+awq"), data, progress=False)
+    scales = awq_scale(model, plan("int4/32+awq"), data)
     assert sorted(scales) == ["encoder.layer.0.attention.output.dense", "encoder.layer.1.attention.output.dense"]
     with torch.inference_mode():
         for b, x in zip(data, before, strict=True):
@@ -99,9 +106,9 @@ def test_bert_folds_only_value_into_the_attention_output():
 def test_refusals():
     model = tiny_llama(4)
     with pytest.raises(ValueError, match=r"\+awq, whose scales come from the whole model's calibration pass: run "
-                                         r"lowbit\.methods\.awq\.awq_scale"):
+                                         r"lowbit\.workflows\.run\.run"):
         quantize_model(model, QuantPlan.uniform("int4/32+awq"), progress=False)
-    with pytest.raises(ValueError, match=r"int4\+awq: \+awq scales whole groups .* cannot be one layer's candidate"):
+    with pytest.raises(ValueError, match=r"int4\+awq: \+awq changes the model .* cannot be one layer's candidate"):
         measure_sensitivity(model, ["int4", "int4+awq"], batches(), progress=False)
     mlp = nn.Sequential(nn.ModuleList([nn.Sequential(nn.Linear(8, 8)) for _ in range(2)]))
     with pytest.raises(ValueError, match="knows pre-norm Llama-style blocks and BERT blocks, not Sequential"):

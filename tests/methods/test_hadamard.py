@@ -39,15 +39,14 @@ def test_a_rotated_model_computes_with_its_effective_weights(tiny, label):
     import copy
 
     from lowbit.layers import QuantLinear, quantize_model
-    from lowbit.methods.gptq_model import gptq_weights
+    from lowbit.methods.calibrated import calibrate_methods
 
     model, ids = tiny
     q = copy.deepcopy(model)
     config = QuantConfig.parse(label)
     pre = None
     if config.prequantized:
-        found = gptq_weights(model, QuantPlan.uniform(config), [ids[:1], ids[1:]], progress=False)
-        pre = {n: r.qweight for n, r in found.items()}
+        pre = calibrate_methods(model, QuantPlan.uniform(config), [ids[:1], ids[1:]], progress=False).prequantized
     report = quantize_model(q, QuantPlan.uniform(config), prequantized=pre, progress=False)
     layers = [m for m in q.modules() if isinstance(m, QuantLinear)]
     assert len(layers) == 14 and all(m.signs is not None for m in layers)

@@ -233,6 +233,9 @@ class Consumer:
     def tail(self, engine: BlockPass, layers: dict[str, nn.Module]) -> None:
         """Its work on ``layers`` (of its own) outside the blocks, after the last block."""
 
+    def finish(self, *, progress: bool = True) -> None:
+        """Its work once the pass is done (``+awq`` records what it folded on the model)."""
+
 
 def serve(model: nn.Module, batches: Sequence, consumers: Sequence[Consumer], *, progress: bool = True,
           label: str = "calibrating", on_output: Callable[[int, object], None] | None = None) -> BlockPass:

@@ -73,7 +73,7 @@ def quantize_model(model: nn.Module, plan: QuantPlan, *, progress: bool = True,
     ``importance``: layer name -> ``(in_features,)`` mean squared input activation
     (``lowbit.calibration.importance``), which an activation-weighted search (``@amse``) needs.
     ``prequantized``: layer name -> its weight already quantized, used as it is: required for the layers
-    whose config has a method (``+gptq``: ``lowbit.methods.gptq_model.gptq_weights``, which needs the whole
+    whose config has a method that makes them (``+gptq``: ``lowbit.methods.calibrated.calibrate_methods``, the whole
     model's calibration pass), and how imported bytes become layers (``lowbit.io.importers``).
     """
     if not isinstance(plan, QuantPlan):

@@ -24,21 +24,20 @@ first window: the block's output must not change.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..calibration.engine import Block, BlockPass, Consumer, first, serve, transformer_blocks
+from ..calibration.engine import Block, BlockPass, Consumer, first, transformer_blocks
 from ..calibration.statistics import ABS_MEAN, HESSIAN32
 from ..errors import InputError
 from ..layers.surgery import plan_layers, rounded_layer
 from ..planning.config import AWQ_ATTRIBUTE, QuantConfig
 from ..planning.plan import QuantPlan
 from ..progress import note
-from .awq_method import AWQ
 from .gptq_model import effective_weight
+from .registry import NOTHING
 
 GRID = 20  # ratios 0, 1/20, ..., 19/20 (llm-awq auto_scale.py, n_grid = 20)
 FLOOR = 1e-4  # smallest scale before normalising (llm-awq auto_scale.py: scales.clamp(min=1e-4))
@@ -71,24 +70,18 @@ def scale_groups(block: nn.Module) -> list[Group]:
                      "it would not know which op to fold the scales into")
 
 
-def awq_scale(model: nn.Module, plan: QuantPlan, batches: Sequence, *, progress: bool = True) -> dict:
-    """Scale the input channels of every group holding a layer whose plan config has ``+awq``, in place;
-    returns ``{layer name: s}`` for every layer whose input was divided by ``s``. ``model.lowbit_awq`` (which
-    ``quantize_model`` checks) holds every ``+awq`` layer, with None for one no op can fold into (``o_proj``
-    under grouped-query attention, a BERT layer's ``query``): those are rounded unscaled, and said so."""
-    consumer = AWQScales(model, plan)
-    serve(model, batches, [consumer], progress=progress, label="AWQ scales")
-    consumer.finish(model, progress=progress)
-    return consumer.applied
-
-
 class AWQScales(Consumer):
-    """AWQ's part in a walk: at each block holding a ``+awq`` layer, mean |x| and each group's Hessian on the
-    block's inputs, the scales chosen and folded in, the fold checked on the first batch; the block's outputs
-    caught before the fold are passed on (scaling is exact in full precision). Every block is walked (the fold
-    check needs the blocks to be ones it knows). ``applied``: ``{layer name: s}``."""
+    """AWQ's part in a walk: at each block holding one of ``scaled`` (the layers whose config has ``+awq``), mean
+    |x| and each group's Hessian on the block's inputs, the scales chosen and folded in, the fold checked on the
+    first batch; the block's outputs caught before the fold are passed on (scaling is exact in full precision).
+    Every block is walked (the fold check needs the blocks to be ones it knows). ``applied``: ``{layer name: s}``.
 
-    def __init__(self, model: nn.Module, plan: QuantPlan):
+    ``finish`` records on the model (``model.lowbit_awq``, which ``quantize_model`` checks) every ``+awq`` layer,
+    with None for one no op can fold into (``o_proj`` under grouped-query attention, a BERT layer's ``query``):
+    those are rounded unscaled, and said so."""
+
+    def __init__(self, model: nn.Module, plan: QuantPlan, scaled: frozenset[str]):
+        self.model, self.scaled = model, scaled
         self.configs = {id(linear): (names[0], config) for names, linear, config, _ in plan_layers(model, plan)}
         self.names = {id(m): n for n, m in model.named_modules()}
         blocks = transformer_blocks(model)
@@ -100,11 +93,14 @@ class AWQScales(Consumer):
     def _config(self, module: nn.Module) -> QuantConfig | None:
         return self.configs.get(id(module), (None, None))[1]
 
+    def _scaled(self, module: nn.Module) -> bool:
+        return self.configs.get(id(module), (None, None))[0] in self.scaled
+
     def block(self, engine: BlockPass, block: Block) -> None:
         if self._stream is None:
             self._stream = engine.stream()
         groups = [g for g in scale_groups(block.module)
-                  if any(_scaled(self._config(m)) for m in g.layers)]
+                  if any(self._scaled(m) for m in g.layers)]
         if not groups:
             self._stream.advance(block.run(self._stream))
             return
@@ -124,19 +120,16 @@ class AWQScales(Consumer):
                              "of its largest value; this architecture does not allow the fold")
         self._stream.advance(outs)
 
-    def finish(self, model: nn.Module, *, progress: bool = True) -> None:
+    def finish(self, *, progress: bool = True) -> None:
         """Say which ``+awq`` layers had no op to fold into, and record every one on the model."""
-        wanted = {name: None for name, config in self.configs.values() if _scaled(config)}
+        model = self.model
+        wanted = {name: None for name, _ in self.configs.values() if name in self.scaled}
         unfolded = [name for name in wanted if name not in self.applied]
         if unfolded:
             kinds = sorted({".".join(name.split(".")[-2:]) for name in unfolded})
             note(f"+awq: {len(unfolded)} layers ({', '.join(kinds)}) have no op before them to fold scales into; "
                  "they are rounded without", enabled=progress)
         setattr(model, AWQ_ATTRIBUTE, {**getattr(model, AWQ_ATTRIBUTE, {}), **wanted, **self.applied})
-
-
-def _scaled(config: QuantConfig | None) -> bool:
-    return config is not None and AWQ.suffix in config.methods
 
 
 def best_scales(members: list[tuple[str, nn.Linear, QuantConfig | None]], hessian: torch.Tensor,
@@ -156,8 +149,9 @@ def best_scales(members: list[tuple[str, nn.Linear, QuantConfig | None]], hessia
 
 def output_error(name: str, weight: torch.Tensor, config: QuantConfig, s: torch.Tensor, h: torch.Tensor) -> float:
     """``tr(dW H dW^T)`` of the layer rounded with its input scaled by ``s``: ``dW = Q(W diag(s)) / s - W``."""
+    # the methods that change the weight on its own (+had) stay; those that need calibration are what AWQ precedes
     plain = QuantConfig(config.format, block_size=config.block_size, double_quant=config.double_quant,
-                        methods=tuple(m for m in config.methods if m == "+had"))
+                        methods=tuple(m.suffix for m in config.method_classes if m.needs == NOTHING))
     q, _ = rounded_layer(name, weight * s, plain)
     delta = effective_weight(name, q, plain) / s - weight.float()
     return float(((delta @ h) * delta).sum())
@@ -174,10 +168,3 @@ def fold(group: Group, s: torch.Tensor) -> None:
         before.weight.div_(s.to(before.weight.dtype))
     if getattr(before, "bias", None) is not None:
         before.bias.div_(s.to(before.bias.dtype))
-
-
-def scaled_importance(importance: dict[str, torch.Tensor] | None, scales: dict[str, torch.Tensor]) -> dict | None:
-    """Calibration importance (mean ``x^2`` per input channel) as it is after the inputs were divided by ``s``."""
-    if importance is None or not scales:
-        return importance
-    return {name: imp / scales[name].to(imp.dtype) ** 2 if name in scales else imp for name, imp in importance.items()}

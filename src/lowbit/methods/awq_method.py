@@ -3,8 +3,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..planning.config import AWQ_ATTRIBUTE
 from .registry import BLOCK, Method, register
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..planning.plan import QuantPlan
 
 
 @register
@@ -13,8 +20,15 @@ class AWQ(Method):
     needs = BLOCK  # the block's inputs: mean |x| and each group's Hessian, and its outputs to check the fold
 
     @classmethod
+    def consumer(cls, model: nn.Module, plan: QuantPlan, layers: frozenset[str]):
+        from .awq import AWQScales
+
+        return AWQScales(model, plan, layers)
+
+    @classmethod
     def unmet(cls, model, name: str) -> str | None:
         if name in getattr(model, AWQ_ATTRIBUTE, {}):
             return None
         return (f"{name} is to be quantized with +awq, whose scales come from the whole model's calibration pass: "
-                "run lowbit.methods.awq.awq_scale(model, plan, batches) first")
+                "run lowbit.workflows.run.run(model, plan, calibration) (or lowbit.methods.calibrated."
+                "calibrate_methods) first")

@@ -1,11 +1,13 @@
-"""Every calibrated method of a plan in one block-by-block pass: AWQ's fold, the importance an activation-weighted
-search rounds with (``@amse``), and GPTQ's weights.
+"""Every calibrated method of a plan in one block-by-block pass, and one layer rounded from its Hessian as its
+config says.
 
-At each block the consumers run in label order (``lowbit.calibration.engine.serve``): AWQ folds its scales into the
-block first, so the importance and GPTQ's Hessians are the scaled inputs', exactly as when each ran as its own
-pass over the folded model (``tests/methods/test_calibrated.py`` holds the results to the bit). Each keeps its own
-stream of one block's inputs: AWQ passes on the block's outputs from before its fold, the importance those of the
-folded block, GPTQ those of the quantized block.
+Each method the plan's labels name brings its own part of the pass (``Method.consumer``); at each block they run
+in order (``lowbit.calibration.engine.serve``): first the methods that change the model (``+awq`` folds its
+scales into the block), then the importance an activation-weighted search rounds with (``@amse``), then the
+others in label order (``+gptq``), so the importance and GPTQ's Hessians are the scaled inputs', exactly as when
+each ran as its own pass over the folded model (``tests/methods/test_calibrated.py`` holds the results to the
+bit). Each keeps its own stream of one block's inputs: AWQ passes on the block's outputs from before its fold,
+the importance those of the folded block, GPTQ those of the quantized block.
 """
 
 from __future__ import annotations
@@ -18,53 +20,74 @@ from torch import nn
 
 from ..calibration.engine import serve
 from ..calibration.importance import Importance, collect_importance
-from ..layers.surgery import plan_layers
+from ..layers.surgery import plan_layers, rounded_layer
+from ..pipeline import needs_calibration
+from ..planning.config import QuantConfig
 from ..planning.plan import QuantPlan
 from ..tensor import QuantizedTensor
-from .awq import AWQScales
-from .awq_method import AWQ
-from .gptq_method import GPTQ
-from .gptq_model import GPTQWeights
+from .registry import BLOCK, method_for, ordered
 
 
 @dataclass
 class Calibrated:
-    """What one pass gives: AWQ's ``{layer: s}`` (the model is folded), the importance ``{layer: (in,) float32}``
-    and GPTQ's ``{layer: quantized weight}``; each empty where the plan did not ask for it."""
+    """What one pass gives: the importance ``{layer: (in,) float32}`` and the weights the methods that
+    ``prequantize`` made, ``{layer: quantized weight}``; each empty where the plan did not ask for it. A method
+    that changes the model (``+awq``) has changed it in place and recorded so on it."""
 
-    scales: dict[str, torch.Tensor] = field(default_factory=dict)
     importance: dict[str, torch.Tensor] = field(default_factory=dict)
     prequantized: dict[str, QuantizedTensor] = field(default_factory=dict)
 
 
+def method_layers(model: nn.Module, plan: QuantPlan) -> dict[type, frozenset[str]]:
+    """``{method class: the layers whose config names it}`` for every method of ``plan``, in label order; each
+    layer by its first name (as ``named_modules()`` gives it)."""
+    found: dict[str, set[str]] = {}
+    for names, _, config, _ in plan_layers(model, plan):
+        for suffix in config.methods:
+            found.setdefault(suffix, set()).add(names[0])
+    return {method_for(s): frozenset(found[s]) for s in ordered(found)}
+
+
 def calibrate_methods(model: nn.Module, plan: QuantPlan, batches: Sequence, *, importance_layers: Sequence[str] = (),
                       importance_batches: Sequence | None = None, progress: bool = True) -> Calibrated:
-    """AWQ's fold (in place), the importance of ``importance_layers`` and GPTQ's weights for ``plan``, in one pass
-    of ``model`` on ``batches``. ``importance_batches``: the importance's own inputs (default ``batches``); served
-    in the same pass when they are the first of ``batches`` (a causal LM's windows: the default 16 are the first 16
-    of GPTQ's 64), else by a pass of their own after the fold."""
-    configs = [config for _, _, config, _ in plan_layers(model, plan)]
-    awq = AWQScales(model, plan) if any(AWQ.suffix in c.methods for c in configs) else None
-    gptq = GPTQWeights(model, plan) if any(GPTQ.suffix in c.methods for c in configs) else None
+    """Every method of ``plan`` that calibrates (changing ``model`` in place where one does), and the importance
+    of ``importance_layers``, in one pass of ``model`` on ``batches``. ``importance_batches``: the importance's
+    own inputs (default ``batches``); served in the same pass when they are the first of ``batches`` (a causal
+    LM's windows: the default 16 are the first 16 of GPTQ's 64), else by a pass of their own after it."""
+    parts = [(m, c) for m, layers in method_layers(model, plan).items()
+             if (c := m.consumer(model, plan, layers)) is not None]
     importance_batches = batches if importance_batches is None else importance_batches
     shared = importance_layers and _leads(importance_batches, batches)
     importance = Importance(importance_layers, len(importance_batches)) if shared else None
-    consumers = [c for c in (awq, importance, gptq) if c is not None]
-    out = Calibrated()
+    first = [(m.suffix, c) for m, c in parts if m.needs == BLOCK]  # they change the blocks the others read
+    rest = [(m.suffix, c) for m, c in parts if m.needs != BLOCK]
+    consumers = [*first, *([("importance", importance)] if importance is not None else []), *rest]
     if consumers:
-        what = ", ".join(w for w, c in (("+awq", awq), ("importance", importance), ("+gptq", gptq)) if c)
-        serve(model, batches, consumers, progress=progress, label=f"calibrating ({what})")
-    if awq is not None:
-        awq.finish(model, progress=progress)
-        out.scales = awq.applied
+        serve(model, batches, [c for _, c in consumers], progress=progress,
+              label=f"calibrating ({', '.join(what for what, _ in consumers)})")
+    out = Calibrated()
+    for _, consumer in consumers:
+        consumer.finish(progress=progress)
     if importance is not None:
         out.importance = {name: importance.found[name] for name in importance.layers}
     elif importance_layers:
         out.importance = collect_importance(model, importance_batches, layers=list(importance_layers),
                                             progress=progress)
-    if gptq is not None:
-        out.prequantized = {name: r.qweight for name, r in gptq.results.items()}
+    for method, consumer in parts:
+        if method.prequantizes:
+            out.prequantized.update(consumer.weights)
     return out
+
+
+def layer_from_hessian(name: str, weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig) -> QuantizedTensor:
+    """Layer ``name``'s weight rounded as ``config`` says, given its inputs' Hessian ``H = 2/n X^T X``: by the
+    method that makes it (``+gptq``), else on its own, an activation-weighted search with H's diagonal / 2 (the
+    calibration mean of x^2) as its importance."""
+    maker = next((m for m in config.method_classes if m.prequantizes), None)
+    if maker is not None:
+        return maker.quantize_layer(name, weight, hessian, config)
+    importance = (hessian.diagonal() / 2).float() if needs_calibration(config.search) else None
+    return rounded_layer(name, weight, config, importance)[0]
 
 
 def _leads(short: Sequence, long: Sequence) -> bool:

@@ -10,7 +10,11 @@ from ..formats.registry import GridCodec, codec_for, get_format
 from .registry import HESSIAN, Method, register
 
 if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
     from ..planning.config import QuantConfig
+    from ..planning.plan import QuantPlan
 
 
 @register
@@ -18,6 +22,18 @@ class GPTQ(Method):
     suffix = "+gptq"
     needs = HESSIAN
     prequantizes = True
+
+    @classmethod
+    def consumer(cls, model: nn.Module, plan: QuantPlan, layers: frozenset[str]):
+        from .gptq_model import GPTQWeights
+
+        return GPTQWeights(model, plan, layers)
+
+    @classmethod
+    def quantize_layer(cls, name: str, weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig):
+        from .gptq_model import gptq_layer
+
+        return gptq_layer(name, weight, hessian, config).qweight
 
     @classmethod
     def check(cls, config: QuantConfig) -> None:

@@ -10,21 +10,17 @@ block, the model's weights as they were.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import nn
 
-from ..calibration.engine import Block, BlockPass, Consumer, serve, transformer_blocks
+from ..calibration.engine import Block, BlockPass, Consumer
 from ..calibration.statistics import HESSIAN
 from ..layers.rotation import rotate, rotate_hessian, unrotate
 from ..layers.surgery import plan_layers
 from ..planning.config import QuantConfig
 from ..planning.plan import QuantPlan
-from .codebook_method import CodebookRefit
-from .codebook_refit import refit_rounds
+from ..tensor import QuantizedTensor
 from .gptq import GPTQResult, gptq_quantize
-from .gptq_method import GPTQ
 
 # Calibration windows of 512 tokens GPTQ runs by default: 32,768 tokens. The reference code takes 128 random
 # 2048-token segments of C4 (github.com/IST-DASLab/gptq, datautils.py, nsamples=128); this model's protocol
@@ -32,30 +28,22 @@ from .gptq_method import GPTQ
 GPTQ_CALIBRATE = 64
 
 
-def gptq_weights(model: nn.Module, plan: QuantPlan, batches: Sequence, *, act_order: bool = False,
-                 progress: bool = True) -> dict[str, GPTQResult]:
-    """``{layer name: GPTQResult}`` for every layer whose plan config has ``method="gptq"``; ``model`` is not
-    changed. ``batches``: input-id tensors (or mappings of forward keyword arguments), as calibration feeds."""
-    consumer = GPTQWeights(model, plan, act_order=act_order)
-    if not consumer.layers:
-        return {}
-    transformer_blocks(model)  # GPTQ feeds each block the quantized blocks' outputs: a model without blocks is refused
-    serve(model, batches, [consumer], progress=progress, label=f"GPTQ of {len(consumer.layers)} layers")
-    return consumer.results
-
-
 class GPTQWeights(Consumer):
     """GPTQ's part in a walk: at each block, its layers' Hessians on what the quantized blocks before produce, the
     layers quantized, and the block run again with the quantized weights to give the next block's inputs. Layers
     outside the blocks are quantized from full forwards of the model as it is (earlier blocks unquantized).
-    ``results``: ``{layer name: GPTQResult}``."""
+    ``layers``: the layers whose config has ``+gptq``; ``results``: ``{layer name: GPTQResult}``."""
 
-    def __init__(self, model: nn.Module, plan: QuantPlan, *, act_order: bool = False):
+    def __init__(self, model: nn.Module, plan: QuantPlan, layers: frozenset[str], *, act_order: bool = False):
         self.targets = {names[0]: (linear, config) for names, linear, config, _ in plan_layers(model, plan)
-                        if GPTQ.suffix in config.methods}
+                        if names[0] in layers}
         self.layers, self.act_order = tuple(self.targets), act_order
         self.results: dict[str, GPTQResult] = {}
         self._stream = None
+
+    @property
+    def weights(self) -> dict[str, QuantizedTensor]:
+        return {name: r.qweight for name, r in self.results.items()}
 
     def _quantize(self, name: str, hessian: torch.Tensor) -> None:
         linear, config = self.targets[name]
@@ -97,8 +85,8 @@ def gptq_layer(name: str, weight: torch.Tensor, hessian: torch.Tensor, config: Q
         weight, hessian = rotate(weight, signs), rotate_hessian(hessian, signs)
     result = gptq_quantize(weight, hessian, config.format, block_size=config.block_size, search=config.search,
                            act_order=act_order, double_quant=config.double_quant)
-    if CodebookRefit.suffix in config.methods:
-        result = refit_rounds(weight, hessian, result, lambda parts: gptq_quantize(
+    for method in config.method_classes:  # +cb refits the codebook between GPTQ rounds
+        result = method.refine(config, weight, hessian, result, lambda parts: gptq_quantize(
             weight, hessian, config.format, block_size=config.block_size, search=config.search, act_order=act_order,
             double_quant=config.double_quant, tensor_parts=parts))
     return result

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..errors import InputError
+from .gptq_method import GPTQ
 from .registry import NOTHING, Method, register
 
 if TYPE_CHECKING:
@@ -23,7 +24,7 @@ class Hadamard(Method):
     def check(cls, config: QuantConfig) -> None:
         from ..pipeline import needs_calibration
 
-        if needs_calibration(config.search) and "+gptq" not in config.methods:
+        if needs_calibration(config.search) and not GPTQ.uses(config):
             raise InputError(f"+had with @{config.search} needs +gptq: the rotated inputs' importance is the "
                              "diagonal of the rotated Hessian, which GPTQ collects")
 

@@ -1,11 +1,12 @@
 """The methods a label names after its format (``+awq``, ``+had``, ``+gptq``, ``+cb``), registered by suffix.
 
-A method is a class with one interface (``Method``): the calibration it needs, the label combinations it refuses
-(``check``, called by ``planning.config`` while a label is read) and how it changes the model or a layer's
-weight. Looking a method up imports no torch, as looking a format up does not (``formats.registry``): the
-label facts (suffix, order, what calibration) are the classes' own, and each method's module imports torch only
-in the functions that compute. Adding a method is one module holding its ``Method`` subclass decorated with
-``register``; a built-in one also has its line in ``MODULES``, so that it is found without being imported first.
+A method is a class with one interface (``Method``): the calibration it needs and its part in the calibration pass
+(``consumer``), the label combinations it refuses (``check``, called by ``planning.config`` while a label is read)
+and how it changes the model or a layer's weight. Looking a method up imports no torch, as looking a format up does
+not (``formats.registry``): the label facts (suffix, order, what calibration) are the classes' own, and each
+method's module imports torch only in the functions that compute. Adding a method is one module holding its
+``Method`` subclass decorated with ``register``; a built-in one also has its line in ``MODULES``, so that it is
+found without being imported first.
 """
 
 from __future__ import annotations
@@ -17,8 +18,12 @@ from ..errors import InputError
 
 if TYPE_CHECKING:
     import torch
+    from torch import nn
 
+    from ..calibration.engine import Consumer
     from ..planning.config import QuantConfig
+    from ..planning.plan import QuantPlan
+    from ..tensor import QuantizedTensor
 
 # What calibration a method needs, served by the block-by-block engine (lowbit.calibration.engine)
 NOTHING = "nothing"
@@ -43,6 +48,32 @@ class Method:
     needs: ClassVar[str] = NOTHING  # one of NEEDS
     # the method makes the layer's quantized weight itself (GPTQ): quantize_model takes it as prequantized=
     prequantizes: ClassVar[bool] = False
+
+    @classmethod
+    def uses(cls, config: QuantConfig | None) -> bool:
+        """Whether ``config``'s label names this method."""
+        return config is not None and cls.suffix in config.methods
+
+    @classmethod
+    def consumer(cls, model: nn.Module, plan: QuantPlan, layers: frozenset[str]) -> Consumer | None:
+        """Its part in the block-by-block calibration pass (``lowbit.calibration.engine.Consumer``) for ``layers``
+        (the qualified names of the layers of ``model`` whose config names it), or None where it needs none of its
+        own. A consumer that changes the model (``needs == BLOCK``) runs before the others at each block; one whose
+        method ``prequantizes`` has ``weights``, ``{layer: QuantizedTensor}``, once the pass is done."""
+        return None
+
+    @classmethod
+    def quantize_layer(cls, name: str, weight: torch.Tensor, hessian: torch.Tensor,
+                       config: QuantConfig) -> QuantizedTensor:
+        """A method that ``prequantizes``: layer ``name``'s weight rounded against its inputs' Hessian
+        ``H = 2/n X^T X``."""
+        raise NotImplementedError(f"{cls.suffix} does not make a layer's quantized weight")
+
+    @classmethod
+    def refine(cls, config: QuantConfig, weight: torch.Tensor, hessian: torch.Tensor, result, requantize):
+        """What this method makes of the result of the method that made the weight (``+cb`` refits GPTQ's codebook);
+        ``requantize(tensor_parts)`` reruns that method with new per-tensor parts. Default: ``result`` unchanged."""
+        return result
 
     @classmethod
     def check(cls, config: QuantConfig) -> None:

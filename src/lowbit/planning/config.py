@@ -169,7 +169,7 @@ class QuantConfig:
 
 OUTLIER_FORMAT = "int8_outlier"  # LLM.int8()'s label (lowbit.layers.outlier_linear)
 DEFAULT_THRESHOLD = 6.0  # the paper's outlier magnitude (§3.2) and bitsandbytes' llm_int8_threshold default
-AWQ_ATTRIBUTE = "lowbit_awq"  # set on a model lowbit.methods.awq.awq_scale has scaled: {layer name: s}
+AWQ_ATTRIBUTE = "lowbit_awq"  # set on a model lowbit.methods.awq.AWQScales has scaled: {layer name: s}
 LABEL_SYNTAX = ("FORMAT[/BLOCK][+dq][+awq][+had][+gptq][+cb][@SEARCH], e.g. nf4, int4/128, nf4/64+dq, int4+gptq, "
                 "nf4/32+dq+had+gptq@amse, lloyd4/32+dq+gptq+cb, int4_asym/64@hqq; LLM.int8(): int8_outlier[/THRESHOLD] "
                 "(`lowbit formats` lists the formats)")

@@ -30,11 +30,10 @@ from ..calibration.statistics import HESSIAN
 from ..errors import InputError, LayerQuantizeError, LowbitError
 from ..files.atomic import write_json
 from ..json_file import load_json
-from ..layers.surgery import layout_error, linears, rounded_layer
-from ..methods.awq_method import AWQ
-from ..methods.gptq_method import GPTQ
-from ..methods.gptq_model import effective_weight, gptq_layer
-from ..pipeline import needs_calibration
+from ..layers.surgery import layout_error, linears
+from ..methods.calibrated import layer_from_hessian
+from ..methods.gptq_model import effective_weight
+from ..methods.registry import BLOCK
 from .config import QuantConfig
 from .plan import DEFAULT_EXCLUDE, selected
 
@@ -135,9 +134,11 @@ def _ratio(error: float, anchor_error: float) -> float:
 def candidate(label: str | QuantConfig) -> QuantConfig:
     """A per-layer candidate's config; ``+awq`` is refused: its fold changes the norm a group of layers shares."""
     config = label if isinstance(label, QuantConfig) else QuantConfig.parse(label)
-    if AWQ.suffix in config.methods:
-        raise InputError(f"{config.label}: +awq scales whole groups of layers through the op before them, so it "
-                         "cannot be one layer's candidate; leave it out of the candidates")
+    changer = next((m for m in config.method_classes if m.needs == BLOCK), None)
+    if changer is not None:
+        raise InputError(f"{config.label}: {changer.suffix} changes the model around its layers (+awq scales whole "
+                         "groups of layers through the op before them), so it cannot be one layer's candidate; leave "
+                         "it out of the candidates")
     if config.outlier_threshold is not None:
         raise InputError(f"{config.label}: LLM.int8() rounds the activations at run time, which a candidate's "
                          "sensitivity (its weights' error) does not measure; score it with lowbit compare instead")
@@ -176,11 +177,7 @@ def _layer_costs(name: str, linear: nn.Linear, hessian: torch.Tensor,
         if layout_error(name, linear, config) is not None:
             continue  # not a candidate for this layer; plan_for_budget picks among the others
         try:
-            if GPTQ.suffix in config.methods:
-                q = gptq_layer(name, linear.weight, hessian, config).qweight
-            else:  # @amse's importance: the calibration mean of x^2, H's diagonal / 2 (+had with it needs +gptq)
-                importance = (hessian.diagonal() / 2).float() if needs_calibration(config.search) else None
-                q, _ = rounded_layer(name, linear.weight, config, importance)
+            q = layer_from_hessian(name, linear.weight, hessian, config)
         except LayerQuantizeError:
             raise
         except LowbitError as e:

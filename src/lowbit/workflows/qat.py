@@ -14,7 +14,9 @@ import torch
 from ..calibration.importance import calibration_batches, calibration_windows
 from ..errors import InputError
 from ..eval.protocol import DEFAULT_WINDOW, DEFAULT_WINDOWS, read_text
-from ..methods.gptq_model import GPTQ_CALIBRATE, gptq_weights
+from ..methods.calibrated import calibrate_methods
+from ..methods.gptq_method import GPTQ
+from ..methods.gptq_model import GPTQ_CALIBRATE
 from ..methods.lsq import INITS
 from ..methods.qat import convert, prepare
 from ..methods.qat_train import QATSettings, train
@@ -42,11 +44,11 @@ def checkpoint_dir(output) -> Path:
 def gptq_start(model, tokenizer, plan, text: str | None, window: int, scored: int) -> dict:
     """GPTQ's rounding (``+gptq@amse``) of every layer the plan trains, on the windows after the scored ones."""
     gplan = QuantPlan(tuple(replace(r, config=None if r.config is None else
-                                    replace(r.config, methods=ordered((*r.config.methods, "+gptq")), search="amse"),
+                                    replace(r.config, methods=ordered((*r.config.methods, GPTQ.suffix)), search="amse"),
                                     fallback=None)
                             for r in plan.rules), plan.name)
     batches, _ = calibration_batches(tokenizer, CAUSAL_LM, text, window=window, scored=scored, count=GPTQ_CALIBRATE)
-    return {name: r.qweight for name, r in gptq_weights(model, gplan, batches).items()}
+    return calibrate_methods(model, gplan, batches).prequantized
 
 
 @dataclass(frozen=True)
