@@ -35,8 +35,8 @@ from lowbit.commands.common import console as make_console
 from lowbit.commands.common import load
 from lowbit.evaluate import Evaluation, materialize
 from lowbit.layers.linear import QuantLinear
-from lowbit.layers.surgery import quantize_model
 from lowbit.planning import QuantPlan
+from lowbit.workflows.run import run
 
 
 def rss_mb(field: str) -> float:
@@ -91,7 +91,7 @@ def main() -> None:
         rows = {"reference (first run only)": (time.perf_counter() - t0, rss_mb("VmHWM"))}
         ids = evaluation.reference.ids
         rows["transformers forward (fp32 original)"] = timed(partial(forward, model, ids), args.repeat)
-        quantize_model(model, plan, progress=False)  # in place: the original's weights are freed
+        run(model, plan, progress=False)  # in place: the original's weights are freed
         materialize(model)
         rows[f"lowbit score {plan.label}"] = timed(lambda: evaluation.score(model), args.repeat)
         for m in model.modules():

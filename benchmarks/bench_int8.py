@@ -37,8 +37,9 @@ from lowbit.commands.common import console as make_console
 from lowbit.commands.common import load
 from lowbit.evaluate import Evaluation, materialize
 from lowbit.layers.outlier_linear import Int8OutlierLinear, native_int_mm
-from lowbit.layers.surgery import linears, quantize_model
+from lowbit.layers.surgery import linears
 from lowbit.planning import QuantPlan
+from lowbit.workflows.run import run
 
 BIG = (4096, 4096)  # (in, out) of a 7B model's attention projection, the size the paper's speed figures use
 
@@ -99,7 +100,7 @@ def whole_model(model, tokenizer, info, windows: int, threshold: float) -> dict[
 
         reference = median_seconds(forward, budget=0, most=3)
         quantized = copy.deepcopy(model)
-        quantize_model(quantized, QuantPlan.uniform(f"int8_outlier/{threshold:g}"), progress=False)
+        run(quantized, QuantPlan.uniform(f"int8_outlier/{threshold:g}"), progress=False)
         materialize(quantized)
         score = median_seconds(lambda: evaluation.score(quantized), budget=0, most=3)
         theirs = bnb_model(model, threshold)

@@ -54,9 +54,9 @@ def run(args) -> int:
         kind, what = info.kind, info.source
         _check_kind(kind, what)
         if plan is not None:
-            from ..layers.surgery import quantize_model
+            from ..workflows.run import run
 
-            quantize_model(model, plan, progress=con.is_terminal)
+            run(model, plan, progress=con.is_terminal)
     _check_kind(kind, what)
     prompt = args.prompt
     if args.chat:
