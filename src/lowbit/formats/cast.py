@@ -9,8 +9,6 @@ past the range it is Inf, which ``lowbit.representable`` reports as an overflow)
 
 from __future__ import annotations
 
-import torch
-
 from .registry import Codec
 
 
@@ -19,12 +17,18 @@ class Cast(Codec, family="cast"):
 
     @classmethod
     def quantize_blocks(cls, spec, blocks, *, partial, tensor_parts):
+        import torch
+
         return {"values": blocks.to(getattr(torch, spec.param("dtype")))}  # (n, 1)
 
     @classmethod
     def dequantize_blocks(cls, spec, parts, n_blocks, block):
+        import torch
+
         return parts["values"].view(n_blocks, block).to(torch.float32)
 
     @classmethod
     def peak(cls, spec, parts):
+        import torch
+
         return parts["values"].reshape(-1).abs().to(torch.float32)

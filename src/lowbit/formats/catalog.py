@@ -1,8 +1,8 @@
 """Every format registered, with what its codec needs besides the table: levels, params, flags, words.
 
 Torch-free, so that `lowbit formats` and `lowbit bits` answer without importing torch (1.3 s):
-the registry imports this module on its first lookup, the codec modules (which need torch) only
-when a codec is asked for, and they read the specs registered here. Ids, bits, blocks and peer
+the registry imports this module on its first lookup, the codec modules (torch-free too, until they
+compute) when a codec is asked for, and they read the specs registered here. Ids, bits, blocks and peer
 type names: ``formats.table``; the rules behind each family: docs/formats.md.
 """
 

@@ -8,8 +8,7 @@ nearest code of x / absmax against float32 midpoints, ties to the lower code.
 from __future__ import annotations
 
 from functools import cache
-
-import torch
+from typing import TYPE_CHECKING
 
 # the level tables, computed without torch (formats.levels); re-exported for their readers here
 from .levels import BNB_FP4_VALUES, NF_DELTA, normal_float_values  # noqa: F401
@@ -17,11 +16,16 @@ from .registry import GridCodec
 from .rounding import midpoints, nearest_ties_lower
 from .spec import FormatSpec
 
+if TYPE_CHECKING:
+    import torch
+
 
 @cache
 def codebook_table(spec: FormatSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(values in code order, midpoints of the sorted values, code of each sorted slot
     or None when codes are already sorted, as NFk's are)."""
+    import torch
+
     values = torch.tensor(spec.values, dtype=torch.float32)
     order = torch.argsort(values, stable=True)  # bnb_fp4 holds +0 and -0: +0 sorts first
     is_sorted = bool((order == torch.arange(order.numel())).all())
@@ -40,6 +44,8 @@ class AbsmaxCodebook(GridCodec, family="codebook"):
 
     @classmethod
     def decode(cls, spec, codes, scales):
+        import torch
+
         values, _, _ = codebook_table(spec)
         return values[codes.to(torch.int64)] * scales["scales"][:, None]
 
@@ -60,6 +66,8 @@ def encode_levels(blocks, scales, mids, order, *, partial):
     bitsandbytes' reference multiplies full blocks by the reciprocal and divides the
     trailing partial one (backends/default/ops.py quantize_4bit); match it to the bit.
     """
+    import torch
+
     safe = scales.clamp(min=1e-38)[:, None]
     scaled = (blocks / safe if partial else blocks * (1.0 / safe)).clamp_(-1, 1)
     idx = nearest_ties_lower(scaled, mids)

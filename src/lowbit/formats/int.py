@@ -5,11 +5,14 @@ Rules: docs/formats.md#symmetric-integers and #zero-point-integers. The formats:
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from .registry import GridCodec
 
-_TINY = torch.finfo(torch.float32).tiny  # divisor for all-zero blocks: 0 / tiny = 0, no NaN
+if TYPE_CHECKING:
+    import torch
+
+_TINY = 2.0**-126  # divisor for all-zero blocks (0 / tiny = 0, no NaN): torch.finfo(torch.float32).tiny
 
 
 def _ratio(ratio, like: torch.Tensor) -> torch.Tensor | float:
@@ -31,21 +34,29 @@ class SymmetricInt(GridCodec, family="int"):
 
     @classmethod
     def encode(cls, spec, blocks, scales, *, partial=False):
+        import torch
+
         qp = 2 ** (spec.bits - 1) - 1
         q = torch.round(blocks / scales["scales"].clamp(min=_TINY)[:, None]).clamp_(-qp, qp)
         return (q + qp).to(torch.uint8)
 
     @classmethod
     def decode(cls, spec, codes, scales):
+        import torch
+
         q = codes.to(torch.float32) - (2 ** (spec.bits - 1) - 1)
         return q * scales["scales"][:, None]
 
     @classmethod
     def table_form(cls, spec, parts):
+        import torch
+
         return torch.arange(2**spec.bits, dtype=torch.float32) - (2 ** (spec.bits - 1) - 1), parts["scales"], None
 
     @classmethod
     def levels(cls, spec, scales):
+        import torch
+
         qp = 2 ** (spec.bits - 1) - 1
         return torch.arange(-qp, qp + 1, dtype=torch.float32), -qp, qp
 
@@ -70,6 +81,8 @@ class AsymmetricInt(GridCodec, family="int_asym"):
 
     @classmethod
     def choose_scales(cls, spec, blocks, tensor_parts, ratio=None):
+        import torch
+
         qmax = 2**spec.bits - 1
         lo = blocks.amin(dim=1).clamp(max=0)
         hi = blocks.amax(dim=1).clamp(min=0)
@@ -81,6 +94,8 @@ class AsymmetricInt(GridCodec, family="int_asym"):
 
     @classmethod
     def encode(cls, spec, blocks, scales, *, partial=False):
+        import torch
+
         qmax = 2**spec.bits - 1
         safe = scales["scales"].clamp(min=_TINY)
         z = scales["zeros"]
@@ -92,17 +107,23 @@ class AsymmetricInt(GridCodec, family="int_asym"):
 
     @classmethod
     def decode(cls, spec, codes, scales):
+        import torch
+
         z = scales["zeros"].to(torch.float32)[:, None]
         return (codes.to(torch.float32) - z) * scales["scales"][:, None]
 
     @classmethod
     def table_form(cls, spec, parts):
+        import torch
+
         return torch.arange(2**spec.bits, dtype=torch.float32), parts["scales"], parts["zeros"].to(torch.float32)
 
     @classmethod
     def surrogate(cls, spec, blocks, codes, scales):
         """LSQ+ (Bhalgat et al. 2020, arXiv 2004.09576): y = x / s + z on the code range
         [0, 2^b - 1]; a float ``zeros`` part gets the gradient -s outside it, 0 inside."""
+        import torch
+
         s = scales["scales"][:, None]
         z = scales["zeros"][:, None]
         z = z if z.is_floating_point() else z.to(torch.float32)
@@ -117,5 +138,7 @@ class AsymmetricInt(GridCodec, family="int_asym"):
         The block's min and max take those codes except in an exact double tie, where the
         max may take 2^b - 2: then this bounds the block's peak from above.
         """
+        import torch
+
         z, s = parts["zeros"].to(torch.float32), parts["scales"]
         return torch.maximum((((2**spec.bits - 1) - z) * s).abs(), ((0 - z) * s).abs())

@@ -11,18 +11,22 @@ lloyd levels are those refined by Lloyd-Max iterations to minimise the squared e
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from ..scaling.blocks import split_blocks
-from ..scaling.codebook_fit import lloyd_levels, quantile_levels
 from .codebooks import encode_levels
 from .registry import GridCodec
 from .rounding import midpoints
+
+if TYPE_CHECKING:
+    import torch
 
 
 def normalized(flat: torch.Tensor, block: int) -> torch.Tensor:
     """Every element divided by its block's absmax (the trailing partial block by its own);
     all-zero blocks give zeros."""
+    import torch
+
     pieces = []
     for blocks in split_blocks(flat, block):
         if blocks is not None and blocks.numel():
@@ -34,6 +38,11 @@ def normalized(flat: torch.Tensor, block: int) -> torch.Tensor:
 class LearnedCodebook(GridCodec, family="learned"):
     @classmethod
     def tensor_parts(cls, spec, flat, block):
+        import torch
+
+        # here, not at the top: codebook_fit imports numpy and torch, which `lowbit formats` does not need
+        from ..scaling.codebook_fit import lloyd_levels, quantile_levels
+
         values = normalized(flat, block)
         # lloyd_levels starts from the same quantile codebook (codebook_fit: one sort for both)
         fit = lloyd_levels if spec.param("fit") == "lloyd" else quantile_levels
@@ -50,6 +59,8 @@ class LearnedCodebook(GridCodec, family="learned"):
 
     @classmethod
     def decode(cls, spec, codes, scales):
+        import torch
+
         return scales["tensor_codebook"][codes.to(torch.int64)] * scales["scales"][:, None]
 
     @classmethod

@@ -13,13 +13,15 @@ Codes are in the format's own bit order (``sign << (E+M) | exp << M | mant``).
 from __future__ import annotations
 
 from functools import cache
-
-import torch
+from typing import TYPE_CHECKING
 
 from .. import dispatch
 from .exmy import ExMy
 from .registry import GridCodec
 from .spec import FormatSpec
+
+if TYPE_CHECKING:
+    import torch
 
 
 @cache
@@ -38,6 +40,8 @@ class AbsmaxMinifloat(GridCodec, family="minifloat"):
 
     @classmethod
     def encode(cls, spec, blocks, scales, *, partial=False):
+        import torch
+
         s = scales["scales"]
         safe = torch.where(s > 0, s, torch.ones_like(s))  # all-zero block: 0 / 1 = 0
         return exmy_of(spec).encode(blocks / safe[:, None])
@@ -58,6 +62,8 @@ class AbsmaxMinifloat(GridCodec, family="minifloat"):
 
 def decode_table(family: str, codes: torch.Tensor, table: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """``table[codes] * factor[:, None]`` for (n_blocks, block) codes, by a kernel where one is registered."""
+    import torch
+
     fast = dispatch.lookup("lut_scale", family)
     if fast is not None:
         return fast(codes, table, factor)

@@ -30,9 +30,8 @@ down saturates at 6. Decode ``e2m1[code] * (g * s)`` (torchao's order of the pro
 
 from __future__ import annotations
 
-from functools import cache
-
-import torch
+from functools import cache, cached_property
+from typing import TYPE_CHECKING
 
 from .catalog import MX_ELEMENTS
 from .exmy import E2M1, E2M3, E3M2, E4M3FN, ExMy
@@ -48,6 +47,9 @@ from .scale_encodings import (
     floor_log2,
 )
 from .spec import FormatSpec
+
+if TYPE_CHECKING:
+    import torch
 
 NVFP4_BLOCK = 16  # NVIDIA NVFP4: 16 elements per E4M3 scale
 E2M1_MAX = 6.0  # largest E2M1 value (OCP MX v1.0 Table 5)
@@ -67,13 +69,22 @@ class Int8Element:
     frac_bits = MXINT8_FRAC_BITS
     max_finite = 127 / 64  # the largest magnitude the quantizer produces (-2.0 never is)
     values = MXINT8_VALUES  # code order
-    value_tensor = torch.tensor(values, dtype=torch.float32)
+
+    @cached_property
+    def value_tensor(self) -> torch.Tensor:
+        import torch
+
+        return torch.tensor(self.values, dtype=torch.float32)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
+        import torch
+
         k = torch.round(x * 2.0**self.frac_bits).clamp_(-127, 127).to(torch.int32)
         return (k & 0xFF).to(torch.uint8)  # two's complement byte
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        import torch
+
         return self.value_tensor[codes.to(torch.int64)]
 
 
@@ -94,6 +105,8 @@ class Microscaling(GridCodec, family="mx"):
 
     @classmethod
     def choose_scales(cls, spec, blocks, tensor_parts, ratio=None):
+        import torch
+
         _, emax = _element(spec)
         amax = blocks.abs().amax(dim=1)  # (n_blocks,)
         if ratio is not None:
@@ -144,6 +157,8 @@ class NVFP4(GridCodec, family="nvfp4"):
 
     @classmethod
     def choose_scales(cls, spec, blocks, tensor_parts, ratio=None):
+        import torch
+
         g = tensor_parts["tensor_scale"]  # (1,)
         g_safe = torch.where(g > 0, g, torch.ones_like(g))  # all-zero tensor: no 0 / 0
         amax = blocks.abs().amax(dim=1)
@@ -154,6 +169,8 @@ class NVFP4(GridCodec, family="nvfp4"):
 
     @classmethod
     def encode(cls, spec, blocks, scales, *, partial=False):
+        import torch
+
         total = scales["tensor_scale"] * e4m3_decode(scales["scales_e4m3"])  # (n_blocks,)
         total = torch.where(total > 0, total, torch.ones_like(total))
         return E2M1.encode((blocks / total[:, None]).clamp(-E2M1_MAX, E2M1_MAX))

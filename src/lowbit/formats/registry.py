@@ -1,8 +1,8 @@
 """The registered formats: name -> FormatSpec (facts from ``formats.table``), and family -> Codec.
 
-Looking a format up imports no torch (``formats.catalog`` registers every format), so that `lowbit
-formats` and `lowbit bits` start in a fraction of a second; asking for a codec imports the codec
-modules, and torch with them. The codec classes import torch in the methods that use it."""
+Neither looking a format up (``formats.catalog`` registers every format) nor asking for its codec
+imports torch, so that `lowbit formats` and `lowbit bits` start in a fraction of a second: the codec
+modules import torch in the functions that compute, and build no tensor at import."""
 
 from __future__ import annotations
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 def midpoints(sorted_values: torch.Tensor) -> torch.Tensor:
@@ -16,6 +19,8 @@ def nearest_ties_lower(scaled: torch.Tensor, mids: torch.Tensor) -> torch.Tensor
 
     torch.bucketize(right=False) returns i with mids[i-1] < x <= mids[i]: ties go low.
     """
+    import torch
+
     return torch.bucketize(scaled, mids, out_int32=True)
 
 
@@ -25,6 +30,8 @@ def nearest_ties_even(scaled: torch.Tensor, sorted_values: torch.Tensor, mids: t
     For a minifloat table sorted by magnitude the index's low bit is the encoding's low bit,
     so this is IEEE round-half-to-even (what ml_dtypes' casts do).
     """
+    import torch
+
     idx = torch.bucketize(scaled, mids, out_int32=True)
     on_mid = idx < mids.numel()
     tie = on_mid & (scaled == mids[idx.clamp(max=mids.numel() - 1)]) & (idx % 2 == 1)

@@ -7,9 +7,12 @@ E4M3 here is OCP OFP8 E4M3 (``float8_e4m3fn``) used for positive scales only.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from .exmy import E4M3FN
+
+if TYPE_CHECKING:
+    import torch
 
 E8M0_BIAS = 127
 E8M0_NAN = 0xFF
@@ -22,17 +25,23 @@ def floor_log2(x: torch.Tensor) -> torch.Tensor:
     torch.frexp gives x = m * 2^e with 0.5 <= |m| < 1, so floor(log2 |x|) = e - 1. Unlike
     a float32 ``floor(log2f(x))`` it never rounds up just below a power of two.
     """
+    import torch
+
     _, e = torch.frexp(x.to(torch.float32))
     return e.to(torch.int32) - 1
 
 
 def e8m0_encode(exponent: torch.Tensor) -> torch.Tensor:
     """int exponents -> uint8 E8M0 codes, clamped into the representable -127..127."""
+    import torch
+
     return (exponent.to(torch.int32).clamp(E8M0_MIN_EXP, E8M0_MAX_EXP) + E8M0_BIAS).to(torch.uint8)
 
 
 def e8m0_decode(code: torch.Tensor) -> torch.Tensor:
     """uint8 E8M0 codes -> float32 ``2^(code - 127)`` exactly (code 0 is the subnormal 2^-127)."""
+    import torch
+
     c = code.to(torch.int32)
     bits = torch.where(c == 0, torch.tensor(0x00400000, dtype=torch.int32), c << 23)  # 2^-127: mantissa bit 22
     bits = torch.where(c == E8M0_NAN, torch.tensor(0x7FC00000, dtype=torch.int32), bits)
@@ -41,6 +50,8 @@ def e8m0_decode(code: torch.Tensor) -> torch.Tensor:
 
 def e8m0_reciprocal(code: torch.Tensor) -> torch.Tensor:
     """float32 ``2^(127 - code)`` = 1 / e8m0_decode(code), exact for codes 0..254."""
+    import torch
+
     return e8m0_decode((254 - code.to(torch.int32)).to(torch.uint8))
 
 
@@ -49,6 +60,8 @@ def e4m3_encode(x: torch.Tensor) -> torch.Tensor:
 
     For finite inputs within +-448 this equals ``x.to(torch.float8_e4m3fn).view(torch.uint8)``.
     """
+    import torch
+
     return E4M3FN.encode(x.to(torch.float32))
 
 

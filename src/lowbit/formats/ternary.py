@@ -7,11 +7,9 @@ Codes are stored two bits each (q + 1), so 2 bits per weight plus the scale.
 
 from __future__ import annotations
 
-import torch
-
 from .registry import GridCodec
 
-_TINY = torch.finfo(torch.float32).tiny  # all-zero block: gamma 0, codes 0, no NaN
+_TINY = 2.0**-126  # all-zero block: gamma 0, codes 0, no NaN (torch.finfo(torch.float32).tiny)
 
 
 class Ternary(GridCodec, family="ternary"):
@@ -22,15 +20,21 @@ class Ternary(GridCodec, family="ternary"):
 
     @classmethod
     def encode(cls, spec, blocks, scales, *, partial=False):
+        import torch
+
         q = torch.round(blocks / scales["scales"].clamp(min=_TINY)[:, None]).clamp_(-1, 1)
         return (q + 1).to(torch.uint8)
 
     @classmethod
     def decode(cls, spec, codes, scales):
+        import torch
+
         return (codes.to(torch.float32) - 1) * scales["scales"][:, None]
 
     @classmethod
     def table_form(cls, spec, parts):
+        import torch
+
         return torch.arange(2**spec.bits, dtype=torch.float32) - 1, parts["scales"], None
 
     @classmethod

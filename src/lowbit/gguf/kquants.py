@@ -10,10 +10,13 @@ a different order than the C loops, so an occasional code may differ from llama.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from ..formats.registry import Codec
 from .legacy import KIND, _fp16_bytes, _fp16_read
+
+if TYPE_CHECKING:
+    import torch
 
 QK_K = 256  # ggml-common.h: weights per super-block
 
@@ -25,6 +28,8 @@ def _search_scale_min(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, 
     around nmax / (max - min) and keeping the one of least weighted squared error.
     Returns scale (g,), the_min (g,), L (g, n) uint8.
     """
+    import torch
+
     lo = x.amin(dim=1).clamp(max=0)  # llama.cpp: if (min > 0) min = 0
     hi = x.amax(dim=1)
     span = hi - lo
@@ -66,6 +71,8 @@ def _search_scale_min(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, 
 def _search_symmetric(x: torch.Tensor, nmax: int):
     """make_qx_quants(rmse_type=1, no importance): x ~ scale * l, l in [-nmax, nmax-1],
     weights x^2, trying iscale = -(nmax + 0.1 k) / max for k = -9..9. Returns scale (g,)."""
+    import torch
+
     amax, idx = x.abs().max(dim=1)
     signed_max = x.gather(1, idx[:, None]).squeeze(1)
     zero = amax < 1e-30  # llama.cpp: all-zero group
@@ -96,6 +103,8 @@ class Q4K(Codec, family="gguf_q4_k"):
 
     @classmethod
     def quantize_blocks(cls, spec, blocks, *, partial, tensor_parts):
+        import torch
+
         nb = blocks.shape[0]
         x = blocks.view(nb * 8, 32)
         av_x = (x * x).sum(dim=1, keepdim=True).div(32).sqrt()
@@ -121,6 +130,8 @@ class Q4K(Codec, family="gguf_q4_k"):
 
     @classmethod
     def dequantize_blocks(cls, spec, parts, n_blocks, block):
+        import torch
+
         data = parts["data"]
         d, dmin = _fp16_read(data[:, 0:2]), _fp16_read(data[:, 2:4])
         sc, m = _unpack_scales_k4(data[:, 4:16])
@@ -131,6 +142,8 @@ class Q4K(Codec, family="gguf_q4_k"):
 
 def _pack_scales_k4(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
     """8 six-bit scales and mins -> 12 bytes (ggml-quants.c get_scale_min_k4, inverted)."""
+    import torch
+
     out = torch.zeros(ls.shape[0], 12, dtype=torch.uint8)
     out[:, 0:4] = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
     out[:, 4:8] = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
@@ -139,6 +152,8 @@ def _pack_scales_k4(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
 
 
 def _unpack_scales_k4(s: torch.Tensor):
+    import torch
+
     sc = torch.cat([s[:, 0:4] & 63, (s[:, 8:12] & 0x0F) | ((s[:, 0:4] >> 6) << 4)], dim=1)
     m = torch.cat([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], dim=1)
     return sc, m
@@ -152,6 +167,8 @@ class Q6K(Codec, family="gguf_q6_k"):
 
     @classmethod
     def quantize_blocks(cls, spec, blocks, *, partial, tensor_parts):
+        import torch
+
         nb = blocks.shape[0]
         x = blocks.view(nb * 16, 16)
         scales = _search_symmetric(x, 32).view(nb, 16)
@@ -177,6 +194,8 @@ class Q6K(Codec, family="gguf_q6_k"):
 
     @classmethod
     def dequantize_blocks(cls, spec, parts, n_blocks, block):
+        import torch
+
         data = parts["data"]
         ql = data[:, :128].view(n_blocks, 2, 2, 32)
         qh = data[:, 128:192].view(n_blocks, 2, 1, 32)

@@ -9,9 +9,13 @@ each code in a little-endian 32-bit mask ``qh``.
 
 from __future__ import annotations
 
-import torch
+from functools import cache
+from typing import TYPE_CHECKING
 
 from ..formats.registry import Codec
+
+if TYPE_CHECKING:
+    import torch
 
 KIND = "a GGUF block format, with its own layout and scale search"  # Codec.KIND of every GGUF family
 QK = 32  # weights per block: ggml-common.h QK4_0 = QK4_1 = QK5_0 = QK5_1 = QK8_0 = 32
@@ -19,16 +23,22 @@ QK = 32  # weights per block: ggml-common.h QK4_0 = QK4_1 = QK5_0 = QK5_1 = QK8_
 
 def _fp16_bytes(v: torch.Tensor) -> torch.Tensor:
     """(n,) float32 -> (n, 2) uint8: IEEE half, round to nearest even (numpy astype(float16))."""
+    import torch
+
     return v.to(torch.float16).view(torch.uint8).view(-1, 2)
 
 
 def _fp16_read(b: torch.Tensor) -> torch.Tensor:
     """(n, 2) uint8 -> (n, 1) float32."""
+    import torch
+
     return b.contiguous().view(torch.float16).to(torch.float32).view(-1, 1)
 
 
 def _inverse(d: torch.Tensor) -> torch.Tensor:
     """id = 1/d, and 0 where d == 0 (ggml: `id = d ? 1.0f/d : 0.0f`)."""
+    import torch
+
     return torch.where(d == 0, torch.zeros_like(d), 1 / d)
 
 
@@ -37,16 +47,22 @@ def _finite_or_zero(v: torch.Tensor) -> torch.Tensor:
     every value of the block then decodes alike) and become code 0, which is what ggml's
     ``(int8_t)`` cast and numpy's ``astype`` to an integer produce on x86 (cvttss2si returns
     0x80000000, low byte 0) and so what gguf-py's bytes hold."""
+    import torch
+
     return torch.where(v.isfinite(), v, 0)
 
 
 def _codes(v: torch.Tensor, top: int) -> torch.Tensor:
     """trunc(v) clamped to [0, top], as uint8; non-finite v gives 0 (``_finite_or_zero``)."""
+    import torch
+
     return _finite_or_zero(v).trunc_().clamp_(0, top).to(torch.uint8)
 
 
 def _roundf(v: torch.Tensor) -> torch.Tensor:
     """C roundf: half away from zero. a - trunc(a) is exact, so the 0.5 test is too."""
+    import torch
+
     a = v.abs()
     t = a.trunc()
     return torch.copysign(t + (a - t >= 0.5), v)
@@ -58,20 +74,31 @@ def _split_nibbles(q: torch.Tensor) -> torch.Tensor:
 
 
 def _join_nibbles(qs: torch.Tensor) -> torch.Tensor:
+    import torch
+
     return torch.cat([qs & 0x0F, qs >> 4], dim=1)
 
 
-_BIT_WEIGHTS = 2 ** torch.arange(8, dtype=torch.uint8)  # little-endian bit order in a byte
+@cache
+def _bit_weights() -> torch.Tensor:
+    """(8,) uint8 1, 2, ..., 128: little-endian bit order in a byte."""
+    import torch
+
+    return 2 ** torch.arange(8, dtype=torch.uint8)
 
 
 def _high_bits(q: torch.Tensor) -> torch.Tensor:
     """(n, 32) 5-bit codes -> (n, 4) bytes of bit 4, element j at bit j (little-endian uint32)."""
+    import torch
+
     bits = (q >> 4).view(-1, 4, 8)
-    return (bits * _BIT_WEIGHTS).sum(dim=2, dtype=torch.uint8)
+    return (bits * _bit_weights()).sum(dim=2, dtype=torch.uint8)
 
 
 def _read_high_bits(qh: torch.Tensor) -> torch.Tensor:
-    return ((qh[:, :, None] & _BIT_WEIGHTS) != 0).view(-1, QK).to(torch.uint8) << 4
+    import torch
+
+    return ((qh[:, :, None] & _bit_weights()) != 0).view(-1, QK).to(torch.uint8) << 4
 
 
 class GGUFLegacy(Codec, family="gguf_legacy"):
@@ -82,6 +109,8 @@ class GGUFLegacy(Codec, family="gguf_legacy"):
 
     @classmethod
     def quantize_blocks(cls, spec, blocks, *, partial, tensor_parts):
+        import torch
+
         kind, bits = spec.param("kind"), spec.bits
         if kind == "q8":
             d = blocks.abs().amax(dim=1, keepdim=True) / 127
@@ -104,6 +133,8 @@ class GGUFLegacy(Codec, family="gguf_legacy"):
 
     @classmethod
     def dequantize_blocks(cls, spec, parts, n_blocks, block):
+        import torch
+
         kind, bits = spec.param("kind"), spec.bits
         data = parts["data"]
         d = _fp16_read(data[:, :2])
@@ -127,6 +158,8 @@ class GGUFLegacy(Codec, family="gguf_legacy"):
         Exact: q8's absmax element takes code +-127; the signed max takes code 0, -2^(b-1) d;
         an asym block's min and max take codes 0 and 2^b - 1 (d >= 0: the extremes).
         """
+        import torch
+
         kind, bits = spec.param("kind"), spec.bits
         data = parts["data"]
         d = _fp16_read(data[:, :2]).view(-1)  # (n_blocks,)
@@ -143,6 +176,8 @@ class GGUFLegacy(Codec, family="gguf_legacy"):
 
         q8 and sym peaks grow with |d|, and fp16 -> fp32 is exact, so the largest |d| decides.
         """
+        import torch
+
         kind = spec.param("kind")
         if kind == "asym":
             return None

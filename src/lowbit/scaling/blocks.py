@@ -7,7 +7,10 @@ padded: padding would change a block's min, max or mean.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 def split_blocks(flat: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor | None]:
