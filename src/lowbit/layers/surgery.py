@@ -18,7 +18,6 @@ from ..quantize import quantize
 from ..tensor import QuantizedTensor
 from .hf_quantizer import refuse_save_pretrained
 from .linear import QuantLinear
-from .outlier_linear import Int8OutlierLinear
 
 
 @dataclass(frozen=True)
@@ -139,10 +138,11 @@ def quantize_model(model: nn.Module, plan: QuantPlan, *, progress: bool = True,
 
 def layer_module(name: str, linear: nn.Linear, qweight: QuantizedTensor, signs: torch.Tensor | None,
                  config: QuantConfig) -> QuantLinear:
-    """The module that replaces ``linear``: LLM.int8()'s ``Int8OutlierLinear`` where the config has an
-    outlier threshold (its forward depends on the input), else ``QuantLinear``."""
-    if config.outlier_threshold is not None:
-        return Int8OutlierLinear.from_linear(linear, qweight, threshold=config.outlier_threshold, name=name)
+    """The module that replaces ``linear``: the one a method of the config makes (LLM.int8()'s
+    ``Int8OutlierLinear``, whose forward depends on the input), else ``QuantLinear``."""
+    for method in config.method_classes:
+        if (layer := method.make_layer(name, linear, qweight, signs, config)) is not None:
+            return layer
     return QuantLinear.from_linear(linear, qweight, signs)
 
 
@@ -241,9 +241,9 @@ def model_weight_bytes(model: nn.Module) -> int:
 
 
 def quantize_weight(weight: torch.Tensor, config: QuantConfig, importance: torch.Tensor | None = None):
-    """One weight tensor quantized as ``config`` says (format, block, double quant, search); LLM.int8()'s
-    weights (``int8_outlier``) have one block per row."""
-    block = weight.shape[-1] if config.outlier_threshold is not None else config.block_size
+    """One weight tensor quantized as ``config`` says (format, block, double quant, search); one block per row
+    where a method says so (LLM.int8())."""
+    block = weight.shape[-1] if any(m.row_blocks for m in config.method_classes) else config.block_size
     return quantize(weight, config.format, block_size=block, double_quant=config.double_quant,
                     search=config.search, importance=importance)
 

@@ -37,7 +37,7 @@ from ..planning.config import AWQ_ATTRIBUTE, QuantConfig
 from ..planning.plan import QuantPlan
 from ..progress import note
 from .gptq_model import effective_weight
-from .registry import NOTHING
+from .registry import NOTHING, method_for
 
 GRID = 20  # ratios 0, 1/20, ..., 19/20 (llm-awq auto_scale.py, n_grid = 20)
 FLOOR = 1e-4  # smallest scale before normalising (llm-awq auto_scale.py: scales.clamp(min=1e-4))
@@ -151,7 +151,7 @@ def output_error(name: str, weight: torch.Tensor, config: QuantConfig, s: torch.
     """``tr(dW H dW^T)`` of the layer rounded with its input scaled by ``s``: ``dW = Q(W diag(s)) / s - W``."""
     # the methods that change the weight on its own (+had) stay; those that need calibration are what AWQ precedes
     plain = QuantConfig(config.format, block_size=config.block_size, double_quant=config.double_quant,
-                        methods=tuple(m.suffix for m in config.method_classes if m.needs == NOTHING))
+                        methods=tuple(s for s in config.methods if method_for(s).needs == NOTHING))
     q, _ = rounded_layer(name, weight * s, plain)
     delta = effective_weight(name, q, plain) / s - weight.float()
     return float(((delta @ h) * delta).sum())

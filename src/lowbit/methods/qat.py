@@ -65,7 +65,7 @@ def check_qat_config(config: QuantConfig) -> None:
               # a method that needs calibration changes the weights against the model's inputs
               **{m.suffix: m.needs != NOTHING for m in config.method_classes},
               "LLM.int8() (its activations are rounded at run time)":
-                  config.outlier_threshold is not None}
+                  any(m.rounds_activations for m in config.method_classes)}
     given = [what for what, present in others.items() if present]
     if given:
         raise InputError(f"{config.label}: quantization-aware training cannot take {given[0]}; give the format and "

@@ -38,6 +38,10 @@ NEEDS = (NOTHING, IMPORTANCE, HESSIAN, BLOCK, TRAINING)
 MODULES = {"+awq": "lowbit.methods.awq_method", "+had": "lowbit.methods.hadamard",
            "+gptq": "lowbit.methods.gptq_method", "+cb": "lowbit.methods.codebook_method"}
 
+# methods a whole label names rather than a suffix: LLM.int8()'s int8_outlier[/THRESHOLD] (planning.config reads
+# the label and asks for it with ``method_for``)
+NAMED_MODULES = ("lowbit.methods.llm_int8",)
+
 _REGISTERED: dict[str, type[Method]] = {}
 
 
@@ -48,6 +52,9 @@ class Method:
     needs: ClassVar[str] = NOTHING  # one of NEEDS
     # the method makes the layer's quantized weight itself (GPTQ): quantize_model takes it as prequantized=
     prequantizes: ClassVar[bool] = False
+    row_blocks: ClassVar[bool] = False  # the weight has one block per row, whatever the label says (LLM.int8())
+    # the layer rounds its input at run time (LLM.int8()): its cost is not its weight's error alone
+    rounds_activations: ClassVar[bool] = False
 
     @classmethod
     def uses(cls, config: QuantConfig | None) -> bool:
@@ -90,6 +97,12 @@ class Method:
         return weight
 
     @classmethod
+    def make_layer(cls, name: str, linear: nn.Linear, qweight: QuantizedTensor, signs: torch.Tensor | None,
+                   config: QuantConfig) -> nn.Module | None:
+        """The module that computes with the layer's quantized weight, where it is not ``QuantLinear``."""
+        return None
+
+    @classmethod
     def unmet(cls, model, name: str) -> str | None:
         """Why layer ``name`` of ``model`` cannot be rounded yet (a whole-model step of this method has not run on
         it: ``+awq``'s scales), or None; ``quantize_model`` refuses the model with it."""
@@ -98,7 +111,8 @@ class Method:
 
 def register(cls: type[Method]) -> type[Method]:
     """Class decorator: ``cls`` becomes the method its ``suffix`` names."""
-    if not (cls.suffix.startswith("+") and cls.suffix[1:].isalnum() and cls.suffix[1:].islower()):
+    named = cls.__module__ in NAMED_MODULES
+    if not named and not (cls.suffix.startswith("+") and cls.suffix[1:].isalnum() and cls.suffix[1:].islower()):
         raise RuntimeError(f"a method's suffix is '+' and lower-case letters or digits, got {cls.suffix!r}")
     if cls.needs not in NEEDS:
         raise RuntimeError(f"method {cls.suffix!r} needs {cls.needs!r}, not one of {NEEDS}")
@@ -110,15 +124,17 @@ def register(cls: type[Method]) -> type[Method]:
 
 def suffixes() -> tuple[str, ...]:
     """Every method's suffix, in label order."""
-    return (*MODULES, *(s for s in _REGISTERED if s not in MODULES))
+    return (*MODULES, *(s for s, m in _REGISTERED.items() if s not in MODULES and m.__module__ not in NAMED_MODULES))
 
 
 def method_for(suffix: str) -> type[Method]:
-    """The method a label suffix names (``"+gptq"``); an unknown suffix is an InputError."""
+    """The method a label suffix names (``"+gptq"``), or a whole label (``"int8_outlier"``); an unknown one is an
+    InputError."""
     if suffix not in _REGISTERED:
-        if suffix not in MODULES:
-            raise InputError(f"unknown method {suffix!r}: the methods are {', '.join(suffixes())}")
-        import_module(MODULES[suffix])
+        for module in (MODULES[suffix],) if suffix in MODULES else NAMED_MODULES:
+            import_module(module)
+    if suffix not in _REGISTERED:
+        raise InputError(f"unknown method {suffix!r}: the methods are {', '.join(suffixes())}")
     return _REGISTERED[suffix]
 
 

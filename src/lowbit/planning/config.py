@@ -115,8 +115,10 @@ class QuantConfig:
 
     @property
     def method_classes(self) -> tuple:
-        """The ``lowbit.methods.registry.Method`` classes of ``methods``, in label order."""
-        return tuple(registry.method_for(s) for s in self.methods)
+        """The ``lowbit.methods.registry.Method`` classes of ``methods``, in label order; LLM.int8()'s, which its
+        whole label names (``int8_outlier``), last."""
+        named = (registry.method_for(OUTLIER_FORMAT),) if self.outlier_threshold is not None else ()
+        return (*(registry.method_for(s) for s in self.methods), *named)
 
     def layer_signs(self, name: str, in_features: int):
         """The signs of the input rotation layer ``name`` stores, where a method rotates it (``+had``), else None."""

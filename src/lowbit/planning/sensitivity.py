@@ -139,7 +139,7 @@ def candidate(label: str | QuantConfig) -> QuantConfig:
         raise InputError(f"{config.label}: {changer.suffix} changes the model around its layers (+awq scales whole "
                          "groups of layers through the op before them), so it cannot be one layer's candidate; leave "
                          "it out of the candidates")
-    if config.outlier_threshold is not None:
+    if any(m.rounds_activations for m in config.method_classes):
         raise InputError(f"{config.label}: LLM.int8() rounds the activations at run time, which a candidate's "
                          "sensitivity (its weights' error) does not measure; score it with lowbit compare instead")
     return config
