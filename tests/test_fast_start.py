@@ -71,7 +71,8 @@ def test_command_imports_no_torch(argv, results):
 
 
 # formats and bits read the format facts (formats.catalog, .facts, .levels, .one_value; tests/commands/
-# test_fast_commands_golden.py: the same output as when they quantized with the torch codecs)
+# test_fast_commands_golden.py: the same output as when they quantized with the torch codecs) and each codec's
+# field description (Codec.ANATOMY: the codec modules import torch only in the functions that compute)
 @pytest.mark.parametrize("argv", [["formats"], ["formats", "nf4"], ["formats", "q4_0"], ["formats", "int4/128+dq"],
                                   ["formats", "mxfp4"], ["formats", "nvfp4"], ["formats", "fp8_e4m3fn"],
                                   ["formats", "qq4"], ["formats", "fp16"], ["formats", "tf32"],

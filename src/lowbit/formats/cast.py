@@ -10,10 +10,18 @@ past the range it is Inf, which ``lowbit.representable`` reports as an overflow)
 from __future__ import annotations
 
 from .registry import Codec
+from .spec import CODES, Anatomy, Field
 
 
 class Cast(Codec, family="cast"):
     KIND = "a plain cast: every weight is stored alone, with no scale"
+
+    ANATOMY = Anatomy(
+        "none: every weight is stored alone", "w = the stored {dtype} value",
+        (Field("values", CODES, "the weight cast to {dtype}: nearest, ties to even (Inf past its range)",
+               per="element"),),
+        fixed_by="a plain cast has nothing per block",
+        no_double_quant="there are no scales to compress")
 
     @classmethod
     def quantize_blocks(cls, spec, blocks, *, partial, tensor_parts):

@@ -10,8 +10,19 @@ from __future__ import annotations
 
 from .exmy import E0M3, E1M2, E2M1, E2M3, E3M0, E3M2, E4M3FN, E5M2, ExMy
 from .levels import BNB_FP4_VALUES, MXINT8_VALUES, normal_float_values
-from .registry import define
+from .registry import register
+from .spec import FormatSpec
 from .table import fact
+
+
+def define(name: str, **extras) -> FormatSpec:
+    """Register the format ``name`` of ``lowbit.formats.table`` with its codec's ``extras``
+    (values, params, description, ...); id, family, bits and block come from the table."""
+    f = fact(name)
+    spec = FormatSpec(name=name, id=f.id, family=f.family, bits=f.bits, default_block_size=f.block,
+                      block_bytes=f.block_bytes, gguf_type=f.gguf_type, bnb_quant_type=f.bnb_quant_type, **extras)
+    return register(spec)
+
 
 # --- integers (docs/formats.md#symmetric-integers and #zero-point-integers)
 for _b in range(2, 9):

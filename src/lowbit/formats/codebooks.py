@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from .levels import BNB_FP4_VALUES, NF_DELTA, normal_float_values  # noqa: F401
 from .registry import GridCodec
 from .rounding import midpoints, nearest_ties_lower
-from .spec import FormatSpec
+from .spec import CODES, PACKED, SCALE, Anatomy, Field, FormatSpec
 
 if TYPE_CHECKING:
     import torch
@@ -33,6 +33,12 @@ def codebook_table(spec: FormatSpec) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 
 class AbsmaxCodebook(GridCodec, family="codebook"):
+    ANATOMY = Anatomy(
+        "an fp32 absmax per block", "w = level[q] * absmax",
+        (Field("codes", CODES, "index q of the level nearest w / absmax (ties to the lower), " + PACKED,
+               per="element"),
+         Field("scales", SCALE, "fp32 absmax = max|w|")))
+
     @classmethod
     def choose_scales(cls, spec, blocks, tensor_parts, ratio=None):
         absmax = blocks.abs().amax(dim=1)  # (n_blocks,)

@@ -3,7 +3,7 @@
 `lowbit memory` and the `lowbit formats` table print what the codecs store for a large tensor
 (``lowbit.formats.probe``); quantizing one needs torch (1.3 s to import), so these commands count the
 same bytes from the facts: the element codes packed across the tensor, what each family stores
-per block (docs/formats.md; ``formats.spec`` describes the same fields in words) and per tensor.
+per block (docs/formats.md; each codec's ``ANATOMY`` describes the same fields in words) and per tensor.
 tests/formats/test_facts.py checks every registered format against the probe, so the two agree.
 """
 
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 FP32_BITS = 32
 # Bits stored per block besides the codes, where the table gives no block_bytes: an fp32 scale,
-# plus a uint8 zero point for int_asym (formats.spec's Anatomy fields of each family).
+# plus a uint8 zero point for int_asym (the fields of each family's Codec.ANATOMY).
 _BLOCK_SCALE_BITS = {"int": 32, "int_asym": 32 + 8, "codebook": 32, "minifloat": 32, "ternary": 32, "learned": 32,
                      "cast": 0}
 # Bits stored once per tensor: NVFP4's fp32 tensor scale g; a learned codebook's 2^bits fp32 levels.

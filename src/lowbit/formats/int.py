@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .registry import GridCodec
+from .spec import CODES, PACKED, SCALE, Anatomy, Field
 
 if TYPE_CHECKING:
     import torch
@@ -24,6 +25,11 @@ class SymmetricInt(GridCodec, family="int"):
 
     torch.round rounds half to even. Codes store q + Qp, so code 0 is -Qp.
     """
+
+    ANATOMY = Anatomy(
+        "an fp32 scale s = max|w| / {qp} per block", "w = (q - {qp}) * s",
+        (Field("codes", CODES, "q = round(w / s) + {qp}, " + PACKED, per="element"),
+         Field("scales", SCALE, "fp32 s = max|w| / {qp} (narrow range: code 0 is -{qp})")))
 
     @classmethod
     def choose_scales(cls, spec, blocks, tensor_parts, ratio=None):
@@ -78,6 +84,15 @@ class AsymmetricInt(GridCodec, family="int_asym"):
 
     SCALE_PARTS = ("scales", "zeros")
     LINEAR_SCALE = False  # decode is (q - z) * s: the zero point moves with the scale
+
+    ANATOMY = Anatomy(
+        "an fp32 scale s and a uint8 zero point z per block", "w = (q - z) * s",
+        (Field("codes", CODES, "q = round(w / s) + z, clamped to 0..{qmax}, " + PACKED, per="element"),
+         Field("scales", SCALE, "fp32 s = (max - min) / {qmax}, the range widened to include 0"),
+         Field("zeros", SCALE, "uint8 zero point z = round(-min / s): the code of 0 (with @hqq: a float16 z, "
+                               "q = round(w / s + z), as hqq stores it)", dtype="uint8")),
+        no_double_quant="double quantization (bitsandbytes) compresses the absmax of symmetric formats, not a "
+                        "scale paired with a zero point")
 
     @classmethod
     def choose_scales(cls, spec, blocks, tensor_parts, ratio=None):

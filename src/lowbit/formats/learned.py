@@ -17,6 +17,7 @@ from ..scaling.blocks import split_blocks
 from .codebooks import encode_levels
 from .registry import GridCodec
 from .rounding import midpoints
+from .spec import CODES, PACKED, SCALE, TENSOR_SCALE, Anatomy, Field
 
 if TYPE_CHECKING:
     import torch
@@ -36,6 +37,14 @@ def normalized(flat: torch.Tensor, block: int) -> torch.Tensor:
 
 
 class LearnedCodebook(GridCodec, family="learned"):
+    ANATOMY = Anatomy(
+        "an fp32 absmax per block and one codebook of 2^{bits} fp32 levels per tensor", "w = codebook[q] * absmax",
+        (Field("codes", CODES, "index q of the codebook level nearest w / absmax (ties to the lower), " + PACKED,
+               per="element"),
+         Field("tensor_codebook", TENSOR_SCALE, "2^{bits} fp32 levels learned from the tensor's block-normalised "
+               "weights", per="tensor", entries="{levels}"),
+         Field("scales", SCALE, "fp32 absmax = max|w|")))
+
     @classmethod
     def tensor_parts(cls, spec, flat, block):
         import torch

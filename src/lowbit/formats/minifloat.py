@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from .. import dispatch
 from .exmy import ExMy
 from .registry import GridCodec
-from .spec import FormatSpec
+from .spec import CODES, PACKED, SCALE, Anatomy, Field, FormatSpec
 
 if TYPE_CHECKING:
     import torch
@@ -31,6 +31,12 @@ def exmy_of(spec: FormatSpec) -> ExMy:
 
 
 class AbsmaxMinifloat(GridCodec, family="minifloat"):
+    ANATOMY = Anatomy(
+        "an fp32 scale s = max|w| / {vmax} per block", "w = level[q] * s",
+        (Field("codes", CODES, "sign-exponent-mantissa code q of w / s, nearest, ties to even, saturating; "
+               + PACKED, per="element"),
+         Field("scales", SCALE, "fp32 s = max|w| / {vmax}")))
+
     @classmethod
     def choose_scales(cls, spec, blocks, tensor_parts, ratio=None):
         absmax = blocks.abs().amax(dim=1)

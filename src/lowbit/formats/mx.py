@@ -46,7 +46,7 @@ from .scale_encodings import (
     e8m0_reciprocal,
     floor_log2,
 )
-from .spec import FormatSpec
+from .spec import CODES, PACKED, SCALE, TENSOR_SCALE, Anatomy, Field, FormatSpec
 
 if TYPE_CHECKING:
     import torch
@@ -55,6 +55,7 @@ NVFP4_BLOCK = 16  # NVIDIA NVFP4: 16 elements per E4M3 scale
 E2M1_MAX = 6.0  # largest E2M1 value (OCP MX v1.0 Table 5)
 E4M3_MAX = 448.0  # largest E4M3FN value (OCP OFP8 v1.0)
 E4M3_TINY = 2.0**-6  # smallest normal E4M3FN: torchao nvfp4 E4M3_EPS = finfo(float8_e4m3fn).tiny
+_EIGHT_BIT_NO_DQ = "double quantization compresses fp32 scales, and these are 8 bits already"
 
 
 class Int8Element:
@@ -103,6 +104,14 @@ class Microscaling(GridCodec, family="mx"):
     SCALE_PARTS = ("scales_e8m0",)
     LINEAR_SCALE = False  # the scale is a power of two: nothing to refit
 
+    ANATOMY = Anatomy(
+        "one 8-bit E8M0 power-of-two scale X per block", "w = level[q] * X",
+        (Field("codes", CODES, "{element} code q of w / X, nearest, ties to even, saturating; " + PACKED,
+               per="element"),
+         Field("scales_e8m0", SCALE, "E8M0 byte e, X = 2^(e - 127) = 2^(floor(log2 max|w|) - {emax})",
+               dtype="uint8")),
+        fixed_by="OCP MX v1.0", no_double_quant=_EIGHT_BIT_NO_DQ)
+
     @classmethod
     def choose_scales(cls, spec, blocks, tensor_parts, ratio=None):
         import torch
@@ -149,6 +158,14 @@ class Microscaling(GridCodec, family="mx"):
 class NVFP4(GridCodec, family="nvfp4"):
     SCALE_PARTS = ("scales_e4m3",)
     LINEAR_SCALE = False  # an E4M3 byte: nothing to refit in fp32
+
+    ANATOMY = Anatomy(
+        "one 8-bit E4M3 scale s per block and one fp32 scale g per tensor", "w = level[q] * s * g",
+        (Field("codes", CODES, "E2M1 code q of w / (s * g), nearest, ties to even, saturating; " + PACKED,
+               per="element"),
+         Field("tensor_scale", TENSOR_SCALE, "fp32 g = max|w| / (448 * 6) over the tensor", per="tensor"),
+         Field("scales_e4m3", SCALE, "E4M3 byte s = E4M3(max|w| / 6 / g)", dtype="uint8")),
+        fixed_by="NVFP4", no_double_quant=_EIGHT_BIT_NO_DQ)
 
     @classmethod
     def tensor_parts(cls, spec, flat, block):

@@ -11,11 +11,11 @@ from importlib import import_module
 from typing import TYPE_CHECKING, ClassVar
 
 from ..errors import InputError
-from .spec import FormatSpec
-from .table import fact
 
 if TYPE_CHECKING:
     import torch
+
+    from .spec import Anatomy, FormatSpec  # spec imports this module (``anatomy`` reads codec_for)
 
 _FORMATS: dict[str, FormatSpec] = {}
 _IDS: dict[int, str] = {}
@@ -36,6 +36,9 @@ class Codec:
     registry: ClassVar[dict[str, type[Codec]]] = {}
     # What the family stores, in a few words: what ``require_grid`` says a format is instead of a grid.
     KIND: ClassVar[str] = "levels on a grid, scaled per block"
+    # What the family stores and how an element decodes, in words: a template ``formats.spec.anatomy``
+    # fills in for each format (`lowbit formats LABEL`, the errors of a label that does not apply).
+    ANATOMY: ClassVar[Anatomy]
 
     def __init_subclass__(cls, family: str | None = None, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -45,6 +48,11 @@ class Codec:
             raise RuntimeError(f"codec family {family!r} registered twice")
         cls.family = family
         Codec.registry[family] = cls
+
+    @classmethod
+    def anatomy_for(cls, spec: FormatSpec) -> Anatomy:
+        """``spec``'s Anatomy template: the family's, where its formats store alike."""
+        return cls.ANATOMY
 
     @classmethod
     def tensor_parts(cls, spec: FormatSpec, flat: torch.Tensor, block: int) -> dict[str, torch.Tensor]:
@@ -176,15 +184,6 @@ def require_grid(spec: FormatSpec, why: str) -> type[GridCodec]:
     return codec
 
 
-def define(name: str, **extras) -> FormatSpec:
-    """Register the format ``name`` of ``lowbit.formats.table`` with its codec's ``extras``
-    (values, params, description, ...); id, family, bits and block come from the table."""
-    f = fact(name)
-    spec = FormatSpec(name=name, id=f.id, family=f.family, bits=f.bits, default_block_size=f.block,
-                      block_bytes=f.block_bytes, gguf_type=f.gguf_type, bnb_quant_type=f.bnb_quant_type, **extras)
-    return register(spec)
-
-
 def register(spec: FormatSpec) -> FormatSpec:
     for key in (spec.name, *spec.aliases):
         if key in _FORMATS:
@@ -221,7 +220,7 @@ def formats() -> list[str]:
 
 
 def get_format(name: str | FormatSpec) -> FormatSpec:
-    if isinstance(name, FormatSpec):
+    if not isinstance(name, str):  # a FormatSpec already
         return name
     _register_all()
     key = str(name).strip().lower().replace("-", "_")

@@ -1,4 +1,8 @@
-"""FormatSpec: the frozen facts of one number format, and the words that explain its storage."""
+"""FormatSpec: the frozen facts of one number format, and the words that explain its storage.
+
+Each codec describes the fields its family stores (``Codec.ANATOMY``, in the codec modules); ``anatomy``
+fills in one format's numbers. The pieces several families share are here.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import struct
 from dataclasses import dataclass, field, replace
 
 from ..scaling.dq_layout import DQ_BLOCK
+from .registry import codec_for
 
 
 @dataclass(frozen=True)
@@ -16,7 +21,7 @@ class FormatSpec:
     ``id`` is written into saved files and never changes meaning. ``family`` names the
     codec that encodes and decodes it; ``params`` holds family-specific frozen settings.
     Ids, bits, blocks and peer type names come from ``lowbit.formats.table``, through
-    ``registry.define``.
+    ``catalog.define``.
     """
 
     name: str
@@ -85,7 +90,12 @@ class Field:
 
 @dataclass(frozen=True)
 class Anatomy:
-    """How a format stores a block and decodes an element, in words (for labels and errors)."""
+    """How a format stores a block and decodes an element, in words (for labels and errors).
+
+    A codec's Anatomy is a template: ``anatomy`` fills in {bits} {levels} {qp} {qmax} {vmax} {bytes}
+    and the format's params. For GGUF, ``fields`` are llama.cpp ggml-common.h's block_q8_0 ...
+    block_q6_K, in struct order.
+    """
 
     scales: str  # what the block scales are
     rule: str  # how one element decodes
@@ -102,7 +112,7 @@ class Anatomy:
         return sum(f.nbytes for f in self.fields)
 
 
-_PACKED = "{bits} bits each, packed across the tensor, first element in the high bits"
+PACKED = "{bits} bits each, packed across the tensor, first element in the high bits"
 # lowbit.scaling.double_quant (bitsandbytes' compress_statistics layout, docs/formats.md#double-quantization)
 DOUBLE_QUANT_FIELDS = (
     Field("scales_q", SECOND_LEVEL, "8-bit code (bitsandbytes' dynamic map) of (scale - offset) / group absmax",
@@ -113,124 +123,12 @@ DOUBLE_QUANT_FIELDS = (
 )
 DOUBLE_QUANT = (f"the fp32 block scales are stored as 8-bit codes in groups of {DQ_BLOCK}, each group with an "
                 "fp32 absmax, plus one fp32 mean per tensor (QLoRA double quantization, bitsandbytes' layout)")
-_EIGHT_BIT_NO_DQ = "double quantization compresses fp32 scales, and these are 8 bits already"
-_GGUF_NO_DQ = "double quantization compresses separate fp32 scales, and GGUF fixes every byte of its block"
-
-# Templates: {bits} {qp} {qmax} {vmax} {bytes} and the format's params are filled in by ``anatomy``.
-# GGUF fields: llama.cpp ggml-common.h (block_q8_0 ... block_q6_K), in struct order.
-_ANATOMY: dict[str, Anatomy] = {
-    "int": Anatomy(
-        "an fp32 scale s = max|w| / {qp} per block", "w = (q - {qp}) * s",
-        (Field("codes", CODES, "q = round(w / s) + {qp}, " + _PACKED, per="element"),
-         Field("scales", SCALE, "fp32 s = max|w| / {qp} (narrow range: code 0 is -{qp})"))),
-    "int_asym": Anatomy(
-        "an fp32 scale s and a uint8 zero point z per block", "w = (q - z) * s",
-        (Field("codes", CODES, "q = round(w / s) + z, clamped to 0..{qmax}, " + _PACKED, per="element"),
-         Field("scales", SCALE, "fp32 s = (max - min) / {qmax}, the range widened to include 0"),
-         Field("zeros", SCALE, "uint8 zero point z = round(-min / s): the code of 0 (with @hqq: a float16 z, "
-                               "q = round(w / s + z), as hqq stores it)", dtype="uint8")),
-        no_double_quant="double quantization (bitsandbytes) compresses the absmax of symmetric formats, not a "
-                        "scale paired with a zero point"),
-    "codebook": Anatomy(
-        "an fp32 absmax per block", "w = level[q] * absmax",
-        (Field("codes", CODES, "index q of the level nearest w / absmax (ties to the lower), " + _PACKED,
-               per="element"),
-         Field("scales", SCALE, "fp32 absmax = max|w|"))),
-    "learned": Anatomy(
-        "an fp32 absmax per block and one codebook of 2^{bits} fp32 levels per tensor", "w = codebook[q] * absmax",
-        (Field("codes", CODES, "index q of the codebook level nearest w / absmax (ties to the lower), " + _PACKED,
-               per="element"),
-         Field("tensor_codebook", TENSOR_SCALE, "2^{bits} fp32 levels learned from the tensor's block-normalised "
-               "weights", per="tensor", entries="{levels}"),
-         Field("scales", SCALE, "fp32 absmax = max|w|"))),
-    "minifloat": Anatomy(
-        "an fp32 scale s = max|w| / {vmax} per block", "w = level[q] * s",
-        (Field("codes", CODES, "sign-exponent-mantissa code q of w / s, nearest, ties to even, saturating; "
-               + _PACKED, per="element"),
-         Field("scales", SCALE, "fp32 s = max|w| / {vmax}"))),
-    "ternary": Anatomy(
-        "an fp32 absmean gamma = mean|w| per block", "w = level[q] * gamma",
-        (Field("codes", CODES, "q + 1, q = round(w / gamma) clamped to -1..1, " + _PACKED, per="element"),
-         Field("scales", SCALE, "fp32 gamma = mean|w|"))),
-    "cast": Anatomy(
-        "none: every weight is stored alone", "w = the stored {dtype} value",
-        (Field("values", CODES, "the weight cast to {dtype}: nearest, ties to even (Inf past its range)",
-               per="element"),),
-        fixed_by="a plain cast has nothing per block",
-        no_double_quant="there are no scales to compress"),
-    "mx": Anatomy(
-        "one 8-bit E8M0 power-of-two scale X per block", "w = level[q] * X",
-        (Field("codes", CODES, "{element} code q of w / X, nearest, ties to even, saturating; " + _PACKED,
-               per="element"),
-         Field("scales_e8m0", SCALE, "E8M0 byte e, X = 2^(e - 127) = 2^(floor(log2 max|w|) - {emax})",
-               dtype="uint8")),
-        fixed_by="OCP MX v1.0", no_double_quant=_EIGHT_BIT_NO_DQ),
-    "nvfp4": Anatomy(
-        "one 8-bit E4M3 scale s per block and one fp32 scale g per tensor", "w = level[q] * s * g",
-        (Field("codes", CODES, "E2M1 code q of w / (s * g), nearest, ties to even, saturating; " + _PACKED,
-               per="element"),
-         Field("tensor_scale", TENSOR_SCALE, "fp32 g = max|w| / (448 * 6) over the tensor", per="tensor"),
-         Field("scales_e4m3", SCALE, "E4M3 byte s = E4M3(max|w| / 6 / g)", dtype="uint8")),
-        fixed_by="NVFP4", no_double_quant=_EIGHT_BIT_NO_DQ),
-    "q8_0": Anatomy(
-        "an fp16 scale d inside each {bytes}-byte block", "w = q * d, q the code byte read as int8",
-        (Field("d", SCALE, "fp16 d = max|w| / 127", nbytes=2, fill="fp16 1"),
-         Field("qs", CODES, "32 int8 codes q = roundf(w / d), element j in byte j", nbytes=32, fill="byte")),
-        fixed_by="GGUF", no_double_quant=_GGUF_NO_DQ),
-    "q4_0": Anatomy(
-        "an fp16 scale d inside each {bytes}-byte block", "w = (q - 8) * d",
-        (Field("d", SCALE, "fp16 d = m / -8, m the value of largest magnitude", nbytes=2, fill="fp16 1"),
-         Field("qs", CODES, "32 4-bit codes: element j in the low nibble of byte j, element j+16 in the high nibble",
-               nbytes=16, fill="nibbles")),
-        fixed_by="GGUF", no_double_quant=_GGUF_NO_DQ),
-    "q4_1": Anatomy(
-        "an fp16 scale d and an fp16 minimum m inside each {bytes}-byte block", "w = q * d + m",
-        (Field("d", SCALE, "fp16 d = (max - min) / 15", nbytes=2, fill="fp16 1"),
-         Field("m", SCALE, "fp16 m = min", nbytes=2, fill="fp16 0"),
-         Field("qs", CODES, "32 4-bit codes: element j in the low nibble of byte j, element j+16 in the high nibble",
-               nbytes=16, fill="nibbles")),
-        fixed_by="GGUF", no_double_quant=_GGUF_NO_DQ),
-    "q5_0": Anatomy(
-        "an fp16 scale d inside each {bytes}-byte block", "w = (q - 16) * d",
-        (Field("d", SCALE, "fp16 d = m / -16, m the value of largest magnitude", nbytes=2, fill="fp16 1"),
-         Field("qh", CODES, "bit 4 of the 32 5-bit codes: element j at bit j of a little-endian uint32",
-               nbytes=4, fill="bit4"),
-         Field("qs", CODES, "low 4 bits of the codes: element j in the low nibble of byte j, j+16 in the high",
-               nbytes=16, fill="nibbles")),
-        fixed_by="GGUF", no_double_quant=_GGUF_NO_DQ),
-    "q5_1": Anatomy(
-        "an fp16 scale d and an fp16 minimum m inside each {bytes}-byte block", "w = q * d + m",
-        (Field("d", SCALE, "fp16 d = (max - min) / 31", nbytes=2, fill="fp16 1"),
-         Field("m", SCALE, "fp16 m = min", nbytes=2, fill="fp16 0"),
-         Field("qh", CODES, "bit 4 of the 32 5-bit codes: element j at bit j of a little-endian uint32",
-               nbytes=4, fill="bit4"),
-         Field("qs", CODES, "low 4 bits of the codes: element j in the low nibble of byte j, j+16 in the high",
-               nbytes=16, fill="nibbles")),
-        fixed_by="GGUF", no_double_quant=_GGUF_NO_DQ),
-    "q4_k": Anatomy(
-        "fp16 super-scales d and dmin and 6-bit scales and mins for 8 sub-blocks of 32, inside each "
-        "{bytes}-byte block", "w = q * (d * sc) - dmin * m, sc and m those of the element's sub-block",
-        (Field("d", SCALE, "fp16 d, the step of the 6-bit sub-block scales", nbytes=2, fill="fp16 1"),
-         Field("dmin", SCALE, "fp16 dmin, the step of the 6-bit sub-block mins", nbytes=2, fill="fp16 0"),
-         Field("scales", SCALE, "8 scales sc and 8 mins m, 6 bits each (llama.cpp get_scale_min_k4 packing)",
-               nbytes=12, fill="unit"),
-         Field("qs", CODES, "256 4-bit codes, 32 bytes per 64 weights: the first 32 in the low nibbles, the next "
-               "32 in the high", nbytes=128, fill="nibbles")),
-        fixed_by="GGUF", no_double_quant=_GGUF_NO_DQ),
-    "q6_k": Anatomy(
-        "16 int8 sub-block scales and an fp16 super-scale d inside each {bytes}-byte block",
-        "w = (q - 32) * d * sc, sc that of the element's sub-block of 16",
-        (Field("ql", CODES, "low 4 bits of the 256 6-bit codes, two per byte", nbytes=128, fill="nibbles"),
-         Field("qh", CODES, "high 2 bits of the codes, four per byte", nbytes=64, fill="bits45"),
-         Field("scales", SCALE, "16 int8 sub-block scales sc, one per 16 weights", nbytes=16, fill="unit"),
-         Field("d", SCALE, "fp16 d, the step of the sub-block scales", nbytes=2, fill="fp16 1")),
-        fixed_by="GGUF", no_double_quant=_GGUF_NO_DQ),
-}
+GGUF_NO_DQ = "double quantization compresses separate fp32 scales, and GGUF fixes every byte of its block"
 
 
 def anatomy(spec: FormatSpec) -> Anatomy:
-    """``spec``'s Anatomy with its numbers filled in (looked up by name, else by family)."""
-    raw = _ANATOMY.get(spec.name) or _ANATOMY[spec.family]
+    """``spec``'s Anatomy, its codec's (``Codec.anatomy_for``), with its numbers filled in."""
+    raw = codec_for(spec).anatomy_for(spec)
     finite = [abs(v) for v in spec.values or () if math.isfinite(v)]
     facts = {"bits": spec.bits, "levels": 2**spec.bits, "qp": 2 ** (spec.bits - 1) - 1, "qmax": 2**spec.bits - 1,
              "vmax": f"{max(finite):g}" if finite else "?", "bytes": raw.block_bytes, **dict(spec.params)}

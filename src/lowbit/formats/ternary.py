@@ -8,11 +8,17 @@ Codes are stored two bits each (q + 1), so 2 bits per weight plus the scale.
 from __future__ import annotations
 
 from .registry import GridCodec
+from .spec import CODES, PACKED, SCALE, Anatomy, Field
 
 _TINY = 2.0**-126  # all-zero block: gamma 0, codes 0, no NaN (torch.finfo(torch.float32).tiny)
 
 
 class Ternary(GridCodec, family="ternary"):
+    ANATOMY = Anatomy(
+        "an fp32 absmean gamma = mean|w| per block", "w = level[q] * gamma",
+        (Field("codes", CODES, "q + 1, q = round(w / gamma) clamped to -1..1, " + PACKED, per="element"),
+         Field("scales", SCALE, "fp32 gamma = mean|w|")))
+
     @classmethod
     def choose_scales(cls, spec, blocks, tensor_parts, ratio=None):
         gamma = blocks.abs().mean(dim=1)  # (n_blocks,)

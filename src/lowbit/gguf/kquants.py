@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..formats.registry import Codec
+from ..formats.spec import CODES, GGUF_NO_DQ, SCALE, Anatomy, Field
 from .legacy import KIND, _fp16_bytes, _fp16_read
 
 if TYPE_CHECKING:
@@ -101,6 +102,17 @@ class Q4K(Codec, family="gguf_q4_k"):
 
     KIND = KIND
 
+    ANATOMY = Anatomy(
+        "fp16 super-scales d and dmin and 6-bit scales and mins for 8 sub-blocks of 32, inside each "
+        "{bytes}-byte block", "w = q * (d * sc) - dmin * m, sc and m those of the element's sub-block",
+        (Field("d", SCALE, "fp16 d, the step of the 6-bit sub-block scales", nbytes=2, fill="fp16 1"),
+         Field("dmin", SCALE, "fp16 dmin, the step of the 6-bit sub-block mins", nbytes=2, fill="fp16 0"),
+         Field("scales", SCALE, "8 scales sc and 8 mins m, 6 bits each (llama.cpp get_scale_min_k4 packing)",
+               nbytes=12, fill="unit"),
+         Field("qs", CODES, "256 4-bit codes, 32 bytes per 64 weights: the first 32 in the low nibbles, the next "
+               "32 in the high", nbytes=128, fill="nibbles")),
+        fixed_by="GGUF", no_double_quant=GGUF_NO_DQ)
+
     @classmethod
     def quantize_blocks(cls, spec, blocks, *, partial, tensor_parts):
         import torch
@@ -164,6 +176,15 @@ class Q6K(Codec, family="gguf_q6_k"):
     scales (16 weights each), fp16 d. Codes l + 32, l in [-32, 31]."""
 
     KIND = KIND
+
+    ANATOMY = Anatomy(
+        "16 int8 sub-block scales and an fp16 super-scale d inside each {bytes}-byte block",
+        "w = (q - 32) * d * sc, sc that of the element's sub-block of 16",
+        (Field("ql", CODES, "low 4 bits of the 256 6-bit codes, two per byte", nbytes=128, fill="nibbles"),
+         Field("qh", CODES, "high 2 bits of the codes, four per byte", nbytes=64, fill="bits45"),
+         Field("scales", SCALE, "16 int8 sub-block scales sc, one per 16 weights", nbytes=16, fill="unit"),
+         Field("d", SCALE, "fp16 d, the step of the sub-block scales", nbytes=2, fill="fp16 1")),
+        fixed_by="GGUF", no_double_quant=GGUF_NO_DQ)
 
     @classmethod
     def quantize_blocks(cls, spec, blocks, *, partial, tensor_parts):

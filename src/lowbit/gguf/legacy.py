@@ -13,6 +13,7 @@ from functools import cache
 from typing import TYPE_CHECKING
 
 from ..formats.registry import Codec
+from ..formats.spec import CODES, GGUF_NO_DQ, SCALE, Anatomy, Field
 
 if TYPE_CHECKING:
     import torch
@@ -106,6 +107,48 @@ class GGUFLegacy(Codec, family="gguf_legacy"):
     (d = (max - min) / (2^b - 1), m = min), or "q8" (d = amax / 127, roundf)."""
 
     KIND = KIND
+
+    ANATOMIES = {  # by format name: each lays its block out differently
+        "q8_0": Anatomy(
+            "an fp16 scale d inside each {bytes}-byte block", "w = q * d, q the code byte read as int8",
+            (Field("d", SCALE, "fp16 d = max|w| / 127", nbytes=2, fill="fp16 1"),
+             Field("qs", CODES, "32 int8 codes q = roundf(w / d), element j in byte j", nbytes=32, fill="byte")),
+            fixed_by="GGUF", no_double_quant=GGUF_NO_DQ),
+        "q4_0": Anatomy(
+            "an fp16 scale d inside each {bytes}-byte block", "w = (q - 8) * d",
+            (Field("d", SCALE, "fp16 d = m / -8, m the value of largest magnitude", nbytes=2, fill="fp16 1"),
+             Field("qs", CODES, "32 4-bit codes: element j in the low nibble of byte j, element j+16 in the high "
+                   "nibble", nbytes=16, fill="nibbles")),
+            fixed_by="GGUF", no_double_quant=GGUF_NO_DQ),
+        "q4_1": Anatomy(
+            "an fp16 scale d and an fp16 minimum m inside each {bytes}-byte block", "w = q * d + m",
+            (Field("d", SCALE, "fp16 d = (max - min) / 15", nbytes=2, fill="fp16 1"),
+             Field("m", SCALE, "fp16 m = min", nbytes=2, fill="fp16 0"),
+             Field("qs", CODES, "32 4-bit codes: element j in the low nibble of byte j, element j+16 in the high "
+                   "nibble", nbytes=16, fill="nibbles")),
+            fixed_by="GGUF", no_double_quant=GGUF_NO_DQ),
+        "q5_0": Anatomy(
+            "an fp16 scale d inside each {bytes}-byte block", "w = (q - 16) * d",
+            (Field("d", SCALE, "fp16 d = m / -16, m the value of largest magnitude", nbytes=2, fill="fp16 1"),
+             Field("qh", CODES, "bit 4 of the 32 5-bit codes: element j at bit j of a little-endian uint32",
+                   nbytes=4, fill="bit4"),
+             Field("qs", CODES, "low 4 bits of the codes: element j in the low nibble of byte j, j+16 in the high",
+                   nbytes=16, fill="nibbles")),
+            fixed_by="GGUF", no_double_quant=GGUF_NO_DQ),
+        "q5_1": Anatomy(
+            "an fp16 scale d and an fp16 minimum m inside each {bytes}-byte block", "w = q * d + m",
+            (Field("d", SCALE, "fp16 d = (max - min) / 31", nbytes=2, fill="fp16 1"),
+             Field("m", SCALE, "fp16 m = min", nbytes=2, fill="fp16 0"),
+             Field("qh", CODES, "bit 4 of the 32 5-bit codes: element j at bit j of a little-endian uint32",
+                   nbytes=4, fill="bit4"),
+             Field("qs", CODES, "low 4 bits of the codes: element j in the low nibble of byte j, j+16 in the high",
+                   nbytes=16, fill="nibbles")),
+            fixed_by="GGUF", no_double_quant=GGUF_NO_DQ),
+    }
+
+    @classmethod
+    def anatomy_for(cls, spec):
+        return cls.ANATOMIES[spec.name]
 
     @classmethod
     def quantize_blocks(cls, spec, blocks, *, partial, tensor_parts):
