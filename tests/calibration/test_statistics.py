@@ -5,13 +5,13 @@ import pytest
 import torch
 from torch import nn
 
-from lowbit.calibration.statistics import ABS_MEAN, HESSIAN, HESSIAN32, IMPORTANCE, Statistics, square_sums
+from lowbit.calibration.statistics import ABS_MEAN, HESSIAN, HESSIAN32, IMPORTANCE, OUTLIERS, Statistics, square_sums
 from lowbit.errors import InputError
 
 
-def collected(wants, inputs, masks=None):
+def collected(wants, inputs, masks=None, **options):
     layer = nn.Linear(3, 2)
-    stats = Statistics({"l": layer}, wants, len(inputs))
+    stats = Statistics({"l": layer}, wants, len(inputs), **options)
     with stats.hooked(), torch.no_grad():
         for b, x in enumerate(inputs):
             stats.batch, stats.mask = b, None if masks is None else masks[b]
@@ -53,3 +53,29 @@ def test_errors_name_the_layer_and_the_statistic():
         collected([HESSIAN32], [torch.tensor([[float("nan"), 1.0, 1.0]])])
     with pytest.raises(InputError, match="unknown statistic 'mean'"):
         Statistics({}, ["mean"])
+
+
+def test_outliers_count_each_input_once_and_leave_padding_out():
+    q, k = nn.Linear(3, 2), nn.Linear(3, 2)
+    stats = Statistics({"q": q, "k": k}, [OUTLIERS], 2, threshold=6.0)
+    x = torch.tensor([[[6.0, -7.0, 1.0], [-6.5, 2.0, 9.0], [100.0, 100.0, 100.0]]])  # the last token is padding
+    with stats.hooked(), torch.no_grad():
+        for b in range(2):
+            stats.batch, stats.mask = b, torch.tensor([[True, True, False]])
+            q(x), k(x)
+    found = stats.result()[OUTLIERS]
+    for name, shares in (("q", None), ("k", "q")):
+        assert torch.equal(found[name].counts, torch.tensor([4, 2, 2])) and found[name].counts.dtype == torch.int64
+        assert torch.equal(found[name].peak, torch.tensor([6.5, 7.0, 9.0]))
+        assert found[name].positions == 4 and found[name].shares_input_with == shares
+
+
+def test_outlier_errors():
+    with pytest.raises(InputError, match=r"the input of l holds NaN or Inf \(batch 2 of 2\)"):
+        collected([OUTLIERS], [torch.ones(1, 3), torch.tensor([[1.0, float("nan"), 1.0]])], threshold=6.0)
+    with pytest.raises(InputError, match=r"nn.Linear l received no input \(1 such layers\)"):
+        collected([OUTLIERS], [], threshold=6.0)
+    with pytest.raises(InputError, match="a threshold goes with the statistic 'outliers' and only with it"):
+        Statistics({}, [OUTLIERS])
+    with pytest.raises(InputError, match="a threshold goes with the statistic 'outliers' and only with it"):
+        Statistics({}, [IMPORTANCE], threshold=6.0)

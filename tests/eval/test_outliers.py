@@ -10,24 +10,36 @@ from lowbit.cli import main
 from lowbit.eval.outliers import collect_outliers, outlier_report
 
 
+class Block(nn.Module):
+    """q and k read the block's input, the up projection a copy of it; the block passes its input on unchanged
+    (the hidden states are what the test plants, the layers' outputs are ignored)."""
+
+    def __init__(self, hidden, plant):
+        super().__init__()
+        self.q, self.k, self.up, self.down = (nn.Linear(hidden, 4), nn.Linear(hidden, 4), nn.Linear(hidden, 32),
+                                              nn.Linear(32, hidden))
+        self.plant = plant
+
+    def forward(self, x):
+        self.q(x), self.k(x)
+        h = x.clone()
+        if self.plant:
+            h[0, 0, 9] = -7.0  # one position of one layer: below both criteria
+        self.down(self.up(h))
+        return x
+
+
 class Blocks(nn.Module):
-    """Four blocks whose q and k read one input and whose up projection reads another; the hidden states are
-    what the test plants, the layers' outputs are ignored."""
+    """Four blocks, the first planting one outlier of its own, and a head outside them."""
 
     def __init__(self, hidden=16):
         super().__init__()
-        self.layers = nn.ModuleList(nn.ModuleDict({"q": nn.Linear(hidden, 4), "k": nn.Linear(hidden, 4),
-                                                   "up": nn.Linear(hidden, 32), "down": nn.Linear(32, hidden)})
-                                    for _ in range(4))
+        self.layers = nn.ModuleList(Block(hidden, plant=i == 0) for i in range(4))
         self.head = nn.Linear(hidden, 3)
 
     def forward(self, x):
-        for i, block in enumerate(self.layers):
-            block["q"](x), block["k"](x)
-            h = x.clone()
-            if i == 0:
-                h[0, 0, 9] = -7.0  # one position of one layer: below both criteria
-            block["down"](block["up"](h))
+        for block in self.layers:
+            x = block(x)
         return self.head(x)
 
 
@@ -44,6 +56,7 @@ def test_counts_and_the_papers_criteria():
     assert stats["layers.0.k"].shares_input_with == "layers.0.q" and stats["layers.0.q"].shares_input_with is None
     assert stats["layers.1.up"].positions == 200 and stats["layers.1.up"].counts[3] == 80
     assert stats["layers.0.up"].counts[9] == 2 and stats["layers.1.up"].counts[9] == 0
+    assert stats["head"].positions == 200 and stats["head"].block is None  # served after the blocks
     report = outlier_report(stats, 6.0, 16)
     assert report["blocks"] == 4
     assert report["hidden_inputs"] == [f"layers.{i}.{p}" for i in range(4) for p in ("q", "up")]

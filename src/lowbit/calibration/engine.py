@@ -66,12 +66,6 @@ def first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def rows(batch) -> int:
-    """Windows, paragraphs or rows in one batch: what a progress bar counts."""
-    head = next(iter(batch.values())) if isinstance(batch, Mapping) else batch
-    return int(head.shape[0]) if isinstance(head, torch.Tensor) and head.dim() > 1 else 1
-
-
 class Stream:
     """One chain of block inputs, ``(args, kwargs)`` per batch: what the block being walked receives.
     ``previous``: the raw outputs of the block before (None at the first), which a replay stands in with."""
@@ -98,11 +92,12 @@ class Block:
         return {self._names[id(m)]: m for m in self.module.modules() if self._names.get(id(m)) in wanted}
 
     def statistics(self, stream: Stream, layers: Mapping[str, nn.Module] = (), wants: Iterable[str] = (), *,
-                   outputs: bool = True) -> tuple[dict[str, dict[str, torch.Tensor]], list | None]:
+                   outputs: bool = True, threshold: float | None = None
+                   ) -> tuple[dict[str, dict[str, torch.Tensor]], list | None]:
         """``({statistic: {layer: tensor}}, outputs)``: the block run on every input of ``stream`` with ``wants``
         (``lowbit.calibration.statistics``) collected for ``layers``; ``outputs``: keep what it returns, per batch
-        (else None)."""
-        stats = Statistics(dict(layers), wants, len(stream.inputs))
+        (else None); ``threshold``: the ``OUTLIERS`` magnitude."""
+        stats = Statistics(dict(layers), wants, len(stream.inputs), threshold=threshold)
         outs = [] if outputs else None
         with stats.hooked(), torch.inference_mode():
             for b, (a, k) in enumerate(stream.inputs):
@@ -178,13 +173,14 @@ class BlockPass:
             yield Block(i, module, self.masks, self._names)
 
     def tail(self, layers: Mapping[str, nn.Module], wants: Iterable[str], replay: Stream | None = None, *,
-             count: int | None = None) -> dict[str, dict[str, torch.Tensor]]:
+             count: int | None = None, threshold: float | None = None) -> dict[str, dict[str, torch.Tensor]]:
         """``wants`` of ``layers`` (outside the blocks) from forwards of the model as it now is, on the first
         ``count`` batches (default all). ``replay``: a stream of as many batches walked through the last block,
         whose outputs then stand in for every block (only what follows the blocks is computed); None: full
-        forwards. An output head that is not asked for is skipped where transformers can (``logits_to_keep=1``)."""
+        forwards. An output head that is not asked for is skipped where transformers can (``logits_to_keep=1``).
+        ``threshold``: the ``OUTLIERS`` magnitude."""
         batches = self.batches[:count]
-        stats = Statistics(dict(layers), wants, len(batches))
+        stats = Statistics(dict(layers), wants, len(batches), threshold=threshold)
         extra = skip_head(self.model, layers)
         with stats.hooked(), torch.inference_mode(), self.replaying(len(self.blocks or ()), replay) as state:
             for b, batch in enumerate(batches):

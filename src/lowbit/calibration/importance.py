@@ -12,7 +12,7 @@ truncated as the protocol truncates them (``encoder.MAX_TOKENS``), as many as fi
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -23,8 +23,7 @@ from ..eval.encoder import BATCH as ENCODER_BATCH
 from ..eval.encoder import MAX_TOKENS
 from ..eval.protocol import DEFAULT_WINDOW, paragraphs, read_text
 from ..models.loader import CAUSAL_LM, ENCODER
-from ..progress import progress_bar
-from .engine import Block, BlockPass, Consumer, rows, serve, skip_head
+from .engine import Block, BlockPass, Consumer, serve
 from .statistics import IMPORTANCE
 
 # 16 windows of 512 tokens = 8,192 tokens. Each window is one forward pass, ~1.2 s for SmolLM2 on 2 CPU threads,
@@ -108,7 +107,7 @@ def collect_importance(model: nn.Module, batches: Sequence, *, layers=None, prog
     """
     if len(batches) == 0:
         raise InputError("no calibration inputs given")
-    consumer = Importance(_targets(model, layers))
+    consumer = Importance(linear_layers(model, layers))
     serve(model, batches, [consumer], progress=progress, label=label)
     return {name: consumer.found[name] for name in consumer.layers}
 
@@ -129,40 +128,6 @@ class Importance(Consumer):
 
     def tail(self, engine: BlockPass, layers: dict[str, nn.Module]) -> None:
         self.found.update(engine.tail(layers, [IMPORTANCE], replay=self._stream, count=self.count)[IMPORTANCE])
-
-
-def forward_hooked(model: nn.Module, batches: Sequence, targets: dict[str, nn.Module], hook_for, state: dict, *,
-                   progress: bool = True, label: str = "calibrating") -> None:
-    """Run ``batches`` (``collect_importance``'s docstring) through ``model`` in inference mode with the forward
-    pre-hook ``hook_for(name)`` (``with_kwargs``) on each of ``targets``; the hooks are always removed again.
-    While a batch runs, ``state["batch"]`` is its index and ``state["mask"]`` its ``attention_mask`` as bool, or
-    None (``token_rows`` drops the padded rows with it). Full forwards: what ``lowbit.eval.outliers`` counts on."""
-    extra = skip_head(model, targets)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    was_training = model.training
-    handles = []
-    try:
-        for name, module in targets.items():  # appended one by one: a failure halfway still removes the first ones
-            handles.append(module.register_forward_pre_hook(hook_for(name), with_kwargs=True))
-        model.eval()
-        total = sum(rows(b) for b in batches)
-        with torch.inference_mode(), progress_bar(total, label, enabled=progress) as advance:
-            for i, batch in enumerate(batches):
-                state["batch"] = i
-                if isinstance(batch, Mapping):
-                    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                    mask = inputs.get("attention_mask")
-                    state["mask"] = None if mask is None else mask.bool()
-                    model(**inputs, **extra)
-                else:
-                    state["mask"] = None
-                    model(batch.to(device), **extra)
-                for _ in range(rows(batch)):
-                    advance()
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
 
 
 def calibrate(model: nn.Module, tokenizer, info_kind: str, text=None, *, window: int = DEFAULT_WINDOW, scored: int,
@@ -195,7 +160,8 @@ def _check_counts(window: int, scored: int, count: int) -> None:
                          f"scored={scored}, calibrate={count}")
 
 
-def _targets(model: nn.Module, layers) -> dict[str, nn.Linear]:
+def linear_layers(model: nn.Module, layers=None) -> dict[str, nn.Linear]:
+    """The nn.Linear layers named by ``layers`` (``collect_importance``'s docstring), default every one a hook sees."""
     # MultiheadAttention's out_proj is never called as a module (it reads the weight directly), so no hook would
     # ever fire; nn.surgery leaves it out of quantization for the same reason (torch.ao skips it too)
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}

@@ -10,6 +10,8 @@ Each is written once here and kept exactly as its method has always computed it 
   padding counted, as the GPTQ reference code counts every token it is fed.
 - ``HESSIAN32``: the same with each call's product in float32 (several times faster, and what AWQ's ratio search
   has always used), summed in float64.
+- ``OUTLIERS``: per input channel, the tokens whose ``|x_j|`` reaches a threshold and the largest ``|x_j|``, padding
+  left out (LLM.int8()'s outlier features, ``lowbit.eval.outliers``); an ``Outliers`` per layer.
 
 A NaN or Inf activation is an InputError naming the layer; so is a layer that received no input.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -28,28 +31,47 @@ IMPORTANCE = "importance"
 ABS_MEAN = "abs_mean"
 HESSIAN = "hessian"
 HESSIAN32 = "hessian32"
-KINDS = (IMPORTANCE, ABS_MEAN, HESSIAN, HESSIAN32)
+OUTLIERS = "outliers"
+KINDS = (IMPORTANCE, ABS_MEAN, HESSIAN, HESSIAN32, OUTLIERS)
 _PRODUCT = {HESSIAN: torch.float64, HESSIAN32: torch.float32}
+
+
+@dataclass
+class Outliers:
+    """``OUTLIERS`` of one layer over every batch."""
+
+    counts: torch.Tensor = field(repr=False)  # (in_features,) int64: the tokens whose |x_j| >= the threshold
+    peak: torch.Tensor = field(repr=False)  # (in_features,) float32: the largest |x_j|
+    positions: int  # the tokens read
+    shares_input_with: str | None  # the layer before it that read the same input tensor (k_proj: q_proj)
 
 
 class Statistics:
     """Running sums of ``wants`` for each of ``layers`` (name -> module); ``hooked()`` collects while it is open.
+    ``threshold``: the magnitude ``OUTLIERS`` counts from (it alone takes one).
 
     ``mask`` (the current batch's ``attention_mask`` as bool, or None) and ``batch`` (its index, of ``batches``)
     are set by whoever runs the batches: ``IMPORTANCE`` leaves padded tokens out with the mask, and an error
     names the batch.
     """
 
-    def __init__(self, layers: Mapping[str, nn.Module], wants: Iterable[str], batches: int = 0):
+    def __init__(self, layers: Mapping[str, nn.Module], wants: Iterable[str], batches: int = 0, *,
+                 threshold: float | None = None):
         self.layers, self.wants = dict(layers), tuple(dict.fromkeys(wants))
         unknown = [w for w in self.wants if w not in KINDS]
         if unknown:
             raise InputError(f"unknown statistic {unknown[0]!r}: one of {KINDS}")
+        if (OUTLIERS in self.wants) != (threshold is not None):
+            raise InputError(f"a threshold goes with the statistic {OUTLIERS!r} and only with it")
         self.sums: dict[str, dict[str, torch.Tensor | None]] = {w: dict.fromkeys(self.layers) for w in self.wants}
         self.counts: dict[str, dict[str, int]] = {w: dict.fromkeys(self.layers, 0) for w in self.wants}
         self.mask: torch.Tensor | None = None
         self.batch, self.batches = 0, batches
         self._input = self._squares = None  # the last input whose squares were summed (q/k/v read one tensor)
+        self.threshold = threshold
+        self._read = self._reader = self._found = None  # OUTLIERS': the last input counted, its first reader, counts
+        self._peaks: dict[str, torch.Tensor] = {}  # OUTLIERS' largest |x_j| per layer
+        self._shared: dict[str, str] = {}  # OUTLIERS': layer -> the one before it that read its input tensor
 
     @contextmanager
     def hooked(self):
@@ -64,6 +86,7 @@ class Statistics:
             for handle in handles:
                 handle.remove()
             self._input = self._squares = None
+            self._read = self._reader = self._found = None
 
     def _hook_for(self, name: str):
         def hook(module, args, kwargs):
@@ -91,6 +114,8 @@ class Statistics:
             x = x.detach().reshape(-1, x.shape[-1])
             n, s = x.shape[0], x.abs().sum(0, dtype=torch.float64)
             self._accumulate(want, name, s)
+        elif want == OUTLIERS:
+            n = self._outlier_counts(name, x)
         else:
             x = x.detach().reshape(-1, x.shape[-1]).to(_PRODUCT[want])
             if not torch.isfinite(x).all():
@@ -99,6 +124,23 @@ class Statistics:
             self._accumulate(want, name, (x.T @ x).to(torch.float64))
         self.counts[want][name] += n
 
+    def _outlier_counts(self, name: str, x: torch.Tensor) -> int:
+        """``name``'s input ``x`` added to its ``OUTLIERS``; the tokens it holds."""
+        if x is not self._read:  # q/k/v read one tensor: counted once, for each of them (held as IMPORTANCE holds it)
+            rows = token_rows(x.detach(), self.mask).float().abs()
+            if not torch.isfinite(rows).all():
+                raise InputError(f"the input of {name} holds NaN or Inf (batch {self.batch + 1} of {self.batches}): "
+                                 "the model does not compute finite values on this text")
+            self._read, self._reader = x, name
+            self._found = (rows >= self.threshold).sum(0), rows.amax(0), rows.shape[0]
+        elif self.batch == 0 and self.counts[OUTLIERS][name] == 0:
+            self._shared[name] = self._reader
+        counts, peak, n = self._found
+        sums = self.sums[OUTLIERS]  # new tensors, never added in place: the readers of one input share its counts
+        sums[name] = counts if sums[name] is None else sums[name] + counts
+        self._peaks[name] = peak if name not in self._peaks else torch.maximum(self._peaks[name], peak)
+        return n
+
     def _accumulate(self, want: str, name: str, s: torch.Tensor) -> None:
         sums = self.sums[want]
         if sums[name] is None:  # 0 + s: the float64 sum starts from zeros, as it always did
@@ -106,7 +148,7 @@ class Statistics:
         sums[name] += s
 
     def result(self) -> dict[str, dict[str, torch.Tensor]]:
-        """``{statistic: {layer: tensor}}`` over everything run while hooked."""
+        """``{statistic: {layer: tensor}}`` over everything run while hooked (an ``Outliers`` for ``OUTLIERS``)."""
         return {want: getattr(self, f"_{want}")() for want in self.wants}
 
     def _idle(self, want: str) -> list[str]:
@@ -136,6 +178,14 @@ class Statistics:
 
     def _hessian32(self) -> dict[str, torch.Tensor]:
         return self._hessian(HESSIAN32)
+
+    def _outliers(self) -> dict[str, Outliers]:
+        idle = self._idle(OUTLIERS)
+        if idle:
+            raise InputError(f"nn.Linear {idle[0]} received no input ({len(idle)} such layers): the forward pass "
+                             "never calls it")
+        return {n: Outliers(self.sums[OUTLIERS][n], self._peaks[n], self.counts[OUTLIERS][n], self._shared.get(n))
+                for n in self.layers}
 
     def _refuse_idle(self, want: str) -> None:
         idle = self._idle(want)

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..calibration.importance import _targets, forward_hooked
-from ..calibration.statistics import token_rows
+from ..calibration.engine import Block, BlockPass, Consumer, serve
+from ..calibration.importance import linear_layers
+from ..calibration.statistics import OUTLIERS
 from ..errors import InputError
 
 SYSTEMATIC_LAYERS = 0.25  # §4.1: the same feature dimension in at least 25% of the transformer layers
@@ -31,10 +32,10 @@ class LayerInput:
 
     in_features: int
     block: int | None  # the transformer block its name numbers (model.layers.3.mlp.up_proj: 3), None outside one
-    shares_input_with: str | None = None  # the layer whose input tensor it also reads (k_proj: q_proj)
-    positions: int = 0
-    counts: torch.Tensor = field(default=None, repr=False)  # (in_features,) int64
-    peak: torch.Tensor = field(default=None, repr=False)  # (in_features,) float32
+    shares_input_with: str | None  # the layer whose input tensor it also reads (k_proj: q_proj)
+    positions: int
+    counts: torch.Tensor = field(repr=False)  # (in_features,) int64
+    peak: torch.Tensor = field(repr=False)  # (in_features,) float32
 
 
 def check_analysis_threshold(threshold: float, name: str = "the outlier threshold") -> float:
@@ -51,39 +52,32 @@ def block_index(name: str) -> int | None:
 def collect_outliers(model: nn.Module, batches: Sequence, threshold: float, *, progress: bool = True,
                      label: str = "finding outliers") -> dict[str, LayerInput]:
     """``{layer name: LayerInput}`` for every nn.Linear over ``batches`` (``calibration.collect_importance``'s
-    inputs; padded tokens left out). A NaN or Inf activation is a ValueError naming the layer."""
+    inputs; padded tokens left out), the model walked block by block (``lowbit.calibration.engine``). A NaN or
+    Inf activation is a ValueError naming the layer."""
     check_analysis_threshold(threshold)
-    targets = _targets(model, None)
-    stats = {name: LayerInput(m.in_features, block_index(name)) for name, m in targets.items()}
-    state = {"mask": None, "batch": 0, "input": None, "owner": None, "found": None}
+    layers = linear_layers(model)
+    counter = _Counter(layers, threshold)
+    serve(model, batches, [counter], progress=progress, label=label)
+    return {name: LayerInput(m.in_features, block_index(name), **vars(counter.found[name]))
+            for name, m in layers.items()}
 
-    def hook_for(name: str):
-        def hook(module, args, kwargs):
-            x = args[0] if args else kwargs["input"]
-            if x is not state["input"]:  # q/k/v read one tensor: counted once, for each of them
-                rows = token_rows(x.detach(), state["mask"]).float().abs()
-                if not torch.isfinite(rows).all():
-                    raise InputError(f"the input of {name} holds NaN or Inf (batch {state['batch'] + 1} of "
-                                     f"{len(batches)}): the model does not compute finite values on this text")
-                state.update(input=x, owner=name, found=((rows >= threshold).sum(0), rows.amax(0), rows.shape[0]))
-            elif state["batch"] == 0 and stats[name].positions == 0:
-                stats[name].shares_input_with = state["owner"]
-            counts, peak, n = state["found"]
-            s = stats[name]
-            s.counts = counts if s.counts is None else s.counts + counts
-            s.peak = peak if s.peak is None else torch.maximum(s.peak, peak)
-            s.positions += n
-        return hook
 
-    try:
-        forward_hooked(model, batches, targets, hook_for, state, progress=progress, label=label)
-    finally:
-        state["input"] = state["found"] = None
-    idle = [name for name, s in stats.items() if s.positions == 0]
-    if idle:
-        raise InputError(f"nn.Linear {idle[0]} received no input ({len(idle)} such layers): the forward pass "
-                         "never calls it")
-    return stats
+class _Counter(Consumer):
+    """``OUTLIERS`` of ``layers`` (names) at ``threshold``, in ``found``."""
+
+    def __init__(self, layers, threshold: float):
+        self.layers, self.threshold, self.found, self._stream = tuple(layers), threshold, {}, None
+
+    def block(self, engine: BlockPass, block: Block) -> None:
+        if self._stream is None:
+            self._stream = engine.stream()
+        found, outputs = block.statistics(self._stream, block.layers(self.layers), [OUTLIERS],
+                                          threshold=self.threshold)
+        self.found.update(found[OUTLIERS])
+        self._stream.advance(outputs)
+
+    def tail(self, engine: BlockPass, layers: dict[str, nn.Module]) -> None:
+        self.found.update(engine.tail(layers, [OUTLIERS], replay=self._stream, threshold=self.threshold)[OUTLIERS])
 
 
 def outlier_report(stats: dict[str, LayerInput], threshold: float, hidden_size: int | None) -> dict:
