@@ -12,7 +12,7 @@ import time
 import pytest
 
 from lowbit.cli import main
-from lowbit.files.atomic import atomic_dir, atomic_file, save_tensors, sweep_stale_temps, write_json
+from lowbit.files.atomic import atomic_dir, atomic_file, chmod_as_new, save_tensors, sweep_stale_temps, write_json
 
 
 def test_write_json_is_strict_json(tmp_path):
@@ -106,6 +106,26 @@ def test_saved_tensors_have_the_permissions_of_any_new_file(tmp_path, umask):
     with safe_open(tmp_path / "m.safetensors", "pt") as f:
         assert f.metadata() == {"format": "pt"} and f.get_tensor("w").tolist() == [[0, 1, 2], [3, 4, 5]]
 
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_new_files_and_directories_get_what_the_umask_gives(tmp_path, umask):
+    """What open() and mkdir() would have made, for chmod_as_new and for atomic_file's and atomic_dir's outputs
+    (mkstemp and mkdtemp make 0600 and 0700)."""
+    made, folder = tmp_path / "made", tmp_path / "folder"
+    made.touch(mode=0o600)
+    folder.mkdir(mode=0o700)
+    before = os.umask(umask)
+    try:
+        chmod_as_new(made), chmod_as_new(folder)
+        with atomic_file(tmp_path / "f.txt") as tmp:
+            tmp.write_text("new")
+        with atomic_dir(tmp_path / "d"):
+            pass
+    finally:
+        os.umask(before)
+    for path, mode in ((made, 0o666), (tmp_path / "f.txt", 0o666), (folder, 0o777), (tmp_path / "d", 0o777)):
+        assert oct(os.stat(path).st_mode & 0o777) == oct(mode & ~umask), path
 
 def dead_pid() -> int:
     child = subprocess.Popen([sys.executable, "-c", "pass"])

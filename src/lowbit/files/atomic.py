@@ -49,7 +49,7 @@ def atomic_file(path: str | os.PathLike, *, overwrite: bool = True,
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the result should look like any new file
+        chmod_as_new(tmp)  # mkstemp makes 0600; the result should look like any new file
         yield Path(tmp)
         _fsync(tmp)  # the data is on disk before the name points at it (a crash leaves old or new)
         if path.exists() and not overwrite:
@@ -76,7 +76,7 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False,
     path = check_output_dir(path, overwrite=overwrite)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+        chmod_as_new(tmp)  # mkdtemp makes 0700
         yield tmp
         for f in tmp.rglob("*"):
             if f.is_file():
@@ -247,10 +247,12 @@ def _fsync(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def _umask() -> int:
+def chmod_as_new(path: str | os.PathLike) -> None:
+    """Give ``path`` the permissions ``open`` (``mkdir`` for a directory) would have given it: 0o666 (0o777) less
+    the umask. For what is made 0600 (0700): mkstemp's and mkdtemp's temps, safetensors' ``save_file``."""
     mask = os.umask(0)  # reading the umask means setting it; put it straight back
     os.umask(mask)
-    return mask
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~mask)
 
 
 def write_json(path: str | os.PathLike, data: object) -> Path:
@@ -268,7 +270,7 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file  # imports torch: not for the commands that load no model
 
     save_file(tensors, path, metadata={"format": "pt"})
-    os.chmod(path, 0o666 & ~_umask())
+    chmod_as_new(path)
 
 
 def _finite(data):

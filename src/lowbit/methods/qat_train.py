@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import InputError, LowbitError
-from ..files.atomic import _umask, atomic_dir
+from ..files.atomic import atomic_dir, chmod_as_new
 from ..progress import note, progress_bar
 
 LOSSES = ("kl", "ce")
@@ -147,7 +146,7 @@ def save_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Adam, ru
     meta = {"run": run, "step": len(losses), "losses": losses, "adam_steps": steps}
     with atomic_dir(directory, overwrite=True, replaceable=_only_a_checkpoint) as tmp:
         save_file(tensors, tmp / STATE_TENSORS)
-        os.chmod(tmp / STATE_TENSORS, 0o666 & ~_umask())  # safetensors writes 0600; keep the umask's permissions
+        chmod_as_new(tmp / STATE_TENSORS)  # safetensors writes 0600; keep the umask's permissions
         (tmp / STATE_JSON).write_text(json.dumps(meta) + "\n")
 
 
