@@ -19,6 +19,8 @@ from pathlib import Path
 from .. import __version__
 from ..errors import InputError
 from ..files.atomic import atomic_file
+from .figure import png_bytes
+from .layer_plots import plan_layers, sqnr_heatmap
 from .plot_data import Point, compare_errors, is_keep_row, pareto_front
 from .table import cell, layer_notes, scope, table_data
 
@@ -148,12 +150,12 @@ def report_figures(report: dict, peers: list[dict] | None = None) -> list[tuple[
     if kl is not None:
         out.append(("quality against size", "Each configuration's mean error against the bits per weight it "
                     "stores; the line joins the Pareto front (nothing else is both smaller and better).",
-                    plots.png_bytes(kl)))
+                    png_bytes(kl)))
     out += _more_figures(report, plots)
     for row in report["results"]:
         if len(row.get("layer_formats") or {}) > 1:
             out.append((f"layers of {row['format']}", f"How the layers of {row['format']} are stored.",
-                        plots.png_bytes(plots.plan_layers(report, row=row["format"]))))
+                        png_bytes(plan_layers(report, row=row["format"]))))
     return out
 
 
@@ -163,14 +165,14 @@ def _more_figures(report: dict, plots) -> list[tuple[str, str, bytes | None]]:
     out = []
     if report["protocol"].get("kind") == "causal-lm":
         try:
-            png = plots.png_bytes(plots.kl_tail(report))
+            png = png_bytes(plots.kl_tail(report))
             out.append(("distribution of per-token KL", "For each format, the share of scored tokens whose KL "
                         "divergence exceeds x: a curve further right has more tokens predicted badly; its last "
                         "point is the worst token (the table's KL max).", png))
         except InputError as e:
             out.append(("distribution of per-token KL", f"Not drawn: {e}.", None))
     try:
-        png = plots.png_bytes(plots.sqnr_heatmap(compare_errors(report)))
+        png = png_bytes(sqnr_heatmap(compare_errors(report)))
         out.append(("weight error per layer", "Each quantized layer's weight SQNR (dB, higher is better): the "
                     "weight it computes with against the float weight it was rounded from; colour is a layer "
                     "against its format's mean, so the layers each format rounds worst stand out.", png))

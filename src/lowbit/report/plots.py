@@ -1,8 +1,8 @@
-"""Figures of lowbit's results, the one namespace the commands and the HTML report draw from. Each function takes
-result data (what the commands write as JSON) and returns a matplotlib ``Figure``; ``png_bytes`` and
-``save_figure`` write it (``lowbit.report.figure``). matplotlib is imported only inside them (a command that draws
-nothing never loads it). Here: KL against bits, a layer's levels, a format's levels; the per-layer figures
-(SQNR heatmap, plan, outliers) are ``lowbit.report.layer_plots``'. Data extraction: ``lowbit.report.plot_data``.
+"""Figures of lowbit's results: KL against bits, the distribution of per-token KL, a layer's levels, a format's
+levels. Each function takes result data (what the commands write as JSON) and returns a matplotlib ``Figure``;
+``lowbit.report.figure`` writes it (``png_bytes``, ``save_figure``). matplotlib is imported only inside them (a
+command that draws nothing never loads it). The per-layer figures (SQNR heatmap, plan, outliers) are
+``lowbit.report.layer_plots``'. Data extraction: ``lowbit.report.plot_data``.
 """
 
 from __future__ import annotations
@@ -13,11 +13,13 @@ from statistics import NormalDist
 from ..errors import InputError
 from ..formats.levels import NF_DELTA
 from . import plot_data as pd
-from .figure import SUFFIXES, check_suffix, legend_note, model_name, new_figure, png_bytes, save_figure
+from .figure import check_suffix, legend_note, model_name, new_figure, save_figure
 from .layer_plots import outlier_counts, plan_layers, sqnr_heatmap
 
-__all__ = ["SUFFIXES", "check_suffix", "format_levels", "kl_tail", "kl_vs_bits", "layer_levels", "outlier_counts",
-           "plan_layers", "png_bytes", "save_figure", "sqnr_heatmap"]
+# check_suffix, save_figure, outlier_counts, plan_layers and sqnr_heatmap are re-exported only until
+# commands/plot_cmd.py and commands/formats_cmd.py import them from figure and layer_plots
+__all__ = ["check_suffix", "format_levels", "kl_tail", "kl_vs_bits", "layer_levels", "outlier_counts", "plan_layers",
+           "save_figure", "sqnr_heatmap"]
 
 MARKERS = {"bitsandbytes": "s", "hqq": "D", "gguf-py": "^", "llama.cpp": "P", "peer": "X"}
 
