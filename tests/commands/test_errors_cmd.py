@@ -9,10 +9,11 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 import lowbit
 from lowbit.commands import errors_cmd
+
+from ..workflows.helpers import sqnr_db
 
 KINDS = ["model.layers.*.self_attn.q_proj", "model.layers.*.self_attn.k_proj", "model.layers.*.self_attn.v_proj",
          "model.layers.*.self_attn.o_proj", "model.layers.*.mlp.gate_proj", "model.layers.*.mlp.up_proj",
@@ -24,13 +25,6 @@ def errors(*argv):
     errors_cmd.add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["errors", *map(str, argv)])
     return args.run(args)
-
-
-def sqnr_db(w: torch.Tensor, fmt: str) -> float:
-    """10·log10(Σw² / Σ(w−ŵ)²) in numpy float64, independently of lowbit.eval.tensor."""
-    x = w.detach().numpy().astype(np.float64)
-    y = lowbit.quantize(w.detach(), fmt).dequantize().numpy().astype(np.float64)
-    return float(10 * np.log10((x**2).sum() / ((x - y) ** 2).sum()))
 
 
 def test_tiny_model_table_and_json(tiny_lm_dir, tmp_path, capsys):

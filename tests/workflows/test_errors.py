@@ -9,7 +9,8 @@ from torch import nn
 
 from lowbit.planning import QuantPlan
 from lowbit.workflows.errors import measure
-from tests.commands.test_errors_cmd import sqnr_db
+
+from .helpers import sqnr_db
 
 
 def test_value_a_format_cannot_hold_names_the_layer():
