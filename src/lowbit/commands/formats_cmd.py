@@ -63,8 +63,9 @@ def run(args) -> int:
         if config is None:
             raise InputError("--plot draws one format's levels: name it, e.g. `lowbit formats nf4 --plot nf4.png`")
         from ..report import plots  # matplotlib only inside its drawing functions
+        from ..report.figure import check_suffix, save_figure
 
-        plots.check_suffix(args.plot)
+        check_suffix(args.plot)
         check_writable_file(args.plot)  # before the table is printed, not after
         spec = get_format(config.format)
         values = levels(spec)
@@ -77,7 +78,7 @@ def run(args) -> int:
     if args.plot is not None:
         fig = plots.format_levels({config.label: values}, gaussian=spec.family == "codebook"
                                   and spec.name.startswith("nf"))
-        plots.save_figure(fig, args.plot)
+        save_figure(fig, args.plot)
         con.print(f"wrote {args.plot}")
     return 0
 

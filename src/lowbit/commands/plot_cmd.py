@@ -10,7 +10,8 @@ import difflib
 
 from ..errors import InputError
 from ..files.outputs import check_outputs
-from ..report import plots, result_json  # plots loads matplotlib only inside its drawing functions
+from ..report import layer_plots, plots, result_json  # matplotlib only inside their drawing functions
+from ..report.figure import check_suffix, save_figure
 from ..workflows.levels import layer_levels_data, level_config
 from .common import add_model_arg, check_writable_file, console, load
 
@@ -68,7 +69,7 @@ def _output(p, default: str) -> None:
 
 
 def run(args) -> int:
-    plots.check_suffix(args.output)
+    check_suffix(args.output)
     check_writable_file(args.output)
     read = [getattr(args, name, None) for name in ("results", "peers", "report", "plan", "sensitivity")]
     check_outputs([args.output], read)  # levels' model: in levels_data, which loads it
@@ -80,17 +81,17 @@ def run(args) -> int:
         fig = plots.kl_vs_bits(report, peers)
     elif args.figure == "errors":
         errors = result_json.read_json(args.report, "lowbit plot errors", ("errors",))
-        fig = plots.sqnr_heatmap(errors, True if args.all else None)
+        fig = layer_plots.sqnr_heatmap(errors, True if args.all else None)
     elif args.figure == "plan":
         data = result_json.read_json(args.plan, "lowbit plot plan", ("plan", "saved", "compare", "bench", "row"))
         table = (result_json.read_json(args.sensitivity, "lowbit plot plan --sensitivity", ("sensitivity",))
                  if args.sensitivity else None)
         if args.row is not None and result_json.json_kind(data) not in ("compare", "bench"):
             raise InputError(f"--row picks a row of a compare report; {args.plan} is {result_json.describe(data)}")
-        fig = plots.plan_layers(data, table, args.row)
+        fig = layer_plots.plan_layers(data, table, args.row)
     else:
-        fig = plots.outlier_counts(result_json.read_json(args.report, "lowbit plot outliers", ("outliers",)))
-    plots.save_figure(fig, args.output)
+        fig = layer_plots.outlier_counts(result_json.read_json(args.report, "lowbit plot outliers", ("outliers",)))
+    save_figure(fig, args.output)
     console().print(f"wrote {args.output}")
     return 0
 

@@ -13,13 +13,7 @@ from statistics import NormalDist
 from ..errors import InputError
 from ..formats.levels import NF_DELTA
 from . import plot_data as pd
-from .figure import check_suffix, legend_note, model_name, new_figure, save_figure
-from .layer_plots import outlier_counts, plan_layers, sqnr_heatmap
-
-# check_suffix, save_figure, outlier_counts, plan_layers and sqnr_heatmap are re-exported only until
-# commands/plot_cmd.py and commands/formats_cmd.py import them from figure and layer_plots
-__all__ = ["check_suffix", "format_levels", "kl_tail", "kl_vs_bits", "layer_levels", "outlier_counts", "plan_layers",
-           "save_figure", "sqnr_heatmap"]
+from .figure import legend_note, model_name, new_figure
 
 MARKERS = {"bitsandbytes": "s", "hqq": "D", "gguf-py": "^", "llama.cpp": "P", "peer": "X"}
 
