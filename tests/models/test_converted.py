@@ -213,3 +213,45 @@ def test_a_conversion_without_a_terminal_prints_progress(fake_gguf, monkeypatch)
     log.truncate(0)
     load_model(path)  # from the cache: nothing to announce
     assert log.getvalue() == ""
+
+
+def test_later_loads_read_no_file_for_its_hash(fake_gguf, monkeypatch):
+    """The GGUF file and the cache's files are read once for their sha256 (the cache's on the first load
+    that uses it: store hashed them in a temp directory), then recorded: a load costs a stat per file."""
+    from lowbit.models import hashing
+
+    monkeypatch.setattr(hashing, "_SETTLED_NS", 0)  # the files are milliseconds old; the rule wants seconds
+    path, calls = fake_gguf
+    reads = []
+    real = hashing._read
+    monkeypatch.setattr(hashing, "_read", lambda f: (reads.append(Path(f.name).name), real(f))[1])
+    load_model(path)  # hashes the GGUF file, and store its files in the temp directory (nothing recorded)
+    on_disk = sorted(p.name for p in _directory(path).iterdir() if p.name != META)
+    assert reads[0] == "tiny.gguf" and sorted(reads[1:]) == on_disk
+    reads.clear()
+    load_model(path)  # the cache's files under their own names, once
+    assert sorted(reads) == on_disk
+    reads.clear()
+    _, _, info = load_model(path)
+    assert reads == [] and len(calls) == 1 and info.file_hash == file_sha256(path)
+
+
+def test_verify_reads_what_the_records_vouch_for(fake_gguf, monkeypatch):
+    """A weight damaged where no stat sees it (a failing disk), stood in for by a record that vouches for
+    the old bytes: trusted without ``verify``, found with it."""
+    from lowbit.models import hashing
+
+    monkeypatch.setattr(hashing, "_SETTLED_NS", 0)
+    path, calls = fake_gguf
+    load_model(path)
+    directory = _directory(path)
+    recorded = file_sha256(directory / WEIGHTS)
+    _flip_a_weight_byte(directory)
+    with monkeypatch.context() as m:
+        m.setattr(hashing, "_read", lambda f: recorded)
+        file_sha256(directory / WEIGHTS)  # the record now holds the old hash for the damaged file
+    assert converted.lookup(file_sha256(path)) == directory
+    with pytest.warns(CacheWarning, match="has a changed model.safetensors") as notices:
+        _, _, info = load_model(path, verify=True)
+    assert len(notices) == 1 and len(calls) == 2 and info.file_hash == file_sha256(path)
+    assert file_sha256(directory / WEIGHTS) == json.loads((directory / META).read_text())["files"][WEIGHTS]

@@ -86,7 +86,7 @@ def test_an_existing_relative_path_is_never_a_hub_id(tmp_path, monkeypatch):
     (tmp_path / "org" / "name").mkdir(parents=True)
     assert resolve("victim") == ("directory", "victim")
     assert resolve("org/name") == ("directory", "org/name")
-    monkeypatch.setattr(loader, "_load_hub", lambda repo_id: pytest.fail(f"{repo_id} sent to the hub"))
+    monkeypatch.setattr(loader, "_load_hub", lambda repo_id, verify: pytest.fail(f"{repo_id} sent to the hub"))
     for spec in ("victim", "org/name"):
         with pytest.raises(ModelLoadError, match=f"^not a model directory \\(no config.json\\): {spec}$"):
             load_model(spec)
@@ -169,3 +169,21 @@ def test_a_transposed_tensor_is_named_with_both_shapes(tmp_path, tiny_lm_dir):
                         "-o", str(tmp_path / "q")], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(expected), r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
+
+
+def test_a_directory_is_hashed_once_unless_verified(tmp_path, tiny_lm_dir, monkeypatch):
+    """Issue 27, deliverable 7: a later load of the same files reads none of them for the hash; verify=True
+    reads them all."""
+    from lowbit.models import hashing
+
+    monkeypatch.setattr(hashing, "_SETTLED_NS", 0)  # the copies are milliseconds old; the rule wants seconds
+    directory = tmp_path / "m"
+    shutil.copytree(tiny_lm_dir, directory)
+    reads = []
+    real = hashing._read
+    monkeypatch.setattr(hashing, "_read", lambda f: (reads.append(Path(f.name).name), real(f))[1])
+    first = load_model(directory)[2]
+    hashed = sorted(p.name for p in hashing.model_files(directory))
+    assert sorted(reads) == hashed == ["config.json", "model.safetensors"]
+    assert load_model(directory)[2] == first and len(reads) == 2
+    assert load_model(directory, verify=True)[2] == first and sorted(reads[2:]) == hashed

@@ -8,11 +8,14 @@ second. The cache directory is ``cache_dir()/model-<first 32 hex of the GGUF's s
     config.json, generation_config.json, tokenizer files   (save_pretrained)
     lowbit-cache.json     what it was made from, by which transformers, and each file's size and sha256
 
-It is used only if every recorded file is there with its size and sha256 (all of them: the
-~540 MB of SmolLM2 hash in ~0.4 s at the ~1.4 GB/s hashlib's SHA-NI path reaches, within the
-start-up budget) and the transformers version matches (another converter may give other
-weights). Anything else is a one-line ``CacheWarning`` and a fresh conversion; a cache that
-cannot be written is a warning too, never a failed load.
+It is used only if every recorded file is there with its size and sha256 and the transformers
+version matches (another converter may give other weights). Anything else is a one-line
+``CacheWarning`` and a fresh conversion; a cache that cannot be written is a warning too, never
+a failed load. The sha256 of each file is ``hashing.file_sha256``'s: read once, then recorded with
+its size, mtime, ctime and inode, and read again when any of them changes. Reading every file on
+every use cost ~0.4 s for SmolLM2's ~540 MB but ~20 s for the 32 GB an 8B model converts to, and
+anything that writes a file through the file system changes its ctime; damage that bypasses it
+(a failing disk) is found by ``--verify`` (``verify=True``), which reads them all.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from pathlib import Path
 from ..cachedir import cache_dir, writable_root, writing
 from ..files.atomic import atomic_dir, save_tensors
 from .architectures import with_architectures
-from .hashing import file_sha256
+from .hashing import file_sha256, read_sha256
 
 META = "lowbit-cache.json"
 WEIGHTS = "model.safetensors"
@@ -86,14 +89,15 @@ def cache_path(sha256: str) -> Path:
     return cache_dir() / f"model-{sha256[:32]}"
 
 
-def lookup(sha256: str, *, quiet: bool = False) -> Path | None:
+def lookup(sha256: str, *, quiet: bool = False, verify: bool = False) -> Path | None:
     """The verified cache directory of the GGUF file with this sha256, or None to convert it
-    (with a notice, unless ``quiet``, when a directory exists but cannot be trusted)."""
+    (with a notice, unless ``quiet``, when a directory exists but cannot be trusted). ``verify``:
+    read each of its files for its sha256, whatever the recorded hash says."""
     path = cache_path(sha256)
     if not path.exists():
         return None
     try:
-        problem = _problem(path, sha256)
+        problem = _problem(path, sha256, verify)
     except OSError as exc:
         problem = f"cannot be read ({type(exc).__name__}: {exc.strerror or exc})"
     if problem:
@@ -106,7 +110,7 @@ def lookup(sha256: str, *, quiet: bool = False) -> Path | None:
     return path
 
 
-def _problem(path: Path, sha256: str) -> str | None:
+def _problem(path: Path, sha256: str, verify: bool) -> str | None:
     """Why the directory at ``path`` is not a cache of this GGUF file, or None if it is."""
     try:
         meta = json.loads((path / META).read_text(encoding="utf-8"))
@@ -128,7 +132,7 @@ def _problem(path: Path, sha256: str) -> str | None:
         if size != sizes[name]:
             return f"has {name} of {size} bytes, {sizes[name]} expected"
     for name in sorted(files):
-        if file_sha256(path / name) != files[name]:
+        if file_sha256(path / name, verify=verify) != files[name]:
             return f"has a changed {name} (sha256 differs)"
     return None
 
@@ -146,7 +150,8 @@ def store(model, tokenizer, *, source: Path, sha256: str, name: str) -> None:
             raise OSError(f"{free >> 20} MiB free, {need >> 20} MiB needed")
         with writing(path.parent), atomic_dir(path, overwrite=True) as tmp:  # the lock: no sweep meanwhile
             _write(tmp, model, tokenizer, tensors)
-            files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
+            # read_sha256: a record would name the temp directory, about to be renamed
+            files = {p.name: read_sha256(p) for p in sorted(tmp.iterdir())}
             meta = {"kind": "model", "model": name, "source": str(source), "source_sha256": sha256,
                     "transformers": _transformers_version(),
                     "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

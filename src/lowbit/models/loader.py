@@ -47,22 +47,24 @@ class ModelInfo:
     name: str = ""
 
 
-def load_model(spec: str | Path | None = None):
+def load_model(spec: str | Path | None = None, *, verify: bool = False):
     """``(model, tokenizer, info)`` for ``spec``, in float32 and eval mode.
 
     ``spec``: None or ``"smollm2"`` (embedded default), ``"minilm"``, a local Hugging Face
     directory, a path to a ``.gguf`` file, or anything else as a hub id. Local paths load
     with ``local_files_only=True``, so they never touch the network. A missing path or an
-    unreadable file raises ``ModelLoadError`` with a one-line message.
+    unreadable file raises ``ModelLoadError`` with a one-line message. ``verify``: read every
+    model file (and converted-model cache file) again for its sha256, whatever its recorded
+    hash says (``lowbit.models.hashing``).
     """
     how, target = resolve(spec)
     if how == "hub":
-        return _load_hub(target)
+        return _load_hub(target, verify)
     name = "smollm2" if spec is None else str(spec).lower()
     source = name if name in EMBEDDED else os.path.abspath(target)
     if how == "gguf":
-        return _load_gguf(Path(target), source)
-    return _load_directory(Path(target), source)
+        return _load_gguf(Path(target), source, verify)
+    return _load_directory(Path(target), source, verify)
 
 
 def resolve(spec: str | Path | None) -> tuple[str, str]:
@@ -99,13 +101,14 @@ def _looks_like_path(key: str) -> bool:
     return key.lower().endswith(".gguf") or key.startswith(("/", ".", "~")) or key.count("/") > 1 or "\\" in key
 
 
-def _load_gguf(path: Path, source: str):
+def _load_gguf(path: Path, source: str, verify: bool):
     if not path.is_file():
         raise ModelLoadError(f"model file does not exist: {path}")
     with as_load_error(path):
-        file_hash = files_sha256([path])
+        # first: the hash names the converted-model cache; a conversion then reads the pages this read cached
+        file_hash = files_sha256([path], verify=verify)
     info = ModelInfo(CAUSAL_LM, source, file_hash, path.stem)
-    cached = converted.lookup(file_hash)
+    cached = converted.lookup(file_hash, verify=verify)
     if cached is not None:
         try:
             return (*_from_pretrained(str(cached), CAUSAL_LM, local_files_only=True), info)
@@ -131,7 +134,7 @@ def _convert_gguf(path: Path):
     return _finish(model), tokenizer
 
 
-def _load_directory(path: Path, source: str):
+def _load_directory(path: Path, source: str, verify: bool):
     config = path / "config.json"
     if not config.is_file():
         raise ModelLoadError(f"not a model directory (no config.json): {path}")
@@ -140,30 +143,35 @@ def _load_directory(path: Path, source: str):
     with as_load_error(path):
         kind = model_kind(json.loads(config.read_text()))
         model, tokenizer = _from_pretrained(str(path), kind, local_files_only=True)
-        file_hash = files_sha256(model_files(path), root=path)
+        # after transformers mapped the files: on a first load, a second pass over what it left in the page cache
+        file_hash = files_sha256(model_files(path), root=path, verify=verify)
     return model, tokenizer, ModelInfo(kind, source, file_hash, path.name)
 
 
-def _load_hub(repo_id: str):
+def _load_hub(repo_id: str, verify: bool):
     try:  # the local Hugging Face cache first: no network, no retries
         with as_load_error(repo_id):
-            return _load_hub_files(repo_id, local_files_only=True)
+            return _hashed(repo_id, *_load_hub_files(repo_id, local_files_only=True), verify=verify)
     except ModelLoadError as err:
         if not isinstance(err.__cause__, OSError):  # there, but broken: downloading would not help
             raise
     check_reachable(repo_id)
     with as_load_error(repo_id):
-        return _load_hub_files(repo_id, local_files_only=False)
+        return _hashed(repo_id, *_load_hub_files(repo_id, local_files_only=False), verify=verify)
 
 
 def _load_hub_files(repo_id: str, *, local_files_only: bool):
+    """``(model, tokenizer, kind, snapshot)``: the snapshot directory is where the files landed."""
     from transformers import AutoConfig
     from transformers.utils import cached_file
 
     kind = model_kind(AutoConfig.from_pretrained(repo_id, local_files_only=local_files_only).to_dict())
     model, tokenizer = _from_pretrained(repo_id, kind, local_files_only=local_files_only)
-    snapshot = Path(cached_file(repo_id, "config.json", local_files_only=True)).parent  # where the files landed
-    file_hash = files_sha256(model_files(snapshot), root=snapshot)
+    return model, tokenizer, kind, Path(cached_file(repo_id, "config.json", local_files_only=True)).parent
+
+
+def _hashed(repo_id: str, model, tokenizer, kind: str, snapshot: Path, *, verify: bool):
+    file_hash = files_sha256(model_files(snapshot), root=snapshot, verify=verify)
     return model, tokenizer, ModelInfo(kind, repo_id, file_hash, repo_id.rpartition("/")[2])
 
 
