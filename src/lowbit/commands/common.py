@@ -36,6 +36,14 @@ def console() -> Console:
 def add_model_arg(p) -> None:
     p.add_argument("--model", metavar="M",
                    help="embedded SmolLM2-135M (default), 'minilm', a local HF directory, a .gguf file, or a hub id")
+    add_verify_arg(p)
+
+
+def add_verify_arg(p) -> None:
+    p.add_argument("--verify", action="store_true",
+                   help="read the model's files (and a converted GGUF file's cache) again for their sha256; "
+                        "otherwise a file whose size, times and inode are as when it was last hashed keeps its "
+                        "recorded hash")
 
 
 def add_protocol_args(p) -> None:
@@ -122,9 +130,10 @@ def check_writable_file(path: str) -> None:
     check_output_file(path)  # a regular file or nothing, outside the cache, in a writable directory
 
 
-def load(spec: str | None, con: Console, loader=None):
-    """``load_model(spec)`` (or ``loader(spec)``) behind a spinner. transformers' GGUF loader draws a
-    tqdm bar that no setting turns off; stderr is held for the load, and a failure still raises its error."""
+def load(spec: str | None, con: Console, loader=None, *, verify: bool = False):
+    """``load_model(spec, verify=verify)`` (or ``loader(spec)``, which hashes as it does) behind a spinner.
+    transformers' GGUF loader draws a tqdm bar that no setting turns off; stderr is held for the load, and a
+    failure still raises its error."""
     from transformers.utils import logging as hf_logging
 
     from ..models import load_model
@@ -139,7 +148,7 @@ def load(spec: str | None, con: Console, loader=None):
                 warnings.catch_warnings(record=True) as held:
             warnings.simplefilter("always", CacheWarning)
             caught = held
-            return (loader or load_model)(spec)
+            return load_model(spec, verify=verify) if loader is None else loader(spec)
     finally:
         hf_logging.set_verbosity(verbosity)
         for w in caught:  # ours (a cache rebuilt or not written) are worth a line; the held stderr's are not
