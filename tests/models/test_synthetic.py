@@ -158,9 +158,10 @@ def test_every_presets_config_is_one_transformers_reads(name, tmp_path):
     assert read.rope_parameters["rope_type"] == ("llama3" if shape.rope_scaling else "default")
 
 
-def test_the_8b_preset_has_llama3_8bs_parameter_count():
-    # 8,030,261,248: the parameter count of meta-llama/Meta-Llama-3-8B (its model card's "8B", safetensors index)
-    assert sum(torch.Size(d).numel() for d in layout(PRESETS["8b"]).values()) == 8_030_261_248
+def test_the_8b_preset_has_llama3_8bs_size():
+    # a Llama 3 8B's model.safetensors.index.json says "total_size": 16060522496 (bf16, 2 bytes a weight; the
+    # Hugging Face Hub docs, "Model repository files", quote it); Llama-3.2-1B: "1.23B" parameters (its model card)
+    assert 2 * sum(torch.Size(d).numel() for d in layout(PRESETS["8b"]).values()) == 16_060_522_496
     assert sum(torch.Size(d).numel() for d in layout(PRESETS["1b"]).values()) == 1_235_814_400
 
 
@@ -191,6 +192,9 @@ def test_an_existing_output_is_refused_unless_an_empty_directory(tmp_path):
         write_checkpoint(tmp_path / "file", TINY)
     empty = tmp_path / "empty"
     empty.mkdir()
+    (tmp_path / "link").symlink_to(empty)
+    with pytest.raises(FileExistsError, match="symbolic link"):  # the rename would replace the link, not fill empty/
+        write_checkpoint(tmp_path / "link", TINY)
     assert (write_checkpoint(empty, TINY) / "model.safetensors").is_file()
 
 

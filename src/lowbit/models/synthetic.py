@@ -18,7 +18,10 @@ Two ways to fill the weights:
   scales; every block of a Gaussian matrix looks alike, and NF4 (built for normal weights) looks better on
   it than on a trained model. Tiling keeps each tensor's histogram and its per-channel structure: SmolLM2's
   rows hold 576 or 1536 weights, multiples of 64, so every block of 16, 32 or 64 weights along a row is one
-  of SmolLM2's own blocks, and an outlier column ``j`` comes back at every ``j + k * 576``. What it cannot
+  of SmolLM2's own blocks, and an outlier column ``j`` comes back at every ``j + k * 576``. Measured on
+  layer 5's q_proj and down_proj tiled to 2048x2048 and 2048x8192: kurtosis (4.6, 3.4), largest column
+  magnitude over the median column's (2.8, 4.5) and the SQNR of nf4, q4_0 and int4 are SmolLM2's own to
+  0.02 dB; Gaussian weights have kurtosis 3.0, a column ratio of 1.4-1.5, and 0.1-0.6 dB more SQNR. What it cannot
   give: statistics of its own to a larger model (outlier features grow with model size, LLM.int8(),
   Dettmers et al. 2022), and rank (a tiled matrix has the rank of its source). And the embedded SmolLM2
   ships as Q4_1 (``models.loader``): each 32-weight block of the source holds at most 16 distinct values
@@ -295,12 +298,11 @@ def tile(source: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
 def _check_out(out: Path) -> bool:
     """Whether ``out`` exists (an empty directory, which the new one replaces); a one-line InputError for
     anything else there."""
-    if out.is_dir() and not out.is_symlink():
-        if not _is_empty(out):
-            raise InputError(f"output directory is not empty: {out}; name a new or an empty one")
-    elif out.exists() or out.is_symlink():
+    replacing = out.is_dir() and not out.is_symlink()  # a symbolic link: check_output_dir says why not
+    if replacing and not _is_empty(out):
+        raise InputError(f"output directory is not empty: {out}; name a new or an empty one")
+    if out.exists() and not out.is_dir():
         raise InputError(f"output exists and is not a directory: {out}")
-    replacing = out.exists()
     check_output_dir(out, overwrite=replacing)  # where it can be made: outside the cache, in a writable directory
     return replacing
 
