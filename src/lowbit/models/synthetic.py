@@ -55,7 +55,8 @@ STD = 0.02  # LlamaConfig's initializer_range default, and the value in every co
 DEFAULT_SHARD_SIZE = 2 * 10**9
 # huggingface_hub's units (serialization/_base.py SIZE_UNITS), the ones save_pretrained(max_shard_size=) reads
 _SIZE_UNITS = {"": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-# what save_pretrained writes beside the weights for SmolLM2's tokenizer (the converted-model cache holds them)
+# copied from SmolLM2's converted-model cache: the tokenizer files save_pretrained wrote there, and
+# generation_config.json, whose special ids are the tokenizer's
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json")
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
