@@ -25,7 +25,6 @@ WITHOUT_LOGIC = {
 # Move them into the mirror file (or write them) and take the module off this list.
 NOT_MIRRORED = {
     "_lazy.py": "test_fast_start.py (no torch for a sibling's sake), through every package's lazy names",
-    "commands/common.py": "test_cli.py (exit 3 and the bug report), commands/test_hardening.py",
     "commands/export_cmd.py": "commands/test_export_import_cmds.py",
     "commands/import_cmd.py": "commands/test_export_import_cmds.py",
     "commands/outliers_cmd.py": "eval/test_outliers.py, test_limits.py, commands/test_plot_cmd.py",

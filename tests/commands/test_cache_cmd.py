@@ -13,6 +13,7 @@ from lowbit.cli import main
 from lowbit.commands import cache_cmd
 from lowbit.eval.protocol import Protocol
 from lowbit.eval.reference import Reference, causal_reference
+from lowbit.models.hashing import RECORDS
 
 
 class TinyLM(nn.Module):
@@ -98,10 +99,12 @@ def test_clear_all_keeps_a_reference_in_use_and_removes_temps(root, capsys):
     add_reference(3, "idle-lm")
     (root / f".{path.name}.xyz.tmp").write_bytes(b"\0" * 300)  # a killed run's
     reader = Reference.open(path)  # another run scoring against it
+    (root / RECORDS).mkdir()
+    (root / RECORDS / "0123.json").write_text("{}")  # a model file's recorded sha256 (lowbit.models.hashing)
     assert main(["cache", "clear"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("removed 1 entry (") and "1 temp file of killed runs (300 B)" in out
-    assert "kept 1 in use" in out and os.listdir(root) == [path.name]
+    assert "kept 1 in use" in out and "; 1 recorded file hash" in out and os.listdir(root) == [path.name]
     del reader
 
 

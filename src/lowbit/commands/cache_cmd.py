@@ -20,6 +20,7 @@ from ..cachedir import cache_root, is_entry, is_temp, last_change, remove_file, 
 from ..errors import InputError
 from ..eval.cache_header import DESCRIPTION_KEY, read_header  # not eval.cache: that imports torch
 from ..models.converted import META as MODEL_DESCRIPTION
+from ..models.hashing import RECORDS
 from .common import console
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -137,7 +138,13 @@ def clear(root: Path, older_than: float | None = None) -> str:
             continue
         removed, freed = removed + 1, freed + entry.size
     temps = sweep_temps(root)
+    records = root / RECORDS  # the model files' recorded sha256 (lowbit.models.hashing): read again on next use
+    hashes = len(list(records.iterdir())) if older_than is None and records.is_dir() else 0
+    if older_than is None and records.is_dir():
+        remove_tree(records)
     line = f"removed {removed} {_plural(removed, 'entry', 'entries')} ({human_size(freed)}) from {root}"
+    if hashes:
+        line += f"; {hashes} recorded file {_plural(hashes, 'hash', 'hashes')}"
     if temps:
         line += f"; {len(temps)} temp {_plural(len(temps), 'file')} of killed runs " \
                 f"({human_size(sum(size for _, size in temps))})"

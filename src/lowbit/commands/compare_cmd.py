@@ -61,7 +61,7 @@ def run(args) -> int:
     peers = check_report_args(args, args.report) if args.report else None
     check_outputs([args.json, args.report], [args.text, *(args.plan or ()), args.peers, local_source(args.model)])
     con = console()
-    model, tokenizer, info = load(args.model, con)
+    model, tokenizer, info = load(args.model, con, verify=args.verify)
     if keep is None:
         keep = source_dtype(info.source)
     # each finished row is saved at once: an interrupted run keeps what it measured

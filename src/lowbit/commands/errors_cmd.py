@@ -71,7 +71,7 @@ def run(args) -> int:
     check_protocol_args(args)  # --window/--windows/--text and the --json path, before the model loads
     check_outputs([args.json], [args.text, local_source(args.model)])
     con = console()
-    model, tokenizer, info = load(args.model, con)
+    model, tokenizer, info = load(args.model, con, verify=args.verify)
     importance, calibration = workflow.calibration(model, tokenizer, info, args.text, window=args.window,
                                                    windows=args.windows, count=args.calibrate)
     measured = workflow.measure(model, plans, patterns=args.layers, importance=importance)

@@ -50,7 +50,7 @@ def run(args) -> int:
         model, tokenizer, meta = load_quantized(args.directory)
         kind, what = meta["model"]["kind"], args.directory
     else:
-        model, tokenizer, info = load(args.model, con)
+        model, tokenizer, info = load(args.model, con, verify=args.verify)
         kind, what = info.kind, info.source
         _check_kind(kind, what)
         if plan is not None:

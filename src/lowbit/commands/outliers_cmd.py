@@ -32,7 +32,7 @@ def run(args) -> int:
     check_protocol_args(args)
     check_outputs([args.json], [args.text, local_source(args.model)])
     con = console()
-    model, tokenizer, info = load(args.model, con)
+    model, tokenizer, info = load(args.model, con, verify=args.verify)
     batches, label = calibration_batches(tokenizer, info.kind, args.text, window=args.window,
                                          scored=scored_count(info.kind, args.text, args.windows or DEFAULT_WINDOWS),
                                          count=args.calibrate)

@@ -105,7 +105,7 @@ def levels_data(args) -> dict:
     from ..io.model_io import local_source  # here: the other figures load no model code
 
     check_outputs([args.output], [local_source(args.model)])
-    model, _, _ = load(args.model, console())
+    model, _, _ = load(args.model, console(), verify=args.verify)
     name, linear = find_linear(model, args.layer)
     return layer_levels_data(linear.weight, labels, layer=name)
 

@@ -95,7 +95,7 @@ def run(args) -> int:
     if not args.resume and checkpoint.exists():
         raise FileExistsError(f"{checkpoint} holds an interrupted run: add --resume to continue it, or remove it")
     con = console()
-    model, tokenizer, info = load(args.model, con)
+    model, tokenizer, info = load(args.model, con, verify=args.verify)
     if info.kind != CAUSAL_LM:
         raise InputError(f"lowbit qat trains causal language models; {info.name} is an encoder")
     keep = parse_keep_dtype(args.keep_dtype) if args.keep_dtype else source_dtype(info.source)

@@ -57,7 +57,7 @@ def run(args) -> int:
     check_protocol_args(args)
     check_outputs([args.json], [args.text, local_source(args.model)])
     con = console()
-    model, tokenizer, info = load(args.model, con)
+    model, tokenizer, info = load(args.model, con, verify=args.verify)
     s = measure(args, model, tokenizer, info, configs)
     con.print(sensitivity_table(s))
     measured = sum(c.measured for layer in s.costs.values() for c in layer.values())
