@@ -109,7 +109,13 @@ def run(args) -> int:
     # before minutes of work, not after
     check_output(args.output, overwrite=args.overwrite, source=local_source(args.model))
     con = console()
-    model, tokenizer, info = load(args.model, con)
+    if plan.needs_calibration:
+        (model, tokenizer, info), weights = load(args.model, con, verify=args.verify), None
+    else:  # rounding alone reads one layer's weight at a time (lowbit.models.lazy)
+        from ..models.lazy import load_lazily
+
+        model, tokenizer, info, weights = load(args.model, con,
+                                               loader=lambda spec: load_lazily(spec, verify=args.verify))
     keep = keep or source_dtype(info.source)
     if args.plan is not None:
         unused = plan.unused(names[0] for names, _ in linears(model))
@@ -119,7 +125,8 @@ def run(args) -> int:
             con.print(f"warning: {message}", style="yellow")
     elif args.strict:
         raise InputError("--strict checks a --plan's rules; there is no --plan")
-    report = workflow.run(model, plan, calibration_of(args, tokenizer, info) if plan.needs_calibration else None)
+    report = workflow.run(model, plan, calibration_of(args, tokenizer, info) if plan.needs_calibration else None,
+                          source=weights)
     save_quantized(model, tokenizer, info, report, plan, args.output, overwrite=args.overwrite, keep_dtype=keep)
     after = read_meta(args.output)["quantize"]["model_bytes_after"]  # the unquantized tensors at --keep-dtype
     row = {"format": plan.label, "layer_formats": report.format_counts, "fallbacks": dict(report.fallbacks)}
@@ -146,7 +153,7 @@ def run_budget(args) -> int:
     check_protocol_args(args)
     check_output(args.output, overwrite=args.overwrite, source=local_source(args.model))
     con = console()
-    model, tokenizer, info = load(args.model, con)
+    model, tokenizer, info = load(args.model, con, verify=args.verify)
     keep = parse_keep_dtype(args.keep_dtype) if args.keep_dtype else source_dtype(info.source)
     if info.kind != CAUSAL_LM:
         raise InputError(f"--budget weighs formats by KL of next-token distributions; {info.name} is an encoder")

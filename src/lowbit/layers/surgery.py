@@ -63,7 +63,7 @@ class QuantizeReport:
 
 def quantize_model(model: nn.Module, plan: QuantPlan, *, progress: bool = True,
                    importance: dict[str, torch.Tensor] | None = None,
-                   prequantized: dict[str, QuantizedTensor] | None = None) -> QuantizeReport:
+                   prequantized: dict[str, QuantizedTensor] | None = None, source=None) -> QuantizeReport:
     """Replace the ``nn.Linear`` layers ``plan`` selects by ``QuantLinear``, in place.
 
     ``plan``: per-layer rules (``lowbit.planning.plan``); one format for all is ``QuantPlan.uniform("nf4")``.
@@ -74,12 +74,14 @@ def quantize_model(model: nn.Module, plan: QuantPlan, *, progress: bool = True,
     ``prequantized``: layer name -> its weight already quantized, used as it is: required for the layers
     whose config has a method that makes them (``+gptq``: ``lowbit.methods.calibrated.calibrate_methods``, the whole
     model's calibration pass), and how imported bytes become layers (``lowbit.io.importers``).
+    ``source``: where the weights of a model built on the meta device are read from, one layer at a time as it
+    is rounded (``lowbit.models.lazy.LazyWeights``): only one float weight is alive at a time.
     """
     if not isinstance(plan, QuantPlan):
         raise InputError(f"quantize_model takes a QuantPlan, got {type(plan).__name__}: for one format on every "
                          "layer, QuantPlan.uniform(label, include, exclude)")
     start = time.perf_counter()
-    before = model_weight_bytes(model)
+    before = model_weight_bytes(model, meta=source is not None)
     targets = plan_layers(model, plan)
     unmade = [(names[0], c) for names, _, c, _ in targets if c.prequantized and names[0] not in (prequantized or {})]
     if unmade:
@@ -108,8 +110,10 @@ def quantize_model(model: nn.Module, plan: QuantPlan, *, progress: bool = True,
                 qweight = prequantized[names[0]]
                 signs = layer_config.layer_signs(names[0], linear.in_features)
             else:
-                qweight, signs = rounded_layer(names[0], linear.weight, layer_config,
+                weight = source.read(f"{names[0]}.weight") if linear.weight.is_meta else linear.weight
+                qweight, signs = rounded_layer(names[0], weight, layer_config,
                                                weights if layer_config.needs_calibration else None)
+                del weight
             replacements.append((names, layer_module(names[0], linear, qweight, signs, layer_config)))
             advance()
 
@@ -217,8 +221,9 @@ def linears(model: nn.Module) -> list[tuple[list[str], nn.Linear]]:
     return list(by_id.values())
 
 
-def model_weight_bytes(model: nn.Module) -> int:
-    """Bytes of every tensor the model holds, each storage region counted once."""
+def model_weight_bytes(model: nn.Module, *, meta: bool = False) -> int:
+    """Bytes of every tensor the model holds, each storage region counted once; ``meta``: a tensor on the meta
+    device counts as what it will hold once read (``lowbit.models.lazy``), else as nothing."""
     tensors: list[torch.Tensor] = [*model.parameters(), *model.buffers()]
     for module in model.modules():
         if isinstance(module, QuantLinear):
@@ -230,10 +235,11 @@ def model_weight_bytes(model: nn.Module) -> int:
     seen: set[tuple] = set()
     total = 0
     for t in tensors:
-        if t.device.type == "meta":  # holds no memory
+        if t.device.type == "meta" and not meta:  # holds no memory
             continue
         nbytes = t.numel() * t.element_size()
-        key = (t.device, t.data_ptr(), nbytes)  # tied weights share data_ptr and size
+        # tied weights share data_ptr and size; a meta tensor has no data: a tied one is one Parameter
+        key = ("meta", id(t)) if t.device.type == "meta" else (t.device, t.data_ptr(), nbytes)
         if key not in seen:
             seen.add(key)
             total += nbytes

@@ -208,8 +208,14 @@ def _shape_mismatch(cls, directory: str) -> str | None:
 
     with init_empty_weights(include_buffers=False):
         model = cls.from_config(AutoConfig.from_pretrained(directory, local_files_only=True))
+    return shape_mismatch(model, sorted(Path(directory).glob("*.safetensors")))
+
+
+def shape_mismatch(model, files: list[Path]) -> str | None:
+    """The first tensor of ``files`` whose shape (from the headers) is not the one it has in ``model`` (built
+    from config.json, on the meta device), with both shapes; None if none."""
     expected = {key: tuple(t.shape) for key, t in model.state_dict().items()}
-    wrong = [(name, shape, expected[name], f.name) for f in sorted(Path(directory).glob("*.safetensors"))
+    wrong = [(name, shape, expected[name], f.name) for f in files
              for name, shape in sorted(check_safetensors(f).items()) if expected.get(name, shape) != shape]
     if not wrong:
         return None

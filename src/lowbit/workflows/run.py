@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -24,6 +25,9 @@ from ..methods.calibrated import calibrate_methods
 from ..methods.gptq_model import GPTQ_CALIBRATE
 from ..methods.registry import BLOCK
 from ..planning.plan import QuantPlan
+
+if TYPE_CHECKING:
+    from ..models.lazy import LazyWeights
 
 
 @dataclass
@@ -88,13 +92,20 @@ def walks_blocks(plan: QuantPlan) -> bool:
 
 
 def run(model: nn.Module, plan: QuantPlan, calibration: Calibration | None = None, *, progress: bool = True,
-        shared: bool = False) -> QuantizeReport:
+        shared: bool = False, source: LazyWeights | None = None) -> QuantizeReport:
     """Quantize ``model`` in place as ``plan`` says, every method its labels name run first; the report's
     ``seconds`` include the calibration. ``shared``: ``model`` is an unchanged copy of the original the
-    calibration's shared importance was collected on (``compare``), so a plan without ``+awq`` reuses it."""
+    calibration's shared importance was collected on (``compare``), so a plan without ``+awq`` reuses it.
+    ``source``: ``model`` was built on the meta device (``lowbit.models.lazy.load_lazily``); the tensors no layer
+    of the plan replaces are read in first, then each layer's weight as it is rounded."""
     configs = plan.configs
     if calibration is None and plan.needs_calibration:
         raise InputError(f"{plan.label} needs calibration inputs: pass a Calibration")
+    if source is not None:
+        if plan.needs_calibration:
+            raise InputError(f"{plan.label} needs calibration, which runs the whole model: load it with load_model")
+        source.onload(model, skip=[f"{n}.weight" for names, _, _, _ in plan_layers(model, plan) for n in names])
+        return quantize_model(model, plan, progress=progress, source=source)
     seconds, importance, prequantized = 0.0, None, None
     layers = importance_layers(model, plan) if any(c.needs_importance for c in configs) else []
     if layers and shared and not changes_model(plan):  # the unchanged model's importance, collected once

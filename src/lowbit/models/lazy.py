@@ -1,0 +1,153 @@
+"""A model whose weights stay in their files until a layer needs them.
+
+``load_lazily(spec)`` builds the architecture on the meta device (nothing allocated) and reads from the
+checkpoint's safetensors only the tensors no quantized layer replaces (embeddings, norms, biases, excluded
+layers); ``Checkpoint.read`` gives each remaining weight when its layer is rounded (``quantize_model(...,
+source=)``), so only one float weight is alive at a time. llm-compressor's "sequential onloading" and
+llama.cpp's memory-mapped ``llama-quantize`` keep memory to the layer being worked on the same way.
+
+The floats are the ones ``load_model`` gives: each tensor read and cast to float32 as transformers' loader
+casts it, so what is rounded, and so every saved byte, is the same (tests/models/test_lazy.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import ModelLoadError
+from . import converted
+from .hashing import files_sha256, model_files
+from .header_checks import check_safetensors
+from .loader import CAUSAL_LM, EMBEDDED, ModelInfo, as_load_error, load_model, model_kind, resolve, shape_mismatch
+
+INDEX = "model.safetensors.index.json"  # transformers' name for a sharded checkpoint's tensor -> file map
+SINGLE = "model.safetensors"
+
+
+class Checkpoint:
+    """The safetensors of a model directory: one ``model.safetensors``, or shards listed by its index. Each
+    tensor is read on its own (``safe_open`` maps the file only while it reads), so reading a model tensor by
+    tensor holds one tensor, never a shard."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        index = self.directory / INDEX
+        if index.is_file():
+            with as_load_error(index):
+                weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+            for name in files:
+                if not (self.directory / name).is_file():
+                    raise ModelLoadError(f"{index} lists shard {name}, which {self.directory} does not hold")
+        elif (self.directory / SINGLE).is_file():
+            files, weight_map = [SINGLE], None
+        else:
+            raise ModelLoadError(f"{self.directory} holds no {SINGLE} and no {INDEX}")
+        self.files = [self.directory / name for name in files]
+        # from the headers alone, before any file is mapped
+        self.where = {key: path for path in self.files for key in check_safetensors(path)}
+        if weight_map is not None:
+            unheld = [k for k, f in weight_map.items() if self.where.get(k) != self.directory / f]
+            if unheld:
+                raise ModelLoadError(f"{index} names tensor {unheld[0]} in {weight_map[unheld[0]]}, which does not "
+                                     "hold it")
+
+    def read(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Tensor ``name`` as ``dtype`` (floating tensors only are cast)."""
+        from safetensors import safe_open
+
+        path = self.where.get(name)
+        if path is None:
+            raise ModelLoadError(f"{self.directory}: no tensor {name} in its safetensors")
+        with as_load_error(path), safe_open(path, "pt") as f:
+            t = f.get_tensor(name)
+        return t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
+
+
+class LazyWeights:
+    """Reads ``model``'s meta parameters from ``checkpoint`` by parameter name; a tied parameter (one tensor under
+    two names, as a tied ``lm_head.weight``) from whichever of its names the checkpoint holds."""
+
+    def __init__(self, model: nn.Module, checkpoint: Checkpoint):
+        self.checkpoint = checkpoint
+        names: dict[int, list[str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), []).append(name)
+        self.aliases = {name: group for group in names.values() for name in group}
+
+    def read(self, name: str) -> torch.Tensor:
+        """Parameter ``name`` as float32, as ``load_model`` holds it."""
+        held = next((n for n in self.aliases.get(name, [name]) if n in self.checkpoint.where), name)
+        return self.checkpoint.read(held)
+
+    def onload(self, model: nn.Module, skip: Iterable[str] = ()) -> None:
+        """Every meta parameter of ``model`` read in, but those whose every name is in ``skip`` (the weights of
+        the layers ``quantize_model`` will read one at a time: a tied head's weight is read as the embedding it
+        also is); ties are made again over the new tensors."""
+        skip = set(skip)
+        for name, p in list(model.named_parameters()):
+            if p.is_meta and not all(n in skip for n in self.aliases[name]):
+                parent, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(parent), attr, nn.Parameter(self.read(name), requires_grad=False))
+        model.tie_weights()
+
+
+def load_lazily(spec: str | Path | None = None, *, verify: bool = False):
+    """``(model, tokenizer, info, weights)``: ``load_model(spec)``'s model with every parameter on the meta
+    device, read later from ``weights`` (a ``LazyWeights``). A model with no safetensors directory to read from
+    (a GGUF file not converted yet, a hub id) is loaded whole by ``load_model``; then ``weights`` is None.
+    ``verify``: read the model's files again for their sha256 (``lowbit.models.hashing``)."""
+    how, target = resolve(spec)
+    directory, info = _directory(spec, how, target, verify)
+    if directory is None:
+        return (*load_model(spec, verify=verify), None)
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    with as_load_error(directory):
+        checkpoint = Checkpoint(directory)
+        config = AutoConfig.from_pretrained(directory, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        kind = model_kind(config.to_dict())
+        cls = AutoModelForCausalLM if kind == CAUSAL_LM else AutoModel
+        with init_empty_weights(include_buffers=False):
+            model = cls.from_config(config, dtype=torch.float32).eval()
+        model.tie_weights()  # on the meta device from_config leaves a tied head untied
+    mismatch = shape_mismatch(model, checkpoint.files)  # transformers' loader refuses these too (load_model)
+    if mismatch:
+        raise ModelLoadError(f"cannot load model from {directory}: {mismatch}")
+    weights = LazyWeights(model, checkpoint)
+    absent = [n for n, group in weights.aliases.items() if not any(a in checkpoint.where for a in group)]
+    if absent:
+        raise ModelLoadError(f"cannot load model from {directory}: {len(absent)} weights missing from the "
+                             f"checkpoint, e.g. {sorted(absent)[0]}")
+    return model, tokenizer, info, weights
+
+
+def _directory(spec, how: str, target: str, verify: bool) -> tuple[Path | None, ModelInfo | None]:
+    """The safetensors directory ``load_model(spec)`` would read and the model's ``ModelInfo``; ``(None,
+    None)`` where there is none yet."""
+    name = "smollm2" if spec is None else str(spec).lower()
+    if how == "hub":
+        return None, None
+    source = name if name in EMBEDDED else os.path.abspath(target)  # as load_model records it
+    path = Path(target)
+    if how == "gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"model file does not exist: {path}")
+        with as_load_error(path):
+            file_hash = files_sha256([path], verify=verify)
+        cached = converted.lookup(file_hash, verify=verify)
+        return (cached, ModelInfo(CAUSAL_LM, source, file_hash, path.stem)) if cached is not None else (None, None)
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"not a model directory (no config.json): {path}")
+    with as_load_error(path):
+        kind = model_kind(json.loads((path / "config.json").read_text()))
+        file_hash = files_sha256(model_files(path), root=path, verify=verify)
+    return path, ModelInfo(kind, source, file_hash, path.name)
