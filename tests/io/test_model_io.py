@@ -9,7 +9,10 @@ import torch
 from lowbit import QuantLinear, load_model, quantize_model
 from lowbit.errors import ModelLoadError
 from lowbit.files.atomic import atomic_dir
+from lowbit.files.shards import INDEX
 from lowbit.io import load_quantized, save_quantized
+from lowbit.io.model_io import quantize_to_directory
+from lowbit.models.lazy import load_lazily
 from lowbit.planning import QuantPlan
 
 
@@ -31,6 +34,25 @@ def test_round_trip_logits_bitwise_equal(tiny_lm_dir, tmp_path, label):
     assert sum(isinstance(m, QuantLinear) for m in loaded.modules()) == len(report.layers) == 14
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # tying survives
     assert sorted(os.listdir(tmp_path)) == ["q"]  # no temp directory left behind
+
+
+def test_a_model_streamed_to_shards_loads_back_as_saved_whole(tiny_lm_dir, tmp_path):
+    """quantize_to_directory past its shard size writes transformers' layout, which load_quantized reads."""
+    model, tokenizer, info, plan, report = quantized(tiny_lm_dir, "nf4/32+dq")
+    save_quantized(model, tokenizer, info, report, plan, tmp_path / "whole")
+    lazy, tokenizer, info, weights = load_lazily(tiny_lm_dir)
+    quantize_to_directory(lazy, weights, tokenizer, info, plan, tmp_path / "sharded", shard_bytes=1 << 20,
+                          progress=False)
+    files = sorted(p.name for p in (tmp_path / "sharded").iterdir())
+    shards = [f for f in files if f.startswith("model-")]
+    assert len(shards) >= 3 and INDEX in files and "model.safetensors" not in files
+    meta = json.loads((tmp_path / "sharded" / "lowbit.json").read_text())
+    assert meta["files"] == files  # what a later --overwrite may replace
+    (whole, _, _), (streamed, _, _) = load_quantized(tmp_path / "whole"), load_quantized(tmp_path / "sharded")
+    ids = torch.arange(100, 164)[None]
+    with torch.inference_mode():
+        assert torch.equal(whole(ids).logits, streamed(ids).logits)
+    assert streamed.lm_head.weight is streamed.model.embed_tokens.weight
 
 
 def test_saved_files_hold_no_pickle(tiny_lm_dir, tmp_path):

@@ -1,14 +1,17 @@
-"""A model read layer by layer (lowbit.models.lazy) is rounded and saved to the same bytes as one loaded whole."""
+"""A model read layer by layer (lowbit.models.lazy), rounded in memory or streamed to its files
+(io.model_io.quantize_to_directory), is saved to the same bytes as one loaded whole."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lowbit.errors import ModelLoadError
-from lowbit.io.model_io import save_quantized
-from lowbit.models.lazy import INDEX, Checkpoint, load_lazily
+from lowbit.files.shards import INDEX
+from lowbit.io.model_io import quantize_to_directory, save_quantized
+from lowbit.models.lazy import Checkpoint, load_lazily
 from lowbit.models.loader import load_model
 from lowbit.planning import QuantPlan
 from lowbit.workflows.run import run
@@ -17,23 +20,32 @@ from lowbit.workflows.run import run
 def saved(tmp_path, name, model, tokenizer, info, plan, source=None) -> dict:
     """``{file: bytes}`` of the saved quantized model, lowbit.json without its timing."""
     report = run(model, plan, progress=False, source=source)
-    out = save_quantized(model, tokenizer, info, report, plan, tmp_path / name)
-    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    return read_back(save_quantized(model, tokenizer, info, report, plan, tmp_path / name))
+
+
+def read_back(directory) -> dict:
+    """``{file: bytes}`` of a saved quantized model, lowbit.json without its timing."""
+    files = {p.name: p.read_bytes() for p in Path(directory).iterdir()}
     meta = json.loads(files.pop("lowbit.json"))
     meta["quantize"].pop("seconds")
     return files | {"lowbit.json": meta}
 
 
 def both_ways(tmp_path, spec, plan) -> tuple[dict, dict]:
-    """What saving ``plan`` gives from ``load_model(spec)`` and from ``load_lazily(spec)``. (A GGUF file's first
-    load, which converts it, keeps transformers' GGUF quantization_config in its config; the loads after it, from
-    the converted cache, do not: both are compared from the cache, as a second `lowbit quantize` reads it.)"""
+    """What saving ``plan`` gives from ``load_model(spec)`` and from ``load_lazily(spec)``, read in then rounded
+    in memory (``run(source=)``) and streamed to the files (``quantize_to_directory``); the last two are the
+    same. (A GGUF file's first load, which converts it, keeps transformers' GGUF quantization_config in its
+    config; the loads after it, from the converted cache, do not: all are compared from the cache, as a second
+    `lowbit quantize` reads it.)"""
     model, tokenizer, info = load_model(spec)
     lazy_model, lazy_tokenizer, lazy_info, weights = load_lazily(spec)
     assert weights is not None and lazy_info == info
     assert all(p.is_meta for p in lazy_model.parameters())  # nothing read before the plan says what
-    return (saved(tmp_path, "whole", model, tokenizer, info, plan),
-            saved(tmp_path, "lazy", lazy_model, lazy_tokenizer, lazy_info, plan, source=weights))
+    quantize_to_directory(lazy_model, weights, lazy_tokenizer, lazy_info, plan, tmp_path / "streamed", progress=False)
+    assert all(p.is_meta for p in lazy_model.parameters())  # streaming changes nothing of the model
+    lazy = saved(tmp_path, "lazy", lazy_model, lazy_tokenizer, lazy_info, plan, source=weights)
+    assert read_back(tmp_path / "streamed") == lazy
+    return saved(tmp_path, "whole", model, tokenizer, info, plan), lazy
 
 
 @pytest.mark.parametrize("plan", [QuantPlan.uniform("nf4"), QuantPlan.uniform("int4_asym/64@hqq"),

@@ -9,7 +9,7 @@ from ..calibration.importance import calibration_batches
 from ..errors import InputError
 from ..eval.protocol import DEFAULT_WINDOW, DEFAULT_WINDOWS, scored_count
 from ..evaluate import Evaluation, materialize, model_limits
-from ..io.model_io import check_output, local_source, read_meta, save_quantized
+from ..io.model_io import check_output, local_source, quantize_to_directory, read_meta, save_quantized
 from ..layers.keep_dtype import parse_keep_dtype
 from ..layers.surgery import linears
 from ..models.loader import CAUSAL_LM
@@ -125,9 +125,12 @@ def run(args) -> int:
             con.print(f"warning: {message}", style="yellow")
     elif args.strict:
         raise InputError("--strict checks a --plan's rules; there is no --plan")
-    report = workflow.run(model, plan, calibration_of(args, tokenizer, info) if plan.needs_calibration else None,
-                          source=weights)
-    save_quantized(model, tokenizer, info, report, plan, args.output, overwrite=args.overwrite, keep_dtype=keep)
+    if weights is None:
+        report = workflow.run(model, plan, calibration_of(args, tokenizer, info) if plan.needs_calibration else None)
+        save_quantized(model, tokenizer, info, report, plan, args.output, overwrite=args.overwrite, keep_dtype=keep)
+    else:  # read, rounded and written tensor by tensor
+        report = quantize_to_directory(model, weights, tokenizer, info, plan, args.output, overwrite=args.overwrite,
+                                       keep_dtype=keep)
     after = read_meta(args.output)["quantize"]["model_bytes_after"]  # the unquantized tensors at --keep-dtype
     row = {"format": plan.label, "layer_formats": report.format_counts, "fallbacks": dict(report.fallbacks)}
     for line in layer_notes({"results": [row]}):

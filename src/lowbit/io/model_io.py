@@ -17,18 +17,18 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from ..errors import ModelLoadError
-from ..files.atomic import atomic_dir, check_output_dir, save_tensors, write_errors
+from ..errors import InputError, ModelLoadError
+from ..files.atomic import atomic_dir, check_output_dir, write_errors
+from ..files.shards import SHARD_BYTES, SINGLE, ShardWriter
 from ..formats.registry import format_by_id, get_format
 from ..layers.hf_quantizer import refuse_save_pretrained
 from ..layers.keep_dtype import round_state
 from ..layers.linear import QuantLinear
 from ..layers.outlier_linear import Int8OutlierLinear, check_threshold
-from ..layers.surgery import QuantizeReport
+from ..layers.surgery import QuantizeReport, quantize_model
 from ..models.architectures import with_architectures
-from ..models.header_checks import check_safetensors
+from ..models.lazy import Checkpoint, LazyWeights
 from ..models.loader import CAUSAL_LM, ModelInfo, as_load_error, model_kind, resolve
 from ..planning.plan import QuantPlan
 from ..quantize import quantize
@@ -37,21 +37,23 @@ from .gguf_export import layer_list
 from .meta_checks import check_meta
 
 LAYOUT_VERSION = 1
-META_FILE, TENSOR_FILE = "lowbit.json", "model.safetensors"
+META_FILE = "lowbit.json"
+TENSOR_FILE = SINGLE  # or shards and their index, past SHARD_BYTES (lowbit.files.shards)
 _QW = ".qweight."  # infix of packed-part keys: "<layer>.qweight.<part>"
 _SIGNS = ".rotation_signs"  # a +had layer's int8 signs: "<layer>.rotation_signs"
 
 
 def save_quantized(model, tokenizer, info: ModelInfo, report: QuantizeReport, plan: QuantPlan, directory, *,
                    overwrite=False, keep_dtype: torch.dtype = torch.float32, extra: dict | None = None,
-                   label: str | None = None) -> Path:
+                   label: str | None = None, shard_bytes: int = SHARD_BYTES) -> Path:
     """Write ``model`` (already through ``quantize_model``, which gave ``report``) to ``directory``, atomically.
 
     The tensors quantization left alone (embeddings, norms, biases) are stored in ``keep_dtype``
     and rounded through it in ``model`` too, so the model in memory computes what the saved one
     will; ``model_bytes_after`` in ``lowbit.json`` counts them at that dtype. ``extra``: more sections for
     ``lowbit.json`` (``lowbit qat`` records its training); ``label``: the name reports give the model
-    instead of the plan's label (``int3/64 qat``).
+    instead of the plan's label (``int3/64 qat``). A model larger than ``shard_bytes`` is written in shards
+    (``lowbit.files.shards``).
     """
     check_output(directory, overwrite=overwrite, source=local_source(info.source))
     saved = round_state(model, keep_dtype)  # after the checks: a refused save leaves the model as it was
@@ -59,18 +61,10 @@ def save_quantized(model, tokenizer, info: ModelInfo, report: QuantizeReport, pl
     labels, fallbacks = dict(report.layer_configs), dict(report.fallbacks)
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
-            q = module.qweight
-            layers[name] = {"format": q.format.name, "format_id": q.format.id, "shape": list(q.shape),
-                            "dtype": str(q.dtype).removeprefix("torch."), "block_size": q.block_size,
-                            "double_quant": q.double_quant, "parts": list(q.parts)}
-            layers[name] |= {"label": labels[name]} if name in labels else {}
-            layers[name] |= {"fallback_from": fallbacks[name]} if name in fallbacks else {}
-            tensors.update({f"{name}{_QW}{part}": t.contiguous() for part, t in q.parts.items()})
-            if isinstance(module, Int8OutlierLinear):  # LLM.int8(): the activations are split at run time
-                layers[name]["outlier_threshold"] = module.threshold
-            if module.signs is not None:  # +had: the stored weight is W Q (lowbit.layers.rotation)
-                layers[name]["rotation"] = "hadamard"
-                tensors[f"{name}{_SIGNS}"] = module.signs.contiguous()
+            threshold = module.threshold if isinstance(module, Int8OutlierLinear) else None
+            layers[name] = layer_entry(module.qweight, labels.get(name), fallbacks.get(name), threshold,
+                                       module.signs is not None)
+            tensors.update(layer_tensors(name, module.qweight, module.signs))
     tied = {}
     first_of: dict[tuple, str] = {}
     for key, t in model.state_dict(keep_vars=False).items():
@@ -80,7 +74,84 @@ def save_quantized(model, tokenizer, info: ModelInfo, report: QuantizeReport, pl
         else:
             first_of[where] = key
             t = t.detach()
-            tensors[key] = (t.to(keep_dtype) if t.is_floating_point() else t).contiguous()
+            tensors[key] = t.to(keep_dtype) if t.is_floating_point() else t
+    meta = quantized_meta(info, plan, keep_dtype, report, report.model_bytes_after - saved, layers, tied, extra, label)
+    with write_errors(directory), atomic_dir(directory, overwrite=overwrite, replaceable=_replaceable) as tmp:
+        writer = ShardWriter(tmp, shard_bytes)
+        for key, t in tensors.items():
+            writer.add(key, t)
+        writer.close()
+        write_model_files(tmp, model, tokenizer, meta)
+    return Path(directory)
+
+
+def quantize_to_directory(model, weights: LazyWeights, tokenizer, info: ModelInfo, plan: QuantPlan, directory, *,
+                          overwrite=False, keep_dtype: torch.dtype = torch.float32, shard_bytes: int = SHARD_BYTES,
+                          progress: bool = True) -> QuantizeReport:
+    """Quantize a model built on the meta device (``lowbit.models.lazy.load_lazily``) as ``plan`` says (no
+    calibration) and write it to ``directory`` as ``save_quantized`` would, tensor by tensor: each layer's weight
+    is read, rounded and handed to the shard writer, then each other tensor, so memory holds one float weight and
+    one shard, never the model. The files are the ones ``quantize_model`` then ``save_quantized`` write
+    (tests/io/test_model_io.py)."""
+    check_output(directory, overwrite=overwrite, source=local_source(info.source))
+    if plan.needs_calibration:
+        raise InputError(f"{plan.label} needs calibration, which runs the whole model: load it with load_model")
+    layers: dict[str, dict] = {}
+    with write_errors(directory), atomic_dir(directory, overwrite=overwrite, replaceable=_replaceable) as tmp:
+        writer = ShardWriter(tmp, shard_bytes)
+
+        def write_layer(names, layer, config, wanted) -> None:
+            threshold = layer.threshold if isinstance(layer, Int8OutlierLinear) else None
+            layers[names[0]] = layer_entry(layer.qweight, config.label, wanted, threshold, layer.signs is not None)
+            for key, t in layer_tensors(names[0], layer.qweight, layer.signs).items():
+                writer.add(key, t)
+
+        report = quantize_model(model, plan, progress=progress, source=weights, sink=write_layer)
+        swapped = {f"{name}.weight" for name in report.layers}
+        tied, first_of, saved = {}, {}, 0
+        for key, t in model.state_dict(keep_vars=True).items():
+            if key in swapped:
+                continue  # a quantized layer's weight, stored packed above (a tied head's embedding stays)
+            if id(t) in first_of:  # a tied tensor, stored once
+                tied[key] = first_of[id(t)]
+                continue
+            first_of[id(t)] = key
+            if t.is_floating_point() and t.dtype != keep_dtype:
+                saved += t.numel() * (t.element_size() - keep_dtype.itemsize)
+            value = weights.read(key, keep_dtype) if t.is_meta else t.detach()
+            writer.add(key, value.to(keep_dtype) if value.is_floating_point() else value)
+            del value
+        meta = quantized_meta(info, plan, keep_dtype, report, report.model_bytes_after - saved, layers, tied)
+        writer.close()
+        write_model_files(tmp, model, tokenizer, meta)
+    return report
+
+
+def layer_entry(q: QuantizedTensor, label: str | None, fallback: str | None, threshold: float | None,
+                rotated: bool) -> dict:
+    """What ``lowbit.json`` says of one quantized layer (``layers.NAME``)."""
+    entry = {"format": q.format.name, "format_id": q.format.id, "shape": list(q.shape),
+             "dtype": str(q.dtype).removeprefix("torch."), "block_size": q.block_size,
+             "double_quant": q.double_quant, "parts": list(q.parts)}
+    entry |= {"label": label} if label is not None else {}
+    entry |= {"fallback_from": fallback} if fallback is not None else {}
+    if threshold is not None:  # LLM.int8(): the activations are split at run time
+        entry["outlier_threshold"] = threshold
+    if rotated:  # +had: the stored weight is W Q (lowbit.layers.rotation)
+        entry["rotation"] = "hadamard"
+    return entry
+
+
+def layer_tensors(name: str, q: QuantizedTensor, signs: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The tensors one quantized layer stores: its packed parts, and a +had layer's signs."""
+    tensors = {f"{name}{_QW}{part}": t for part, t in q.parts.items()}
+    return tensors | ({f"{name}{_SIGNS}": signs} if signs is not None else {})
+
+
+def quantized_meta(info: ModelInfo, plan: QuantPlan, keep_dtype: torch.dtype, report: QuantizeReport,
+                   model_bytes_after: int, layers: dict, tied: dict, extra: dict | None = None,
+                   label: str | None = None) -> dict:
+    """``lowbit.json``'s contents but the list of files written."""
     config = plan.uniform_config
     if config is None:  # a mixed model: the plan says what each layer is; "config" names it
         config_meta = {"label": plan.label, "format": None, "block_size": None, "double_quant": False,
@@ -95,20 +166,22 @@ def save_quantized(model, tokenizer, info: ModelInfo, report: QuantizeReport, pl
         "plan": plan.to_dict(),
         "model": asdict(info),
         "quantize": {"bits_per_weight": report.bits_per_weight, "model_bytes_before": report.model_bytes_before,
-                     "model_bytes_after": report.model_bytes_after - saved, "seconds": report.seconds},
+                     "model_bytes_after": model_bytes_after, "seconds": report.seconds},
         "layers": layers,
         "tied": tied,
     } | (extra or {})
     if label is not None:
         meta["config"]["label"] = label
-    with write_errors(directory), atomic_dir(directory, overwrite=overwrite, replaceable=_replaceable) as tmp:
-        save_tensors(tensors, tmp / TENSOR_FILE)
-        with_architectures(model).save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        # the names this save wrote, the only entries a later --overwrite may replace (_foreign)
-        meta["files"] = sorted([p.name for p in tmp.iterdir()] + [META_FILE])
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    return Path(directory)
+    return meta
+
+
+def write_model_files(tmp: Path, model, tokenizer, meta: dict) -> None:
+    """``model``'s config.json, the tokenizer's files and ``lowbit.json`` beside the tensors already in ``tmp``;
+    ``lowbit.json`` lists every file, the only entries a later --overwrite may replace (_foreign)."""
+    with_architectures(model).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    meta["files"] = sorted([p.name for p in tmp.iterdir()] + [META_FILE])
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def check_output(directory, *, overwrite: bool = False, source: str | Path | None = None) -> Path:
@@ -181,12 +254,12 @@ def load_quantized(directory):
     """``(model, tokenizer, meta)`` from a directory written by ``save_quantized``."""
     directory = Path(directory)
     meta = read_meta(directory)
-    check_safetensors(directory / TENSOR_FILE)  # from its header alone, before safetensors maps it
+    checkpoint = Checkpoint(directory)  # each file from its header alone, before safetensors maps it
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     with as_load_error(directory):
-        tensors = load_file(directory / TENSOR_FILE)
+        tensors = {key: checkpoint.read(key) for key in checkpoint.where}
         config = AutoConfig.from_pretrained(directory, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
         kind = meta["model"]["kind"]

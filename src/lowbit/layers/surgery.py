@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -63,7 +64,9 @@ class QuantizeReport:
 
 def quantize_model(model: nn.Module, plan: QuantPlan, *, progress: bool = True,
                    importance: dict[str, torch.Tensor] | None = None,
-                   prequantized: dict[str, QuantizedTensor] | None = None, source=None) -> QuantizeReport:
+                   prequantized: dict[str, QuantizedTensor] | None = None, source=None,
+                   sink: Callable[[list[str], QuantLinear, QuantConfig, str | None], None] | None = None
+                   ) -> QuantizeReport:
     """Replace the ``nn.Linear`` layers ``plan`` selects by ``QuantLinear``, in place.
 
     ``plan``: per-layer rules (``lowbit.planning.plan``); one format for all is ``QuantPlan.uniform("nf4")``.
@@ -75,7 +78,9 @@ def quantize_model(model: nn.Module, plan: QuantPlan, *, progress: bool = True,
     whose config has a method that makes them (``+gptq``: ``lowbit.methods.calibrated.calibrate_methods``, the whole
     model's calibration pass), and how imported bytes become layers (``lowbit.io.importers``).
     ``source``: where the weights of a model built on the meta device are read from, one layer at a time as it
-    is rounded (``lowbit.models.lazy.LazyWeights``): only one float weight is alive at a time.
+    is rounded (``lowbit.models.lazy.LazyWeights``): only one float weight is alive at a time. ``sink(names,
+    layer, config, fallen_back_from)``: each quantized layer is handed over (to be written) instead of swapped in,
+    and nothing of the model changes; the report counts the model as if it had been swapped.
     """
     if not isinstance(plan, QuantPlan):
         raise InputError(f"quantize_model takes a QuantPlan, got {type(plan).__name__}: for one format on every "
@@ -103,8 +108,9 @@ def quantize_model(model: nn.Module, plan: QuantPlan, *, progress: bool = True,
     replacements: list[tuple[list[str], QuantLinear]] = []
     uniform = plan.uniform_config
     what = uniform.format_name if uniform is not None else plan.label
+    layer_numel = layer_before = layer_after = 0
     with progress_bar(len(targets), f"quantizing to {what}", enabled=progress) as advance:
-        for names, linear, layer_config, _ in targets:
+        for names, linear, layer_config, wanted in targets:
             weights = next((importance[n] for n in names if n in (importance or {})), None)
             if names[0] in (prequantized or {}):
                 qweight = prequantized[names[0]]
@@ -114,26 +120,40 @@ def quantize_model(model: nn.Module, plan: QuantPlan, *, progress: bool = True,
                 qweight, signs = rounded_layer(names[0], weight, layer_config,
                                                weights if layer_config.needs_calibration else None)
                 del weight
-            replacements.append((names, layer_module(names[0], linear, qweight, signs, layer_config)))
+            qlinear = layer_module(names[0], linear, qweight, signs, layer_config)
+            layer_numel += qlinear.qweight.numel
+            layer_before += qlinear.qweight.numel * qlinear.qweight.dtype.itemsize
+            layer_after += qlinear.nbytes
+            if sink is None:
+                replacements.append((names, qlinear))
+            else:
+                sink(names, qlinear, layer_config, wanted)
+            del qweight, qlinear
             advance()
 
-    layer_numel = layer_before = layer_after = 0
-    for names, qlinear in replacements:
-        for name in names:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, qlinear)
-        layer_numel += qlinear.qweight.numel
-        layer_before += qlinear.qweight.numel * qlinear.qweight.dtype.itemsize
-        layer_after += qlinear.nbytes
-    refuse_save_pretrained(model)  # transformers' save_pretrained would silently drop every QuantLinear
+    if sink is None:
+        for names, qlinear in replacements:
+            for name in names:
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, qlinear)
+        refuse_save_pretrained(model)  # transformers' save_pretrained would silently drop every QuantLinear
+        after = model_weight_bytes(model)
+    else:  # the float weights the swap would have dropped: a tied head's is its embedding's too, and stays
+        names_of: dict[int, list[str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            names_of.setdefault(id(p), []).append(name)
+        swapped = {f"{n}.weight" for names, _, _, _ in targets for n in names}
+        dropped = {id(linear.weight): linear.weight for _, linear, _, _ in targets
+                   if all(n in swapped for n in names_of[id(linear.weight)])}
+        after = before - sum(w.numel() * w.element_size() for w in dropped.values()) + layer_after
     return QuantizeReport(
         format=what,
-        layers=tuple(name for names, _ in replacements for name in names),
+        layers=tuple(name for names, _, _, _ in targets for name in names),
         layer_numel=layer_numel,
         layer_bytes_before=layer_before,
         layer_bytes_after=layer_after,
         model_bytes_before=before,
-        model_bytes_after=model_weight_bytes(model),
+        model_bytes_after=after,
         seconds=time.perf_counter() - start,
         layer_configs=tuple((names[0], c.label) for names, _, c, _ in targets),
         fallbacks=tuple((names[0], wanted) for names, _, _, wanted in targets if wanted),

@@ -21,13 +21,14 @@ import torch
 from torch import nn
 
 from ..errors import ModelLoadError
+from ..files.shards import INDEX, SINGLE
 from . import converted
 from .hashing import files_sha256, model_files
 from .header_checks import check_safetensors
 from .loader import CAUSAL_LM, EMBEDDED, ModelInfo, as_load_error, load_model, model_kind, resolve, shape_mismatch
 
-INDEX = "model.safetensors.index.json"  # transformers' name for a sharded checkpoint's tensor -> file map
-SINGLE = "model.safetensors"
+# safetensors' names of the float dtypes (its format spec, github.com/huggingface/safetensors, "dtype")
+_FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 class Checkpoint:
@@ -58,8 +59,15 @@ class Checkpoint:
                 raise ModelLoadError(f"{index} names tensor {unheld[0]} in {weight_map[unheld[0]]}, which does not "
                                      "hold it")
 
-    def read(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Tensor ``name`` as ``dtype`` (floating tensors only are cast)."""
+    def dtype(self, name: str) -> torch.dtype | None:
+        """Tensor ``name``'s stored dtype if it is a float, from its file's header."""
+        from safetensors import safe_open
+
+        with as_load_error(self.where[name]), safe_open(self.where[name], "pt") as f:
+            return _FLOATS.get(f.get_slice(name).get_dtype())
+
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Tensor ``name`` as stored, or a floating one cast to ``dtype``."""
         from safetensors import safe_open
 
         path = self.where.get(name)
@@ -67,7 +75,7 @@ class Checkpoint:
             raise ModelLoadError(f"{self.directory}: no tensor {name} in its safetensors")
         with as_load_error(path), safe_open(path, "pt") as f:
             t = f.get_tensor(name)
-        return t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
+        return t.to(dtype) if dtype is not None and t.is_floating_point() and t.dtype != dtype else t
 
 
 class LazyWeights:
@@ -81,10 +89,13 @@ class LazyWeights:
             names.setdefault(id(p), []).append(name)
         self.aliases = {name: group for group in names.values() for name in group}
 
-    def read(self, name: str) -> torch.Tensor:
-        """Parameter ``name`` as float32, as ``load_model`` holds it."""
+    def read(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Parameter ``name`` as float32, as ``load_model`` holds it; as ``dtype`` where that gives the same
+        values as a cast of that float32 (``dtype`` the stored one: float32 holds every float16 and bfloat16), so
+        that a tensor stored as it was read is never held in float32 too."""
         held = next((n for n in self.aliases.get(name, [name]) if n in self.checkpoint.where), name)
-        return self.checkpoint.read(held)
+        stored = self.checkpoint.dtype(held)
+        return self.checkpoint.read(held, dtype if dtype in (stored, torch.float32) else torch.float32)
 
     def onload(self, model: nn.Module, skip: Iterable[str] = ()) -> None:
         """Every meta parameter of ``model`` read in, but those whose every name is in ``skip`` (the weights of
