@@ -49,14 +49,18 @@ def run(args) -> int:
 
         model, tokenizer, meta = load_quantized(args.directory)
         kind, what = meta["model"]["kind"], args.directory
-    else:
+    elif plan is None:
         model, tokenizer, info = load(args.model, con, verify=args.verify)
         kind, what = info.kind, info.source
-        _check_kind(kind, what)
-        if plan is not None:
-            from ..workflows.run import run
+    else:  # each layer's float weight is read only to be rounded (lowbit.models.lazy)
+        from ..models.lazy import load_lazily
+        from ..workflows.run import run
 
-            run(model, plan, progress=con.is_terminal)
+        model, tokenizer, info, weights = load(args.model, con,
+                                               loader=lambda spec: load_lazily(spec, verify=args.verify))
+        kind, what = info.kind, info.source
+        _check_kind(kind, what)
+        run(model, plan, progress=con.is_terminal, source=weights)
     _check_kind(kind, what)
     prompt = args.prompt
     if args.chat:
