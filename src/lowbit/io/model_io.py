@@ -18,15 +18,17 @@ from pathlib import Path
 
 import torch
 
+from ..cachedir import check_space
 from ..errors import InputError, ModelLoadError
 from ..files.atomic import atomic_dir, check_output_dir, write_errors
 from ..files.shards import SHARD_BYTES, SINGLE, ShardWriter
+from ..formats.facts import stored_bits
 from ..formats.registry import format_by_id, get_format
 from ..layers.hf_quantizer import refuse_save_pretrained
 from ..layers.keep_dtype import round_state
 from ..layers.linear import QuantLinear
 from ..layers.outlier_linear import Int8OutlierLinear, check_threshold
-from ..layers.surgery import QuantizeReport, quantize_model
+from ..layers.surgery import QuantizeReport, plan_layers, quantize_model
 from ..models.architectures import with_architectures
 from ..models.lazy import Checkpoint, LazyWeights
 from ..models.loader import CAUSAL_LM, ModelInfo, as_load_error, model_kind, resolve
@@ -93,9 +95,11 @@ def quantize_to_directory(model, weights: LazyWeights, tokenizer, info: ModelInf
     is read, rounded and handed to the shard writer, then each other tensor, so memory holds one float weight and
     one shard, never the model. The files are the ones ``quantize_model`` then ``save_quantized`` write
     (tests/io/test_model_io.py)."""
-    check_output(directory, overwrite=overwrite, source=local_source(info.source))
+    out = check_output(directory, overwrite=overwrite, source=local_source(info.source))
     if plan.needs_calibration:
         raise InputError(f"{plan.label} needs calibration, which runs the whole model: load it with load_model")
+    check_space("the quantized model", disk=output_bytes(model, plan, keep_dtype), memory=0,
+                directory=out.absolute().parent, hint="free some space, or write it elsewhere with -o")
     layers: dict[str, dict] = {}
     with write_errors(directory), atomic_dir(directory, overwrite=overwrite, replaceable=_replaceable) as tmp:
         writer = ShardWriter(tmp, shard_bytes)
@@ -125,6 +129,31 @@ def quantize_to_directory(model, weights: LazyWeights, tokenizer, info: ModelInf
         writer.close()
         write_model_files(tmp, model, tokenizer, meta)
     return report
+
+
+# safetensors headers (tens of kB a shard), the index, config, tokenizer and lowbit.json: a generous bound
+_FILES_BESIDE = 64 << 20
+
+
+def output_bytes(model, plan: QuantPlan, keep_dtype: torch.dtype) -> int:
+    """About what ``model`` quantized as ``plan`` says stores: each layer's packed weight as its format's facts
+    count it (``formats.facts.stored_bits``), every other tensor once, at ``keep_dtype``. Checked against the
+    free disk before a streamed run starts, so that it does not fail an hour in."""
+    targets = plan_layers(model, plan)
+    swapped = {f"{n}.weight" for names, _, _, _ in targets for n in names}
+    total, seen = 0, set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if name not in swapped and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * (keep_dtype.itemsize if t.is_floating_point() else t.element_size())
+    for _, linear, config, _ in targets:
+        out_f, in_f = linear.weight.shape
+        block = in_f if any(m.row_blocks for m in config.method_classes) else \
+            config.block_size or get_format(config.format).default_block_size
+        total += stored_bits(get_format(config.format).name, out_f * in_f, block,
+                             double_quant=config.double_quant) // 8
+        total += in_f if config.layer_signs("", in_f) is not None else 0
+    return total + _FILES_BESIDE
 
 
 def layer_entry(q: QuantizedTensor, label: str | None, fallback: str | None, threshold: float | None,
