@@ -13,7 +13,6 @@ casts it, so what is rounded, and so every saved byte, is the same (tests/models
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -25,10 +24,18 @@ from ..files.shards import INDEX, SINGLE
 from . import converted
 from .hashing import files_sha256, model_files
 from .header_checks import check_safetensors
-from .loader import CAUSAL_LM, EMBEDDED, ModelInfo, as_load_error, load_model, model_kind, resolve, shape_mismatch
-
-# safetensors' names of the float dtypes (its format spec, github.com/huggingface/safetensors, "dtype")
-_FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+from .loader import (
+    CAUSAL_LM,
+    ModelInfo,
+    as_load_error,
+    directory_kind,
+    gguf_info,
+    load_model,
+    model_kind,
+    recorded_source,
+    resolve,
+    shape_mismatch,
+)
 
 
 class Checkpoint:
@@ -59,23 +66,15 @@ class Checkpoint:
                 raise ModelLoadError(f"{index} names tensor {unheld[0]} in {weight_map[unheld[0]]}, which does not "
                                      "hold it")
 
-    def dtype(self, name: str) -> torch.dtype | None:
-        """Tensor ``name``'s stored dtype if it is a float, from its file's header."""
-        from safetensors import safe_open
-
-        with as_load_error(self.where[name]), safe_open(self.where[name], "pt") as f:
-            return _FLOATS.get(f.get_slice(name).get_dtype())
-
-    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Tensor ``name`` as stored, or a floating one cast to ``dtype``."""
+    def read(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` as stored."""
         from safetensors import safe_open
 
         path = self.where.get(name)
         if path is None:
             raise ModelLoadError(f"{self.directory}: no tensor {name} in its safetensors")
         with as_load_error(path), safe_open(path, "pt") as f:
-            t = f.get_tensor(name)
-        return t.to(dtype) if dtype is not None and t.is_floating_point() and t.dtype != dtype else t
+            return f.get_tensor(name)
 
 
 class LazyWeights:
@@ -94,8 +93,8 @@ class LazyWeights:
         values as a cast of that float32 (``dtype`` the stored one: float32 holds every float16 and bfloat16), so
         that a tensor stored as it was read is never held in float32 too."""
         held = next((n for n in self.aliases.get(name, [name]) if n in self.checkpoint.where), name)
-        stored = self.checkpoint.dtype(held)
-        return self.checkpoint.read(held, dtype if dtype in (stored, torch.float32) else torch.float32)
+        t = self.checkpoint.read(held)
+        return t if not t.is_floating_point() or t.dtype == dtype else t.float()
 
     def onload(self, model: nn.Module, skip: Iterable[str] = ()) -> None:
         """Every meta parameter of ``model`` read in, but those whose every name is in ``skip`` (the weights of
@@ -144,21 +143,14 @@ def load_lazily(spec: str | Path | None = None, *, verify: bool = False):
 def _directory(spec, how: str, target: str, verify: bool) -> tuple[Path | None, ModelInfo | None]:
     """The safetensors directory ``load_model(spec)`` would read and the model's ``ModelInfo``; ``(None,
     None)`` where there is none yet."""
-    name = "smollm2" if spec is None else str(spec).lower()
     if how == "hub":
         return None, None
-    source = name if name in EMBEDDED else os.path.abspath(target)  # as load_model records it
-    path = Path(target)
+    path, source = Path(target), recorded_source(spec, target)
     if how == "gguf":
-        if not path.is_file():
-            raise ModelLoadError(f"model file does not exist: {path}")
-        with as_load_error(path):
-            file_hash = files_sha256([path], verify=verify)
-        cached = converted.lookup(file_hash, verify=verify)
-        return (cached, ModelInfo(CAUSAL_LM, source, file_hash, path.stem)) if cached is not None else (None, None)
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(f"not a model directory (no config.json): {path}")
+        info = gguf_info(path, source, verify)
+        cached = converted.lookup(info.file_hash, verify=verify)
+        return (cached, info) if cached is not None else (None, None)
+    kind = directory_kind(path)
     with as_load_error(path):
-        kind = model_kind(json.loads((path / "config.json").read_text()))
         file_hash = files_sha256(model_files(path), root=path, verify=verify)
     return path, ModelInfo(kind, source, file_hash, path.name)

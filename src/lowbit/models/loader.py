@@ -60,11 +60,36 @@ def load_model(spec: str | Path | None = None, *, verify: bool = False):
     how, target = resolve(spec)
     if how == "hub":
         return _load_hub(target, verify)
-    name = "smollm2" if spec is None else str(spec).lower()
-    source = name if name in EMBEDDED else os.path.abspath(target)
+    source = recorded_source(spec, target)
     if how == "gguf":
         return _load_gguf(Path(target), source, verify)
     return _load_directory(Path(target), source, verify)
+
+
+def recorded_source(spec: str | Path | None, target: str) -> str:
+    """What ``ModelInfo.source`` records for a local ``spec`` that ``resolve`` found at ``target``: an embedded
+    model's name, else the absolute path."""
+    name = "smollm2" if spec is None else str(spec).lower()
+    return name if name in EMBEDDED else os.path.abspath(target)
+
+
+def gguf_info(path: Path, source: str, verify: bool = False) -> ModelInfo:
+    """A GGUF file's ``ModelInfo``: its sha256 names the converted-model cache (``models.converted``)."""
+    if not path.is_file():
+        raise ModelLoadError(f"model file does not exist: {path}")
+    with as_load_error(path):
+        # first: the hash names the converted-model cache; a conversion then reads the pages this read cached
+        file_hash = files_sha256([path], verify=verify)
+    return ModelInfo(CAUSAL_LM, source, file_hash, path.stem)
+
+
+def directory_kind(path: Path) -> str:
+    """A model directory's kind, from its config.json."""
+    config = path / "config.json"
+    if not config.is_file():
+        raise ModelLoadError(f"not a model directory (no config.json): {path}")
+    with as_load_error(path):
+        return model_kind(json.loads(config.read_text()))
 
 
 def resolve(spec: str | Path | None) -> tuple[str, str]:
@@ -102,12 +127,8 @@ def _looks_like_path(key: str) -> bool:
 
 
 def _load_gguf(path: Path, source: str, verify: bool):
-    if not path.is_file():
-        raise ModelLoadError(f"model file does not exist: {path}")
-    with as_load_error(path):
-        # first: the hash names the converted-model cache; a conversion then reads the pages this read cached
-        file_hash = files_sha256([path], verify=verify)
-    info = ModelInfo(CAUSAL_LM, source, file_hash, path.stem)
+    info = gguf_info(path, source, verify)
+    file_hash = info.file_hash
     cached = converted.lookup(file_hash, verify=verify)
     if cached is not None:
         try:
@@ -135,13 +156,10 @@ def _convert_gguf(path: Path):
 
 
 def _load_directory(path: Path, source: str, verify: bool):
-    config = path / "config.json"
-    if not config.is_file():
-        raise ModelLoadError(f"not a model directory (no config.json): {path}")
+    kind = directory_kind(path)
     for weights in sorted(path.glob("*.safetensors")):  # each from its header alone, before transformers maps it
         check_safetensors(weights)
     with as_load_error(path):
-        kind = model_kind(json.loads(config.read_text()))
         model, tokenizer = _from_pretrained(str(path), kind, local_files_only=True)
         # after transformers mapped the files: on a first load, a second pass over what it left in the page cache
         file_hash = files_sha256(model_files(path), root=path, verify=verify)
