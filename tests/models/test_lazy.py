@@ -1,5 +1,5 @@
 """A model read layer by layer (lowbit.models.lazy), rounded in memory or streamed to its files
-(io.model_io.quantize_to_directory), is saved to the same bytes as one loaded whole."""
+(io.streamed.quantize_to_directory), is saved to the same bytes as one loaded whole."""
 
 import json
 from pathlib import Path
@@ -10,7 +10,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lowbit.errors import ModelLoadError
 from lowbit.files.shards import INDEX
-from lowbit.io.model_io import quantize_to_directory, save_quantized
+from lowbit.io.model_io import save_quantized
+from lowbit.io.streamed import quantize_to_directory
 from lowbit.models.lazy import Checkpoint, load_lazily
 from lowbit.models.loader import load_model
 from lowbit.planning import QuantPlan

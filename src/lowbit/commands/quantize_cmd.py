@@ -9,7 +9,8 @@ from ..calibration.importance import calibration_batches
 from ..errors import InputError
 from ..eval.protocol import DEFAULT_WINDOW, DEFAULT_WINDOWS, scored_count
 from ..evaluate import Evaluation, materialize, model_limits
-from ..io.model_io import check_output, local_source, quantize_to_directory, read_meta, save_quantized
+from ..io.model_io import check_output, local_source, read_meta, save_quantized
+from ..io.streamed import quantize_to_directory
 from ..layers.keep_dtype import parse_keep_dtype
 from ..layers.surgery import linears
 from ..models.loader import CAUSAL_LM

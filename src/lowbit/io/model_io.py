@@ -12,25 +12,25 @@ Layout of DIR (no pickle anywhere):
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-from ..cachedir import check_space
-from ..errors import InputError, ModelLoadError
+from ..errors import ModelLoadError
 from ..files.atomic import atomic_dir, check_output_dir, write_errors
 from ..files.shards import SHARD_BYTES, SINGLE, ShardWriter
-from ..formats.facts import stored_bits
 from ..formats.registry import format_by_id, get_format
 from ..layers.hf_quantizer import refuse_save_pretrained
 from ..layers.keep_dtype import round_state
 from ..layers.linear import QuantLinear
 from ..layers.outlier_linear import Int8OutlierLinear, check_threshold
-from ..layers.surgery import QuantizeReport, plan_layers, quantize_model
+from ..layers.surgery import QuantizeReport
 from ..models.architectures import with_architectures
-from ..models.lazy import Checkpoint, LazyWeights
+from ..models.lazy import Checkpoint
 from ..models.loader import CAUSAL_LM, ModelInfo, as_load_error, model_kind, resolve
 from ..planning.plan import QuantPlan
 from ..quantize import quantize
@@ -63,10 +63,8 @@ def save_quantized(model, tokenizer, info: ModelInfo, report: QuantizeReport, pl
     labels, fallbacks = dict(report.layer_configs), dict(report.fallbacks)
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
-            threshold = module.threshold if isinstance(module, Int8OutlierLinear) else None
-            layers[name] = layer_entry(module.qweight, labels.get(name), fallbacks.get(name), threshold,
-                                       module.signs is not None)
-            tensors.update(layer_tensors(name, module.qweight, module.signs))
+            layers[name], stored = stored_layer(name, module, labels.get(name), fallbacks.get(name))
+            tensors.update(stored)
     tied = {}
     first_of: dict[tuple, str] = {}
     for key, t in model.state_dict(keep_vars=False).items():
@@ -78,7 +76,7 @@ def save_quantized(model, tokenizer, info: ModelInfo, report: QuantizeReport, pl
             t = t.detach()
             tensors[key] = t.to(keep_dtype) if t.is_floating_point() else t
     meta = quantized_meta(info, plan, keep_dtype, report, report.model_bytes_after - saved, layers, tied, extra, label)
-    with write_errors(directory), atomic_dir(directory, overwrite=overwrite, replaceable=_replaceable) as tmp:
+    with writing_output(directory, overwrite=overwrite) as tmp:
         writer = ShardWriter(tmp, shard_bytes)
         for key, t in tensors.items():
             writer.add(key, t)
@@ -87,94 +85,30 @@ def save_quantized(model, tokenizer, info: ModelInfo, report: QuantizeReport, pl
     return Path(directory)
 
 
-def quantize_to_directory(model, weights: LazyWeights, tokenizer, info: ModelInfo, plan: QuantPlan, directory, *,
-                          overwrite=False, keep_dtype: torch.dtype = torch.float32, shard_bytes: int = SHARD_BYTES,
-                          progress: bool = True) -> QuantizeReport:
-    """Quantize a model built on the meta device (``lowbit.models.lazy.load_lazily``) as ``plan`` says (no
-    calibration) and write it to ``directory`` as ``save_quantized`` would, tensor by tensor: each layer's weight
-    is read, rounded and handed to the shard writer, then each other tensor, so memory holds one float weight and
-    one shard, never the model. The files are the ones ``quantize_model`` then ``save_quantized`` write
-    (tests/io/test_model_io.py)."""
-    out = check_output(directory, overwrite=overwrite, source=local_source(info.source))
-    if plan.needs_calibration:
-        raise InputError(f"{plan.label} needs calibration, which runs the whole model: load it with load_model")
-    check_space("the quantized model", disk=output_bytes(model, plan, keep_dtype), memory=0,
-                directory=out.absolute().parent, hint="free some space, or write it elsewhere with -o")
-    layers: dict[str, dict] = {}
-    with write_errors(directory), atomic_dir(directory, overwrite=overwrite, replaceable=_replaceable) as tmp:
-        writer = ShardWriter(tmp, shard_bytes)
-
-        def write_layer(names, layer, config, wanted) -> None:
-            threshold = layer.threshold if isinstance(layer, Int8OutlierLinear) else None
-            layers[names[0]] = layer_entry(layer.qweight, config.label, wanted, threshold, layer.signs is not None)
-            for key, t in layer_tensors(names[0], layer.qweight, layer.signs).items():
-                writer.add(key, t)
-
-        report = quantize_model(model, plan, progress=progress, source=weights, sink=write_layer)
-        swapped = {f"{name}.weight" for name in report.layers}
-        tied, first_of, saved = {}, {}, 0
-        for key, t in model.state_dict(keep_vars=True).items():
-            if key in swapped:
-                continue  # a quantized layer's weight, stored packed above (a tied head's embedding stays)
-            if id(t) in first_of:  # a tied tensor, stored once
-                tied[key] = first_of[id(t)]
-                continue
-            first_of[id(t)] = key
-            if t.is_floating_point() and t.dtype != keep_dtype:
-                saved += t.numel() * (t.element_size() - keep_dtype.itemsize)
-            value = weights.read(key, keep_dtype) if t.is_meta else t.detach()
-            writer.add(key, value.to(keep_dtype) if value.is_floating_point() else value)
-            del value
-        meta = quantized_meta(info, plan, keep_dtype, report, report.model_bytes_after - saved, layers, tied)
-        writer.close()
-        write_model_files(tmp, model, tokenizer, meta)
-    return report
-
-
-# safetensors headers (tens of kB a shard), the index, config, tokenizer and lowbit.json: a generous bound
-_FILES_BESIDE = 64 << 20
-
-
-def output_bytes(model, plan: QuantPlan, keep_dtype: torch.dtype) -> int:
-    """About what ``model`` quantized as ``plan`` says stores: each layer's packed weight as its format's facts
-    count it (``formats.facts.stored_bits``), every other tensor once, at ``keep_dtype``. Checked against the
-    free disk before a streamed run starts, so that it does not fail an hour in."""
-    targets = plan_layers(model, plan)
-    swapped = {f"{n}.weight" for names, _, _, _ in targets for n in names}
-    total, seen = 0, set()
-    for name, t in model.state_dict(keep_vars=True).items():
-        if name not in swapped and id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel() * (keep_dtype.itemsize if t.is_floating_point() else t.element_size())
-    for _, linear, config, _ in targets:
-        out_f, in_f = linear.weight.shape
-        block = in_f if any(m.row_blocks for m in config.method_classes) else \
-            config.block_size or get_format(config.format).default_block_size
-        total += stored_bits(get_format(config.format).name, out_f * in_f, block,
-                             double_quant=config.double_quant) // 8
-        total += in_f if config.layer_signs("", in_f) is not None else 0
-    return total + _FILES_BESIDE
-
-
-def layer_entry(q: QuantizedTensor, label: str | None, fallback: str | None, threshold: float | None,
-                rotated: bool) -> dict:
-    """What ``lowbit.json`` says of one quantized layer (``layers.NAME``)."""
+def stored_layer(name: str, layer: QuantLinear, label: str | None, fallback: str | None) -> tuple[dict, dict]:
+    """``(entry, tensors)``: what ``lowbit.json`` says of one quantized layer (``layers.NAME``) and the tensors it
+    stores (its packed parts, and a +had layer's signs)."""
+    q = layer.qweight
     entry = {"format": q.format.name, "format_id": q.format.id, "shape": list(q.shape),
              "dtype": str(q.dtype).removeprefix("torch."), "block_size": q.block_size,
              "double_quant": q.double_quant, "parts": list(q.parts)}
     entry |= {"label": label} if label is not None else {}
     entry |= {"fallback_from": fallback} if fallback is not None else {}
-    if threshold is not None:  # LLM.int8(): the activations are split at run time
-        entry["outlier_threshold"] = threshold
-    if rotated:  # +had: the stored weight is W Q (lowbit.layers.rotation)
-        entry["rotation"] = "hadamard"
-    return entry
-
-
-def layer_tensors(name: str, q: QuantizedTensor, signs: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """The tensors one quantized layer stores: its packed parts, and a +had layer's signs."""
+    if isinstance(layer, Int8OutlierLinear):  # LLM.int8(): the activations are split at run time
+        entry["outlier_threshold"] = layer.threshold
     tensors = {f"{name}{_QW}{part}": t for part, t in q.parts.items()}
-    return tensors | ({f"{name}{_SIGNS}": signs} if signs is not None else {})
+    if layer.signs is not None:  # +had: the stored weight is W Q (lowbit.layers.rotation)
+        entry["rotation"] = "hadamard"
+        tensors[f"{name}{_SIGNS}"] = layer.signs
+    return entry, tensors
+
+
+@contextmanager
+def writing_output(directory, *, overwrite: bool = False) -> Iterator[Path]:
+    """A temp directory that becomes ``directory`` when the block succeeds (``check_output`` first): an --overwrite
+    replaces only an earlier lowbit output, and a failed write is one OSError naming ``directory``."""
+    with write_errors(directory), atomic_dir(directory, overwrite=overwrite, replaceable=_replaceable) as tmp:
+        yield tmp
 
 
 def quantized_meta(info: ModelInfo, plan: QuantPlan, keep_dtype: torch.dtype, report: QuantizeReport,
