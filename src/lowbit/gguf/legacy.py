@@ -102,6 +102,11 @@ def _read_high_bits(qh: torch.Tensor) -> torch.Tensor:
     return ((qh[:, :, None] & _bit_weights()) != 0).view(-1, QK).to(torch.uint8) << 4
 
 
+# q4_0's and q4_1's codes, laid out alike (llama.cpp ggml-common.h, block_q4_0 and block_q4_1)
+_NIBBLES = Field("qs", CODES, "32 4-bit codes: element j in the low nibble of byte j, element j+16 in the high nibble",
+                 nbytes=16, fill="nibbles")
+
+
 class GGUFLegacy(Codec, family="gguf_legacy"):
     """params: kind "sym" (d = signed max / -2^(b-1), codes offset by 2^(b-1)), "asym"
     (d = (max - min) / (2^b - 1), m = min), or "q8" (d = amax / 127, roundf)."""
@@ -117,15 +122,13 @@ class GGUFLegacy(Codec, family="gguf_legacy"):
         "q4_0": Anatomy(
             "an fp16 scale d inside each {bytes}-byte block", "w = (q - 8) * d",
             (Field("d", SCALE, "fp16 d = m / -8, m the value of largest magnitude", nbytes=2, fill="fp16 1"),
-             Field("qs", CODES, "32 4-bit codes: element j in the low nibble of byte j, element j+16 in the high "
-                   "nibble", nbytes=16, fill="nibbles")),
+             _NIBBLES),
             fixed_by="GGUF", no_double_quant=GGUF_NO_DQ),
         "q4_1": Anatomy(
             "an fp16 scale d and an fp16 minimum m inside each {bytes}-byte block", "w = q * d + m",
             (Field("d", SCALE, "fp16 d = (max - min) / 15", nbytes=2, fill="fp16 1"),
              Field("m", SCALE, "fp16 m = min", nbytes=2, fill="fp16 0"),
-             Field("qs", CODES, "32 4-bit codes: element j in the low nibble of byte j, element j+16 in the high "
-                   "nibble", nbytes=16, fill="nibbles")),
+             _NIBBLES),
             fixed_by="GGUF", no_double_quant=GGUF_NO_DQ),
         "q5_0": Anatomy(
             "an fp16 scale d inside each {bytes}-byte block", "w = (q - 16) * d",
