@@ -107,3 +107,17 @@ def test_bad_checkpoints_are_refused(sharded):
     (sharded / first).write_bytes(data[: len(data) // 2])
     with pytest.raises(ModelLoadError, match="its tensors span .* the file holds"):
         Checkpoint(sharded)
+
+
+def test_a_block_is_read_in_and_put_back_in_place(sharded):
+    model, _, _, weights = load_lazily(sharded)
+    block = model.model.layers[1]
+    linear = block.self_attn.q_proj
+    weights.onload(model, under="model.layers.1")
+    assert model.model.layers[1] is block and block.self_attn.q_proj is linear  # identities kept
+    assert all(not p.is_meta for p in block.parameters())
+    assert all(p.is_meta for p in model.model.layers[0].parameters())  # nothing else read
+    full = load_model(str(sharded))[0]
+    assert torch.equal(linear.weight, full.model.layers[1].self_attn.q_proj.weight)
+    weights.offload(model, "model.layers.1")
+    assert all(p.is_meta for p in block.parameters()) and block.self_attn.q_proj is linear

@@ -96,16 +96,35 @@ class LazyWeights:
         t = self.checkpoint.read(held)
         return t if not t.is_floating_point() or t.dtype == dtype else t.float()
 
-    def onload(self, model: nn.Module, skip: Iterable[str] = ()) -> None:
+    def onload(self, model: nn.Module, skip: Iterable[str] = (), *, under: str = "") -> None:
         """Every meta parameter of ``model`` read in, but those whose every name is in ``skip`` (the weights of
         the layers ``quantize_model`` will read one at a time: a tied head's weight is read as the embedding it
-        also is); ties are made again over the new tensors."""
+        also is); ties are made again over the new tensors. ``under``: only the parameters of that submodule
+        (a transformer block, ``model.layers.3``), read in place, so every module keeps its identity."""
         skip = set(skip)
-        for name, p in list(model.named_parameters()):
+        for name, p in _parameters(model, under):
             if p.is_meta and not all(n in skip for n in self.aliases[name]):
                 parent, _, attr = name.rpartition(".")
                 setattr(model.get_submodule(parent), attr, nn.Parameter(self.read(name), requires_grad=False))
-        model.tie_weights()
+        if not under:
+            model.tie_weights()
+
+    @staticmethod
+    def offload(model: nn.Module, under: str) -> None:
+        """The parameters of submodule ``under`` put back on the meta device (``onload(model, under=)`` undone),
+        their memory freed once nothing else holds them."""
+        for name, p in _parameters(model, under):
+            if not p.is_meta:
+                parent, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(parent), attr,
+                        nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
+
+
+def _parameters(model: nn.Module, under: str) -> list[tuple[str, nn.Parameter]]:
+    """``model``'s parameters by qualified name; ``under``: only those of that submodule."""
+    if not under:
+        return list(model.named_parameters())
+    return [(f"{under}.{n}", p) for n, p in model.get_submodule(under).named_parameters()]
 
 
 def load_lazily(spec: str | Path | None = None, *, verify: bool = False):
