@@ -184,3 +184,21 @@ def test_reference_is_the_original_float32_model(tied, head):
     assert any(isinstance(m, QuantLinear) for m in quantized.modules())
     assert reference_weight_bytes(original) == fp32_bytes(original)
     assert reference_weight_bytes(quantized) == fp32_bytes(original)
+
+
+def test_a_model_quantized_in_parts_reports_as_one():
+    from lowbit.layers.surgery import QuantizeReport, plan_layers
+
+    model, plan = Toy(), QuantPlan.uniform("nf4")
+    names = [n[0] for n, _, _, _ in plan_layers(model, plan)]
+    sink = lambda *a: None  # noqa: E731
+    whole = quantize_model(model, plan, progress=False, sink=sink)
+    half = len(names) // 2
+    parts = [quantize_model(model, plan, progress=False, sink=sink, only=names[:half]),
+             quantize_model(model, plan, progress=False, sink=sink, only=names[half:])]
+    assert [p.layers for p in parts] == [tuple(names[:half]), tuple(names[half:])]
+    combined = QuantizeReport.combine(parts)
+    assert combined.layers == whole.layers and combined.layer_configs == whole.layer_configs
+    for field in ("layer_numel", "layer_bytes_before", "layer_bytes_after", "model_bytes_before",
+                  "model_bytes_after"):
+        assert getattr(combined, field) == getattr(whole, field), field

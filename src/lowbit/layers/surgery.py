@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -53,6 +53,22 @@ class QuantizeReport:
         """Stored bits per weight of the replaced layers, scales and metadata included."""
         return 8 * self.layer_bytes_after / self.layer_numel if self.layer_numel else 0.0
 
+    @classmethod
+    def combine(cls, parts: Sequence[QuantizeReport]) -> QuantizeReport:
+        """One report for a model quantized in parts, each handed to a sink (``quantize_model(..., only=,
+        sink=)``: each part's layers dropped from the same model): the layers in the parts' order, bytes and
+        seconds summed."""
+        before = parts[0].model_bytes_before
+        return replace(
+            parts[0], layers=tuple(n for p in parts for n in p.layers),
+            layer_numel=sum(p.layer_numel for p in parts),
+            layer_bytes_before=sum(p.layer_bytes_before for p in parts),
+            layer_bytes_after=sum(p.layer_bytes_after for p in parts),
+            model_bytes_after=before + sum(p.model_bytes_after - before for p in parts),
+            seconds=sum(p.seconds for p in parts),
+            layer_configs=tuple(c for p in parts for c in p.layer_configs),
+            fallbacks=tuple(f for p in parts for f in p.fallbacks))
+
     @property
     def layer_ratio(self) -> float:
         return self.layer_bytes_after / self.layer_bytes_before if self.layer_bytes_before else 1.0
@@ -65,8 +81,8 @@ class QuantizeReport:
 def quantize_model(model: nn.Module, plan: QuantPlan, *, progress: bool = True,
                    importance: dict[str, torch.Tensor] | None = None,
                    prequantized: dict[str, QuantizedTensor] | None = None, source=None,
-                   sink: Callable[[list[str], QuantLinear, QuantConfig, str | None], None] | None = None
-                   ) -> QuantizeReport:
+                   sink: Callable[[list[str], QuantLinear, QuantConfig, str | None], None] | None = None,
+                   only: Collection[str] | None = None) -> QuantizeReport:
     """Replace the ``nn.Linear`` layers ``plan`` selects by ``QuantLinear``, in place.
 
     ``plan``: per-layer rules (``lowbit.planning.plan``); one format for all is ``QuantPlan.uniform("nf4")``.
@@ -80,7 +96,9 @@ def quantize_model(model: nn.Module, plan: QuantPlan, *, progress: bool = True,
     ``source``: where the weights of a model built on the meta device are read from, one layer at a time as it
     is rounded (``lowbit.models.lazy.LazyWeights``): only one float weight is alive at a time. ``sink(names,
     layer, config, fallen_back_from)``: each quantized layer is handed over (to be written) instead of swapped in,
-    and nothing of the model changes; the report counts the model as if it had been swapped.
+    and nothing of the model changes; the report counts the model as if it had been swapped. ``only``: the
+    layers (by first name) to quantize in this call, the others left as they are and not counted in the report
+    (a model quantized block by block: ``QuantizeReport.combine`` joins the parts).
     """
     if not isinstance(plan, QuantPlan):
         raise InputError(f"quantize_model takes a QuantPlan, got {type(plan).__name__}: for one format on every "
@@ -88,6 +106,9 @@ def quantize_model(model: nn.Module, plan: QuantPlan, *, progress: bool = True,
     start = time.perf_counter()
     before = model_weight_bytes(model, meta=source is not None)
     targets = plan_layers(model, plan)
+    if only is not None:
+        only = set(only)
+        targets = [t for t in targets if t[0][0] in only]
     unmade = [(names[0], c) for names, _, c, _ in targets if c.prequantized and names[0] not in (prequantized or {})]
     if unmade:
         name, config = unmade[0]
