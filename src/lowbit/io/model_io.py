@@ -31,7 +31,7 @@ from ..layers.outlier_linear import Int8OutlierLinear, check_threshold
 from ..layers.surgery import QuantizeReport
 from ..models.architectures import with_architectures
 from ..models.lazy import Checkpoint
-from ..models.loader import CAUSAL_LM, ModelInfo, as_load_error, model_kind, resolve
+from ..models.loader import CAUSAL_LM, ModelInfo, as_load_error, model_kind, resolve, shape_mismatch
 from ..planning.plan import QuantPlan
 from ..quantize import quantize
 from ..tensor import QuantizedTensor
@@ -214,7 +214,10 @@ def read_meta(directory) -> dict:
 
 
 def load_quantized(directory):
-    """``(model, tokenizer, meta)`` from a directory written by ``save_quantized``."""
+    """``(model, tokenizer, meta)`` from a directory written by ``save_quantized`` or, in shards,
+    ``quantize_to_directory``. Tensor by tensor: the architecture is built on the meta device and each
+    stored tensor is read when its place in the model is filled, so memory holds the model and one tensor
+    more, never the file's tensors beside the model's (tests/io/test_lazy_load.py)."""
     directory = Path(directory)
     meta = read_meta(directory)
     checkpoint = Checkpoint(directory)  # each file from its header alone, before safetensors maps it
@@ -222,7 +225,6 @@ def load_quantized(directory):
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     with as_load_error(directory):
-        tensors = {key: checkpoint.read(key) for key in checkpoint.where}
         config = AutoConfig.from_pretrained(directory, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
         kind = meta["model"]["kind"]
@@ -230,28 +232,55 @@ def load_quantized(directory):
             raise ModelLoadError(f"{directory}: {META_FILE} says model.kind {kind!r}, but config.json describes "
                                  f"a {model_kind(config.to_dict())} ({config.model_type}); quantize it again")
         cls = AutoModelForCausalLM if kind == CAUSAL_LM else AutoModel
-        # Parameters on the meta device: the stored tensors are assigned below, so no float32 copy
+        # Parameters on the meta device: each is replaced by its stored tensor below, so no float32 copy
         # of the whole model is ever allocated (buffers such as RoPE's inv_freq are built as usual).
         with init_empty_weights(include_buffers=False):
             model = cls.from_config(config, dtype=torch.float32).eval()
+        mismatch = shape_mismatch(model, checkpoint.files)  # from the headers, before anything is read
+        if mismatch:
+            raise ModelLoadError(f"cannot load model from {directory}: {mismatch}")
         for name, layer in meta["layers"].items():
             _check_architecture(model, name, layer["shape"])  # before quantizing zeros of a shape it names
-            q = _stored_qweight(name, layer, tensors)
-            signs = _stored_signs(name, layer, tensors)
+            q = _stored_qweight(name, layer, checkpoint)
+            signs = _stored_signs(name, layer, checkpoint)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, _stored_module(name, layer, q, signs, model))
-        for alias, target in meta["tied"].items():
-            if target not in tensors:
-                raise ModelLoadError(f"{META_FILE}: tied.{alias} names {target!r}, which {TENSOR_FILE} does not hold")
-            tensors[alias] = tensors[target]
-        # assign=True keeps each tensor's dtype: the model is float32 (a --keep-dtype save stored bf16/fp16)
-        tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
-        model.load_state_dict(tensors, strict=True, assign=True)
-        for alias, target in meta["tied"].items():  # assign=True made two Parameters of one tensor: tie again
-            parent, _, attr = alias.rpartition(".")
-            setattr(model.get_submodule(parent), attr, model.get_parameter(target))
+        _load_state(model, checkpoint, meta)
     refuse_save_pretrained(model)
     return model, tokenizer, meta
+
+
+def _load_state(model, checkpoint: Checkpoint, meta: dict) -> None:
+    """Every entry of ``model.state_dict()`` (the quantized layers already in place) read from ``checkpoint``
+    one at a time and assigned, so a tensor is dropped or held by the model before the next is read; a tied
+    alias is made the Parameter it names."""
+    state = {key: t.shape for key, t in model.state_dict(keep_vars=True).items()}
+    tied = meta["tied"]
+    for alias, target in tied.items():
+        if target not in checkpoint.where:
+            raise ModelLoadError(f"{META_FILE}: tied.{alias} names {target!r}, which {TENSOR_FILE} does not hold")
+        if alias not in state or state.get(target) != state[alias]:
+            raise ModelLoadError(f"{META_FILE}: tied.{alias} is not a tensor of the architecture of {target}'s shape")
+    packed = {f"{name}{_QW}{p}" for name, layer in meta["layers"].items() for p in layer["parts"]}
+    packed |= {f"{name}{_SIGNS}" for name, layer in meta["layers"].items() if "rotation" in layer}
+    unexpected = sorted(checkpoint.where.keys() - state.keys() - packed)
+    if unexpected:
+        raise ModelLoadError(f"{TENSOR_FILE} holds tensor {unexpected[0]}, which the architecture does not have")
+    missing = sorted(state.keys() - checkpoint.where.keys() - tied.keys())
+    if missing:
+        raise ModelLoadError(f"{TENSOR_FILE} has no tensor {missing[0]}, which the architecture needs")
+    for key in state:
+        if key not in tied:  # no name holds the tensor as read: a bf16 one is gone once cast
+            model.load_state_dict({key: _computed(checkpoint.read(key))}, strict=False, assign=True)
+    for alias, target in tied.items():  # one Parameter under both names, as before the save
+        parent, _, attr = alias.rpartition(".")
+        setattr(model.get_submodule(parent), attr, model.get_parameter(target))
+
+
+def _computed(t: torch.Tensor) -> torch.Tensor:
+    """A stored tensor as the model holds it: assign=True keeps each tensor's dtype, and the model is float32
+    (a --keep-dtype save stored bf16/fp16)."""
+    return t.float() if t.is_floating_point() else t
 
 
 def _check_architecture(model, name: str, stated) -> None:
@@ -277,13 +306,13 @@ def _stored_module(name: str, layer: dict, q: QuantizedTensor, signs, model) -> 
         raise ModelLoadError(f"{name}: {e}") from None
 
 
-def _stored_signs(name: str, layer: dict, tensors: dict) -> torch.Tensor | None:
+def _stored_signs(name: str, layer: dict, checkpoint: Checkpoint) -> torch.Tensor | None:
     rotation = layer.get("rotation")
     if rotation is None:
         return None
     if rotation != "hadamard":
         raise ModelLoadError(f"{name}: unknown rotation {rotation!r} (this lowbit knows 'hadamard')")
-    signs = tensors.pop(f"{name}{_SIGNS}", None)
+    signs = checkpoint.read(f"{name}{_SIGNS}") if f"{name}{_SIGNS}" in checkpoint.where else None
     width = int(layer["shape"][1])
     if signs is None or signs.dtype != torch.int8 or tuple(signs.shape) != (width,) or \
             not bool((signs.abs() == 1).all()):
@@ -324,13 +353,13 @@ def check_layout(q: QuantizedTensor, name: str) -> QuantizedTensor:
     return q
 
 
-def _stored_qweight(name: str, layer: dict, tensors: dict) -> QuantizedTensor:
+def _stored_qweight(name: str, layer: dict, checkpoint: Checkpoint) -> QuantizedTensor:
     """Layer ``name``'s QuantizedTensor from the file, its parts checked (check_layout)."""
     fmt, shape = format_by_id(int(layer["format_id"])), torch.Size(int(d) for d in layer["shape"])
-    missing = [f"{name}{_QW}{p}" for p in layer["parts"] if f"{name}{_QW}{p}" not in tensors]
+    missing = [f"{name}{_QW}{p}" for p in layer["parts"] if f"{name}{_QW}{p}" not in checkpoint.where]
     if missing:
         raise ModelLoadError(f"{name}: {TENSOR_FILE} has no tensor {missing[0]}, a part {META_FILE} names")
-    parts = {p: tensors.pop(f"{name}{_QW}{p}") for p in layer["parts"]}
+    parts = {p: checkpoint.read(f"{name}{_QW}{p}") for p in layer["parts"]}
     return check_layout(QuantizedTensor(format=fmt, shape=shape, dtype=_DTYPES[layer["dtype"]],
                                         block_size=int(layer["block_size"]), parts=parts,
                                         double_quant=bool(layer["double_quant"])), name)
