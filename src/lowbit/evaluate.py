@@ -1,21 +1,26 @@
 """Quantize a model to several formats and measure what each loses (``lowbit compare`` / ``eval``).
 
 The reference (the original model's predictions) is computed once per model file, text
-and protocol and cached on disk; each format then runs only its quantized model. For
-speed, scoring uses each QuantLinear's dequantized weight kept in memory
-(``QuantLinear.materialize``): the same numbers as the packed path, which tests prove.
+and protocol and cached on disk; each format then runs only its quantized model. A causal LM
+runs block by block over all scored windows (``lowbit.eval.blockwise``), so memory follows one
+block; a model built on the meta device (``lowbit.models.lazy``) is read, and quantized, one
+block at a time as it runs (``lowbit.eval.streamed``). For speed, scoring uses each
+QuantLinear's dequantized weight (``QuantLinear.materialize``, one block at a time): the same
+numbers as the packed path, which tests prove.
 """
 
 from __future__ import annotations
 
 import copy
 import importlib.metadata
+import json
 import platform
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict
 from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -23,10 +28,12 @@ from torch import nn
 from . import __version__
 from .calibration.importance import DEFAULT_CALIBRATE
 from .errors import InputError, LowbitError, ModelLoadError
+from .eval.blockwise import Dequantized, Onloaded, Resident
 from .eval.causal import score_causal
 from .eval.encoder import encoder_reference, score_encoder
 from .eval.protocol import DEFAULT_WINDOW, read_text, token_windows
 from .eval.reference import causal_reference
+from .eval.streamed import Rounded, rounding_saves
 from .eval.tensor import sqnr_db
 from .io.model_io import load_quantized
 from .layers.keep_dtype import dtype_name, round_state
@@ -34,7 +41,8 @@ from .layers.linear import QuantLinear
 from .layers.outlier_linear import Int8OutlierLinear, float_path_share
 from .layers.surgery import check_plan, model_weight_bytes, reference_weight_bytes
 from .methods.gptq_model import GPTQ_CALIBRATE
-from .models.loader import CAUSAL_LM, ModelInfo, load_model
+from .models.lazy import LazyWeights, load_lazily
+from .models.loader import CAUSAL_LM, ModelInfo, as_load_error, load_model, resolve
 from .planning.plan import QuantPlan
 from .progress import note
 from .workflows.run import Calibration, changes_model, importance_layers, run, walks_blocks
@@ -45,12 +53,13 @@ DEFAULT_FORMATS = ("int8", "q8_0", "nf4", "nf4+dq", "bnb_fp4", "fp4_e2m1", "int4
 class Evaluation:
     """The protocol bound to one original model: its cached reference, and ``score(model)``.
 
-    ``reference_model`` is called only if the reference is not cached yet. ``context`` is
+    ``reference_model`` is called only if the reference is not cached yet: it returns the model, or (a causal
+    LM) a ``lowbit.eval.blockwise.Resident`` saying how its blocks' weights come into memory. ``context`` is
     the model's context length (``max_position_embeddings``): a longer window is an error;
     ``vocab_size`` lets the reference's size be checked before that model is even loaded.
     """
 
-    def __init__(self, info: ModelInfo, tokenizer, reference_model: Callable[[], nn.Module], *, text=None,
+    def __init__(self, info: ModelInfo, tokenizer, reference_model: Callable[[], nn.Module | Resident], *, text=None,
                  window: int = DEFAULT_WINDOW, windows: int | None = None, context: int | None = None,
                  vocab_size: int | None = None, progress: bool = True):
         self.info, self.tokenizer, self.progress = info, tokenizer, progress
@@ -73,7 +82,8 @@ class Evaluation:
     def reference_scores(self) -> dict:
         return {"ppl": self.reference.ppl} if self.info.kind == CAUSAL_LM else {}
 
-    def score(self, model: nn.Module, label: str = "evaluating") -> dict:
+    def score(self, model: nn.Module | Resident, label: str = "evaluating") -> dict:
+        """The scores of ``model`` (a causal LM's may be a ``Resident``), run as it is given."""
         if self.info.kind == CAUSAL_LM:
             return score_causal(model, self.reference, label=label, progress=self.progress)
         return score_encoder(model, self.tokenizer, self.texts, self.embeddings, label=label, progress=self.progress)
@@ -82,7 +92,7 @@ class Evaluation:
 def compare(model: nn.Module, tokenizer, info: ModelInfo, plans: list[QuantPlan], *, text=None,
             window: int = DEFAULT_WINDOW, windows: int | None = None, keep_dtype: torch.dtype | None = None,
             progress: bool = True, on_result: Callable[[dict], None] | None = None,
-            calibrate: int | None = None) -> dict:
+            calibrate: int | None = None, weights: LazyWeights | None = None) -> dict:
     """Quantize a copy of ``model`` as each plan says (``workflows.run``) and score it; returns the JSON report.
 
     A plan the model cannot hold (a layer shape, a value out of range) becomes a row with
@@ -93,7 +103,13 @@ def compare(model: nn.Module, tokenizer, info: ModelInfo, plans: list[QuantPlan]
     ``calibrate``: calibration windows, taken from the text after the scored windows
     (``lowbit.calibration.importance``); the importance of the original model is collected once for
     every row that needs it, and its time is counted in each such row's ``quantize_seconds``.
+    ``weights``: ``model`` was built on the meta device (``lowbit.models.lazy.load_lazily``); a causal LM is then
+    read, quantized and scored one block at a time (``lowbit.eval.streamed``: plans without calibration only), the
+    same rows in the memory of one block; an encoder is read in whole first.
     """
+    if weights is not None and info.kind != CAUSAL_LM:  # the encoder protocol runs the model whole
+        weights.onload(model)
+        weights = None
     failed = {}
     for plan in plans:
         try:
@@ -103,22 +119,31 @@ def compare(model: nn.Module, tokenizer, info: ModelInfo, plans: list[QuantPlan]
     if len(failed) == len(plans):
         raise InputError(next(iter(failed.values())) if len(failed) == 1 else
                          f"no format can be applied to this model: {'; '.join(failed.values())}")
-    evaluation = Evaluation(info, tokenizer, lambda: model, text=text, window=window, windows=windows,
-                            **model_limits(model), progress=progress)
-    report = _report(info, evaluation, reference_weight_bytes(model), [])
+    usable = [p for p in plans if p.label not in failed]
+    calibrated = next((p for p in usable if p.needs_calibration), None)
+    if weights is not None and calibrated is not None:
+        raise InputError(f"{calibrated.label} needs calibration, which runs the whole model: load it with load_model")
+    evaluation = Evaluation(info, tokenizer, (lambda: model) if weights is None else (lambda: Onloaded(model, weights)),
+                            text=text, window=window, windows=windows, **model_limits(model), progress=progress)
+    # a model on the meta device is float32 (load_lazily): what it will hold once read is its reference's bytes
+    reference = reference_weight_bytes(model) if weights is None else model_weight_bytes(model, meta=True)
+    report = _report(info, evaluation, reference, [])
+    keep = keep_dtype if keep_dtype not in (None, torch.float32) else None
+    if keep is not None:
+        report["keep_dtype"] = dtype_name(keep)
+    if weights is not None:
+        _compare_streamed(report, evaluation, model, weights, plans, failed, keep, on_result, progress)
+        return report
     scored = evaluation.protocol.windows if info.kind == CAUSAL_LM else len(evaluation.texts)
     calibration = Calibration(tokenizer, info.kind, text, window=window, scored=scored, count=calibrate,
                               progress=progress)
-    usable = [p for p in plans if p.label not in failed]
     if any(walks_blocks(p) for p in usable):  # a short text fails now
         calibration.batches(GPTQ_CALIBRATE)
     shared = [n for p in usable if not changes_model(p) for n in importance_layers(model, p)]
     if shared:
         calibration.shared_importance(model, list(dict.fromkeys(shared)))
         report["calibration"] = {"windows": calibrate or DEFAULT_CALIBRATE, "seconds": calibration.seconds}
-    keep = keep_dtype if keep_dtype not in (None, torch.float32) else None
     if keep is not None:
-        report["keep_dtype"] = dtype_name(keep)
         kept = copy.deepcopy(model)
         saved = round_state(kept, keep)
         _add(report, _score(evaluation, kept, f"keep {dtype_name(keep)}", False, 32.0, 0.0, saved), on_result, progress)
@@ -143,6 +168,41 @@ def compare(model: nn.Module, tokenizer, info: ModelInfo, plans: list[QuantPlan]
         _add(report, row | {"layer_sqnr": sqnr}, on_result, progress)
         del quantized
     return report
+
+
+def _compare_streamed(report: dict, evaluation: Evaluation, model: nn.Module, weights: LazyWeights,
+                      plans: list[QuantPlan], failed: dict[str, str], keep: torch.dtype | None,
+                      on_result: Callable[[dict], None] | None, progress: bool) -> None:
+    """``compare``'s rows for a causal LM built on the meta device: each row reads the model again, block by
+    block, rounding each block as it runs (``lowbit.eval.streamed.Rounded``); the same rows as for the model in
+    memory."""
+    if keep is not None:
+        label = f"keep {dtype_name(keep)}"
+        stored = model_weight_bytes(model, meta=True) - rounding_saves(model, keep, set())
+        row = _facts(label, None, False, 32.0, stored, 0, 0.0)
+        start = time.perf_counter()
+        row |= evaluation.score(Onloaded(model, weights, keep), label=f"scoring {label}")
+        _add(report, row | {"eval_seconds": time.perf_counter() - start}, on_result, progress)
+    for plan in plans:
+        if plan.label in failed:
+            _add(report, {"format": plan.label, "error": failed[plan.label]}, on_result, progress)
+            continue
+        rounded = Rounded(model, weights, plan, keep)
+        start = time.perf_counter()
+        try:
+            scores = evaluation.score(rounded, label=f"rounding and scoring {plan.label}")
+        except LowbitError as e:  # e.g. a value the format cannot hold (LayerQuantizeError names the layer)
+            _add(report, {"format": plan.label, "error": str(e)}, on_result, progress)
+            continue
+        seconds = time.perf_counter() - start
+        qreport = rounded.report()
+        row = _facts(plan.label, rounded.block_size, any(c.double_quant for c in plan.configs),
+                     qreport.bits_per_weight, rounded.weight_bytes, len(qreport.layer_configs), qreport.seconds,
+                     layers=(qreport.format_counts, dict(qreport.fallbacks)))
+        row |= scores | {"eval_seconds": seconds - qreport.seconds}
+        if rounded.float_path_share is not None:
+            row["float_path_share"] = rounded.float_path_share
+        _add(report, row | {"layer_sqnr": rounded.layer_sqnr}, on_result, progress)
 
 
 def float_weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -180,22 +240,43 @@ def model_limits(model: nn.Module) -> dict:
             (("context", "max_position_embeddings"), ("vocab_size", "vocab_size"))}
 
 
+def load_scored(spec, *, verify: bool = False):
+    """``load_lazily(spec)``'s ``(model, tokenizer, info, weights)``, but a checkpoint that transformers' loader
+    dequantizes itself (config.json's ``quantization_config``: a bitsandbytes checkpoint ``lowbit export --to bnb``
+    wrote) loaded whole by ``load_model`` (``weights`` None): its stored tensors are not the architecture's, to be
+    read one block at a time."""
+    how, target = resolve(spec)
+    config = Path(target) / "config.json"
+    if how == "directory" and config.is_file():
+        with as_load_error(config):
+            prequantized = "quantization_config" in json.loads(config.read_text())
+        if prequantized:
+            return (*load_model(spec, verify=verify), None)
+    return load_lazily(spec, verify=verify)
+
+
 def evaluate_saved(directory, *, text=None, window: int = DEFAULT_WINDOW, windows: int | None = None,
-                   progress: bool = True, load: Callable = load_model) -> dict:
+                   progress: bool = True, load: Callable = load_scored) -> dict:
     """Score a model written by ``lowbit quantize`` (loaded as saved, not re-quantized).
 
-    The original model is loaded with ``load(source)`` only if its reference is not cached,
-    and must be the file the saved model was made from (same sha256).
+    The original model is loaded with ``load(source)`` (``load_scored``'s ``(model, tokenizer, info, weights)``:
+    a model on the meta device is read block by block) only if its reference is not cached, and must be the file
+    the saved model was made from (same sha256).
     """
     model, tokenizer, meta = load_quantized(directory)
     info = ModelInfo(**meta["model"])
 
     def original():
-        reference, _, found = load(info.source)
+        reference, _, found, weights = load(info.source)
         if found.file_hash != info.file_hash:
             raise ModelLoadError(f"the original model at {info.source} changed since {directory} was written "
                                  "(sha256 differs); its reference cannot be recomputed")
-        return reference
+        if weights is None:
+            return reference
+        if info.kind != CAUSAL_LM:  # the encoder protocol runs the model whole
+            weights.onload(reference)
+            return reference
+        return Onloaded(reference, weights)
 
     evaluation = Evaluation(info, tokenizer, original, text=text, window=window, windows=windows,
                             **model_limits(model), progress=progress)
@@ -212,29 +293,33 @@ def evaluate_saved(directory, *, text=None, window: int = DEFAULT_WINDOW, window
 
 def _score(evaluation: Evaluation, quantized: nn.Module, label: str, double_quant: bool, bits_per_weight: float,
            quantize_seconds: float, bytes_saved: int = 0, layers: tuple[dict, dict] | None = None) -> dict:
-    """One result row; ``layers``: (layers per label, {layer: label it fell back from}) of a quantized model."""
-    result = {
-        "format": label,
-        "block_size": report_block(quantized),
-        "double_quant": double_quant,
-        "bits_per_weight": bits_per_weight,
-        # packed, before materialize() adds fp32 copies; less what --keep-dtype saves on the rest
-        "weight_bytes": model_weight_bytes(quantized) - bytes_saved,
-        "quantized_layers": sum(isinstance(m, QuantLinear) for m in quantized.modules()),
-        "quantize_seconds": quantize_seconds,
-    }
-    if layers is not None:
-        result["layer_formats"], result["fallbacks"] = layers
-    materialize(quantized)
+    """One result row of a model in memory; ``layers``: (layers per label, {layer: label it fell back from}) of a
+    quantized model. A causal LM's layers are dequantized one block at a time as it runs, an encoder's all first."""
+    result = _facts(label, report_block(quantized), double_quant, bits_per_weight,
+                    # packed, before materialize() adds fp32 copies; less what --keep-dtype saves on the rest
+                    model_weight_bytes(quantized) - bytes_saved,
+                    sum(isinstance(m, QuantLinear) for m in quantized.modules()), quantize_seconds, layers)
     for module in quantized.modules():
         if isinstance(module, Int8OutlierLinear):
             module.reset_counts()
     start = time.perf_counter()
-    result |= evaluation.score(quantized, label=f"scoring {label}")
+    result |= evaluation.score(Dequantized(quantized) if evaluation.info.kind == CAUSAL_LM else materialize(quantized),
+                               label=f"scoring {label}")
     result["eval_seconds"] = time.perf_counter() - start
     share = float_path_share(quantized)
     if share is not None:  # LLM.int8(): the input columns of every call that took the float path
         result["float_path_share"] = share
+    return result
+
+
+def _facts(label: str, block_size: int | None, double_quant: bool, bits_per_weight: float, weight_bytes: int,
+           quantized_layers: int, quantize_seconds: float, layers: tuple[dict, dict] | None = None) -> dict:
+    """A result row's first columns: what the model is, before its scores."""
+    result = {"format": label, "block_size": block_size, "double_quant": double_quant,
+              "bits_per_weight": bits_per_weight, "weight_bytes": weight_bytes, "quantized_layers": quantized_layers,
+              "quantize_seconds": quantize_seconds}
+    if layers is not None:
+        result["layer_formats"], result["fallbacks"] = layers
     return result
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import InputError
-from ..evaluate import DEFAULT_FORMATS, compare
+from ..evaluate import DEFAULT_FORMATS, compare, load_scored
 from ..files.atomic import write_json
 from ..files.outputs import check_outputs
 from ..io.model_io import local_source
@@ -61,13 +61,17 @@ def run(args) -> int:
     peers = check_report_args(args, args.report) if args.report else None
     check_outputs([args.json, args.report], [args.text, *(args.plan or ()), args.peers, local_source(args.model)])
     con = console()
-    model, tokenizer, info = load(args.model, con, verify=args.verify)
+    if any(p.needs_calibration for p in plans):  # calibration runs the whole model
+        (model, tokenizer, info), weights = load(args.model, con, verify=args.verify), None
+    else:  # read, quantized and scored one block at a time (lowbit.eval.streamed)
+        model, tokenizer, info, weights = load(args.model, con,
+                                               loader=lambda spec: load_scored(spec, verify=args.verify))
     if keep is None:
         keep = source_dtype(info.source)
     # each finished row is saved at once: an interrupted run keeps what it measured
     save = (lambda report: write_json(args.json, report)) if args.json else None
     report = compare(model, tokenizer, info, plans, text=args.text, window=args.window, windows=args.windows,
-                     keep_dtype=keep, on_result=save, calibrate=args.calibrate)
+                     keep_dtype=keep, on_result=save, calibrate=args.calibrate, weights=weights)
     con.print(compare_table(report, width=con.width))
     for line in layer_notes(report):
         con.print(line)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..evaluate import evaluate_saved
+from ..evaluate import evaluate_saved, load_scored
 from ..files.atomic import write_json
 from ..files.outputs import check_outputs
 from ..io.model_io import read_meta
@@ -24,7 +24,8 @@ def run(args) -> int:
     check_outputs([args.json], [args.text, args.directory])
     con = console()
     report = evaluate_saved(args.directory, text=args.text, window=args.window, windows=args.windows,
-                            load=lambda source: load(source, con, verify=args.verify))
+                            load=lambda source: load(source, con,
+                                                     loader=lambda spec: load_scored(spec, verify=args.verify)))
     con.print(compare_table(report, width=con.width))
     for line in layer_notes(report):
         con.print(line)

@@ -7,26 +7,30 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch import nn
 
-from ..progress import progress_bar
-from .reference import Reference, next_token_logprobs
+from .blockwise import Resident, window_logprobs
+from .reference import Reference
 
 
-def score_causal(model, reference: Reference, *, label: str = "evaluating", progress: bool = True) -> dict:
-    """Per scored token: KL(p_ref || p_model) over the full vocabulary, NLL, top-token agreement.
+def score_causal(model: nn.Module | Resident, reference: Reference, *, label: str = "evaluating",
+                 progress: bool = True) -> dict:
+    """Per scored token: KL(p_ref || p_model) over the full vocabulary, NLL, top-token agreement. ``model``: a
+    model, or a ``lowbit.eval.blockwise.Resident`` saying how its blocks' weights come into memory; it runs block
+    by block (``window_logprobs``), and each window's log-probabilities are scored and dropped.
 
     Returns ``ppl``, ``kl_mean``, ``kl_median``, ``kl_p99``, ``kl_max``, ``top1`` (fraction of
     tokens whose most likely next token is the reference's), ``tokens`` (how many were scored) and ``kl_quantiles``
     (the distribution's shape, for the report).
     """
     kl, nll, same = [], [], []
-    with progress_bar(len(reference.ids), label, enabled=progress) as advance:
-        for i, window in enumerate(reference.ids):
-            lq = next_token_logprobs(model, window)  # (W-1, vocab)
-            kl.append(reference.kl(i, lq))
-            nll.append(-lq.gather(1, window[1:, None]).squeeze(1))
-            same.append(lq.argmax(dim=1) == reference.top1[i])
-            advance()
+
+    def score(i: int, lq: torch.Tensor) -> None:  # lq: (W-1, vocab)
+        kl.append(reference.kl(i, lq))
+        nll.append(-lq.gather(1, reference.ids[i, 1:, None]).squeeze(1))
+        same.append(lq.argmax(dim=1) == reference.top1[i])
+
+    window_logprobs(model, reference.ids, score, label=label, progress=progress)
     kl_all = torch.cat(kl).double().numpy()
     return {
         "ppl": float(torch.cat(nll).double().mean().exp()),

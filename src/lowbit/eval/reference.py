@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..cachedir import check_space, writable_root
-from ..progress import progress_bar
+from .blockwise import Resident, resident, window_logprobs
 from .cache import (
     CACHE_VERSION,
     CacheFile,
@@ -88,10 +88,11 @@ class Reference:
         return float(self.nll.double().mean().exp())
 
 
-def causal_reference(load_model: Callable[[], nn.Module], ids: torch.Tensor, protocol: Protocol, model_hash: str, *,
-                     model_name: str = "", model_source: str = "", vocab_size: int | None = None,
+def causal_reference(load_model: Callable[[], nn.Module | Resident], ids: torch.Tensor, protocol: Protocol,
+                     model_hash: str, *, model_name: str = "", model_source: str = "", vocab_size: int | None = None,
                      progress=True) -> Reference:
-    """The cached reference for (model file, tokens, protocol); if missing, ``load_model()`` computes it.
+    """The cached reference for (model file, tokens, protocol); if missing, ``load_model()`` computes it: a model,
+    or a ``lowbit.eval.blockwise.Resident`` saying how its blocks' weights come into memory (run block by block).
 
     A cached file is verified against its checksums first; a damaged one is recomputed with a
     one-line notice. Before computing, the disk and memory the reference needs are checked
@@ -106,27 +107,28 @@ def causal_reference(load_model: Callable[[], nn.Module], ids: torch.Tensor, pro
     n, width = ids.shape
     if vocab_size:
         _check_space(n, width, vocab_size, root)
-    model = load_model()
+    model = resident(load_model())
     columns = {k: [] for k in ("nll", "top1", "lse")}
-    logprobs = None  # (n, W-1, vocab) fp16, filled in place: one copy in memory, not a list and its stack
-    with progress_bar(len(ids), "reference model", enabled=progress) as advance:
-        for i, window in enumerate(ids):
-            lp = next_token_logprobs(model, window)  # (W-1, vocab)
-            if logprobs is None:
-                _check_space(n, width, lp.shape[-1], root)
-                logprobs = torch.empty((len(ids), *lp.shape), dtype=torch.float16)
-            stored = logprobs[i]
-            stored.copy_(lp)
-            columns["lse"].append(torch.logsumexp(stored.float(), dim=-1))  # (W-1,)
-            columns["nll"].append(-lp.gather(1, window[1:, None]).squeeze(1))
-            columns["top1"].append(lp.argmax(dim=1))
-            advance()
+    stored = []  # (n, W-1, vocab) fp16 once the first window gives the vocabulary: one copy, filled in place
+
+    def store(i: int, lp: torch.Tensor) -> None:  # lp: (W-1, vocab)
+        if not stored:
+            _check_space(n, width, lp.shape[-1], root)
+            stored.append(torch.empty((n, *lp.shape), dtype=torch.float16))
+        row = stored[0][i]
+        row.copy_(lp)
+        columns["lse"].append(torch.logsumexp(row.float(), dim=-1))  # (W-1,)
+        columns["nll"].append(-lp.gather(1, ids[i, 1:, None]).squeeze(1))
+        columns["top1"].append(lp.argmax(dim=1))
+
+    window_logprobs(model, ids, store, label="reference model", progress=progress)
+    logprobs = stored.pop()
     tensors = {"ids": ids.contiguous(), "logprobs": logprobs, **{k: torch.stack(v) for k, v in columns.items()}}
-    description = {"kind": KIND, "version": CACHE_VERSION, "model": model_name or model_label(model),
+    description = {"kind": KIND, "version": CACHE_VERSION, "model": model_name or model_label(model.model),
                    "source": model_source, "model_sha256": model_hash, "protocol": protocol.to_dict(),
                    "vocab": logprobs.shape[-1], "created": created_now()}
     write_entry(path, tensors, description)
-    del tensors, logprobs, columns
+    del tensors, logprobs
     return Reference.open(path, ids, verify=False)  # its checksums were computed from these very tensors
 
 
@@ -137,12 +139,3 @@ def _check_space(n: int, width: int, vocab: int, root: Path) -> None:
     memory = stored + 3 * width * vocab * 4
     check_space(f"the reference ({n} windows × {width - 1} positions × {vocab} log-probs, fp16)", disk=disk,
                 memory=memory, directory=root, hint="use fewer or shorter windows")
-
-
-@torch.inference_mode()
-def next_token_logprobs(model, window: torch.Tensor) -> torch.Tensor:
-    """(W,) token ids -> (W-1, vocab) float32 log-probabilities of each next token."""
-    logits = model(window[None]).logits[0, :-1].float()
-    # not torch.log_softmax: its fused CPU kernel's normalisation is off by ~1e-5 (sum p - 1),
-    # which would bias every KL by as much; logsumexp is accurate to ~1e-7.
-    return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
