@@ -61,9 +61,11 @@ class LlamaStepper:
         self.eps = cfg.rms_norm_eps
         inner = model.model
         self.layers = list(inner.layers)
-        dtype = inner.embed_tokens.weight.dtype
+        # a row as the model computes with it: a NarrowEmbedding's table is narrower (lowbit.layers.keep_dtype)
+        row = inner.embed_tokens(torch.zeros(1, dtype=torch.long)).detach()  # (1, D)
+        dtype = row.dtype
         positions = torch.arange(max_len)[None]
-        self.cos, self.sin = inner.rotary_emb(inner.embed_tokens.weight[:1], positions)  # (1, L, head_dim)
+        self.cos, self.sin = inner.rotary_emb(row, positions)  # (1, L, head_dim)
         shape = (len(self.layers), 1, self.kv_heads, max_len, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype)
         self.v_cache = torch.zeros(shape, dtype=dtype)

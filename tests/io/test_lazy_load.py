@@ -3,6 +3,7 @@ and no tensor read is left beside the model while the next is read."""
 
 from __future__ import annotations
 
+import copy
 import gc
 
 import pytest
@@ -13,6 +14,7 @@ from lowbit import QuantLinear, load_model, quantize_model
 from lowbit.files.shards import INDEX
 from lowbit.io import load_quantized, save_quantized
 from lowbit.io.streamed import quantize_to_directory
+from lowbit.layers.keep_dtype import NarrowEmbedding
 from lowbit.models.lazy import Checkpoint, load_lazily
 from lowbit.models.synthetic import PRESETS, write_checkpoint
 from lowbit.planning import QuantPlan
@@ -45,6 +47,28 @@ def test_a_sharded_output_loads_to_the_single_files_logits(untied):
         expected = model(IDS).logits  # the model in memory, its unquantized tensors rounded through bf16 by the save
         assert torch.equal(one(IDS).logits, expected) and torch.equal(shards(IDS).logits, expected)
     assert one.lm_head.weight is not one.model.embed_tokens.weight  # untied stays untied
+
+
+def test_an_untied_embedding_stays_as_stored_and_computes_the_same(untied):
+    """The bf16 embedding table is kept bf16 (half the memory of float32), its rows float32; the head, norms and
+    the rest are float32 as the model computes. The lean decode loop gives the in-memory model's logits too."""
+    from lowbit import dispatch
+    from lowbit.generation import LlamaStepper
+
+    model, whole, _ = untied
+    loaded, _, _ = load_quantized(whole)
+    embed = loaded.model.embed_tokens
+    assert isinstance(embed, NarrowEmbedding) and embed.weight.dtype == torch.bfloat16
+    assert {p.dtype for n, p in loaded.named_parameters() if n != "model.embed_tokens.weight"} == {torch.float32}
+    assert torch.equal(embed.weight.float(), model.model.embed_tokens.weight)
+    with torch.inference_mode():
+        assert embed(IDS).dtype == torch.float32
+        assert copy.deepcopy(loaded).half().model.embed_tokens(IDS).dtype == torch.float16  # a cast model's rows too
+    with dispatch.use("reference"):  # the PyTorch loop for both (the native step takes float32 tables only)
+        steps = [LlamaStepper(m, IDS.shape[1] + 2) for m in (model, loaded)]
+        for ids in (IDS[0], IDS[0, :1], IDS[0, 1:2]):
+            expected, got = (step(ids) for step in steps)
+            assert torch.equal(got, expected)
 
 
 def _storages(tensors) -> dict[int, int]:

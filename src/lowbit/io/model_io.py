@@ -25,7 +25,7 @@ from ..files.atomic import atomic_dir, check_output_dir, write_errors
 from ..files.shards import SHARD_BYTES, SINGLE, ShardWriter
 from ..formats.registry import format_by_id, get_format
 from ..layers.hf_quantizer import refuse_save_pretrained
-from ..layers.keep_dtype import round_state
+from ..layers.keep_dtype import NarrowEmbedding, round_state
 from ..layers.linear import QuantLinear
 from ..layers.outlier_linear import Int8OutlierLinear, check_threshold
 from ..layers.surgery import QuantizeReport
@@ -269,18 +269,27 @@ def _load_state(model, checkpoint: Checkpoint, meta: dict) -> None:
     missing = sorted(state.keys() - checkpoint.where.keys() - tied.keys())
     if missing:
         raise ModelLoadError(f"{TENSOR_FILE} has no tensor {missing[0]}, which the architecture needs")
+    shared = set(tied) | set(tied.values())  # a tied embedding is a head too: it stays float32
     for key in state:
         if key not in tied:  # no name holds the tensor as read: a bf16 one is gone once cast
-            model.load_state_dict({key: _computed(checkpoint.read(key))}, strict=False, assign=True)
+            _assign(model, key, checkpoint.read(key), narrow=key not in shared)
     for alias, target in tied.items():  # one Parameter under both names, as before the save
         parent, _, attr = alias.rpartition(".")
         setattr(model.get_submodule(parent), attr, model.get_parameter(target))
 
 
-def _computed(t: torch.Tensor) -> torch.Tensor:
-    """A stored tensor as the model holds it: assign=True keeps each tensor's dtype, and the model is float32
-    (a --keep-dtype save stored bf16/fp16)."""
-    return t.float() if t.is_floating_point() else t
+def _assign(model, key: str, t: torch.Tensor, *, narrow: bool) -> None:
+    """Stored tensor ``t`` made ``model``'s ``key``, in float32 as the model was built (a --keep-dtype save stored
+    bf16/fp16); where ``narrow`` allows, an embedding's table as stored (``NarrowEmbedding``: the same rows at half
+    the memory). A head keeps a float32 copy: computing it from a narrow one would cast all of it at every call."""
+    parent, _, attr = key.rpartition(".")
+    module = model.get_submodule(parent)
+    if narrow and attr == "weight" and NarrowEmbedding.fits(module, t):
+        grand, _, child = parent.rpartition(".")
+        setattr(model.get_submodule(grand), child, NarrowEmbedding(module, t))
+        return
+    # assign=True keeps each tensor's dtype (and a Parameter's requires_grad)
+    model.load_state_dict({key: t.float() if t.is_floating_point() else t}, strict=False, assign=True)
 
 
 def _check_architecture(model, name: str, stated) -> None:
