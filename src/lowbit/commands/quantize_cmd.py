@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import math
+import sys
 
 from .. import limits as L
 from ..calibration.importance import calibration_batches
 from ..errors import InputError
 from ..eval.protocol import DEFAULT_WINDOW, DEFAULT_WINDOWS, scored_count
 from ..evaluate import Evaluation, materialize, model_limits
+from ..files.partial import check_leftover, finished_shards, partial_path
+from ..files.shards import SHARD_BYTES
 from ..io.model_io import check_output, local_source, read_meta, save_quantized
 from ..io.streamed import quantize_to_directory
 from ..layers.keep_dtype import parse_keep_dtype
 from ..layers.surgery import linears
 from ..models.loader import CAUSAL_LM
+from ..models.synthetic import parse_size
 from ..planning.budget import check_table, plan_for_budget
 from ..planning.plan import DEFAULT_EXCLUDE, QuantPlan
 from ..planning.sensitivity import (
@@ -79,7 +83,15 @@ def add_parser(sub) -> None:
                    help="with --plan: a rule that matches no layer is an error, not a warning")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="directory to create")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace DIR if it is empty or an earlier lowbit output (never anything else)")
+                   help="replace DIR if it is empty or an earlier lowbit output (never anything else), and discard "
+                        "what an interrupted run left in DIR.partial")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run writing DIR (killed, or stopped by a full disk) from the last "
+                        "shard it finished, kept in DIR.partial, with the same settings; the files are those an "
+                        "uninterrupted run writes (a plan without calibration; without DIR.partial: from the start)")
+    p.add_argument("--shard-size", metavar="SIZE",
+                   help=f"largest safetensors file, bytes or with KB/MB/GB (default {SHARD_BYTES} bytes, 1 GiB); a "
+                        "resumed run goes on from the last finished one")
     p.set_defaults(run=run)
 
 
@@ -93,6 +105,9 @@ def run(args) -> int:
         if args.sensitivity and (args.include or args.exclude is not None):
             raise InputError("--sensitivity's table already holds the layers to plan: --include and --exclude "
                              "belong to `lowbit sensitivity`")
+        if args.resume:
+            raise InputError("--resume continues a quantize written as it is read; --budget calibrates, which is "
+                             "written at the end: run it without --resume")
         return run_budget(args)
     if args.plan is not None:
         if (args.block_size is not None or args.double_quant or args.include or args.exclude is not None
@@ -105,9 +120,15 @@ def run(args) -> int:
                               method=args.method)
     check_calibrate_arg(args, [plan])
     keep = parse_keep_dtype(args.keep_dtype) if args.keep_dtype else None
+    shard_bytes = parse_size(args.shard_size) if args.shard_size is not None else SHARD_BYTES
     if plan.needs_calibration:
         check_protocol_args(args)
-    # before minutes of work, not after
+        if args.resume:
+            raise InputError(f"--resume continues a quantize written as it is read; {plan.label} calibrates, which "
+                             "is written at the end: run it without --resume")
+    # before minutes of work, not after; first what an interrupted run left (gone if it completed the output)
+    leftover = None if plan.needs_calibration else check_leftover(args.output, resume=args.resume,
+                                                                   overwrite=args.overwrite)
     check_output(args.output, overwrite=args.overwrite, source=local_source(args.model))
     con = console()
     if plan.needs_calibration:
@@ -128,10 +149,18 @@ def run(args) -> int:
         raise InputError("--strict checks a --plan's rules; there is no --plan")
     if weights is None:
         report = workflow.run(model, plan, calibration_of(args, tokenizer, info) if plan.needs_calibration else None)
-        save_quantized(model, tokenizer, info, report, plan, args.output, overwrite=args.overwrite, keep_dtype=keep)
+        save_quantized(model, tokenizer, info, report, plan, args.output, overwrite=args.overwrite, keep_dtype=keep,
+                       shard_bytes=shard_bytes)
     else:  # read, rounded and written tensor by tensor
-        report = quantize_to_directory(model, weights, tokenizer, info, plan, args.output, overwrite=args.overwrite,
-                                       keep_dtype=keep)
+        try:
+            report = quantize_to_directory(model, weights, tokenizer, info, plan, args.output,
+                                           overwrite=args.overwrite, resume=args.resume, keep_dtype=keep,
+                                           shard_bytes=shard_bytes)
+        except BaseException as e:
+            if not isinstance(e, Exception) and finished_shards(args.output):  # Ctrl-C, SIGTERM
+                print(f"lowbit quantize: the finished shards stay in {partial_path(args.output)}; the same command "
+                      "with --resume continues", file=sys.stderr)
+            raise
     after = read_meta(args.output)["quantize"]["model_bytes_after"]  # the unquantized tensors at --keep-dtype
     row = {"format": plan.label, "layer_formats": report.format_counts, "fallbacks": dict(report.fallbacks)}
     for line in layer_notes({"results": [row]}):
@@ -140,6 +169,7 @@ def run(args) -> int:
         f"{plan.label}: {len(report.layers)} layers, {report.bits_per_weight:.3f} bits/weight; model "
         f"{report.model_bytes_before / 1e6:.1f} MB -> {after / 1e6:.1f} MB "
         f"in {report.seconds:.1f} s; wrote {args.output}"
+        + (f" (continuing the {leftover} shards an interrupted run finished)" if leftover and args.resume else "")
     )
     return 0
 
@@ -151,6 +181,7 @@ def run_budget(args) -> int:
         candidate(label)  # a bad label fails before the model loads
     if not (args.budget > 0 and math.isfinite(args.budget)):
         raise InputError(f"--budget is a positive number of bits per weight, got {args.budget}")
+    shard_bytes = parse_size(args.shard_size) if args.shard_size is not None else SHARD_BYTES
     table = Sensitivity.load(args.sensitivity) if args.sensitivity else None
     # with a table, a budget it cannot meet or a candidate it lacks fails before the model loads
     chosen = plan_for_budget(None, args.budget, candidates=candidates, sensitivity=table) if table else None
@@ -175,7 +206,8 @@ def run_budget(args) -> int:
     con.print(budget_table(chosen))
     plan = chosen.plan
     report = workflow.run(model, plan, calibration)
-    save_quantized(model, tokenizer, info, report, plan, args.output, overwrite=args.overwrite, keep_dtype=keep)
+    save_quantized(model, tokenizer, info, report, plan, args.output, overwrite=args.overwrite, keep_dtype=keep,
+                   shard_bytes=shard_bytes)
     con.print(f"{plan.label}: {len(report.layers)} layers, {report.bits_per_weight:.4f} bits/weight "
               f"(budget {args.budget:g}) in {report.seconds:.1f} s; wrote {args.output}")
     scores = evaluation.score(materialize(model), label="scoring the plan")

@@ -4,14 +4,23 @@
 (tests/models/test_lazy.py), from a model built on the meta device (``lowbit.models.lazy``): each layer's weight is
 read, rounded and handed to the shard writer (``lowbit.files.shards``), then each other tensor. Before it starts,
 the output's size is checked against the free disk.
+
+Each full shard goes to ``OUT.partial`` (``lowbit.files.partial``) with what lowbit.json will say of the layers
+rounded so far; a run killed at any point, or stopped by a full disk, continues from its last finished shard
+(``resume``) and writes the bytes an uninterrupted run writes (tests/io/test_resume.py).
 """
 
 from __future__ import annotations
 
+import errno
+from dataclasses import asdict, fields
+
 import torch
 
-from ..cachedir import check_space
+from .. import __version__
+from ..cachedir import CacheSpaceError, check_space, free_disk
 from ..errors import InputError
+from ..files.partial import Partial, ProducerState
 from ..files.shards import SHARD_BYTES, ShardWriter
 from ..formats.facts import stored_bits
 from ..formats.registry import get_format
@@ -19,32 +28,90 @@ from ..layers.surgery import QuantizeReport, plan_layers, quantize_model
 from ..models.lazy import LazyWeights
 from ..models.loader import ModelInfo
 from ..planning.plan import QuantPlan
+from ..progress import progress_bar
 from .model_io import check_output, local_source, quantized_meta, stored_layer, write_model_files, writing_output
+
+_HINT = "free some space, or write it elsewhere with -o"
+# layers a quantize_model call: each call checks the whole plan first (a zero row rounded per format and width),
+# 12 ms on SmolLM2 (nf4, its 210 layers in 210 calls: 6.0 s, in one call: 3.5 s, a loaded machine); 8 keep that
+# to a few percent, and a resumed run rounds at most 8 layers again
+_LAYERS_A_CALL = 8
 
 
 def quantize_to_directory(model, weights: LazyWeights, tokenizer, info: ModelInfo, plan: QuantPlan, directory, *,
-                          overwrite=False, keep_dtype: torch.dtype = torch.float32, shard_bytes: int = SHARD_BYTES,
-                          progress: bool = True) -> QuantizeReport:
+                          overwrite=False, resume=False, keep_dtype: torch.dtype = torch.float32,
+                          shard_bytes: int = SHARD_BYTES, progress: bool = True) -> QuantizeReport:
     """Quantize a model built on the meta device (``lowbit.models.lazy.load_lazily``) as ``plan`` says (no
     calibration) and write it to ``directory`` as ``save_quantized`` would, tensor by tensor: each layer's weight
     is read, rounded and handed to the shard writer, then each other tensor, so memory holds one float weight and
     one shard, never the model. The files are the ones ``quantize_model`` then ``save_quantized`` write
-    (tests/models/test_lazy.py)."""
+    (tests/models/test_lazy.py). ``resume``: go on from the finished shards an interrupted run with the same
+    settings (``resume_settings``) left in ``OUT.partial``; without it they are refused, or discarded with
+    ``overwrite``."""
     out = check_output(directory, overwrite=overwrite, source=local_source(info.source))
     if plan.needs_calibration:
         raise InputError(f"{plan.label} needs calibration, which runs the whole model: load it with load_model")
-    check_space("the quantized model", disk=output_bytes(model, plan, keep_dtype), memory=0,
-                directory=out.absolute().parent, hint="free some space, or write it elsewhere with -o")
-    layers: dict[str, dict] = {}
+    need = output_bytes(model, plan, keep_dtype)
+    with Partial.open(out, resume_settings(info, plan, keep_dtype, shard_bytes), resume=resume,
+                      overwrite=overwrite) as partial:
+        check_space("the quantized model", disk=need - partial.stored_bytes, memory=0,
+                    directory=out.absolute().parent, hint=_HINT)
+        try:
+            report = _write(model, weights, tokenizer, info, plan, directory, partial, overwrite=overwrite,
+                            keep_dtype=keep_dtype, shard_bytes=shard_bytes, progress=progress)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise _disk_full(e, out, partial, need) from e
+        partial.remove()
+    return report
+
+
+def resume_settings(info: ModelInfo, plan: QuantPlan, keep_dtype: torch.dtype, shard_bytes: int) -> dict:
+    """What decides the bytes of a streamed quantize, by the names a user knows them by: a resumed run must have
+    all of them as the run it continues (versions too: another torch may round a tie otherwise)."""
+    import safetensors
+
+    return {"--model": info.source, "the model's files' sha256": info.file_hash, "the model's kind": info.kind,
+            "the model's name": info.name, "--format/--plan": plan.label, "the plan's rules": plan.to_dict(),
+            "--keep-dtype": str(keep_dtype).removeprefix("torch."), "--shard-size": shard_bytes,
+            "lowbit": __version__, "torch": torch.__version__, "safetensors": safetensors.__version__}
+
+
+def _write(model, weights: LazyWeights, tokenizer, info: ModelInfo, plan: QuantPlan, directory, partial: Partial, *,
+           overwrite: bool, keep_dtype: torch.dtype, shard_bytes: int, progress: bool) -> QuantizeReport:
+    """The layers rounded a few at a time (``quantize_model(only=)``), their parts and then every other tensor
+    handed to the writer, a boundary after each tensor (a shard ends where an uninterrupted run ends it). The
+    state at a boundary is what lowbit.json will say of the layers rounded before it: ``{"parts": [{"layers":
+    {name: lowbit.json entry}, "report": QuantizeReport}]}``, one part per call. A resumed run rounds what its
+    state lacks: a part again, if a shard ended among its tensors (the writer checks those it holds against the
+    new ones)."""
     with writing_output(directory, overwrite=overwrite) as tmp:
-        writer = ShardWriter(tmp, shard_bytes)
+        writer = ShardWriter(tmp, shard_bytes, partial=partial, boundaries=True)
+        state = writer.resumed or ProducerState(info={"parts": []})
+        done = {name for part in state.info["parts"] for name in part["layers"]}
+        todo = [names[0] for names, _, _, _ in plan_layers(model, plan) if names[0] not in done]
+        uniform = plan.uniform_config
+        what = uniform.format_name if uniform is not None else plan.label  # quantize_model's own bar's words
+        entries: dict[str, dict] = {}
 
         def write_layer(names, layer, config, wanted) -> None:
-            layers[names[0]], stored = stored_layer(names[0], layer, config.label, wanted)
+            entries[names[0]], stored = stored_layer(names[0], layer, config.label, wanted)
             for key, t in stored.items():
                 writer.add(key, t)
+                writer.boundary(state)  # a shard ending here is followed by this part made again
 
-        report = quantize_model(model, plan, progress=progress, source=weights, sink=write_layer)
+        with progress_bar(len(todo), f"quantizing to {what}", enabled=progress) as advance:
+            for start in range(0, len(todo), _LAYERS_A_CALL):
+                only = todo[start:start + _LAYERS_A_CALL]
+                rounded = quantize_model(model, plan, progress=False, source=weights, sink=write_layer, only=only)
+                part = {"layers": dict(entries), "report": asdict(rounded)}
+                state = ProducerState(info={"parts": [*state.info["parts"], part]})
+                writer.boundary(state)
+                entries.clear()
+                for _ in only:
+                    advance()
+        report = QuantizeReport.combine([_report(part["report"]) for part in state.info["parts"]])
         swapped = {f"{name}.weight" for name in report.layers}
         tied, first_of, saved = {}, {}, 0
         for key, t in model.state_dict(keep_vars=True).items():
@@ -56,13 +123,39 @@ def quantize_to_directory(model, weights: LazyWeights, tokenizer, info: ModelInf
             first_of[id(t)] = key
             if t.is_floating_point() and t.dtype != keep_dtype:
                 saved += t.numel() * (t.element_size() - keep_dtype.itemsize)
+            if key in writer.finished:
+                continue  # written before the run was stopped
             value = weights.read(key, keep_dtype) if t.is_meta else t.detach()
             writer.add(key, value.to(keep_dtype) if value.is_floating_point() else value)
+            writer.boundary(state)
             del value
+        layers = {name: entry for part in state.info["parts"] for name, entry in part["layers"].items()}
         meta = quantized_meta(info, plan, keep_dtype, report, report.model_bytes_after - saved, layers, tied)
         writer.close()
         write_model_files(tmp, model, tokenizer, meta)
     return report
+
+
+def _report(saved: dict) -> QuantizeReport:
+    """A report as its ``asdict`` went through JSON: the lists are the report's tuples again."""
+    def tuples(v):
+        return tuple(map(tuples, v)) if isinstance(v, list) else v
+
+    return QuantizeReport(**{f.name: tuples(saved[f.name]) for f in fields(QuantizeReport)})
+
+
+def _disk_full(e: OSError, out, partial: Partial, need: int) -> CacheSpaceError:
+    """A full disk mid-run, said in one line: what the output still needs, what is free, and how to go on."""
+    left, free = max(need - partial.stored_bytes, 0), free_disk(partial.directory.parent)
+    kept = len(partial.shards)
+    then = (f"its {kept} finished shards stay in {partial.directory}: free some space and run the same command with "
+            "--resume to continue") if kept else "no shard was finished: free some space and run it again"
+    return CacheSpaceError(f"the disk filled while writing {out} ({e.strerror or errno.errorcode[e.errno]}): about "
+                           f"{_mb(left)} more needed, {_mb(free)} free; {then}", e.errno)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
 
 
 # safetensors headers (tens of kB a shard), the index, config, tokenizer and lowbit.json: a generous bound
