@@ -110,3 +110,18 @@ def test_a_plan_that_calibrates_needs_the_model_in_memory(tiny_lm_dir):
     with pytest.raises(InputError, match="nf4@amse needs calibration"):
         compare(model, tokenizer, info, [QuantPlan.uniform("nf4"), QuantPlan.uniform("nf4@amse")], progress=False,
                 weights=weights, **PROTOCOL)
+
+
+def test_an_encoder_read_lazily_is_scored_whole(minilm, tmp_path, monkeypatch):
+    """all-MiniLM-L6-v2 on the meta device: read in whole first (the encoder protocol runs the model whole)."""
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(f"Paragraph {i} says something long enough to count as a sentence here." for i in
+                                range(4)))
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    model, tokenizer, info, weights = load_lazily("minilm")
+    (lazy,) = compare(model, tokenizer, info, [QuantPlan.uniform("nf4")], text=text, progress=False,
+                      weights=weights)["results"]
+    assert not any(p.is_meta for p in model.parameters())
+    model, tokenizer, info = minilm
+    (whole,) = compare(model, tokenizer, info, [QuantPlan.uniform("nf4")], text=text, progress=False)["results"]
+    assert {k: v for k, v in lazy.items() if k not in TIMES} == {k: v for k, v in whole.items() if k not in TIMES}
