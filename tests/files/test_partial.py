@@ -26,6 +26,7 @@ def test_a_resume_goes_on_from_the_last_finished_shard_with_the_same_settings(tm
     assert partial_path(out) == tmp_path / "out.partial" and finished_shards(out) == 2
     (tmp_path / "out.partial" / ".shard-00003.safetensors.1_abcdefgh.tmp").write_bytes(b"half a shard")
     (tmp_path / "out.partial" / "shard-00003.safetensors").write_bytes(b"written, never recorded")
+    (tmp_path / "out.partial" / ".tmpK1ll3d").write_bytes(b"safetensors' own temp, half written")
     with Partial.open(out, dict(SETTINGS), resume=True, overwrite=False) as partial:
         assert [s["tensors"] for s in partial.shards] == [["t0"], ["t1"]] and partial.state().info == {"done": 2}
         assert sorted(p.name for p in partial.directory.iterdir()) == [
@@ -90,3 +91,11 @@ def test_a_partial_whose_output_was_completed_goes(tmp_path):
         (out / f"model-0000{i}-of-00002.safetensors").hardlink_to(partial_path(out) / f"shard-0000{i}.safetensors")
     assert check_leftover(out, resume=False, overwrite=False) is None
     assert not partial_path(out).exists() and len(list(out.iterdir())) == 2
+
+
+def test_what_someone_put_in_a_partial_stays_when_it_goes(tmp_path):
+    interrupted(tmp_path / "out")
+    partial = Partial.open(tmp_path / "out", SETTINGS, resume=True, overwrite=False)
+    (partial.directory / "notes.txt").write_text("mine")
+    partial.remove()  # the output is complete: no error for it, and only lowbit's files go
+    assert [p.name for p in partial.directory.iterdir()] == ["notes.txt"]

@@ -55,7 +55,7 @@ def read_back(directory) -> dict:
 class Steps:
     """Counts the steps that change files under ``where`` (a shard, a state or a manifest written; a rename; a
     link into the output) and, at the ``n``-th, kills the process with SIGKILL: ``before`` or ``after`` the step,
-    or ``mid`` a shard's write (half its bytes on disk)."""
+    or ``mid`` a shard's write (half its bytes on disk, in the temp safetensors writes them to)."""
 
     def __init__(self, where: str, n: int = 0, when: str = "never"):
         self.where, self.n, self.when, self.count = where, n, when, 0
@@ -75,8 +75,8 @@ class Steps:
             self.count += 1
             if path:
                 self.writes.append(self.count)
-            if self.count == self.n and self.when == "mid" and path:
-                Path(args[path]).write_bytes(b"x" * 4000)
+            if self.count == self.n and self.when == "mid" and path:  # safetensors' own temp, half written
+                Path(args[path]).with_name(".tmpK1ll3d").write_bytes(b"x" * 4000)
             if self.count == self.n and self.when in ("before", "mid"):
                 os.kill(os.getpid(), signal.SIGKILL)
             result = f(*args, **kwargs)

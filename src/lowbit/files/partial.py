@@ -41,8 +41,10 @@ except ImportError:  # Windows: no lock, as in lowbit.cachedir
 MANIFEST = "manifest.json"
 LAYOUT = 1  # "lowbit_partial": the manifest's layout; another is refused, never guessed at
 SUFFIX = ".partial"
-# what a partial directory may hold: a later --overwrite deletes these and nothing else
-_OURS = re.compile(r"manifest\.json|(shard|state)-\d{5}\.safetensors|\..+\.tmp")
+# what a partial directory may hold: a later --overwrite deletes these and nothing else. Temps: atomic_file's
+# (".NAME.PID_XXXXXXXX.tmp") and safetensors' own, which save_file writes and renames over the name it is given
+# (".tmpXXXXXX", the tempfile crate's NamedTempFile: found beside a shard a SIGKILL stopped)
+_OURS = re.compile(r"manifest\.json|(shard|state)-\d{5}\.safetensors|\..+\.tmp|\.tmp[A-Za-z0-9]{6}")
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,7 @@ def check_leftover(out: str | os.PathLike, *, resume: bool, overwrite: bool) -> 
     if found and _linked_into(partial_path(out), out):  # killed after its output was complete, before this went
         lock = _lock(partial_path(out))
         try:
-            _remove(partial_path(out))
+            _remove(partial_path(out), strict=False)
         finally:
             _unlock(lock)
         return None
@@ -189,8 +191,8 @@ class Partial:
         return path
 
     def remove(self) -> None:
-        """The output is complete: the partial goes."""
-        _remove(self.directory)
+        """The output is complete: the partial goes (but what someone else put there)."""
+        _remove(self.directory, strict=False)
         self.close()
 
 
@@ -234,12 +236,18 @@ def _foreign(path: Path) -> list[str]:
     return sorted(p.name for p in path.iterdir() if not _OURS.fullmatch(p.name) or not p.is_file())
 
 
-def _remove(path: Path) -> None:
-    """Delete a partial directory, if it holds only what lowbit writes there."""
+def _remove(path: Path, *, strict: bool = True) -> None:
+    """Delete a partial directory, if it holds only what lowbit writes there; else a one-line InputError, or
+    (not ``strict``: its output is complete) only lowbit's files, the directory left with the others."""
     foreign = _foreign(path)
-    if foreign:
+    if not foreign:
+        shutil.rmtree(path)
+    elif strict:
         raise InputError(f"{path} holds {foreign[0]}, which lowbit did not write there; move it, then run again")
-    shutil.rmtree(path)
+    else:
+        for p in path.iterdir():
+            if p.name not in foreign:
+                p.unlink()
 
 
 def _check_settings(path: Path, then: dict, now: dict) -> None:
