@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 import sys
+from contextlib import suppress
 
 from .. import limits as L
 from ..calibration.importance import calibration_batches
-from ..errors import InputError
+from ..errors import InputError, LowbitError
 from ..eval.protocol import DEFAULT_WINDOW, DEFAULT_WINDOWS, scored_count
 from ..evaluate import Evaluation, materialize, model_limits
 from ..files.partial import check_leftover, finished_shards, partial_path
@@ -157,7 +158,10 @@ def run(args) -> int:
                                            overwrite=args.overwrite, resume=args.resume, keep_dtype=keep,
                                            shard_bytes=shard_bytes)
         except BaseException as e:
-            if not isinstance(e, Exception) and finished_shards(args.output):  # Ctrl-C, SIGTERM
+            kept = False
+            with suppress(LowbitError, OSError):  # a note on the way out: nothing may hide the error itself
+                kept = not isinstance(e, Exception) and finished_shards(args.output)  # Ctrl-C, SIGTERM
+            if kept:
                 print(f"lowbit quantize: the finished shards stay in {partial_path(args.output)}; the same command "
                       "with --resume continues", file=sys.stderr)
             raise

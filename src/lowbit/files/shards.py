@@ -42,7 +42,8 @@ class ShardWriter:
     is written there once full, with the producer's state at its end, and a killed run goes on from the last:
     ``resumed`` is that state, ``finished`` the names the finished shards hold (``add`` skips them), and
     ``close`` links the shards into ``directory``. The shards end where an uninterrupted run ends them, so
-    the bytes are the same."""
+    the bytes are the same. A state is saved only when a shard ends at its boundary, and must not change after
+    it is given; the last shard (at ``close``) is saved with the state of a boundary after the last tensor."""
 
     def __init__(self, directory: Path, max_bytes: int = SHARD_BYTES, *, partial: Partial | None = None,
                  boundaries: bool = False):
