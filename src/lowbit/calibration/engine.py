@@ -15,13 +15,21 @@ as it is) each keep their own, of one block each. Layers outside the blocks (an 
 pooler) are served after the last block (``BlockPass.tail``): by a forward in which every block replays the
 outputs a consumer's stream reached (only what follows the blocks is computed), or by full forwards of the model
 as it then is where that stream is not the one the layers see (GPTQ's tail reads the unquantized model).
+
+A model larger than memory is built on the meta device and read block by block (``weights``, a
+``lowbit.models.lazy.LazyWeights``): what runs before the first block is read in to catch its inputs and freed,
+each block's parameters are read in place before the consumers see it, and its linear weights are put back on the
+meta device once ``after_block`` has rounded and written its layers, so memory holds one block's weights, the
+consumers' streams (``batches x tokens x hidden`` floats each) and one block's statistics. llm-compressor's
+"sequential onloading" walks a model the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -29,6 +37,9 @@ from torch import nn
 from ..errors import InputError
 from ..progress import progress_bar
 from .statistics import Statistics
+
+if TYPE_CHECKING:
+    from ..models.lazy import LazyWeights
 
 
 class _Caught(Exception):
@@ -118,18 +129,29 @@ class BlockPass:
     run each batch's forward to the end instead and hand over its output (sensitivity's reference logits)."""
 
     def __init__(self, model: nn.Module, batches: Sequence, *,
-                 on_output: Callable[[int, object], None] | None = None):
+                 on_output: Callable[[int, object], None] | None = None, weights: LazyWeights | None = None):
         if len(batches) == 0:
             raise InputError("no calibration inputs given")
-        self.model = model
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        self.model, self.weights = model, weights
+        device = torch.device("cpu") if weights is not None else \
+            next((p.device for p in model.parameters()), torch.device("cpu"))
         self.batches = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
                         if isinstance(b, Mapping) else b.to(device) for b in batches]
         self.masks = [b["attention_mask"].bool() if isinstance(b, Mapping) and b.get("attention_mask") is not None
                       else None for b in self.batches]
         self.blocks = _blocks(model)
         self._names = {id(m): n for n, m in model.named_modules()}
-        self._caught = self._catch(on_output)
+        if weights is None:
+            self._caught = self._catch(on_output)
+            return
+        if on_output is not None or self.blocks is None:
+            raise InputError(f"{type(model).__name__} read block by block cannot be run whole: load it with "
+                             "load_model")
+        weights.onload(model, skip=self._inside() | _head_weights(model))  # what runs before the first block
+        try:
+            self._caught = self._catch(None)
+        finally:
+            weights.offload(model, skip=self._inside())
 
     def _catch(self, on_output) -> list[tuple[tuple, dict]]:
         caught = []
@@ -167,10 +189,24 @@ class BlockPass:
         return {n: where.get(id(modules[n])) for n in names}
 
     def walk(self, last: int | None = None) -> Iterable[Block]:
-        """The blocks in order, through block ``last`` (default every one)."""
+        """The blocks in order, through block ``last`` (default every one). A model read block by block
+        (``weights``) has each block's parameters read in before it is handed out; ``release`` frees them."""
         blocks = list(self.blocks or ())
         for i, module in enumerate(blocks[: len(blocks) if last is None else last + 1]):
+            if self.weights is not None:
+                self.weights.onload(self.model, under=self._names[id(module)])
             yield Block(i, module, self.masks, self._names)
+
+    def release(self, block: Block, keep: Collection[str] = ()) -> None:
+        """A model read block by block: the weights of ``block``'s ``nn.Linear`` layers put back on the meta
+        device, but ``keep`` (parameter names). Its other tensors (norms, biases: kilobytes) and any layer
+        swapped in stay."""
+        if self.weights is None:
+            return
+        for module in block.module.modules():
+            name = f"{self._names[id(module)]}.weight"
+            if type(module) is nn.Linear and not module.weight.is_meta and name not in keep:
+                module.weight = nn.Parameter(torch.empty_like(module.weight, device="meta"), requires_grad=False)
 
     def tail(self, layers: Mapping[str, nn.Module], wants: Iterable[str], replay: Stream | None = None, *,
              count: int | None = None, threshold: float | None = None) -> dict[str, dict[str, torch.Tensor]]:
@@ -182,11 +218,25 @@ class BlockPass:
         batches = self.batches[:count]
         stats = Statistics(dict(layers), wants, len(batches), threshold=threshold)
         extra = skip_head(self.model, layers)
-        with stats.hooked(), torch.inference_mode(), self.replaying(len(self.blocks or ()), replay) as state:
-            for b, batch in enumerate(batches):
-                stats.batch, stats.mask, state["batch"] = b, self.masks[b], b
-                call(self.model, batch, **extra)
+        if self.weights is not None:
+            if replay is None:
+                raise InputError(f"{', '.join(layers)}: outside the transformer blocks, calibrated on full forwards "
+                                 "of the model, which a model read block by block cannot run: load it with "
+                                 "load_model, or leave the layer out of the plan")
+            self.weights.onload(self.model, skip=self._inside())
+        try:
+            with stats.hooked(), torch.inference_mode(), self.replaying(len(self.blocks or ()), replay) as state:
+                for b, batch in enumerate(batches):
+                    stats.batch, stats.mask, state["batch"] = b, self.masks[b], b
+                    call(self.model, batch, **extra)
+        finally:
+            if self.weights is not None:
+                self.weights.offload(self.model, skip=self._inside())
         return stats.result()
+
+    def _inside(self) -> set[str]:
+        """The names of the blocks' parameters."""
+        return {f"{self._names[id(b)]}.{n}" for b in self.blocks or () for n, _ in b.named_parameters()}
 
     @contextlib.contextmanager
     def replaying(self, count: int, stream: Stream | None):
@@ -203,6 +253,16 @@ class BlockPass:
         finally:
             for i, block in originals.items():
                 blocks[i] = block
+
+
+def _head_weights(model: nn.Module) -> set[str]:
+    """The output head's parameter names (an LM head is read only where the tail computes it)."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is None:
+        return set()
+    prefix = next(n for n, m in model.named_modules() if m is head)
+    return {f"{prefix}.{n}" for n, _ in head.named_parameters()}
 
 
 class _Replay(nn.Module):
@@ -234,22 +294,31 @@ class Consumer:
 
 
 def serve(model: nn.Module, batches: Sequence, consumers: Sequence[Consumer], *, progress: bool = True,
-          label: str = "calibrating", on_output: Callable[[int, object], None] | None = None) -> BlockPass:
+          label: str = "calibrating", on_output: Callable[[int, object], None] | None = None,
+          weights: LazyWeights | None = None, after_block: Callable[[Block], None] | None = None,
+          keep: Collection[str] = ()) -> BlockPass:
     """One block-by-block pass of ``model`` on ``batches`` serving every consumer, in their order at each block
     (a consumer that changes a block, such as AWQ's fold, comes before those that read the changed block). The
     model runs in eval mode and is left in the mode it was in; everything runs in inference mode (the consumers
-    change weights in place)."""
+    change weights in place).
+
+    ``weights``: ``model`` was built on the meta device (``lowbit.models.lazy.load_lazily``) and is read block by
+    block: each block's parameters before the consumers see it, its linear layers' weights (but ``keep``) put back
+    on the meta device after ``after_block(block)`` has used them, so memory holds one block. ``after_block``:
+    called once the consumers are done with each block; every block is then walked, not only those up to the
+    last a consumer asks about."""
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            return _serve(model, batches, consumers, progress=progress, label=label, on_output=on_output)
+            return _serve(model, batches, consumers, progress=progress, label=label, on_output=on_output,
+                          weights=weights, after_block=after_block, keep=keep)
     finally:
         model.train(was_training)
 
 
-def _serve(model, batches, consumers, *, progress, label, on_output) -> BlockPass:
-    engine = BlockPass(model, batches, on_output=on_output)
+def _serve(model, batches, consumers, *, progress, label, on_output, weights, after_block, keep) -> BlockPass:
+    engine = BlockPass(model, batches, on_output=on_output, weights=weights)
     modules = dict(model.named_modules())
     where = engine.block_of({n for c in consumers for n in c.layers})
     outside = [{n: modules[n] for n in c.layers if where[n] is None} for c in consumers]
@@ -258,12 +327,15 @@ def _serve(model, batches, consumers, *, progress, label, on_output) -> BlockPas
     final = len(engine.blocks or ()) - 1
     lasts = [final if out else max((where[n] for n in c.layers if where[n] is not None), default=-1)
              for c, out in zip(consumers, outside, strict=True)]
-    last = max(lasts, default=-1)
+    last = final if after_block is not None else max(lasts, default=-1)
     with progress_bar(last + 1 + any(outside), label, enabled=progress) as advance:
         for block in engine.walk(last):
             for consumer, mine in zip(consumers, lasts, strict=True):
                 if block.index <= mine:
                     consumer.block(engine, block)
+            if after_block is not None:
+                after_block(block)
+            engine.release(block, keep)
             advance()
         if any(outside):
             for consumer, layers in zip(consumers, outside, strict=True):

@@ -20,6 +20,9 @@ from ..tensor import QuantizedTensor
 from .hf_quantizer import refuse_save_pretrained
 from .linear import QuantLinear
 
+# what ``quantize_model(sink=)`` hands each quantized layer to: (names, layer, config, the label it fell back from)
+Sink = Callable[[list[str], QuantLinear, QuantConfig, str | None], None]
+
 
 @dataclass(frozen=True)
 class QuantizeReport:
@@ -56,15 +59,15 @@ class QuantizeReport:
     @classmethod
     def combine(cls, parts: Sequence[QuantizeReport]) -> QuantizeReport:
         """One report for a model quantized in parts, each handed to a sink (``quantize_model(..., only=,
-        sink=)``: each part's layers dropped from the same model): the layers in the parts' order, bytes and
-        seconds summed."""
+        sink=)``): the layers in the parts' order, bytes and seconds summed; the model's bytes change by what each
+        part changed."""
         before = parts[0].model_bytes_before
         return replace(
             parts[0], layers=tuple(n for p in parts for n in p.layers),
             layer_numel=sum(p.layer_numel for p in parts),
             layer_bytes_before=sum(p.layer_bytes_before for p in parts),
             layer_bytes_after=sum(p.layer_bytes_after for p in parts),
-            model_bytes_after=before + sum(p.model_bytes_after - before for p in parts),
+            model_bytes_after=before + sum(p.model_bytes_after - p.model_bytes_before for p in parts),
             seconds=sum(p.seconds for p in parts),
             layer_configs=tuple(c for p in parts for c in p.layer_configs),
             fallbacks=tuple(f for p in parts for f in p.fallbacks))
@@ -81,7 +84,7 @@ class QuantizeReport:
 def quantize_model(model: nn.Module, plan: QuantPlan, *, progress: bool = True,
                    importance: dict[str, torch.Tensor] | None = None,
                    prequantized: dict[str, QuantizedTensor] | None = None, source=None,
-                   sink: Callable[[list[str], QuantLinear, QuantConfig, str | None], None] | None = None,
+                   sink: Sink | None = None,
                    only: Collection[str] | None = None) -> QuantizeReport:
     """Replace the ``nn.Linear`` layers ``plan`` selects by ``QuantLinear``, in place.
 

@@ -12,20 +12,25 @@ the importance those of the folded block, GPTQ those of the quantized block.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..calibration.engine import serve
 from ..calibration.importance import Importance, collect_importance
+from ..errors import InputError
 from ..layers.surgery import plan_layers, rounded_layer
 from ..pipeline import needs_calibration
 from ..planning.config import QuantConfig
 from ..planning.plan import QuantPlan
 from ..tensor import QuantizedTensor
 from .registry import BLOCK, method_for, ordered
+
+if TYPE_CHECKING:
+    from ..models.lazy import LazyWeights
 
 
 @dataclass
@@ -49,22 +54,45 @@ def method_layers(model: nn.Module, plan: QuantPlan) -> dict[type, frozenset[str
 
 
 def calibrate_methods(model: nn.Module, plan: QuantPlan, batches: Sequence, *, importance_layers: Sequence[str] = (),
-                      importance_batches: Sequence | None = None, progress: bool = True) -> Calibrated:
+                      importance_batches: Sequence | None = None, progress: bool = True,
+                      weights: LazyWeights | None = None,
+                      on_block: Callable[[list[str], Calibrated], None] | None = None) -> Calibrated:
     """Every method of ``plan`` that calibrates (changing ``model`` in place where one does), and the importance
     of ``importance_layers``, in one pass of ``model`` on ``batches``. ``importance_batches``: the importance's
     own inputs (default ``batches``); served in the same pass when they are the first of ``batches`` (a causal
-    LM's windows: the default 16 are the first 16 of GPTQ's 64), else by a pass of their own after it."""
+    LM's windows: the default 16 are the first 16 of GPTQ's 64), else by a pass of their own after it.
+
+    ``weights``: ``model`` is on the meta device and read block by block (``lowbit.calibration.engine.serve``);
+    ``on_block(layers, found)``: called after each block with the plan's layers in it and what the pass found
+    for them (the made weights are no longer kept here), while the block's weights are read in, so that they are
+    rounded and written before the next block is read; the result then holds what no block took. Together they
+    need the importance served in the pass."""
     parts = [(m, c) for m, layers in method_layers(model, plan).items()
              if (c := m.consumer(model, plan, layers)) is not None]
     importance_batches = batches if importance_batches is None else importance_batches
-    shared = importance_layers and _leads(importance_batches, batches)
+    shared = importance_layers and leads(importance_batches, batches)
+    if on_block is not None and importance_layers and not shared:
+        raise InputError("the importance is not served in the calibration pass: the model cannot be rounded block "
+                         "by block")
     importance = Importance(importance_layers, len(importance_batches)) if shared else None
     first = [(m.suffix, c) for m, c in parts if m.needs == BLOCK]  # they change the blocks the others read
     rest = [(m.suffix, c) for m, c in parts if m.needs != BLOCK]
     consumers = [*first, *([("importance", importance)] if importance is not None else []), *rest]
-    if consumers:
-        serve(model, batches, [c for _, c in consumers], progress=progress,
-              label=f"calibrating ({', '.join(what for what, _ in consumers)})")
+    makers = [c for m, c in parts if m.prequantizes]
+    targets = [names[0] for names, _, _, _ in plan_layers(model, plan)]
+
+    def after_block(block) -> None:
+        for _, consumer in first:  # what the methods that change the model did so far, recorded on it (``finish``
+            consumer.finish(progress=False)  # merges; its call after the pass says what could not be done)
+        layers = list(block.layers(targets))
+        found = Calibrated({n: importance.found[n] for n in layers if n in importance.found} if importance else {},
+                           {n: q for maker in makers for n, q in maker.take(layers).items()})
+        on_block(layers, found)
+
+    if consumers or on_block is not None:
+        label = f"calibrating ({', '.join(what for what, _ in consumers)})" if consumers else "quantizing"
+        serve(model, batches, [c for _, c in consumers], progress=progress, label=label, weights=weights,
+              after_block=after_block if on_block is not None else None, keep=_kept(model, plan, targets))
     out = Calibrated()
     for _, consumer in consumers:
         consumer.finish(progress=progress)
@@ -79,6 +107,15 @@ def calibrate_methods(model: nn.Module, plan: QuantPlan, batches: Sequence, *, i
     return out
 
 
+def _kept(model: nn.Module, plan: QuantPlan, targets: list[str]) -> set[str]:
+    """The weights of the linear layers a plan leaves alone, where its methods change the model (``+awq`` may fold
+    scales into one): read block by block, they stay as changed until written."""
+    if not any(m.needs == BLOCK for c in plan.configs for m in c.method_classes):
+        return set()
+    rounded = set(targets)
+    return {f"{n}.weight" for n, m in model.named_modules() if type(m) is nn.Linear and n not in rounded}
+
+
 def layer_from_hessian(name: str, weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig) -> QuantizedTensor:
     """Layer ``name``'s weight rounded as ``config`` says, given its inputs' Hessian ``H = 2/n X^T X``: by the
     method that makes it (``+gptq``), else on its own, an activation-weighted search with H's diagonal / 2 (the
@@ -90,7 +127,7 @@ def layer_from_hessian(name: str, weight: torch.Tensor, hessian: torch.Tensor, c
     return rounded_layer(name, weight, config, importance)[0]
 
 
-def _leads(short: Sequence, long: Sequence) -> bool:
+def leads(short: Sequence, long: Sequence) -> bool:
     """Whether ``short`` are the first batches of ``long``, tensor for tensor."""
     def same(a, b) -> bool:
         if isinstance(a, Mapping):

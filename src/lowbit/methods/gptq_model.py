@@ -10,6 +10,8 @@ block, the model's weights as they were.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
@@ -45,9 +47,15 @@ class GPTQWeights(Consumer):
     def weights(self) -> dict[str, QuantizedTensor]:
         return {name: r.qweight for name, r in self.results.items()}
 
-    def _quantize(self, name: str, hessian: torch.Tensor) -> None:
+    def take(self, names: Iterable[str]) -> dict[str, QuantizedTensor]:
+        """The weights of ``names`` made so far, no longer kept here (a block's, once it is written)."""
+        return {name: self.results.pop(name).qweight for name in names if name in self.results}
+
+    def _quantize(self, name: str, hessians: dict[str, torch.Tensor]) -> None:
+        """Layer ``name`` from its Hessian, taken out of ``hessians``: no reference is left here, so that
+        ``gptq_layer`` can free it once it has made the copy it works on."""
         linear, config = self.targets[name]
-        self.results[name] = gptq_layer(name, linear.weight, hessian, config, act_order=self.act_order)
+        self.results[name] = gptq_layer(name, linear.weight, hessians.pop(name), config, act_order=self.act_order)
 
     def block(self, engine: BlockPass, block: Block) -> None:
         if self._stream is None:
@@ -57,7 +65,7 @@ class GPTQWeights(Consumer):
         if mine:
             found, _ = block.statistics(self._stream, mine, [HESSIAN], outputs=False)
             for name, linear in mine.items():
-                self._quantize(name, found[HESSIAN][name])
+                self._quantize(name, found[HESSIAN])  # each Hessian freed once used (1.6 GB at 14336 in fp64)
                 config = self.targets[name][1]
                 saved[name] = linear.weight.data  # the weight the layer now computes with, in its input's basis
                 linear.weight.data = effective_weight(name, self.results[name].qweight, config).to(linear.weight.dtype)
@@ -71,7 +79,7 @@ class GPTQWeights(Consumer):
     def tail(self, engine: BlockPass, layers: dict[str, nn.Module]) -> None:
         found = engine.tail(layers, [HESSIAN])[HESSIAN]
         for name in layers:
-            self._quantize(name, found[name])
+            self._quantize(name, found)
 
 
 def gptq_layer(name: str, weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig, *,

@@ -110,14 +110,17 @@ class LazyWeights:
             model.tie_weights()
 
     @staticmethod
-    def offload(model: nn.Module, under: str) -> None:
-        """The parameters of submodule ``under`` put back on the meta device (``onload(model, under=)`` undone),
-        their memory freed once nothing else holds them."""
+    def offload(model: nn.Module, under: str = "", *, skip: Iterable[str] = ()) -> None:
+        """The parameters of submodule ``under`` (default the whole model) put back on the meta device, but
+        those named in ``skip`` (``onload`` undone), their memory freed once nothing else holds them."""
+        skip = set(skip)
         for name, p in _parameters(model, under):
-            if not p.is_meta:
+            if not p.is_meta and name not in skip:
                 parent, _, attr = name.rpartition(".")
                 setattr(model.get_submodule(parent), attr,
                         nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
+        if not under:
+            model.tie_weights()  # a tied head held the embedding it shared
 
 
 def _parameters(model: nn.Module, under: str) -> list[tuple[str, nn.Parameter]]:
@@ -161,7 +164,7 @@ def load_lazily(spec: str | Path | None = None, *, verify: bool = False):
 
 def _directory(spec, how: str, target: str, verify: bool) -> tuple[Path | None, ModelInfo | None]:
     """The safetensors directory ``load_model(spec)`` would read and the model's ``ModelInfo``; ``(None,
-    None)`` where there is none yet."""
+    None)`` where there is none yet, or where its tensors are not the float weights."""
     if how == "hub":
         return None, None
     path, source = Path(target), recorded_source(spec, target)
@@ -171,5 +174,7 @@ def _directory(spec, how: str, target: str, verify: bool) -> tuple[Path | None, 
         return (cached, info) if cached is not None else (None, None)
     kind = directory_kind(path)
     with as_load_error(path):
+        if "quantization_config" in json.loads((path / "config.json").read_text()):
+            return None, None  # stored quantized (a bitsandbytes export): transformers' loader makes its layers
         file_hash = files_sha256(model_files(path), root=path, verify=verify)
     return path, ModelInfo(kind, source, file_hash, path.name)

@@ -20,8 +20,8 @@ from torch import nn
 from ..calibration.importance import DEFAULT_CALIBRATE, calibration_batches, collect_importance
 from ..errors import InputError
 from ..eval.protocol import DEFAULT_WINDOW
-from ..layers.surgery import QuantizeReport, plan_layers, quantize_model
-from ..methods.calibrated import calibrate_methods
+from ..layers.surgery import QuantizeReport, Sink, plan_layers, quantize_model
+from ..methods.calibrated import Calibrated, calibrate_methods, leads
 from ..methods.gptq_model import GPTQ_CALIBRATE
 from ..methods.registry import BLOCK
 from ..planning.plan import QuantPlan
@@ -92,20 +92,28 @@ def walks_blocks(plan: QuantPlan) -> bool:
 
 
 def run(model: nn.Module, plan: QuantPlan, calibration: Calibration | None = None, *, progress: bool = True,
-        shared: bool = False, source: LazyWeights | None = None) -> QuantizeReport:
+        shared: bool = False, source: LazyWeights | None = None, sink: Sink | None = None) -> QuantizeReport:
     """Quantize ``model`` in place as ``plan`` says, every method its labels name run first; the report's
     ``seconds`` include the calibration. ``shared``: ``model`` is an unchanged copy of the original the
     calibration's shared importance was collected on (``compare``), so a plan without ``+awq`` reuses it.
-    ``source``: ``model`` was built on the meta device (``lowbit.models.lazy.load_lazily``); the tensors no layer
-    of the plan replaces are read in first, then each layer's weight as it is rounded."""
+
+    ``source``: ``model`` was built on the meta device (``lowbit.models.lazy.load_lazily``). Without
+    calibration, each layer's weight is read as it is rounded; with it, the pass reads one block at a time and
+    each block's layers are rounded once the methods are done with it (``streamed``). ``sink``: each quantized
+    layer is handed over instead of swapped in (``quantize_model``); a calibrated plan read block by block needs
+    one (else the model is read whole first)."""
     configs = plan.configs
     if calibration is None and plan.needs_calibration:
         raise InputError(f"{plan.label} needs calibration inputs: pass a Calibration")
+    if source is not None and not plan.needs_calibration:
+        if sink is None:
+            source.onload(model, skip=[f"{n}.weight" for names, _, _, _ in plan_layers(model, plan) for n in names])
+        return quantize_model(model, plan, progress=progress, source=source, sink=sink)
+    if source is not None and sink is not None and streams(model, plan, calibration):
+        return streamed(model, plan, calibration, source, sink, progress=progress)
     if source is not None:
-        if plan.needs_calibration:
-            raise InputError(f"{plan.label} needs calibration, which runs the whole model: load it with load_model")
-        source.onload(model, skip=[f"{n}.weight" for names, _, _, _ in plan_layers(model, plan) for n in names])
-        return quantize_model(model, plan, progress=progress, source=source)
+        source.onload(model)
+        source = None
     seconds, importance, prequantized = 0.0, None, None
     layers = importance_layers(model, plan) if any(c.needs_importance for c in configs) else []
     if layers and shared and not changes_model(plan):  # the unchanged model's importance, collected once
@@ -123,5 +131,47 @@ def run(model: nn.Module, plan: QuantPlan, calibration: Calibration | None = Non
         start = time.perf_counter()
         importance = calibration.importance(model, layers)
         seconds += time.perf_counter() - start
-    report = quantize_model(model, plan, progress=progress, importance=importance, prequantized=prequantized)
+    report = quantize_model(model, plan, progress=progress, importance=importance, prequantized=prequantized,
+                            sink=sink)
     return replace(report, seconds=report.seconds + seconds)
+
+
+def _batches(plan: QuantPlan, calibration: Calibration, importance: bool) -> tuple[list, list | None]:
+    """``(the pass's inputs, the importance's)``: GPTQ's windows where a method walks the blocks, else the
+    importance's; the importance's None where the plan rounds no layer with it."""
+    own = calibration.batches(DEFAULT_CALIBRATE)[0] if importance else None
+    return (calibration.batches(GPTQ_CALIBRATE)[0] if walks_blocks(plan) else own), own
+
+
+def streams(model: nn.Module, plan: QuantPlan, calibration: Calibration) -> bool:
+    """Whether ``plan``'s calibration of ``model`` can be run block by block (``streamed``): the importance, if
+    any, is served in the pass (an encoder's importance paragraphs are not the first of GPTQ's)."""
+    importance = any(c.needs_importance for c in plan.configs)
+    batches, own = _batches(plan, calibration, importance)
+    return own is None or leads(own, batches)
+
+
+def streamed(model: nn.Module, plan: QuantPlan, calibration: Calibration, source: LazyWeights, sink: Sink, *,
+             progress: bool = True) -> QuantizeReport:
+    """``run`` of a calibrated plan on a model read block by block: one pass of the calibration engine reads each
+    block, serves the methods, rounds the block's layers with what they found and hands them to ``sink``, then
+    frees the block's weights; the layers outside the blocks last. The same calibration, so the same layers, as
+    ``run`` on the model read whole (tests/workflows/test_streamed_run.py)."""
+    start = time.perf_counter()
+    layers = importance_layers(model, plan) if any(c.needs_importance for c in plan.configs) else []
+    batches, own = _batches(plan, calibration, bool(layers))
+    parts = []
+
+    def on_block(names: list[str], found: Calibrated) -> None:
+        if names:
+            parts.append(quantize_model(model, plan, progress=False, importance=found.importance,
+                                        prequantized=found.prequantized, source=source, sink=sink, only=names))
+
+    found = calibrate_methods(model, plan, batches, importance_layers=layers, importance_batches=own,
+                              progress=progress, weights=source, on_block=on_block)
+    done = {n for p in parts for n in p.layers}
+    rest = [names[0] for names, _, _, _ in plan_layers(model, plan) if names[0] not in done]
+    if rest or not parts:
+        parts.append(quantize_model(model, plan, progress=False, importance=found.importance,
+                                    prequantized=found.prequantized, source=source, sink=sink, only=rest))
+    return replace(QuantizeReport.combine(parts), seconds=time.perf_counter() - start)
