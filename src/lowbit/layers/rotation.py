@@ -63,5 +63,20 @@ def unrotate(x: torch.Tensor, signs: torch.Tensor, block: int | None = None) -> 
 
 
 def rotate_hessian(hessian: torch.Tensor, signs: torch.Tensor, block: int | None = None) -> torch.Tensor:
-    """``Q^T H Q`` for a symmetric ``H``: ``rotate`` on its rows, then on the rows of the transpose."""
-    return rotate(rotate(hessian, signs, block).T.contiguous(), signs, block)
+    """``Q^T H Q`` for a symmetric ``H``: ``rotate`` on its rows, then on the rows of the transpose. Rows are
+    rotated in chunks (the same floats: the transform works on each row alone), so that at most three of ``H``'s
+    size are alive, ``H`` included, not six (a 14336-wide fp64 Hessian is 1.6 GB)."""
+    half = _rotate_rows(hessian, signs, block)
+    half_t = half.T.contiguous()
+    del half
+    return _rotate_rows(half_t, signs, block)
+
+
+_ROWS = 512  # rows rotated at a time: 512 x 14336 fp64 is 59 MB
+
+
+def _rotate_rows(x: torch.Tensor, signs: torch.Tensor, block: int | None) -> torch.Tensor:
+    out = torch.empty_like(x)
+    for i in range(0, x.shape[0], _ROWS):
+        out[i:i + _ROWS] = rotate(x[i:i + _ROWS], signs, block)
+    return out
