@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import copy
 import importlib.metadata
-import json
 import platform
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict
 from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -42,7 +40,7 @@ from .layers.outlier_linear import Int8OutlierLinear, float_path_share
 from .layers.surgery import check_plan, model_weight_bytes, reference_weight_bytes
 from .methods.gptq_model import GPTQ_CALIBRATE
 from .models.lazy import LazyWeights, load_lazily
-from .models.loader import CAUSAL_LM, ModelInfo, as_load_error, load_model, resolve
+from .models.loader import CAUSAL_LM, ModelInfo
 from .planning.plan import QuantPlan
 from .progress import note
 from .workflows.run import Calibration, changes_model, importance_layers, run, walks_blocks
@@ -240,26 +238,11 @@ def model_limits(model: nn.Module) -> dict:
             (("context", "max_position_embeddings"), ("vocab_size", "vocab_size"))}
 
 
-def load_scored(spec, *, verify: bool = False):
-    """``load_lazily(spec)``'s ``(model, tokenizer, info, weights)``, but a checkpoint that transformers' loader
-    dequantizes itself (config.json's ``quantization_config``: a bitsandbytes checkpoint ``lowbit export --to bnb``
-    wrote) loaded whole by ``load_model`` (``weights`` None): its stored tensors are not the architecture's, to be
-    read one block at a time."""
-    how, target = resolve(spec)
-    config = Path(target) / "config.json"
-    if how == "directory" and config.is_file():
-        with as_load_error(config):
-            prequantized = "quantization_config" in json.loads(config.read_text())
-        if prequantized:
-            return (*load_model(spec, verify=verify), None)
-    return load_lazily(spec, verify=verify)
-
-
 def evaluate_saved(directory, *, text=None, window: int = DEFAULT_WINDOW, windows: int | None = None,
-                   progress: bool = True, load: Callable = load_scored) -> dict:
+                   progress: bool = True, load: Callable = load_lazily) -> dict:
     """Score a model written by ``lowbit quantize`` (loaded as saved, not re-quantized).
 
-    The original model is loaded with ``load(source)`` (``load_scored``'s ``(model, tokenizer, info, weights)``:
+    The original model is loaded with ``load(source)`` (``load_lazily``'s ``(model, tokenizer, info, weights)``:
     a model on the meta device is read block by block) only if its reference is not cached, and must be the file
     the saved model was made from (same sha256).
     """

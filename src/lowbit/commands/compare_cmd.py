@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from ..errors import InputError
-from ..evaluate import DEFAULT_FORMATS, compare, load_scored
+from ..evaluate import DEFAULT_FORMATS, compare
 from ..files.atomic import write_json
 from ..files.outputs import check_outputs
 from ..io.model_io import local_source
 from ..layers.keep_dtype import parse_keep_dtype
+from ..models.lazy import load_lazily
 from ..planning.plan import QuantPlan
 from ..report.html import write_report
 from ..report.table import compare_table, layer_notes
@@ -65,7 +66,7 @@ def run(args) -> int:
         (model, tokenizer, info), weights = load(args.model, con, verify=args.verify), None
     else:  # read, quantized and scored one block at a time (lowbit.eval.streamed)
         model, tokenizer, info, weights = load(args.model, con,
-                                               loader=lambda spec: load_scored(spec, verify=args.verify))
+                                               loader=lambda spec: load_lazily(spec, verify=args.verify))
     if keep is None:
         keep = source_dtype(info.source)
     # each finished row is saved at once: an interrupted run keeps what it measured

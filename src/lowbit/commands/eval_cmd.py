@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from ..evaluate import evaluate_saved, load_scored
+from ..evaluate import evaluate_saved
 from ..files.atomic import write_json
 from ..files.outputs import check_outputs
 from ..io.model_io import read_meta
+from ..models.lazy import load_lazily
 from ..report.table import compare_table, layer_notes
 from .common import add_protocol_args, add_verify_arg, check_protocol_args, console, load
 
@@ -25,7 +26,7 @@ def run(args) -> int:
     con = console()
     report = evaluate_saved(args.directory, text=args.text, window=args.window, windows=args.windows,
                             load=lambda source: load(source, con,
-                                                     loader=lambda spec: load_scored(spec, verify=args.verify)))
+                                                     loader=lambda spec: load_lazily(spec, verify=args.verify)))
     con.print(compare_table(report, width=con.width))
     for line in layer_notes(report):
         con.print(line)

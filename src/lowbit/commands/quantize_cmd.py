@@ -132,13 +132,10 @@ def run(args) -> int:
                                                                    overwrite=args.overwrite)
     check_output(args.output, overwrite=args.overwrite, source=local_source(args.model))
     con = console()
-    if plan.needs_calibration:
-        (model, tokenizer, info), weights = load(args.model, con, verify=args.verify), None
-    else:  # rounding alone reads one layer's weight at a time (lowbit.models.lazy)
-        from ..models.lazy import load_lazily
+    # one layer's weight (rounding alone) or one block's (calibrated methods) read at a time: lowbit.models.lazy
+    from ..models.lazy import load_lazily
 
-        model, tokenizer, info, weights = load(args.model, con,
-                                               loader=lambda spec: load_lazily(spec, verify=args.verify))
+    model, tokenizer, info, weights = load(args.model, con, loader=lambda spec: load_lazily(spec, verify=args.verify))
     keep = keep or source_dtype(info.source)
     if args.plan is not None:
         unused = plan.unused(names[0] for names, _ in linears(model))
@@ -148,15 +145,16 @@ def run(args) -> int:
             con.print(f"warning: {message}", style="yellow")
     elif args.strict:
         raise InputError("--strict checks a --plan's rules; there is no --plan")
+    calibration = calibration_of(args, tokenizer, info) if plan.needs_calibration else None
     if weights is None:
-        report = workflow.run(model, plan, calibration_of(args, tokenizer, info) if plan.needs_calibration else None)
+        report = workflow.run(model, plan, calibration)
         save_quantized(model, tokenizer, info, report, plan, args.output, overwrite=args.overwrite, keep_dtype=keep,
                        shard_bytes=shard_bytes)
     else:  # read, rounded and written tensor by tensor
         try:
             report = quantize_to_directory(model, weights, tokenizer, info, plan, args.output,
                                            overwrite=args.overwrite, resume=args.resume, keep_dtype=keep,
-                                           shard_bytes=shard_bytes)
+                                           shard_bytes=shard_bytes, calibration=calibration)
         except BaseException as e:
             kept = False
             with suppress(LowbitError, OSError):  # a note on the way out: nothing may hide the error itself

@@ -29,6 +29,7 @@ from ..models.lazy import LazyWeights
 from ..models.loader import ModelInfo
 from ..planning.plan import QuantPlan
 from ..progress import progress_bar
+from ..workflows.run import Calibration, run
 from .model_io import check_output, local_source, quantized_meta, stored_layer, write_model_files, writing_output
 
 _HINT = "free some space, or write it elsewhere with -o"
@@ -40,17 +41,24 @@ _LAYERS_A_CALL = 8
 
 def quantize_to_directory(model, weights: LazyWeights, tokenizer, info: ModelInfo, plan: QuantPlan, directory, *,
                           overwrite=False, resume=False, keep_dtype: torch.dtype = torch.float32,
-                          shard_bytes: int = SHARD_BYTES, progress: bool = True) -> QuantizeReport:
-    """Quantize a model built on the meta device (``lowbit.models.lazy.load_lazily``) as ``plan`` says (no
-    calibration) and write it to ``directory`` as ``save_quantized`` would, tensor by tensor: each layer's weight
-    is read, rounded and handed to the shard writer, then each other tensor, so memory holds one float weight and
-    one shard, never the model. The files are the ones ``quantize_model`` then ``save_quantized`` write
-    (tests/models/test_lazy.py). ``resume``: go on from the finished shards an interrupted run with the same
-    settings (``resume_settings``) left in ``OUT.partial``; without it they are refused, or discarded with
-    ``overwrite``."""
+                          shard_bytes: int = SHARD_BYTES, progress: bool = True,
+                          calibration: Calibration | None = None) -> QuantizeReport:
+    """Quantize a model built on the meta device (``lowbit.models.lazy.load_lazily``) as ``plan`` says and write
+    it to ``directory`` as ``save_quantized`` would, tensor by tensor: each layer's weight is read, rounded and
+    handed to the shard writer, then each other tensor, so memory holds one float weight and one shard, never the
+    model. The files are the ones ``quantize_model`` then ``save_quantized`` write (tests/models/test_lazy.py).
+    ``resume``: go on from the finished shards an interrupted run with the same settings (``resume_settings``)
+    left in ``OUT.partial``; without it they are refused, or discarded with ``overwrite``.
+
+    ``calibration``: the inputs of a plan that calibrates; its methods run block by block as each block is read
+    (``lowbit.workflows.run.streamed``), and each block's layers are written once it is done, so memory holds one
+    block (tests/workflows/test_streamed_run.py). Such a run is not resumed (``resume`` refused)."""
     out = check_output(directory, overwrite=overwrite, source=local_source(info.source))
-    if plan.needs_calibration:
-        raise InputError(f"{plan.label} needs calibration, which runs the whole model: load it with load_model")
+    if plan.needs_calibration and calibration is None:
+        raise InputError(f"{plan.label} needs calibration inputs: pass calibration=")
+    if plan.needs_calibration and resume:
+        raise InputError(f"--resume continues a quantize that needs no calibration; {plan.label} calibrates: run "
+                         "it without --resume (--overwrite discards what an interrupted run left)")
     need = output_bytes(model, plan, keep_dtype)
     with Partial.open(out, resume_settings(info, plan, keep_dtype, shard_bytes), resume=resume,
                       overwrite=overwrite) as partial:
@@ -58,7 +66,8 @@ def quantize_to_directory(model, weights: LazyWeights, tokenizer, info: ModelInf
                     directory=out.absolute().parent, hint=_HINT)
         try:
             report = _write(model, weights, tokenizer, info, plan, directory, partial, overwrite=overwrite,
-                            keep_dtype=keep_dtype, shard_bytes=shard_bytes, progress=progress)
+                            keep_dtype=keep_dtype, shard_bytes=shard_bytes, progress=progress,
+                            calibration=calibration)
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
@@ -79,7 +88,8 @@ def resume_settings(info: ModelInfo, plan: QuantPlan, keep_dtype: torch.dtype, s
 
 
 def _write(model, weights: LazyWeights, tokenizer, info: ModelInfo, plan: QuantPlan, directory, partial: Partial, *,
-           overwrite: bool, keep_dtype: torch.dtype, shard_bytes: int, progress: bool) -> QuantizeReport:
+           overwrite: bool, keep_dtype: torch.dtype, shard_bytes: int, progress: bool,
+           calibration: Calibration | None) -> QuantizeReport:
     """The layers rounded a few at a time (``quantize_model(only=)``), their parts and then every other tensor
     handed to the writer, a boundary after each tensor (a shard ends where an uninterrupted run ends it). The
     state at a boundary is what lowbit.json will say of the layers rounded before it: ``{"parts": [{"layers":
@@ -101,6 +111,10 @@ def _write(model, weights: LazyWeights, tokenizer, info: ModelInfo, plan: QuantP
                 writer.add(key, t)
                 writer.boundary(state)  # a shard ending here is followed by this part made again
 
+        if plan.needs_calibration:  # block by block, written as each block is done; one part
+            rounded = run(model, plan, calibration, progress=progress, source=weights, sink=write_layer)
+            state = ProducerState(info={"parts": [{"layers": dict(entries), "report": asdict(rounded)}]})
+            todo = []
         with progress_bar(len(todo), f"quantizing to {what}", enabled=progress) as advance:
             for start in range(0, len(todo), _LAYERS_A_CALL):
                 only = todo[start:start + _LAYERS_A_CALL]
