@@ -39,6 +39,7 @@ from torch import nn
 from ..errors import InputError, LowbitWarning, ModelLoadError
 from ..files.atomic import atomic_dir, save_tensors, write_errors
 from ..formats.registry import formats, get_format
+from ..layers.keep_dtype import NarrowEmbedding
 from ..layers.linear import QuantLinear
 from ..models.architectures import with_architectures
 from ..models.header_checks import check_safetensors
@@ -118,11 +119,14 @@ def export_bnb(model: nn.Module, tokenizer, out: str | Path) -> dict[str, int]:
                       "bitsandbytes 0.50's CPU kernels on AVX-512 CPUs read them with the wrong scales (or fail "
                       "in inference); CUDA and CPUs without AVX-512 read them right", LowbitWarning, stacklevel=2)
     seen: set[tuple] = set()
-    for key, t in model.state_dict().items():  # a QuantLinear's state is its bias alone
+    # an embedding kept narrow (lowbit.layers.keep_dtype) is written in the dtype the model computes in, as the
+    # float table transformers' bitsandbytes loader expects beside the float layers
+    narrow = {id(m.weight): m.compute_dtype for m in model.modules() if isinstance(m, NarrowEmbedding)}
+    for key, t in model.state_dict(keep_vars=True).items():  # a QuantLinear's state is its bias alone
         where = (t.data_ptr(), t.numel())  # a tied tensor once: transformers ties it again from the config
         if where not in seen:
             seen.add(where)
-            tensors[key] = t.detach()
+            tensors[key] = t.detach().to(narrow.get(id(t), t.dtype))
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     config = with_architectures(model)
     config.quantization_config = _quantization_config(model, skip)

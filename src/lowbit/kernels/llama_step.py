@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..layers.keep_dtype import NarrowEmbedding
 from ..layers.linear import QuantLinear
 from .library import native
 from .linear import F32, ISA, Prepared, _made, _Weights, prepare
@@ -69,7 +70,9 @@ class NativeStep:
               scale: float) -> NativeStep | None:
         cfg, inner = model.config, model.model
         embed = inner.embed_tokens.weight.detach()
-        if embed.dtype != torch.float32 or embed.device.type != "cpu":
+        # an embedding kept narrow (--keep-dtype) gives its rows as float32: the step casts the one it reads
+        narrow = isinstance(inner.embed_tokens, NarrowEmbedding) and inner.embed_tokens.compute_dtype == torch.float32
+        if (embed.dtype != torch.float32 and not narrow) or embed.device.type != "cpu":
             return None
         keep: list = [k_cache, v_cache]
         layers = (_Layer * len(inner.layers))()
@@ -107,7 +110,7 @@ class NativeStep:
 
     def __call__(self, token: int, pos: int) -> torch.Tensor:
         logits = torch.empty(self.vocab, dtype=torch.float32)
-        row = self.embed[token]
+        row = self.embed[token].float()
         if native.lowbit_llama_step(self.ref, row.data_ptr(), pos, logits.data_ptr(), ISA):
             raise InputError(f"position {pos} is outside the KV cache ({self.model.max_len} tokens)")
         return logits
