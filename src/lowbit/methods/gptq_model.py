@@ -64,8 +64,9 @@ class GPTQWeights(Consumer):
         saved = {}
         if mine:
             found, _ = block.statistics(self._stream, mine, [HESSIAN], outputs=False)
-            for name, linear in mine.items():
+            for name in mine:  # every Hessian was collected before any layer changed
                 self._quantize(name, found[HESSIAN])  # each Hessian freed once used (1.6 GB at 14336 in fp64)
+            for name, linear in mine.items():  # after the last GPTQ, so no float copy is alive during one
                 config = self.targets[name][1]
                 saved[name] = linear.weight.data  # the weight the layer now computes with, in its input's basis
                 linear.weight.data = effective_weight(name, self.results[name].qweight, config).to(linear.weight.dtype)
