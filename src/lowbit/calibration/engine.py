@@ -257,8 +257,7 @@ class BlockPass:
 
 def _head_weights(model: nn.Module) -> set[str]:
     """The output head's parameter names (an LM head is read only where the tail computes it)."""
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
+    head = _output_head(model)
     if head is None:
         return set()
     prefix = next(n for n, m in model.named_modules() if m is head)
@@ -352,8 +351,7 @@ def skip_head(model: nn.Module, targets: Mapping[str, nn.Module]) -> dict:
     of ``targets`` only the last position's logits are made (llama-imatrix skips the output tensor by default too:
     tools/imatrix README, ``--process-output``). Hidden states, and so every other layer's input, are unchanged.
     """
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
+    head = _output_head(model)
     if head is None or any(m is head for m in targets.values()):
         return {}
     try:
@@ -361,3 +359,9 @@ def skip_head(model: nn.Module, targets: Mapping[str, nn.Module]) -> dict:
     except (TypeError, ValueError):
         accepts = False
     return {"logits_to_keep": 1} if accepts else {}
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    """transformers' output head of ``model`` (``get_output_embeddings``), None where it has none."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    return get_head() if callable(get_head) else None
