@@ -62,11 +62,13 @@ def unrotate(x: torch.Tensor, signs: torch.Tensor, block: int | None = None) -> 
     return fwht(x, block or hadamard_block(signs.numel())) * signs.to(x.dtype)
 
 
-def rotate_hessian(hessian: torch.Tensor, signs: torch.Tensor, block: int | None = None) -> torch.Tensor:
+def rotate_hessian(hessian: torch.Tensor, signs: torch.Tensor, block: int | None = None, *,
+                   overwrite: bool = False) -> torch.Tensor:
     """``Q^T H Q`` for a symmetric ``H``: ``rotate`` on its rows, then on the rows of the transpose. Rows are
-    rotated in chunks (the same floats: the transform works on each row alone), so that at most three of ``H``'s
-    size are alive, ``H`` included, not six (a 14336-wide fp64 Hessian is 1.6 GB)."""
-    half = _rotate_rows(hessian, signs, block)
+    rotated in chunks in place (the same floats: the transform works on each row alone), so that at most three of
+    ``H``'s size are alive, ``H`` included, not six (a 14336-wide fp64 Hessian is 1.6 GB); two with
+    ``overwrite`` (``hessian`` is then left destroyed)."""
+    half = _rotate_rows(hessian if overwrite else hessian.clone(), signs, block)
     half_t = half.T.contiguous()
     del half
     return _rotate_rows(half_t, signs, block)
@@ -76,7 +78,7 @@ _ROWS = 512  # rows rotated at a time: 512 x 14336 fp64 is 59 MB
 
 
 def _rotate_rows(x: torch.Tensor, signs: torch.Tensor, block: int | None) -> torch.Tensor:
-    out = torch.empty_like(x)
+    """``x`` with each row rotated, in place."""
     for i in range(0, x.shape[0], _ROWS):
-        out[i:i + _ROWS] = rotate(x[i:i + _ROWS], signs, block)
-    return out
+        x[i:i + _ROWS] = rotate(x[i:i + _ROWS], signs, block)
+    return x

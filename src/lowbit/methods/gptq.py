@@ -58,10 +58,12 @@ NEEDS_GRID = "GPTQ needs a format whose elements are levels on a grid, such as i
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt, *, block_size: int | None = None,
                   search: str | None = None, act_order: bool = False, double_quant: bool = False,
-                  percdamp: float = DAMP, lazy: int = LAZY, tensor_parts: dict | None = None) -> GPTQResult:
+                  percdamp: float = DAMP, lazy: int = LAZY, tensor_parts: dict | None = None,
+                  overwrite_hessian: bool = False) -> GPTQResult:
     """``weight`` (out, in), ``hessian`` (in, in) -> the quantized weight (the format's stored layout).
     ``tensor_parts``: the per-tensor parts to round against (a learned codebook: ``lowbit.methods.codebook_refit``);
-    by default the format's own, fitted to ``weight``."""
+    by default the format's own, fitted to ``weight``. ``overwrite_hessian``: a float64 ``hessian`` is the work
+    space and is left destroyed (SciPy's ``overwrite_a``), so no copy of it is made (1.6 GB at 14336 wide)."""
     spec = get_format(fmt)
     codec = require_grid(spec, NEEDS_GRID)
     block = block_size or spec.default_block_size
@@ -79,15 +81,18 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt, *, block_siz
         raise InputError("the Hessian holds NaN or Inf: the calibration activations were not finite")
 
     W = weight.detach().to(torch.float64).clone()
-    H = hessian.detach().to(torch.float64)  # copied only to be changed: a 14336-wide one is 1.6 GB
+    H = hessian.detach().to(torch.float64, copy=not overwrite_hessian)
+    del hessian
     dead = torch.diagonal(H) == 0
     if dead.any():
-        H = H.clone()
         H[dead, dead] = 1.0
     W[:, dead] = 0.0
     importance = torch.diagonal(H).to(torch.float32)
     perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else None
-    U, damp, raised = _inverse_cholesky(H if perm is None else H[perm][:, perm], percdamp)
+    if perm is not None:
+        H = H[perm]
+        H = H[:, perm]
+    U, damp, raised = _inverse_cholesky(H, percdamp)
     del H
 
     if tensor_parts is None:
@@ -145,20 +150,21 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt, *, block_siz
 
 
 def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float, bool]:
-    """Upper Cholesky factor of ``(H + damp I)^-1``, damping raised x10 until ``H + damp I`` factors."""
+    """Upper Cholesky factor of ``(H + damp I)^-1``, damping raised x10 until ``H + damp I`` factors. ``H`` is
+    damped in place (its diagonal put back before each try) and the factor inverted and factored again in place:
+    two matrices of ``H``'s size alive, ``H`` included (3.3 GB for a 14336-wide float64 one)."""
     base = percdamp * float(torch.diagonal(H).mean())
+    diagonal = torch.diagonal(H).clone()
     for attempt in range(DAMP_TRIES):
         damp = base * 10.0**attempt
-        damped = H.clone()  # H + damp I: each intermediate freed as soon as the next is made (at most three of
-        damped.diagonal().add_(damp)  # H's size alive, H included: 4.9 GB for a 14336-wide fp64 one)
-        L, info = torch.linalg.cholesky_ex(damped)
-        del damped
+        H.diagonal().copy_(diagonal).add_(damp)
+        L, info = torch.linalg.cholesky_ex(H)
         if int(info) == 0:
-            Hinv = torch.cholesky_inverse(L)
-            del L
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            del Hinv
+            # L is column-major, LAPACK's layout: potri and potrf work in its storage, as LAPACK does
+            torch.cholesky_inverse(L, out=L)
+            U, info = torch.linalg.cholesky_ex(L, upper=True, out=(L, info))
             if int(info) == 0:
                 return U, damp, attempt > 0
+        del L
     raise InputError(f"the Hessian is not positive definite even damped by {damp:.3g} "
                      f"({10.0 ** (DAMP_TRIES - 1) * percdamp:.0e} of its mean diagonal)")

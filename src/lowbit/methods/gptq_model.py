@@ -52,10 +52,10 @@ class GPTQWeights(Consumer):
         return {name: self.results.pop(name).qweight for name in names if name in self.results}
 
     def _quantize(self, name: str, hessians: dict[str, torch.Tensor]) -> None:
-        """Layer ``name`` from its Hessian, taken out of ``hessians``: no reference is left here, so that
-        ``gptq_layer`` can free it once it has made the copy it works on."""
+        """Layer ``name`` from its Hessian, taken out of ``hessians`` for ``gptq_layer`` to work in."""
         linear, config = self.targets[name]
-        self.results[name] = gptq_layer(name, linear.weight, hessians.pop(name), config, act_order=self.act_order)
+        self.results[name] = gptq_layer(name, linear.weight, hessians.pop(name), config, act_order=self.act_order,
+                                        consume=True)
 
     def block(self, engine: BlockPass, block: Block) -> None:
         if self._stream is None:
@@ -84,16 +84,20 @@ class GPTQWeights(Consumer):
 
 
 def gptq_layer(name: str, weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig, *,
-               act_order: bool = False) -> GPTQResult:
+               act_order: bool = False, consume: bool = False) -> GPTQResult:
     """GPTQ of one layer's weight as ``config`` says; with ``+had`` on ``W Q`` against the rotated inputs'
     Hessian ``Q^T H Q`` (``lowbit.layers.rotation``), the signs drawn from the layer's name; with ``+cb`` the codebook
-    refit to the output error between GPTQ rounds (``lowbit.methods.codebook_refit``)."""
+    refit to the output error between GPTQ rounds (``lowbit.methods.codebook_refit``). ``consume``: ``hessian`` is
+    the caller's no longer and is worked in (left destroyed): two matrices of its size alive, not three."""
     weight = weight.detach()
     signs = config.layer_signs(name, weight.shape[1])
     if signs is not None:
-        weight, hessian = rotate(weight, signs), rotate_hessian(hessian, signs)
+        weight, hessian = rotate(weight, signs), rotate_hessian(hessian, signs, overwrite=consume)
+        consume = True  # the rotated Hessian is this call's own
+    refine = any(m.refines() for m in config.method_classes)  # +cb reads the Hessian again
     result = gptq_quantize(weight, hessian, config.format, block_size=config.block_size, search=config.search,
-                           act_order=act_order, double_quant=config.double_quant)
+                           act_order=act_order, double_quant=config.double_quant,
+                           overwrite_hessian=consume and not refine)
     for method in config.method_classes:  # +cb refits the codebook between GPTQ rounds
         result = method.refine(config, weight, hessian, result, lambda parts: gptq_quantize(
             weight, hessian, config.format, block_size=config.block_size, search=config.search, act_order=act_order,

@@ -83,6 +83,11 @@ class Method:
         return result
 
     @classmethod
+    def refines(cls) -> bool:
+        """Whether ``refine`` does anything (it then reads the Hessian again after the method that made the weight)."""
+        return cls.refine.__func__ is not Method.refine.__func__
+
+    @classmethod
     def check(cls, config: QuantConfig) -> None:
         """Refuse (InputError) a label this method cannot run with; called once per label, before any model loads."""
 
