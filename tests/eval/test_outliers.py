@@ -1,4 +1,5 @@
-"""LLM.int8()'s outlier analysis: counts on planted activations, the paper's criteria, and `lowbit outliers`."""
+"""LLM.int8()'s outlier analysis: counts on planted activations, the paper's criteria, the same counts from a
+model read one block at a time, and `lowbit outliers`."""
 
 import json
 
@@ -6,8 +7,10 @@ import pytest
 import torch
 from torch import nn
 
+from lowbit import load_model
 from lowbit.cli import main
 from lowbit.eval.outliers import collect_outliers, outlier_report
+from lowbit.models.lazy import load_lazily
 
 
 class Block(nn.Module):
@@ -73,6 +76,53 @@ def test_counts_and_the_papers_criteria():
     bad[1, 4, 0] = float("nan")
     with pytest.raises(ValueError, match="the input of layers.0.q holds NaN"):
         collect_outliers(model, [bad], 6.0, progress=False)
+
+
+def linears_in_memory(model):
+    """The indices of ``model``'s blocks with an nn.Linear weight off the meta device (the walk of a model read
+    block by block keeps a block's norms and biases: kilobytes)."""
+    return [i for i, b in enumerate(model.model.layers)
+            if any(not m.weight.is_meta for m in b.modules() if isinstance(m, nn.Linear))]
+
+
+def assert_same(a, b):
+    assert list(a) == list(b)
+    for name in a:
+        assert a[name].positions == b[name].positions and a[name].block == b[name].block, name
+        assert torch.equal(a[name].counts, b[name].counts) and torch.equal(a[name].peak, b[name].peak), name
+
+
+def test_a_model_read_block_by_block_counts_what_the_model_in_memory_does(tiny_lm_dir):
+    model, _, _ = load_model(tiny_lm_dir)
+    lazy, _, _, weights = load_lazily(tiny_lm_dir)
+    assert weights is not None
+    batches = [torch.randint(0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(i))
+               for i in range(2)]
+    whole = collect_outliers(model, batches, 0.05, progress=False)  # random weights: small activations
+    seen = []
+    hooks = [b.register_forward_hook(lambda m, a, out, i=i: seen.append((i, linears_in_memory(lazy))))
+             for i, b in enumerate(lazy.model.layers)]
+    try:
+        read = collect_outliers(lazy, batches, 0.05, weights=weights, progress=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert_same(whole, read)
+    assert whole["lm_head"].counts.sum() > 0 and whole["model.layers.1.mlp.down_proj"].counts.sum() > 0
+    assert seen and all(found == [i] for i, found in seen)
+
+
+@pytest.mark.slow  # SmolLM2 walked twice on 2 windows of 128 tokens: ~30 s
+def test_smollm2_read_block_by_block_counts_what_the_model_in_memory_does(smollm2):
+    from lowbit.calibration.importance import calibration_batches
+
+    model, tokenizer, info, _ = smollm2
+    lazy, _, _, weights = load_lazily(None)
+    assert weights is not None, "the embedded SmolLM2's converted safetensors are cached after its first load"
+    batches, _ = calibration_batches(tokenizer, info.kind, None, window=128, scored=16, count=2)
+    whole = collect_outliers(model, batches, 6.0, progress=False)
+    assert_same(whole, collect_outliers(lazy, batches, 6.0, weights=weights, progress=False))
+    assert len(whole) == 30 * 7 + 1 and sum(int(s.counts.sum()) for s in whole.values()) > 0
 
 
 def test_outliers_command_on_minilm(tmp_path, capsys):

@@ -113,3 +113,20 @@ def test_a_budget_past_fp32_is_refused():
     with pytest.raises(ValueError, match=r"the budget must be a number in \(0, 32\]"):
         plan_for_budget(None, 33.0, sensitivity=table(0))
     assert choose(table(0), 32.0).bits_per_weight <= 32
+
+
+def test_a_model_read_block_by_block_gets_the_plan_of_the_model_in_memory(tiny_lm_dir):
+    import torch
+
+    from lowbit import load_model
+    from lowbit.models.lazy import load_lazily
+
+    model, _, _ = load_model(tiny_lm_dir)
+    lazy, _, _, weights = load_lazily(tiny_lm_dir)
+    batches = [torch.randint(0, model.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(i))
+               for i in range(2)]
+    whole = plan_for_budget(model, 5.0, candidates=["int3", "int4", "int8"], batches=batches, progress=False)
+    read = plan_for_budget(lazy, 5.0, candidates=["int3", "int4", "int8"], batches=batches, weights=weights,
+                           progress=False)
+    assert read == whole and len({c.label for c in read.choices}) > 1
+    assert all(p.is_meta for p in lazy.parameters())

@@ -10,6 +10,7 @@ from ..files.atomic import write_json
 from ..files.outputs import check_outputs
 from ..io.model_io import local_source
 from ..layers.outlier_linear import DEFAULT_THRESHOLD
+from ..models.lazy import load_lazily
 from ..report.outliers import feature_table, layer_outlier_table
 from .common import add_model_arg, add_protocol_args, check_protocol_args, console, load
 
@@ -32,11 +33,13 @@ def run(args) -> int:
     check_protocol_args(args)
     check_outputs([args.json], [args.text, local_source(args.model)])
     con = console()
-    model, tokenizer, info = load(args.model, con, verify=args.verify)
+    # read one block at a time (lowbit.models.lazy): the model need not fit in memory
+    model, tokenizer, info, weights = load(args.model, con, loader=lambda spec: load_lazily(spec, verify=args.verify))
     batches, label = calibration_batches(tokenizer, info.kind, args.text, window=args.window,
                                          scored=scored_count(info.kind, args.text, args.windows or DEFAULT_WINDOWS),
                                          count=args.calibrate)
-    stats = collect_outliers(model, batches, args.threshold, label=label.replace("calibrating", "reading"))
+    stats = collect_outliers(model, batches, args.threshold, weights=weights,
+                             label=label.replace("calibrating", "reading"))
     report = outlier_report(stats, args.threshold, getattr(model.config, "hidden_size", None))
     report = {"model": {"name": info.name, "source": info.source, "file_hash": info.file_hash},
               "text": {"calibrate": args.calibrate, "window": args.window}, **report}

@@ -9,6 +9,7 @@ from ..eval.protocol import DEFAULT_WINDOWS, scored_count
 from ..files.atomic import write_json
 from ..files.outputs import check_outputs
 from ..io.model_io import local_source
+from ..models.lazy import load_lazily
 from ..models.loader import CAUSAL_LM
 from ..planning.sensitivity import DEFAULT_CANDIDATES, MEASURES, SENSITIVITY_CALIBRATE, candidate, measure_sensitivity
 from ..report.layers import sensitivity_table
@@ -40,8 +41,9 @@ def candidate_configs(args) -> list:
     return list({c.label: c for c in map(candidate, labels)}.values())
 
 
-def measure(args, model, tokenizer, info, configs):
-    """The sensitivity table of ``model`` on the calibration windows after the ``--windows`` scored ones."""
+def measure(args, model, tokenizer, info, configs, weights):
+    """The sensitivity table of ``model`` on the calibration windows after the ``--windows`` scored ones;
+    ``weights``: ``load_lazily``'s, from which ``model`` is read one block at a time (None: it is in memory)."""
     if info.kind != CAUSAL_LM:
         raise InputError(f"sensitivity measures KL of next-token distributions; {info.name} is an encoder")
     batches, _ = calibration_batches(tokenizer, info.kind, args.text, window=args.window,
@@ -49,7 +51,7 @@ def measure(args, model, tokenizer, info, configs):
                                      count=args.calibrate)
     exclude = tuple(args.exclude) if args.exclude is not None else ("lm_head",)
     return measure_sensitivity(model, configs, batches, measure=args.measure, anchor=args.anchor,
-                               include=tuple(args.include or ()), exclude=exclude)
+                               include=tuple(args.include or ()), exclude=exclude, weights=weights)
 
 
 def run(args) -> int:
@@ -57,8 +59,9 @@ def run(args) -> int:
     check_protocol_args(args)
     check_outputs([args.json], [args.text, local_source(args.model)])
     con = console()
-    model, tokenizer, info = load(args.model, con, verify=args.verify)
-    s = measure(args, model, tokenizer, info, configs)
+    # read one block at a time (lowbit.models.lazy): the model need not fit in memory
+    model, tokenizer, info, weights = load(args.model, con, loader=lambda spec: load_lazily(spec, verify=args.verify))
+    s = measure(args, model, tokenizer, info, configs, weights)
     con.print(sensitivity_table(s))
     measured = sum(c.measured for layer in s.costs.values() for c in layer.values())
     con.print(f"{len(s.numel)} layers x {len(s.candidates)} candidates: {measured} KL values measured, the rest "

@@ -10,6 +10,9 @@ float32: 262 MB), never the model nor the logits of every window. A block run on
 floats it computes inside a full forward (tests/calibration/test_engine.py), so the log-probabilities are
 ``next_token_logprobs`` of the whole model, to the bit (tests/eval/test_blockwise.py).
 
+``through_blocks`` runs several streams through the same blocks, each block brought in once for all of them
+(sensitivity's measurements of one layer each, ``lowbit.planning.sensitivity``).
+
 Where a block's weights come from is the ``Resident``'s business: already in memory (``Resident``); a quantized
 model's dequantized per block (``Dequantized``); read from the checkpoint of a model built on the meta device
 (``Onloaded``, ``lowbit.models.lazy``), or read and rounded there (``lowbit.eval.streamed``).
@@ -23,7 +26,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..calibration.engine import Block, BlockPass, transformer_blocks
+from ..calibration.engine import Block, BlockPass, Stream, transformer_blocks
 from ..errors import InputError
 from ..layers.keep_dtype import round_state
 from ..layers.linear import QuantLinear
@@ -149,15 +152,24 @@ def window_logprobs(model: nn.Module | Resident, ids: torch.Tensor, each: Callab
             run.outside(blocks):
         engine = BlockPass(run.model, [window[None] for window in ids])  # catches the first block's inputs
         stream = engine.stream()
-        for i, name in enumerate(blocks):
-            with run.block(name):  # the module is looked up inside: a Resident may put another in its place
-                stream.advance(Block(i, run.model.get_submodule(name), engine.masks, {}).run(stream))
-            advance()
+        through_blocks(run, engine, blocks, [stream], each=advance)
         with engine.replaying(len(blocks), stream) as state:
             for i, window in enumerate(ids):
                 state["batch"] = i
                 each(i, next_token_logprobs(run.model, window))
                 advance()
+
+
+def through_blocks(run: Resident, engine: BlockPass, blocks: list[str], streams: list[Stream], start: int = 0, *,
+                   each: Callable[[], None] = lambda: None) -> None:
+    """Every one of ``streams`` advanced through ``blocks[start:]`` (qualified names), each block brought into
+    memory once (``run.block``) and run on every stream in turn; ``each()`` after each block."""
+    for i in range(start, len(blocks)):
+        with run.block(blocks[i]):  # the module is looked up inside: a Resident may put another in its place
+            module = run.model.get_submodule(blocks[i])
+            for stream in streams:
+                stream.advance(Block(i, module, engine.masks, {}).run(stream))
+        each()
 
 
 @torch.inference_mode()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -21,6 +22,9 @@ from ..calibration.engine import Block, BlockPass, Consumer, serve
 from ..calibration.importance import linear_layers
 from ..calibration.statistics import OUTLIERS
 from ..errors import InputError
+
+if TYPE_CHECKING:
+    from ..models.lazy import LazyWeights
 
 SYSTEMATIC_LAYERS = 0.25  # §4.1: the same feature dimension in at least 25% of the transformer layers
 SYSTEMATIC_POSITIONS = 0.06  # §4.1: and in at least 6% of the sequence positions
@@ -49,15 +53,16 @@ def block_index(name: str) -> int | None:
     return next((int(part) for part in name.split(".") if part.isdigit()), None)
 
 
-def collect_outliers(model: nn.Module, batches: Sequence, threshold: float, *, progress: bool = True,
-                     label: str = "finding outliers") -> dict[str, LayerInput]:
+def collect_outliers(model: nn.Module, batches: Sequence, threshold: float, *, weights: LazyWeights | None = None,
+                     progress: bool = True, label: str = "finding outliers") -> dict[str, LayerInput]:
     """``{layer name: LayerInput}`` for every nn.Linear over ``batches`` (``calibration.collect_importance``'s
-    inputs; padded tokens left out), the model walked block by block (``lowbit.calibration.engine``). A NaN or
-    Inf activation is a ValueError naming the layer."""
+    inputs; padded tokens left out), the model walked block by block (``lowbit.calibration.engine``). ``weights``:
+    ``model`` was built on the meta device (``lowbit.models.lazy.load_lazily``) and is read from them one block at a
+    time; the counts are those of the model in memory. A NaN or Inf activation is a ValueError naming the layer."""
     check_analysis_threshold(threshold)
     layers = linear_layers(model)
     counter = _Counter(layers, threshold)
-    serve(model, batches, [counter], progress=progress, label=label)
+    serve(model, batches, [counter], progress=progress, label=label, weights=weights)
     return {name: LayerInput(m.in_features, block_index(name), **vars(counter.found[name]))
             for name, m in layers.items()}
 

@@ -17,6 +17,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch.nn as nn
@@ -27,6 +28,9 @@ from ..limits import BUDGET
 from .config import QuantConfig
 from .plan import PlanRule, QuantPlan
 from .sensitivity import DEFAULT_CANDIDATES, Sensitivity, measure_sensitivity
+
+if TYPE_CHECKING:
+    from ..models.lazy import LazyWeights
 
 # Capacity units of the dynamic programme: 210 layers x 6 candidates x 100,000 units takes ~0.5 s in numpy, and
 # the rounding leaves at most (layers / RESOLUTION) of the slack above the smallest mix unused (0.2% for SmolLM2's
@@ -72,12 +76,13 @@ class BudgetPlan:
 
 def plan_for_budget(model: nn.Module | None, budget: float, *, candidates: Sequence[str] | None = None,
                     batches: Sequence | None = None, sensitivity: Sensitivity | None = None,
-                    progress: bool = True) -> BudgetPlan:
+                    weights: LazyWeights | None = None, progress: bool = True) -> BudgetPlan:
     """The format per layer that minimizes the predicted total KL at no more than ``budget`` bits per weight.
 
     ``sensitivity``: a table already measured (``measure_sensitivity``); otherwise it is measured on ``model``
     with ``batches`` (calibration windows: ``lowbit.calibration.importance.calibration_batches``) for ``candidates``
-    (default ``DEFAULT_CANDIDATES``).
+    (default ``DEFAULT_CANDIDATES``); ``weights``: ``model`` was built on the meta device
+    (``lowbit.models.lazy.load_lazily``) and is read from them one block at a time.
     """
     if not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget > 0):
         raise InputError(f"the budget is a positive number of bits per weight, got {budget!r}")
@@ -85,7 +90,8 @@ def plan_for_budget(model: nn.Module | None, budget: float, *, candidates: Seque
     if sensitivity is None:
         if model is None or batches is None:
             raise InputError("plan_for_budget needs sensitivity= or both model and batches= (calibration windows)")
-        sensitivity = measure_sensitivity(model, candidates or DEFAULT_CANDIDATES, batches, progress=progress)
+        sensitivity = measure_sensitivity(model, candidates or DEFAULT_CANDIDATES, batches, weights=weights,
+                                          progress=progress)
     elif candidates is not None:
         missing = [c for c in candidates if QuantConfig.parse(c).label not in sensitivity.candidates]
         if missing:

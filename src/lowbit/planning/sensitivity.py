@@ -2,16 +2,26 @@
 
 **Measured.** The model with only that layer quantized runs on calibration windows (never the scored ones) and its
 next-token distributions are compared with the original's: KL(p_original || p_quantized) at every position, mean
-over tokens. The blocks before the layer's own are not rerun: the calibration engine walks the model block by
-block (``lowbit.calibration.engine``), and what the block before the layer's returned is replayed in their place,
-so one measurement costs the forward from the layer's block on, and only one block's outputs are kept.
+over tokens. The blocks before the layer's own are not rerun: the model is walked block by block
+(``lowbit.calibration.engine``), and at each block every measurement of its layers starts from the inputs the walk
+reached: the block run with the layer's weight replaced, then each later block on those outputs, then what follows
+the blocks (final norm, head) as the model's own forward with every block replaying the last one's outputs
+(``BlockPass.replaying``). The reference log-probabilities come from one such walk of the unchanged model first.
+A block computes the floats it computes inside a full forward (tests/calibration/test_engine.py), so a KL is the
+one full forwards give, to the bit (tests/planning/test_sensitivity.py).
+
+The later blocks are run for all of one block's measurements together, each brought into memory once for them
+(``lowbit.eval.blockwise``): a model built on the meta device (``lowbit.models.lazy.load_lazily``) is so read
+from its checkpoint one block at a time, and memory holds one block, the inputs of every measurement of one block
+(``measurements x batches x tokens x hidden`` floats), the reference log-probabilities and what lies outside the
+blocks (embedding, final norm, head).
 
 **Predicted** (the cheap proxy). A layer's output error on the calibration inputs,
 ``E = mean over tokens of |(W_q - W) x|^2 = tr(dW H dW^T) / 2`` with ``H = 2/n X^T X`` (GPTQ's Hessian), scaled by
 that layer's measured KL per unit of error for one anchor format: ``dKL(l, f) ~ dKL(l, anchor) E(l, f) /
 E(l, anchor)``. KL is quadratic in a small logit change and E quadratic in the weight change, so the ratio is the
 layer's own constant (how much its output error reaches the logits); the proxy spares measuring every candidate.
-``tests/nn/test_sensitivity.py`` checks that it ranks layers as the measured KL does (Spearman >= 0.8 on the
+``tests/planning/test_sensitivity.py`` checks that it ranks layers as the measured KL does (Spearman >= 0.8 on the
 embedded model).
 """
 
@@ -19,23 +29,30 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from ..calibration.engine import Block, BlockPass, Consumer, Stream, call, serve, transformer_blocks
+from ..calibration.engine import Block, BlockPass, Stream, call, transformer_blocks
 from ..calibration.statistics import HESSIAN
 from ..errors import InputError, LayerQuantizeError, LowbitError
+from ..eval.blockwise import Onloaded, Resident, block_names, through_blocks
 from ..files.atomic import write_json
 from ..json_file import load_json
 from ..layers.surgery import layout_error, linears
 from ..methods.calibrated import layer_from_hessian
 from ..methods.gptq_model import effective_weight
 from ..methods.registry import BLOCK
+from ..progress import progress_bar
 from .config import QuantConfig
 from .plan import DEFAULT_EXCLUDE, selected
+
+if TYPE_CHECKING:
+    from ..models.lazy import LazyWeights
 
 # Calibration windows of 512 tokens each measurement runs: 1,024 tokens. A measurement costs the forward from
 # the layer's block on plus the full-vocabulary log-softmax (~1 s a window for SmolLM2 on 2 CPU threads), and
@@ -98,12 +115,15 @@ class Sensitivity:
 
 def measure_sensitivity(model: nn.Module, candidates: Sequence[str | QuantConfig], batches: Sequence, *,
                         measure: str = "anchor", anchor: str | None = None, include: tuple[str, ...] = (),
-                        exclude: tuple[str, ...] = DEFAULT_EXCLUDE, progress: bool = True) -> Sensitivity:
+                        exclude: tuple[str, ...] = DEFAULT_EXCLUDE, weights: LazyWeights | None = None,
+                        progress: bool = True) -> Sensitivity:
     """Each selected layer's cost per candidate on the calibration ``batches`` (input-id tensors of a causal LM).
 
     ``measure="anchor"`` measures each layer's KL for one candidate (``anchor``; default the lower median of the
     candidates' bits per weight) and predicts the others from the output error; ``"all"`` measures every one.
-    ``include``/``exclude``: which layers, as ``QuantPlan.uniform``'s patterns. ``model`` is left as it was.
+    ``include``/``exclude``: which layers, as ``QuantPlan.uniform``'s patterns. ``weights``: ``model`` was built on
+    the meta device (``lowbit.models.lazy.load_lazily``) and is read from them one block at a time; the table is
+    the one of the model in memory. ``model`` is left as it was.
     """
     if measure not in MEASURES:
         raise InputError(f"measure must be one of {', '.join(MEASURES)}, got {measure!r}")
@@ -118,11 +138,17 @@ def measure_sensitivity(model: nn.Module, candidates: Sequence[str | QuantConfig
         anchor = QuantConfig.parse(anchor).label  # "nf4/64" and "nf4" name one candidate
     if anchor is not None and anchor not in configs:
         raise InputError(f"anchor {anchor!r} is not one of the candidates ({', '.join(configs)})")
-    consumer = _Measure(model, targets, configs, measure, anchor)
-    serve(model, batches, [consumer], progress=progress, label=f"sensitivity of {len(targets)} layers",
-          on_output=consumer.keep_reference)
-    costs = consumer.costs  # in the order measured: block by block, the layers outside the blocks last
-    return Sensitivity(tuple(configs), consumer.anchor, len(batches), {n: targets[n].weight.numel() for n in costs},
+    measuring = _Measure(Resident(model) if weights is None else Onloaded(model, weights), targets, configs, measure,
+                         anchor)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            measuring.walk(batches, progress=progress)
+    finally:
+        model.train(was_training)
+    costs = measuring.costs  # in the order measured: block by block, the layers outside the blocks last
+    return Sensitivity(tuple(configs), measuring.anchor, len(batches), {n: targets[n].weight.numel() for n in costs},
                        costs, time.perf_counter() - start)
 
 
@@ -195,74 +221,129 @@ def _layer_costs(name: str, linear: nn.Linear, hessian: torch.Tensor,
     return out, dequantized
 
 
-class _Measure(Consumer):
-    """Sensitivity's part in a walk of the unchanged model: at each block, its selected layers' Hessians, each
-    candidate's cost, and the KL of the model with one layer replaced, run from that block on (the blocks before
-    it replay the outputs the walk has reached: ``BlockPass.replaying``); the layers outside the blocks last.
-    ``costs``: layer -> label -> LayerCost."""
+class _Measure:
+    """Sensitivity's walk of the unchanged model (module docstring), its blocks' weights brought into memory by
+    ``run``: at each block, its selected layers' Hessians, each candidate's cost, and the KL of the model with one
+    layer replaced; the layers outside the blocks last. ``costs``: layer -> label -> LayerCost."""
 
-    def __init__(self, model: nn.Module, targets: dict[str, nn.Linear], configs: dict[str, QuantConfig],
-                 measure: str, anchor: str | None):
-        self.model, self.targets, self.configs, self.measure, self.anchor = model, targets, configs, measure, anchor
-        self.layers = tuple(targets)
-        self.blocks = transformer_blocks(model)  # the blocks before a layer's are replayed: a model needs blocks
-        self.reference: list[torch.Tensor] = []
+    def __init__(self, run: Resident, targets: dict[str, nn.Linear], configs: dict[str, QuantConfig], measure: str,
+                 anchor: str | None):
+        self.run, self.model = run, run.model
+        self.targets, self.configs, self.measure, self.anchor = targets, configs, measure, anchor
+        transformer_blocks(self.model)  # the blocks before a layer's are replayed: a model needs blocks
+        self.blocks = block_names(self.model)
+        self.names = {id(m): n for n, m in self.model.named_modules()}
         self.costs: dict[str, dict[str, LayerCost]] = {}
+        self.reference: list[torch.Tensor] = []  # per batch, the unchanged model's log-probabilities
         self._anchor_bits = None
-        self._stream = None
 
-    def keep_reference(self, b: int, out) -> None:
-        self.reference.append(_logprobs(out))
+    def walk(self, batches: Sequence, *, progress: bool) -> None:
+        with self.run.outside(self.blocks):
+            self.engine = BlockPass(self.model, batches)  # catches the first block's inputs
+            where = self.engine.block_of(self.targets)
+            outside = [n for n, i in where.items() if i is None]
+            last = len(self.blocks) - 1 if outside else max(i for i in where.values() if i is not None)
+            with progress_bar(len(self.blocks) + last + 1 + bool(outside), f"sensitivity of {len(self.targets)} "
+                              "layers", enabled=progress) as advance:
+                stream = self.engine.stream()
+                through_blocks(self.run, self.engine, self.blocks, [stream], each=advance)
+                self._logprobs(stream, lambda b, lp: self.reference.append(lp))
+                stream = self.engine.stream()
+                for i in range(last + 1):
+                    self._block(i, stream)
+                    advance()
+                if outside:
+                    self._outside(outside, stream)
+                    advance()
 
-    def block(self, engine: BlockPass, block: Block) -> None:
-        if self._stream is None:
-            self._stream = engine.stream()
-        mine = block.layers(self.layers)
-        found, outputs = block.statistics(self._stream, mine, [HESSIAN])
-        for name in mine:
-            self._measure(engine, name, found[HESSIAN][name], block.index, self._stream)
-        self._stream.advance(outputs)
+    def _block(self, index: int, stream: Stream) -> None:
+        """Block ``index``'s layers measured on ``stream`` (its inputs), which then moves on past it."""
+        name = self.blocks[index]
+        measured: dict[tuple[str, str], Stream] = {}  # (layer, label): the block's outputs with that weight replaced
+        chosen = {}
+        with self.run.block(name):
+            block = Block(index, self.model.get_submodule(name), self.engine.masks, self.names)
+            mine = block.layers(self.targets)
+            hessians, outputs = block.statistics(stream, mine, [HESSIAN])
+            for layer, module in mine.items():
+                chosen[layer], quantized = self._candidates(layer, module, hessians[HESSIAN].pop(layer))
+                for label, weight in quantized.items():
+                    with _replaced(module.weight, weight):
+                        measured[layer, label] = Stream(stream.inputs)
+                        measured[layer, label].advance(block.run(stream))
+                del quantized  # one layer's candidates at a time
+        stream.advance(outputs)
+        if measured:  # else no block need be brought in
+            through_blocks(self.run, self.engine, self.blocks, list(measured.values()), start=index + 1)
+        kl = {key: self._kl(measured.pop(key)) for key in list(measured)}
+        for layer, (costs, base) in chosen.items():
+            self._record(layer, costs, base, {label: kl[layer, label] for label in costs if (layer, label) in kl})
 
-    def tail(self, engine: BlockPass, layers: dict[str, nn.Module]) -> None:
-        found = engine.tail(layers, [HESSIAN], replay=self._stream)[HESSIAN]
-        for name in layers:
-            # full forwards, no replay: a head tied to the input embedding (SmolLM2) changes the embedding too when
-            # its weight is replaced, as it always has here (0.000444 vs 0.000412 for int8 on SmolLM2's lm_head,
-            # 2 windows of 64 tokens, had the blocks replayed an unchanged embedding's outputs)
-            self._measure(engine, name, found[name], 0, None)
+    def _outside(self, names: list[str], stream: Stream) -> None:
+        """The layers outside the blocks, their Hessians from a forward replaying ``stream`` (through every block)."""
+        layers = {n: self.model.get_submodule(n) for n in names}
+        hessians = self.engine.tail(layers, [HESSIAN], replay=stream)[HESSIAN]
+        for name, module in layers.items():
+            (costs, base), quantized = self._candidates(name, module, hessians.pop(name))
+            kl = {}
+            for label, weight in quantized.items():
+                # every block rerun, on inputs caught anew: a head tied to the input embedding (SmolLM2) changes the
+                # embedding too when its weight is replaced, as it always has here (0.000444 vs 0.000412 for int8 on
+                # SmolLM2's lm_head, 2 windows of 64 tokens, had the blocks replayed an unchanged embedding's outputs)
+                with _replaced(module.weight, weight):
+                    fresh = BlockPass(self.model, self.engine.batches).stream()
+                    through_blocks(self.run, self.engine, self.blocks, [fresh])
+                    kl[label] = self._kl(fresh)
+            self._record(name, costs, base, kl)
 
-    def _measure(self, engine: BlockPass, name: str, hessian: torch.Tensor, index: int,
-                 stream: Stream | None) -> None:
-        weight = self.targets[name].weight
-        layer, quantized = _layer_costs(name, self.targets[name], hessian, self.configs)
+    def _candidates(self, name: str, module: nn.Linear, hessian: torch.Tensor
+                    ) -> tuple[tuple[dict[str, LayerCost], str], dict[str, torch.Tensor]]:
+        """``((costs, the label whose KL the others are predicted from), {label: dequantized weight})`` for the
+        labels to measure."""
+        numel = module.weight.numel()
+        layer, quantized = _layer_costs(name, module, hessian, self.configs)
         self.anchor = self.anchor or _lower_median(layer)
         if self._anchor_bits is None and self.anchor in layer:
-            self._anchor_bits = 8 * layer[self.anchor].bytes / weight.numel()
-        base = _layer_anchor(layer, self.anchor, weight.numel(), self._anchor_bits or 0.0)
-        kl = {label: self._kl_with(engine, weight, quantized[label], index, stream)
-              for label in (layer if self.measure == "all" else [base])}
+            self._anchor_bits = 8 * layer[self.anchor].bytes / numel
+        base = _layer_anchor(layer, self.anchor, numel, self._anchor_bits or 0.0)
+        return (layer, base), {label: quantized[label] for label in (layer if self.measure == "all" else [base])}
+
+    def _record(self, name: str, layer: dict[str, LayerCost], base: str, kl: dict[str, float]) -> None:
         self.costs[name] = {label: LayerCost(c.bytes, c.error, kl[label], True) if label in kl else
                             LayerCost(c.bytes, c.error, kl[base] * _ratio(c.error, layer[base].error), False)
                             for label, c in layer.items()}
 
-    def _kl_with(self, engine: BlockPass, weight: nn.Parameter, replacement: torch.Tensor, index: int,
-                 stream: Stream | None) -> float:
-        """Mean KL over the batches' tokens with ``weight`` replaced; every block before ``index`` replayed by
-        what the last of them returned on ``stream``."""
-        saved, weight.data = weight.data, replacement.to(weight.dtype)
-        try:
-            total, count = 0.0, 0
-            with engine.replaying(index, stream) as state:
-                for b, batch in enumerate(engine.batches):
-                    state["batch"] = b
-                    lq = _logprobs(call(self.model, batch))
-                    lp = self.reference[b]
-                    kl = (lp.exp() * (lp - lq)).sum(-1)
-                    total += float(kl.double().sum())
-                    count += kl.numel()
-            return total / count
-        finally:
-            weight.data = saved
+    def _kl(self, stream: Stream) -> float:
+        """Mean KL over the batches' tokens of the model whose blocks reached ``stream``'s last outputs."""
+        total, count = 0.0, 0
+
+        def add(b: int, lq: torch.Tensor) -> None:
+            nonlocal total, count
+            lp = self.reference[b]
+            kl = (lp.exp() * (lp - lq)).sum(-1)
+            total += float(kl.double().sum())
+            count += kl.numel()
+
+        self._logprobs(stream, add)
+        return total / count
+
+    def _logprobs(self, stream: Stream, each: Callable[[int, torch.Tensor], None]) -> None:
+        """``each(b, log-probabilities)`` for every batch ``b``, from a forward whose blocks all replay ``stream``'s
+        last outputs: only what follows the blocks is computed."""
+        with self.engine.replaying(len(self.blocks), stream) as state:
+            for b, batch in enumerate(self.engine.batches):
+                state["batch"] = b
+                each(b, _logprobs(call(self.model, batch)))
+
+
+@contextmanager
+def _replaced(weight: nn.Parameter, replacement: torch.Tensor) -> Iterator[None]:
+    """``weight`` holding ``replacement`` while open."""
+    saved, weight.data = weight.data, replacement.to(weight.dtype)
+    try:
+        yield
+    finally:
+        weight.data = saved
 
 
 def _logprobs(out) -> torch.Tensor:
