@@ -1,5 +1,6 @@
 """A streamed `lowbit quantize` stopped anywhere (SIGKILL, Ctrl-C, a full disk) goes on with --resume from its last
-finished shard and writes the bytes an uninterrupted run writes; other settings, or no --resume, are refused."""
+finished shard (a calibrated plan: from the end of its last block all in finished shards) and writes the bytes an
+uninterrupted run writes; other settings, or no --resume, are refused."""
 
 import errno
 import json
@@ -171,8 +172,7 @@ def test_other_settings_are_refused_and_the_same_ones_go_on(checkpoint, referenc
         ("--resume", "--format", "q4_0"): r"other settings \(--format/--plan: nf4 then, q4_0 now\)",
         ("--resume", "--format", "nf4", "--keep-dtype", "fp32"): r"\(--keep-dtype: bfloat16 then, float32 now\)",
         ("--resume", "--format", "nf4", "--shard-size", "9KB"): r"\(--shard-size: 8000 then, 9000 now\)",
-        ("--resume", "--format", "nf4@amse"): "--resume continues a quantize written as it is read; nf4@amse "
-                                              "calibrates",
+        ("--resume", "--format", "nf4@amse"): r"other settings \(--format/--plan: nf4 then, nf4@amse now\)",
     }
     for more, said in refusals.items():
         argv = quantize(checkpoint, out, *more) if "--format" in more else quantize(checkpoint, out, "--format",
@@ -229,3 +229,131 @@ def test_a_disk_that_fills_midway_is_one_line_and_resume_completes(checkpoint, r
     assert {p.name: p.read_bytes() for p in checkpoint.iterdir()} == model
     assert main(quantize(checkpoint, out, "--format", "nf4", "--resume")) == 0
     assert read_back(out) == reference
+
+
+@pytest.fixture(scope="module")
+def deeper(tmp_path_factory) -> tuple[Path, Path]:
+    """``(checkpoint, text)``: a 3-layer bf16 Llama like ``checkpoint``'s (more block ends to stop after), and a
+    text of its words to calibrate on."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("calibrated")
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(directory / "model", max_shard_size="40KB")
+    tokenizer = Tokenizer(models.WordLevel({"<unk>": 0, **{f"w{i}": i for i in range(1, 300)}}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>").save_pretrained(directory / "model")
+    rng = random.Random(0)
+    (directory / "text.txt").write_text(" ".join(f"w{rng.randrange(1, 300)}" for _ in range(200)))
+    return directory / "model", directory / "text.txt"
+
+
+def calibrated(deeper, out, label, *more) -> list[str]:
+    """Two windows of 16 tokens after one scored window: a few milliseconds a block."""
+    checkpoint, text = deeper
+    return [*quantize(checkpoint, out, "--format", label), "--calibrate", "2", "--window", "16", "--windows", "1",
+            "--text", str(text), *more]
+
+
+CALIBRATED = ("nf4/32+dq+awq@amse", "nf4/32+dq+had+gptq@amse")
+
+
+@pytest.fixture(scope="module")
+def calibrated_runs(deeper, tmp_path_factory) -> dict[str, tuple[dict, Steps]]:
+    """Each calibrated label's uninterrupted files, and the steps it took."""
+    runs = {}
+    for label in CALIBRATED:
+        out = tmp_path_factory.mktemp("calibrated-reference") / "q"
+        steps = Steps(str(out.parent))
+        with pytest.MonkeyPatch.context() as m:
+            steps.install(m.setattr)
+            assert main(calibrated(deeper, out, label)) == 0
+        runs[label] = read_back(out), steps
+    return runs
+
+
+def blocks_done(out) -> int:
+    """The blocks the state of an interrupted calibrated run's last finished shard says are done (0: none)."""
+    state = json.loads((partial_path(out) / "manifest.json").read_text())["state"]
+    info = state and state["info"]
+    if not info:
+        return 0
+    return 3 if info["parts"] else info.get("pass", {}).get("engine", {}).get("blocks", 0)
+
+
+def killed_and_resumed(label, deeper, calibrated_runs, tmp_path, capsys, points) -> list[int]:
+    """The calibrated run of ``label`` killed with SIGKILL at each of ``points`` (``(step, when)``, as ``Steps``
+    counts them) and resumed: the files are the uninterrupted run's. Returns the blocks each resume went on after."""
+    reference, _ = calibrated_runs[label]
+    out = tmp_path / "q"
+    argv = calibrated(deeper, out, label)
+    continued = []
+    for n, when in points:
+        child = killed_at(argv, tmp_path, n, when)
+        assert child.returncode == -signal.SIGKILL, (n, when, child.stderr)
+        continued.append(blocks_done(out) if partial_path(out).exists() else 0)
+        capsys.readouterr()
+        assert main([*argv, "--resume"]) == 0, (n, when, capsys.readouterr().err)
+        assert not partial_path(out).exists() and [p.name for p in tmp_path.iterdir()] == ["q"]
+        assert read_back(out) == reference, (n, when)
+        shutil.rmtree(out)
+    return continued
+
+
+@pytest.mark.parametrize("label", CALIBRATED)
+def test_a_calibrated_run_killed_after_some_blocks_resumes_from_its_last_block(label, deeper, calibrated_runs,
+                                                                               tmp_path, capsys):
+    """SIGKILL inside a shard's (or a state's) write and before a step, both past the first third of the run:
+    --resume goes on from the last block whose layers are all in finished shards, to the uninterrupted files."""
+    reference, steps = calibrated_runs[label]
+    assert len([f for f in reference if f.startswith("model-")]) >= 8  # many shards, many places to stop
+    rng = random.Random(label)
+    points = [(rng.choice([w for w in steps.writes if w > steps.count // 3]), "mid"),
+              (rng.randrange(steps.count // 3, steps.count), "before")]
+    continued = killed_and_resumed(label, deeper, calibrated_runs, tmp_path, capsys, points)
+    assert all(k > 0 for k in continued), continued  # each went on after some blocks
+
+
+@pytest.mark.slow  # a dozen processes started and killed: a minute on 2 loaded cores
+@pytest.mark.parametrize("label", CALIBRATED)
+def test_a_calibrated_run_killed_anywhere_resumes_to_the_same_bytes(label, deeper, calibrated_runs, tmp_path,
+                                                                   capsys):
+    _, steps = calibrated_runs[label]
+    rng = random.Random(f"anywhere {label}")
+    points = [(rng.randrange(1, steps.count), rng.choice(["before", "after"])) for _ in range(5)]
+    killed_and_resumed(label, deeper, calibrated_runs, tmp_path, capsys,
+                       [*points, (rng.choice(steps.writes), "mid"), (steps.count - 1, "after")])
+
+
+def test_a_calibrated_run_with_other_settings_is_refused(deeper, calibrated_runs, tmp_path, monkeypatch, capsys):
+    label, out, text = CALIBRATED[0], tmp_path / "q", tmp_path / "text.txt"
+    shutil.copy(deeper[1], text)
+    with monkeypatch.context() as m:
+        stop_at(m, 9, KeyboardInterrupt())  # some blocks in
+        assert main(calibrated(deeper, out, label, "--text", str(text))) == 130
+    assert blocks_done(out) > 0
+    kept = {p.name: p.read_bytes() for p in partial_path(out).iterdir()}
+    other = tmp_path / "other.txt"
+    other.write_text(text.read_text().replace("w1", "w2"))
+    refusals = {
+        ("--calibrate", "3"): r"\(--calibrate: 2 then, 3 now\)",
+        ("--window", "8"): r"\(--window: 16 then, 8 now\)",
+        ("--windows", "2"): r"\(the calibration tokens: 16-47 then, 32-63 now\)",
+        ("--keep-dtype", "fp32"): r"\(--keep-dtype: bfloat16 then, float32 now\)",
+        ("--format", "nf4/32+dq+awq@mse"): r"\(--format/--plan: nf4/32\+dq\+awq@amse then, nf4/32\+dq\+awq@mse now\)",
+        ("--text", str(other)): "--text differs",
+    }
+    for more, said in refusals.items():
+        assert main([*calibrated(deeper, out, label, "--text", str(text), "--resume"), *more]) == 2  # the last wins
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("lowbit quantize: error: ") and "other settings" in err and re.search(said, err), err
+    text.write_text(other.read_text())  # the same file, other words
+    assert main(calibrated(deeper, out, label, "--text", str(text), "--resume")) == 2
+    assert "(the calibration inputs' sha256 differs)" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in partial_path(out).iterdir()} == kept and not out.exists()
+    shutil.copy(deeper[1], text)
+    assert main(calibrated(deeper, out, label, "--text", str(text), "--resume")) == 0
+    assert read_back(out) == calibrated_runs[label][0] and not partial_path(out).exists()

@@ -93,3 +93,45 @@ def test_a_calibrated_plan_streamed_to_files_writes_what_save_quantized_writes(l
     quantize_to_directory(lazy, weights, tokenizer, info, plan, tmp_path / "streamed", progress=False,
                           calibration=calibration(tokenizer, info))
     assert read_back(tmp_path / "streamed") == read_back(tmp_path / "whole")
+
+
+def roundtrip(boundary):
+    """A ``Boundary`` as a resumed run gets it back: its tensors through safetensors, its JSON through json."""
+    import json
+
+    from safetensors.torch import load, save
+
+    from lowbit.files.partial import ProducerState
+    from lowbit.workflows.run import Boundary
+
+    tensors = load(save({k: t.clone() for k, t in boundary.state.tensors.items()}))  # +awq's scales share memory
+    state = ProducerState(tensors, json.loads(json.dumps(boundary.state.info)))
+    return Boundary(state, boundary.parts, boundary.seconds)
+
+
+@pytest.mark.parametrize("label", ["nf4/32+dq+awq@amse", "nf4/32+dq+had+gptq@amse"])
+def test_a_run_continued_from_a_blocks_end_reads_no_block_before_it(label, tiny_lm_dir):
+    """Continued from the end of block 0, the run reads nothing of block 0 (not its linear weights, not its norms:
+    those +awq folded come with the boundary) and stores what the uninterrupted run stores after it."""
+    plan = QuantPlan.uniform(label)
+    first, tokenizer, info, weights = load_lazily(str(tiny_lm_dir))
+    layers, boundaries = {}, []
+    report = run(first, plan, calibration(tokenizer, info), progress=False, source=weights,
+                 sink=lambda names, layer, config, wanted: layers.update(
+                     {names[0]: stored_layer(names[0], layer, config.label, wanted)}),
+                 at_boundary=lambda b: boundaries.append(roundtrip(b)))
+    assert [b.state.info["blocks"] for b in boundaries] == [1, 2]
+    model, tokenizer, info, weights = load_lazily(str(tiny_lm_dir))
+    read, reader = [], weights.read
+    weights.read = lambda name, *a, **k: read.append(name) or reader(name, *a, **k)
+    again = {}
+    resumed = run(model, plan, calibration(tokenizer, info), progress=False, source=weights,
+                  sink=lambda names, layer, config, wanted: again.update(
+                      {names[0]: stored_layer(names[0], layer, config.label, wanted)}),
+                  resumed=boundaries[0])
+    assert read and not [n for n in read if n.startswith("model.layers.0.")]
+    assert list(again) == [n for n in layers if not n.startswith("model.layers.0.")]
+    assert same(again, {n: layers[n] for n in again})
+    assert resumed.layers == report.layers and resumed.layer_bytes_after == report.layer_bytes_after
+    in_blocks = {k: t for k, t in model.state_dict().items() if k.startswith("model.layers.") and "norm" in k}
+    assert len(in_blocks) == 4 and same(in_blocks, {k: first.state_dict()[k] for k in in_blocks})  # +awq's folds

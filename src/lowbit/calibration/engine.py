@@ -22,6 +22,13 @@ each block's parameters are read in place before the consumers see it, and its l
 meta device once ``after_block`` has rounded and written its layers, so memory holds one block's weights, the
 consumers' streams (``batches x tokens x hidden`` floats each) and one block's statistics. llm-compressor's
 "sequential onloading" walks a model the same way.
+
+Such a pass can be continued from the end of any block (``serve(at_boundary=, resumed=)``): what it carries from
+one block to the next is the consumers' own (``Consumer.carried``: each stream's hidden states for every batch,
+what a consumer gathers over the blocks) and what stays of the walked blocks in memory (their norms, biases and
+kept weights, as the consumers left them: ``+awq`` folds into the norms); given that, the walk starts at the next
+block, its streams made from the first block's inputs caught again (what precedes the blocks is read, no block
+is) with each batch's hidden states in place of the first argument, and computes what it would have computed.
 """
 
 from __future__ import annotations
@@ -29,12 +36,13 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..errors import InputError
+from ..files.partial import ProducerState
 from ..progress import progress_bar
 from .statistics import Statistics
 
@@ -89,6 +97,17 @@ class Stream:
         argument."""
         self.inputs = [((first(out), *a[1:]), k) for out, (a, k) in zip(outputs, self.inputs, strict=True)]
         self.previous = outputs
+
+
+def carried_stream(stream: Stream | None) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """What ``BlockPass.resumed_stream`` makes ``stream`` again from: each batch's first argument (its hidden
+    states; the other arguments are the caught ones, caught again) by batch index (``"0"``, ``"1"``, ...), and
+    whether the raw outputs it stands in with were tuples; ``({}, None)`` for a stream not begun."""
+    if stream is None:
+        return {}, None
+    outputs = None if stream.previous is None else "tuple" if isinstance(stream.previous[0], tuple) else "tensor"
+    return {str(b): a[0] for b, (a, _) in enumerate(stream.inputs)}, {"batches": len(stream.inputs),
+                                                                       "outputs": outputs}
 
 
 class Block:
@@ -179,6 +198,21 @@ class BlockPass:
         ``count``: of the first ``count`` batches only."""
         return Stream(list(self._caught[:count]))
 
+    def resumed_stream(self, tensors: Mapping[str, torch.Tensor], info: dict | None,
+                       count: int | None = None) -> Stream | None:
+        """The stream ``carried_stream`` gave ``(tensors, info)`` of: ``stream(count)`` with each batch's hidden
+        states in place of its first argument (the other arguments are the same at every block)."""
+        if info is None:
+            return None
+        stream = self.stream(count)
+        if len(stream.inputs) != info["batches"]:
+            raise InputError(f"a stream of {info['batches']} batches cannot be continued on {len(stream.inputs)}")
+        hidden = [tensors[str(b)] for b in range(info["batches"])]
+        stream.inputs = [((h, *a[1:]), k) for h, (a, k) in zip(hidden, stream.inputs, strict=True)]
+        if info["outputs"] is not None:  # the last block's raw outputs, which a replay stands in with
+            stream.previous = [(h,) if info["outputs"] == "tuple" else h for h in hidden]
+        return stream
+
     def block_of(self, names: Iterable[str]) -> dict[str, int | None]:
         """Each layer's block index; None for a layer outside the blocks."""
         where = {}
@@ -188,11 +222,14 @@ class BlockPass:
         modules = dict(self.model.named_modules())
         return {n: where.get(id(modules[n])) for n in names}
 
-    def walk(self, last: int | None = None) -> Iterable[Block]:
-        """The blocks in order, through block ``last`` (default every one). A model read block by block
-        (``weights``) has each block's parameters read in before it is handed out; ``release`` frees them."""
+    def walk(self, last: int | None = None, *, start: int = 0) -> Iterable[Block]:
+        """The blocks in order, from block ``start`` through block ``last`` (default every one). A model read
+        block by block (``weights``) has each block's parameters read in before it is handed out; ``release``
+        frees them."""
         blocks = list(self.blocks or ())
         for i, module in enumerate(blocks[: len(blocks) if last is None else last + 1]):
+            if i < start:
+                continue
             if self.weights is not None:
                 self.weights.onload(self.model, under=self._names[id(module)])
             yield Block(i, module, self.masks, self._names)
@@ -207,6 +244,34 @@ class BlockPass:
             name = f"{self._names[id(module)]}.weight"
             if type(module) is nn.Linear and not module.weight.is_meta and name not in keep:
                 module.weight = nn.Parameter(torch.empty_like(module.weight, device="meta"), requires_grad=False)
+
+    def carried(self, consumers: Sequence[Consumer], done: int) -> ProducerState:
+        """What the pass needs to go on after block ``done - 1`` (``restore``): the parameters of blocks ``0 ..
+        done-1`` still in memory (what ``release`` leaves: norms, biases, kept weights, as the consumers changed
+        them), by name, and each consumer's ``carried`` under ``"I:"`` (its index in ``consumers``; no parameter
+        name holds a colon); JSON ``{"blocks": done, "consumers": [each one's]}``."""
+        tensors = {f"{self._names[id(block)]}.{n}": p.detach() for block in list(self.blocks or ())[:done]
+                   for n, p in block.named_parameters() if not p.is_meta}
+        infos = []
+        for i, consumer in enumerate(consumers):
+            held, info = consumer.carried()
+            tensors.update({f"{i}:{k}": t for k, t in held.items()})
+            infos.append(info)
+        return ProducerState(tensors, {"blocks": done, "consumers": infos})
+
+    def restore(self, consumers: Sequence[Consumer], state: ProducerState) -> int:
+        """The model and ``consumers`` as ``carried`` left them; returns the block the walk goes on from. The
+        parameters of the walked blocks are put in place of the meta ones, so they are never read."""
+        own = {k: t for k, t in state.tensors.items() if ":" not in k}
+        put_parameters(self.model, own)
+        infos = state.info["consumers"]
+        if len(infos) != len(consumers):
+            raise InputError(f"a pass of {len(infos)} consumers cannot be continued with {len(consumers)}")
+        for i, (consumer, info) in enumerate(zip(consumers, infos, strict=True)):
+            prefix = f"{i}:"
+            consumer.restore(self, {k[len(prefix):]: t for k, t in state.tensors.items() if k.startswith(prefix)},
+                             info)
+        return state.info["blocks"]
 
     def tail(self, layers: Mapping[str, nn.Module], wants: Iterable[str], replay: Stream | None = None, *,
              count: int | None = None, threshold: float | None = None) -> dict[str, dict[str, torch.Tensor]]:
@@ -255,6 +320,14 @@ class BlockPass:
                 blocks[i] = block
 
 
+def put_parameters(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Parameters of ``model`` (a model built on the meta device) set to ``tensors``, by name, as
+    ``LazyWeights.onload`` sets those it reads."""
+    for name, t in tensors.items():
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, nn.Parameter(t, requires_grad=False))
+
+
 def _head_weights(model: nn.Module) -> set[str]:
     """The output head's parameter names (an LM head is read only where the tail computes it)."""
     head = _output_head(model)
@@ -291,11 +364,22 @@ class Consumer:
     def finish(self, *, progress: bool = True) -> None:
         """Its work once the pass is done (``+awq`` records what it folded on the model)."""
 
+    def carried(self) -> tuple[dict[str, torch.Tensor], Any]:
+        """What it carries from one block to the next (its stream's hidden states, what it gathers over the
+        blocks), as tensors by name and JSON, from which ``restore`` makes it again: a pass that gives it can be
+        continued from a block's end (``serve(at_boundary=)``)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be continued from a block's end")
+
+    def restore(self, engine: BlockPass, tensors: Mapping[str, torch.Tensor], info: Any) -> None:
+        """Its state again from what ``carried`` gave, before the walk goes on (``serve(resumed=)``)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be continued from a block's end")
+
 
 def serve(model: nn.Module, batches: Sequence, consumers: Sequence[Consumer], *, progress: bool = True,
           label: str = "calibrating", on_output: Callable[[int, object], None] | None = None,
           weights: LazyWeights | None = None, after_block: Callable[[Block], None] | None = None,
-          keep: Collection[str] = ()) -> BlockPass:
+          keep: Collection[str] = (), at_boundary: Callable[[ProducerState], None] | None = None,
+          resumed: ProducerState | None = None) -> BlockPass:
     """One block-by-block pass of ``model`` on ``batches`` serving every consumer, in their order at each block
     (a consumer that changes a block, such as AWQ's fold, comes before those that read the changed block). The
     model runs in eval mode and is left in the mode it was in; everything runs in inference mode (the consumers
@@ -305,19 +389,26 @@ def serve(model: nn.Module, batches: Sequence, consumers: Sequence[Consumer], *,
     block: each block's parameters before the consumers see it, its linear layers' weights (but ``keep``) put back
     on the meta device after ``after_block(block)`` has used them, so memory holds one block. ``after_block``:
     called once the consumers are done with each block; every block is then walked, not only those up to the
-    last a consumer asks about."""
+    last a consumer asks about.
+
+    ``at_boundary(state)``: called after each block is released with what going on from there needs
+    (``BlockPass.carried``; its tensors are not changed after); ``resumed``: such a state, restored before the walk,
+    which then starts at the block after it (the blocks before are neither read nor run)."""
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
             return _serve(model, batches, consumers, progress=progress, label=label, on_output=on_output,
-                          weights=weights, after_block=after_block, keep=keep)
+                          weights=weights, after_block=after_block, keep=keep, at_boundary=at_boundary,
+                          resumed=resumed)
     finally:
         model.train(was_training)
 
 
-def _serve(model, batches, consumers, *, progress, label, on_output, weights, after_block, keep) -> BlockPass:
+def _serve(model, batches, consumers, *, progress, label, on_output, weights, after_block, keep, at_boundary,
+           resumed) -> BlockPass:
     engine = BlockPass(model, batches, on_output=on_output, weights=weights)
+    start = 0 if resumed is None else engine.restore(consumers, resumed)
     modules = dict(model.named_modules())
     where = engine.block_of({n for c in consumers for n in c.layers})
     outside = [{n: modules[n] for n in c.layers if where[n] is None} for c in consumers]
@@ -328,13 +419,17 @@ def _serve(model, batches, consumers, *, progress, label, on_output, weights, af
              for c, out in zip(consumers, outside, strict=True)]
     last = final if after_block is not None else max(lasts, default=-1)
     with progress_bar(last + 1 + any(outside), label, enabled=progress) as advance:
-        for block in engine.walk(last):
+        for _ in range(min(start, last + 1)):  # walked by the run this one continues
+            advance()
+        for block in engine.walk(last, start=start):
             for consumer, mine in zip(consumers, lasts, strict=True):
                 if block.index <= mine:
                     consumer.block(engine, block)
             if after_block is not None:
                 after_block(block)
             engine.release(block, keep)
+            if at_boundary is not None:
+                at_boundary(engine.carried(consumers, block.index + 1))
             advance()
         if any(outside):
             for consumer, layers in zip(consumers, outside, strict=True):

@@ -23,7 +23,7 @@ from ..eval.encoder import BATCH as ENCODER_BATCH
 from ..eval.encoder import MAX_TOKENS
 from ..eval.protocol import DEFAULT_WINDOW, paragraphs, read_text
 from ..models.loader import CAUSAL_LM, ENCODER
-from .engine import Block, BlockPass, Consumer, serve
+from .engine import Block, BlockPass, Consumer, carried_stream, serve
 from .statistics import IMPORTANCE
 
 # 16 windows of 512 tokens = 8,192 tokens. Each window is one forward pass, ~1.2 s for SmolLM2 on 2 CPU threads,
@@ -128,6 +128,15 @@ class Importance(Consumer):
 
     def tail(self, engine: BlockPass, layers: dict[str, nn.Module]) -> None:
         self.found.update(engine.tail(layers, [IMPORTANCE], replay=self._stream, count=self.count)[IMPORTANCE])
+
+    def carried(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Its stream, and the importance found so far (``found.LAYER``: a few kB a layer)."""
+        tensors, stream = carried_stream(self._stream)
+        return {**tensors, **{f"found.{name}": t for name, t in self.found.items()}}, {"stream": stream}
+
+    def restore(self, engine: BlockPass, tensors, info: dict) -> None:
+        self._stream = engine.resumed_stream(tensors, info["stream"], self.count)
+        self.found = {k.removeprefix("found."): t for k, t in tensors.items() if k.startswith("found.")}
 
 
 def calibrate(model: nn.Module, tokenizer, info_kind: str, text=None, *, window: int = DEFAULT_WINDOW, scored: int,

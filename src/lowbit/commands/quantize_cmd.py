@@ -88,8 +88,9 @@ def add_parser(sub) -> None:
                         "what an interrupted run left in DIR.partial")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted run writing DIR (killed, or stopped by a full disk) from the last "
-                        "shard it finished, kept in DIR.partial, with the same settings; the files are those an "
-                        "uninterrupted run writes (a plan without calibration; without DIR.partial: from the start)")
+                        "shard it finished (a calibrated plan: the last transformer block all of whose layers it "
+                        "holds), kept in DIR.partial, with the same settings; the files are those an uninterrupted "
+                        "run writes (without DIR.partial: from the start)")
     p.add_argument("--shard-size", metavar="SIZE",
                    help=f"largest safetensors file, bytes or with KB/MB/GB (default {SHARD_BYTES} bytes, 1 GiB); a "
                         "resumed run goes on from the last finished one")
@@ -124,12 +125,8 @@ def run(args) -> int:
     shard_bytes = parse_size(args.shard_size) if args.shard_size is not None else SHARD_BYTES
     if plan.needs_calibration:
         check_protocol_args(args)
-        if args.resume:
-            raise InputError(f"--resume continues a quantize written as it is read; {plan.label} calibrates, which "
-                             "is written at the end: run it without --resume")
     # before minutes of work, not after; first what an interrupted run left (gone if it completed the output)
-    leftover = None if plan.needs_calibration else check_leftover(args.output, resume=args.resume,
-                                                                   overwrite=args.overwrite)
+    leftover = check_leftover(args.output, resume=args.resume, overwrite=args.overwrite)
     check_output(args.output, overwrite=args.overwrite, source=local_source(args.model))
     con = console()
     # one layer's weight (rounding alone) or one block's (calibrated methods) read at a time: lowbit.models.lazy

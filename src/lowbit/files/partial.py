@@ -176,7 +176,7 @@ class Partial:
         held = None
         if state is not None and state.tensors:
             held = f"state-{k:05d}.safetensors"
-            _write_tensors(state.tensors, self.directory / held)
+            _write_tensors(_unshared(state.tensors), self.directory / held)
         _fsync_dir(self.directory)  # the renames above are on disk before the manifest names them
         old = self._manifest["state"]
         shard = {"file": path.name, "tensors": list(tensors),
@@ -199,6 +199,18 @@ class Partial:
 def _write_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     with write_errors(path), atomic_file(path) as tmp:  # fsynced, then renamed: a kill leaves a temp or the file
         save_tensors(tensors, tmp)
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` as safetensors stores them: each contiguous, and a copy of any whose memory an earlier one
+    shares (safetensors refuses both; +awq gives the layers reading one input one scale tensor)."""
+    seen, out = set(), {}
+    for name, t in tensors.items():
+        t = t.detach().contiguous()
+        storage = t.untyped_storage().data_ptr()
+        out[name] = t.clone() if storage in seen else t
+        seen.add(storage)
+    return out
 
 
 def _read(path: Path) -> dict:

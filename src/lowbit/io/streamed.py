@@ -7,7 +7,11 @@ the output's size is checked against the free disk.
 
 Each full shard goes to ``OUT.partial`` (``lowbit.files.partial``) with what lowbit.json will say of the layers
 rounded so far; a run killed at any point, or stopped by a full disk, continues from its last finished shard
-(``resume``) and writes the bytes an uninterrupted run writes (tests/io/test_resume.py).
+(``resume``) and writes the bytes an uninterrupted run writes (tests/io/test_resume.py). A calibrated plan, written
+block by block, continues from the end of the last block whose layers are all in finished shards: with each shard
+goes the calibration pass's state at that block's end (``lowbit.workflows.run.Boundary``: each stream's hidden
+states, what the methods gathered, the walked blocks' norms as they left them), and the blocks before it are
+neither read nor run again.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 
 from .. import __version__
 from ..cachedir import CacheSpaceError, check_space, free_disk
+from ..calibration.engine import put_parameters
 from ..errors import InputError
 from ..files.partial import Partial, ProducerState
 from ..files.shards import SHARD_BYTES, ShardWriter
@@ -29,7 +34,7 @@ from ..models.lazy import LazyWeights
 from ..models.loader import ModelInfo
 from ..planning.plan import QuantPlan
 from ..progress import progress_bar
-from ..workflows.run import Calibration, run
+from ..workflows.run import Boundary, Calibration, run
 from .model_io import check_output, local_source, quantized_meta, stored_layer, write_model_files, writing_output
 
 _HINT = "free some space, or write it elsewhere with -o"
@@ -52,16 +57,14 @@ def quantize_to_directory(model, weights: LazyWeights, tokenizer, info: ModelInf
 
     ``calibration``: the inputs of a plan that calibrates; its methods run block by block as each block is read
     (``lowbit.workflows.run.streamed``), and each block's layers are written once it is done, so memory holds one
-    block (tests/workflows/test_streamed_run.py). Such a run is not resumed (``resume`` refused)."""
+    block (tests/workflows/test_streamed_run.py). ``resume`` goes on from the end of the last block whose layers
+    are all in finished shards; the calibration settings must be the same too."""
     out = check_output(directory, overwrite=overwrite, source=local_source(info.source))
     if plan.needs_calibration and calibration is None:
         raise InputError(f"{plan.label} needs calibration inputs: pass calibration=")
-    if plan.needs_calibration and resume:
-        raise InputError(f"--resume continues a quantize that needs no calibration; {plan.label} calibrates: run "
-                         "it without --resume (--overwrite discards what an interrupted run left)")
     need = output_bytes(model, plan, keep_dtype)
-    with Partial.open(out, resume_settings(info, plan, keep_dtype, shard_bytes), resume=resume,
-                      overwrite=overwrite) as partial:
+    settings = resume_settings(info, plan, keep_dtype, shard_bytes, calibration if plan.needs_calibration else None)
+    with Partial.open(out, settings, resume=resume, overwrite=overwrite) as partial:
         check_space("the quantized model", disk=need - partial.stored_bytes, memory=0,
                     directory=out.absolute().parent, hint=_HINT)
         try:
@@ -76,15 +79,18 @@ def quantize_to_directory(model, weights: LazyWeights, tokenizer, info: ModelInf
     return report
 
 
-def resume_settings(info: ModelInfo, plan: QuantPlan, keep_dtype: torch.dtype, shard_bytes: int) -> dict:
+def resume_settings(info: ModelInfo, plan: QuantPlan, keep_dtype: torch.dtype, shard_bytes: int,
+                    calibration: Calibration | None = None) -> dict:
     """What decides the bytes of a streamed quantize, by the names a user knows them by: a resumed run must have
-    all of them as the run it continues (versions too: another torch may round a tie otherwise)."""
+    all of them as the run it continues (versions too: another torch may round a tie otherwise); with
+    ``calibration`` (a plan that calibrates), its inputs' too (``Calibration.settings``)."""
     import safetensors
 
     return {"--model": info.source, "the model's files' sha256": info.file_hash, "the model's kind": info.kind,
             "the model's name": info.name, "--format/--plan": plan.label, "the plan's rules": plan.to_dict(),
             "--keep-dtype": str(keep_dtype).removeprefix("torch."), "--shard-size": shard_bytes,
-            "lowbit": __version__, "torch": torch.__version__, "safetensors": safetensors.__version__}
+            "lowbit": __version__, "torch": torch.__version__, "safetensors": safetensors.__version__,
+            **(calibration.settings(plan) if calibration is not None else {})}
 
 
 def _write(model, weights: LazyWeights, tokenizer, info: ModelInfo, plan: QuantPlan, directory, partial: Partial, *,
@@ -95,7 +101,13 @@ def _write(model, weights: LazyWeights, tokenizer, info: ModelInfo, plan: QuantP
     state at a boundary is what lowbit.json will say of the layers rounded before it: ``{"parts": [{"layers":
     {name: lowbit.json entry}, "report": QuantizeReport}]}``, one part per call. A resumed run rounds what its
     state lacks: a part again, if a shard ended among its tensors (the writer checks those it holds against the
-    new ones)."""
+    new ones).
+
+    A calibrated plan is one part, made block by block (``lowbit.workflows.run.streamed``). Until it is done, the
+    state at a boundary is the pass's at the end of the last block whose layers were all handed over before it:
+    ``{"parts": [], "pass": {"engine", "reports", "seconds", "layers"}}`` and the pass's tensors (a resumed run
+    goes on from that block, its layers' entries and reports kept); once it is, the one part, with the
+    parameters the pass left in memory (the norms, as ``+awq`` folded them), which a resumed run puts back."""
     with writing_output(directory, overwrite=overwrite) as tmp:
         writer = ShardWriter(tmp, shard_bytes, partial=partial, boundaries=True)
         state = writer.resumed or ProducerState(info={"parts": []})
@@ -111,9 +123,30 @@ def _write(model, weights: LazyWeights, tokenizer, info: ModelInfo, plan: QuantP
                 writer.add(key, t)
                 writer.boundary(state)  # a shard ending here is followed by this part made again
 
-        if plan.needs_calibration:  # block by block, written as each block is done; one part
-            rounded = run(model, plan, calibration, progress=progress, source=weights, sink=write_layer)
-            state = ProducerState(info={"parts": [{"layers": dict(entries), "report": asdict(rounded)}]})
+        if plan.needs_calibration and state.info["parts"]:  # the pass was done: its changes put back
+            put_parameters(model, state.tensors)
+            todo = []
+        elif plan.needs_calibration:  # block by block, written as each block is done
+            walked = state.info.get("pass")  # None: from the start
+
+            def at_block(boundary: Boundary) -> None:
+                nonlocal state
+                state = ProducerState(boundary.state.tensors, {"parts": [], "pass": {
+                    "engine": boundary.state.info, "reports": [asdict(r) for r in boundary.parts],
+                    "seconds": boundary.seconds, "layers": dict(entries)}})
+                writer.boundary(state)
+
+            resumed = None
+            if walked is not None:
+                entries.update(walked["layers"])
+                resumed = Boundary(ProducerState(state.tensors, walked["engine"]),
+                                   tuple(_report(r) for r in walked["reports"]), walked["seconds"])
+            rounded = run(model, plan, calibration, progress=progress, source=weights, sink=write_layer,
+                          resumed=resumed, at_boundary=at_block)
+            packed = {f"{name}.weight" for name in rounded.layers}
+            held = {n: p.detach() for n, p in model.named_parameters() if not p.is_meta and n not in packed}
+            state = ProducerState(held, {"parts": [{"layers": dict(entries), "report": asdict(rounded)}]})
+            writer.boundary(state)
             todo = []
         with progress_bar(len(todo), f"quantizing to {what}", enabled=progress) as advance:
             for start in range(0, len(todo), _LAYERS_A_CALL):

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..calibration.engine import Block, BlockPass, Consumer, first, transformer_blocks
+from ..calibration.engine import Block, BlockPass, Consumer, carried_stream, first, transformer_blocks
 from ..calibration.statistics import ABS_MEAN, HESSIAN32
 from ..errors import InputError
 from ..layers.surgery import plan_layers, rounded_layer
@@ -119,6 +119,16 @@ class AWQScales(Consumer):
             raise InputError(f"+awq: folding the scales into block {block.index} changed its output by {moved:.2g} "
                              "of its largest value; this architecture does not allow the fold")
         self._stream.advance(outs)
+
+    def carried(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Its stream, and the scales applied so far (``applied.LAYER``); what they were folded into stays on the
+        model (the engine carries the walked blocks' norms and kept weights)."""
+        tensors, stream = carried_stream(self._stream)
+        return {**tensors, **{f"applied.{name}": s for name, s in self.applied.items()}}, {"stream": stream}
+
+    def restore(self, engine: BlockPass, tensors, info: dict) -> None:
+        self._stream = engine.resumed_stream(tensors, info["stream"])
+        self.applied = {k.removeprefix("applied."): s for k, s in tensors.items() if k.startswith("applied.")}
 
     def finish(self, *, progress: bool = True) -> None:
         """Say which ``+awq`` layers had no op to fold into, and record every one on the model."""

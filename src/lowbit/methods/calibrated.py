@@ -30,6 +30,7 @@ from ..tensor import QuantizedTensor
 from .registry import BLOCK, method_for, ordered
 
 if TYPE_CHECKING:
+    from ..files.partial import ProducerState
     from ..models.lazy import LazyWeights
 
 
@@ -56,7 +57,9 @@ def method_layers(model: nn.Module, plan: QuantPlan) -> dict[type, frozenset[str
 def calibrate_methods(model: nn.Module, plan: QuantPlan, batches: Sequence, *, importance_layers: Sequence[str] = (),
                       importance_batches: Sequence | None = None, progress: bool = True,
                       weights: LazyWeights | None = None,
-                      on_block: Callable[[list[str], Calibrated], None] | None = None) -> Calibrated:
+                      on_block: Callable[[list[str], Calibrated], None] | None = None,
+                      at_boundary: Callable[[ProducerState], None] | None = None,
+                      resumed: ProducerState | None = None) -> Calibrated:
     """Every method of ``plan`` that calibrates (changing ``model`` in place where one does), and the importance
     of ``importance_layers``, in one pass of ``model`` on ``batches``. ``importance_batches``: the importance's
     own inputs (default ``batches``); served in the same pass when they are the first of ``batches`` (a causal
@@ -66,7 +69,8 @@ def calibrate_methods(model: nn.Module, plan: QuantPlan, batches: Sequence, *, i
     ``on_block(layers, found)``: called after each block with the plan's layers in it and what the pass found
     for them (the made weights are no longer kept here), while the block's weights are read in, so that they are
     rounded and written before the next block is read; the result then holds what no block took. Together they
-    need the importance served in the pass."""
+    need the importance served in the pass. ``at_boundary`` and ``resumed``: the pass continued from a block's
+    end (``lowbit.calibration.engine.serve``; the consumers are the same, in the same order, for the same plan)."""
     parts = [(m, c) for m, layers in method_layers(model, plan).items()
              if (c := m.consumer(model, plan, layers)) is not None]
     importance_batches = batches if importance_batches is None else importance_batches
@@ -92,7 +96,8 @@ def calibrate_methods(model: nn.Module, plan: QuantPlan, batches: Sequence, *, i
     if consumers or on_block is not None:
         label = f"calibrating ({', '.join(what for what, _ in consumers)})" if consumers else "quantizing"
         serve(model, batches, [c for _, c in consumers], progress=progress, label=label, weights=weights,
-              after_block=after_block if on_block is not None else None, keep=_kept(model, plan, targets))
+              after_block=after_block if on_block is not None else None, keep=_kept(model, plan, targets),
+              at_boundary=at_boundary, resumed=resumed)
     out = Calibrated()
     for _, consumer in consumers:
         consumer.finish(progress=progress)

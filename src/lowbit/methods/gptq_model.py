@@ -15,7 +15,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..calibration.engine import Block, BlockPass, Consumer
+from ..calibration.engine import Block, BlockPass, Consumer, carried_stream
 from ..calibration.statistics import HESSIAN
 from ..layers.rotation import rotate, rotate_hessian, unrotate
 from ..layers.surgery import plan_layers
@@ -81,6 +81,15 @@ class GPTQWeights(Consumer):
         found = engine.tail(layers, [HESSIAN])[HESSIAN]
         for name in layers:
             self._quantize(name, found)
+
+    def carried(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Its stream (what the quantized blocks so far pass on); the layers it made are taken at each block's end
+        (``take``), written before the next block is read, and so not carried."""
+        tensors, stream = carried_stream(self._stream)
+        return tensors, {"stream": stream}
+
+    def restore(self, engine: BlockPass, tensors, info: dict) -> None:
+        self._stream = engine.resumed_stream(tensors, info["stream"])
 
 
 def gptq_layer(name: str, weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig, *,

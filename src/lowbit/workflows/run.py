@@ -6,11 +6,17 @@ the methods that need calibration, in one block-by-block pass of the calibration
 (``methods.calibrated.calibrate_methods``: AWQ's scales folded into the model first, so that the importance and
 GPTQ's Hessians are the scaled inputs'; the importance of the layers an activation-weighted search rounds on its
 own; GPTQ's weights), then ``quantize_model``.
+
+A calibrated plan on a model read block by block (``streamed``) can be continued from the end of any block: it
+hands over a ``Boundary`` after each, and takes one back as ``resumed`` (``lowbit quantize --resume``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -19,14 +25,16 @@ from torch import nn
 
 from ..calibration.importance import DEFAULT_CALIBRATE, calibration_batches, collect_importance
 from ..errors import InputError
-from ..eval.protocol import DEFAULT_WINDOW
+from ..eval.protocol import DEFAULT_TEXT, DEFAULT_WINDOW
 from ..layers.surgery import QuantizeReport, Sink, plan_layers, quantize_model
 from ..methods.calibrated import Calibrated, calibrate_methods, leads
 from ..methods.gptq_model import GPTQ_CALIBRATE
 from ..methods.registry import BLOCK
+from ..models.loader import CAUSAL_LM
 from ..planning.plan import QuantPlan
 
 if TYPE_CHECKING:
+    from ..files.partial import ProducerState
     from ..models.lazy import LazyWeights
 
 
@@ -73,6 +81,39 @@ class Calibration:
             self.seconds += time.perf_counter() - start
         return {n: self._importance[n] for n in layers}
 
+    def settings(self, plan: QuantPlan) -> dict:
+        """What decides ``plan``'s calibration inputs, by the names a user knows them by (a resumed run must have
+        all of them as the run it continues): the windows asked for, the text, the window, the tokens read (after
+        the scored ones), the inputs' own sha256 (the text's bytes and the tokenizer decide them too), and the
+        transformers that runs the model on them."""
+        import transformers
+
+        importance = any(c.needs_importance for c in plan.configs)
+        count = max(([self.count or GPTQ_CALIBRATE] if walks_blocks(plan) else []) +
+                    ([self.count or DEFAULT_CALIBRATE] if importance else []))
+        tokens = f"{self.scored * self.window}-{(self.scored + count) * self.window - 1}" if self.kind == CAUSAL_LM \
+            else f"{count} x {self.window} in the paragraphs after the {self.scored} scored"
+        digest = hashlib.sha256()
+        for batches in _batches(plan, self, importance):
+            for batch in batches or ():
+                for t in (batch[k] for k in sorted(batch)) if isinstance(batch, Mapping) else (batch,):
+                    digest.update(t.numpy().tobytes())
+        return {"--calibrate": "the default" if self.count is None else self.count,
+                "--text": DEFAULT_TEXT if self.text is None else os.path.abspath(self.text), "--window": self.window,
+                "the calibration tokens": tokens, "the calibration inputs' sha256": digest.hexdigest(),
+                "transformers": transformers.__version__}
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """Where a calibrated plan read block by block (``streamed``) stands at a block's end: the calibration pass's
+    state there (``lowbit.calibration.engine.serve``), the reports of the layers rounded so far (one per block
+    holding any, in order), and the seconds spent so far (the runs it continues included)."""
+
+    state: ProducerState
+    parts: tuple[QuantizeReport, ...]
+    seconds: float
+
 
 def importance_layers(model: nn.Module, plan: QuantPlan) -> list[str]:
     """The layers whose config rounds them on their own with an activation-weighted search, each by its first
@@ -92,7 +133,8 @@ def walks_blocks(plan: QuantPlan) -> bool:
 
 
 def run(model: nn.Module, plan: QuantPlan, calibration: Calibration | None = None, *, progress: bool = True,
-        shared: bool = False, source: LazyWeights | None = None, sink: Sink | None = None) -> QuantizeReport:
+        shared: bool = False, source: LazyWeights | None = None, sink: Sink | None = None,
+        resumed: Boundary | None = None, at_boundary: Callable[[Boundary], None] | None = None) -> QuantizeReport:
     """Quantize ``model`` in place as ``plan`` says, every method its labels name run first; the report's
     ``seconds`` include the calibration. ``shared``: ``model`` is an unchanged copy of the original the
     calibration's shared importance was collected on (``compare``), so a plan without ``+awq`` reuses it.
@@ -101,7 +143,8 @@ def run(model: nn.Module, plan: QuantPlan, calibration: Calibration | None = Non
     calibration, each layer's weight is read as it is rounded; with it, the pass reads one block at a time and
     each block's layers are rounded once the methods are done with it (``streamed``). ``sink``: each quantized
     layer is handed over instead of swapped in (``quantize_model``); a calibrated plan read block by block needs
-    one (else the model is read whole first)."""
+    one (else the model is read whole first). ``resumed`` and ``at_boundary``: that block-by-block run continued
+    from a block's end (``streamed``); a plan run otherwise is not, and never calls ``at_boundary``."""
     configs = plan.configs
     if calibration is None and plan.needs_calibration:
         raise InputError(f"{plan.label} needs calibration inputs: pass a Calibration")
@@ -110,7 +153,10 @@ def run(model: nn.Module, plan: QuantPlan, calibration: Calibration | None = Non
             source.onload(model, skip=[f"{n}.weight" for names, _, _, _ in plan_layers(model, plan) for n in names])
         return quantize_model(model, plan, progress=progress, source=source, sink=sink)
     if source is not None and sink is not None and streams(model, plan, calibration):
-        return streamed(model, plan, calibration, source, sink, progress=progress)
+        return streamed(model, plan, calibration, source, sink, progress=progress, resumed=resumed,
+                        at_boundary=at_boundary)
+    if resumed is not None:
+        raise InputError(f"{plan.label} is not run block by block here: it cannot be continued from a block's end")
     if source is not None:
         source.onload(model)
         source = None
@@ -152,26 +198,37 @@ def streams(model: nn.Module, plan: QuantPlan, calibration: Calibration) -> bool
 
 
 def streamed(model: nn.Module, plan: QuantPlan, calibration: Calibration, source: LazyWeights, sink: Sink, *,
-             progress: bool = True) -> QuantizeReport:
+             progress: bool = True, resumed: Boundary | None = None,
+             at_boundary: Callable[[Boundary], None] | None = None) -> QuantizeReport:
     """``run`` of a calibrated plan on a model read block by block: one pass of the calibration engine reads each
     block, serves the methods, rounds the block's layers with what they found and hands them to ``sink``, then
     frees the block's weights; the layers outside the blocks last. The same calibration, so the same layers, as
-    ``run`` on the model read whole (tests/workflows/test_streamed_run.py)."""
+    ``run`` on the model read whole (tests/workflows/test_streamed_run.py).
+
+    ``at_boundary``: called after each block's layers are handed over, with where the run stands
+    (``Boundary``); ``resumed``: such a boundary, which the run goes on from (the layers of the blocks before it
+    neither read nor rounded again: the report counts them from ``resumed.parts``)."""
     start = time.perf_counter()
+    before = 0.0 if resumed is None else resumed.seconds
     layers = importance_layers(model, plan) if any(c.needs_importance for c in plan.configs) else []
     batches, own = _batches(plan, calibration, bool(layers))
-    parts = []
+    parts = [] if resumed is None else list(resumed.parts)
 
     def on_block(names: list[str], found: Calibrated) -> None:
         if names:
             parts.append(quantize_model(model, plan, progress=False, importance=found.importance,
                                         prequantized=found.prequantized, source=source, sink=sink, only=names))
 
+    def boundary(state: ProducerState) -> None:
+        at_boundary(Boundary(state, tuple(parts), before + time.perf_counter() - start))
+
     found = calibrate_methods(model, plan, batches, importance_layers=layers, importance_batches=own,
-                              progress=progress, weights=source, on_block=on_block)
+                              progress=progress, weights=source, on_block=on_block,
+                              at_boundary=None if at_boundary is None else boundary,
+                              resumed=None if resumed is None else resumed.state)
     done = {n for p in parts for n in p.layers}
     rest = [names[0] for names, _, _, _ in plan_layers(model, plan) if names[0] not in done]
     if rest or not parts:
         parts.append(quantize_model(model, plan, progress=False, importance=found.importance,
                                     prequantized=found.prequantized, source=source, sink=sink, only=rest))
-    return replace(QuantizeReport.combine(parts), seconds=time.perf_counter() - start)
+    return replace(QuantizeReport.combine(parts), seconds=before + time.perf_counter() - start)
