@@ -306,18 +306,16 @@ def killed_and_resumed(label, deeper, calibrated_runs, tmp_path, capsys, points)
 @pytest.mark.parametrize("label", CALIBRATED)
 def test_a_calibrated_run_killed_after_some_blocks_resumes_from_its_last_block(label, deeper, calibrated_runs,
                                                                                tmp_path, capsys):
-    """SIGKILL inside a shard's (or a state's) write and before a step, both past the first third of the run:
-    --resume goes on from the last block whose layers are all in finished shards, to the uninterrupted files."""
+    """SIGKILL inside a shard's (or a state's) write past the first third of the run: --resume goes on from the
+    last block whose layers are all in finished shards, to the uninterrupted files (one process killed: a
+    dozen seconds; more places below, marked slow)."""
     reference, steps = calibrated_runs[label]
     assert len([f for f in reference if f.startswith("model-")]) >= 8  # many shards, many places to stop
-    rng = random.Random(label)
-    points = [(rng.choice([w for w in steps.writes if w > steps.count // 3]), "mid"),
-              (rng.randrange(steps.count // 3, steps.count), "before")]
-    continued = killed_and_resumed(label, deeper, calibrated_runs, tmp_path, capsys, points)
-    assert all(k > 0 for k in continued), continued  # each went on after some blocks
+    point = (random.Random(label).choice([w for w in steps.writes if w > steps.count // 3]), "mid")
+    assert killed_and_resumed(label, deeper, calibrated_runs, tmp_path, capsys, [point])[0] > 0  # some blocks in
 
 
-@pytest.mark.slow  # a dozen processes started and killed: a minute on 2 loaded cores
+@pytest.mark.slow  # 14 processes started and killed: two minutes on 2 cores
 @pytest.mark.parametrize("label", CALIBRATED)
 def test_a_calibrated_run_killed_anywhere_resumes_to_the_same_bytes(label, deeper, calibrated_runs, tmp_path,
                                                                    capsys):
