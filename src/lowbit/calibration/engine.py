@@ -144,11 +144,9 @@ class Block:
 
 class BlockPass:
     """``model`` on ``batches`` (input-id tensors, or mappings of forward keyword arguments such as an encoder's
-    ``attention_mask``), block by block. The first block's inputs are caught when it is made; ``on_output(b, out)``:
-    run each batch's forward to the end instead and hand over its output (sensitivity's reference logits)."""
+    ``attention_mask``), block by block. The first block's inputs are caught when it is made."""
 
-    def __init__(self, model: nn.Module, batches: Sequence, *,
-                 on_output: Callable[[int, object], None] | None = None, weights: LazyWeights | None = None):
+    def __init__(self, model: nn.Module, batches: Sequence, *, weights: LazyWeights | None = None):
         if len(batches) == 0:
             raise InputError("no calibration inputs given")
         self.model, self.weights = model, weights
@@ -161,36 +159,34 @@ class BlockPass:
         self.blocks = _blocks(model)
         self._names = {id(m): n for n, m in model.named_modules()}
         if weights is None:
-            self._caught = self._catch(on_output)
+            self._caught = self._catch()
             return
-        if on_output is not None or self.blocks is None:
+        if self.blocks is None:
             raise InputError(f"{type(model).__name__} read block by block cannot be run whole: load it with "
                              "load_model")
         weights.onload(model, skip=self._inside() | _head_weights(model))  # what runs before the first block
         try:
-            self._caught = self._catch(None)
+            self._caught = self._catch()
         finally:
             weights.offload(model, skip=self._inside())
 
-    def _catch(self, on_output) -> list[tuple[tuple, dict]]:
+    def _catch(self) -> list[tuple[tuple, dict]]:
         caught = []
 
         def hook(module, args, kwargs):
             caught.append((args, kwargs))
-            if on_output is None:
-                raise _Caught
+            raise _Caught
 
-        handle = self.blocks[0].register_forward_pre_hook(hook, with_kwargs=True) if self.blocks else None
+        if not self.blocks:
+            return caught
+        handle = self.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
         try:
             with torch.inference_mode():
-                for b, batch in enumerate(self.batches):
+                for batch in self.batches:
                     with contextlib.suppress(_Caught):
-                        out = call(self.model, batch) if handle is not None or on_output is not None else None
-                        if on_output is not None:
-                            on_output(b, out)
+                        call(self.model, batch)
         finally:
-            if handle is not None:
-                handle.remove()
+            handle.remove()
         return caught
 
     def stream(self, count: int | None = None) -> Stream:
@@ -376,8 +372,8 @@ class Consumer:
 
 
 def serve(model: nn.Module, batches: Sequence, consumers: Sequence[Consumer], *, progress: bool = True,
-          label: str = "calibrating", on_output: Callable[[int, object], None] | None = None,
-          weights: LazyWeights | None = None, after_block: Callable[[Block], None] | None = None,
+          label: str = "calibrating", weights: LazyWeights | None = None,
+          after_block: Callable[[Block], None] | None = None,
           keep: Collection[str] = (), at_boundary: Callable[[ProducerState], None] | None = None,
           resumed: ProducerState | None = None) -> BlockPass:
     """One block-by-block pass of ``model`` on ``batches`` serving every consumer, in their order at each block
@@ -398,16 +394,15 @@ def serve(model: nn.Module, batches: Sequence, consumers: Sequence[Consumer], *,
     model.eval()
     try:
         with torch.inference_mode():
-            return _serve(model, batches, consumers, progress=progress, label=label, on_output=on_output,
-                          weights=weights, after_block=after_block, keep=keep, at_boundary=at_boundary,
-                          resumed=resumed)
+            return _serve(model, batches, consumers, progress=progress, label=label, weights=weights,
+                          after_block=after_block, keep=keep, at_boundary=at_boundary, resumed=resumed)
     finally:
         model.train(was_training)
 
 
-def _serve(model, batches, consumers, *, progress, label, on_output, weights, after_block, keep, at_boundary,
+def _serve(model, batches, consumers, *, progress, label, weights, after_block, keep, at_boundary,
            resumed) -> BlockPass:
-    engine = BlockPass(model, batches, on_output=on_output, weights=weights)
+    engine = BlockPass(model, batches, weights=weights)
     start = 0 if resumed is None else engine.restore(consumers, resumed)
     modules = dict(model.named_modules())
     where = engine.block_of({n for c in consumers for n in c.layers})
