@@ -1,5 +1,6 @@
 """Issue 7: what must never happen to a user's files, and failures that must be one line."""
 
+import errno
 import json
 import os
 import signal
@@ -7,7 +8,7 @@ import signal
 import pytest
 import torch
 from rich.console import Console
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 
 from lowbit.cli import main
 from lowbit.io import load_quantized
@@ -99,15 +100,14 @@ def test_bad_paths_fail_before_the_model_loads(tmp_path, monkeypatch, case):
 
 
 def test_disk_full_while_saving_is_one_line(tiny_lm_dir, tmp_path, monkeypatch):
-    import safetensors.torch
+    from lowbit.files.spill import Spill
 
-    def full(tensors, path, metadata=None):
+    def full(self, names, path, metadata=None):
         with open(path, "wb") as f:
             f.write(b"partial")
-        # what safetensors raises when write() fails with ENOSPC
-        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # what write() raises on a full disk
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full)  # what files.atomic.save_tensors calls
+    monkeypatch.setattr(Spill, "write", full)  # where a shard's bytes are written
     with pytest.raises(OSError, match="No space left on device") as e:
         model_io_save(tiny_lm_dir, tmp_path / "q")
     assert e.value.errno == 28 and os.listdir(tmp_path) == []

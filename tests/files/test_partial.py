@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from lowbit.errors import InputError
 from lowbit.files.partial import Partial, ProducerState, check_leftover, finished_shards, partial_path
@@ -17,7 +18,8 @@ def interrupted(out, shards: int = 2) -> None:
     """What a run killed after ``shards`` finished shards leaves."""
     with Partial.open(out, SETTINGS, resume=False, overwrite=False) as partial:
         for i in range(shards):
-            partial.add_shard({f"t{i}": torch.full((4,), float(i))}, ProducerState(info={"done": i + 1}))
+            partial.add_shard([f"t{i}"], 16, lambda path, i=i: save_file({f"t{i}": torch.full((4,), float(i))}, path),
+                              ProducerState(info={"done": i + 1}))
 
 
 def test_a_resume_goes_on_from_the_last_finished_shard_with_the_same_settings(tmp_path):

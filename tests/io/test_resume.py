@@ -64,10 +64,12 @@ class Steps:
 
     def install(self, setattr) -> None:
         import lowbit.files.partial as partial
+        import lowbit.files.spill as spill
 
         setattr(os, "replace", self._counted(os.replace))
         setattr(os, "link", self._counted(os.link))
-        setattr(partial, "save_tensors", self._counted(partial.save_tensors, path=1))
+        setattr(partial, "save_tensors", self._counted(partial.save_tensors, path=1))  # a state
+        setattr(spill.Spill, "write", self._counted(spill.Spill.write, path=2))  # a shard
 
     def _counted(self, f, path: int = 0):
         def step(*args, **kwargs):
@@ -145,17 +147,17 @@ def test_a_run_killed_anywhere_resumes_to_the_same_bytes(checkpoint, uninterrupt
 
 def stop_at(monkeypatch, n: int, error: BaseException) -> None:
     """The n-th shard write raises ``error``, once."""
-    import lowbit.files.partial as partial
+    from lowbit.files.spill import Spill
 
-    write, calls = partial.save_tensors, []
+    write, calls = Spill.write, []
 
-    def failing(tensors, path):
+    def failing(self, names, path, *more):
         calls.append(path)
         if len(calls) == n:
             raise error
-        write(tensors, path)
+        write(self, names, path, *more)
 
-    monkeypatch.setattr(partial, "save_tensors", failing)
+    monkeypatch.setattr(Spill, "write", failing)
 
 
 def test_other_settings_are_refused_and_the_same_ones_go_on(checkpoint, reference, tmp_path, monkeypatch, capsys):

@@ -31,6 +31,8 @@ from ..errors import InputError
 from .atomic import atomic_dir, atomic_file, save_tensors, write_errors, write_json
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import torch
 
 try:
@@ -166,21 +168,23 @@ class Partial:
             tensors = load_file(self.directory / state["tensors"])
         return ProducerState(tensors, state["info"])
 
-    def add_shard(self, tensors: dict[str, torch.Tensor], state: ProducerState | None) -> Path:
-        """Write ``tensors`` as the next finished shard, with ``state``: the shard, then the state's tensors, then
-        the manifest naming both, each complete on disk before the next (a kill between them leaves a shard the
-        manifest does not name, written again on resume)."""
+    def add_shard(self, names: list[str], nbytes: int, write: Callable[[Path], None],
+                  state: ProducerState | None) -> Path:
+        """The next finished shard, holding tensors ``names`` (``nbytes`` of data) that ``write(path)`` writes,
+        with ``state``: the shard, then the state's tensors, then the manifest naming both, each complete on disk
+        before the next (a kill between them leaves a shard the manifest does not name, written again on
+        resume)."""
         k = len(self.shards) + 1
         path = self.directory / f"shard-{k:05d}.safetensors"
-        _write_tensors(tensors, path)
+        with write_errors(path), atomic_file(path) as tmp:  # fsynced, then renamed: a kill leaves a temp or the file
+            write(tmp)
         held = None
         if state is not None and state.tensors:
             held = f"state-{k:05d}.safetensors"
             _write_tensors(_unshared(state.tensors), self.directory / held)
         _fsync_dir(self.directory)  # the renames above are on disk before the manifest names them
         old = self._manifest["state"]
-        shard = {"file": path.name, "tensors": list(tensors),
-                 "bytes": sum(t.numel() * t.element_size() for t in tensors.values()), "size": path.stat().st_size}
+        shard = {"file": path.name, "tensors": list(names), "bytes": nbytes, "size": path.stat().st_size}
         manifest = {**self._manifest, "shards": [*self.shards, shard],
                     "state": {"info": None if state is None else state.info, "tensors": held}}
         with write_errors(self.directory / MANIFEST):

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import InputError
-from .atomic import chmod_as_new, save_tensors
+from .atomic import chmod_as_new
+from .spill import Spill
 
 if TYPE_CHECKING:
     import torch
@@ -27,14 +28,15 @@ if TYPE_CHECKING:
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-# transformers' default max_shard_size is "5GB"; lowbit holds one shard in memory while it fills, so a smaller one
-# keeps that cost well under a large model's float weights
+# transformers' default max_shard_size is "5GB"; a filling shard waits on disk (``lowbit.files.spill``), and a
+# smaller one keeps that disk and the time to copy it into the shard small beside a large model's
 SHARD_BYTES = 1 << 30
+METADATA = {"format": "pt"}  # what transformers' save_pretrained (and so safetensors.torch.save_file here) writes
 
 
 class ShardWriter:
-    """``add(name, tensor)`` in any order, then ``close()``. At most one shard's tensors (``max_bytes``, or one
-    tensor larger than that) are held at a time.
+    """``add(name, tensor)`` in any order, then ``close()``. The tensors of the shard that is filling
+    (``max_bytes``, or one tensor larger than that) wait in a spill file in ``directory``, not in memory.
 
     A shard ends where a tensor would take it past ``max_bytes``: after any tensor, or, with ``boundaries``,
     only where the producer said one may (``boundary(state)``: after a whole transformer block, say), the
@@ -48,7 +50,8 @@ class ShardWriter:
     def __init__(self, directory: Path, max_bytes: int = SHARD_BYTES, *, partial: Partial | None = None,
                  boundaries: bool = False):
         self.directory, self.max_bytes, self.partial, self.boundaries = Path(directory), max_bytes, partial, boundaries
-        self._held: dict[str, torch.Tensor] = {}
+        self._spill = Spill(self.directory)
+        self._held: list[str] = []  # in the spill, in the order added
         self._bytes = 0
         self._cut, self._state = 0, None  # tensors held before the last boundary, and the state given there
         self._written: list[tuple[Path, list[str]]] = []  # each finished shard's file and names
@@ -75,7 +78,10 @@ class ShardWriter:
         cut = self._cut if self.boundaries else len(self._held)
         if cut and self._bytes + nbytes > self.max_bytes:
             self._flush(cut)
-        self._held[name] = tensor.contiguous()
+        if name in self._spill.entries:
+            raise ValueError(f"{name} added twice")
+        self._spill.add(name, tensor)
+        self._held.append(name)
         self._bytes += nbytes
         self.total += nbytes
 
@@ -85,15 +91,21 @@ class ShardWriter:
         self._cut, self._state = len(self._held), state
 
     def _flush(self, count: int) -> None:
-        names = list(self._held)[:count]
-        shard = {name: self._held.pop(name) for name in names}
-        self._bytes -= sum(t.numel() * t.element_size() for t in shard.values())
+        names, self._held = self._held[:count], self._held[count:]
+        nbytes = sum(self._spill.entries[name].nbytes for name in names)
+        self._bytes -= nbytes
         self._cut = 0  # what is still held was added after the boundary the shard ended at
+
+        def write(path: Path) -> None:
+            self._spill.write(names, path, METADATA)
+            chmod_as_new(path)
+
         if self.partial is None:
             path = self.directory / f".shard-{len(self._written) + 1}.safetensors"
-            save_tensors(shard, path)
+            write(path)
         else:
-            path = self.partial.add_shard(shard, self._state)
+            path = self.partial.add_shard(names, nbytes, write, self._state)
+        self._spill.keep(self._held)
         self._written.append((path, names))
 
     def _check_finished(self, name: str, tensor: torch.Tensor) -> None:
@@ -115,6 +127,7 @@ class ShardWriter:
         """Write what is held; returns the names of the files written (shards, and the index if any)."""
         if self._held or not self._written:  # the end is a boundary: the last shard, or the only one
             self._flush(len(self._held))
+        self._spill.close()
         count, weight_map = len(self._written), {}
         if count == 1:
             self._place(self._written[0][0], SINGLE)
