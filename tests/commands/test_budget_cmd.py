@@ -1,5 +1,7 @@
 """`lowbit sensitivity` and `lowbit quantize --budget`: the table, the plan under the budget, saved and scored."""
 
+import json
+import re
 
 from lowbit.io import load_quantized
 from lowbit.layers import QuantLinear
@@ -31,8 +33,16 @@ def test_sensitivity_then_a_budget_plan_saved_reloaded_and_scored(tiny_lm_dir, t
     assert meta["quantize"]["bits_per_weight"] <= 5
     assert 8 * sum(q.nbytes for q in layers.values()) / sum(q.numel for q in layers.values()) <= 5
     assert len({q.format.name for q in layers.values()}) > 1  # 5 bits: some int8 layers, some int3 or int4
-    r = run(capsys, "eval", out, *TINY)
+    r = run(capsys, "eval", out, *TINY, "--json", tmp_path / "e.json")
     assert r.returncode == 0, r.stderr
+    said = float(re.search(r"KL mean ([0-9.]+) measured", text).group(1))  # the saved model, block by block
+    assert said == round(json.loads((tmp_path / "e.json").read_text())["results"][0]["kl_mean"], 5)
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps(meta["plan"]))
+    r = run(capsys, "quantize", "--model", tiny_lm_dir, "--plan", plan, *TINY, "-o", tmp_path / "p")
+    assert r.returncode == 0, r.stderr
+    for f in ("model.safetensors", "tokenizer.json"):  # the plan it chose, quantized as any plan is
+        assert (tmp_path / "p" / f).read_bytes() == (out / f).read_bytes()
 
 
 def made_up_table(tiny_lm_dir, path, file_hash=None):

@@ -9,11 +9,12 @@ from contextlib import suppress
 from .. import limits as L
 from ..calibration.importance import calibration_batches
 from ..errors import InputError, LowbitError
+from ..eval.blockwise import Dequantized, Onloaded
 from ..eval.protocol import DEFAULT_WINDOW, DEFAULT_WINDOWS, scored_count
 from ..evaluate import Evaluation, materialize, model_limits
 from ..files.partial import check_leftover, finished_shards, partial_path
 from ..files.shards import SHARD_BYTES
-from ..io.model_io import check_output, local_source, read_meta, save_quantized
+from ..io.model_io import check_output, load_quantized, local_source, read_meta, save_quantized
 from ..io.streamed import quantize_to_directory
 from ..layers.keep_dtype import parse_keep_dtype
 from ..layers.surgery import linears
@@ -108,8 +109,8 @@ def run(args) -> int:
             raise InputError("--sensitivity's table already holds the layers to plan: --include and --exclude "
                              "belong to `lowbit sensitivity`")
         if args.resume:
-            raise InputError("--resume continues a quantize written as it is read; --budget calibrates, which is "
-                             "written at the end: run it without --resume")
+            raise InputError("--resume continues a run of --format or --plan; --budget measures and chooses its "
+                             "plan afresh: run it without --resume")
         return run_budget(args)
     if args.plan is not None:
         if (args.block_size is not None or args.double_quant or args.include or args.exclude is not None
@@ -187,29 +188,40 @@ def run_budget(args) -> int:
     check_protocol_args(args)
     check_output(args.output, overwrite=args.overwrite, source=local_source(args.model))
     con = console()
-    model, tokenizer, info = load(args.model, con, verify=args.verify)
+    from ..models.lazy import load_lazily  # one block's weights read at a time, as a plain quantize
+
+    model, tokenizer, info, weights = load(args.model, con, loader=lambda spec: load_lazily(spec, verify=args.verify))
     keep = parse_keep_dtype(args.keep_dtype) if args.keep_dtype else source_dtype(info.source)
     if info.kind != CAUSAL_LM:
         raise InputError(f"--budget weighs formats by KL of next-token distributions; {info.name} is an encoder")
     calibration = calibration_of(args, tokenizer, info)
-    evaluation = Evaluation(info, tokenizer, lambda: model, text=args.text, window=args.window,
-                            windows=args.windows, **model_limits(model))  # the reference, before any layer changes
+    evaluation = Evaluation(info, tokenizer, (lambda: model) if weights is None else (lambda: Onloaded(model, weights)),
+                            text=args.text, window=args.window, windows=args.windows,
+                            **model_limits(model))  # the reference, before any layer changes
     if table is None:
         batches, _ = calibration_batches(tokenizer, info.kind, args.text, window=args.window,
                                          scored=calibration.scored, count=SENSITIVITY_CALIBRATE)
         exclude = tuple(args.exclude) if args.exclude is not None else DEFAULT_EXCLUDE
-        table = measure_sensitivity(model, candidates, batches, include=tuple(args.include or ()), exclude=exclude)
-        chosen = plan_for_budget(model, args.budget, candidates=candidates, sensitivity=table)
+        table = measure_sensitivity(model, candidates, batches, include=tuple(args.include or ()), exclude=exclude,
+                                    weights=weights)
+        chosen = plan_for_budget(None, args.budget, candidates=candidates, sensitivity=table)
     else:
         check_table(table, info, model, args.sensitivity)
     con.print(budget_table(chosen))
     plan = chosen.plan
-    report = workflow.run(model, plan, calibration)
-    save_quantized(model, tokenizer, info, report, plan, args.output, overwrite=args.overwrite, keep_dtype=keep,
-                   shard_bytes=shard_bytes)
+    if weights is None:
+        report = workflow.run(model, plan, calibration)
+        save_quantized(model, tokenizer, info, report, plan, args.output, overwrite=args.overwrite,
+                       keep_dtype=keep, shard_bytes=shard_bytes)
+        quantized = materialize(model)
+    else:  # read, quantized and written block by block; then scored as saved, a block at a time
+        report = quantize_to_directory(model, weights, tokenizer, info, plan, args.output, overwrite=args.overwrite,
+                                       keep_dtype=keep, shard_bytes=shard_bytes,
+                                       calibration=calibration if plan.needs_calibration else None)
+        quantized = Dequantized(load_quantized(args.output)[0])
     con.print(f"{plan.label}: {len(report.layers)} layers, {report.bits_per_weight:.4f} bits/weight "
               f"(budget {args.budget:g}) in {report.seconds:.1f} s; wrote {args.output}")
-    scores = evaluation.score(materialize(model), label="scoring the plan")
+    scores = evaluation.score(quantized, label="scoring the plan")
     con.print(f"KL mean {scores['kl_mean']:.5f} measured on the {evaluation.protocol.windows} scored windows; "
               f"{chosen.predicted_kl:.5f} predicted (the layers' KL added up); same top-1 {scores['top1']:.2%}")
     return 0
