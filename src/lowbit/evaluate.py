@@ -118,9 +118,6 @@ def compare(model: nn.Module, tokenizer, info: ModelInfo, plans: list[QuantPlan]
         raise InputError(next(iter(failed.values())) if len(failed) == 1 else
                          f"no format can be applied to this model: {'; '.join(failed.values())}")
     usable = [p for p in plans if p.label not in failed]
-    calibrated = next((p for p in usable if p.needs_calibration), None)
-    if weights is not None and calibrated is not None:
-        raise InputError(f"{calibrated.label} needs calibration, which runs the whole model: load it with load_model")
     evaluation = Evaluation(info, tokenizer, (lambda: model) if weights is None else (lambda: Onloaded(model, weights)),
                             text=text, window=window, windows=windows, **model_limits(model), progress=progress)
     # a model on the meta device is float32 (load_lazily): what it will hold once read is its reference's bytes
@@ -129,14 +126,15 @@ def compare(model: nn.Module, tokenizer, info: ModelInfo, plans: list[QuantPlan]
     keep = keep_dtype if keep_dtype not in (None, torch.float32) else None
     if keep is not None:
         report["keep_dtype"] = dtype_name(keep)
-    if weights is not None:
-        _compare_streamed(report, evaluation, model, weights, plans, failed, keep, on_result, progress)
-        return report
     scored = evaluation.protocol.windows if info.kind == CAUSAL_LM else len(evaluation.texts)
     calibration = Calibration(tokenizer, info.kind, text, window=window, scored=scored, count=calibrate,
                               progress=progress)
     if any(walks_blocks(p) for p in usable):  # a short text fails now
         calibration.batches(GPTQ_CALIBRATE)
+    if weights is not None:
+        _compare_streamed(report, evaluation, model, weights, plans, failed, keep, on_result, progress,
+                          (tokenizer, info, calibration))
+        return report
     shared = [n for p in usable if not changes_model(p) for n in importance_layers(model, p)]
     if shared:
         calibration.shared_importance(model, list(dict.fromkeys(shared)))
@@ -170,10 +168,10 @@ def compare(model: nn.Module, tokenizer, info: ModelInfo, plans: list[QuantPlan]
 
 def _compare_streamed(report: dict, evaluation: Evaluation, model: nn.Module, weights: LazyWeights,
                       plans: list[QuantPlan], failed: dict[str, str], keep: torch.dtype | None,
-                      on_result: Callable[[dict], None] | None, progress: bool) -> None:
+                      on_result: Callable[[dict], None] | None, progress: bool, source: tuple) -> None:
     """``compare``'s rows for a causal LM built on the meta device: each row reads the model again, block by
-    block, rounding each block as it runs (``lowbit.eval.streamed.Rounded``); the same rows as for the model in
-    memory."""
+    block, rounding each block as it runs (``lowbit.eval.streamed.Rounded``); a plan that calibrates is written
+    to a temporary directory first (``_calibrated_row``). The same rows as for the model in memory."""
     if keep is not None:
         label = f"keep {dtype_name(keep)}"
         stored = model_weight_bytes(model, meta=True) - rounding_saves(model, keep, set())
@@ -184,6 +182,13 @@ def _compare_streamed(report: dict, evaluation: Evaluation, model: nn.Module, we
     for plan in plans:
         if plan.label in failed:
             _add(report, {"format": plan.label, "error": failed[plan.label]}, on_result, progress)
+            continue
+        if plan.needs_calibration:
+            try:
+                row = _calibrated_row(evaluation, model, weights, plan, keep, *source, progress=progress)
+            except LowbitError as e:
+                row = {"format": plan.label, "error": str(e)}
+            _add(report, row, on_result, progress)
             continue
         rounded = Rounded(model, weights, plan, keep)
         start = time.perf_counter()
@@ -201,6 +206,42 @@ def _compare_streamed(report: dict, evaluation: Evaluation, model: nn.Module, we
         if rounded.float_path_share is not None:
             row["float_path_share"] = rounded.float_path_share
         _add(report, row | {"layer_sqnr": rounded.layer_sqnr}, on_result, progress)
+
+
+def _calibrated_row(evaluation: Evaluation, model: nn.Module, weights: LazyWeights, plan: QuantPlan,
+                    keep: torch.dtype | None, tokenizer, info: ModelInfo, calibration: Calibration, *,
+                    progress: bool) -> dict:
+    """The row of a plan that calibrates, for a model built on the meta device: quantized block by block into a
+    temporary directory (``io.streamed.quantize_to_directory``, the bytes `lowbit quantize` writes), each layer's
+    SQNR measured as it is written against the float weight it was rounded from (still in memory then, as
+    ``+awq`` folded it), then loaded and scored a block at a time. Its calibration pass is its own, where the model
+    in memory shares one importance pass among rows (the same numbers: tests/test_evaluate.py)."""
+    import tempfile
+
+    from .io.streamed import quantize_to_directory
+
+    sqnr: dict[str, list] = {"layers": [], "sqnr_db": []}
+
+    def measure(name: str, layer: QuantLinear) -> None:
+        weight = model.get_submodule(name).weight
+        weight = weights.read(f"{name}.weight") if weight.is_meta else weight
+        sqnr["layers"].append(name)
+        sqnr["sqnr_db"].append(sqnr_db(weight, layer.effective_weight()))
+
+    with tempfile.TemporaryDirectory(prefix="lowbit-compare-") as tmp:
+        out = f"{tmp}/{plan.label.replace('/', '_')}"
+        try:
+            qreport = quantize_to_directory(model, weights, tokenizer, info, plan, out, progress=progress,
+                                            keep_dtype=keep or torch.float32, calibration=calibration,
+                                            on_layer=measure)
+        finally:  # the pass leaves what lies outside the blocks, and +awq's folded norms, in memory
+            Onloaded(model, weights).put_back()
+        quantized, _, meta = load_quantized(out)
+    stored = meta["quantize"]["model_bytes_after"]  # the weights as saved (the loaded model holds some in float32)
+    row = _score(evaluation, quantized, plan.label, any(c.double_quant for c in plan.configs),
+                 qreport.bits_per_weight, qreport.seconds, model_weight_bytes(quantized) - stored,
+                 layers=(qreport.format_counts, dict(qreport.fallbacks)))
+    return row | {"layer_sqnr": sqnr}
 
 
 def float_weights(model: nn.Module) -> dict[str, torch.Tensor]:

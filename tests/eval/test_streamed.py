@@ -2,10 +2,9 @@
 gives the rows compare gives for the model in memory, to the bit; the model is left as it was; a row that fails
 mid-run says why and the next is scored."""
 
-import pytest
 import torch
 
-from lowbit.errors import InputError, LayerQuantizeError
+from lowbit.errors import LayerQuantizeError
 from lowbit.eval.reference import Reference
 from lowbit.evaluate import compare
 from lowbit.models import load_model
@@ -105,11 +104,15 @@ def test_a_row_failing_mid_run_says_why_and_the_next_is_scored(tiny_lm_dir, monk
     assert all(p.is_meta for p in model.parameters())
 
 
-def test_a_plan_that_calibrates_needs_the_model_in_memory(tiny_lm_dir):
-    model, tokenizer, info, weights = load_lazily(str(tiny_lm_dir))
-    with pytest.raises(InputError, match="nf4@amse needs calibration"):
-        compare(model, tokenizer, info, [QuantPlan.uniform("nf4"), QuantPlan.uniform("nf4@amse")], progress=False,
-                weights=weights, **PROTOCOL)
+def test_rows_of_plans_that_calibrate(tiny_lm_dir, tmp_path, monkeypatch):
+    """Each quantized into a temporary directory, block by block, then scored as saved: the rows of the model in
+    memory (which shares one importance pass among them), SQNR against +awq's folded weights included."""
+    labels = ("nf4@amse", "nf4/32+dq+awq+gptq@amse", "int4+had+gptq")
+    whole, lazy = both(tiny_lm_dir, [QuantPlan.uniform(label) for label in labels], tmp_path, monkeypatch,
+                       keep_dtype=torch.bfloat16, calibrate=4)
+    assert [r["format"] for r in lazy["results"]] == ["keep bf16", *labels]
+    assert all(r["kl_mean"] > 0 for r in lazy["results"][1:])
+    assert_same_rows(whole, lazy)
 
 
 def test_an_encoder_read_lazily_is_scored_whole(minilm, tmp_path, monkeypatch):

@@ -62,11 +62,8 @@ def run(args) -> int:
     peers = check_report_args(args, args.report) if args.report else None
     check_outputs([args.json, args.report], [args.text, *(args.plan or ()), args.peers, local_source(args.model)])
     con = console()
-    if any(p.needs_calibration for p in plans):  # calibration runs the whole model
-        (model, tokenizer, info), weights = load(args.model, con, verify=args.verify), None
-    else:  # read, quantized and scored one block at a time (lowbit.eval.streamed)
-        model, tokenizer, info, weights = load(args.model, con,
-                                               loader=lambda spec: load_lazily(spec, verify=args.verify))
+    # read, quantized and scored one block at a time (lowbit.eval.streamed)
+    model, tokenizer, info, weights = load(args.model, con, loader=lambda spec: load_lazily(spec, verify=args.verify))
     if keep is None:
         keep = source_dtype(info.source)
     # each finished row is saved at once: an interrupted run keeps what it measured

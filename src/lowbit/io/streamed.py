@@ -17,6 +17,7 @@ neither read nor run again.
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from dataclasses import asdict, fields
 
 import torch
@@ -29,6 +30,7 @@ from ..files.partial import Partial, ProducerState
 from ..files.shards import SHARD_BYTES, ShardWriter
 from ..formats.facts import stored_bits
 from ..formats.registry import get_format
+from ..layers.linear import QuantLinear
 from ..layers.surgery import QuantizeReport, plan_layers, quantize_model
 from ..models.lazy import LazyWeights
 from ..models.loader import ModelInfo
@@ -47,7 +49,8 @@ _LAYERS_A_CALL = 8
 def quantize_to_directory(model, weights: LazyWeights, tokenizer, info: ModelInfo, plan: QuantPlan, directory, *,
                           overwrite=False, resume=False, keep_dtype: torch.dtype = torch.float32,
                           shard_bytes: int = SHARD_BYTES, progress: bool = True,
-                          calibration: Calibration | None = None) -> QuantizeReport:
+                          calibration: Calibration | None = None,
+                          on_layer: Callable[[str, QuantLinear], None] | None = None) -> QuantizeReport:
     """Quantize a model built on the meta device (``lowbit.models.lazy.load_lazily``) as ``plan`` says and write
     it to ``directory`` as ``save_quantized`` would, tensor by tensor: each layer's weight is read, rounded and
     handed to the shard writer, then each other tensor, so memory holds one float weight and one shard, never the
@@ -58,7 +61,8 @@ def quantize_to_directory(model, weights: LazyWeights, tokenizer, info: ModelInf
     ``calibration``: the inputs of a plan that calibrates; its methods run block by block as each block is read
     (``lowbit.workflows.run.streamed``), and each block's layers are written once it is done, so memory holds one
     block (tests/workflows/test_streamed_run.py). ``resume`` goes on from the end of the last block whose layers
-    are all in finished shards; the calibration settings must be the same too."""
+    are all in finished shards; the calibration settings must be the same too. ``on_layer(name, layer)``: each
+    quantized layer as it is written (a calibrated plan's block is still in memory then)."""
     out = check_output(directory, overwrite=overwrite, source=local_source(info.source))
     if plan.needs_calibration and calibration is None:
         raise InputError(f"{plan.label} needs calibration inputs: pass calibration=")
@@ -70,7 +74,7 @@ def quantize_to_directory(model, weights: LazyWeights, tokenizer, info: ModelInf
         try:
             report = _write(model, weights, tokenizer, info, plan, directory, partial, overwrite=overwrite,
                             keep_dtype=keep_dtype, shard_bytes=shard_bytes, progress=progress,
-                            calibration=calibration)
+                            calibration=calibration, on_layer=on_layer)
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
@@ -95,7 +99,7 @@ def resume_settings(info: ModelInfo, plan: QuantPlan, keep_dtype: torch.dtype, s
 
 def _write(model, weights: LazyWeights, tokenizer, info: ModelInfo, plan: QuantPlan, directory, partial: Partial, *,
            overwrite: bool, keep_dtype: torch.dtype, shard_bytes: int, progress: bool,
-           calibration: Calibration | None) -> QuantizeReport:
+           calibration: Calibration | None, on_layer: Callable | None) -> QuantizeReport:
     """The layers rounded a few at a time (``quantize_model(only=)``), their parts and then every other tensor
     handed to the writer, a boundary after each tensor (a shard ends where an uninterrupted run ends it). The
     state at a boundary is what lowbit.json will say of the layers rounded before it: ``{"parts": [{"layers":
@@ -119,6 +123,8 @@ def _write(model, weights: LazyWeights, tokenizer, info: ModelInfo, plan: QuantP
 
         def write_layer(names, layer, config, wanted) -> None:
             entries[names[0]], stored = stored_layer(names[0], layer, config.label, wanted)
+            if on_layer is not None:
+                on_layer(names[0], layer)
             for key, t in stored.items():
                 writer.add(key, t)
                 writer.boundary(state)  # a shard ending here is followed by this part made again
