@@ -11,7 +11,6 @@ from lowbit.calibration.importance import calibration_batches, collect_importanc
 from lowbit.calibration.statistics import ABS_MEAN, HESSIAN, HESSIAN32, IMPORTANCE, Statistics
 from lowbit.errors import InputError
 from lowbit.eval.protocol import default_text, paragraphs
-from lowbit.files.partial import ProducerState
 
 
 def full_forwards(model, batches, layers, wants, **extra):
@@ -160,28 +159,3 @@ def test_errors_name_the_layer_and_leave_no_hooks():
         serve(model, data, [Hessians()], progress=False)
     assert all(not m._forward_pre_hooks for m in model.modules())
     assert model.training  # left in the mode it was in
-
-
-def test_a_pass_continued_from_a_blocks_end_runs_no_block_before_it_and_finds_the_same():
-    """Importance of a layer in every block and of the head after them (replayed from the last block's outputs),
-    continued from each block's end: the blocks before are not run, and every statistic is the uninterrupted
-    pass's, to the bit."""
-    from lowbit.calibration.importance import Importance
-
-    model, data = Toy(), toy_batches()
-    names = ["layers.0.a", "layers.1.a", "layers.2.a", "head"]
-    states = []
-    whole = Importance(names)
-    serve(model, data, [whole], progress=False,
-          at_boundary=lambda s: states.append(ProducerState({k: t.clone() for k, t in s.tensors.items()}, s.info)))
-    assert [s.info["blocks"] for s in states] == [1, 2, 3]
-    ran = []
-    hooks = [block.register_forward_hook(lambda m, a, out, i=i: ran.append(i)) for i, block in enumerate(model.layers)]
-    for state in states:
-        ran.clear()
-        again = Importance(names)
-        serve(model, data, [again], progress=False, resumed=state)
-        assert set(ran) == set(range(state.info["blocks"], 3))
-        assert_equal({n: again.found[n] for n in names}, {n: whole.found[n] for n in names})
-    for h in hooks:
-        h.remove()

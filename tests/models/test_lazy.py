@@ -102,6 +102,10 @@ def test_bad_checkpoints_are_refused(sharded):
     with pytest.raises(ModelLoadError, match=r"gate_proj.weight in model-.* has shape \[128, 64\]; the "
                                              r"architecture config.json describes has \[96, 64\] \(and 5 more"):
         load_lazily(str(sharded))  # before anything is read
+    (sharded / "config.json").write_text(json.dumps({**config, "dtype": "float16", "torch_dtype": "float16"}))
+    with pytest.raises(ModelLoadError, match=r"tensor .* in model-.* is BF16; config.json's dtype says "
+                                             r"float16 \(F16\)"):
+        load_lazily(str(sharded))  # a shard from another export: transformers would cast it silently
     (sharded / "config.json").write_text(json.dumps(config))
     data = (sharded / first).read_bytes()
     (sharded / first).write_bytes(data[: len(data) // 2])

@@ -21,14 +21,8 @@ A model larger than memory is built on the meta device and read block by block (
 each block's parameters are read in place before the consumers see it, and its linear weights are put back on the
 meta device once ``after_block`` has rounded and written its layers, so memory holds one block's weights, the
 consumers' streams (``batches x tokens x hidden`` floats each) and one block's statistics. llm-compressor's
-"sequential onloading" walks a model the same way.
-
-Such a pass can be continued from the end of any block (``serve(at_boundary=, resumed=)``): what it carries from
-one block to the next is the consumers' own (``Consumer.carried``: each stream's hidden states for every batch,
-what a consumer gathers over the blocks) and what stays of the walked blocks in memory (their norms, biases and
-kept weights, as the consumers left them: ``+awq`` folds into the norms); given that, the walk starts at the next
-block, its streams made from the first block's inputs caught again (what precedes the blocks is read, no block
-is) with each batch's hidden states in place of the first argument, and computes what it would have computed.
+"sequential onloading" walks a model the same way. A pass can be continued from the end of any block
+(``lowbit.calibration.carry``).
 """
 
 from __future__ import annotations
@@ -44,6 +38,7 @@ from torch import nn
 from ..errors import InputError
 from ..files.partial import ProducerState
 from ..progress import progress_bar
+from .carry import carried, restore
 from .statistics import Statistics
 
 if TYPE_CHECKING:
@@ -97,17 +92,6 @@ class Stream:
         argument."""
         self.inputs = [((first(out), *a[1:]), k) for out, (a, k) in zip(outputs, self.inputs, strict=True)]
         self.previous = outputs
-
-
-def carried_stream(stream: Stream | None) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """What ``BlockPass.resumed_stream`` makes ``stream`` again from: each batch's first argument (its hidden
-    states; the other arguments are the caught ones, caught again) by batch index (``"0"``, ``"1"``, ...), and
-    whether the raw outputs it stands in with were tuples; ``({}, None)`` for a stream not begun."""
-    if stream is None:
-        return {}, None
-    outputs = None if stream.previous is None else "tuple" if isinstance(stream.previous[0], tuple) else "tensor"
-    return {str(b): a[0] for b, (a, _) in enumerate(stream.inputs)}, {"batches": len(stream.inputs),
-                                                                       "outputs": outputs}
 
 
 class Block:
@@ -194,20 +178,9 @@ class BlockPass:
         ``count``: of the first ``count`` batches only."""
         return Stream(list(self._caught[:count]))
 
-    def resumed_stream(self, tensors: Mapping[str, torch.Tensor], info: dict | None,
-                       count: int | None = None) -> Stream | None:
-        """The stream ``carried_stream`` gave ``(tensors, info)`` of: ``stream(count)`` with each batch's hidden
-        states in place of its first argument (the other arguments are the same at every block)."""
-        if info is None:
-            return None
-        stream = self.stream(count)
-        if len(stream.inputs) != info["batches"]:
-            raise InputError(f"a stream of {info['batches']} batches cannot be continued on {len(stream.inputs)}")
-        hidden = [tensors[str(b)] for b in range(info["batches"])]
-        stream.inputs = [((h, *a[1:]), k) for h, (a, k) in zip(hidden, stream.inputs, strict=True)]
-        if info["outputs"] is not None:  # the last block's raw outputs, which a replay stands in with
-            stream.previous = [(h,) if info["outputs"] == "tuple" else h for h in hidden]
-        return stream
+    def name_of(self, module: nn.Module) -> str:
+        """The qualified name of ``module``, a block or a module in one."""
+        return self._names[id(module)]
 
     def block_of(self, names: Iterable[str]) -> dict[str, int | None]:
         """Each layer's block index; None for a layer outside the blocks."""
@@ -240,34 +213,6 @@ class BlockPass:
             name = f"{self._names[id(module)]}.weight"
             if type(module) is nn.Linear and not module.weight.is_meta and name not in keep:
                 module.weight = nn.Parameter(torch.empty_like(module.weight, device="meta"), requires_grad=False)
-
-    def carried(self, consumers: Sequence[Consumer], done: int) -> ProducerState:
-        """What the pass needs to go on after block ``done - 1`` (``restore``): the parameters of blocks ``0 ..
-        done-1`` still in memory (what ``release`` leaves: norms, biases, kept weights, as the consumers changed
-        them), by name, and each consumer's ``carried`` under ``"I:"`` (its index in ``consumers``; no parameter
-        name holds a colon); JSON ``{"blocks": done, "consumers": [each one's]}``."""
-        tensors = {f"{self._names[id(block)]}.{n}": p.detach() for block in list(self.blocks or ())[:done]
-                   for n, p in block.named_parameters() if not p.is_meta}
-        infos = []
-        for i, consumer in enumerate(consumers):
-            held, info = consumer.carried()
-            tensors.update({f"{i}:{k}": t for k, t in held.items()})
-            infos.append(info)
-        return ProducerState(tensors, {"blocks": done, "consumers": infos})
-
-    def restore(self, consumers: Sequence[Consumer], state: ProducerState) -> int:
-        """The model and ``consumers`` as ``carried`` left them; returns the block the walk goes on from. The
-        parameters of the walked blocks are put in place of the meta ones, so they are never read."""
-        own = {k: t for k, t in state.tensors.items() if ":" not in k}
-        put_parameters(self.model, own)
-        infos = state.info["consumers"]
-        if len(infos) != len(consumers):
-            raise InputError(f"a pass of {len(infos)} consumers cannot be continued with {len(consumers)}")
-        for i, (consumer, info) in enumerate(zip(consumers, infos, strict=True)):
-            prefix = f"{i}:"
-            consumer.restore(self, {k[len(prefix):]: t for k, t in state.tensors.items() if k.startswith(prefix)},
-                             info)
-        return state.info["blocks"]
 
     def tail(self, layers: Mapping[str, nn.Module], wants: Iterable[str], replay: Stream | None = None, *,
              count: int | None = None, threshold: float | None = None) -> dict[str, dict[str, torch.Tensor]]:
@@ -314,14 +259,6 @@ class BlockPass:
         finally:
             for i, block in originals.items():
                 blocks[i] = block
-
-
-def put_parameters(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Parameters of ``model`` (a model built on the meta device) set to ``tensors``, by name, as
-    ``LazyWeights.onload`` sets those it reads."""
-    for name, t in tensors.items():
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, nn.Parameter(t, requires_grad=False))
 
 
 def _head_weights(model: nn.Module) -> set[str]:
@@ -403,7 +340,7 @@ def serve(model: nn.Module, batches: Sequence, consumers: Sequence[Consumer], *,
 def _serve(model, batches, consumers, *, progress, label, weights, after_block, keep, at_boundary,
            resumed) -> BlockPass:
     engine = BlockPass(model, batches, weights=weights)
-    start = 0 if resumed is None else engine.restore(consumers, resumed)
+    start = 0 if resumed is None else restore(engine, consumers, resumed)
     modules = dict(model.named_modules())
     where = engine.block_of({n for c in consumers for n in c.layers})
     outside = [{n: modules[n] for n in c.layers if where[n] is None} for c in consumers]
@@ -424,7 +361,7 @@ def _serve(model, batches, consumers, *, progress, label, weights, after_block, 
                 after_block(block)
             engine.release(block, keep)
             if at_boundary is not None:
-                at_boundary(engine.carried(consumers, block.index + 1))
+                at_boundary(carried(engine, consumers, block.index + 1))
             advance()
         if any(outside):
             for consumer, layers in zip(consumers, outside, strict=True):

@@ -23,7 +23,8 @@ from ..eval.encoder import BATCH as ENCODER_BATCH
 from ..eval.encoder import MAX_TOKENS
 from ..eval.protocol import DEFAULT_WINDOW, paragraphs, read_text
 from ..models.loader import CAUSAL_LM, ENCODER
-from .engine import Block, BlockPass, Consumer, carried_stream, serve
+from .carry import carried_stream, resumed_stream
+from .engine import Block, BlockPass, Consumer, serve
 from .statistics import IMPORTANCE
 
 # 16 windows of 512 tokens = 8,192 tokens. Each window is one forward pass, ~1.2 s for SmolLM2 on 2 CPU threads,
@@ -135,7 +136,7 @@ class Importance(Consumer):
         return {**tensors, **{f"found.{name}": t for name, t in self.found.items()}}, {"stream": stream}
 
     def restore(self, engine: BlockPass, tensors, info: dict) -> None:
-        self._stream = engine.resumed_stream(tensors, info["stream"], self.count)
+        self._stream = resumed_stream(engine, tensors, info["stream"], self.count)
         self.found = {k.removeprefix("found."): t for k, t in tensors.items() if k.startswith("found.")}
 
 

@@ -24,7 +24,7 @@ import torch
 
 from .. import __version__
 from ..cachedir import CacheSpaceError, check_space, free_disk
-from ..calibration.engine import put_parameters
+from ..calibration.carry import put_parameters
 from ..errors import InputError
 from ..files.partial import Partial, ProducerState
 from ..files.shards import SHARD_BYTES, ShardWriter

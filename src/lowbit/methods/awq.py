@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..calibration.engine import Block, BlockPass, Consumer, carried_stream, first, transformer_blocks
+from ..calibration.carry import carried_stream, resumed_stream
+from ..calibration.engine import Block, BlockPass, Consumer, first, transformer_blocks
 from ..calibration.statistics import ABS_MEAN, HESSIAN32
 from ..errors import InputError
 from ..layers.surgery import plan_layers, rounded_layer
@@ -127,7 +128,7 @@ class AWQScales(Consumer):
         return {**tensors, **{f"applied.{name}": s for name, s in self.applied.items()}}, {"stream": stream}
 
     def restore(self, engine: BlockPass, tensors, info: dict) -> None:
-        self._stream = engine.resumed_stream(tensors, info["stream"])
+        self._stream = resumed_stream(engine, tensors, info["stream"])
         self.applied = {k.removeprefix("applied."): s for k, s in tensors.items() if k.startswith("applied.")}
 
     def finish(self, *, progress: bool = True) -> None:

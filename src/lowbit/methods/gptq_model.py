@@ -15,7 +15,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..calibration.engine import Block, BlockPass, Consumer, carried_stream
+from ..calibration.carry import carried_stream, resumed_stream
+from ..calibration.engine import Block, BlockPass, Consumer
 from ..calibration.statistics import HESSIAN
 from ..layers.rotation import rotate, rotate_hessian, unrotate
 from ..layers.surgery import plan_layers
@@ -89,7 +90,7 @@ class GPTQWeights(Consumer):
         return tensors, {"stream": stream}
 
     def restore(self, engine: BlockPass, tensors, info: dict) -> None:
-        self._stream = engine.resumed_stream(tensors, info["stream"])
+        self._stream = resumed_stream(engine, tensors, info["stream"])
 
 
 def gptq_layer(name: str, weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig, *,

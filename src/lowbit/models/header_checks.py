@@ -14,6 +14,7 @@ import json
 import struct
 from math import prod
 from pathlib import Path
+from typing import NamedTuple
 
 from ..errors import ModelLoadError
 
@@ -25,8 +26,14 @@ DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0"
               "C64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
 
 
-def check_safetensors(path: str | Path) -> dict[str, tuple[int, ...]]:
-    """Each tensor's shape, by name, if ``path``'s header is sound: its length within the file and the cap,
+class Header(NamedTuple):
+    """A tensor as its file's header describes it."""
+    dtype: str  # safetensors' name: "BF16", "F32", ...
+    shape: tuple[int, ...]
+
+
+def check_safetensors(path: str | Path) -> dict[str, Header]:
+    """Each tensor's dtype and shape, by name, if ``path``'s header is sound: its length within the file and the cap,
     valid JSON, each tensor's dtype known, its shape of whole numbers whose bytes equal its offsets'
     span, and the spans tiling the data exactly. Else ModelLoadError, one line naming the file and the problem."""
     path = Path(path)
@@ -52,7 +59,7 @@ class _Bad(Exception):
     """What is wrong with the file (the message's tail)."""
 
 
-def _check_header(header: bytes, data_bytes: int) -> dict[str, tuple[int, ...]]:
+def _check_header(header: bytes, data_bytes: int) -> dict[str, Header]:
     try:
         entries = json.loads(header.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -73,7 +80,7 @@ def _check_header(header: bytes, data_bytes: int) -> dict[str, tuple[int, ...]]:
         at = end
     if at != data_bytes:
         raise _Bad(f"its tensors span {at:,} data bytes; the file holds {data_bytes:,}")
-    return {name: tuple(entry["shape"]) for name, entry in entries.items()}
+    return {name: Header(entry["dtype"], tuple(entry["shape"])) for name, entry in entries.items()}
 
 
 def _span(name: str, entry) -> tuple[int, int]:

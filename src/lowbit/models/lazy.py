@@ -59,7 +59,8 @@ class Checkpoint:
             raise ModelLoadError(f"{self.directory} holds no {SINGLE} and no {INDEX}")
         self.files = [self.directory / name for name in files]
         # from the headers alone, before any file is mapped
-        self.where = {key: path for path in self.files for key in check_safetensors(path)}
+        self.headers = {path: check_safetensors(path) for path in self.files}
+        self.where = {key: path for path, tensors in self.headers.items() for key in tensors}
         if weight_map is not None:
             unheld = [k for k, f in weight_map.items() if self.where.get(k) != self.directory / f]
             if unheld:
@@ -145,6 +146,7 @@ def load_lazily(spec: str | Path | None = None, *, verify: bool = False):
     with as_load_error(directory):
         checkpoint = Checkpoint(directory)
         config = AutoConfig.from_pretrained(directory, local_files_only=True)
+        said = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)  # before from_config sets it
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
         kind = model_kind(config.to_dict())
         cls = AutoModelForCausalLM if kind == CAUSAL_LM else AutoModel
@@ -154,12 +156,37 @@ def load_lazily(spec: str | Path | None = None, *, verify: bool = False):
     mismatch = shape_mismatch(model, checkpoint.files)  # transformers' loader refuses these too (load_model)
     if mismatch:
         raise ModelLoadError(f"cannot load model from {directory}: {mismatch}")
+    mismatch = dtype_mismatch(model, said, checkpoint)
+    if mismatch:
+        raise ModelLoadError(f"cannot load model from {directory}: {mismatch}")
     weights = LazyWeights(model, checkpoint)
     absent = [n for n, group in weights.aliases.items() if not any(a in checkpoint.where for a in group)]
     if absent:
         raise ModelLoadError(f"cannot load model from {directory}: {len(absent)} weights missing from the "
                              f"checkpoint, e.g. {sorted(absent)[0]}")
     return model, tokenizer, info, weights
+
+
+# safetensors' names of the dtypes config.json's torch_dtype may say
+_STORED = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
+
+
+def dtype_mismatch(model: nn.Module, said, checkpoint: Checkpoint) -> str | None:
+    """The first stored tensor whose header's dtype is not ``said`` (config.json's ``torch_dtype``) where the
+    architecture holds a float tensor (a quantized checkpoint's int8 codes, a shard from another export), said
+    with both; None if none, or if config.json names no dtype. transformers' loader casts such a tensor without
+    a word."""
+    said = getattr(torch, said, None) if isinstance(said, str) else said
+    want = _STORED.get(said)
+    if want is None:
+        return None
+    floats = {key for key, t in model.state_dict().items() if t.is_floating_point()}
+    for path, tensors in checkpoint.headers.items():
+        for name, header in sorted(tensors.items()):
+            if name in floats and header.dtype != want:
+                return (f"tensor {name} in {path.name} is {header.dtype}; config.json's dtype says "
+                        f"{str(said).removeprefix('torch.')} ({want})")
+    return None
 
 
 def _directory(spec, how: str, target: str, verify: bool) -> tuple[Path | None, ModelInfo | None]:

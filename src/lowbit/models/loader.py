@@ -234,7 +234,7 @@ def shape_mismatch(model, files: list[Path]) -> str | None:
     from config.json, on the meta device), with both shapes; None if none."""
     expected = {key: tuple(t.shape) for key, t in model.state_dict().items()}
     wrong = [(name, shape, expected[name], f.name) for f in files
-             for name, shape in sorted(check_safetensors(f).items()) if expected.get(name, shape) != shape]
+             for name, (_, shape) in sorted(check_safetensors(f).items()) if expected.get(name, shape) != shape]
     if not wrong:
         return None
     name, found, want, file = wrong[0]
