@@ -129,9 +129,13 @@ def compare(model: nn.Module, tokenizer, info: ModelInfo, plans: list[QuantPlan]
     scored = evaluation.protocol.windows if info.kind == CAUSAL_LM else len(evaluation.texts)
     calibration = Calibration(tokenizer, info.kind, text, window=window, scored=scored, count=calibrate,
                               progress=progress)
-    if any(walks_blocks(p) for p in usable):  # a short text fails now
+    if any(walks_blocks(p) for p in usable):  # a short text fails now, before any row
         calibration.batches(GPTQ_CALIBRATE)
+    if any(p.needs_calibration for p in usable):
+        calibration.batches(DEFAULT_CALIBRATE)
     if weights is not None:
+        if any(p.needs_calibration for p in usable):  # each such row calibrates on its own: nothing shared
+            report["calibration"] = {"windows": calibrate or DEFAULT_CALIBRATE, "seconds": 0.0}
         _compare_streamed(report, evaluation, model, weights, plans, failed, keep, on_result, progress,
                           (tokenizer, info, calibration))
         return report
