@@ -131,13 +131,13 @@ def compare(model: nn.Module, tokenizer, info: ModelInfo, plans: list[QuantPlan]
                               progress=progress)
     if any(walks_blocks(p) for p in usable):  # a short text fails now, before any row
         calibration.batches(GPTQ_CALIBRATE)
-    if any(p.needs_calibration for p in usable):
+    if any(c.needs_importance for p in usable for c in p.configs):
         calibration.batches(DEFAULT_CALIBRATE)
     if weights is not None:
         if any(p.needs_calibration for p in usable):  # each such row calibrates on its own: nothing shared
             report["calibration"] = {"windows": calibrate or DEFAULT_CALIBRATE, "seconds": 0.0}
         _compare_streamed(report, evaluation, model, weights, plans, failed, keep, on_result, progress,
-                          (tokenizer, info, calibration))
+                          tokenizer=tokenizer, info=info, calibration=calibration)
         return report
     shared = [n for p in usable if not changes_model(p) for n in importance_layers(model, p)]
     if shared:
@@ -172,7 +172,8 @@ def compare(model: nn.Module, tokenizer, info: ModelInfo, plans: list[QuantPlan]
 
 def _compare_streamed(report: dict, evaluation: Evaluation, model: nn.Module, weights: LazyWeights,
                       plans: list[QuantPlan], failed: dict[str, str], keep: torch.dtype | None,
-                      on_result: Callable[[dict], None] | None, progress: bool, source: tuple) -> None:
+                      on_result: Callable[[dict], None] | None, progress: bool, *, tokenizer, info: ModelInfo,
+                      calibration: Calibration) -> None:
     """``compare``'s rows for a causal LM built on the meta device: each row reads the model again, block by
     block, rounding each block as it runs (``lowbit.eval.streamed.Rounded``); a plan that calibrates is written
     to a temporary directory first (``_calibrated_row``). The same rows as for the model in memory."""
@@ -189,7 +190,8 @@ def _compare_streamed(report: dict, evaluation: Evaluation, model: nn.Module, we
             continue
         if plan.needs_calibration:
             try:
-                row = _calibrated_row(evaluation, model, weights, plan, keep, *source, progress=progress)
+                row = _calibrated_row(evaluation, model, weights, plan, keep, tokenizer, info, calibration,
+                                      progress=progress)
             except LowbitError as e:
                 row = {"format": plan.label, "error": str(e)}
             _add(report, row, on_result, progress)
@@ -219,7 +221,7 @@ def _calibrated_row(evaluation: Evaluation, model: nn.Module, weights: LazyWeigh
     temporary directory (``io.streamed.quantize_to_directory``, the bytes `lowbit quantize` writes), each layer's
     SQNR measured as it is written against the float weight it was rounded from (still in memory then, as
     ``+awq`` folded it), then loaded and scored a block at a time. Its calibration pass is its own, where the model
-    in memory shares one importance pass among rows (the same numbers: tests/test_evaluate.py)."""
+    in memory shares one importance pass among rows (the same numbers: tests/eval/test_streamed.py)."""
     import tempfile
 
     from .io.streamed import quantize_to_directory

@@ -29,7 +29,8 @@ _CHUNK = 64 << 20  # bytes copied at a time: the memory a shard's writing costs
 _ALIGN = 8  # safetensors' N_LEN: the header is padded to it
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def safetensors_name(dtype: torch.dtype) -> str:
+    """safetensors' name for a torch dtype (a header's ``dtype``); KeyError for one it has none for."""
     import torch
 
     names = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.float8_e5m2: "F8_E5M2",
@@ -77,7 +78,7 @@ class Spill:
         self._file.seek(0, os.SEEK_END)
         offset = self._file.tell()
         self._file.write(memoryview(data))
-        self.entries[name] = Entry(_dtype_name(tensor.dtype), tuple(tensor.shape), offset, data.nbytes)
+        self.entries[name] = Entry(safetensors_name(tensor.dtype), tuple(tensor.shape), offset, data.nbytes)
 
     def write(self, names: list[str], path: Path, metadata: dict[str, str] | None = None) -> None:
         """``names`` as a safetensors file at ``path``."""

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import ModelLoadError
 from ..files.shards import INDEX, SINGLE
+from ..files.spill import safetensors_name
 from . import converted
 from .hashing import files_sha256, model_files
 from .header_checks import check_safetensors
@@ -167,18 +168,17 @@ def load_lazily(spec: str | Path | None = None, *, verify: bool = False):
     return model, tokenizer, info, weights
 
 
-# safetensors' names of the dtypes config.json's torch_dtype may say
-_STORED = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
-
-
 def dtype_mismatch(model: nn.Module, said, checkpoint: Checkpoint) -> str | None:
     """The first stored tensor whose header's dtype is not ``said`` (config.json's ``torch_dtype``) where the
     architecture holds a float tensor (a quantized checkpoint's int8 codes, a shard from another export), said
     with both; None if none, or if config.json names no dtype. transformers' loader casts such a tensor without
     a word."""
     said = getattr(torch, said, None) if isinstance(said, str) else said
-    want = _STORED.get(said)
-    if want is None:
+    if not isinstance(said, torch.dtype) or not said.is_floating_point:
+        return None
+    try:
+        want = safetensors_name(said)
+    except KeyError:  # one safetensors has no name for here (float8_e4m3fnuz): nothing to compare with
         return None
     floats = {key for key, t in model.state_dict().items() if t.is_floating_point()}
     for path, tensors in checkpoint.headers.items():
