@@ -12,12 +12,13 @@ numbers as the packed path, which tests prove.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.metadata
 import platform
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
 import torch
@@ -25,6 +26,7 @@ from torch import nn
 
 from . import __version__
 from .calibration.importance import DEFAULT_CALIBRATE
+from .cluster.pool import SERIAL, Pool
 from .errors import InputError, LowbitError, ModelLoadError
 from .eval.blockwise import Dequantized, Onloaded, Resident
 from .eval.causal import score_causal
@@ -90,7 +92,8 @@ class Evaluation:
 def compare(model: nn.Module, tokenizer, info: ModelInfo, plans: list[QuantPlan], *, text=None,
             window: int = DEFAULT_WINDOW, windows: int | None = None, keep_dtype: torch.dtype | None = None,
             progress: bool = True, on_result: Callable[[dict], None] | None = None,
-            calibrate: int | None = None, weights: LazyWeights | None = None) -> dict:
+            calibrate: int | None = None, weights: LazyWeights | None = None, pool: Pool = SERIAL,
+            spec: str | None = None) -> dict:
     """Quantize a copy of ``model`` as each plan says (``workflows.run``) and score it; returns the JSON report.
 
     A plan the model cannot hold (a layer shape, a value out of range) becomes a row with
@@ -104,105 +107,168 @@ def compare(model: nn.Module, tokenizer, info: ModelInfo, plans: list[QuantPlan]
     ``weights``: ``model`` was built on the meta device (``lowbit.models.lazy.load_lazily``); a causal LM is then
     read, quantized and scored one block at a time (``lowbit.eval.streamed``: plans without calibration only), the
     same rows in the memory of one block; an encoder is read in whole first.
+    ``pool``: a Ray pool (``lowbit.cluster.pool``) computes each row as a task, the model loaded there again from
+    ``spec`` (``load_lazily``'s) and the reference, computed here first, read from the cache; the same rows.
     """
-    if weights is not None and info.kind != CAUSAL_LM:  # the encoder protocol runs the model whole
-        weights.onload(model)
-        weights = None
-    failed = {}
-    for plan in plans:
-        try:
-            check_plan(model, plan)  # a layout the model cannot hold fails now, before any scoring
-        except LowbitError as e:
-            failed[plan.label] = str(e)
-    if len(failed) == len(plans):
-        raise InputError(next(iter(failed.values())) if len(failed) == 1 else
-                         f"no format can be applied to this model: {'; '.join(failed.values())}")
-    usable = [p for p in plans if p.label not in failed]
-    evaluation = Evaluation(info, tokenizer, (lambda: model) if weights is None else (lambda: Onloaded(model, weights)),
-                            text=text, window=window, windows=windows, **model_limits(model), progress=progress)
-    # a model on the meta device is float32 (load_lazily): what it will hold once read is its reference's bytes
-    reference = reference_weight_bytes(model) if weights is None else model_weight_bytes(model, meta=True)
-    report = _report(info, evaluation, reference, [])
-    keep = keep_dtype if keep_dtype not in (None, torch.float32) else None
-    if keep is not None:
-        report["keep_dtype"] = dtype_name(keep)
-    scored = evaluation.protocol.windows if info.kind == CAUSAL_LM else len(evaluation.texts)
-    calibration = Calibration(tokenizer, info.kind, text, window=window, scored=scored, count=calibrate,
-                              progress=progress)
-    if any(walks_blocks(p) for p in usable):  # a short text fails now, before any row
-        calibration.batches(GPTQ_CALIBRATE)
-    if any(c.needs_importance for p in usable for c in p.configs):
-        calibration.batches(DEFAULT_CALIBRATE)
-    if weights is not None:
-        if any(p.needs_calibration for p in usable):  # each such row calibrates on its own: nothing shared
-            report["calibration"] = {"windows": calibrate or DEFAULT_CALIBRATE, "seconds": 0.0}
-        _compare_streamed(report, evaluation, model, weights, plans, failed, keep, on_result, progress,
-                          tokenizer=tokenizer, info=info, calibration=calibration)
-        return report
-    shared = [n for p in usable if not changes_model(p) for n in importance_layers(model, p)]
-    if shared:
-        calibration.shared_importance(model, list(dict.fromkeys(shared)))
-        report["calibration"] = {"windows": calibrate or DEFAULT_CALIBRATE, "seconds": calibration.seconds}
-    if keep is not None:
-        kept = copy.deepcopy(model)
-        saved = round_state(kept, keep)
-        _add(report, _score(evaluation, kept, f"keep {dtype_name(keep)}", False, 32.0, 0.0, saved), on_result, progress)
-        del kept
-    for plan in plans:
-        if plan.label in failed:
-            _add(report, {"format": plan.label, "error": failed[plan.label]}, on_result, progress)
-            continue
+    rows = _Rows.prepare(model, tokenizer, info, plans, text=text, window=window, windows=windows,
+                         keep_dtype=keep_dtype, calibrate=calibrate, weights=weights, progress=progress)
+    report = rows.report
+    labels: list[QuantPlan | None] = ([None] if rows.keep is not None else []) + list(plans)  # None: the keep row
+    if pool.distributed:
+        job = RowJob(spec, text, window, windows, keep_dtype, calibrate, info.file_hash)
+        results = pool.map(_row_task, ((plan,) for plan in labels), shared=(job,))
+    else:
+        results = map(rows.row, labels)
+    for row in results:
+        _add(report, row, on_result, progress)
+    return report
+
+
+@dataclass(frozen=True)
+class RowJob:
+    """What a worker needs to compute ``compare``'s rows: the model (``load_lazily(spec)``, which must be the
+    files the driver read: ``file_hash``) and the arguments that decide a row."""
+
+    spec: str | None
+    text: str | None
+    window: int
+    windows: int | None
+    keep_dtype: torch.dtype | None
+    calibrate: int | None
+    file_hash: str
+
+
+def _row_task(job: RowJob, plan: QuantPlan | None) -> dict:
+    """One row of ``compare`` as a unit of work (``lowbit.cluster.pool``)."""
+    return _worker_rows(job).row(plan)
+
+
+@functools.lru_cache(maxsize=1)
+def _worker_rows(job: RowJob) -> _Rows:
+    """The rows of ``job`` as a worker computes them: the model loaded once per worker process."""
+    model, tokenizer, info, weights = load_lazily(job.spec)
+    if info.file_hash != job.file_hash:
+        raise ModelLoadError(f"the model at {info.source} on this node is not the one the run started with (sha256 "
+                             "differs): every node must read the same files")
+    return _Rows.prepare(model, tokenizer, info, [], text=job.text, window=job.window, windows=job.windows,
+                         keep_dtype=job.keep_dtype, calibrate=job.calibrate, weights=weights, progress=False)
+
+
+@dataclass
+class _Rows:
+    """``compare``'s rows of one model: ``row(plan)`` quantizes and scores one (None: the ``keep`` row)."""
+
+    report: dict
+    evaluation: Evaluation
+    model: nn.Module
+    weights: LazyWeights | None
+    keep: torch.dtype | None
+    calibration: Calibration
+    failed: dict[str, str]
+    progress: bool
+
+    @classmethod
+    def prepare(cls, model: nn.Module, tokenizer, info: ModelInfo, plans: list[QuantPlan], *, text, window: int,
+                windows: int | None, keep_dtype: torch.dtype | None, calibrate: int | None,
+                weights: LazyWeights | None, progress: bool) -> _Rows:
+        """The reference, the plans checked against the model, the calibration inputs (and the shared importance
+        of a model in memory) and the report's head: everything before the first row."""
+        if weights is not None and info.kind != CAUSAL_LM:  # the encoder protocol runs the model whole
+            weights.onload(model)
+            weights = None
+        failed = {}
+        for plan in plans:
+            try:
+                check_plan(model, plan)  # a layout the model cannot hold fails now, before any scoring
+            except LowbitError as e:
+                failed[plan.label] = str(e)
+        if plans and len(failed) == len(plans):
+            raise InputError(next(iter(failed.values())) if len(failed) == 1 else
+                             f"no format can be applied to this model: {'; '.join(failed.values())}")
+        usable = [p for p in plans if p.label not in failed]
+        evaluation = Evaluation(info, tokenizer,
+                                (lambda: model) if weights is None else (lambda: Onloaded(model, weights)),
+                                text=text, window=window, windows=windows, **model_limits(model), progress=progress)
+        # a model on the meta device is float32 (load_lazily): what it will hold once read is its reference's bytes
+        reference = reference_weight_bytes(model) if weights is None else model_weight_bytes(model, meta=True)
+        report = _report(info, evaluation, reference, [])
+        keep = keep_dtype if keep_dtype not in (None, torch.float32) else None
+        if keep is not None:
+            report["keep_dtype"] = dtype_name(keep)
+        scored = evaluation.protocol.windows if info.kind == CAUSAL_LM else len(evaluation.texts)
+        calibration = Calibration(tokenizer, info.kind, text, window=window, scored=scored, count=calibrate,
+                                  progress=progress)
+        if any(walks_blocks(p) for p in usable):  # a short text fails now, before any row
+            calibration.batches(GPTQ_CALIBRATE)
+        if any(c.needs_importance for p in usable for c in p.configs):
+            calibration.batches(DEFAULT_CALIBRATE)
+        if weights is not None:
+            if any(p.needs_calibration for p in usable):  # each such row calibrates on its own: nothing shared
+                report["calibration"] = {"windows": calibrate or DEFAULT_CALIBRATE, "seconds": 0.0}
+        else:
+            shared = [n for p in usable if not changes_model(p) for n in importance_layers(model, p)]
+            if shared:
+                calibration.shared_importance(model, list(dict.fromkeys(shared)))
+                report["calibration"] = {"windows": calibrate or DEFAULT_CALIBRATE, "seconds": calibration.seconds}
+        return cls(report, evaluation, model, weights, keep, calibration, failed, progress)
+
+    def row(self, plan: QuantPlan | None) -> dict:
+        """The row of ``plan`` (None: the ``keep`` row), an ``error`` row where the plan cannot be applied."""
+        if plan is not None and plan.label not in self.failed:
+            try:
+                check_plan(self.model, plan)  # a worker checks what the driver checked
+            except LowbitError as e:
+                self.failed[plan.label] = str(e)
+        if plan is not None and plan.label in self.failed:
+            return {"format": plan.label, "error": self.failed[plan.label]}
+        if self.weights is not None:
+            return self._streamed_row(plan)
+        return self._resident_row(plan)
+
+    def _resident_row(self, plan: QuantPlan | None) -> dict:
+        """A row of a model in memory: a copy quantized whole (``workflows.run``), then scored."""
+        model, keep, evaluation = self.model, self.keep, self.evaluation
+        if plan is None:
+            kept = copy.deepcopy(model)
+            saved = round_state(kept, keep)
+            return _score(evaluation, kept, f"keep {dtype_name(keep)}", False, 32.0, 0.0, saved)
         quantized = copy.deepcopy(model)
         rounded_from = float_weights(quantized)  # +awq's fold scales these tensors in place
         try:
-            qreport = run(quantized, plan, calibration, progress=progress, shared=True)
+            qreport = run(quantized, plan, self.calibration, progress=self.progress, shared=True)
         except LowbitError as e:  # e.g. a value the format cannot hold (LayerQuantizeError names the layer)
-            _add(report, {"format": plan.label, "error": str(e)}, on_result, progress)
-            continue
+            return {"format": plan.label, "error": str(e)}
         sqnr = layer_sqnr(quantized, rounded_from)
         del rounded_from  # the float weights the layers replaced: freed before scoring materializes fp32 copies
         saved = round_state(quantized, keep) if keep is not None else 0
         double_quant = any(c.double_quant for c in plan.configs)
         row = _score(evaluation, quantized, plan.label, double_quant, qreport.bits_per_weight, qreport.seconds, saved,
                      layers=(qreport.format_counts, dict(qreport.fallbacks)))
-        _add(report, row | {"layer_sqnr": sqnr}, on_result, progress)
-        del quantized
-    return report
+        return row | {"layer_sqnr": sqnr}
 
-
-def _compare_streamed(report: dict, evaluation: Evaluation, model: nn.Module, weights: LazyWeights,
-                      plans: list[QuantPlan], failed: dict[str, str], keep: torch.dtype | None,
-                      on_result: Callable[[dict], None] | None, progress: bool, *, tokenizer, info: ModelInfo,
-                      calibration: Calibration) -> None:
-    """``compare``'s rows for a causal LM built on the meta device: each row reads the model again, block by
-    block, rounding each block as it runs (``lowbit.eval.streamed.Rounded``); a plan that calibrates is written
-    to a temporary directory first (``_calibrated_row``). The same rows as for the model in memory."""
-    if keep is not None:
-        label = f"keep {dtype_name(keep)}"
-        stored = model_weight_bytes(model, meta=True) - rounding_saves(model, keep, set())
-        row = _facts(label, None, False, 32.0, stored, 0, 0.0)
-        start = time.perf_counter()
-        row |= evaluation.score(Onloaded(model, weights, keep), label=f"scoring {label}")
-        _add(report, row | {"eval_seconds": time.perf_counter() - start}, on_result, progress)
-    for plan in plans:
-        if plan.label in failed:
-            _add(report, {"format": plan.label, "error": failed[plan.label]}, on_result, progress)
-            continue
+    def _streamed_row(self, plan: QuantPlan | None) -> dict:
+        """A row of a causal LM built on the meta device: the model read again, block by block, rounding each block
+        as it runs (``lowbit.eval.streamed.Rounded``); a plan that calibrates is written to a temporary directory
+        first (``_calibrated_row``). The same row as for the model in memory."""
+        model, weights, keep, evaluation = self.model, self.weights, self.keep, self.evaluation
+        if plan is None:
+            label = f"keep {dtype_name(keep)}"
+            stored = model_weight_bytes(model, meta=True) - rounding_saves(model, keep, set())
+            row = _facts(label, None, False, 32.0, stored, 0, 0.0)
+            start = time.perf_counter()
+            row |= evaluation.score(Onloaded(model, weights, keep), label=f"scoring {label}")
+            return row | {"eval_seconds": time.perf_counter() - start}
         if plan.needs_calibration:
             try:
-                row = _calibrated_row(evaluation, model, weights, plan, keep, tokenizer, info, calibration,
-                                      progress=progress)
+                return _calibrated_row(evaluation, model, weights, plan, keep, self.calibration, progress=self.progress)
             except LowbitError as e:
-                row = {"format": plan.label, "error": str(e)}
-            _add(report, row, on_result, progress)
-            continue
+                return {"format": plan.label, "error": str(e)}
         rounded = Rounded(model, weights, plan, keep)
         start = time.perf_counter()
         try:
             scores = evaluation.score(rounded, label=f"rounding and scoring {plan.label}")
         except LowbitError as e:  # e.g. a value the format cannot hold (LayerQuantizeError names the layer)
-            _add(report, {"format": plan.label, "error": str(e)}, on_result, progress)
-            continue
+            return {"format": plan.label, "error": str(e)}
         seconds = time.perf_counter() - start
         qreport = rounded.report()
         row = _facts(plan.label, rounded.block_size, any(c.double_quant for c in plan.configs),
@@ -211,12 +277,11 @@ def _compare_streamed(report: dict, evaluation: Evaluation, model: nn.Module, we
         row |= scores | {"eval_seconds": seconds - qreport.seconds}
         if rounded.float_path_share is not None:
             row["float_path_share"] = rounded.float_path_share
-        _add(report, row | {"layer_sqnr": rounded.layer_sqnr}, on_result, progress)
+        return row | {"layer_sqnr": rounded.layer_sqnr}
 
 
 def _calibrated_row(evaluation: Evaluation, model: nn.Module, weights: LazyWeights, plan: QuantPlan,
-                    keep: torch.dtype | None, tokenizer, info: ModelInfo, calibration: Calibration, *,
-                    progress: bool) -> dict:
+                    keep: torch.dtype | None, calibration: Calibration, *, progress: bool) -> dict:
     """The row of a plan that calibrates, for a model built on the meta device: quantized block by block into a
     temporary directory (``io.streamed.quantize_to_directory``, the bytes `lowbit quantize` writes), each layer's
     SQNR measured as it is written against the float weight it was rounded from (still in memory then, as
@@ -237,9 +302,9 @@ def _calibrated_row(evaluation: Evaluation, model: nn.Module, weights: LazyWeigh
     with tempfile.TemporaryDirectory(prefix="lowbit-compare-") as tmp:
         out = f"{tmp}/{plan.label.replace('/', '_')}"
         try:
-            qreport = quantize_to_directory(model, weights, tokenizer, info, plan, out, progress=progress,
-                                            keep_dtype=keep or torch.float32, calibration=calibration,
-                                            on_layer=measure)
+            qreport = quantize_to_directory(model, weights, evaluation.tokenizer, evaluation.info, plan, out,
+                                            progress=progress, keep_dtype=keep or torch.float32,
+                                            calibration=calibration, on_layer=measure)
         finally:  # the pass leaves what lies outside the blocks, and +awq's folded norms, in memory
             Onloaded(model, weights).put_back()
         quantized, _, meta = load_quantized(out)

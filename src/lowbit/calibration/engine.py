@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..cluster.pool import SERIAL, Pool
 from ..errors import InputError
 from ..files.partial import ProducerState
 from ..progress import progress_bar
@@ -128,12 +129,14 @@ class Block:
 
 class BlockPass:
     """``model`` on ``batches`` (input-id tensors, or mappings of forward keyword arguments such as an encoder's
-    ``attention_mask``), block by block. The first block's inputs are caught when it is made."""
+    ``attention_mask``), block by block. The first block's inputs are caught when it is made. ``pool``: where the
+    consumers run the independent work of one block's layers (``lowbit.cluster.pool``: GPTQ layer by layer)."""
 
-    def __init__(self, model: nn.Module, batches: Sequence, *, weights: LazyWeights | None = None):
+    def __init__(self, model: nn.Module, batches: Sequence, *, weights: LazyWeights | None = None,
+                 pool: Pool = SERIAL):
         if len(batches) == 0:
             raise InputError("no calibration inputs given")
-        self.model, self.weights = model, weights
+        self.model, self.weights, self.pool = model, weights, pool
         device = torch.device("cpu") if weights is not None else \
             next((p.device for p in model.parameters()), torch.device("cpu"))
         self.batches = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
@@ -312,7 +315,7 @@ def serve(model: nn.Module, batches: Sequence, consumers: Sequence[Consumer], *,
           label: str = "calibrating", weights: LazyWeights | None = None,
           after_block: Callable[[Block], None] | None = None,
           keep: Collection[str] = (), at_boundary: Callable[[ProducerState], None] | None = None,
-          resumed: ProducerState | None = None) -> BlockPass:
+          resumed: ProducerState | None = None, pool: Pool = SERIAL) -> BlockPass:
     """One block-by-block pass of ``model`` on ``batches`` serving every consumer, in their order at each block
     (a consumer that changes a block, such as AWQ's fold, comes before those that read the changed block). The
     model runs in eval mode and is left in the mode it was in; everything runs in inference mode (the consumers
@@ -326,20 +329,21 @@ def serve(model: nn.Module, batches: Sequence, consumers: Sequence[Consumer], *,
 
     ``at_boundary(state)``: called after each block is released with what going on from there needs
     (``BlockPass.carried``; its tensors are not changed after); ``resumed``: such a state, restored before the walk,
-    which then starts at the block after it (the blocks before are neither read nor run)."""
+    which then starts at the block after it (the blocks before are neither read nor run). ``pool``: the
+    ``BlockPass``'s, for the consumers' per-layer work."""
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
             return _serve(model, batches, consumers, progress=progress, label=label, weights=weights,
-                          after_block=after_block, keep=keep, at_boundary=at_boundary, resumed=resumed)
+                          after_block=after_block, keep=keep, at_boundary=at_boundary, resumed=resumed, pool=pool)
     finally:
         model.train(was_training)
 
 
 def _serve(model, batches, consumers, *, progress, label, weights, after_block, keep, at_boundary,
-           resumed) -> BlockPass:
-    engine = BlockPass(model, batches, weights=weights)
+           resumed, pool) -> BlockPass:
+    engine = BlockPass(model, batches, weights=weights, pool=pool)
     start = 0 if resumed is None else restore(engine, consumers, resumed)
     modules = dict(model.named_modules())
     where = engine.block_of({n for c in consumers for n in c.layers})

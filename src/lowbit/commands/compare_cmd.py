@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..cluster.session import add_ray_arg, pool
 from ..errors import InputError
 from ..evaluate import DEFAULT_FORMATS, compare
 from ..files.atomic import write_json
@@ -44,6 +45,7 @@ def add_parser(sub) -> None:
                    help="also write a self-contained HTML report: the table, figures, protocol, model sha256, "
                         "library versions and date")
     add_peers_arg(p)
+    add_ray_arg(p)
     p.set_defaults(run=run)
 
 
@@ -68,8 +70,10 @@ def run(args) -> int:
         keep = source_dtype(info.source)
     # each finished row is saved at once: an interrupted run keeps what it measured
     save = (lambda report: write_json(args.json, report)) if args.json else None
-    report = compare(model, tokenizer, info, plans, text=args.text, window=args.window, windows=args.windows,
-                     keep_dtype=keep, on_result=save, calibrate=args.calibrate, weights=weights)
+    with pool(args.ray) as workers:  # one row a task on a cluster
+        report = compare(model, tokenizer, info, plans, text=args.text, window=args.window, windows=args.windows,
+                         keep_dtype=keep, on_result=save, calibrate=args.calibrate, weights=weights, pool=workers,
+                         spec=args.model)
     con.print(compare_table(report, width=con.width))
     for line in layer_notes(report):
         con.print(line)

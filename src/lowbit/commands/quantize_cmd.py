@@ -8,6 +8,7 @@ from contextlib import suppress
 
 from .. import limits as L
 from ..calibration.importance import calibration_batches
+from ..cluster.session import add_ray_arg, pool
 from ..errors import InputError, LowbitError
 from ..eval.blockwise import Dequantized, Onloaded
 from ..eval.protocol import DEFAULT_WINDOW, DEFAULT_WINDOWS, scored_count
@@ -95,6 +96,7 @@ def add_parser(sub) -> None:
     p.add_argument("--shard-size", metavar="SIZE",
                    help=f"largest safetensors file, bytes or with KB/MB/GB (default {SHARD_BYTES} bytes, 1 GiB); a "
                         "resumed run goes on from the last finished one")
+    add_ray_arg(p)
     p.set_defaults(run=run)
 
 
@@ -145,14 +147,16 @@ def run(args) -> int:
         raise InputError("--strict checks a --plan's rules; there is no --plan")
     calibration = calibration_of(args, tokenizer, info) if plan.needs_calibration else None
     if weights is None:
-        report = workflow.run(model, plan, calibration)
+        with pool(args.ray) as workers:
+            report = workflow.run(model, plan, calibration, pool=workers)
         save_quantized(model, tokenizer, info, report, plan, args.output, overwrite=args.overwrite, keep_dtype=keep,
                        shard_bytes=shard_bytes)
     else:  # read, rounded and written tensor by tensor
         try:
-            report = quantize_to_directory(model, weights, tokenizer, info, plan, args.output,
-                                           overwrite=args.overwrite, resume=args.resume, keep_dtype=keep,
-                                           shard_bytes=shard_bytes, calibration=calibration)
+            with pool(args.ray) as workers:
+                report = quantize_to_directory(model, weights, tokenizer, info, plan, args.output,
+                                               overwrite=args.overwrite, resume=args.resume, keep_dtype=keep,
+                                               shard_bytes=shard_bytes, calibration=calibration, pool=workers)
         except BaseException as e:
             kept = False
             with suppress(LowbitError, OSError):  # a note on the way out: nothing may hide the error itself

@@ -25,6 +25,7 @@ import torch
 from .. import __version__
 from ..cachedir import CacheSpaceError, check_space, free_disk
 from ..calibration.carry import put_parameters
+from ..cluster.pool import SERIAL, Pool
 from ..errors import InputError
 from ..files.partial import Partial, ProducerState
 from ..files.shards import SHARD_BYTES, ShardWriter
@@ -50,7 +51,8 @@ def quantize_to_directory(model, weights: LazyWeights, tokenizer, info: ModelInf
                           overwrite=False, resume=False, keep_dtype: torch.dtype = torch.float32,
                           shard_bytes: int = SHARD_BYTES, progress: bool = True,
                           calibration: Calibration | None = None,
-                          on_layer: Callable[[str, QuantLinear], None] | None = None) -> QuantizeReport:
+                          on_layer: Callable[[str, QuantLinear], None] | None = None,
+                          pool: Pool = SERIAL) -> QuantizeReport:
     """Quantize a model built on the meta device (``lowbit.models.lazy.load_lazily``) as ``plan`` says and write
     it to ``directory`` as ``save_quantized`` would, tensor by tensor: each layer's weight is read, rounded and
     handed to the shard writer, then each other tensor, so memory holds one float weight and one shard, never the
@@ -62,7 +64,9 @@ def quantize_to_directory(model, weights: LazyWeights, tokenizer, info: ModelInf
     (``lowbit.workflows.run.streamed``), and each block's layers are written once it is done, so memory holds one
     block (tests/workflows/test_streamed_run.py). ``resume`` goes on from the end of the last block whose layers
     are all in finished shards; the calibration settings must be the same too. ``on_layer(name, layer)``: each
-    quantized layer as it is written (a calibrated plan's block is still in memory then)."""
+    quantized layer as it is written (a calibrated plan's block is still in memory then). ``pool``: where the
+    layers are rounded, and one block's layers worked on (``lowbit.cluster.pool``); the driver writes every byte,
+    in the same order, so the files are the same."""
     out = check_output(directory, overwrite=overwrite, source=local_source(info.source))
     if plan.needs_calibration and calibration is None:
         raise InputError(f"{plan.label} needs calibration inputs: pass calibration=")
@@ -74,7 +78,7 @@ def quantize_to_directory(model, weights: LazyWeights, tokenizer, info: ModelInf
         try:
             report = _write(model, weights, tokenizer, info, plan, directory, partial, overwrite=overwrite,
                             keep_dtype=keep_dtype, shard_bytes=shard_bytes, progress=progress,
-                            calibration=calibration, on_layer=on_layer)
+                            calibration=calibration, on_layer=on_layer, pool=pool)
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
@@ -99,7 +103,7 @@ def resume_settings(info: ModelInfo, plan: QuantPlan, keep_dtype: torch.dtype, s
 
 def _write(model, weights: LazyWeights, tokenizer, info: ModelInfo, plan: QuantPlan, directory, partial: Partial, *,
            overwrite: bool, keep_dtype: torch.dtype, shard_bytes: int, progress: bool,
-           calibration: Calibration | None, on_layer: Callable | None) -> QuantizeReport:
+           calibration: Calibration | None, on_layer: Callable | None, pool: Pool) -> QuantizeReport:
     """The layers rounded a few at a time (``quantize_model(only=)``), their parts and then every other tensor
     handed to the writer, a boundary after each tensor (a shard ends where an uninterrupted run ends it). The
     state at a boundary is what lowbit.json will say of the layers rounded before it: ``{"parts": [{"layers":
@@ -148,16 +152,18 @@ def _write(model, weights: LazyWeights, tokenizer, info: ModelInfo, plan: QuantP
                 resumed = Boundary(ProducerState(state.tensors, walked["engine"]),
                                    tuple(_report(r) for r in walked["reports"]), walked["seconds"])
             rounded = run(model, plan, calibration, progress=progress, source=weights, sink=write_layer,
-                          resumed=resumed, at_boundary=at_block)
+                          resumed=resumed, at_boundary=at_block, pool=pool)
             packed = {f"{name}.weight" for name in rounded.layers}
             held = {n: p.detach() for n, p in model.named_parameters() if not p.is_meta and n not in packed}
             state = ProducerState(held, {"parts": [{"layers": dict(entries), "report": asdict(rounded)}]})
             writer.boundary(state)
             todo = []
         with progress_bar(len(todo), f"quantizing to {what}", enabled=progress) as advance:
-            for start in range(0, len(todo), _LAYERS_A_CALL):
-                only = todo[start:start + _LAYERS_A_CALL]
-                rounded = quantize_model(model, plan, progress=False, source=weights, sink=write_layer, only=only)
+            step = max(_LAYERS_A_CALL, pool.in_flight)  # on a cluster, every task slot busy
+            for start in range(0, len(todo), step):
+                only = todo[start:start + step]
+                rounded = quantize_model(model, plan, progress=False, source=weights, sink=write_layer, only=only,
+                                         pool=pool)
                 part = {"layers": dict(entries), "report": asdict(rounded)}
                 state = ProducerState(info={"parts": [*state.info["parts"], part]})
                 writer.boundary(state)

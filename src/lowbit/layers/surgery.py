@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
+from ..cluster.pool import SERIAL, Pool
 from ..errors import InputError, LayerQuantizeError, LowbitError
 from ..planning.config import QuantConfig
 from ..planning.plan import QuantPlan
@@ -85,7 +86,7 @@ def quantize_model(model: nn.Module, plan: QuantPlan, *, progress: bool = True,
                    importance: dict[str, torch.Tensor] | None = None,
                    prequantized: dict[str, QuantizedTensor] | None = None, source=None,
                    sink: Sink | None = None,
-                   only: Collection[str] | None = None) -> QuantizeReport:
+                   only: Collection[str] | None = None, pool: Pool = SERIAL) -> QuantizeReport:
     """Replace the ``nn.Linear`` layers ``plan`` selects by ``QuantLinear``, in place.
 
     ``plan``: per-layer rules (``lowbit.planning.plan``); one format for all is ``QuantPlan.uniform("nf4")``.
@@ -101,7 +102,8 @@ def quantize_model(model: nn.Module, plan: QuantPlan, *, progress: bool = True,
     layer, config, fallen_back_from)``: each quantized layer is handed over (to be written) instead of swapped in,
     and nothing of the model changes; the report counts the model as if it had been swapped. ``only``: the
     layers (by first name) to quantize in this call, the others left as they are and not counted in the report
-    (a model quantized block by block: ``QuantizeReport.combine`` joins the parts).
+    (a model quantized block by block: ``QuantizeReport.combine`` joins the parts). ``pool``: where each layer
+    is rounded (``lowbit.cluster.pool``: here, or a Ray task that reads a meta weight from ``source`` itself).
     """
     if not isinstance(plan, QuantPlan):
         raise InputError(f"quantize_model takes a QuantPlan, got {type(plan).__name__}: for one format on every "
@@ -133,17 +135,17 @@ def quantize_model(model: nn.Module, plan: QuantPlan, *, progress: bool = True,
     uniform = plan.uniform_config
     what = uniform.format_name if uniform is not None else plan.label
     layer_numel = layer_before = layer_after = 0
+    units = ((names[0], None if linear.weight.is_meta else linear.weight.detach(), c,
+              next((importance[n] for n in names if n in (importance or {})), None) if c.needs_calibration else None)
+             for names, linear, c, _ in targets if names[0] not in (prequantized or {}))
+    rounded = pool.map(_rounded, units, shared=(source,))
     with progress_bar(len(targets), f"quantizing to {what}", enabled=progress) as advance:
         for names, linear, layer_config, wanted in targets:
-            weights = next((importance[n] for n in names if n in (importance or {})), None)
             if names[0] in (prequantized or {}):
                 qweight = prequantized[names[0]]
                 signs = layer_config.layer_signs(names[0], linear.in_features)
             else:
-                weight = source.read(f"{names[0]}.weight") if linear.weight.is_meta else linear.weight
-                qweight, signs = rounded_layer(names[0], weight, layer_config,
-                                               weights if layer_config.needs_calibration else None)
-                del weight
+                qweight, signs = next(rounded)
             qlinear = layer_module(names[0], linear, qweight, signs, layer_config)
             layer_numel += qlinear.qweight.numel
             layer_before += qlinear.qweight.numel * qlinear.qweight.dtype.itemsize
@@ -182,6 +184,13 @@ def quantize_model(model: nn.Module, plan: QuantPlan, *, progress: bool = True,
         layer_configs=tuple((names[0], c.label) for names, _, c, _ in targets),
         fallbacks=tuple((names[0], wanted) for names, _, _, wanted in targets if wanted),
     )
+
+
+def _rounded(source, name: str, weight: torch.Tensor | None, config: QuantConfig, importance: torch.Tensor | None):
+    """``rounded_layer`` of one unit of ``quantize_model``: a weight on the meta device (None) read from
+    ``source`` first, where the unit runs."""
+    weight = source.read(f"{name}.weight") if weight is None else weight
+    return rounded_layer(name, weight, config, importance)
 
 
 def layer_module(name: str, linear: nn.Linear, qweight: QuantizedTensor, signs: torch.Tensor | None,

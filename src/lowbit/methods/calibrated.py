@@ -21,6 +21,7 @@ from torch import nn
 
 from ..calibration.engine import serve
 from ..calibration.importance import Importance, collect_importance
+from ..cluster.pool import SERIAL, Pool
 from ..errors import InputError
 from ..layers.surgery import plan_layers, rounded_layer
 from ..pipeline import needs_calibration
@@ -59,7 +60,7 @@ def calibrate_methods(model: nn.Module, plan: QuantPlan, batches: Sequence, *, i
                       weights: LazyWeights | None = None,
                       on_block: Callable[[list[str], Calibrated], None] | None = None,
                       at_boundary: Callable[[ProducerState], None] | None = None,
-                      resumed: ProducerState | None = None) -> Calibrated:
+                      resumed: ProducerState | None = None, pool: Pool = SERIAL) -> Calibrated:
     """Every method of ``plan`` that calibrates (changing ``model`` in place where one does), and the importance
     of ``importance_layers``, in one pass of ``model`` on ``batches``. ``importance_batches``: the importance's
     own inputs (default ``batches``); served in the same pass when they are the first of ``batches`` (a causal
@@ -70,7 +71,8 @@ def calibrate_methods(model: nn.Module, plan: QuantPlan, batches: Sequence, *, i
     for them (the made weights are no longer kept here), while the block's weights are read in, so that they are
     rounded and written before the next block is read; the result then holds what no block took. Together they
     need the importance served in the pass. ``at_boundary`` and ``resumed``: the pass continued from a block's
-    end (``lowbit.calibration.engine.serve``; the consumers are the same, in the same order, for the same plan)."""
+    end (``lowbit.calibration.engine.serve``; the consumers are the same, in the same order, for the same plan).
+    ``pool``: where one block's layers are worked on (``lowbit.cluster.pool``)."""
     parts = [(m, c) for m, layers in method_layers(model, plan).items()
              if (c := m.consumer(model, plan, layers)) is not None]
     importance_batches = batches if importance_batches is None else importance_batches
@@ -97,7 +99,7 @@ def calibrate_methods(model: nn.Module, plan: QuantPlan, batches: Sequence, *, i
         label = f"calibrating ({', '.join(what for what, _ in consumers)})" if consumers else "quantizing"
         serve(model, batches, [c for _, c in consumers], progress=progress, label=label, weights=weights,
               after_block=after_block if on_block is not None else None, keep=_kept(model, plan, targets),
-              at_boundary=at_boundary, resumed=resumed)
+              at_boundary=at_boundary, resumed=resumed, pool=pool)
     out = Calibrated()
     for _, consumer in consumers:
         consumer.finish(progress=progress)

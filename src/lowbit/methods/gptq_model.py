@@ -65,8 +65,13 @@ class GPTQWeights(Consumer):
         saved = {}
         if mine:
             found, _ = block.statistics(self._stream, mine, [HESSIAN], outputs=False)
-            for name in mine:  # every Hessian was collected before any layer changed
-                self._quantize(name, found[HESSIAN])  # each Hessian freed once used (1.6 GB at 14336 in fp64)
+            hessians = found[HESSIAN]  # every Hessian was collected before any layer changed
+            # layer by layer here, or all at once on a cluster; each Hessian given away with its unit and freed once
+            # used (1.6 GB at 14336 in fp64)
+            units = ((name, self.targets[name][0].weight.detach(), hessians.pop(name), self.targets[name][1])
+                     for name in mine)
+            for name, result in zip(mine, engine.pool.map(_gptq_unit, units, shared=(self.act_order,)), strict=True):
+                self.results[name] = result
             for name, linear in mine.items():  # after the last GPTQ, so no float copy is alive during one
                 config = self.targets[name][1]
                 saved[name] = linear.weight.data  # the weight the layer now computes with, in its input's basis
@@ -91,6 +96,12 @@ class GPTQWeights(Consumer):
 
     def restore(self, engine: BlockPass, tensors, info: dict) -> None:
         self._stream = resumed_stream(engine, tensors, info["stream"])
+
+
+def _gptq_unit(act_order: bool, name: str, weight: torch.Tensor, hessian: torch.Tensor,
+               config: QuantConfig) -> GPTQResult:
+    """One layer of a block as a unit of work (``BlockPass.pool``): its Hessian is the unit's own."""
+    return gptq_layer(name, weight, hessian, config, act_order=act_order, consume=True)
 
 
 def gptq_layer(name: str, weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig, *,

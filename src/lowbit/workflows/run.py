@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..calibration.importance import DEFAULT_CALIBRATE, calibration_batches, collect_importance
+from ..cluster.pool import SERIAL, Pool
 from ..errors import InputError
 from ..eval.protocol import DEFAULT_TEXT, DEFAULT_WINDOW
 from ..layers.surgery import QuantizeReport, Sink, plan_layers, quantize_model
@@ -134,7 +135,8 @@ def walks_blocks(plan: QuantPlan) -> bool:
 
 def run(model: nn.Module, plan: QuantPlan, calibration: Calibration | None = None, *, progress: bool = True,
         shared: bool = False, source: LazyWeights | None = None, sink: Sink | None = None,
-        resumed: Boundary | None = None, at_boundary: Callable[[Boundary], None] | None = None) -> QuantizeReport:
+        resumed: Boundary | None = None, at_boundary: Callable[[Boundary], None] | None = None,
+        pool: Pool = SERIAL) -> QuantizeReport:
     """Quantize ``model`` in place as ``plan`` says, every method its labels name run first; the report's
     ``seconds`` include the calibration. ``shared``: ``model`` is an unchanged copy of the original the
     calibration's shared importance was collected on (``compare``), so a plan without ``+awq`` reuses it.
@@ -144,17 +146,18 @@ def run(model: nn.Module, plan: QuantPlan, calibration: Calibration | None = Non
     each block's layers are rounded once the methods are done with it (``streamed``). ``sink``: each quantized
     layer is handed over instead of swapped in (``quantize_model``); a calibrated plan read block by block needs
     one (else the model is read whole first). ``resumed`` and ``at_boundary``: that block-by-block run continued
-    from a block's end (``streamed``); a plan run otherwise is not, and never calls ``at_boundary``."""
+    from a block's end (``streamed``); a plan run otherwise is not, and never calls ``at_boundary``. ``pool``: where
+    the layers are rounded, and one block's layers worked on (``lowbit.cluster.pool``)."""
     configs = plan.configs
     if calibration is None and plan.needs_calibration:
         raise InputError(f"{plan.label} needs calibration inputs: pass a Calibration")
     if source is not None and not plan.needs_calibration:
         if sink is None:
             source.onload(model, skip=[f"{n}.weight" for names, _, _, _ in plan_layers(model, plan) for n in names])
-        return quantize_model(model, plan, progress=progress, source=source, sink=sink)
+        return quantize_model(model, plan, progress=progress, source=source, sink=sink, pool=pool)
     if source is not None and sink is not None and streams(model, plan, calibration):
         return streamed(model, plan, calibration, source, sink, progress=progress, resumed=resumed,
-                        at_boundary=at_boundary)
+                        at_boundary=at_boundary, pool=pool)
     if resumed is not None:
         raise InputError(f"{plan.label} is not run block by block here: it cannot be continued from a block's end")
     if source is not None:
@@ -169,7 +172,8 @@ def run(model: nn.Module, plan: QuantPlan, calibration: Calibration | None = Non
         batches, _ = calibration.batches(GPTQ_CALIBRATE)  # a text too short for GPTQ fails before any calibration
         start = time.perf_counter()
         found = calibrate_methods(model, plan, batches, importance_layers=layers, progress=progress,
-                                  importance_batches=calibration.batches(DEFAULT_CALIBRATE)[0] if layers else None)
+                                  importance_batches=calibration.batches(DEFAULT_CALIBRATE)[0] if layers else None,
+                                  pool=pool)
         seconds += time.perf_counter() - start
         importance = found.importance if layers else importance
         prequantized = found.prequantized or None
@@ -178,7 +182,7 @@ def run(model: nn.Module, plan: QuantPlan, calibration: Calibration | None = Non
         importance = calibration.importance(model, layers)
         seconds += time.perf_counter() - start
     report = quantize_model(model, plan, progress=progress, importance=importance, prequantized=prequantized,
-                            sink=sink)
+                            sink=sink, pool=pool)
     return replace(report, seconds=report.seconds + seconds)
 
 
@@ -199,7 +203,7 @@ def streams(model: nn.Module, plan: QuantPlan, calibration: Calibration) -> bool
 
 def streamed(model: nn.Module, plan: QuantPlan, calibration: Calibration, source: LazyWeights, sink: Sink, *,
              progress: bool = True, resumed: Boundary | None = None,
-             at_boundary: Callable[[Boundary], None] | None = None) -> QuantizeReport:
+             at_boundary: Callable[[Boundary], None] | None = None, pool: Pool = SERIAL) -> QuantizeReport:
     """``run`` of a calibrated plan on a model read block by block: one pass of the calibration engine reads each
     block, serves the methods, rounds the block's layers with what they found and hands them to ``sink``, then
     frees the block's weights; the layers outside the blocks last. The same calibration, so the same layers, as
@@ -217,7 +221,8 @@ def streamed(model: nn.Module, plan: QuantPlan, calibration: Calibration, source
     def on_block(names: list[str], found: Calibrated) -> None:
         if names:
             parts.append(quantize_model(model, plan, progress=False, importance=found.importance,
-                                        prequantized=found.prequantized, source=source, sink=sink, only=names))
+                                        prequantized=found.prequantized, source=source, sink=sink, only=names,
+                                        pool=pool))
 
     def boundary(state: ProducerState) -> None:
         at_boundary(Boundary(state, tuple(parts), before + time.perf_counter() - start))
@@ -225,10 +230,11 @@ def streamed(model: nn.Module, plan: QuantPlan, calibration: Calibration, source
     found = calibrate_methods(model, plan, batches, importance_layers=layers, importance_batches=own,
                               progress=progress, weights=source, on_block=on_block,
                               at_boundary=None if at_boundary is None else boundary,
-                              resumed=None if resumed is None else resumed.state)
+                              resumed=None if resumed is None else resumed.state, pool=pool)
     done = {n for p in parts for n in p.layers}
     rest = [names[0] for names, _, _, _ in plan_layers(model, plan) if names[0] not in done]
     if rest or not parts:
         parts.append(quantize_model(model, plan, progress=False, importance=found.importance,
-                                    prequantized=found.prequantized, source=source, sink=sink, only=rest))
+                                    prequantized=found.prequantized, source=source, sink=sink, only=rest,
+                                    pool=pool))
     return replace(QuantizeReport.combine(parts), seconds=before + time.perf_counter() - start)
