@@ -10,10 +10,14 @@ bytes as a run here on nodes of the same CPU kind (tests/cluster/test_session.py
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from ..errors import InputError
 from .pool import SERIAL, Pool, RayPool
@@ -21,7 +25,10 @@ from .pool import SERIAL, Pool, RayPool
 ENV = "LOWBIT_RAY"
 # how long an address may take to accept a connection before it counts as unreachable
 CONNECT_SECONDS = 10
+# how long joining a cluster that accepted the connection may take (a healthy one: 1-3 s here)
+JOIN_SECONDS = 30
 LOOPBACK = "127.0.0.1"
+RAY_CURRENT_CLUSTER = "ray_current_cluster"
 
 
 def add_ray_arg(p) -> None:
@@ -68,13 +75,40 @@ def _connect(ray, target: str) -> None:
         # loopback only, no dashboard: a private instance nothing outside this machine can reach
         ray.init(include_dashboard=False, _node_ip_address=LOOPBACK, **quiet)
         return
-    if target != "auto":
-        _check_reachable(target)
-    try:
-        ray.init(address=target, **quiet)
-    except (ConnectionError, ValueError, RuntimeError) as e:
+    _check_reachable(_address(target) if target == "auto" else target)
+    failed: list[BaseException] = []
+
+    def join() -> None:
+        try:
+            ray.init(address=target, **quiet)
+        except BaseException as e:  # noqa: BLE001 - said on the driver's thread
+            failed.append(e)
+
+    # ray.init retries a port that accepts connections but is not Ray (another program's) for ever: it is given
+    # JOIN_SECONDS in a thread of its own, abandoned after (it holds nothing of ours)
+    joining = threading.Thread(target=join, daemon=True)
+    joining.start()
+    joining.join(JOIN_SECONDS)
+    if joining.is_alive():
+        raise InputError(f"--ray {target}: no Ray cluster answered there within {JOIN_SECONDS} s")
+    if failed:
+        e = failed[0]
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"--ray {target}: cannot join the Ray cluster ({first})") from None
+
+
+def _address(target: str) -> str:
+    """The address ``auto`` names, as Ray finds it: ``RAY_ADDRESS``, else the last ``ray start --head`` on this
+    machine (the file ``ray._private.utils.read_ray_address`` reads, written by ``ray start``
+    and removed by ``ray stop``); a one-line InputError where neither names one."""
+    found = os.environ.get("RAY_ADDRESS")
+    if not found:
+        with contextlib.suppress(OSError):
+            found = Path(tempfile.gettempdir(), "ray", RAY_CURRENT_CLUSTER).read_text().strip()
+    if not found:
+        raise InputError(f"--ray {target}: no Ray cluster runs here (no RAY_ADDRESS, no `ray start --head`): start "
+                         "one, give its HOST:PORT, or use --ray local")
+    return found
 
 
 def _check_reachable(target: str) -> None:
@@ -83,7 +117,7 @@ def _check_reachable(target: str) -> None:
     where = target.removeprefix("ray://")
     host, sep, port = where.rpartition(":")
     if not sep or not port.isdigit():
-        raise InputError(f"--ray {target}: expected local, auto or HOST:PORT (a Ray head's GCS address)")
+        raise InputError(f"--ray {target}: expected local, auto or HOST:PORT (a Ray head's address)")
     try:
         with socket.create_connection((host, int(port)), timeout=CONNECT_SECONDS):
             pass
