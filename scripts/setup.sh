@@ -12,7 +12,8 @@ TORCH=${LOWBIT_TORCH:-torch==2.13.0}
 .venv/bin/pip install -q "$TORCH"
 # bench: peers for benchmarks/bench_quality.py (hqq). hqq's setup.py builds CUDA kernels through
 # os.system unless DISABLE_CUDA=1; on a CPU machine that build can only fail or waste minutes.
-DISABLE_CUDA=1 .venv/bin/pip install -q -e ".[test,bench]"
+# ray: `--ray` (lowbit.cluster) and the tests that start local clusters.
+DISABLE_CUDA=1 .venv/bin/pip install -q -e ".[test,bench,ray]"
 # llama.cpp (benchmarks only): built from source; a failed build leaves lowbit working, and
 # bench_decode.py and the slow llama.cpp test say it is missing. Only the library is built.
 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} \
