@@ -13,6 +13,8 @@ Activation-weighted searches (``@amse``, ``@ahqq``) need each layer's mean squar
 ``lowbit compare`` scores with the same ``--text/--window/--windows``, so such a format quantizes here
 exactly as it does there. Every format then also gets an activation-weighted SQNR
 (``tensor_errors(..., weights=importance)``), the diagonal approximation of each layer's output SQNR.
+
+``--ray``: each layer's rounding and errors a Ray task (``lowbit.cluster.session``), the numbers the same.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from rich.table import Table
 
 from .. import __version__
 from .. import limits as L
+from ..cluster.session import add_ray_arg, pool
 from ..errors import InputError
 from ..evaluate import DEFAULT_FORMATS
 from ..files.atomic import write_json
@@ -55,6 +58,7 @@ def add_parser(sub) -> None:
     p.add_argument("--calibrate", type=L.CALIBRATE.arg("--calibrate"), metavar="N",
                    help="calibration windows for activation-weighted searches (@amse, @ahqq): the N windows of "
                         f"--window tokens right after those lowbit compare scores (default 16; {L.CALIBRATE.text()})")
+    add_ray_arg(p)  # each layer's rounding and errors a Ray task
     p.set_defaults(run=run)
 
 
@@ -74,7 +78,8 @@ def run(args) -> int:
     model, tokenizer, info = load(args.model, con, verify=args.verify)
     importance, calibration = workflow.calibration(model, tokenizer, info, args.text, window=args.window,
                                                    windows=args.windows, count=args.calibrate)
-    measured = workflow.measure(model, plans, patterns=args.layers, importance=importance)
+    with pool(args.ray) as workers:
+        measured = workflow.measure(model, plans, patterns=args.layers, importance=importance, pool=workers)
     report = {"lowbit_version": __version__, "model": asdict(info), **measured,
               **({"calibration": calibration} if calibration else {})}
     con.print(errors_table(report, per_layer=args.all))

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import time
 
+import torch
 from torch import nn
 
 from ..calibration.importance import DEFAULT_CALIBRATE, calibrate
+from ..cluster.pool import SERIAL, Pool
 from ..errors import InputError, LowbitError
 from ..eval.protocol import paragraphs, read_text, token_windows
 from ..eval.tensor import gaussian_sqnr_bound, tensor_errors
@@ -54,7 +56,7 @@ def calibration(model: nn.Module, tokenizer, info, text: str | None, *, window: 
 
 
 def measure(model: nn.Module, plans: list[QuantPlan], *, patterns=None, importance=None,
-            progress: bool = True) -> dict:
+            progress: bool = True, pool: Pool = SERIAL) -> dict:
     """``{"layers": [{name, shape}], "formats": [...]}``: per format its label, stored bits per weight, mean
     and worst SQNR and every layer's ``TensorErrors.to_dict()`` (same order as ``layers``), or an ``error``
     when the format cannot hold some layer. ``plans`` are uniform and share one selection (``parse_plans`` gives
@@ -62,7 +64,8 @@ def measure(model: nn.Module, plans: list[QuantPlan], *, patterns=None, importan
 
     ``importance``: ``{layer name: (in_features,) mean squared input}``, or a callable taking the selected
     layer names and returning it, called only if a format that can be applied needs calibration. Given,
-    every layer's errors also hold the activation-weighted MSE and SQNR."""
+    every layer's errors also hold the activation-weighted MSE and SQNR. ``pool``: where each layer is rounded
+    and measured (``lowbit.cluster.pool``: here, or a Ray task per layer); the results are the same."""
     targets = _select(model, plans[0], patterns)
     configs = [p.uniform_config for p in plans]
     failed = {}
@@ -79,20 +82,22 @@ def measure(model: nn.Module, plans: list[QuantPlan], *, patterns=None, importan
         importance = importance([names[0] for names, _ in targets]) if wanted else None
     per_format = {c.label: [] for c in configs if c.label not in failed}
     stored = dict.fromkeys(per_format, 0)
+    # one unit per layer, drawn as the pool wants it: with the formats not failed so far (the serial pool draws each
+    # after the previous layer's results are counted, so it rounds exactly what a plain loop would)
+    units = ((names[0], linear.weight.detach(), None if importance is None else importance[names[0]],
+              [c for c in configs if c.label not in failed]) for names, linear in targets)
+    measured = pool.map(_layer_errors, units)
     with progress_bar(len(targets), "measuring layers", enabled=progress) as advance:
-        for names, linear in targets:
-            weight = linear.weight.detach()
-            imp = None if importance is None else importance[names[0]]
-            for config in configs:
-                if config.label in failed:
+        for found in measured:
+            for label, result in found.items():
+                if label in failed:  # a layer before this one failed it (a unit drawn ahead did not know)
                     continue
-                try:
-                    q = quantize_weight(weight, config, imp if config.needs_calibration else None)  # as quantize_model
-                except LowbitError as e:  # a value the format cannot hold; the layer is named, as quantize_model does
-                    failed[config.label] = f"layer {names[0]!r} (weight {'x'.join(map(str, weight.shape))}): {e}"
+                if isinstance(result, str):
+                    failed[label] = result
                     continue
-                stored[config.label] += q.nbytes
-                per_format[config.label].append(tensor_errors(weight, q.dequantize(), weights=imp).to_dict())
+                nbytes, errors = result
+                stored[label] += nbytes
+                per_format[label].append(errors)
             advance()
     layers = [{"name": names[0], "shape": list(linear.weight.shape)} for names, linear in targets]
     numel = sum(linear.weight.numel() for _, linear in targets)
@@ -112,6 +117,20 @@ def measure(model: nn.Module, plans: list[QuantPlan], *, patterns=None, importan
             summary["mean_weighted_sqnr_db"] = _mean([e["weighted_sqnr_db"] for e in errors])
         formats.append({**summary, "layers": errors})
     return {"layers": layers, "formats": formats}
+
+
+def _layer_errors(name: str, weight: torch.Tensor, importance: torch.Tensor | None, configs: list) -> dict:
+    """One unit of ``measure``: ``{label: (stored bytes, TensorErrors.to_dict())}`` of ``weight`` rounded to each
+    of ``configs`` as ``quantize_model`` would, or ``{label: why}`` where the format cannot hold a value."""
+    found = {}
+    for config in configs:
+        try:
+            q = quantize_weight(weight, config, importance if config.needs_calibration else None)
+        except LowbitError as e:  # a value the format cannot hold; the layer is named, as quantize_model does
+            found[config.label] = f"layer {name!r} (weight {'x'.join(map(str, weight.shape))}): {e}"
+            continue
+        found[config.label] = (q.nbytes, tensor_errors(weight, q.dequantize(), weights=importance).to_dict())
+    return found
 
 
 def _select(model: nn.Module, plan: QuantPlan, patterns) -> list:
