@@ -20,7 +20,7 @@ from pathlib import Path
 RAY = str(Path(sys.executable).with_name("ray"))
 # RAY_AUTH_MODE: every process of a cluster, its drivers too, must agree (docs.ray.io "Token authentication")
 ENV = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
-START_SECONDS = 120
+START_SECONDS = 300  # a loaded 2-core machine: ray start alone took over 60 s
 
 
 def free_port() -> int:
@@ -76,7 +76,7 @@ class Cluster:
         probe = (f"import ray; ray.init(address={self.address!r}, log_to_driver=False, configure_logging=False); "
                  "print(sum(n['Alive'] for n in ray.nodes()))")
         try:
-            out = subprocess.run([sys.executable, "-c", probe], env=ENV, capture_output=True, text=True, timeout=60)
+            out = subprocess.run([sys.executable, "-c", probe], env=ENV, capture_output=True, text=True, timeout=120)
         except subprocess.TimeoutExpired:
             return 0
         lines = out.stdout.split()

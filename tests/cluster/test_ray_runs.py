@@ -86,12 +86,16 @@ def test_a_driver_stopped_by_sigterm_leaves_no_half_written_output_and_resumes(s
     argv = ["quantize", "--format", "nf4@mse", "-o", str(out), "--shard-size", SMOLLM2_SHARD, "--ray", "local"]
     before = ray_processes()
     child = run_until(argv, lambda: len(list(partial_path(out).glob("shard-*"))) >= 2)
+    started = ray_processes() - before
+    assert started  # the run's private instance
     child.send_signal(signal.SIGTERM)
     _, err = child.communicate(timeout=120)
     assert child.returncode != 0 and "--resume continues" in err
     assert not out.exists() and len(list(partial_path(out).glob("shard-*"))) >= 2
-    time.sleep(2)
-    assert not ray_processes() - before  # the private instance went with it
+    deadline = time.monotonic() + 30
+    while started & ray_processes() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not started & ray_processes()  # the private instance went with it
     assert main([*argv, "--resume"]) == 0
     assert read_back(out) == smollm2_nf4
 
