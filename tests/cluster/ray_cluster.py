@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -54,16 +55,17 @@ class Cluster:
 
     def _start(self, args: list[str], cpus: int) -> subprocess.Popen:
         before = self._alive_nodes()
+        log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - the node writes it for as long as it runs
         node = subprocess.Popen([RAY, "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}",
                                  "--object-store-memory=200000000", "--disable-usage-stats", *args],
-                                env=ENV, start_new_session=True, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+                                env=ENV, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
         self.nodes.append(node)
         deadline = time.monotonic() + START_SECONDS
         while self._alive_nodes() <= before:
             if node.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"ray start {' '.join(args)} did not come up")
+                log.seek(0)
+                raise RuntimeError(f"ray start {' '.join(args)} did not come up: {log.read()[-3000:]}")
             time.sleep(1)
         return node
 
