@@ -35,8 +35,8 @@ def private(cpus: int = 2):
     """A private Ray instance in this process, stopped after."""
     import ray
 
-    ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1", object_store_memory=300 << 20,
-             log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+             object_store_memory=300 << 20, log_to_driver=False, configure_logging=False)
     try:
         yield ray
     finally:

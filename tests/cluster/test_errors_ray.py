@@ -21,8 +21,8 @@ ray = pytest.importorskip("ray")
 
 @pytest.fixture(scope="module")
 def ray_pool():
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", object_store_memory=300 << 20,
-             log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             object_store_memory=300 << 20, log_to_driver=False)
     try:
         yield RayPool(ray, torch.get_num_threads())
     finally:

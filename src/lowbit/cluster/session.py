@@ -72,8 +72,9 @@ def _import_ray():
 def _connect(ray, target: str) -> None:
     quiet = {"log_to_driver": False, "configure_logging": False}
     if target == "local":
-        # loopback only, no dashboard: a private instance nothing outside this machine can reach
-        ray.init(include_dashboard=False, _node_ip_address=LOOPBACK, **quiet)
+        # a new instance even where `ray start` ran here (ray.init without an address would join that cluster),
+        # on loopback, no dashboard
+        ray.init(address="local", include_dashboard=False, _node_ip_address=LOOPBACK, **quiet)
         return
     _check_reachable(_address(target) if target == "auto" else target)
     failed: list[BaseException] = []
