@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .. import limits as L
 from ..calibration.importance import calibration_batches
+from ..cluster.session import add_ray_arg, pool
 from ..errors import InputError
 from ..eval.protocol import DEFAULT_WINDOWS, scored_count
 from ..files.atomic import write_json
@@ -31,6 +32,7 @@ def add_parser(sub) -> None:
     p.add_argument("--anchor", metavar="LABEL", help="the candidate measured (default: the median in bits)")
     add_selection_args(p)
     add_protocol_args(p)
+    add_ray_arg(p)
     p.set_defaults(run=run)
 
 
@@ -43,15 +45,18 @@ def candidate_configs(args) -> list:
 
 def measure(args, model, tokenizer, info, configs, weights):
     """The sensitivity table of ``model`` on the calibration windows after the ``--windows`` scored ones;
-    ``weights``: ``load_lazily``'s, from which ``model`` is read one block at a time (None: it is in memory)."""
+    ``weights``: ``load_lazily``'s, from which ``model`` is read one block at a time (None: it is in memory).
+    ``--ray``: each measured (layer, candidate) a task on a cluster, the model read there from ``--model``."""
     if info.kind != CAUSAL_LM:
         raise InputError(f"sensitivity measures KL of next-token distributions; {info.name} is an encoder")
     batches, _ = calibration_batches(tokenizer, info.kind, args.text, window=args.window,
                                      scored=scored_count(info.kind, args.text, args.windows or DEFAULT_WINDOWS),
                                      count=args.calibrate)
     exclude = tuple(args.exclude) if args.exclude is not None else ("lm_head",)
-    return measure_sensitivity(model, configs, batches, measure=args.measure, anchor=args.anchor,
-                               include=tuple(args.include or ()), exclude=exclude, weights=weights)
+    with pool(args.ray) as workers:
+        return measure_sensitivity(model, configs, batches, measure=args.measure, anchor=args.anchor,
+                                   include=tuple(args.include or ()), exclude=exclude, weights=weights, pool=workers,
+                                   spec=args.model, file_hash=info.file_hash)
 
 
 def run(args) -> int:

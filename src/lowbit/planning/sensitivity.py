@@ -14,7 +14,10 @@ The later blocks are run for all of one block's measurements together, each brou
 (``lowbit.eval.blockwise``): a model built on the meta device (``lowbit.models.lazy.load_lazily``) is so read
 from its checkpoint one block at a time, and memory holds one block, the inputs of every measurement of one block
 (``measurements x batches x tokens x hidden`` floats), the reference log-probabilities and what lies outside the
-blocks (embedding, final norm, head).
+blocks (embedding, final norm, head). On a Ray cluster (``lowbit.cluster.pool``) each measurement is a task
+instead (``lowbit.planning.sensitivity_cells``), run on a worker that reads the model from the same files, while
+this process walks on to the next block's Hessians and candidates: the same table, to the bit
+(tests/cluster/test_sensitivity_ray.py).
 
 **Predicted** (the cheap proxy). A layer's output error on the calibration inputs,
 ``E = mean over tokens of |(W_q - W) x|^2 = tr(dW H dW^T) / 2`` with ``H = 2/n X^T X`` (GPTQ's Hessian), scaled by
@@ -30,15 +33,15 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from ..calibration.engine import Block, BlockPass, Stream, call, transformer_blocks
+from ..calibration.engine import Block, BlockPass, Stream, transformer_blocks
 from ..calibration.statistics import HESSIAN
+from ..cluster.pool import SERIAL, Pool
 from ..errors import InputError, LayerQuantizeError, LowbitError
 from ..eval.blockwise import Onloaded, Resident, block_names, through_blocks
 from ..files.atomic import write_json
@@ -50,6 +53,7 @@ from ..methods.registry import BLOCK
 from ..progress import progress_bar
 from .config import QuantConfig
 from .plan import DEFAULT_EXCLUDE, selected
+from .sensitivity_cells import CellJob, cell, mean_kl, replaced, tail_logprobs
 
 if TYPE_CHECKING:
     from ..models.lazy import LazyWeights
@@ -116,14 +120,18 @@ class Sensitivity:
 def measure_sensitivity(model: nn.Module, candidates: Sequence[str | QuantConfig], batches: Sequence, *,
                         measure: str = "anchor", anchor: str | None = None, include: tuple[str, ...] = (),
                         exclude: tuple[str, ...] = DEFAULT_EXCLUDE, weights: LazyWeights | None = None,
-                        progress: bool = True) -> Sensitivity:
+                        progress: bool = True, pool: Pool = SERIAL, spec: str | None = None,
+                        file_hash: str | None = None) -> Sensitivity:
     """Each selected layer's cost per candidate on the calibration ``batches`` (input-id tensors of a causal LM).
 
     ``measure="anchor"`` measures each layer's KL for one candidate (``anchor``; default the lower median of the
     candidates' bits per weight) and predicts the others from the output error; ``"all"`` measures every one.
     ``include``/``exclude``: which layers, as ``QuantPlan.uniform``'s patterns. ``weights``: ``model`` was built on
     the meta device (``lowbit.models.lazy.load_lazily``) and is read from them one block at a time; the table is
-    the one of the model in memory. ``model`` is left as it was.
+    the one of the model in memory. ``model`` is left as it was. ``pool``: a Ray pool (``lowbit.cluster.pool``)
+    measures each (layer, candidate) as a task, the model loaded there again from ``spec`` (``load_lazily``'s;
+    None: the embedded model), whose files must hash to ``file_hash`` (the ``ModelInfo``'s of ``model``); the
+    same table.
     """
     if measure not in MEASURES:
         raise InputError(f"measure must be one of {', '.join(MEASURES)}, got {measure!r}")
@@ -138,18 +146,32 @@ def measure_sensitivity(model: nn.Module, candidates: Sequence[str | QuantConfig
         anchor = QuantConfig.parse(anchor).label  # "nf4/64" and "nf4" name one candidate
     if anchor is not None and anchor not in configs:
         raise InputError(f"anchor {anchor!r} is not one of the candidates ({', '.join(configs)})")
+    job = _job(pool, weights, spec, file_hash, batches)
     measuring = _Measure(Resident(model) if weights is None else Onloaded(model, weights), targets, configs, measure,
                          anchor)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            measuring.walk(batches, progress=progress)
+            measuring.walk(batches, progress=progress, pool=pool, job=job)
     finally:
         model.train(was_training)
     costs = measuring.costs  # in the order measured: block by block, the layers outside the blocks last
     return Sensitivity(tuple(configs), measuring.anchor, len(batches), {n: targets[n].weight.numel() for n in costs},
                        costs, time.perf_counter() - start)
+
+
+def _job(pool: Pool, weights: LazyWeights | None, spec: str | None, file_hash: str | None,
+         batches: Sequence) -> CellJob | None:
+    """What a worker of a distributed ``pool`` needs to measure a cell; None for the serial pool."""
+    if not pool.distributed:
+        return None
+    if weights is None:
+        raise InputError("--ray needs the model as a safetensors directory (or a converted GGUF) readable on every "
+                         "node: a model held in memory here cannot be sent to the workers")
+    if file_hash is None:
+        raise InputError("a distributed pool needs the model's file_hash: each worker checks it reads the same files")
+    return CellJob.of(spec, file_hash, batches)
 
 
 def _ratio(error: float, anchor_error: float) -> float:
@@ -237,7 +259,9 @@ class _Measure:
         self.reference: list[torch.Tensor] = []  # per batch, the unchanged model's log-probabilities
         self._anchor_bits = None
 
-    def walk(self, batches: Sequence, *, progress: bool) -> None:
+    def walk(self, batches: Sequence, *, progress: bool, pool: Pool = SERIAL, job: CellJob | None = None) -> None:
+        """The table, each cell measured here, or as a task of a distributed ``pool`` (``job``: what its workers
+        need)."""
         with self.run.outside(self.blocks):
             self.engine = BlockPass(self.model, batches)  # catches the first block's inputs
             where = self.engine.block_of(self.targets)
@@ -247,8 +271,12 @@ class _Measure:
                               "layers", enabled=progress) as advance:
                 stream = self.engine.stream()
                 through_blocks(self.run, self.engine, self.blocks, [stream], each=advance)
-                self._logprobs(stream, lambda b, lp: self.reference.append(lp))
+                tail_logprobs(self.model, self.engine, len(self.blocks), stream,
+                              lambda b, lp: self.reference.append(lp))
                 stream = self.engine.stream()
+                if pool.distributed:
+                    self._tasks(pool, job, last, outside, stream, advance)
+                    return
                 for i in range(last + 1):
                     self._block(i, stream)
                     advance()
@@ -258,9 +286,24 @@ class _Measure:
 
     def _block(self, index: int, stream: Stream) -> None:
         """Block ``index``'s layers measured on ``stream`` (its inputs), which then moves on past it."""
-        name = self.blocks[index]
         measured: dict[tuple[str, str], Stream] = {}  # (layer, label): the block's outputs with that weight replaced
         chosen = {}
+        for block, layer, module, label, weight in self._cells(index, stream, chosen):
+            with replaced(module.weight, weight):
+                measured[layer, label] = Stream(stream.inputs)
+                measured[layer, label].advance(block.run(stream))
+        if measured:  # else no block need be brought in
+            through_blocks(self.run, self.engine, self.blocks, list(measured.values()), start=index + 1)
+        kl = {key: self._kl(measured.pop(key)) for key in list(measured)}
+        for layer, (costs, base) in chosen.items():
+            self._record(layer, costs, base, {label: kl[layer, label] for label in costs if (layer, label) in kl})
+
+    def _cells(self, index: int, stream: Stream, chosen: dict) -> Iterator[tuple[Block, str, nn.Linear, str,
+                                                                                  torch.Tensor]]:
+        """``(block, layer, module, label, dequantized weight)`` for each cell of block ``index`` to measure, with
+        the block in memory and ``stream`` at its inputs, one layer's candidates at a time; ``chosen[layer]``: its
+        costs and base label (``_candidates``). ``stream`` then moves on past the block."""
+        name = self.blocks[index]
         with self.run.block(name):
             block = Block(index, self.model.get_submodule(name), self.engine.masks, self.names)
             mine = block.layers(self.targets)
@@ -268,33 +311,66 @@ class _Measure:
             for layer, module in mine.items():
                 chosen[layer], quantized = self._candidates(layer, module, hessians[HESSIAN].pop(layer))
                 for label, weight in quantized.items():
-                    with _replaced(module.weight, weight):
-                        measured[layer, label] = Stream(stream.inputs)
-                        measured[layer, label].advance(block.run(stream))
+                    yield block, layer, module, label, weight
                 del quantized  # one layer's candidates at a time
         stream.advance(outputs)
-        if measured:  # else no block need be brought in
-            through_blocks(self.run, self.engine, self.blocks, list(measured.values()), start=index + 1)
-        kl = {key: self._kl(measured.pop(key)) for key in list(measured)}
-        for layer, (costs, base) in chosen.items():
-            self._record(layer, costs, base, {label: kl[layer, label] for label in costs if (layer, label) in kl})
 
     def _outside(self, names: list[str], stream: Stream) -> None:
         """The layers outside the blocks, their Hessians from a forward replaying ``stream`` (through every block)."""
+        chosen, kl = {}, {}
+        for name, module, label, weight in self._outside_cells(names, stream, chosen):
+            # every block rerun, on inputs caught anew: a head tied to the input embedding (SmolLM2) changes the
+            # embedding too when its weight is replaced, as it always has here (0.000444 vs 0.000412 for int8 on
+            # SmolLM2's lm_head, 2 windows of 64 tokens, had the blocks replayed an unchanged embedding's outputs)
+            with replaced(module.weight, weight):
+                fresh = BlockPass(self.model, self.engine.batches).stream()
+                through_blocks(self.run, self.engine, self.blocks, [fresh])
+                kl.setdefault(name, {})[label] = self._kl(fresh)
+        for name, (costs, base) in chosen.items():
+            self._record(name, costs, base, kl[name])
+
+    def _outside_cells(self, names: list[str], stream: Stream, chosen: dict
+                       ) -> Iterator[tuple[str, nn.Linear, str, torch.Tensor]]:
+        """``(layer, module, label, dequantized weight)`` for each cell of the layers outside the blocks, as
+        ``_cells``; their Hessians from a forward replaying ``stream`` (through every block)."""
         layers = {n: self.model.get_submodule(n) for n in names}
         hessians = self.engine.tail(layers, [HESSIAN], replay=stream)[HESSIAN]
         for name, module in layers.items():
-            (costs, base), quantized = self._candidates(name, module, hessians.pop(name))
-            kl = {}
+            chosen[name], quantized = self._candidates(name, module, hessians.pop(name))
             for label, weight in quantized.items():
-                # every block rerun, on inputs caught anew: a head tied to the input embedding (SmolLM2) changes the
-                # embedding too when its weight is replaced, as it always has here (0.000444 vs 0.000412 for int8 on
-                # SmolLM2's lm_head, 2 windows of 64 tokens, had the blocks replayed an unchanged embedding's outputs)
-                with _replaced(module.weight, weight):
-                    fresh = BlockPass(self.model, self.engine.batches).stream()
-                    through_blocks(self.run, self.engine, self.blocks, [fresh])
-                    kl[label] = self._kl(fresh)
-            self._record(name, costs, base, kl)
+                yield name, module, label, weight
+            del quantized
+
+    def _tasks(self, pool: Pool, job: CellJob, last: int, outside: list[str], stream: Stream,
+               advance: Callable[[], None]) -> None:
+        """Blocks ``0..last`` and the ``outside`` layers measured with each cell a task of ``pool``
+        (``sensitivity_cells.cell``), this process walking on to the next cells as the tasks run; the bar advances
+        as each block's results are in."""
+        chosen: dict[str, tuple[dict[str, LayerCost], str]] = {}
+        steps: list[tuple[str, str, int]] = []  # per task: layer, label, block index (last + 1: outside)
+
+        def units():
+            for i in range(last + 1):
+                for _, layer, _, label, weight in self._cells(i, stream, chosen):
+                    steps.append((layer, label, i))
+                    yield i, layer, weight, stream.inputs
+            if outside:
+                for layer, _, label, weight in self._outside_cells(outside, stream, chosen):
+                    steps.append((layer, label, last + 1))
+                    yield None, layer, weight, None
+
+        kl: dict[str, dict[str, float]] = {}
+        done = 0  # steps whose every result is in: those before the step of a result drawn
+        for k, value in enumerate(pool.map(cell, units(), shared=(job, self.reference))):
+            layer, label, step = steps[k]
+            for _ in range(done, step):
+                advance()
+            done = step
+            kl.setdefault(layer, {})[label] = value
+        for _ in range(done, last + 1 + bool(outside)):
+            advance()
+        for layer, (costs, base) in chosen.items():
+            self._record(layer, costs, base, kl[layer])
 
     def _candidates(self, name: str, module: nn.Linear, hessian: torch.Tensor
                     ) -> tuple[tuple[dict[str, LayerCost], str], dict[str, torch.Tensor]]:
@@ -315,40 +391,4 @@ class _Measure:
 
     def _kl(self, stream: Stream) -> float:
         """Mean KL over the batches' tokens of the model whose blocks reached ``stream``'s last outputs."""
-        total, count = 0.0, 0
-
-        def add(b: int, lq: torch.Tensor) -> None:
-            nonlocal total, count
-            lp = self.reference[b]
-            kl = (lp.exp() * (lp - lq)).sum(-1)
-            total += float(kl.double().sum())
-            count += kl.numel()
-
-        self._logprobs(stream, add)
-        return total / count
-
-    def _logprobs(self, stream: Stream, each: Callable[[int, torch.Tensor], None]) -> None:
-        """``each(b, log-probabilities)`` for every batch ``b``, from a forward whose blocks all replay ``stream``'s
-        last outputs: only what follows the blocks is computed."""
-        with self.engine.replaying(len(self.blocks), stream) as state:
-            for b, batch in enumerate(self.engine.batches):
-                state["batch"] = b
-                each(b, _logprobs(call(self.model, batch)))
-
-
-@contextmanager
-def _replaced(weight: nn.Parameter, replacement: torch.Tensor) -> Iterator[None]:
-    """``weight`` holding ``replacement`` while open."""
-    saved, weight.data = weight.data, replacement.to(weight.dtype)
-    try:
-        yield
-    finally:
-        weight.data = saved
-
-
-def _logprobs(out) -> torch.Tensor:
-    logits = getattr(out, "logits", None)
-    if logits is None:
-        raise InputError("sensitivity compares next-token distributions: it needs a causal LM (a model whose "
-                         "output has logits)")
-    return logits.float().log_softmax(-1)
+        return mean_kl(self.model, self.engine, len(self.blocks), self.reference, stream)
