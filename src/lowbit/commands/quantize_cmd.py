@@ -199,36 +199,37 @@ def run_budget(args) -> int:
     if info.kind != CAUSAL_LM:
         raise InputError(f"--budget weighs formats by KL of next-token distributions; {info.name} is an encoder")
     calibration = calibration_of(args, tokenizer, info)
-    evaluation = Evaluation(info, tokenizer, (lambda: model) if weights is None else (lambda: Onloaded(model, weights)),
-                            text=args.text, window=args.window, windows=args.windows,
-                            **model_limits(model))  # the reference, before any layer changes
-    if table is None:
-        batches, _ = calibration_batches(tokenizer, info.kind, args.text, window=args.window,
-                                         scored=calibration.scored, count=SENSITIVITY_CALIBRATE)
-        exclude = tuple(args.exclude) if args.exclude is not None else DEFAULT_EXCLUDE
-        table = measure_sensitivity(model, candidates, batches, include=tuple(args.include or ()), exclude=exclude,
-                                    weights=weights)
-        chosen = plan_for_budget(None, args.budget, candidates=candidates, sensitivity=table)
-    else:
-        check_table(table, info, model, args.sensitivity)
-    con.print(budget_table(chosen))
-    plan = chosen.plan
-    if weights is None:
-        report = workflow.run(model, plan, calibration)
-        save_quantized(model, tokenizer, info, report, plan, args.output, overwrite=args.overwrite,
-                       keep_dtype=keep, shard_bytes=shard_bytes)
-        quantized = materialize(model)
-    else:  # read, quantized and written block by block; then scored as saved, a block at a time
-        report = quantize_to_directory(model, weights, tokenizer, info, plan, args.output, overwrite=args.overwrite,
-                                       keep_dtype=keep, shard_bytes=shard_bytes,
-                                       calibration=calibration if plan.needs_calibration else None)
-        quantized = Dequantized(load_quantized(args.output)[0])
-    con.print(f"{plan.label}: {len(report.layers)} layers, {report.bits_per_weight:.4f} bits/weight "
-              f"(budget {args.budget:g}) in {report.seconds:.1f} s; wrote {args.output}")
-    scores = evaluation.score(quantized, label="scoring the plan")
-    con.print(f"KL mean {scores['kl_mean']:.5f} measured on the {evaluation.protocol.windows} scored windows; "
-              f"{chosen.predicted_kl:.5f} predicted (the layers' KL added up); same top-1 {scores['top1']:.2%}")
-    return 0
+    with pool(args.ray) as workers:  # the table's cells, then the layers, as tasks on a cluster
+        original = (lambda: model) if weights is None else (lambda: Onloaded(model, weights))
+        evaluation = Evaluation(info, tokenizer, original, text=args.text, window=args.window, windows=args.windows,
+                                **model_limits(model))  # the reference, before any layer changes
+        if table is None:
+            batches, _ = calibration_batches(tokenizer, info.kind, args.text, window=args.window,
+                                             scored=calibration.scored, count=SENSITIVITY_CALIBRATE)
+            exclude = tuple(args.exclude) if args.exclude is not None else DEFAULT_EXCLUDE
+            table = measure_sensitivity(model, candidates, batches, include=tuple(args.include or ()), exclude=exclude,
+                                        weights=weights, pool=workers, spec=args.model, file_hash=info.file_hash)
+            chosen = plan_for_budget(None, args.budget, candidates=candidates, sensitivity=table)
+        else:
+            check_table(table, info, model, args.sensitivity)
+        con.print(budget_table(chosen))
+        plan = chosen.plan
+        if weights is None:
+            report = workflow.run(model, plan, calibration, pool=workers)
+            save_quantized(model, tokenizer, info, report, plan, args.output, overwrite=args.overwrite,
+                           keep_dtype=keep, shard_bytes=shard_bytes)
+            quantized = materialize(model)
+        else:  # read, quantized and written block by block; then scored as saved, a block at a time
+            report = quantize_to_directory(model, weights, tokenizer, info, plan, args.output, overwrite=args.overwrite,
+                                           keep_dtype=keep, shard_bytes=shard_bytes,
+                                           calibration=calibration if plan.needs_calibration else None, pool=workers)
+            quantized = Dequantized(load_quantized(args.output)[0])
+        con.print(f"{plan.label}: {len(report.layers)} layers, {report.bits_per_weight:.4f} bits/weight "
+                  f"(budget {args.budget:g}) in {report.seconds:.1f} s; wrote {args.output}")
+        scores = evaluation.score(quantized, label="scoring the plan")
+        con.print(f"KL mean {scores['kl_mean']:.5f} measured on the {evaluation.protocol.windows} scored windows; "
+                  f"{chosen.predicted_kl:.5f} predicted (the layers' KL added up); same top-1 {scores['top1']:.2%}")
+        return 0
 
 
 def calibration_of(args, tokenizer, info) -> workflow.Calibration:
