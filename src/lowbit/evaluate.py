@@ -41,7 +41,7 @@ from .layers.linear import QuantLinear
 from .layers.outlier_linear import Int8OutlierLinear, float_path_share
 from .layers.surgery import check_plan, model_weight_bytes, reference_weight_bytes
 from .methods.gptq_model import GPTQ_CALIBRATE
-from .models.lazy import LazyWeights, load_lazily
+from .models.lazy import LazyWeights, load_lazily, load_on_worker
 from .models.loader import CAUSAL_LM, ModelInfo
 from .planning.plan import QuantPlan
 from .progress import note
@@ -146,10 +146,7 @@ def _row_task(job: RowJob, plan: QuantPlan | None) -> dict:
 @functools.lru_cache(maxsize=1)
 def _worker_rows(job: RowJob) -> _Rows:
     """The rows of ``job`` as a worker computes them: the model loaded once per worker process."""
-    model, tokenizer, info, weights = load_lazily(job.spec)
-    if info.file_hash != job.file_hash:
-        raise ModelLoadError(f"the model at {info.source} on this node is not the one the run started with (sha256 "
-                             "differs): every node must read the same files")
+    model, tokenizer, info, weights = load_on_worker(job.spec, job.file_hash)
     return _Rows.prepare(model, tokenizer, info, [], text=job.text, window=job.window, windows=job.windows,
                          keep_dtype=job.keep_dtype, calibrate=job.calibrate, weights=weights, progress=False)
 

@@ -168,6 +168,16 @@ def load_lazily(spec: str | Path | None = None, *, verify: bool = False):
     return model, tokenizer, info, weights
 
 
+def load_on_worker(spec: str | Path | None, file_hash: str):
+    """``load_lazily(spec)`` on a worker of a cluster (``lowbit.cluster``): the files must be those the driver read
+    (``file_hash``, its ``ModelInfo``'s), else a one-line ModelLoadError."""
+    model, tokenizer, info, weights = load_lazily(spec)
+    if info.file_hash != file_hash:
+        raise ModelLoadError(f"the model at {info.source} on this node is not the one the run started with (sha256 "
+                             "differs): every node must read the same files")
+    return model, tokenizer, info, weights
+
+
 def dtype_mismatch(model: nn.Module, said, checkpoint: Checkpoint) -> str | None:
     """The first stored tensor whose header's dtype is not ``said`` (config.json's ``torch_dtype``) where the
     architecture holds a float tensor (a quantized checkpoint's int8 codes, a shard from another export), said

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..calibration.engine import Block, BlockPass, Stream, call
-from ..errors import InputError, ModelLoadError
+from ..errors import InputError
 from ..eval.blockwise import Onloaded, Resident, block_names, through_blocks
 
 
@@ -111,12 +111,9 @@ def cell(job: CellJob, reference: Sequence[torch.Tensor], index: int | None, lay
 @functools.lru_cache(maxsize=1)
 def _worker(job: CellJob) -> _Worker:
     """The model of ``job`` as a worker holds it: loaded once per worker process."""
-    from ..models.lazy import load_lazily
+    from ..models.lazy import load_on_worker
 
-    model, _, info, weights = load_lazily(job.spec)
-    if info.file_hash != job.file_hash:
-        raise ModelLoadError(f"the model at {info.source} on this node is not the one the run started with (sha256 "
-                             "differs): every node must read the same files")
+    model, _, _, weights = load_on_worker(job.spec, job.file_hash)
     # a GGUF not converted on this node yet is loaded whole (and converted for the next time): the same floats
     return _Worker(Resident(model) if weights is None else Onloaded(model, weights), job.batches())
 
