@@ -4,6 +4,7 @@
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -61,8 +62,13 @@ def test_an_address_that_accepts_and_never_answers_is_not_a_hang():
 
 def test_auto_without_a_cluster_is_one_line(monkeypatch, tmp_path):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setenv("TMPDIR", str(tmp_path))  # no `ray start` recorded there
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # no `ray start` recorded there
     with pytest.raises(InputError, match="no Ray cluster runs here"), pool("auto"):
+        pass
+    # one recorded by a `ray start` since killed (its file stays)
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}\n")
+    with pytest.raises(InputError, match="no Ray cluster answers there"), pool("auto"):
         pass
 
 
