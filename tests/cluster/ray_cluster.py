@@ -85,9 +85,11 @@ class Cluster:
         return int(lines[-1]) if out.returncode == 0 and lines else 0
 
     def kill(self, node: subprocess.Popen) -> None:
-        """Every process ``node`` started, killed at once: the node disappears."""
-        with suppress(ProcessLookupError):
-            os.killpg(node.pid, signal.SIGKILL)
+        """Every process ``node`` started (its session: Ray moves some into process groups of their own), killed at
+        once: the node disappears."""
+        for pid in session(node.pid):
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         node.wait()
 
     def stop(self) -> None:
@@ -99,6 +101,16 @@ class Cluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def session(sid: int) -> list[int]:
+    """The processes of session ``sid``."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with suppress(OSError, ValueError, IndexError):
+            if int(stat.read_text().rpartition(")")[2].split()[3]) == sid:  # stat's 6th field: the session
+                found.append(int(stat.parent.name))
+    return found
 
 
 def worker_pids() -> list[int]:

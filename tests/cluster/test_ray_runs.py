@@ -21,7 +21,7 @@ from lowbit.cli import main
 from lowbit.files.partial import partial_path
 from tests.io.test_resume import calibrated, checkpoint, deeper, quantize, read_back  # noqa: F401 - fixtures
 
-from .ray_cluster import ENV, Cluster, ray_processes, worker_pids
+from .ray_cluster import ENV, Cluster, ray_processes, session, worker_pids
 
 ROOT = Path(__file__).parents[2]
 FOUR = "nf4,q4_0,int8,nf4@mse"
@@ -122,13 +122,11 @@ def test_a_worker_killed_mid_task_costs_only_its_task(two_nodes, smollm2_nf4, tm
 
 @pytest.mark.slow
 def test_a_node_that_disappears_costs_only_its_tasks(two_nodes, smollm2_nf4, tmp_path):
-    import os
-
     cluster, second = two_nodes
     out = tmp_path / "q"
 
     def on_second() -> bool:
-        return any(os.getpgid(p) == second.pid for p in worker_pids() if Path(f"/proc/{p}").exists())
+        return bool(set(worker_pids()) & set(session(second.pid)))
 
     child = run_until(["quantize", "--format", "nf4@mse", "-o", str(out), "--shard-size", SMOLLM2_SHARD,
                        "--ray", cluster.address], on_second, env=ENV)
