@@ -116,7 +116,7 @@ def compare(model: nn.Module, tokenizer, info: ModelInfo, plans: list[QuantPlan]
     labels: list[QuantPlan | None] = ([None] if rows.keep is not None else []) + list(plans)  # None: the keep row
     if pool.distributed:
         job = RowJob(spec, text, window, windows, keep_dtype, calibrate, info.file_hash)
-        results = pool.map(_row_task, ((plan,) for plan in labels), shared=(job,))
+        results = pool.map(_row_task, ((plan,) for plan in labels), shared=(job, rows.failed))
     else:
         results = map(rows.row, labels)
     for row in results:
@@ -138,9 +138,12 @@ class RowJob:
     file_hash: str
 
 
-def _row_task(job: RowJob, plan: QuantPlan | None) -> dict:
-    """One row of ``compare`` as a unit of work (``lowbit.cluster.pool``)."""
-    return _worker_rows(job).row(plan)
+def _row_task(job: RowJob, failed: dict[str, str], plan: QuantPlan | None) -> dict:
+    """One row of ``compare`` as a unit of work (``lowbit.cluster.pool``); ``failed``: the plans the driver found
+    the model cannot hold, and why (checked once, there)."""
+    rows = _worker_rows(job)
+    rows.failed.update(failed)
+    return rows.row(plan)
 
 
 @functools.lru_cache(maxsize=1)
@@ -211,11 +214,6 @@ class _Rows:
 
     def row(self, plan: QuantPlan | None) -> dict:
         """The row of ``plan`` (None: the ``keep`` row), an ``error`` row where the plan cannot be applied."""
-        if plan is not None and plan.label not in self.failed:
-            try:
-                check_plan(self.model, plan)  # a worker checks what the driver checked
-            except LowbitError as e:
-                self.failed[plan.label] = str(e)
         if plan is not None and plan.label in self.failed:
             return {"format": plan.label, "error": self.failed[plan.label]}
         if self.weights is not None:
